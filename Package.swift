@@ -1,0 +1,48 @@
+// swift-tools-version:6.0
+import PackageDescription
+
+let package = Package(
+    name: "SwiftKVM",
+    platforms: [.macOS(.v14)],
+    products: [
+        .executable(name: "swiftkvm", targets: ["swiftkvm"]),
+        .library(name: "DiskImage", targets: ["DiskImage"]),
+        .library(name: "VMM", targets: ["VMM"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
+    ],
+    targets: [
+        // C shim: <linux/kvm.h>, boot params, ioctl numbers and non-variadic wrappers.
+        .target(name: "CKVM"),
+        // Compression libraries from Debian's -dev packages.
+        .systemLibrary(name: "CZlib", providers: [.apt(["zlib1g-dev"])]),
+        .systemLibrary(name: "CZstd", providers: [.apt(["libzstd-dev"])]),
+        .systemLibrary(name: "CLZMA", providers: [.apt(["liblzma-dev"])]),
+        .systemLibrary(name: "CLZ4", providers: [.apt(["liblz4-dev"])]),
+
+        .target(name: "GuestMemory"),
+        .target(name: "KVM", dependencies: ["CKVM"]),
+        .target(name: "Boot", dependencies: ["GuestMemory", "CZlib", "CZstd", "CLZMA", "CLZ4"]),
+        .target(name: "Devices", dependencies: ["GuestMemory"]),
+        .target(name: "DiskImage", dependencies: ["CZlib", "CZstd"]),
+        .target(name: "VMM", dependencies: [
+            "KVM", "GuestMemory", "Boot", "Devices",
+            .product(name: "Logging", package: "swift-log"),
+        ]),
+        .executableTarget(name: "swiftkvm", dependencies: [
+            "VMM", "KVM", "Boot", "Devices", "GuestMemory", "DiskImage",
+            .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            .product(name: "Logging", package: "swift-log"),
+        ]),
+
+        .testTarget(name: "GuestMemoryTests", dependencies: ["GuestMemory"]),
+        .testTarget(name: "KVMTests", dependencies: ["KVM", "CKVM"]),
+        .testTarget(name: "BootTests", dependencies: ["Boot", "GuestMemory", "CKVM"]),
+        .testTarget(name: "DevicesTests", dependencies: ["Devices", "GuestMemory"]),
+        .testTarget(name: "DiskImageTests", dependencies: ["DiskImage"]),
+        .testTarget(name: "VMMTests", dependencies: ["VMM"]),
+        .testTarget(name: "IntegrationTests", dependencies: ["VMM", "KVM", "Boot", "Devices", "GuestMemory"]),
+    ]
+)

@@ -1,0 +1,74 @@
+#define _GNU_SOURCE
+#include "CKVM.h"
+#include <errno.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/ioctl.h>
+
+int ckvm_ioctl_value(int fd, unsigned long request, unsigned long arg) {
+    int r = ioctl(fd, request, arg);
+    return r < 0 ? -errno : r;
+}
+
+int ckvm_ioctl_ptr(int fd, unsigned long request, void *arg) {
+    int r = ioctl(fd, request, arg);
+    return r < 0 ? -errno : r;
+}
+
+struct kvm_cpuid2 *ckvm_cpuid2_alloc(uint32_t count) {
+    struct kvm_cpuid2 *c = calloc(1, sizeof(*c) + (size_t)count * sizeof(struct kvm_cpuid_entry2));
+    if (c) c->nent = count;
+    return c;
+}
+
+struct kvm_msrs *ckvm_msrs_alloc(uint32_t count) {
+    struct kvm_msrs *m = calloc(1, sizeof(*m) + (size_t)count * sizeof(struct kvm_msr_entry));
+    if (m) m->nmsrs = count;
+    return m;
+}
+
+struct kvm_msr_list *ckvm_msr_list_alloc(uint32_t count) {
+    struct kvm_msr_list *l = calloc(1, sizeof(*l) + (size_t)count * sizeof(uint32_t));
+    if (l) l->nmsrs = count;
+    return l;
+}
+
+int ckvm_kick_signal(void) { return SIGRTMIN; }
+
+static void ckvm_kick_handler(int sig) { (void)sig; }
+
+int ckvm_install_kick_handler(void) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_handler = ckvm_kick_handler;
+    sigemptyset(&sa.sa_mask);
+    sa.sa_flags = 0; // no SA_RESTART: KVM_RUN must return EINTR
+    return sigaction(SIGRTMIN, &sa, NULL) < 0 ? -errno : 0;
+}
+
+int ckvm_pthread_kick(unsigned long thread) {
+    return -pthread_kill((pthread_t)thread, SIGRTMIN);
+}
+
+unsigned long ckvm_pthread_self(void) { return (unsigned long)pthread_self(); }
+
+int ckvm_set_thread_name(const char *name) {
+    char buf[16];
+    strncpy(buf, name, 15);
+    buf[15] = 0;
+    return -pthread_setname_np(pthread_self(), buf);
+}
+
+void ckvm_fence(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+
+int ckvm_eventfd(unsigned int initval, int flags) {
+    int fd = eventfd(initval, flags);
+    return fd < 0 ? -errno : fd;
+}
+
+void *ckvm_run_io_data(struct kvm_run *run) {
+    return (char *)run + run->io.data_offset;
+}
