@@ -6,6 +6,6 @@ struct SwiftKVM: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "swiftkvm",
         abstract: "A virtualization stack on Linux KVM.",
-        subcommands: []
+        subcommands: [RunCommand.self, CheckCommand.self, ImgCommand.self]
     )
 }
