@@ -1,0 +1,88 @@
+import GuestMemory
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A kernel, initrd or module given either as a file path or as bytes already in memory.
+public enum BootSource: Sendable, Equatable {
+    case path(String)
+    case bytes([UInt8], name: String)
+
+    /// The path or name, for messages.
+    public var name: String {
+        switch self {
+        case .path(let p): return p
+        case .bytes(_, let n): return n
+        }
+    }
+
+    /// The whole content. Files are read with a size cap (`limit`).
+    func readAll(limit: UInt64) throws -> [UInt8] {
+        switch self {
+        case .bytes(let b, let n):
+            guard UInt64(b.count) <= limit else { throw BootError.doesNotFit("\(n) is \(sizeText(UInt64(b.count))), larger than \(sizeText(limit))") }
+            return b
+        case .path(let p):
+            return try BootFile.open(p) { fd, size in
+                guard size <= limit else {
+                    throw BootError.doesNotFit("\(p) is \(sizeText(size)), larger than \(sizeText(limit)) of guest RAM")
+                }
+                var out = [UInt8](repeating: 0, count: Int(size))
+                try out.withUnsafeMutableBytes { try BootFile.readFully(fd, into: $0, path: p) }
+                return out
+            }
+        }
+    }
+
+    /// The size in bytes.
+    func size() throws -> UInt64 {
+        switch self {
+        case .bytes(let b, _): return UInt64(b.count)
+        case .path(let p): return try BootFile.open(p) { _, size in size }
+        }
+    }
+
+    /// Copies the content straight into guest memory at `address` (which must hold `size()` bytes).
+    func copy(into memory: GuestMemory, at address: UInt64, expectedSize: UInt64) throws {
+        switch self {
+        case .bytes(let b, let n):
+            try guarded(n, at: address) { try memory.write(b, at: address) }
+        case .path(let p):
+            try BootFile.open(p) { fd, size in
+                guard size == expectedSize else {
+                    throw BootError.fileUnreadable(path: p, reason: "size changed while loading (\(expectedSize) → \(size) bytes)")
+                }
+                let dst = try guarded(p, at: address) { try memory.translate(address, count: size) }
+                try BootFile.readFully(fd, into: UnsafeMutableRawBufferPointer(start: dst, count: Int(size)), path: p)
+            }
+        }
+    }
+}
+
+/// File helpers with errors that name the path.
+enum BootFile {
+    /// Opens `path` read-only, checks it is a regular file, and calls `body` with the fd and size.
+    static func open<R>(_ path: String, _ body: (Int32, UInt64) throws -> R) throws -> R {
+        let fd = Glibc.open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { throw BootError.fileUnreadable(path: path, reason: String(cString: strerror(errno))) }
+        defer { close(fd) }
+        var st = stat()
+        guard fstat(fd, &st) == 0 else { throw BootError.fileUnreadable(path: path, reason: String(cString: strerror(errno))) }
+        guard (st.st_mode & S_IFMT) == S_IFREG else { throw BootError.fileUnreadable(path: path, reason: "not a regular file") }
+        return try body(fd, UInt64(st.st_size))
+    }
+
+    /// Reads exactly `buffer.count` bytes.
+    static func readFully(_ fd: Int32, into buffer: UnsafeMutableRawBufferPointer, path: String) throws {
+        var done = 0
+        while done < buffer.count {
+            let n = read(fd, buffer.baseAddress! + done, min(buffer.count - done, 1 << 30))
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw BootError.fileUnreadable(path: path, reason: String(cString: strerror(errno)))
+            }
+            if n == 0 { throw BootError.fileUnreadable(path: path, reason: "file shrank to \(done) bytes while reading") }
+            done += n
+        }
+    }
+}

@@ -1,0 +1,192 @@
+import GuestMemory
+
+/// A guest-physical range a loader filled, for diagnostics and overlap checks.
+public struct LoadRange: Sendable, Equatable, CustomStringConvertible {
+    public var start: UInt64
+    public var size: UInt64
+    public var what: String
+    public init(start: UInt64, size: UInt64, what: String) { self.start = start; self.size = size; self.what = what }
+    /// One past the last byte.
+    public var end: UInt64 { start &+ size }
+    func overlaps(_ s: UInt64, _ n: UInt64) -> Bool { n > 0 && size > 0 && s < end && start < s &+ n }
+    public var description: String { "\(what) \(hex(start))-\(hex(end))" }
+}
+
+/// One ELF program header.
+public struct ELFProgramHeader: Sendable, Equatable {
+    public var type: UInt32
+    public var flags: UInt32
+    public var offset: UInt64
+    public var vaddr: UInt64
+    public var paddr: UInt64
+    public var filesz: UInt64
+    public var memsz: UInt64
+    /// PT_LOAD.
+    public static let load: UInt32 = 1
+    /// PT_NOTE.
+    public static let note: UInt32 = 4
+}
+
+/// A parsed ELF executable header and program headers (32- or 64-bit, little-endian, EXEC).
+///
+/// ELF headers are parsed field by field at their fixed offsets; nothing beyond what loading needs.
+public struct ELFImage: Sendable, Equatable {
+    /// 64 for ELFCLASS64, 32 for ELFCLASS32.
+    public var bits: Int
+    /// e_machine (62 = x86-64, 3 = i386).
+    public var machine: UInt16
+    /// e_entry (a virtual address).
+    public var entry: UInt64
+    public var programHeaders: [ELFProgramHeader]
+    /// The PVH 32-bit entry point (Xen ELF note XEN_ELFNOTE_PHYS32_ENTRY = 18), when present.
+    public var pvhEntry: UInt64?
+
+    /// The PT_LOAD headers with a non-zero memory size.
+    public var loadSegments: [ELFProgramHeader] { programHeaders.filter { $0.type == ELFProgramHeader.load && $0.memsz > 0 } }
+
+    /// Whether `bytes` starts with the ELF magic.
+    public static func isELF(_ bytes: [UInt8]) -> Bool { bytes.starts(with: [0x7f, 0x45, 0x4c, 0x46]) }
+
+    /// Parses and validates an ELF executable. `bits` and `machine` are the expected class and
+    /// machine; `what` names the file in messages (for example "kernel ELF").
+    public init(parsing bytes: [UInt8], bits expectedBits: Int, machine expectedMachine: UInt16, what: String) throws {
+        guard bytes.count >= 16, ELFImage.isELF(bytes) else {
+            throw BootError.invalidImage("\(what): no ELF magic at offset 0")
+        }
+        let cls = bytes[4]
+        guard cls == 1 || cls == 2 else { throw BootError.invalidImage("\(what): unknown ELF class \(cls) at offset 4") }
+        let bits = cls == 2 ? 64 : 32
+        guard bits == expectedBits else {
+            throw BootError.invalidImage("\(what): ELF class is \(bits)-bit at offset 4, expected \(expectedBits)-bit")
+        }
+        guard bytes[5] == 1 else { throw BootError.invalidImage("\(what): ELF data encoding \(bytes[5]) at offset 5 is not little-endian") }
+        let ehsize = bits == 64 ? 64 : 52
+        guard bytes.count >= ehsize else {
+            throw BootError.invalidImage("\(what): truncated ELF header (\(bytes.count) bytes, need \(ehsize))")
+        }
+        let type = bytes.getLE(UInt16.self, at: 16)!
+        guard type == 2 else { throw BootError.invalidImage("\(what): ELF type \(type) at offset 16 is not an executable (ET_EXEC = 2)") }
+        let machine = bytes.getLE(UInt16.self, at: 18)!
+        guard machine == expectedMachine else {
+            throw BootError.invalidImage("\(what): ELF machine \(machine) at offset 18, expected \(expectedMachine)")
+        }
+        let entry: UInt64, phoff: UInt64, phentsize: Int, phnum: Int
+        if bits == 64 {
+            entry = bytes.getLE(UInt64.self, at: 24)!
+            phoff = bytes.getLE(UInt64.self, at: 32)!
+            phentsize = Int(bytes.getLE(UInt16.self, at: 54)!)
+            phnum = Int(bytes.getLE(UInt16.self, at: 56)!)
+        } else {
+            entry = UInt64(bytes.getLE(UInt32.self, at: 24)!)
+            phoff = UInt64(bytes.getLE(UInt32.self, at: 28)!)
+            phentsize = Int(bytes.getLE(UInt16.self, at: 42)!)
+            phnum = Int(bytes.getLE(UInt16.self, at: 44)!)
+        }
+        let minEntSize = bits == 64 ? 56 : 32
+        guard phnum > 0 else { throw BootError.invalidImage("\(what): ELF has no program headers (e_phnum = 0)") }
+        guard phentsize >= minEntSize else {
+            throw BootError.invalidImage("\(what): ELF program header size \(phentsize) is smaller than \(minEntSize)")
+        }
+        guard phoff <= UInt64(bytes.count), UInt64(phnum * phentsize) <= UInt64(bytes.count) - phoff else {
+            throw BootError.invalidImage("\(what): ELF program headers at offset \(hex(phoff)) (\(phnum) × \(phentsize) bytes) extend past the end of the file (\(bytes.count) bytes)")
+        }
+        var headers: [ELFProgramHeader] = []
+        for i in 0..<phnum {
+            let o = Int(phoff) + i * phentsize
+            if bits == 64 {
+                headers.append(.init(type: bytes.getLE(UInt32.self, at: o)!, flags: bytes.getLE(UInt32.self, at: o + 4)!,
+                                     offset: bytes.getLE(UInt64.self, at: o + 8)!, vaddr: bytes.getLE(UInt64.self, at: o + 16)!,
+                                     paddr: bytes.getLE(UInt64.self, at: o + 24)!, filesz: bytes.getLE(UInt64.self, at: o + 32)!,
+                                     memsz: bytes.getLE(UInt64.self, at: o + 40)!))
+            } else {
+                headers.append(.init(type: bytes.getLE(UInt32.self, at: o)!, flags: UInt64(bytes.getLE(UInt32.self, at: o + 24)!).u32,
+                                     offset: UInt64(bytes.getLE(UInt32.self, at: o + 4)!), vaddr: UInt64(bytes.getLE(UInt32.self, at: o + 8)!),
+                                     paddr: UInt64(bytes.getLE(UInt32.self, at: o + 12)!), filesz: UInt64(bytes.getLE(UInt32.self, at: o + 16)!),
+                                     memsz: UInt64(bytes.getLE(UInt32.self, at: o + 20)!)))
+            }
+        }
+        self.bits = bits
+        self.machine = machine
+        self.entry = entry
+        self.programHeaders = headers
+        self.pvhEntry = nil
+        for (i, h) in headers.enumerated() where h.type == ELFProgramHeader.load {
+            guard h.filesz <= h.memsz else {
+                throw BootError.invalidImage("\(what): ELF segment \(i) has p_filesz \(hex(h.filesz)) larger than p_memsz \(hex(h.memsz))")
+            }
+            guard h.offset <= UInt64(bytes.count), h.filesz <= UInt64(bytes.count) - h.offset else {
+                throw BootError.invalidImage("\(what): ELF segment \(i) file data at offset \(hex(h.offset))+\(hex(h.filesz)) extends past the end of the file (\(bytes.count) bytes)")
+            }
+            guard h.paddr.addingReportingOverflow(h.memsz).overflow == false,
+                  h.vaddr.addingReportingOverflow(h.memsz).overflow == false else {
+                throw BootError.invalidImage("\(what): ELF segment \(i) at \(hex(h.paddr))+\(hex(h.memsz)) wraps around the address space")
+            }
+        }
+        self.pvhEntry = ELFImage.findPVHNote(bytes, headers)
+    }
+
+    /// Looks for the Xen PVH entry note (name "Xen", type 18) in PT_NOTE segments.
+    private static func findPVHNote(_ bytes: [UInt8], _ headers: [ELFProgramHeader]) -> UInt64? {
+        for h in headers where h.type == ELFProgramHeader.note {
+            guard h.offset <= UInt64(bytes.count), h.filesz <= UInt64(bytes.count) - h.offset else { continue }
+            var o = Int(h.offset)
+            let end = o + Int(h.filesz)
+            while end - o >= 12 {
+                let namesz = Int(bytes.getLE(UInt32.self, at: o)!), descsz = Int(bytes.getLE(UInt32.self, at: o + 4)!)
+                let type = bytes.getLE(UInt32.self, at: o + 8)!
+                let nameStart = o + 12
+                guard namesz <= end - nameStart else { break }
+                let descStart = nameStart + ((namesz + 3) & ~3)
+                guard descStart <= end, descsz <= end - descStart else { break }
+                let name = bytes[nameStart..<nameStart + namesz]
+                if type == 18, name.starts(with: Array("Xen".utf8)) {
+                    if descsz >= 8 { return bytes.getLE(UInt64.self, at: descStart) }
+                    if descsz >= 4 { return bytes.getLE(UInt32.self, at: descStart).map(UInt64.init) }
+                }
+                o = descStart + ((descsz + 3) & ~3)
+            }
+        }
+        return nil
+    }
+
+    /// The physical address of the entry point: `e_entry` translated through the PT_LOAD segment
+    /// whose virtual range contains it (`e_entry - p_vaddr + p_paddr`).
+    public func physicalEntry(what: String) throws -> UInt64 {
+        for s in loadSegments where entry >= s.vaddr && entry - s.vaddr < s.memsz {
+            return entry - s.vaddr + s.paddr
+        }
+        throw BootError.invalidImage("\(what): ELF entry point \(hex(entry)) is not inside any loadable segment")
+    }
+
+    /// Copies every PT_LOAD segment to its physical address and zeroes its BSS. Each segment must lie
+    /// in guest RAM and not overlap `avoid` (boot structures already placed).
+    @discardableResult
+    public func load(from bytes: [UInt8], into memory: GuestMemory, avoiding avoid: [LoadRange], what: String) throws -> [LoadRange] {
+        var ranges: [LoadRange] = []
+        for (i, h) in programHeaders.enumerated() where h.type == ELFProgramHeader.load && h.memsz > 0 {
+            guard memory.contains(h.paddr, count: h.memsz) else {
+                throw BootError.doesNotFit("\(what) segment \(i) at \(hex(h.paddr))+\(hex(h.memsz)) is outside guest RAM (\(sizeText(memory.totalSize)))")
+            }
+            for r in avoid where r.overlaps(h.paddr, h.memsz) {
+                throw BootError.doesNotFit("\(what) segment \(i) at \(hex(h.paddr))+\(hex(h.memsz)) overlaps the \(r.what) at \(hex(r.start))-\(hex(r.end))")
+            }
+            for r in ranges where r.overlaps(h.paddr, h.memsz) {
+                throw BootError.invalidImage("\(what) segment \(i) at \(hex(h.paddr))+\(hex(h.memsz)) overlaps \(r.what)")
+            }
+            try guarded("\(what) segment \(i)", at: h.paddr) {
+                try memory.withBytes(at: h.paddr, count: Int(h.memsz)) { dst in
+                    bytes.withUnsafeBytes { src in
+                        let n = Int(h.filesz)
+                        if n > 0 { dst.baseAddress!.copyMemory(from: src.baseAddress! + Int(h.offset), byteCount: n) }
+                        if Int(h.memsz) > n { (dst.baseAddress! + n).initializeMemory(as: UInt8.self, repeating: 0, count: Int(h.memsz) - n) }
+                    }
+                }
+            }
+            ranges.append(LoadRange(start: h.paddr, size: h.memsz, what: "\(what) segment \(i)"))
+        }
+        guard !ranges.isEmpty else { throw BootError.invalidImage("\(what): ELF has no loadable segment") }
+        return ranges
+    }
+}
+
+private extension UInt64 { var u32: UInt32 { UInt32(truncatingIfNeeded: self) } }

@@ -1,0 +1,129 @@
+import GuestMemory
+
+/// Kernel image formats `KernelLoader` recognises.
+public enum KernelFormat: String, Sendable, Equatable {
+    case bzImage, elf64 = "ELF64 vmlinux", multiboot, flat
+
+    /// Detects the format: bzImage ("HdrS"), then a multiboot v1 header in the first 8 KiB, then ELF64.
+    public static func detect(_ bytes: [UInt8]) -> KernelFormat? {
+        if SetupHeader.isBzImage(bytes) { return .bzImage }
+        if MultibootHeader.find(in: bytes) != nil { return .multiboot }
+        if ELFImage.isELF(bytes), bytes.count > 4, bytes[4] == 2 { return .elf64 }
+        return nil
+    }
+}
+
+/// A multiboot module: a file and the string passed with it.
+public struct MultibootModule: Sendable, Equatable {
+    public var source: BootSource
+    public var cmdline: String
+    public init(source: BootSource, cmdline: String = "") { self.source = source; self.cmdline = cmdline }
+}
+
+/// Options for `KernelLoader.load`.
+public struct BootOptions: Sendable {
+    /// How a bzImage is entered (default: decompress in the VMM).
+    public var linuxEntry: BzImageLoader.Entry = .decompressed
+    /// Multiboot modules (`--module`).
+    public var modules: [MultibootModule] = []
+    /// Hard cap on a decompressed kernel (also capped by guest RAM + 16 MiB).
+    public var maxDecompressedSize: UInt64 = 1 << 30
+    /// An e820 map to use instead of the one built from guest memory.
+    public var e820: [E820Entry]? = nil
+    public init(linuxEntry: BzImageLoader.Entry = .decompressed, modules: [MultibootModule] = []) {
+        self.linuxEntry = linuxEntry; self.modules = modules
+    }
+}
+
+/// A loaded kernel: its first instruction's CPU state and what was done.
+public struct LoadedKernel: Sendable {
+    /// The CPU state at the first instruction.
+    public var entry: EntryState
+    public var format: KernelFormat
+    /// bzImage boot protocol version (0x20f = 2.15).
+    public var protocolVersion: UInt16?
+    /// The kernel version string from the setup header.
+    public var kernelVersion: String?
+    /// The payload compression (bzImage, decompressed entry).
+    public var compression: CompressionFormat?
+    /// Guest-physical ranges written (boot data, command line, segments, initrd, modules).
+    public var ranges: [LoadRange] = []
+    /// The e820 map passed to the guest.
+    public var e820: [E820Entry] = []
+    /// The PVH entry note of an ELF kernel (recorded, not used).
+    public var pvhEntry: UInt64?
+    /// Free-form diagnostic lines.
+    public var notes: [String] = []
+
+    init(format: KernelFormat) {
+        self.format = format
+        self.entry = .longMode(entry: 0)
+    }
+
+    /// One line per fact, for logs.
+    public var summary: [String] {
+        var s = ["format \(format.rawValue)"]
+        if let v = kernelVersion { s.append("kernel \(v)") }
+        if let c = compression { s.append("compression \(c.rawValue)") }
+        s += notes
+        s += ranges.map { "loaded \($0)" }
+        s.append("entry \(hex(entry.rip))")
+        return s
+    }
+}
+
+/// Top-level loader: detects the kernel format and loads it.
+public enum KernelLoader {
+    /// Loads `kernel` (bzImage, ELF64 vmlinux or multiboot v1) with an optional initrd (Linux) and
+    /// command line into `memory`, writing every boot structure the format needs.
+    public static func load(kernel: BootSource, initrd: BootSource? = nil, cmdline: String = "",
+                            memory: GuestMemory, options: BootOptions = BootOptions()) throws -> LoadedKernel {
+        let bytes = try kernel.readAll(limit: memory.totalSize)
+        guard let format = KernelFormat.detect(bytes) else {
+            throw BootError.unknownKernelFormat("\(kernel.name) is not a kernel: no bzImage setup header (\"HdrS\" at 0x202), no multiboot header in the first 8 KiB, and not an ELF64 file")
+        }
+        switch format {
+        case .bzImage:
+            return try BzImageLoader.load(bytes, name: kernel.name, initrd: initrd, cmdline: cmdline, memory: memory, options: options)
+        case .multiboot:
+            if initrd != nil {
+                throw BootError.unsupported("\(kernel.name) is a multiboot kernel: pass extra files as modules, not as an initrd")
+            }
+            return try MultibootLoader.load(bytes, name: kernel.name, cmdline: cmdline, modules: options.modules, memory: memory)
+        case .elf64:
+            return try ELFKernelLoader.load(bytes, name: kernel.name, initrd: initrd, cmdline: cmdline, memory: memory, options: options)
+        case .flat:
+            throw BootError.unknownKernelFormat("\(kernel.name): flat binaries are loaded with FlatLoader")
+        }
+    }
+}
+
+/// Loads an ELF64 x86-64 vmlinux and enters its 64-bit entry with a synthesized zero page.
+public enum ELFKernelLoader {
+    static func load(_ bytes: [UInt8], name: String, initrd: BootSource?, cmdline: String, memory: GuestMemory,
+                     options: BootOptions) throws -> LoadedKernel {
+        let what = "kernel ELF \(name)"
+        let elf = try ELFImage(parsing: bytes, bits: 64, machine: 62, what: what)
+        var result = LoadedKernel(format: .elf64)
+        result.pvhEntry = elf.pvhEntry
+        if let p = elf.pvhEntry { result.notes.append("PVH entry note \(hex(p)) (not used: entering the 64-bit ELF entry)") }
+        var zp = ZeroPage.synthesized()
+        zp.setLoaderFields()
+        let boot = try BootStructures.writeLinux(cmdline: cmdline, limit: BootLayout.defaultCmdlineSize, memory: memory)
+        let ranges = try elf.load(from: bytes, into: memory, avoiding: boot, what: "kernel ELF")
+        let entry = try elf.physicalEntry(what: what)
+        if let initrd {
+            let r = try InitrdPlacer.load(initrd, maxAddress: BootLayout.defaultInitrdAddrMax,
+                                          kernelEnd: ranges.map(\.end).max() ?? 0, memory: memory)
+            zp.setInitrd(at: r.start, size: r.size)
+            result.ranges.append(r)
+        }
+        result.e820 = options.e820 ?? E820Map.build(for: memory)
+        try zp.setE820(result.e820)
+        zp.setCmdline(at: BootLayout.cmdlineAddress)
+        try zp.write(into: memory)
+        result.ranges = boot + ranges + result.ranges
+        result.entry = .longMode(entry: entry, zeroPage: BootLayout.zeroPageAddress)
+        return result
+    }
+}
