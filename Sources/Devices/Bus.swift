@@ -34,6 +34,7 @@ public struct NullInterruptLine: InterruptLine {
 public enum BusError: Error, Equatable, CustomStringConvertible {
     case overlap(base: UInt64, length: UInt64, existing: UInt64)
     case emptyRange(base: UInt64)
+    case addressOverflow(base: UInt64, length: UInt64)
 
     public var description: String {
         switch self {
@@ -41,6 +42,8 @@ public enum BusError: Error, Equatable, CustomStringConvertible {
             return "bus range 0x\(String(b, radix: 16))+0x\(String(l, radix: 16)) overlaps the device at 0x\(String(e, radix: 16))"
         case .emptyRange(let b):
             return "bus range at 0x\(String(b, radix: 16)) has zero length"
+        case .addressOverflow(let b, let l):
+            return "bus range 0x\(String(b, radix: 16))+0x\(String(l, radix: 16)) runs past the end of the address space"
         }
     }
 }
@@ -63,8 +66,10 @@ public final class Bus: @unchecked Sendable {
     /// Inserts `device` at `[base, base+length)`.
     public func insert(_ device: any BusDevice, base: UInt64, length: UInt64) throws {
         guard length > 0 else { throw BusError.emptyRange(base: base) }
-        let end = base.addingReportingOverflow(length)
-        for e in entries where base < e.base + e.length && (end.overflow || e.base < end.partialValue) {
+        // Compare inclusive last addresses so a range ending at 2^64 cannot overflow.
+        let last = base.addingReportingOverflow(length - 1)
+        guard !last.overflow else { throw BusError.addressOverflow(base: base, length: length) }
+        for e in entries where base <= e.base + (e.length - 1) && e.base <= last.partialValue {
             throw BusError.overlap(base: base, length: length, existing: e.base)
         }
         entries.append(Entry(base: base, length: length, device: device))
