@@ -1,0 +1,155 @@
+import Foundation
+
+/// Disk image formats this module reads and writes.
+public enum ImageFormat: String, Sendable, CaseIterable {
+    case qcow2
+    case raw
+}
+
+/// Probes the format of the file at `path` from its first bytes (qcow2 magic, else raw).
+public func probeImageFormat(path: String) throws -> ImageFormat {
+    let f = try ImageFile(path: path, readOnly: true)
+    defer { f.close() }
+    let b = try f.pread(at: 0, count: 4)
+    return b.be32(0) == Qcow2Limits.QCOW_MAGIC ? .qcow2 : .raw
+}
+
+/// Opens a disk image of the given (or probed) format with its backing chain.
+public func openDiskImage(path: String, options: ImageOpenOptions = .init()) throws -> BlockBackend {
+    try openImage(path: path, options: options, chain: [])
+}
+
+func openImage(path: String, options: ImageOpenOptions, chain: [String]) throws -> BlockBackend {
+    let format: ImageFormat
+    if let f = options.format {
+        guard let known = ImageFormat(rawValue: f) else {
+            throw DiskImageError(.unsupported, "\(path): unknown image format '\(f)' (supported: qcow2, raw)")
+        }
+        format = known
+    } else {
+        format = try probeImageFormat(path: path)
+    }
+    switch format {
+    case .raw: return try RawImage(path: path, readOnly: options.readOnly)
+    case .qcow2: return try Qcow2Image(path: path, options: options, chain: chain)
+    }
+}
+
+/// Options for creating a qcow2 image (the `-o` options of `qemu-img create`).
+public struct Qcow2CreateOptions: Sendable {
+    /// Virtual size in bytes.
+    public var size: UInt64
+    /// Cluster size: a power of two from 512 B to 2 MiB.
+    public var clusterSize: UInt64 = 65536
+    /// qcow2 version: 2 ("compat=0.10") or 3 ("compat=1.1").
+    public var version: UInt32 = 3
+    /// Sets the lazy-refcounts compatible feature (version 3 only).
+    public var lazyRefcounts = false
+    /// Refcount width: a power of two from 1 to 64 (16 for version 2).
+    public var refcountBits: UInt32 = 16
+    /// Preallocate L2 tables and data clusters ("metadata").
+    public var preallocateMetadata = false
+    /// Backing file name as stored in the image.
+    public var backingFile: String?
+    /// Backing file format stored in the backing-format extension.
+    public var backingFormat: String?
+    /// Compression type for compressed clusters.
+    public var compressionType: Qcow2CompressionType = .zlib
+
+    /// Creates options for a disk of `size` bytes.
+    public init(size: UInt64) { self.size = size }
+}
+
+extension Qcow2Image {
+    /// Creates a new qcow2 image at `path` (overwriting any file there). Layout: header, refcount table, refcount
+    /// blocks, L1 table.
+    public static func create(path: String, options o: Qcow2CreateOptions) throws {
+        let cs = o.clusterSize
+        guard cs.nonzeroBitCount == 1, cs >= 512, cs <= 2 << 20 else {
+            throw DiskImageError.invalid("cluster size \(cs) must be a power of two between 512 and 2097152")
+        }
+        guard o.version == 2 || o.version == 3 else { throw DiskImageError.invalid("qcow2 version \(o.version) is not 2 or 3") }
+        guard o.refcountBits.nonzeroBitCount == 1, o.refcountBits <= 64 else {
+            throw DiskImageError.invalid("refcount_bits \(o.refcountBits) must be a power of two between 1 and 64")
+        }
+        if o.version == 2 && o.refcountBits != 16 { throw DiskImageError.invalid("compat=0.10 requires refcount_bits=16") }
+        if o.version == 2 && o.lazyRefcounts { throw DiskImageError.invalid("lazy_refcounts requires compat=1.1") }
+        if o.version == 2 && o.compressionType != .zlib { throw DiskImageError.invalid("compression_type=zstd requires compat=1.1") }
+        guard o.size <= Qcow2Limits.maxImageSize else { throw DiskImageError.invalid("size \(o.size) exceeds the limit of \(Qcow2Limits.maxImageSize) bytes") }
+        let clusterBits = UInt32(cs.trailingZeroBitCount)
+        let l2Entries = cs / 8
+        let l1Entries = (o.size + l2Entries * cs - 1) / (l2Entries * cs)
+        guard l1Entries * 8 <= Qcow2Limits.maxL1Bytes else {
+            throw DiskImageError.invalid("size \(o.size) needs an L1 table larger than \(Qcow2Limits.maxL1Bytes) bytes with \(cs)-byte clusters")
+        }
+        let l1Clusters = max(1, (l1Entries * 8 + cs - 1) / cs)
+        let refBlockEntries = cs * 8 / UInt64(o.refcountBits)
+        var tableClusters: UInt64 = 1
+        var blocks: UInt64 = 1
+        while true {
+            let total = 1 + tableClusters + blocks + l1Clusters
+            let nb = (total + refBlockEntries - 1) / refBlockEntries
+            let nt = max(1, (nb * 8 + cs - 1) / cs)
+            if nb == blocks && nt == tableClusters { break }
+            blocks = nb; tableClusters = nt
+        }
+        var h = Qcow2Header()
+        h.version = o.version
+        h.clusterBits = clusterBits
+        h.virtualSize = o.size
+        h.l1Size = UInt32(l1Entries)
+        h.refcountTableOffset = cs
+        h.refcountTableClusters = UInt32(tableClusters)
+        h.l1TableOffset = cs * (1 + tableClusters + blocks)
+        h.refcountOrder = UInt32(o.refcountBits.trailingZeroBitCount)
+        if o.lazyRefcounts { h.compatible.insert(.lazyRefcounts) }
+        h.compressionType = o.compressionType
+        if o.compressionType != .zlib { h.incompatible.insert(.compressionType) }
+        h.backingFile = o.backingFile
+        if let bf = o.backingFormat, o.backingFile != nil { h.backingFormat = bf }
+        let total = 1 + tableClusters + blocks + l1Clusters
+
+        let f = try ImageFile(path: path, readOnly: false, create: true, truncate: true)
+        defer { f.close() }
+        try f.pwrite(try h.encode(), at: 0)
+        var table = [UInt8](repeating: 0, count: Int(tableClusters * cs))
+        for i in 0..<blocks { table.putBE64(cs * (1 + tableClusters + i), at: Int(i) * 8) }
+        try f.pwrite(table, at: cs)
+        var blockBytes = [UInt8](repeating: 0, count: Int(blocks * cs))
+        for c in 0..<total {
+            let b = Int(c / refBlockEntries), i = Int(c % refBlockEntries)
+            var one = Array(blockBytes[(b * Int(cs))..<((b + 1) * Int(cs))])
+            setRefcount(&one, i, bits: UInt64(o.refcountBits), 1)
+            blockBytes.replaceSubrange((b * Int(cs))..<((b + 1) * Int(cs)), with: one)
+        }
+        try f.pwrite(blockBytes, at: cs * (1 + tableClusters))
+        try f.truncate(to: total * cs)
+        try f.datasync()
+        f.close()
+        if o.preallocateMetadata {
+            let img = try Qcow2Image(path: path, options: .init(readOnly: false, allowBackingFiles: o.backingFile != nil))
+            try img.preallocateMetadata()
+            try img.close()
+        }
+    }
+
+    /// Allocates every L2 table and data cluster (data reads as zero: the file is extended sparsely).
+    func preallocateMetadata() throws {
+        try lock.withLock {
+            var v: UInt64 = 0
+            while v < virtualSize {
+                let l2off = try writableL2(for: v)
+                var t = try loadL2(l2off)
+                let first = l2Index(v)
+                let count = Int(min(l2Entries - UInt64(first), (virtualSize - v + cs - 1) / cs))
+                let host = try allocateClusters(UInt64(count))
+                for k in 0..<count where t[first + k] == 0 {
+                    t[first + k] = (host + UInt64(k) * cs) | Self.copiedFlag
+                }
+                try updateL2(l2off, t)
+                v += UInt64(count) * cs
+            }
+            try flushLocked()
+        }
+    }
+}

@@ -1,0 +1,94 @@
+import Foundation
+
+/// A raw disk image: the file's bytes are the disk's bytes.
+public final class RawImage: BlockBackend, @unchecked Sendable {
+    let file: ImageFile
+    private let lock = NSLock()
+    private var currentSize: UInt64
+
+    /// The path the image was opened from.
+    public var path: String { file.path }
+    public var size: UInt64 { lock.withLock { currentSize } }
+    public var isReadOnly: Bool { file.readOnly }
+
+    /// Opens an existing raw image.
+    public init(path: String, readOnly: Bool = false) throws {
+        file = try ImageFile(path: path, readOnly: readOnly)
+        currentSize = try file.fileSize()
+    }
+
+    /// Creates (or truncates) a sparse raw image of `size` bytes.
+    @discardableResult
+    public static func create(path: String, size: UInt64) throws -> RawImage {
+        let f = try ImageFile(path: path, readOnly: false, create: true, truncate: true)
+        try f.truncate(to: size)
+        f.close()
+        return try RawImage(path: path)
+    }
+
+    public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
+        try lock.withLock {
+            try checkRange(offset, UInt64(buffer.count), "read")
+            try file.pread(buffer, at: offset)
+        }
+    }
+
+    public func write(_ data: UnsafeRawBufferPointer, at offset: UInt64) throws {
+        try lock.withLock {
+            if file.readOnly { throw DiskImageError.invalid("\(path): write to a read-only image") }
+            try checkRange(offset, UInt64(data.count), "write")
+            try file.pwrite(data, at: offset)
+        }
+    }
+
+    public func flush() throws { try file.datasync() }
+
+    public func discard(at offset: UInt64, length: UInt64) throws {
+        try writeZeroes(at: offset, length: length)
+    }
+
+    public func writeZeroes(at offset: UInt64, length: UInt64) throws {
+        try lock.withLock {
+            if file.readOnly { throw DiskImageError.invalid("\(path): write to a read-only image") }
+            try checkRange(offset, length, "write-zeroes")
+            if try !file.punchHole(at: offset, length: length) {
+                let chunk = [UInt8](repeating: 0, count: 1 << 20)
+                var pos = offset
+                while pos < offset + length {
+                    let n = Int(min(UInt64(chunk.count), offset + length - pos))
+                    try chunk.withUnsafeBytes { try file.pwrite(UnsafeRawBufferPointer(rebasing: $0[0..<n]), at: pos) }
+                    pos += UInt64(n)
+                }
+            }
+        }
+    }
+
+    public func resize(to newSize: UInt64, allowShrink: Bool) throws {
+        try lock.withLock {
+            if file.readOnly { throw DiskImageError.invalid("\(path): resize of a read-only image") }
+            if newSize < currentSize && !allowShrink {
+                throw DiskImageError.invalid("\(path): shrinking from \(currentSize) to \(newSize) bytes requires --shrink")
+            }
+            try file.truncate(to: newSize)
+            currentSize = newSize
+        }
+    }
+
+    public func close() throws {
+        try lock.withLock {
+            try file.datasync()
+            file.close()
+        }
+    }
+
+    /// Whether `[offset, offset+length)` contains any allocated data on the host (SEEK_DATA), for sparse copies.
+    public func hasData(at offset: UInt64, length: UInt64) -> Bool {
+        lock.withLock {
+            guard let d = file.nextData(from: offset) else { return false }
+            return d < offset + length
+        }
+    }
+
+    /// Bytes allocated on the host file system.
+    public func allocatedBytes() throws -> UInt64 { try file.allocatedBytes() }
+}
