@@ -150,10 +150,14 @@ public struct ELFImage: Sendable, Equatable {
     }
 
     /// The physical address of the entry point: `e_entry` translated through the PT_LOAD segment
-    /// whose virtual range contains it (`e_entry - p_vaddr + p_paddr`).
+    /// whose virtual range contains it (`e_entry - p_vaddr + p_paddr`); otherwise `e_entry` itself
+    /// when it lies in a segment's physical range (Linux's vmlinux has `e_entry` = phys_startup_64).
     public func physicalEntry(what: String) throws -> UInt64 {
         for s in loadSegments where entry >= s.vaddr && entry - s.vaddr < s.memsz {
             return entry - s.vaddr + s.paddr
+        }
+        for s in loadSegments where entry >= s.paddr && entry - s.paddr < s.memsz {
+            return entry
         }
         throw BootError.invalidImage("\(what): ELF entry point \(hex(entry)) is not inside any loadable segment")
     }

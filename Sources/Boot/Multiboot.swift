@@ -100,13 +100,7 @@ public enum MultibootLoader {
         } else {
             let elf = try ELFImage(parsing: bytes, bits: 32, machine: 3, what: "\(what) (ELF32, no a.out kludge)")
             kernelRanges = try elf.load(from: bytes, into: memory, avoiding: avoid, what: "multiboot ELF")
-            if elf.loadSegments.contains(where: { elf.entry >= $0.vaddr && elf.entry - $0.vaddr < $0.memsz }) {
-                entry = try elf.physicalEntry(what: what)
-            } else if elf.loadSegments.contains(where: { elf.entry >= $0.paddr && elf.entry - $0.paddr < $0.memsz }) {
-                entry = elf.entry
-            } else {
-                throw BootError.invalidImage("\(what): ELF entry point \(hex(elf.entry)) is not inside any loadable segment")
-            }
+            entry = try elf.physicalEntry(what: what)
         }
         guard entry <= UInt64(UInt32.max) else {
             throw BootError.invalidImage("\(what): entry point \(hex(entry)) is above 4 GiB")

@@ -9,7 +9,7 @@ struct DecompressTests {
         (.lzma, "xz", ["--format=lzma", "-c"]),
         (.lz4Legacy, "lz4", ["-l", "-9", "-c"]),
         (.lz4Frame, "lz4", ["-c"]),
-        (.zstd, "zstd", ["-19", "-c", "-q"]),
+        (.zstd, "zstd", ["-c", "-q"]),
     ]
 
     @Test("each supported format round-trips data compressed by its CLI tool, with the size trailer",
@@ -17,7 +17,7 @@ struct DecompressTests {
     func roundTrip(format: CompressionFormat) throws {
         let (_, tool, args) = try #require(Self.formats.first { $0.0 == format })
         try #require(haveTool(tool), "\(tool) is not installed")
-        let data = testData(3 << 20)  // several lz4 blocks are not needed; one block + tail
+        let data = testData(1 << 20)
         let packed = try compress(data, tool: tool, args: args)
         #expect(CompressionFormat.detect(packed) == format)
         let out = try Decompressor.decompress(packed, format: format, limit: 64 << 20, sizeHint: data.count)
@@ -28,7 +28,7 @@ struct DecompressTests {
     @Test("legacy lz4 with several 8 MiB blocks decompresses completely")
     func lz4ManyBlocks() throws {
         try #require(haveTool("lz4"), "lz4 is not installed")
-        let data = testData(20 << 20)
+        let data = testData(17 << 20)
         let packed = try compress(data, tool: "lz4", args: ["-l", "-c"])
         let out = try Decompressor.decompress(packed, format: .lz4Legacy, limit: 64 << 20)
         #expect(out == data)

@@ -136,10 +136,13 @@ func haveTool(_ name: String) -> Bool {
 
 /// Deterministic, moderately compressible test data.
 func testData(_ count: Int) -> [UInt8] {
-    var x: UInt32 = 12345
-    return (0..<count).map { i in
-        x = x &* 1103515245 &+ 12345
-        return i % 7 == 0 ? UInt8(truncatingIfNeeded: x >> 16) : UInt8(truncatingIfNeeded: i / 64)
+    [UInt8](unsafeUninitializedCapacity: count) { buf, n in
+        var x: UInt32 = 12345
+        for i in 0..<count {
+            x = x &* 1103515245 &+ 12345
+            buf[i] = i % 7 == 0 ? UInt8(truncatingIfNeeded: x >> 16) : UInt8(truncatingIfNeeded: i >> 6)
+        }
+        n = count
     }
 }
 
