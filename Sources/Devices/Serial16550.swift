@@ -115,11 +115,13 @@ public final class Serial16550: BusDevice, Sendable {
     public func enqueue(_ bytes: [UInt8]) {
         guard !bytes.isEmpty else { return }
         state.withLock { s in
-            for b in bytes where s.input.pushDroppingOldest(b) {
-                s.droppedInput += 1
-                s.lsrErrors |= Self.lsrOE
+            for b in bytes {
+                if s.input.pushDroppingOldest(b) {
+                    s.droppedInput += 1
+                    s.lsrErrors |= Self.lsrOE
+                }
+                refill(&s)
             }
-            refill(&s)
             updatePin(&s)
         }
     }
