@@ -34,8 +34,12 @@ public struct SetupHeader: Sendable, Equatable {
 
     /// Bytes of real-mode setup code (boot sector included): (setup_sects + 1) × 512.
     public var setupSize: Int { (setupSects + 1) * 512 }
-    /// "2.15" style.
-    public var versionString: String { "\(version >> 8).\(String(format2: version & 0xff))" }
+    /// "2.15" style (minor in decimal, as boot.rst writes it).
+    public var versionString: String { SetupHeader.versionText(version) }
+    static func versionText(_ v: UInt16) -> String {
+        let minor = v & 0xff
+        return "\(v >> 8)." + (minor < 10 ? "0\(minor)" : "\(minor)")
+    }
 
     /// Whether `bytes` looks like a bzImage (boot flag 0xAA55 at 0x1fe and "HdrS" at 0x202).
     public static func isBzImage(_ bytes: [UInt8]) -> Bool {
@@ -57,7 +61,7 @@ public struct SetupHeader: Sendable, Equatable {
         }
         version = bytes.getLE(UInt16.self, at: 0x206)!
         guard version >= SetupHeader.minimumVersion else {
-            throw BootError.unsupported("\(what): boot protocol \(version >> 8).\(String(format2: version & 0xff)) at 0x206 is too old, need 2.06 or newer")
+            throw BootError.unsupported("\(what): boot protocol \(SetupHeader.versionText(version)) at 0x206 is too old, need 2.06 or newer")
         }
         let hEnd = 0x202 + Int(bytes[0x201])
         headerEnd = hEnd
@@ -180,14 +184,13 @@ public enum BzImageLoader {
                 throw BootError.unsupported("\(what): unknown compression of the payload at file offset \(hex(start)) (bytes \(magic))")
             }
             result.compression = format
-            let hint = payload.count >= 4 ? Int(Array(payload.suffix(4)).getLE(UInt32.self, at: 0)!) : nil
             let limit = Int(min(options.maxDecompressedSize, memory.totalSize + (16 << 20)))
-            let elfBytes = try payload.withUnsafeBytes {
-                try Decompressor.decompress($0, format: format, limit: limit, sizeHint: hint)
+            let loader = ELFStreamLoader(memory: memory, avoiding: boot, what: "\(what) decompressed kernel")
+            let total = try payload.withUnsafeBytes {
+                try Decompressor.decompress($0, format: format, limit: limit) { try loader.feed($0) }
             }
-            result.notes.append("payload \(format.rawValue), \(payload.count) → \(elfBytes.count) bytes")
-            let elf = try ELFImage(parsing: elfBytes, bits: 64, machine: 62, what: "\(what) decompressed kernel")
-            let ranges = try elf.load(from: elfBytes, into: memory, avoiding: boot, what: "kernel ELF")
+            let (elf, ranges) = try loader.finish()
+            result.notes.append("payload \(format.rawValue), \(payload.count) → \(total) bytes")
             result.ranges += ranges
             entry = try elf.physicalEntry(what: "\(what) decompressed kernel")
             kernelEnd = ranges.map(\.end).max() ?? 0

@@ -35,77 +35,79 @@ public enum CompressionFormat: String, Sendable, Equatable, CaseIterable {
     }
 }
 
-/// A growable malloc'd output buffer with a hard size limit.
-final class OutputBuffer {
-    private(set) var base: UnsafeMutableRawPointer
-    private(set) var capacity: Int
-    var count = 0
+/// Fixed-size scratch output for streaming decompression, with a running total checked against a limit.
+final class ChunkSink {
+    let buffer: UnsafeMutableRawPointer
+    let capacity: Int
+    private(set) var total = 0
     let limit: Int
     let what: String
+    let emit: (UnsafeRawBufferPointer) throws -> Void
 
-    init(initialCapacity: Int, limit: Int, what: String) throws {
-        let cap = max(4096, min(initialCapacity, limit))
-        guard let p = malloc(cap) else { throw BootError.decompression("\(what): cannot allocate \(cap) bytes") }
-        base = p; capacity = cap; self.limit = limit; self.what = what
+    init(capacity: Int, limit: Int, what: String, emit: @escaping (UnsafeRawBufferPointer) throws -> Void) throws {
+        guard let p = malloc(capacity) else { throw BootError.decompression("\(what): cannot allocate \(capacity) bytes") }
+        buffer = p; self.capacity = capacity; self.limit = limit; self.what = what; self.emit = emit
     }
-    deinit { free(base) }
+    deinit { free(buffer) }
 
-    /// Ensures at least `n` free bytes (fewer if the limit is reached; returns the free space).
-    @discardableResult
-    func reserve(_ n: Int) throws -> Int {
-        if capacity - count >= n { return capacity - count }
-        if capacity >= limit {
-            if capacity - count > 0 { return capacity - count }
+    /// Hands the first `n` bytes of `buffer` to the consumer.
+    func flush(_ n: Int) throws {
+        guard n > 0 else { return }
+        guard n <= limit - total else {
             throw BootError.decompression("\(what): decompressed data exceeds the limit of \(sizeText(UInt64(limit)))")
         }
-        var newCap = capacity
-        while newCap - count < n && newCap < limit { newCap = min(limit, newCap * 2) }
-        guard let p = realloc(base, newCap) else {
-            throw BootError.decompression("\(what): cannot allocate \(newCap) bytes")
-        }
-        base = p; capacity = newCap
-        return capacity - count
+        total += n
+        try emit(UnsafeRawBufferPointer(start: buffer, count: n))
     }
-
-    var freeSpace: Int { capacity - count }
-    var end: UnsafeMutableRawPointer { base + count }
-    func toArray() -> [UInt8] { Array(UnsafeRawBufferPointer(start: base, count: count)) }
 }
 
 /// Decompresses kernel payloads with the system libraries (zlib, liblzma, liblz4, libzstd).
 ///
-/// Output never grows past `limit` bytes, whatever sizes the input claims. Trailing bytes after
-/// the end of the compressed stream (the kernel build appends the decompressed size) are ignored.
+/// Output is streamed in chunks of at most 8 MiB to a consumer and never exceeds `limit` bytes in
+/// total, whatever sizes the input claims. Trailing bytes after the end of the compressed stream
+/// (the kernel build appends the decompressed size) are ignored.
 public enum Decompressor {
-    /// Decompresses `input` in `format`. `sizeHint` (for example the size the kernel build appends)
-    /// only sets the initial buffer, capped by `limit`.
-    public static func decompress(_ input: UnsafeRawBufferPointer, format: CompressionFormat,
-                                  limit: Int, sizeHint: Int? = nil) throws -> [UInt8] {
+    /// Decompresses `input` in `format`, passing the output in order to `consumer` chunk by chunk.
+    /// Returns the total number of bytes produced.
+    @discardableResult
+    public static func decompress(_ input: UnsafeRawBufferPointer, format: CompressionFormat, limit: Int,
+                                  consumer: @escaping (UnsafeRawBufferPointer) throws -> Void) throws -> Int {
         let what = "\(format.rawValue) payload"
-        let initial = sizeHint.map { $0 + 4096 } ?? input.count * 4
-        let out = try OutputBuffer(initialCapacity: initial, limit: limit, what: what)
+        let sink = try ChunkSink(capacity: format == .lz4Legacy ? lz4BlockMax : chunk, limit: limit, what: what, emit: consumer)
         switch format {
-        case .gzip: try gunzip(input, out)
-        case .xz, .lzma: try unxz(input, out)
-        case .lz4Legacy: try unlz4Legacy(input, out)
-        case .lz4Frame: try unlz4Frame(input, out)
-        case .zstd: try unzstd(input, out)
-        case .uncompressed: return Array(input)
+        case .gzip: try gunzip(input, sink)
+        case .xz, .lzma: try unxz(input, sink)
+        case .lz4Legacy: try unlz4Legacy(input, sink)
+        case .lz4Frame: try unlz4Frame(input, sink)
+        case .zstd: try unzstd(input, sink)
+        case .uncompressed:
+            guard input.count <= limit else {
+                throw BootError.decompression("\(what): \(input.count) bytes exceed the limit of \(sizeText(UInt64(limit)))")
+            }
+            try consumer(input)
+            return input.count
         case .bzip2, .lzo:
             throw BootError.unsupported("\(format.rawValue)-compressed kernels cannot be decompressed by the VMM; use the bzImage entry instead")
         }
-        return out.toArray()
+        return sink.total
     }
 
-    /// Convenience for byte arrays.
+    /// Decompresses into one array (for tests and small payloads). `sizeHint` only sizes the
+    /// initial allocation, capped by `limit`.
     public static func decompress(_ input: [UInt8], format: CompressionFormat, limit: Int,
                                   sizeHint: Int? = nil) throws -> [UInt8] {
-        try input.withUnsafeBytes { try decompress($0, format: format, limit: limit, sizeHint: sizeHint) }
+        var out: [UInt8] = []
+        out.reserveCapacity(min(limit, sizeHint ?? input.count * 4))
+        _ = try input.withUnsafeBytes { buf in
+            try decompress(buf, format: format, limit: limit) { out.append(contentsOf: $0) }
+        }
+        return out
     }
 
-    private static let chunk = 1 << 20
+    static let chunk = 1 << 20
+    static let lz4BlockMax = 8 << 20
 
-    private static func gunzip(_ input: UnsafeRawBufferPointer, _ out: OutputBuffer) throws {
+    private static func gunzip(_ input: UnsafeRawBufferPointer, _ out: ChunkSink) throws {
         var s = z_stream()
         // 16 + MAX_WBITS: gzip wrapper.
         guard inflateInit2_(&s, 16 + 15, zlibVersion(), Int32(MemoryLayout<z_stream>.size)) == Z_OK else {
@@ -120,12 +122,10 @@ public enum Decompressor {
                 s.avail_in = uInt(n)
                 consumed += n
             }
-            try out.reserve(chunk)
-            let room = min(out.freeSpace, 1 << 30)
-            s.next_out = out.end.assumingMemoryBound(to: Bytef.self)
-            s.avail_out = uInt(room)
+            s.next_out = out.buffer.assumingMemoryBound(to: Bytef.self)
+            s.avail_out = uInt(out.capacity)
             let rc = inflate(&s, Z_NO_FLUSH)
-            out.count += room - Int(s.avail_out)
+            try out.flush(out.capacity - Int(s.avail_out))
             if rc == Z_STREAM_END { return }
             if rc == Z_BUF_ERROR && s.avail_in == 0 && consumed == input.count {
                 throw BootError.decompression("gzip payload: truncated at input offset \(input.count)")
@@ -134,13 +134,10 @@ public enum Decompressor {
                 let msg = s.msg.map { String(cString: $0) } ?? "error \(rc)"
                 throw BootError.decompression("gzip payload: \(msg) at input offset \(Int(s.total_in))")
             }
-            if out.freeSpace == 0 && out.capacity >= out.limit {
-                throw BootError.decompression("gzip payload: decompressed data exceeds the limit of \(sizeText(UInt64(out.limit)))")
-            }
         }
     }
 
-    private static func unxz(_ input: UnsafeRawBufferPointer, _ out: OutputBuffer) throws {
+    private static func unxz(_ input: UnsafeRawBufferPointer, _ out: ChunkSink) throws {
         var s = lzma_stream()
         // lzma_auto_decoder handles .xz and legacy .lzma; 1 GiB memory limit for the dictionary.
         guard lzma_auto_decoder(&s, 1 << 30, 0) == LZMA_OK else {
@@ -150,12 +147,10 @@ public enum Decompressor {
         s.next_in = input.baseAddress?.assumingMemoryBound(to: UInt8.self)
         s.avail_in = input.count
         while true {
-            try out.reserve(chunk)
-            let room = out.freeSpace
-            s.next_out = out.end.assumingMemoryBound(to: UInt8.self)
-            s.avail_out = room
+            s.next_out = out.buffer.assumingMemoryBound(to: UInt8.self)
+            s.avail_out = out.capacity
             let rc = lzma_code(&s, s.avail_in == 0 ? LZMA_FINISH : LZMA_RUN)
-            out.count += room - s.avail_out
+            try out.flush(out.capacity - s.avail_out)
             if rc == LZMA_STREAM_END { return }
             if rc == LZMA_BUF_ERROR || (rc == LZMA_OK && s.avail_in == 0 && s.avail_out != 0) {
                 throw BootError.decompression("xz payload: truncated at input offset \(s.total_in)")
@@ -163,46 +158,39 @@ public enum Decompressor {
             if rc != LZMA_OK {
                 throw BootError.decompression("xz payload: liblzma error \(rc.rawValue) at input offset \(s.total_in)")
             }
-            if out.freeSpace == 0 && out.capacity >= out.limit {
-                throw BootError.decompression("xz payload: decompressed data exceeds the limit of \(sizeText(UInt64(out.limit)))")
-            }
         }
     }
 
     /// The legacy LZ4 format written by `lz4 -l` (the kernel's): magic 0x184c2102, then blocks
     /// of a 4-byte little-endian compressed size and data, each decompressing to at most 8 MiB.
-    private static func unlz4Legacy(_ input: UnsafeRawBufferPointer, _ out: OutputBuffer) throws {
+    private static func unlz4Legacy(_ input: UnsafeRawBufferPointer, _ out: ChunkSink) throws {
         let magic: UInt32 = 0x184c_2102
-        let blockMax = 8 << 20
         var pos = 4
         func u32(_ at: Int) -> UInt32 { UInt32(littleEndian: input.loadUnaligned(fromByteOffset: at, as: UInt32.self)) }
+        var blocks = 0
         while input.count - pos >= 4 {
             let size = u32(pos)
             if size == magic { pos += 4; continue }
             let available = input.count - pos - 4
             if Int(size) > available {
                 // The kernel build appends the 4-byte decompressed size: it is the last word.
-                if available == 0 && out.count > 0 { return }
+                if available == 0 && blocks > 0 { return }
                 throw BootError.decompression("lz4 payload: block at input offset \(pos) claims \(size) bytes but only \(available) remain")
             }
             pos += 4
-            try out.reserve(blockMax)
-            let room = min(out.freeSpace, blockMax)
             let n = LZ4_decompress_safe(input.baseAddress!.advanced(by: pos).assumingMemoryBound(to: CChar.self),
-                                        out.end.assumingMemoryBound(to: CChar.self), Int32(size), Int32(room))
+                                        out.buffer.assumingMemoryBound(to: CChar.self), Int32(size), Int32(out.capacity))
             guard n >= 0 else {
-                if room < blockMax {
-                    throw BootError.decompression("lz4 payload: decompressed data exceeds the limit of \(sizeText(UInt64(out.limit)))")
-                }
                 throw BootError.decompression("lz4 payload: corrupt block at input offset \(pos - 4)")
             }
-            out.count += Int(n)
+            try out.flush(Int(n))
+            blocks += 1
             pos += Int(size)
         }
-        if out.count == 0 { throw BootError.decompression("lz4 payload: no data blocks") }
+        if blocks == 0 { throw BootError.decompression("lz4 payload: no data blocks") }
     }
 
-    private static func unlz4Frame(_ input: UnsafeRawBufferPointer, _ out: OutputBuffer) throws {
+    private static func unlz4Frame(_ input: UnsafeRawBufferPointer, _ out: ChunkSink) throws {
         var ctx: OpaquePointer?
         guard LZ4F_isError(LZ4F_createDecompressionContext(&ctx, UInt32(LZ4F_VERSION))) == 0, let ctx else {
             throw BootError.decompression("lz4 payload: cannot create a decompression context")
@@ -210,45 +198,37 @@ public enum Decompressor {
         defer { LZ4F_freeDecompressionContext(ctx) }
         var pos = 0
         while true {
-            try out.reserve(chunk)
-            var dstSize = out.freeSpace
+            var dstSize = out.capacity
             var srcSize = input.count - pos
-            let hint = LZ4F_decompress(ctx, out.end, &dstSize, input.baseAddress!.advanced(by: pos), &srcSize, nil)
+            let hint = LZ4F_decompress(ctx, out.buffer, &dstSize, input.baseAddress!.advanced(by: pos), &srcSize, nil)
             if LZ4F_isError(hint) != 0 {
                 throw BootError.decompression("lz4 payload: \(String(cString: LZ4F_getErrorName(hint))) near input offset \(pos)")
             }
-            out.count += dstSize
+            try out.flush(dstSize)
             pos += srcSize
             if hint == 0 { return }
             if srcSize == 0 && dstSize == 0 && pos >= input.count {
                 throw BootError.decompression("lz4 payload: truncated at input offset \(pos)")
             }
-            if out.freeSpace == 0 && out.capacity >= out.limit {
-                throw BootError.decompression("lz4 payload: decompressed data exceeds the limit of \(sizeText(UInt64(out.limit)))")
-            }
         }
     }
 
-    private static func unzstd(_ input: UnsafeRawBufferPointer, _ out: OutputBuffer) throws {
+    private static func unzstd(_ input: UnsafeRawBufferPointer, _ out: ChunkSink) throws {
         guard let d = ZSTD_createDCtx() else { throw BootError.decompression("zstd payload: cannot create a context") }
         defer { ZSTD_freeDCtx(d) }
         // The kernel is compressed with a large window (zstd -22 --ultra).
         _ = ZSTD_DCtx_setParameter(d, ZSTD_d_windowLogMax, 31)
         var inb = ZSTD_inBuffer(src: input.baseAddress, size: input.count, pos: 0)
         while true {
-            try out.reserve(chunk)
-            var outb = ZSTD_outBuffer(dst: out.end, size: out.freeSpace, pos: 0)
+            var outb = ZSTD_outBuffer(dst: out.buffer, size: out.capacity, pos: 0)
             let rc = ZSTD_decompressStream(d, &outb, &inb)
-            out.count += outb.pos
             if ZSTD_isError(rc) != 0 {
                 throw BootError.decompression("zstd payload: \(String(cString: ZSTD_getErrorName(rc))) near input offset \(inb.pos)")
             }
+            try out.flush(outb.pos)
             if rc == 0 { return }
             if inb.pos == inb.size && outb.pos < outb.size {
                 throw BootError.decompression("zstd payload: truncated at input offset \(inb.pos)")
-            }
-            if out.freeSpace == 0 && out.capacity >= out.limit {
-                throw BootError.decompression("zstd payload: decompressed data exceeds the limit of \(sizeText(UInt64(out.limit)))")
             }
         }
     }

@@ -49,7 +49,11 @@ public struct ELFImage: Sendable, Equatable {
 
     /// Parses and validates an ELF executable. `bits` and `machine` are the expected class and
     /// machine; `what` names the file in messages (for example "kernel ELF").
-    public init(parsing bytes: [UInt8], bits expectedBits: Int, machine expectedMachine: UInt16, what: String) throws {
+    ///
+    /// With `streamed`, `bytes` is only a prefix of the file (headers included) and segment file
+    /// ranges are checked later by the streaming loader.
+    public init(parsing bytes: [UInt8], bits expectedBits: Int, machine expectedMachine: UInt16, what: String,
+                streamed: Bool = false) throws {
         guard bytes.count >= 16, ELFImage.isELF(bytes) else {
             throw BootError.invalidImage("\(what): no ELF magic at offset 0")
         }
@@ -114,10 +118,11 @@ public struct ELFImage: Sendable, Equatable {
             guard h.filesz <= h.memsz else {
                 throw BootError.invalidImage("\(what): ELF segment \(i) has p_filesz \(hex(h.filesz)) larger than p_memsz \(hex(h.memsz))")
             }
-            guard h.offset <= UInt64(bytes.count), h.filesz <= UInt64(bytes.count) - h.offset else {
+            guard streamed || (h.offset <= UInt64(bytes.count) && h.filesz <= UInt64(bytes.count) - h.offset) else {
                 throw BootError.invalidImage("\(what): ELF segment \(i) file data at offset \(hex(h.offset))+\(hex(h.filesz)) extends past the end of the file (\(bytes.count) bytes)")
             }
-            guard h.paddr.addingReportingOverflow(h.memsz).overflow == false,
+            guard h.offset.addingReportingOverflow(h.filesz).overflow == false,
+                  h.paddr.addingReportingOverflow(h.memsz).overflow == false,
                   h.vaddr.addingReportingOverflow(h.memsz).overflow == false else {
                 throw BootError.invalidImage("\(what): ELF segment \(i) at \(hex(h.paddr))+\(hex(h.memsz)) wraps around the address space")
             }
@@ -162,10 +167,8 @@ public struct ELFImage: Sendable, Equatable {
         throw BootError.invalidImage("\(what): ELF entry point \(hex(entry)) is not inside any loadable segment")
     }
 
-    /// Copies every PT_LOAD segment to its physical address and zeroes its BSS. Each segment must lie
-    /// in guest RAM and not overlap `avoid` (boot structures already placed).
-    @discardableResult
-    public func load(from bytes: [UInt8], into memory: GuestMemory, avoiding avoid: [LoadRange], what: String) throws -> [LoadRange] {
+    /// Checks that every PT_LOAD segment lies in guest RAM, avoids `avoid` and no other segment.
+    public func checkPlacement(in memory: GuestMemory, avoiding avoid: [LoadRange], what: String) throws -> [LoadRange] {
         var ranges: [LoadRange] = []
         for (i, h) in programHeaders.enumerated() where h.type == ELFProgramHeader.load && h.memsz > 0 {
             guard memory.contains(h.paddr, count: h.memsz) else {
@@ -177,6 +180,18 @@ public struct ELFImage: Sendable, Equatable {
             for r in ranges where r.overlaps(h.paddr, h.memsz) {
                 throw BootError.invalidImage("\(what) segment \(i) at \(hex(h.paddr))+\(hex(h.memsz)) overlaps \(r.what)")
             }
+            ranges.append(LoadRange(start: h.paddr, size: h.memsz, what: "\(what) segment \(i)"))
+        }
+        guard !ranges.isEmpty else { throw BootError.invalidImage("\(what): ELF has no loadable segment") }
+        return ranges
+    }
+
+    /// Copies every PT_LOAD segment to its physical address and zeroes its BSS. Each segment must lie
+    /// in guest RAM and not overlap `avoid` (boot structures already placed).
+    @discardableResult
+    public func load(from bytes: [UInt8], into memory: GuestMemory, avoiding avoid: [LoadRange], what: String) throws -> [LoadRange] {
+        let ranges = try checkPlacement(in: memory, avoiding: avoid, what: what)
+        for (i, h) in programHeaders.enumerated() where h.type == ELFProgramHeader.load && h.memsz > 0 {
             try guarded("\(what) segment \(i)", at: h.paddr) {
                 try memory.withBytes(at: h.paddr, count: Int(h.memsz)) { dst in
                     bytes.withUnsafeBytes { src in
@@ -186,10 +201,95 @@ public struct ELFImage: Sendable, Equatable {
                     }
                 }
             }
-            ranges.append(LoadRange(start: h.paddr, size: h.memsz, what: "\(what) segment \(i)"))
         }
-        guard !ranges.isEmpty else { throw BootError.invalidImage("\(what): ELF has no loadable segment") }
         return ranges
+    }
+}
+
+/// Loads an ELF64 executable that arrives as a stream of chunks (straight out of a decompressor),
+/// copying each chunk's bytes to the segments' physical addresses without buffering the file.
+///
+/// The ELF and program headers must lie in the first 1 MiB of the stream.
+final class ELFStreamLoader {
+    let memory: GuestMemory
+    let avoid: [LoadRange]
+    let what: String
+    private var prefix: [UInt8] = []
+    private(set) var image: ELFImage?
+    private var ranges: [LoadRange] = []
+    private var position: UInt64 = 0
+    static let headerLimit = 1 << 20
+
+    init(memory: GuestMemory, avoiding avoid: [LoadRange], what: String) {
+        self.memory = memory; self.avoid = avoid; self.what = what
+    }
+
+    /// Bytes needed before the headers can be parsed, or nil if not known yet.
+    private func headerNeed() throws -> Int? {
+        guard prefix.count >= 64 else { return nil }
+        guard ELFImage.isELF(prefix), prefix[4] == 2 else {
+            let magic = prefix.prefix(4).map { String(format2: $0) }.joined(separator: " ")
+            throw BootError.invalidImage("\(what): decompressed data is not an ELF64 file (starts with \(magic))")
+        }
+        let phoff = prefix.getLE(UInt64.self, at: 32)!
+        let phentsize = UInt64(prefix.getLE(UInt16.self, at: 54)!), phnum = UInt64(prefix.getLE(UInt16.self, at: 56)!)
+        let end = phoff.addingReportingOverflow(phentsize * phnum)
+        guard !end.overflow, end.partialValue <= UInt64(ELFStreamLoader.headerLimit) else {
+            throw BootError.invalidImage("\(what): ELF program headers at \(hex(phoff)) are not in the first 1 MiB")
+        }
+        return max(64, Int(end.partialValue))
+    }
+
+    /// Consumes the next chunk of the stream.
+    func feed(_ chunk: UnsafeRawBufferPointer) throws {
+        if image != nil { return try dispatch(chunk) }
+        prefix.append(contentsOf: chunk)
+        guard let need = try headerNeed(), prefix.count >= need else {
+            if prefix.count > ELFStreamLoader.headerLimit {
+                throw BootError.invalidImage("\(what): no ELF header in the first 1 MiB")
+            }
+            return
+        }
+        let img = try ELFImage(parsing: prefix, bits: 64, machine: 62, what: what, streamed: true)
+        ranges = try img.checkPlacement(in: memory, avoiding: avoid, what: "kernel ELF")
+        image = img
+        let head = prefix
+        prefix = []
+        try head.withUnsafeBytes { try dispatch($0) }
+    }
+
+    private func dispatch(_ chunk: UnsafeRawBufferPointer) throws {
+        guard let image, chunk.count > 0 else { return }
+        let o = position, n = UInt64(chunk.count)
+        for h in image.loadSegments where h.filesz > 0 {
+            let s = max(o, h.offset), e = min(o + n, h.offset + h.filesz)
+            guard s < e else { continue }
+            let dst = h.paddr + (s - h.offset)
+            try guarded("kernel ELF segment", at: dst) {
+                let p = try memory.translate(dst, count: e - s)
+                p.copyMemory(from: chunk.baseAddress! + Int(s - o), byteCount: Int(e - s))
+            }
+        }
+        position += n
+    }
+
+    /// Checks that every segment's file data arrived, zeroes the BSS parts, and returns the image
+    /// and the ranges loaded.
+    func finish() throws -> (ELFImage, [LoadRange]) {
+        guard let image else {
+            throw BootError.invalidImage("\(what): decompressed data (\(prefix.count) bytes) is too short for the ELF headers")
+        }
+        for (i, h) in image.programHeaders.enumerated() where h.type == ELFProgramHeader.load && h.memsz > 0 {
+            guard position >= h.offset + h.filesz else {
+                throw BootError.invalidImage("\(what): ELF segment \(i) file data at \(hex(h.offset))+\(hex(h.filesz)) extends past the end of the decompressed data (\(position) bytes)")
+            }
+            if h.memsz > h.filesz {
+                try guarded("kernel ELF segment \(i) BSS", at: h.paddr + h.filesz) {
+                    try memory.zero(at: h.paddr + h.filesz, count: Int(h.memsz - h.filesz))
+                }
+            }
+        }
+        return (image, ranges)
     }
 }
 

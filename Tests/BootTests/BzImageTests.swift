@@ -177,3 +177,52 @@ struct BzImageLoadTests {
         #expect(try mem.read(at: rd.start, count: 50000) == testData(50000))
     }
 }
+
+@Suite("Streaming ELF loading from the decompressor")
+struct StreamingTests {
+    func bigELF(truncateTo: Int? = nil) -> [UInt8] {
+        var elf = makeELF(entry: 0x100_0000, segments: [
+            TestSegment(paddr: 0x100_0000, vaddr: 0xffff_ffff_8100_0000, data: testData(0x18_0123), memsz: 0x20_0000),
+            TestSegment(paddr: 0x140_0000, vaddr: 0xffff_ffff_8140_0000, data: Array(testData(0x25_0000).reversed()), memsz: 0x26_0000)])
+        if let t = truncateTo { elf = Array(elf.prefix(t)) }
+        return elf
+    }
+
+    @Test("chunks crossing segment boundaries land exactly where a whole-file load puts them")
+    func matchesWholeLoad() throws {
+        try #require(haveTool("xz"))
+        let elf = bigELF()
+        let streamed = try makeMemory(64 << 20), whole = try makeMemory(64 << 20)
+        try streamed.write([UInt8](repeating: 0xee, count: 0x60_0000), at: 0x100_0000)
+        let k = try KernelLoader.load(kernel: .bytes(makeBzImage(payload: compress(elf, tool: "xz", args: ["--check=crc32", "-1", "-c"])), name: "t"),
+                                      memory: streamed)
+        #expect(k.compression == .xz && k.entry.rip == 0x100_0000)
+        let img = try ELFImage(parsing: elf, bits: 64, machine: 62, what: "k")
+        try img.load(from: elf, into: whole, avoiding: [], what: "k")
+        #expect(try streamed.read(at: 0x100_0000, count: 0x20_0000) == whole.read(at: 0x100_0000, count: 0x20_0000))
+        #expect(try streamed.read(at: 0x140_0000, count: 0x26_0000) == whole.read(at: 0x140_0000, count: 0x26_0000))
+        // The gap between the segments is untouched.
+        #expect(try streamed.read(at: 0x120_0000, count: 0x20_0000).allSatisfy { $0 == 0xee })
+    }
+
+    @Test("a decompressed kernel that ends inside a segment is refused")
+    func truncatedSegment() throws {
+        try #require(haveTool("gzip"))
+        let elf = bigELF(truncateTo: 0x10_0000)
+        let mem = try makeMemory(64 << 20)
+        let message = bootError {
+            _ = try KernelLoader.load(kernel: .bytes(makeBzImage(payload: compress(elf, tool: "gzip", args: ["-c"])), name: "t"), memory: mem)
+        }
+        #expect(message?.contains("extends past the end of the decompressed data") == true, "\(message ?? "")")
+    }
+
+    @Test("a payload that is not an ELF after decompression is refused")
+    func notELF() throws {
+        try #require(haveTool("gzip"))
+        let mem = try makeMemory(64 << 20)
+        let message = bootError {
+            _ = try KernelLoader.load(kernel: .bytes(makeBzImage(payload: compress(testData(5000), tool: "gzip", args: ["-c"])), name: "t"), memory: mem)
+        }
+        #expect(message?.contains("not an ELF64 file") == true, "\(message ?? "")")
+    }
+}
