@@ -1,0 +1,13 @@
+/* Segment selectors and fixed vectors shared by entry.S and the C runtime. */
+#ifndef RT_LAYOUT_H
+#define RT_LAYOUT_H
+#define SEL_KCODE   0x08
+#define SEL_KDATA   0x10
+#define SEL_UCODE32 0x18
+#define SEL_UDATA   0x20
+#define SEL_UCODE64 0x28
+#define SEL_TSS     0x30
+/* int 0x80: user-callable probe gate; int 0x81: return from rt_run_user to the kernel. */
+#define RT_VEC_INT80        0x80
+#define RT_VEC_USER_RETURN  0x81
+#endif
