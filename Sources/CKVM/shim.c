@@ -72,3 +72,15 @@ int ckvm_eventfd(unsigned int initval, int flags) {
 void *ckvm_run_io_data(struct kvm_run *run) {
     return (char *)run + run->io.data_offset;
 }
+
+void *ckvm_run_mmio_data(struct kvm_run *run) {
+    return run->mmio.data;
+}
+
+uint64_t *ckvm_run_internal_data(struct kvm_run *run) {
+    return run->internal.data;
+}
+
+uint64_t *ckvm_run_system_event_data(struct kvm_run *run) {
+    return run->system_event.data;
+}

@@ -61,6 +61,7 @@ static const unsigned long CKVM_SET_SIGNAL_MASK = KVM_SET_SIGNAL_MASK;
 static const unsigned long CKVM_INTERRUPT = KVM_INTERRUPT;
 static const unsigned long CKVM_NMI = KVM_NMI;
 static const unsigned long CKVM_SET_GUEST_DEBUG = KVM_SET_GUEST_DEBUG;
+static const unsigned long CKVM_GET_TSC_KHZ = KVM_GET_TSC_KHZ;
 
 /// ioctl(2) with an integer argument. Returns the result or -errno.
 int ckvm_ioctl_value(int fd, unsigned long request, unsigned long arg);
@@ -92,5 +93,11 @@ int ckvm_eventfd(unsigned int initval, int flags);
 // MARK: kvm_run field access (unions do not import ergonomically into Swift)
 /// Pointer to the data of a KVM_EXIT_IO exit inside the mapped kvm_run.
 void *ckvm_run_io_data(struct kvm_run *run);
+/// Pointer to the 8 data bytes of a KVM_EXIT_MMIO exit inside the mapped kvm_run.
+void *ckvm_run_mmio_data(struct kvm_run *run);
+/// Pointer to the `internal.data[16]` words of a KVM_EXIT_INTERNAL_ERROR exit.
+uint64_t *ckvm_run_internal_data(struct kvm_run *run);
+/// Pointer to the `system_event.data[16]` words of a KVM_EXIT_SYSTEM_EVENT exit.
+uint64_t *ckvm_run_system_event_data(struct kvm_run *run);
 
 #endif
