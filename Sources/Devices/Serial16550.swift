@@ -46,9 +46,14 @@ public struct DiscardSerialOutput: SerialOutput {
 /// Input: `enqueue(_:)` buffers host bytes (at most `inputCapacity`; when full, the oldest
 /// buffered byte is dropped, counted in `droppedInputBytes`, and LSR.OE is set). Buffered bytes
 /// move into the receive FIFO (16 bytes with FCR.0 set, else a 1-byte holding register) as the
-/// guest reads, and never while loopback is on (the receive pin is disconnected then). A FIFO
-/// reset (FCR bits 0/1) discards loopback bytes but returns host bytes to the input buffer,
-/// so that a driver resetting the port does not eat typed or piped input.
+/// guest reads, and never while loopback is on (the receive pin is disconnected then).
+///
+/// So that a driver (re)initialising the port does not eat typed or piped input, the host side
+/// acts as if it were flow-controlled: a FIFO reset (FCR bits 0/1) discards loopback bytes but
+/// returns host bytes to the input buffer, and host bytes are only delivered while the guest
+/// looks ready to receive: receive interrupts enabled (IER.ERBFI), or the FIFO enabled, or FCR
+/// never written since reset (a simple polled program). Linux's 8250 startup, which resets and
+/// disables the FIFO and then reads RBR twice to clear it, therefore loses nothing.
 public final class Serial16550: BusDevice, Sendable {
     /// COM1's I/O port base.
     public static let defaultBase: UInt64 = 0x3f8
@@ -92,7 +97,13 @@ public final class Serial16550: BusDevice, Sendable {
         var droppedInput: UInt64 = 0
         var transmitted: UInt64 = 0
 
+        var fcrWritten = false
+
         var loopback: Bool { mcr & Serial16550.mcrLOOP != 0 }
+        /// Whether host bytes may enter the receiver now (see the type's documentation).
+        var receiverReady: Bool {
+            !loopback && (fifoEnabled || ier & Serial16550.ierERBFI != 0 || !fcrWritten)
+        }
         var rxLimit: Int { fifoEnabled ? Serial16550.fifoSize : 1 }
     }
 
@@ -220,7 +231,9 @@ public final class Serial16550: BusDevice, Sendable {
                 s.thrIPending = new & Self.ierETBEI != 0
             }
             s.ier = new
+            refill(&s)
         case 2:
+            s.fcrWritten = true
             let enable = v & 0x01 != 0
             if enable != s.fifoEnabled {
                 resetReceiveFIFO(&s)
@@ -282,9 +295,9 @@ public final class Serial16550: BusDevice, Sendable {
         }
     }
 
-    /// Moves buffered host bytes into the receive FIFO (not while looped back).
+    /// Moves buffered host bytes into the receive FIFO while the receiver is ready.
     private func refill(_ s: inout State) {
-        guard !s.loopback else { return }
+        guard s.receiverReady else { return }
         while s.rx.count < s.rxLimit, let b = s.input.pop() {
             s.rx.push(b)
             s.rxFromHost.push(1)

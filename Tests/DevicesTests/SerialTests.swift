@@ -87,6 +87,36 @@ struct SerialTests {
         #expect(got == Array("abc".utf8))
     }
 
+    @Test("input piped before Linux's 8250 startup survives its FIFO resets and clearing reads")
+    func linuxStartupKeepsInput() {
+        uart.enqueue(Array("echo ok\n".utf8))
+        // Autoconfig and console setup: FIFO probed, then enabled at trigger 8.
+        uart.outb(FCR, 0x01)
+        _ = uart.inb(IIR)
+        uart.outb(FCR, 0x07)
+        uart.outb(FCR, 0x00)
+        uart.outb(LCR, 0x03)
+        uart.outb(FCR, 0x81)
+        // serial8250_do_startup: clear and disable the FIFOs, clear the interrupt registers,
+        // THRE tests, raise OUT2, clear the registers again.
+        uart.outb(FCR, 0x07)
+        uart.outb(FCR, 0x00)
+        for r in [LSR, RBR, IIR, MSR] { _ = uart.inb(r) }
+        uart.outb(IER, 0x02); _ = uart.inb(IIR); uart.outb(IER, 0x00)
+        uart.outb(IER, 0x02); _ = uart.inb(IIR); uart.outb(IER, 0x00)
+        uart.outb(MCR, 0x0b)
+        uart.outb(IER, 0x02); _ = uart.inb(LSR); _ = uart.inb(IIR); uart.outb(IER, 0x00)
+        for r in [LSR, RBR, IIR, MSR] { _ = uart.inb(r) }
+        // set_termios: FIFO on, receive interrupts on.
+        uart.outb(FCR, 0x81)
+        uart.outb(IER, 0x05)
+        #expect(line.level == true)
+        var got: [UInt8] = []
+        while uart.inb(LSR) & 0x01 != 0 { got.append(uart.inb(RBR)) }
+        #expect(got == Array("echo ok\n".utf8))
+        #expect(line.level == false)
+    }
+
     @Test("loopback sends THR to the receiver, not the output, and mirrors MCR in MSR")
     func loopback() {
         uart.outb(MCR, 0x10 | 0x0a)           // Linux's 8250 probe: LOOP | RTS | OUT2
