@@ -217,6 +217,7 @@ public enum BzImageLoader {
         }
         result.e820 = options.e820 ?? E820Map.build(for: memory)
         try zp.setE820(result.e820)
+        if let cpus = options.mpTableCPUs { result.ranges.append(try MPTable.write(cpus: cpus, into: memory)) }
         zp.setCmdline(at: BootLayout.cmdlineAddress)
         try zp.write(into: memory)
         result.ranges = boot + result.ranges

@@ -172,7 +172,7 @@ public enum Decompressor {
             let size = u32(pos)
             if size == magic { pos += 4; continue }
             let available = input.count - pos - 4
-            if Int(size) > available {
+            if Int(size) > available || size > UInt32(Int32.max) {
                 // The kernel build appends the 4-byte decompressed size: it is the last word.
                 if available == 0 && blocks > 0 { return }
                 throw BootError.decompression("lz4 payload: block at input offset \(pos) claims \(size) bytes but only \(available) remain")

@@ -8,8 +8,8 @@ public enum FlatLoader {
     }
 
     /// Copies `image` to `loadAddress` and returns the entry state for `entry` in `mode`:
-    /// - `.real`: when `entry` < 64 KiB, CS = 0 and IP = entry; otherwise CS = (entry >> 4) & 0xf000
-    ///   and IP = entry - CS × 16 (the entry must lie below 0x10fff0). All segments equal CS;
+    /// - `.real`: when `entry` < 64 KiB, CS = 0 and IP = entry; below 1 MiB, CS = (entry >> 4) & 0xf000
+    ///   and IP = entry - CS × 16; in the high memory area (1 MiB to 0x10ffef), CS = 0xffff. All segments equal CS;
     ///   SP = 0x8ff0 (`BootLayout.bootStackTop`) when CS = 0, else 0xfffe. Nothing else is written.
     /// - `.protected`: flat 32-bit segments (GDT written at 0x500), paging off, ESP = 0x8ff0.
     /// - `.long`: GDT and identity page tables (4 GiB) written, 64-bit code segment, RSP = 0x8ff0.
@@ -30,9 +30,11 @@ public enum FlatLoader {
             guard entry < 0x10_fff0 else {
                 throw BootError.invalidImage("flat real-mode entry \(hex(entry)) is not reachable from real mode (must be below 0x10fff0)")
             }
-            let cs: UInt16 = entry < 0x10000 ? 0 : UInt16((entry >> 4) & 0xf000)
-            let ip = UInt16(entry - (UInt64(cs) << 4))
-            result.entry = .realMode(cs: cs, ip: ip, sp: cs == 0 ? UInt16(BootLayout.bootStackTop) : 0xfffe)
+            let cs: UInt64 = entry < 0x10000 ? 0 : entry < 0x10_0000 ? (entry >> 4) & 0xf000 : 0xffff
+            guard let ip = UInt16(exactly: entry - (cs << 4)) else {
+                throw BootError.invalidImage("flat real-mode entry \(hex(entry)) is not reachable from real mode")
+            }
+            result.entry = .realMode(cs: UInt16(cs), ip: ip, sp: cs == 0 ? UInt16(BootLayout.bootStackTop) : 0xfffe)
         case .protected, .long:
             guard entry <= (mode == .protected ? UInt64(UInt32.max) : BootLayout.identityMappedSize - 1) else {
                 throw BootError.invalidImage("flat \(mode.rawValue)-mode entry \(hex(entry)) is outside the flat 4 GiB")

@@ -30,8 +30,10 @@ public struct BootOptions: Sendable {
     public var maxDecompressedSize: UInt64 = 1 << 30
     /// An e820 map to use instead of the one built from guest memory.
     public var e820: [E820Entry]? = nil
-    public init(linuxEntry: BzImageLoader.Entry = .decompressed, modules: [MultibootModule] = []) {
-        self.linuxEntry = linuxEntry; self.modules = modules
+    /// When set, Linux loaders (bzImage, ELF) also write an MP table for this many CPUs at 0x9fc00.
+    public var mpTableCPUs: Int? = nil
+    public init(linuxEntry: BzImageLoader.Entry = .decompressed, modules: [MultibootModule] = [], mpTableCPUs: Int? = nil) {
+        self.linuxEntry = linuxEntry; self.modules = modules; self.mpTableCPUs = mpTableCPUs
     }
 }
 
@@ -120,6 +122,7 @@ public enum ELFKernelLoader {
         }
         result.e820 = options.e820 ?? E820Map.build(for: memory)
         try zp.setE820(result.e820)
+        if let cpus = options.mpTableCPUs { result.ranges.append(try MPTable.write(cpus: cpus, into: memory)) }
         zp.setCmdline(at: BootLayout.cmdlineAddress)
         try zp.write(into: memory)
         result.ranges = boot + ranges + result.ranges

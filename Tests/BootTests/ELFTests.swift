@@ -19,6 +19,15 @@ struct ELFTests {
         #expect(zp[0x1e8] == 4)
     }
 
+    @Test("the MP table is written when asked for and lies in the e820-reserved area")
+    func mpTable() throws {
+        let mem = try makeMemory(64 << 20)
+        let k = try KernelLoader.load(kernel: .bytes(makeVmlinux(), name: "vmlinux"), memory: mem, options: BootOptions(mpTableCPUs: 2))
+        let mp = try #require(k.ranges.first { $0.what == "MP table" })
+        #expect(try mem.read(at: 0x9fc00, count: 4) == Array("_MP_".utf8))
+        #expect(k.e820.contains { $0.kind == .reserved && $0.address <= mp.start && $0.end >= mp.end })
+    }
+
     @Test("e_entry given as a physical address (as Linux links it) is used as is")
     func physicalEntry() throws {
         let elf = makeELF(entry: 0x100_0010, segments: [

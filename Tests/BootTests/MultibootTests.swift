@@ -146,7 +146,13 @@ struct FlatTests {
         k = try FlatLoader.load(image: [0xf4], at: 0x12345, entry: 0x12345, mode: .real, memory: mem)
         #expect(k.entry.cs.selector == 0x1000 && k.entry.rip == 0x2345 && k.entry.cs.base == 0x10000)
         #expect(try mem.read(at: 0x12345, count: 1) == [0xf4])
-        #expect(bootError { _ = try FlatLoader.load(image: [0xf4], at: 0x1000, entry: 0x20_0000, mode: .real, memory: mem) } != nil)
+        k = try FlatLoader.load(image: [0xf4], at: 0xf_0000, entry: 0xf_fff0, mode: .real, memory: mem)
+        #expect(k.entry.cs.selector == 0xf000 && k.entry.rip == 0xfff0)
+        // The high memory area is reached with CS = 0xffff.
+        let hma = try makeMemory(2 << 20)
+        k = try FlatLoader.load(image: [0xf4], at: 0x10_0010, entry: 0x10_0010, mode: .real, memory: hma)
+        #expect(k.entry.cs.selector == 0xffff && k.entry.rip == 0x20)
+        #expect(bootError { _ = try FlatLoader.load(image: [0xf4], at: 0x1000, entry: 0x10_fff0, mode: .real, memory: hma) }?.contains("real mode") == true)
     }
 
     @Test("protected and long mode write the GDT (and page tables) and refuse images over them")

@@ -32,4 +32,26 @@ struct RealKernelTests {
         #expect(k.ranges.contains { $0.start == 0x100_0000 })
         print("real kernel: \(k.summary.joined(separator: "; ")) in \(String(format: "%.2f", elapsed)) s")
     }
+
+    @Test("the stock kernel loads with the project's initramfs placed below initrd_addr_max")
+    func withInitrd() throws {
+        let path = try #require(realKernelPath)
+        let initrd = URL(fileURLWithPath: path).deletingLastPathComponent().appendingPathComponent("initramfs.cpio").path
+        try #require(FileManager.default.fileExists(atPath: initrd), "no initramfs.cpio next to the kernel")
+        let mem = try makeMemory(256 << 20)
+        let k = try KernelLoader.load(kernel: .path(path), initrd: .path(initrd), cmdline: "console=ttyS0", memory: mem)
+        let rd = try #require(k.ranges.first { $0.what == "initrd" })
+        #expect(rd.start % 4096 == 0 && rd.end <= 256 << 20)
+        #expect(try mem.read(at: rd.start, count: 6) == Array("070701".utf8), "newc cpio magic")
+        #expect(try mem.readLE(UInt32.self, at: 0x7000 + 0x218) == UInt32(rd.start))
+    }
+
+    @Test("the bzImage entry option loads the compressed kernel at pref_address and enters at +0x200")
+    func bzImageEntry() throws {
+        let path = try #require(realKernelPath)
+        let mem = try makeMemory(256 << 20)
+        let k = try KernelLoader.load(kernel: .path(path), cmdline: "console=ttyS0", memory: mem,
+                                      options: BootOptions(linuxEntry: .bzImage))
+        #expect(k.entry.rip == 0x100_0200 && k.compression == nil)
+    }
 }
