@@ -116,6 +116,16 @@ public struct SetupHeader: Sendable, Equatable {
         }
     }
 
+    /// Where the protected-mode kernel goes for the bzImage entry: `pref_address` when set (and
+    /// aligned to `kernel_alignment` for relocatable kernels), else 1 MiB rounded up to the alignment
+    /// for relocatable kernels, else 1 MiB.
+    public var loadAddress: UInt64 {
+        let align = UInt64(max(kernelAlignment, 1))
+        if !relocatable { return prefAddress != 0 ? prefAddress : BootLayout.kernelLoadAddress }
+        if prefAddress != 0 && prefAddress % align == 0 { return prefAddress }
+        return BootLayout.alignUp(BootLayout.kernelLoadAddress, align) ?? BootLayout.kernelLoadAddress
+    }
+
     /// The command line limit: cmdline_size, or 2048 before protocol 2.06.
     public var cmdlineLimit: UInt32 { version >= 0x0206 && cmdlineSize > 0 ? cmdlineSize : BootLayout.defaultCmdlineSize }
 
@@ -195,7 +205,7 @@ public enum BzImageLoader {
             entry = try elf.physicalEntry(what: "\(what) decompressed kernel")
             kernelEnd = ranges.map(\.end).max() ?? 0
         case .bzImage:
-            let load = hdr.prefAddress != 0 ? hdr.prefAddress : BootLayout.kernelLoadAddress
+            let load = hdr.loadAddress
             let need = max(UInt64(pm), UInt64(hdr.initSize))
             guard load.addingReportingOverflow(need).overflow == false, memory.contains(load, count: need) else {
                 throw BootError.doesNotFit("\(what): kernel at \(hex(load))+\(hex(need)) (init_size) is outside guest RAM (\(sizeText(memory.totalSize)))")

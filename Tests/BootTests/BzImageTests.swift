@@ -14,6 +14,16 @@ struct SetupHeaderTests {
         #expect(h.kernelVersion(in: makeBzImage(payload: [1])) == "6.1.0-test (swiftkvm@test) #1")
     }
 
+    @Test("the bzImage entry's load address follows pref_address and kernel_alignment")
+    func loadAddress() throws {
+        var o = BzOptions()
+        #expect(try SetupHeader(parsing: makeBzImage(payload: [1], o)).loadAddress == 0x100_0000)
+        o.prefAddress = 0x123_4000
+        #expect(try SetupHeader(parsing: makeBzImage(payload: [1], o)).loadAddress == 0x20_0000)
+        o.prefAddress = 0
+        #expect(try SetupHeader(parsing: makeBzImage(payload: [1], o)).loadAddress == 0x20_0000)
+    }
+
     @Test("setup_sects 0 means 4")
     func zeroSects() throws {
         var o = BzOptions(); o.setupSects = 0
