@@ -170,7 +170,8 @@ isr_common:
 
 /* ------------------------------------------------------------------ user mode */
 /* long rt_run_user_asm(long (*fn)(void *), uint64_t user_rsp, uint64_t rflags, void *arg)
- * iretq to CPL3 at user_entry, which calls fn(arg) and returns to the kernel with int 0x81.
+ * iretq to CPL3 at user_entry, which calls fn(arg) and returns to the kernel with a ud2 at
+ * rt_user_exit_ud2.
  * The interrupt handler sends control back to rt_user_resume with RSP = rt_kernel_rsp and
  * RAX = the result (fn's return value, or a negative code after a fault). */
     .globl rt_run_user_asm
@@ -195,7 +196,10 @@ rt_run_user_asm:
 user_entry:
     andq $-16, %rsp
     call *%rax
-    int $RT_VEC_USER_RETURN
+    /* Back to the kernel through #UD at a known address: PVM hosts turn every `int N` from
+     * ring 3 into #UD, while exceptions are delivered everywhere. */
+    .globl rt_user_exit_ud2
+rt_user_exit_ud2:
     ud2
 
     .globl rt_user_resume

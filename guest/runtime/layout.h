@@ -7,7 +7,6 @@
 #define SEL_UDATA   0x20
 #define SEL_UCODE64 0x28
 #define SEL_TSS     0x30
-/* int 0x80: user-callable probe gate; int 0x81: return from rt_run_user to the kernel. */
+/* int 0x80: the user-callable probe gate of the usermode program. */
 #define RT_VEC_INT80        0x80
-#define RT_VEC_USER_RETURN  0x81
 #endif

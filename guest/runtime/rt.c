@@ -201,6 +201,7 @@ static struct {
     uint32_t reserved0;
     uint64_t rsp0, rsp1, rsp2, reserved1, ist[7], reserved2;
     uint16_t reserved3, iomap_base;
+    uint8_t iomap[8192 + 1];        /* all ports allowed (0 bits); the last byte is the 0xff terminator */
 } __attribute__((packed)) tss;
 
 static struct { uint16_t lo; uint16_t sel; uint8_t ist; uint8_t type; uint16_t mid; uint32_t hi; uint32_t zero; }
@@ -227,14 +228,16 @@ void rt_set_handler(uint8_t vector, rt_handler h, int dpl) {
 static void tables_init(void) {
     uint64_t base = (uint64_t)(uintptr_t)&tss, limit = sizeof tss - 1;
     tss.rsp0 = (uint64_t)(uintptr_t)rt_interrupt_stack_top;
-    tss.iomap_base = sizeof tss;                     /* no I/O bitmap: ring 3 port I/O needs IOPL 3 */
+    /* An all-zero I/O bitmap: ring 3 may use every port. Some hosts (PVM) check the bitmap even
+     * when IOPL is 3, which rt_run_user also sets on request. */
+    tss.iomap_base = (uint16_t)__builtin_offsetof(__typeof__(tss), iomap);
+    tss.iomap[8192] = 0xff;
     rt_gdt[SEL_TSS / 8] = (limit & 0xffff) | ((base & 0xffffff) << 16) | (0x89ull << 40) |
                           (((limit >> 16) & 0xf) << 48) | (((base >> 24) & 0xff) << 56);
     rt_gdt[SEL_TSS / 8 + 1] = base >> 32;
     __asm__ volatile("ltr %w0" :: "r"(SEL_TSS));
 
     for (int v = 0; v < 256; v++) set_gate((uint8_t)v, 0);
-    set_gate(RT_VEC_USER_RETURN, 3);
     struct { uint16_t limit; uint64_t base; } __attribute__((packed)) idtr = { sizeof idt - 1, (uint64_t)(uintptr_t)idt };
     __asm__ volatile("lidt %0" :: "m"(idtr));
 
@@ -261,7 +264,7 @@ volatile uint64_t rt_fixup_rip, rt_fixup_to, rt_fixup_vector;
 volatile uint64_t rt_kernel_rsp, rt_user_active;
 volatile uint64_t rt_user_fault_vector, rt_user_fault_error, rt_user_fault_rip;
 volatile uint64_t rt_syscall_cs, rt_syscall_rcx, rt_syscall_r11, rt_syscall_count;
-extern uint8_t rt_user_resume[];
+extern uint8_t rt_user_resume[], rt_user_exit_ud2[];
 
 static void return_to_kernel(struct rt_frame *f, long result) {
     rt_user_active = 0;
@@ -281,7 +284,10 @@ void rt_interrupt(struct rt_frame *f) {
         return;
     }
     if (handlers[v]) { handlers[v](f); return; }
-    if (v == RT_VEC_USER_RETURN && (f->cs & 3) && rt_user_active) { return_to_kernel(f, (long)f->rax); return; }
+    if (v == 6 && (f->cs & 3) && rt_user_active && f->rip == (uint64_t)(uintptr_t)rt_user_exit_ud2) {
+        return_to_kernel(f, (long)f->rax);
+        return;
+    }
     if (v < 32 && (f->cs & 3) && rt_user_active) {
         rt_user_fault_vector = v;
         rt_user_fault_error = f->error;
@@ -289,7 +295,7 @@ void rt_interrupt(struct rt_frame *f) {
         return_to_kernel(f, RT_USER_FAULTED);
         return;
     }
-    if (v < 32 || v == RT_VEC_USER_RETURN) {
+    if (v < 32) {
         fails++;
         rt_printf("FAIL exception: vector %u (%s) error %lx at rip %lx cs %lx rflags %lx rsp %lx cr2 %lx\n",
                   (unsigned)v, rt_exception_name(v), f->error, f->rip, f->cs, f->rflags, f->rsp, read_cr2());
@@ -465,6 +471,7 @@ void *rt_alloc_pages(size_t count) {
 void rt_start(uint32_t magic, uint32_t info) {
     serial_init();
     tables_init();
+    rt_pic_init();              /* firmware may leave the PIC at vectors 8-15 with the PIT running */
     if (magic == 0x2BADB002 && info) {
         rt_mbi = (const struct mb_info *)(uintptr_t)info;
         if ((rt_mbi->flags & 4) && rt_mbi->cmdline) rt_cmdline = (const char *)(uintptr_t)rt_mbi->cmdline;

@@ -160,7 +160,7 @@ extern volatile uint64_t rt_spurious_count;
 const char *rt_exception_name(uint64_t vector);
 
 /* ---------------------------------------------------------------- PIC, PIT, LAPIC, IOAPIC */
-#define RT_PIC_BASE 0x20                  /* IRQ n → vector 0x20 + n after rt_pic_init */
+#define RT_PIC_BASE 0x20                  /* IRQ n → vector 0x20 + n; rt_start remaps and masks the PIC */
 void rt_pic_init(void);                   /* remaps to 0x20/0x28, all masked */
 void rt_pic_unmask(uint8_t irq);
 void rt_pic_mask_all(void);
@@ -198,8 +198,10 @@ uint32_t rt_ioapic_pins(void);
 void rt_ioapic_route(uint32_t pin, uint8_t vector, uint8_t dest_apic_id, int masked);
 
 /* ---------------------------------------------------------------- user mode (ring 3) */
-/* Runs fn(arg) at CPL3 in 64-bit mode on the runtime's user stack. iopl 3 allows port I/O from
- * ring 3. All memory is user-accessible. Returns fn's result, or RT_USER_FAULTED when fn took
+/* Runs fn(arg) at CPL3 in 64-bit mode on the runtime's user stack, IF on. iopl 3 (and the TSS
+ * I/O bitmap, which allows every port) permits port I/O from ring 3. All memory is
+ * user-accessible. fn returns to the kernel through a ud2 at rt_user_exit_ud2 (PVM hosts turn
+ * `int N` from ring 3 into #UD). Returns fn's result, or RT_USER_FAULTED when fn took
  * an exception (then rt_user_fault_* describe it). */
 #define RT_USER_FAULTED (-1000)
 long rt_run_user(long (*fn)(void *), void *arg, int iopl);
