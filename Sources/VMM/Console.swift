@@ -420,3 +420,50 @@ private final class ReaderContext {
         }
     }
 }
+
+// MARK: - Wiring
+
+/// The guest's serial console as `--serial` describes it: output always, input from stdin only
+/// for `stdio`.
+///
+/// Typical use: `let console = try Console(spec: spec)`; build the UART with
+/// `console.output`; `try console.attachInput(to: uart, onQuit: { … })` once the VM is built;
+/// `console.shutdown()` on every exit path (it stops the reader, restores the terminal and
+/// flushes the output).
+public final class Console: Sendable {
+    /// What `--serial` asked for.
+    public let spec: SerialSpec
+    /// The sink to give the UART.
+    public let output: ConsoleOutput
+    private let input = Mutex<ConsoleInput?>(nil)
+
+    /// Opens the output side of `spec`.
+    public init(spec: SerialSpec) throws(ConsoleError) {
+        self.spec = spec
+        self.output = try ConsoleOutput(spec: spec)
+    }
+
+    /// For `stdio`, starts reading stdin into `serial` (raw mode and Ctrl-A escapes on a
+    /// terminal); `onQuit` is called on Ctrl-A x. Does nothing for `file:` and `none`.
+    public func attachInput(to serial: Serial16550, fileDescriptor: Int32 = STDIN_FILENO,
+                            onQuit: @escaping @Sendable () -> Void) throws(ConsoleError) {
+        guard spec == .stdio else { return }
+        let reader = ConsoleInput(fileDescriptor: fileDescriptor,
+                                  onInput: { serial.enqueue($0) }, onQuit: onQuit)
+        try reader.start()
+        input.withLock { $0 = reader }
+    }
+
+    /// Whether stdin is an interactive terminal in raw mode.
+    public var isInteractive: Bool { input.withLock { $0?.isTerminal ?? false } }
+
+    /// Stops reading input, restores the terminal and flushes output. Idempotent.
+    public func shutdown() {
+        let reader = input.withLock { r -> ConsoleInput? in
+            defer { r = nil }
+            return r
+        }
+        reader?.stop()
+        output.flush()
+    }
+}

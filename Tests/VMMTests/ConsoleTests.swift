@@ -185,3 +185,28 @@ struct ConsoleTests {
         #expect(Array(buf[0..<max(0, n)]) == Array("ok\n".utf8))
     }
 }
+
+@Suite("Console wiring")
+struct ConsoleWiringTests {
+    @Test("stdio input feeds the UART's receiver; file and none take no input")
+    func attach() throws {
+        var fds: [Int32] = [-1, -1]
+        try #require(pipe(&fds) == 0)
+        defer { close(fds[0]); close(fds[1]) }
+        let console = try Console(spec: .stdio)
+        let uart = Serial16550(interrupt: NullInterruptLine(), output: DiscardSerialOutput())
+        try console.attachInput(to: uart, fileDescriptor: fds[0], onQuit: {})
+        #expect(!console.isInteractive)
+        _ = [UInt8(ascii: "q")].withUnsafeBytes { write(fds[1], $0.baseAddress, 1) }
+        #expect(eventually { uart.pendingInputBytes == 1 })
+        console.shutdown()
+        console.shutdown()
+
+        let none = try Console(spec: .none)
+        try none.attachInput(to: uart, fileDescriptor: fds[0], onQuit: {})
+        _ = [UInt8(ascii: "r")].withUnsafeBytes { write(fds[1], $0.baseAddress, 1) }
+        var b: UInt8 = 0
+        #expect(read(fds[0], &b, 1) == 1 && b == UInt8(ascii: "r"), "nobody else read the pipe")
+        none.shutdown()
+    }
+}
