@@ -300,24 +300,29 @@ public final class ConsoleInput: Sendable {
 
     /// Stops the reader thread (joining it unless called from it) and restores the terminal.
     public func stop() {
-        state.withLock { s in
-            if let t = s.thread {
-                // Closing the write end wakes the reader's poll (POLLHUP); the reader closes the
-                // read end itself when it finishes, so no descriptor is closed under it.
-                _ = Glibc.close(s.wakeWrite)
-                if pthread_equal(t, pthread_self()) == 0 {
-                    _ = pthread_join(t, nil)
-                } else {
-                    _ = pthread_detach(t)
-                }
+        // Take the thread out under the lock, join it outside: a callback running on the reader
+        // (onQuit, onEOF) may itself call stop().
+        let (thread, wakeWrite, wasRaw) = state.withLock { s -> (pthread_t?, Int32, Bool) in
+            defer {
                 s.thread = nil
                 s.wakeWrite = -1
-            }
-            if s.rawMode {
-                Self.restoreTerminalFromSignalHandler()
-                savedTerminalValid.store(false, ordering: .releasing)
                 s.rawMode = false
             }
+            return (s.thread, s.wakeWrite, s.rawMode)
+        }
+        if let thread {
+            // Closing the write end wakes the reader's poll (POLLHUP); the reader closes the
+            // read end itself when it finishes, so no descriptor is closed under it.
+            _ = Glibc.close(wakeWrite)
+            if pthread_equal(thread, pthread_self()) == 0 {
+                _ = pthread_join(thread, nil)
+            } else {
+                _ = pthread_detach(thread)
+            }
+        }
+        if wasRaw {
+            Self.restoreTerminalFromSignalHandler()
+            savedTerminalValid.store(false, ordering: .releasing)
         }
     }
 

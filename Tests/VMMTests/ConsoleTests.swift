@@ -210,3 +210,25 @@ struct ConsoleWiringTests {
         none.shutdown()
     }
 }
+
+@Suite("Console reader lifecycle")
+struct ConsoleLifecycleTests {
+    @Test("stop() called from the reader's own callback neither deadlocks nor leaks the thread")
+    func stopFromCallback() throws {
+        var fds: [Int32] = [-1, -1]
+        try #require(pipe(&fds) == 0)
+        defer { close(fds[0]); close(fds[1]) }
+        let holder = Mutex<ConsoleInput?>(nil)
+        let stopped = Atomic<Bool>(false)
+        let console = ConsoleInput(fileDescriptor: fds[0], onInput: { _ in
+            holder.withLock { $0 }?.stop()
+            stopped.store(true, ordering: .releasing)
+        }, onQuit: {})
+        holder.withLock { $0 = console }
+        try console.start()
+        _ = [UInt8(0x41)].withUnsafeBytes { write(fds[1], $0.baseAddress, 1) }
+        #expect(eventually { stopped.load(ordering: .acquiring) })
+        console.stop()
+        holder.withLock { $0 = nil }
+    }
+}
