@@ -1,0 +1,326 @@
+import Foundation
+#if canImport(Glibc)
+import Glibc
+#endif
+import Testing
+
+// Runs every freestanding guest test program (guest/programs, built with `make -C guest`) under
+// `swiftkvm run` and checks its report lines (`ok …`, `FAIL …`, `RESULT pass N fail M`) and exit
+// status (debug-exit port 0xf4: status (v << 1) | 1; 33 = all checks passed). See guest/README.md.
+
+/// Paths and host facts shared by the integration tests that run guests.
+enum GuestTestEnvironment {
+    /// The repository root (this file is Tests/IntegrationTests/GuestProgramTests.swift).
+    static let repoRoot: URL = URL(fileURLWithPath: #filePath)
+        .deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+
+    static let kvmAvailable = FileManager.default.fileExists(atPath: "/dev/kvm")
+
+    /// The host's /dev/kvm is PVM (kvm_pvm module), where guest user mode needs the VMM's fix-ups.
+    static let isPVMHost = FileManager.default.fileExists(atPath: "/sys/module/kvm_pvm")
+
+    /// The swiftkvm executable: $SWIFTKVM_BIN, else the one built next to the test bundle, else
+    /// .build/debug/swiftkvm in the repository.
+    static let swiftkvmPath: String? = {
+        let fm = FileManager.default
+        if let env = ProcessInfo.processInfo.environment["SWIFTKVM_BIN"], fm.isExecutableFile(atPath: env) { return env }
+        var candidates: [URL] = []
+        if let exe = try? fm.destinationOfSymbolicLink(atPath: "/proc/self/exe") {
+            var dir = URL(fileURLWithPath: exe).deletingLastPathComponent()
+            // The test binary lives in <scratch>/debug/ or in a bundle below it.
+            for _ in 0..<4 {
+                candidates.append(dir.appendingPathComponent("swiftkvm"))
+                dir = dir.deletingLastPathComponent()
+            }
+        }
+        candidates.append(repoRoot.appendingPathComponent(".build/debug/swiftkvm"))
+        return candidates.map(\.path).first { fm.isExecutableFile(atPath: $0) }
+    }()
+
+    /// Builds guest/ once per test run; nil on success, else make's output.
+    static let guestBuildError: String? = {
+        let make = GuestTestProcess(executable: "/usr/bin/make",
+                                    arguments: ["-C", repoRoot.appendingPathComponent("guest").path, "-s"])
+        do {
+            try make.start()
+            let status = make.waitForExit(timeout: 300)
+            return status == 0 ? nil : "make -C guest failed (status \(String(describing: status))):\n\(make.output)"
+        } catch {
+            return "make -C guest could not start: \(error)"
+        }
+    }()
+
+    static func guestImage(_ name: String, ext: String = "elf") -> String {
+        repoRoot.appendingPathComponent("guest/build/\(name).\(ext)").path
+    }
+}
+
+/// A child process with captured output (stdout and stderr merged) and a stdin pipe, for driving
+/// guests from tests. Kills the child (by its own PID) if it is still running when released.
+final class GuestTestProcess: @unchecked Sendable {
+    private let process = Process()
+    private let stdinPipe = Pipe()
+    private let outputPipe = Pipe()
+    private let lock = NSLock()
+    private var buffer = Data()
+    private var ended = false
+
+    init(executable: String, arguments: [String], currentDirectory: URL? = nil) {
+        process.executableURL = URL(fileURLWithPath: executable)
+        process.arguments = arguments
+        if let currentDirectory { process.currentDirectoryURL = currentDirectory }
+        process.standardInput = stdinPipe
+        process.standardOutput = outputPipe
+        process.standardError = outputPipe
+    }
+
+    /// The command line, for failure messages.
+    var commandLine: String { ([process.executableURL?.path ?? "?"] + (process.arguments ?? [])).joined(separator: " ") }
+
+    func start() throws {
+        outputPipe.fileHandleForReading.readabilityHandler = { [weak self] handle in
+            let chunk = handle.availableData
+            guard let self else { return }
+            self.lock.lock()
+            if chunk.isEmpty { self.ended = true } else { self.buffer.append(chunk) }
+            self.lock.unlock()
+        }
+        try process.run()
+    }
+
+    /// Everything the child wrote so far, with carriage returns removed.
+    var output: String {
+        lock.lock()
+        defer { lock.unlock() }
+        return String(decoding: buffer, as: UTF8.self).replacingOccurrences(of: "\r", with: "")
+    }
+
+    /// Output lines so far.
+    var lines: [String] { output.split(separator: "\n", omittingEmptySubsequences: false).map(String.init) }
+
+    /// Waits until the output contains `text`; false on timeout or when the child exits first.
+    @discardableResult
+    func waitFor(_ text: String, timeout: TimeInterval) -> Bool {
+        let end = Date().addingTimeInterval(timeout)
+        while Date() < end {
+            if output.contains(text) { return true }
+            if !process.isRunning {
+                Thread.sleep(forTimeInterval: 0.1)          // let the last output arrive
+                return output.contains(text)
+            }
+            Thread.sleep(forTimeInterval: 0.05)
+        }
+        return false
+    }
+
+    /// Writes to the child's stdin.
+    func send(_ text: String) {
+        stdinPipe.fileHandleForWriting.write(Data(text.utf8))
+    }
+
+    /// Closes the child's stdin.
+    func closeInput() {
+        try? stdinPipe.fileHandleForWriting.close()
+    }
+
+    /// Waits for the child to exit and returns its status; nil after killing it on timeout.
+    func waitForExit(timeout: TimeInterval) -> Int32? {
+        let end = Date().addingTimeInterval(timeout)
+        while process.isRunning && Date() < end { Thread.sleep(forTimeInterval: 0.02) }
+        if process.isRunning {
+            kill()
+            return nil
+        }
+        // Drain what is left in the pipe.
+        let drainEnd = Date().addingTimeInterval(2)
+        while Date() < drainEnd {
+            lock.lock(); let done = ended; lock.unlock()
+            if done { break }
+            Thread.sleep(forTimeInterval: 0.01)
+        }
+        return process.terminationStatus
+    }
+
+    /// SIGTERM, then SIGKILL after a second, to this child only.
+    func kill() {
+        guard process.isRunning else { return }
+        process.terminate()
+        let end = Date().addingTimeInterval(1)
+        while process.isRunning && Date() < end { Thread.sleep(forTimeInterval: 0.02) }
+        if process.isRunning { _ = Glibc.kill(process.processIdentifier, SIGKILL) }
+        process.waitUntilExit()
+    }
+
+    deinit {
+        if process.isRunning { kill() }
+        outputPipe.fileHandleForReading.readabilityHandler = nil
+    }
+}
+
+/// The report of one guest test program run.
+struct GuestReport {
+    var status: Int32?
+    var output: String
+    var command: String
+
+    var lines: [String] { output.split(separator: "\n").map(String.init) }
+    var okNames: Set<String> { Set(lines.compactMap { Self.name(of: $0, prefix: "ok ") }) }
+    var failLines: [String] { lines.filter { $0.hasPrefix("FAIL ") } }
+    /// (pass, fail) from the RESULT line.
+    var result: (pass: Int, fail: Int)? {
+        guard let line = lines.last(where: { $0.hasPrefix("RESULT pass ") }) else { return nil }
+        let f = line.split(separator: " ")
+        guard f.count == 5, let p = Int(f[2]), let m = Int(f[4]) else { return nil }
+        return (p, m)
+    }
+    func line(startingWith prefix: String) -> String? { lines.first { $0.hasPrefix(prefix) } }
+
+    private static func name(of line: String, prefix: String) -> String? {
+        guard line.hasPrefix(prefix) else { return nil }
+        let rest = line.dropFirst(prefix.count)
+        return String(rest.prefix { $0 != ":" && $0 != " " })
+    }
+}
+
+/// Runs a guest program under swiftkvm; `interact` may drive stdin while it runs.
+func runGuestProgram(_ arguments: [String], timeout: TimeInterval = 120,
+                     interact: ((GuestTestProcess) -> Void)? = nil) throws -> GuestReport {
+    let swiftkvm = try #require(GuestTestEnvironment.swiftkvmPath,
+                                "swiftkvm executable not found (build it, or set SWIFTKVM_BIN)")
+    if let error = GuestTestEnvironment.guestBuildError { Issue.record("\(error)") }
+    let child = GuestTestProcess(executable: swiftkvm, arguments: ["run"] + arguments,
+                                 currentDirectory: GuestTestEnvironment.repoRoot)
+    try child.start()
+    interact?(child)
+    let status = child.waitForExit(timeout: timeout)
+    let report = GuestReport(status: status, output: child.output, command: child.commandLine)
+    if status == nil { Issue.record("timed out after \(Int(timeout)) s: \(report.command)\n\(report.output)") }
+    return report
+}
+
+/// `swiftkvm run` arguments for the multiboot image of a program.
+func programArguments(_ name: String, cmdline: String? = nil) -> [String] {
+    var args = ["--kernel", GuestTestEnvironment.guestImage(name), "--debug-exit-port", "0xf4", "--serial", "stdio"]
+    if let cmdline { args += ["--cmdline", cmdline] }
+    return args
+}
+
+/// Expects a clean pass: status 33, RESULT with fail 0, no FAIL line, and every named check ok.
+func expectPass(_ r: GuestReport, checks: [String], sourceLocation: SourceLocation = #_sourceLocation) {
+    let context = Comment(rawValue: "\(r.command)\n\(r.output)")
+    #expect(r.status == 33, "exit status (33 = all passed)", sourceLocation: sourceLocation)
+    #expect(r.failLines.isEmpty, "\(r.failLines.joined(separator: "\n"))", sourceLocation: sourceLocation)
+    #expect(r.result?.fail == 0 && (r.result?.pass ?? 0) >= checks.count, context, sourceLocation: sourceLocation)
+    for check in checks {
+        #expect(r.okNames.contains(check), "missing `ok \(check)`\n\(context.rawValue)", sourceLocation: sourceLocation)
+    }
+}
+
+@Suite("Guest test programs under swiftkvm run", .serialized,
+       .enabled(if: GuestTestEnvironment.kvmAvailable, "needs /dev/kvm"))
+struct GuestProgramTests {
+    @Test("the guest programs build with make -C guest")
+    func build() {
+        #expect(GuestTestEnvironment.guestBuildError == nil, "\(GuestTestEnvironment.guestBuildError ?? "")")
+    }
+
+    @Test("boot: multiboot magic, info, memory map and cmdline reach a long-mode program")
+    func boot() throws {
+        let r = try runGuestProgram(programArguments("boot", cmdline: "hello world"))
+        expectPass(r, checks: ["multiboot-magic", "multiboot-info", "memory-sizes", "memory-map", "cmdline", "long-mode", "cpl0"])
+        #expect(r.output.contains("ok cmdline: \"") && r.output.contains("hello world"), "\(r.output)")
+    }
+
+    @Test("debug-exit: a value v written to port 0xf4 ends swiftkvm with status (v << 1) | 1",
+          arguments: [(0, Int32(1)), (7, Int32(15)), (0x2a, Int32(85))])
+    func debugExit(value: Int, status: Int32) throws {
+        let r = try runGuestProgram(programArguments("boot", cmdline: "exit=\(value)"))
+        #expect(r.status == status, "\(r.command)\n\(r.output)")
+        #expect(r.result?.fail == 0, "\(r.output)")
+    }
+
+    @Test("boot: the same program as a flat binary entered in long mode at 0x100040")
+    func flatLongMode() throws {
+        let r = try runGuestProgram(["--flat", GuestTestEnvironment.guestImage("boot", ext: "bin"),
+                                     "--load-address", "0x100000", "--entry", "0x100040", "--mode", "long",
+                                     "--debug-exit-port", "0xf4", "--serial", "stdio"])
+        expectPass(r, checks: ["long-mode", "cpl0"])
+        #expect(r.output.contains("(flat 64-bit entry)"), "\(r.output)")
+    }
+
+    @Test("serial: UART registers, polled input and IRQ 4 input echo what the host sends")
+    func serial() throws {
+        let r = try runGuestProgram(programArguments("serial", cmdline: "timeout=60000")) { child in
+            if child.waitFor("SERIAL-READY-POLL", timeout: 60) { child.send("hello-poll\n") }
+            if child.waitFor("SERIAL-READY-IRQ", timeout: 60) { child.send("hello-irq\n") }
+        }
+        expectPass(r, checks: ["scratch-register", "lcr", "divisor-latch", "lsr-transmitter-empty",
+                               "iir-fifo-enabled", "mcr", "input-poll", "input-irq"])
+        #expect(r.lines.contains("echo-poll: hello-poll"), "\(r.output)")
+        #expect(r.lines.contains("echo-irq: hello-irq"), "\(r.output)")
+    }
+
+    @Test("cpuid_msr: CPUID leaves and MSRs as configured by the VMM")
+    func cpuidMSR() throws {
+        let r = try runGuestProgram(programArguments("cpuid_msr"))
+        expectPass(r, checks: ["cpuid-vendor", "cpuid-1-features", "cpuid-extended-leaves", "cpuid-long-mode-syscall",
+                               "msr-apic-base", "lapic-id-matches-cpuid", "msr-tsc", "msr-efer", "msr-write-read",
+                               "msr-lstar", "msr-unknown-faults"])
+    }
+
+    @Test("rtc: the CMOS clock gives the host's UTC time in BCD and advances")
+    func rtc() throws {
+        let before = Date()
+        let r = try runGuestProgram(programArguments("rtc"))
+        expectPass(r, checks: ["rtc-status-d-valid", "rtc-consistent-read", "rtc-bcd-digits", "rtc-ranges",
+                               "rtc-year", "rtc-advances"])
+        let line = try #require(r.line(startingWith: "RTC "), "no RTC line\n\(r.output)")
+        let formatter = DateFormatter()
+        formatter.locale = Locale(identifier: "en_US_POSIX")
+        formatter.timeZone = TimeZone(identifier: "UTC")
+        formatter.dateFormat = "yyyy-MM-dd HH:mm:ss"
+        let guestTime = try #require(formatter.date(from: String(line.dropFirst(4))), "unparsable \(line)")
+        // Generous: the program may run slowly, but the guest clock must be the host's UTC time.
+        #expect(abs(guestTime.timeIntervalSince(before)) < 300, "guest \(line), host \(before)")
+    }
+
+    @Test("timers: PIT through the PIC and the IOAPIC, and the LAPIC timer, interrupt the guest")
+    func timers() throws {
+        let r = try runGuestProgram(programArguments("timers", cmdline: "timeout=30000"), timeout: 240)
+        expectPass(r, checks: ["pit-pic", "ioapic-present", "pit-ioapic", "lapic-timer-counts-down", "lapic-timer"])
+    }
+
+    @Test("i8042: command 0xFE on port 0x64 resets the machine and swiftkvm exits with the reset code 3")
+    func i8042Reset() throws {
+        let r = try runGuestProgram(programArguments("i8042") + ["--on-reboot", "exit"])
+        #expect(r.output.contains("I8042-RESET-REQUESTED"), "\(r.output)")
+        #expect(r.failLines.isEmpty, "\(r.output)")
+        #expect(r.status == 3, "exit status after a reset\n\(r.command)\n\(r.output)")
+    }
+
+    @Test("usermode: ring 3 code reaches the kernel at CPL0 through syscall (natively or through the PVM fix-up)")
+    func userMode() throws {
+        let r = try runGuestProgram(programArguments("usermode"))
+        let summary = try #require(r.line(startingWith: "USERMODE "), "no USERMODE line\n\(r.output)")
+        #expect(summary.contains("ring3=ok"), "\(r.output)")
+        #expect(summary.contains("syscall=cpl0"), "\(r.output)")
+        for check in ["ring3-entered", "syscall", "syscall-return-state", "sysret-to-ring3"] {
+            #expect(r.okNames.contains(check), "missing `ok \(check)`\n\(r.output)")
+        }
+        if GuestTestEnvironment.isPVMHost {
+            // PVM turns `int N` from ring 3 into #UD; no fix-up exists for it (HOST-KVM.md).
+            #expect(r.failLines.allSatisfy { $0.hasPrefix("FAIL int80:") }, "\(r.output)")
+        } else {
+            #expect(summary.contains("int80=cpl0"), "\(r.output)")
+            #expect(r.status == 33, "\(r.output)")
+        }
+    }
+
+    @Test("exits: port and MMIO writes from ring 3 all reach the VMM")
+    func exits() throws {
+        let r = try runGuestProgram(programArguments("exits", cmdline: "n=20000"), timeout: 300)
+        expectPass(r, checks: ["port-writes", "mmio-writes"])
+        #expect(r.lines.contains { $0.hasPrefix("BENCH port-writes done n=20000 ") }, "\(r.output)")
+        #expect(r.lines.contains { $0.hasPrefix("BENCH mmio-writes done n=20000 ") }, "\(r.output)")
+    }
+}
