@@ -1,4 +1,4 @@
-import CKVM
+@_exported import CKVM
 #if canImport(Glibc)
 import Glibc
 #endif

@@ -1,7 +1,151 @@
 import ArgumentParser
+import Boot
+import Devices
+import KVM
+import Logging
+import Synchronization
+import VMM
+#if canImport(Glibc)
+import Glibc
+#endif
 
-/// `swiftkvm run` (placeholder until implemented).
+/// `swiftkvm run`: boots a kernel, a flat test program, or the default guest.
+///
+/// Exit codes: 0 power-off (or a flat program's HLT), 1 VMM failure, 2 bad usage or input,
+/// 3 guest reset/triple fault (`--on-reboot exit`), 4 unhandled internal error, (v<<1)|1 from the
+/// debug-exit port, 130/143 after SIGINT/SIGTERM.
 struct RunCommand: ParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "run", abstract: "Not implemented yet.")
-    func run() throws { throw ValidationError("swiftkvm run is not implemented yet") }
+    static let configuration = CommandConfiguration(
+        commandName: "run",
+        abstract: "Run a virtual machine.",
+        discussion: """
+        Exit codes: 0 guest power-off (a flat program's HLT), 1 VMM failure, 2 bad usage or input, \
+        3 guest reset or triple fault (--on-reboot exit), 4 unhandled KVM internal error, \
+        (v<<1)|1 when the guest writes v to the debug-exit port, 130/143 after SIGINT/SIGTERM.
+        """)
+
+    @Option(help: "Kernel to boot: bzImage, ELF64 vmlinux or multiboot v1.")
+    var kernel: String?
+    @Option(help: "Initial ramdisk (Linux kernels).")
+    var initrd: String?
+    @Option(help: "Kernel command line (default for the default guest: the PVM-safe line).")
+    var cmdline: String?
+    @Option(help: "Guest RAM with K/M/G suffix (default 512M, 128M with --flat).")
+    var memory: String?
+    @Option(help: "Number of vCPUs.")
+    var cpus: String = "1"
+    @Option(help: "Flat binary to run (needs --load-address; runs until HLT).")
+    var flat: String?
+    @Option(name: .customLong("load-address"), help: "Guest-physical load address of the flat binary.")
+    var loadAddress: String?
+    @Option(help: "Entry address of the flat binary (default: the load address).")
+    var entry: String?
+    @Option(help: "CPU mode at the flat binary's entry: real, protected or long (default long).")
+    var mode: String = "long"
+    @Option(name: .customLong("module"), help: "Multiboot module FILE[,cmdline] (repeatable).")
+    var modules: [String] = []
+    @Flag(name: .customLong("show-regs"), help: "Print the registers when the VM stops.")
+    var showRegs = false
+    @Option(help: "Serial console: stdio, file:PATH or none.")
+    var serial: String = "stdio"
+    @Option(name: .customLong("debug-exit-port"), help: "isa-debug-exit port (hex or decimal), or 'none'.")
+    var debugExitPort: String = "0xf4"
+    @Option(name: .customLong("on-reboot"), help: "On guest reset: exit (code 3) or restart.")
+    var onReboot: String = "exit"
+    @Option(name: .customLong("cpuid-mask"), help: "Hide CPUID bits: leaf[.subleaf].reg=mask (repeatable).")
+    var cpuidMasks: [String] = []
+    @Option(name: .customLong("log-level"), help: "trace, debug, info, notice, warning, error or critical.")
+    var logLevel: String = "warning"
+    @Option(name: .customLong("kernel-entry"), help: "bzImage entry: decompressed (host-side, default) or bzimage.")
+    var kernelEntry: String = "decompressed"
+
+    func run() throws {
+        let code = RunMain.execute(self)
+        throw ExitCode(code)
+    }
+
+    /// Turns the options into a configuration; every error is a usage error.
+    func makeConfiguration() throws -> VMConfiguration {
+        let payload: GuestPayload
+        if let flat {
+            guard kernel == nil else {
+                throw VMMError.invalidConfiguration("--flat and --kernel cannot be used together")
+            }
+            guard initrd == nil, modules.isEmpty else {
+                throw VMMError.invalidConfiguration("--initrd and --module cannot be used with --flat")
+            }
+            guard let loadAddress else {
+                throw VMMError.invalidConfiguration("--flat needs --load-address")
+            }
+            guard let m = FlatLoader.Mode(rawValue: mode) else {
+                throw VMMError.invalidValue(what: "--mode", value: mode, reason: "expected real, protected or long")
+            }
+            let load = try SizeParser.parseInteger(loadAddress, what: "--load-address")
+            let entryAddress = try entry.map { try SizeParser.parseInteger($0, what: "--entry") } ?? load
+            payload = .flat(FlatImage(path: flat, loadAddress: load, entry: entryAddress, mode: m))
+        } else {
+            guard loadAddress == nil, entry == nil else {
+                throw VMMError.invalidConfiguration("--load-address and --entry need --flat")
+            }
+            if let kernel {
+                payload = .kernel(path: kernel, initrd: initrd, cmdline: cmdline ?? "",
+                                  modules: try modules.map(ModuleSpec.init(parsing:)))
+            } else {
+                guard let dir = DefaultGuest.assetsDirectory(environment: currentEnvironment(),
+                                                             executablePath: DefaultGuest.executablePath()) else {
+                    throw VMMError.invalidConfiguration("no --kernel or --flat given and the default guest is not built (run scripts/guest-assets, or set SWIFTKVM_ASSETS)")
+                }
+                payload = .kernel(path: dir + "/" + DefaultGuest.kernelName,
+                                  initrd: initrd ?? dir + "/" + DefaultGuest.initrdName,
+                                  cmdline: cmdline ?? DefaultGuest.cmdline,
+                                  modules: try modules.map(ModuleSpec.init(parsing:)))
+            }
+        }
+        var config = VMConfiguration(payload: payload)
+        if let memory {
+            config.memorySize = try SizeParser.parseSize(memory, what: "--memory")
+        } else if flat != nil {
+            config.memorySize = 128 << 20
+        }
+        guard let n = Int(cpus.trimmingCharacters()), n >= 1, n <= VMConfiguration.maximumCPUs else {
+            throw VMMError.invalidValue(what: "--cpus", value: cpus, reason: "expected a number from 1 to \(VMConfiguration.maximumCPUs)")
+        }
+        config.cpus = n
+        config.serial = serial
+        if debugExitPort.lowercased() == "none" {
+            config.debugExitPort = nil
+        } else {
+            config.debugExitPort = UInt16(try SizeParser.parseInteger(debugExitPort, what: "--debug-exit-port", max: 0xffff))
+        }
+        guard let policy = RebootPolicy(rawValue: onReboot) else {
+            throw VMMError.invalidValue(what: "--on-reboot", value: onReboot, reason: "expected exit or restart")
+        }
+        config.onReboot = policy
+        config.cpuidMasks = try cpuidMasks.map(CPUIDMask.init(parsing:))
+        config.showRegs = showRegs
+        config.kernelEntry = kernelEntry
+        try config.validate(hostMemory: RunMain.hostMemory())
+        return config
+    }
+}
+
+extension String {
+    func trimmingCharacters() -> String {
+        var s = Substring(self)
+        while let f = s.first, f.isWhitespace { s.removeFirst() }
+        while let l = s.last, l.isWhitespace { s.removeLast() }
+        return String(s)
+    }
+}
+
+/// The process environment as a dictionary.
+func currentEnvironment() -> [String: String] {
+    var env: [String: String] = [:]
+    var p = environ
+    while let entry = p.pointee {
+        let s = String(cString: entry)
+        if let eq = s.firstIndex(of: "=") { env[String(s[..<eq])] = String(s[s.index(after: eq)...]) }
+        p += 1
+    }
+    return env
 }

@@ -1,0 +1,54 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The default guest booted by `swiftkvm run` without `--kernel` or `--flat`: Debian's stock
+/// kernel and a busybox initramfs in the project's `assets/` folder (built by `scripts/guest-assets`).
+public enum DefaultGuest {
+    /// The kernel command line that boots Debian's stock 6.1 kernel on PVM hosts (HOST-KVM.md,
+    /// without `pci=off` so PCI devices can be found). Each item avoids an instruction the host
+    /// cannot emulate or skips slow emulated work.
+    public static let cmdline = [
+        "console=ttyS0", "reboot=k", "panic=-1", "tsc=reliable", "noxsave", "mitigations=off", "rodata=off",
+        "cryptomgr.notests",
+        "clearcpuid=popcnt,fsgsbase,smap,erms,fsrm,aes,pclmulqdq,ssse3,sse4_1,sse4_2,sha_ni,gfni,vaes,vpclmulqdq",
+        "initcall_blacklist=ftrace_check_for_weak_functions,trace_eval_init,bpf_key_sig_kfuncs_init,"
+            + "bpf_prog_test_run_init,bpf_rstat_kfunc_init,bpf_tcp_ca_kfunc_init,cubictcp_register,kfunc_init,"
+            + "load_system_certificate_list",
+        "i8042.noaux", "i8042.nomux", "i8042.nopnp", "i8042.dumbkbd",
+    ].joined(separator: " ")
+
+    /// Kernel file name inside the assets folder.
+    public static let kernelName = "vmlinuz"
+    /// Initramfs file name inside the assets folder.
+    public static let initrdName = "initramfs.cpio"
+
+    /// The assets folder: `$SWIFTKVM_ASSETS` when set, else the first `assets/` holding a kernel
+    /// found walking up from the executable's directory (e.g. `<package>/.build/debug/swiftkvm`).
+    public static func assetsDirectory(environment: [String: String], executablePath: String?) -> String? {
+        if let dir = environment["SWIFTKVM_ASSETS"], !dir.isEmpty { return dir }
+        guard var dir = executablePath.map(parentDirectory) else { return nil }
+        for _ in 0..<8 {
+            let candidate = dir + "/assets"
+            if access(candidate + "/" + kernelName, F_OK) == 0 { return candidate }
+            let parent = parentDirectory(dir)
+            if parent == dir { break }
+            dir = parent
+        }
+        return nil
+    }
+
+    /// The running executable (`/proc/self/exe`).
+    public static func executablePath() -> String? {
+        var buf = [CChar](repeating: 0, count: 4096)
+        let n = readlink("/proc/self/exe", &buf, buf.count - 1)
+        guard n > 0 else { return nil }
+        return String(decoding: buf[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    }
+
+    static func parentDirectory(_ path: String) -> String {
+        guard let slash = path.lastIndex(of: "/") else { return "." }
+        let p = String(path[..<slash])
+        return p.isEmpty ? "/" : p
+    }
+}

@@ -1,0 +1,51 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// How a VM run ended, and the process exit code for it.
+///
+/// | exit code | meaning |
+/// |---|---|
+/// | 0 | guest power-off: a vCPU halted with interrupts disabled and nothing pending (a flat program's HLT), a KVM shutdown system event, or Ctrl-A x |
+/// | 1 | VMM failure while running (an unexpected KVM error) |
+/// | 2 | bad usage or input (CLI values, files, kernel that does not fit) — reported before the VM runs |
+/// | 3 | guest reset or triple fault with `--on-reboot exit` |
+/// | 4 | unhandled KVM internal error or failed VM entry (RIP and instruction bytes are logged) |
+/// | (v << 1) \| 1 | the guest wrote v to the debug-exit port |
+/// | 130, 143 | stopped by SIGINT, SIGTERM |
+public enum MachineExit: Equatable, Sendable, CustomStringConvertible {
+    case powerOff
+    case reset
+    case internalError(String)
+    case debugExit(status: Int32)
+    case signal(Int32)
+    case userQuit
+    case vmmFailure(String)
+
+    /// Exit code for bad usage or input.
+    public static let usageExitCode: Int32 = 2
+
+    /// The process exit code.
+    public var exitCode: Int32 {
+        switch self {
+        case .powerOff, .userQuit: return 0
+        case .vmmFailure: return 1
+        case .reset: return 3
+        case .internalError: return 4
+        case .debugExit(let s): return s
+        case .signal(let s): return 128 + s
+        }
+    }
+
+    public var description: String {
+        switch self {
+        case .powerOff: return "guest powered off"
+        case .reset: return "guest reset"
+        case .internalError(let s): return "internal error: \(s)"
+        case .debugExit(let s): return "debug-exit with status \(s)"
+        case .signal(let s): return "stopped by signal \(s)"
+        case .userQuit: return "quit from the console"
+        case .vmmFailure(let s): return "VMM failure: \(s)"
+        }
+    }
+}

@@ -1,0 +1,310 @@
+import Boot
+import Devices
+import GuestMemory
+import KVM
+import Logging
+import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// An interrupt line wired to a GSI of the in-kernel interrupt controllers.
+struct KVMInterruptLine: InterruptLine {
+    let vm: VirtualMachine
+    let gsi: UInt32
+    func set(level: Bool) { try? vm.setIRQLine(gsi, level: level) }
+}
+
+/// Collects the first request to stop the machine and wakes the control thread.
+final class MachineController: MachineControl, @unchecked Sendable {
+    private let state = Mutex<MachineExit?>(nil)
+    private let controlThread = Atomic<UInt>(0)
+
+    func setControlThread(_ tid: UInt) { controlThread.store(tid, ordering: .sequentiallyConsistent) }
+
+    /// The stop reason, once one was requested.
+    var exit: MachineExit? { state.withLock { $0 } }
+    var stopRequested: Bool { exit != nil }
+
+    /// Records `exit` unless another reason came first, and wakes the control thread.
+    func stop(_ exit: MachineExit) {
+        let first = state.withLock { s -> Bool in
+            guard s == nil else { return false }
+            s = exit
+            return true
+        }
+        if first {
+            let tid = controlThread.load(ordering: .sequentiallyConsistent)
+            if tid != 0 { _ = pthread_kill(pthread_t(tid), Machine.wakeSignal) }
+        }
+    }
+
+    func request(_ request: MachineRequest) {
+        switch request {
+        case .reset: stop(.reset)
+        case .powerOff: stop(.powerOff)
+        case .exit(let status): stop(.debugExit(status: status))
+        }
+    }
+}
+
+/// A built virtual machine: KVM VM, guest memory, devices and vCPUs, ready to `run()`.
+///
+/// Built from a `VMConfiguration`: allocates guest RAM and registers it as KVM memory slots;
+/// sets the TSS (0xfffbd000) and identity-map (0xfffbc000) addresses; creates the in-kernel
+/// IRQ chip and PIT; loads the guest through `Boot`; puts the UART (0x3f8, IRQ 4), i8042, CMOS
+/// RTC, debug-exit port and ignored legacy ports on the port-I/O bus; creates the vCPUs with
+/// filtered CPUID, MSRs, LAPIC LVT0/LVT1 and the loader's entry state.
+///
+/// `run()` starts one thread per vCPU (named "vcpu N") and returns a `MachineExit`; see
+/// `MachineExit` for the exit codes.
+public final class Machine: @unchecked Sendable {
+    /// TSS address given to KVM (three pages below the identity map page).
+    public static let tssAddress: UInt64 = 0xfffb_d000
+    /// Identity-map page address given to KVM.
+    public static let identityMapAddress: UInt64 = 0xfffb_c000
+    /// Signal that wakes the control thread out of its wait (blocked while `run()` waits).
+    static var wakeSignal: Int32 { ckvm_kick_signal() + 1 }
+
+    public let config: VMConfiguration
+    public let memory: GuestMemory
+    /// Port-I/O devices.
+    public let ioBus = Bus()
+    /// MMIO devices.
+    public let mmioBus = Bus()
+    /// The COM1 UART (feed host input with `serial.enqueue`).
+    public let serial: Serial16550
+    /// What the loader did.
+    public let loaded: LoadedKernel
+    /// Exit counts by reason, filled as vCPU threads end.
+    public let statistics = ExitStatistics()
+    /// The host fix-ups in use.
+    public let quirks: any HostQuirks
+
+    let kvm: KVMSystem
+    let vm: VirtualMachine
+    let vcpus: [VCPU]
+    let controller = MachineController()
+    let logger: Logger
+    private let serialOutput: any SerialOutput
+
+    /// Builds the machine. Errors in user input (files, sizes) are `BootError`/`VMMError`; KVM
+    /// failures are `KVMError`.
+    public init(config: VMConfiguration, serialOutput: any SerialOutput, logger: Logger,
+                quirks: (any HostQuirks)? = nil) throws {
+        self.config = config
+        self.logger = logger
+        self.serialOutput = serialOutput
+        try config.validate(hostMemory: nil)
+        let usePVM = config.pvmFixups ?? PVMQuirks.detect()
+        self.quirks = quirks ?? (usePVM ? PVMQuirks() : NoHostQuirks())
+
+        kvm = try KVMSystem()
+        vm = try kvm.createVM()
+        memory = try GuestMemory.allocate(size: config.memorySize)
+        for (slot, region) in memory.regions.enumerated() {
+            try vm.setUserMemoryRegion(slot: UInt32(slot), guestPhys: region.start, size: region.size, host: region.host)
+        }
+        do { try vm.setTSSAddress(Self.tssAddress) } catch { logger.debug("\(error)") }
+        do { try vm.setIdentityMapAddress(Self.identityMapAddress) } catch { logger.debug("\(error)") }
+        try vm.createIRQChip()
+        try vm.createPIT2()
+        try self.quirks.configure(vm: vm, logger: logger)
+
+        // Guest image.
+        loaded = try Self.load(config: config, memory: memory)
+        for line in loaded.summary { logger.debug("boot: \(line)") }
+
+        // Devices.
+        serial = Serial16550(interrupt: KVMInterruptLine(vm: vm, gsi: Serial16550.defaultIRQ), output: serialOutput)
+        try ioBus.insert(serial, base: Serial16550.defaultBase, length: Serial16550.portCount)
+        let i8042 = I8042(keyboardInterrupt: KVMInterruptLine(vm: vm, gsi: I8042.keyboardIRQ),
+                          auxInterrupt: KVMInterruptLine(vm: vm, gsi: I8042.auxIRQ), control: controller)
+        try ioBus.insert(i8042, base: I8042.defaultBase, length: I8042.portCount)
+        let rtc = CMOSRTC()
+        let below = memory.regions.filter { $0.start < GuestMemory.pciHoleEnd }.reduce(0) { $0 + $1.size }
+        rtc.setMemorySize(belowFourGiB: below, aboveFourGiB: memory.totalSize - below)
+        try ioBus.insert(rtc, base: CMOSRTC.defaultBase, length: CMOSRTC.portCount)
+        if let port = config.debugExitPort {
+            do {
+                try ioBus.insert(DebugExit(control: controller), base: UInt64(port), length: 1)
+            } catch {
+                throw VMMError.invalidValue(what: "--debug-exit-port", value: "0x" + String(port, radix: 16),
+                                            reason: "it collides with another device (\(error))")
+            }
+        }
+        for r in LegacyPorts.defaultIgnored {
+            // Skip an ignored range the debug-exit port was put in.
+            if let port = config.debugExitPort, UInt64(port) >= r.base, UInt64(port) < r.base + r.length { continue }
+            try ioBus.insert(SinkDevice(name: r.name, readValue: r.readValue), base: r.base, length: r.length)
+        }
+
+        // vCPUs.
+        let supported = try kvm.supportedCPUID()
+        var cpus: [VCPU] = []
+        for id in 0..<config.cpus {
+            let vcpu = try vm.createVCPU(id: UInt32(id))
+            var cpuid = CPUIDFilter.filter(supported, apicID: UInt32(id), cpuCount: config.cpus,
+                                           hideCX16: self.quirks.hidesCX16, masks: config.cpuidMasks)
+            cpuid = self.quirks.filterCPUID(cpuid)
+            try vcpu.setCPUID(cpuid)
+            try Self.setUpMSRs(vcpu, logger: logger)
+            try Self.setUpLAPIC(vcpu)
+            try Self.setUpFPU(vcpu)
+            if id == 0 {
+                try vcpu.setSregs(EntryConversion.sregs(loaded.entry, base: try vcpu.getSregs()))
+                try vcpu.setRegs(EntryConversion.regs(loaded.entry))
+            }
+            cpus.append(vcpu)
+        }
+        vcpus = cpus
+    }
+
+    /// Loads the configured guest into memory.
+    static func load(config: VMConfiguration, memory: GuestMemory) throws -> LoadedKernel {
+        switch config.payload {
+        case .flat(let flat):
+            let image = try readFile(flat.path, limit: memory.totalSize, what: "flat image")
+            return try FlatLoader.load(image: image, at: flat.loadAddress, entry: flat.entry, mode: flat.mode, memory: memory)
+        case .kernel(let path, let initrd, let cmdline, let modules):
+            var options = BootOptions()
+            options.linuxEntry = BzImageLoader.Entry(rawValue: config.kernelEntry) ?? .decompressed
+            options.modules = modules.map { MultibootModule(source: .path($0.path), cmdline: $0.cmdline) }
+            var result = try KernelLoader.load(kernel: .path(path), initrd: initrd.map { .path($0) }, cmdline: cmdline,
+                                               memory: memory, options: options)
+            if result.format != .multiboot {
+                result.ranges.append(try MPTable.write(cpus: config.cpus, into: memory))
+            }
+            return result
+        }
+    }
+
+    /// Reads a whole file (at most `limit` bytes), with errors naming the path.
+    static func readFile(_ path: String, limit: UInt64, what: String) throws -> [UInt8] {
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { throw BootError.fileUnreadable(path: path, reason: String(cString: strerror(errno))) }
+        defer { close(fd) }
+        var st = stat()
+        guard fstat(fd, &st) == 0 else { throw BootError.fileUnreadable(path: path, reason: String(cString: strerror(errno))) }
+        guard (st.st_mode & S_IFMT) == S_IFREG else { throw BootError.fileUnreadable(path: path, reason: "not a regular file") }
+        guard UInt64(st.st_size) <= limit else {
+            throw BootError.doesNotFit("\(what) \(path) is \(st.st_size) bytes, larger than guest RAM (\(SizeParser.format(limit)))")
+        }
+        var out = [UInt8](repeating: 0, count: Int(st.st_size))
+        var done = 0
+        while done < out.count {
+            let n = out.withUnsafeMutableBytes { read(fd, $0.baseAddress! + done, $0.count - done) }
+            if n < 0 && errno == EINTR { continue }
+            if n < 0 { throw BootError.fileUnreadable(path: path, reason: String(cString: strerror(errno))) }
+            if n == 0 { throw BootError.fileUnreadable(path: path, reason: "file shrank while reading") }
+            done += n
+        }
+        return out
+    }
+
+    /// MSRs at reset: fast strings on, SYSENTER/SYSCALL MSRs and the TSC zero.
+    static func setUpMSRs(_ vcpu: VCPU, logger: Logger) throws {
+        let msrs: [(index: UInt32, value: UInt64)] = [
+            (0x1a0, 1),          // IA32_MISC_ENABLE: fast strings
+            (0x174, 0), (0x175, 0), (0x176, 0), // IA32_SYSENTER_CS/ESP/EIP
+            (0xc000_0081, 0), (0xc000_0082, 0), (0xc000_0083, 0), (0xc000_0084, 0), // STAR, LSTAR, CSTAR, SFMASK
+            (0xc000_0102, 0),    // KERNEL_GS_BASE
+            (0x10, 0),           // IA32_TSC
+        ]
+        for m in msrs {
+            do { try vcpu.setMSRs([m]) } catch { logger.debug("MSR 0x\(String(m.index, radix: 16)) not set: \(error)") }
+        }
+    }
+
+    /// LAPIC LVT0 = ExtINT, LVT1 = NMI (so the PIC reaches the BSP, as on a PC).
+    static func setUpLAPIC(_ vcpu: VCPU) throws {
+        var lapic = try vcpu.getLAPIC()
+        withUnsafeMutableBytes(of: &lapic.regs) { raw in
+            func update(_ offset: Int, mode: UInt32) {
+                var v = raw.loadUnaligned(fromByteOffset: offset, as: UInt32.self)
+                v = (v & ~0x700) | (mode << 8)
+                v &= ~(1 << 16) // unmasked
+                raw.storeBytes(of: v, toByteOffset: offset, as: UInt32.self)
+            }
+            update(0x350, mode: 7) // LVT0: ExtINT
+            update(0x360, mode: 4) // LVT1: NMI
+        }
+        try vcpu.setLAPIC(lapic)
+    }
+
+    /// x87 control word 0x37f and MXCSR 0x1f80, as after a reset.
+    static func setUpFPU(_ vcpu: VCPU) throws {
+        var fpu = kvm_fpu()
+        fpu.fcw = 0x37f
+        fpu.mxcsr = 0x1f80
+        try vcpu.setFPU(fpu)
+    }
+
+    // MARK: Running
+
+    /// Asks the machine to stop with `exit` (from any thread, e.g. the console's Ctrl-A x).
+    public func stop(_ exit: MachineExit) { controller.stop(exit) }
+
+    /// Runs the guest until it stops; returns why. Blocks the calling thread, which becomes the
+    /// control thread. With `handleSignals`, SIGINT and SIGTERM stop the VM cleanly (the
+    /// caller should block them in every other thread; `Machine.blockStopSignals()` does it for
+    /// threads created afterwards).
+    public func run(handleSignals: Bool = true) -> MachineExit {
+        _ = ckvm_install_kick_handler()
+        var waitSet = sigset_t()
+        sigemptyset(&waitSet)
+        sigaddset(&waitSet, Self.wakeSignal)
+        if handleSignals {
+            sigaddset(&waitSet, SIGINT)
+            sigaddset(&waitSet, SIGTERM)
+        }
+        var oldMask = sigset_t()
+        pthread_sigmask(SIG_BLOCK, &waitSet, &oldMask)
+        defer { pthread_sigmask(SIG_SETMASK, &oldMask, nil) }
+        controller.setControlThread(UInt(ckvm_pthread_self()))
+
+        let runners = vcpus.map { VCPURunner(machine: self, vcpu: $0) }
+        for r in runners {
+            do { try r.start() } catch {
+                controller.stop(.vmmFailure("cannot start vCPU \(r.vcpu.id) thread: \(error)"))
+            }
+        }
+
+        // Control loop: wait for a stop request or a signal; between them, ask vCPUs to check
+        // whether they are halted for good (power-off without ACPI is a halt with IF=0).
+        var interval: Int = 2_000_000 // ns
+        while !controller.stopRequested {
+            var ts = timespec(tv_sec: 0, tv_nsec: interval)
+            let sig = sigtimedwait(&waitSet, nil, &ts)
+            if sig == SIGINT || sig == SIGTERM {
+                logger.info("received signal \(sig), stopping the VM")
+                controller.stop(.signal(sig))
+                break
+            }
+            if sig < 0 && errno == EAGAIN {
+                for r in runners { r.requestHaltCheck() }
+                interval = min(interval * 2, 100_000_000)
+            }
+        }
+        controller.setControlThread(0)
+        for r in runners { r.kickToStop() }
+        for r in runners { r.join() }
+        // Drain a wake signal that raced with the stop so it is not left pending.
+        var zero = timespec(tv_sec: 0, tv_nsec: 0)
+        while sigtimedwait(&waitSet, nil, &zero) > 0 {}
+
+        let exit = controller.exit ?? .vmmFailure("stopped without a reason")
+        serial.flush()
+        serialOutput.flush()
+        statistics.merge(quirks.counters.reduce(into: [:]) { $0["fixup " + $1.key] = $1.value })
+        statistics.merge(["unhandled io": ioBus.unhandledCount, "unhandled mmio": mmioBus.unhandledCount].filter { $0.value > 0 })
+        logger.debug("exits: \(statistics.summary)")
+        logger.debug("stopped: \(exit)")
+        return exit
+    }
+
+    /// Register dumps of every vCPU (for `--show-regs`), read after `run()` returned.
+    public func registerDump() -> String {
+        vcpus.map { RegisterDump.format(vcpu: $0) }.joined(separator: "\n")
+    }
+}

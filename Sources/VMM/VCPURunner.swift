@@ -1,0 +1,230 @@
+import Devices
+import KVM
+import Logging
+import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Runs one vCPU on its own pthread ("vcpu N") and handles its exits synchronously.
+final class VCPURunner: @unchecked Sendable {
+    let machine: Machine
+    let vcpu: VCPU
+    private var thread: pthread_t?
+    private let threadID = Atomic<UInt>(0)
+    private let haltCheck = Atomic<Bool>(false)
+    /// Stack size of vCPU threads.
+    static let stackSize = 1 << 20
+
+    init(machine: Machine, vcpu: VCPU) {
+        self.machine = machine
+        self.vcpu = vcpu
+    }
+
+    /// Starts the thread.
+    func start() throws {
+        var attr = pthread_attr_t()
+        pthread_attr_init(&attr)
+        defer { pthread_attr_destroy(&attr) }
+        pthread_attr_setstacksize(&attr, Self.stackSize)
+        let box = Unmanaged.passRetained(self).toOpaque()
+        var tid = pthread_t()
+        let rc = pthread_create(&tid, &attr, { arg in
+            guard let arg else { return nil }
+            // SAFETY: `arg` is the runner retained by `start()`; this takes that reference back.
+            let runner = Unmanaged<VCPURunner>.fromOpaque(arg).takeRetainedValue()
+            runner.body()
+            return nil
+        }, box)
+        guard rc == 0 else {
+            Unmanaged<VCPURunner>.fromOpaque(box).release()
+            throw VMMError.setup("pthread_create for vCPU \(vcpu.id) failed: \(String(cString: strerror(rc)))")
+        }
+        thread = tid
+    }
+
+    /// Waits for the thread to end.
+    func join() {
+        if let t = thread { pthread_join(t, nil) }
+        thread = nil
+    }
+
+    /// Interrupts KVM_RUN so the thread checks whether the vCPU is halted for good.
+    func requestHaltCheck() {
+        haltCheck.store(true, ordering: .sequentiallyConsistent)
+        kick()
+    }
+
+    /// Makes every later KVM_RUN return at once and interrupts the current one.
+    func kickToStop() {
+        vcpu.immediateExit = true
+        kick()
+    }
+
+    private func kick() {
+        let tid = threadID.load(ordering: .sequentiallyConsistent)
+        if tid != 0 { _ = ckvm_pthread_kick(UInt(tid)) }
+    }
+
+    private func body() {
+        _ = ckvm_set_thread_name("vcpu \(vcpu.id)")
+        threadID.store(UInt(ckvm_pthread_self()), ordering: .sequentiallyConsistent)
+        var counts: [String: UInt64] = [:]
+        defer {
+            threadID.store(0, ordering: .sequentiallyConsistent)
+            machine.statistics.merge(counts)
+        }
+        let controller = machine.controller
+        while !controller.stopRequested {
+            let exit: VCPUExit
+            do {
+                exit = try vcpu.run()
+            } catch {
+                controller.stop(.vmmFailure("\(error)"))
+                break
+            }
+            counts[exit.name, default: 0] += 1
+            handle(exit, counts: &counts)
+        }
+    }
+
+    private func handle(_ exit: VCPUExit, counts: inout [String: UInt64]) {
+        let logger = machine.logger
+        let controller = machine.controller
+        switch exit {
+        case .io(let port, let size, let direction, let count, let data):
+            guard [1, 2, 4].contains(size), count >= 1 else {
+                logger.debug("vCPU \(vcpu.id): ignoring I/O of size \(size) × \(count) at port 0x\(String(port, radix: 16))")
+                return
+            }
+            for i in 0..<count {
+                let p = data + i * size
+                let handled: Bool
+                if direction == .out {
+                    handled = machine.ioBus.write(address: UInt64(port), data: UnsafeRawBufferPointer(start: p, count: size))
+                } else {
+                    handled = machine.ioBus.read(address: UInt64(port), data: UnsafeMutableRawBufferPointer(start: p, count: size))
+                }
+                if !handled {
+                    logger.debug("unhandled port \(direction == .out ? "write" : "read") at 0x\(String(port, radix: 16)) size \(size)")
+                }
+            }
+        case .mmio(let address, let data, let length, let isWrite):
+            guard length > 0 else { return }
+            if machine.mmioBus.find(address) == nil,
+               machine.quirks.handleMMIO(vcpu: vcpu, memory: machine.memory, address: address, isWrite: isWrite, logger: logger) {
+                return
+            }
+            let handled: Bool
+            if isWrite {
+                handled = machine.mmioBus.write(address: address, data: UnsafeRawBufferPointer(start: data, count: length))
+            } else {
+                handled = machine.mmioBus.read(address: address, data: UnsafeMutableRawBufferPointer(start: data, count: length))
+            }
+            if !handled {
+                logger.debug("unhandled MMIO \(isWrite ? "write" : "read") at 0x\(String(address, radix: 16)) size \(length)")
+            }
+        case .halt:
+            if isHaltedForGood(mpStateKnown: true) { controller.stop(.powerOff) }
+        case .interrupted:
+            if haltCheck.exchange(false, ordering: .sequentiallyConsistent), isHaltedForGood(mpStateKnown: false) {
+                logger.debug("vCPU \(vcpu.id) halted with interrupts disabled: power-off")
+                controller.stop(.powerOff)
+            }
+        case .shutdown:
+            logger.info("vCPU \(vcpu.id): shutdown (triple fault or reset)")
+            controller.stop(.reset)
+        case .systemEvent(let type):
+            switch Int32(type) {
+            case KVM_SYSTEM_EVENT_SHUTDOWN: controller.stop(.powerOff)
+            case KVM_SYSTEM_EVENT_RESET: controller.stop(.reset)
+            case KVM_SYSTEM_EVENT_CRASH: controller.stop(.internalError("guest crash system event on vCPU \(vcpu.id)"))
+            default: logger.debug("vCPU \(vcpu.id): ignoring system event \(type)")
+            }
+        case .internalError(let suberror, let data):
+            if machine.quirks.handleInternalError(vcpu: vcpu, memory: machine.memory, suberror: suberror, data: data, logger: logger) {
+                return
+            }
+            let message = describeFailure("KVM internal error (suberror \(suberror))", suberror: suberror, data: data)
+            logger.error("\(message)")
+            controller.stop(.internalError(message))
+        case .failEntry(let reason):
+            let message = describeFailure("VM entry failed (hardware reason 0x\(String(reason, radix: 16)))", suberror: nil, data: [])
+            logger.error("\(message)")
+            controller.stop(.internalError(message))
+        case .x86RDMSR(let index, _):
+            if !machine.quirks.handleMSR(vcpu: vcpu, index: index, write: nil, logger: logger) {
+                logger.debug("rdmsr 0x\(String(index, radix: 16)) refused (#GP)")
+                vcpu.completeMSR(error: true)
+            }
+        case .x86WRMSR(let index, let value, _):
+            if !machine.quirks.handleMSR(vcpu: vcpu, index: index, write: value, logger: logger) {
+                logger.debug("wrmsr 0x\(String(index, radix: 16)) refused (#GP)")
+                vcpu.completeMSR(error: true)
+            }
+        case .unknown(let reason):
+            let message = describeFailure("unexpected KVM exit reason \(reason)", suberror: nil, data: [])
+            logger.error("\(message)")
+            controller.stop(.internalError(message))
+        }
+    }
+
+    /// Whether the vCPU is halted with IF=0 and nothing pending (it can never run again).
+    private func isHaltedForGood(mpStateKnown: Bool) -> Bool {
+        if !mpStateKnown {
+            guard let mp = try? vcpu.getMPState(), mp == UInt32(KVM_MP_STATE_HALTED) else { return false }
+        }
+        guard let regs = try? vcpu.getRegs(), regs.rflags & (1 << 9) == 0 else { return false }
+        if let events = try? vcpu.getVCPUEvents(),
+           events.nmi.pending != 0 || events.nmi.injected != 0 || events.interrupt.injected != 0 {
+            return false
+        }
+        return true
+    }
+
+    /// "what on vCPU n at RIP 0x…: instruction bytes …" with the bytes from the exit data or guest memory.
+    private func describeFailure(_ what: String, suberror: UInt32?, data: [UInt64]) -> String {
+        var s = "\(what) on vCPU \(vcpu.id)"
+        let fetched = InstructionBytes.atRIP(vcpu: vcpu, memory: machine.memory)
+        if let rip = fetched?.rip { s += " at RIP 0x\(String(rip, radix: 16))" }
+        let bytes = suberror.flatMap { InstructionBytes.fromExitData(suberror: $0, data: data) } ?? fetched?.bytes ?? []
+        s += bytes.isEmpty ? ": instruction bytes unavailable" : ": instruction bytes \(InstructionBytes.hex(bytes))"
+        if !data.isEmpty { s += " (exit data \(data.map { "0x" + String($0, radix: 16) }.joined(separator: " ")))" }
+        return s
+    }
+}
+
+/// Formats a vCPU's registers (for `--show-regs` and diagnostics).
+public enum RegisterDump {
+    static func h(_ v: UInt64, _ width: Int = 16) -> String {
+        let s = String(v, radix: 16)
+        return String(repeating: "0", count: max(0, width - s.count)) + s
+    }
+
+    /// The registers as text, one group per line, e.g. `RAX=0000000000000000 RBX=…`.
+    public static func format(regs r: kvm_regs, sregs s: kvm_sregs, id: UInt32) -> String {
+        func seg(_ n: String, _ g: kvm_segment) -> String {
+            "\(n)=\(h(UInt64(g.selector), 4)) base=\(h(g.base)) limit=\(h(UInt64(g.limit), 8)) type=\(g.type) l=\(g.l) db=\(g.db)"
+        }
+        return [
+            "vCPU \(id):",
+            "RAX=\(h(r.rax)) RBX=\(h(r.rbx)) RCX=\(h(r.rcx)) RDX=\(h(r.rdx))",
+            "RSI=\(h(r.rsi)) RDI=\(h(r.rdi)) RSP=\(h(r.rsp)) RBP=\(h(r.rbp))",
+            "R8=\(h(r.r8)) R9=\(h(r.r9)) R10=\(h(r.r10)) R11=\(h(r.r11))",
+            "R12=\(h(r.r12)) R13=\(h(r.r13)) R14=\(h(r.r14)) R15=\(h(r.r15))",
+            "RIP=\(h(r.rip)) RFLAGS=\(h(r.rflags))",
+            seg("CS", s.cs), seg("DS", s.ds), seg("ES", s.es), seg("SS", s.ss), seg("FS", s.fs), seg("GS", s.gs),
+            "GDT=\(h(s.gdt.base)) limit=\(h(UInt64(s.gdt.limit), 4)) IDT=\(h(s.idt.base)) limit=\(h(UInt64(s.idt.limit), 4))",
+            "CR0=\(h(s.cr0)) CR2=\(h(s.cr2)) CR3=\(h(s.cr3)) CR4=\(h(s.cr4)) EFER=\(h(s.efer))",
+        ].joined(separator: "\n")
+    }
+
+    /// The registers of `vcpu`, or a line saying why they cannot be read.
+    public static func format(vcpu: VCPU) -> String {
+        do {
+            return format(regs: try vcpu.getRegs(), sregs: try vcpu.getSregs(), id: vcpu.id)
+        } catch {
+            return "vCPU \(vcpu.id): registers unavailable: \(error)"
+        }
+    }
+}

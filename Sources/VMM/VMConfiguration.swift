@@ -1,0 +1,143 @@
+import Boot
+
+/// What to do when the guest resets (triple fault, i8042 reset pulse, KVM system event reset).
+public enum RebootPolicy: String, Codable, Sendable, CaseIterable {
+    /// Exit with `ExitCode.reset` (3).
+    case exit
+    /// Reload the guest and boot it again.
+    case restart
+}
+
+/// One `--cpuid-mask leaf[.subleaf].reg=mask` item: clears the bits of `mask` in one CPUID register.
+public struct CPUIDMask: Codable, Sendable, Equatable {
+    /// CPUID register.
+    public enum Register: String, Codable, Sendable, CaseIterable { case eax, ebx, ecx, edx }
+    public var leaf: UInt32
+    /// Subleaf (index); nil applies to every subleaf of `leaf`.
+    public var subleaf: UInt32?
+    public var register: Register
+    /// Bits to clear.
+    public var mask: UInt32
+
+    public init(leaf: UInt32, subleaf: UInt32? = nil, register: Register, mask: UInt32) {
+        self.leaf = leaf; self.subleaf = subleaf; self.register = register; self.mask = mask
+    }
+
+    /// Parses `leaf[.subleaf].reg=mask`, numbers in hex (0x…) or decimal, e.g. `0x1.ecx=0x2000`
+    /// or `7.0.ebx=0x200`.
+    public init(parsing text: String) throws {
+        let bad = { (why: String) in VMMError.invalidValue(what: "--cpuid-mask", value: text, reason: why) }
+        let halves = text.split(separator: "=", omittingEmptySubsequences: false)
+        guard halves.count == 2 else { throw bad("expected leaf[.subleaf].reg=mask, e.g. 0x1.ecx=0x2000") }
+        let parts = halves[0].split(separator: ".", omittingEmptySubsequences: false).map(String.init)
+        guard parts.count == 2 || parts.count == 3, let reg = Register(rawValue: parts.last!.lowercased()) else {
+            throw bad("expected leaf[.subleaf].reg=mask with reg one of eax, ebx, ecx, edx")
+        }
+        leaf = UInt32(try SizeParser.parseInteger(parts[0], what: "--cpuid-mask leaf", max: UInt64(UInt32.max)))
+        subleaf = parts.count == 3
+            ? UInt32(try SizeParser.parseInteger(parts[1], what: "--cpuid-mask subleaf", max: UInt64(UInt32.max))) : nil
+        register = reg
+        mask = UInt32(try SizeParser.parseInteger(String(halves[1]), what: "--cpuid-mask mask", max: UInt64(UInt32.max)))
+    }
+}
+
+/// A flat binary to run (`--flat FILE --load-address A --entry E --mode M`).
+public struct FlatImage: Codable, Sendable, Equatable {
+    public var path: String
+    public var loadAddress: UInt64
+    public var entry: UInt64
+    public var mode: FlatLoader.Mode
+    public init(path: String, loadAddress: UInt64, entry: UInt64, mode: FlatLoader.Mode) {
+        self.path = path; self.loadAddress = loadAddress; self.entry = entry; self.mode = mode
+    }
+}
+
+/// A multiboot module (`--module FILE[,cmdline]`).
+public struct ModuleSpec: Codable, Sendable, Equatable {
+    public var path: String
+    public var cmdline: String
+    public init(path: String, cmdline: String = "") { self.path = path; self.cmdline = cmdline }
+
+    /// Parses `FILE[,cmdline]` (everything after the first comma is the module's command line).
+    public init(parsing text: String) throws {
+        guard !text.isEmpty else { throw VMMError.invalidValue(what: "--module", value: text, reason: "empty") }
+        if let comma = text.firstIndex(of: ",") {
+            path = String(text[..<comma])
+            cmdline = String(text[text.index(after: comma)...])
+        } else {
+            path = text
+            cmdline = ""
+        }
+        guard !path.isEmpty else { throw VMMError.invalidValue(what: "--module", value: text, reason: "no file name before the comma") }
+    }
+}
+
+/// What the guest is: a kernel (bzImage, ELF or multiboot) or a flat binary.
+public enum GuestPayload: Codable, Sendable, Equatable {
+    case kernel(path: String, initrd: String?, cmdline: String, modules: [ModuleSpec])
+    case flat(FlatImage)
+}
+
+/// Everything needed to build and run one VM. A plain value (Codable); `Machine` turns it into live objects.
+public struct VMConfiguration: Codable, Sendable, Equatable {
+    /// Guest RAM in bytes.
+    public var memorySize: UInt64 = 512 << 20
+    /// Number of vCPUs.
+    public var cpus: Int = 1
+    /// The guest to boot.
+    public var payload: GuestPayload
+    /// `--serial` as text: `stdio`, `file:PATH` or `none`.
+    public var serial: String = "stdio"
+    /// Port of the isa-debug-exit device, or nil for none.
+    public var debugExitPort: UInt16? = 0xf4
+    /// What a guest reset does.
+    public var onReboot: RebootPolicy = .exit
+    /// Extra CPUID bits to hide.
+    public var cpuidMasks: [CPUIDMask] = []
+    /// Print the registers of every vCPU when the VM stops.
+    public var showRegs: Bool = false
+    /// How a bzImage is entered (host-side decompression by default).
+    public var kernelEntry: String = "decompressed"
+    /// Apply the PVM host fix-ups: nil detects the host.
+    public var pvmFixups: Bool? = nil
+
+    /// A configuration for `payload` with defaults for everything else.
+    public init(payload: GuestPayload) { self.payload = payload }
+
+    /// The smallest guest RAM accepted (2 MiB).
+    public static let minimumMemory: UInt64 = 2 << 20
+    /// The largest vCPU count accepted.
+    public static let maximumCPUs = 254
+
+    /// Checks values that do not depend on files: memory size (against `hostMemory` when known),
+    /// vCPU count and addresses.
+    public func validate(hostMemory: UInt64?) throws {
+        let mem = SizeParser.format(memorySize)
+        guard memorySize >= Self.minimumMemory else {
+            throw VMMError.invalidValue(what: "--memory", value: mem, reason: "at least \(SizeParser.format(Self.minimumMemory)) is needed")
+        }
+        guard memorySize % 4096 == 0 else {
+            throw VMMError.invalidValue(what: "--memory", value: "\(memorySize)", reason: "must be a multiple of 4 KiB")
+        }
+        if let hostMemory, memorySize > hostMemory {
+            throw VMMError.invalidValue(what: "--memory", value: mem, reason: "more than the host's \(SizeParser.format(hostMemory)) of RAM")
+        }
+        guard memorySize <= 1 << 46 else {
+            throw VMMError.invalidValue(what: "--memory", value: mem, reason: "larger than 64 TiB")
+        }
+        guard cpus >= 1, cpus <= Self.maximumCPUs else {
+            throw VMMError.invalidValue(what: "--cpus", value: "\(cpus)", reason: "must be between 1 and \(Self.maximumCPUs)")
+        }
+        guard ["decompressed", "bzimage"].contains(kernelEntry) else {
+            throw VMMError.invalidValue(what: "--kernel-entry", value: kernelEntry, reason: "expected decompressed or bzimage")
+        }
+        _ = try serialSpec()
+    }
+
+    /// The parsed `serial` value.
+    public func serialSpec() throws -> SerialSpec {
+        do { return try SerialSpec(parsing: serial) } catch {
+            throw VMMError.invalidValue(what: "--serial", value: serial, reason: "expected stdio, file:PATH or none")
+        }
+    }
+}
