@@ -316,6 +316,16 @@ struct GuestProgramTests {
         }
     }
 
+    @Test("fault: a guest exception reaches the guest's IDT handler, which reports it and exits with status 37",
+          arguments: [("pf", 14, "#PF page fault"), ("ud", 6, "#UD invalid opcode"), ("de", 0, "#DE divide error")])
+    func guestException(kind: String, vector: Int, name: String) throws {
+        let r = try runGuestProgram(programArguments("fault", cmdline: "kind=\(kind)"))
+        #expect(r.status == 37, "\(r.command)\n\(r.output)")
+        #expect(r.okNames.contains("before-fault"), "\(r.output)")
+        #expect(r.output.contains("FAIL exception: vector \(vector) (\(name))"), "\(r.output)")
+        if kind == "pf" { #expect(r.output.contains("cr2 100000000000"), "\(r.output)") }
+    }
+
     @Test("exits: port and MMIO writes from ring 3 all reach the VMM")
     func exits() throws {
         let r = try runGuestProgram(programArguments("exits", cmdline: "n=20000"), timeout: 300)
