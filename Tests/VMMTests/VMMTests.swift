@@ -1,0 +1,309 @@
+import Boot
+import Foundation
+import GuestMemory
+import KVM
+import Testing
+@testable import VMM
+
+@Suite("Size and number parsing")
+struct SizeParserTests {
+    @Test("sizes accept K, M, G and T suffixes in either case")
+    func suffixes() throws {
+        #expect(try SizeParser.parseSize("512M") == 512 << 20)
+        #expect(try SizeParser.parseSize("1g") == 1 << 30)
+        #expect(try SizeParser.parseSize("64K") == 64 << 10)
+        #expect(try SizeParser.parseSize("2T") == 2 << 40)
+        #expect(try SizeParser.parseSize("4096") == 4096)
+        #expect(try SizeParser.parseSize("2GiB") == 2 << 30)
+        #expect(try SizeParser.parseSize(" 16MB ") == 16 << 20)
+    }
+
+    @Test("bad sizes are rejected with a message naming the option and value")
+    func badSizes() {
+        for bad in ["", "M", "12X", "-1M", "1.5G", "0x10M", "99999999999999999999", "17179869184T"] {
+            do {
+                _ = try SizeParser.parseSize(bad, what: "--memory")
+                Issue.record("'\(bad)' was accepted")
+            } catch let e as VMMError {
+                #expect(e.description.contains("--memory"))
+                #expect(e.isUsageError)
+            } catch {
+                Issue.record("unexpected error \(error)")
+            }
+        }
+    }
+
+    @Test("integers accept decimal and 0x hex, and enforce a maximum")
+    func integers() throws {
+        #expect(try SizeParser.parseInteger("0xf4", what: "p") == 0xf4)
+        #expect(try SizeParser.parseInteger("244", what: "p") == 244)
+        #expect(try SizeParser.parseInteger("0x1_0000", what: "p") == 0x10000)
+        #expect(throws: VMMError.self) { try SizeParser.parseInteger("0x10000", what: "p", max: 0xffff) }
+        #expect(throws: VMMError.self) { try SizeParser.parseInteger("0xzz", what: "p") }
+        #expect(throws: VMMError.self) { try SizeParser.parseInteger("", what: "p") }
+    }
+
+    @Test("sizes format in the largest exact binary unit")
+    func format() {
+        #expect(SizeParser.format(512 << 20) == "512 MiB")
+        #expect(SizeParser.format(3 << 30) == "3 GiB")
+        #expect(SizeParser.format(1000) == "1000 bytes")
+    }
+}
+
+@Suite("Configuration")
+struct ConfigurationTests {
+    func flatConfig() -> VMConfiguration {
+        VMConfiguration(payload: .flat(FlatImage(path: "/tmp/x.bin", loadAddress: 0x1000, entry: 0x1000, mode: .real)))
+    }
+
+    @Test("a configuration survives a JSON round trip")
+    func codable() throws {
+        var c = VMConfiguration(payload: .kernel(path: "/k", initrd: "/i", cmdline: "console=ttyS0",
+                                                 modules: [ModuleSpec(path: "/m", cmdline: "a b")]))
+        c.memorySize = 256 << 20
+        c.cpus = 2
+        c.cpuidMasks = [CPUIDMask(leaf: 1, register: .ecx, mask: 0x2000)]
+        c.onReboot = .restart
+        c.debugExitPort = nil
+        let data = try JSONEncoder().encode(c)
+        #expect(try JSONDecoder().decode(VMConfiguration.self, from: data) == c)
+        var f = flatConfig()
+        f.showRegs = true
+        #expect(try JSONDecoder().decode(VMConfiguration.self, from: JSONEncoder().encode(f)) == f)
+    }
+
+    @Test("memory sizes of zero, 1K, unaligned or beyond host RAM are rejected")
+    func memoryLimits() {
+        for size: UInt64 in [0, 1024, (4 << 20) + 1, 10 << 40] {
+            var c = flatConfig()
+            c.memorySize = size
+            #expect(throws: VMMError.self) { try c.validate(hostMemory: 8 << 30) }
+        }
+        var ok = flatConfig()
+        ok.memorySize = 128 << 20
+        #expect(throws: Never.self) { try ok.validate(hostMemory: 8 << 30) }
+    }
+
+    @Test("vCPU counts, serial specs and kernel entries are validated")
+    func otherValues() {
+        var c = flatConfig()
+        c.cpus = 0
+        #expect(throws: VMMError.self) { try c.validate(hostMemory: nil) }
+        c.cpus = 1
+        c.serial = "tcp:1234"
+        #expect(throws: VMMError.self) { try c.validate(hostMemory: nil) }
+        c.serial = "file:/tmp/x"
+        c.kernelEntry = "bios"
+        #expect(throws: VMMError.self) { try c.validate(hostMemory: nil) }
+    }
+
+    @Test("--cpuid-mask parses leaf, optional subleaf, register and mask")
+    func cpuidMask() throws {
+        let m = try CPUIDMask(parsing: "0x1.ecx=0x2000")
+        #expect(m == CPUIDMask(leaf: 1, register: .ecx, mask: 0x2000))
+        let s = try CPUIDMask(parsing: "7.0.ebx=512")
+        #expect(s == CPUIDMask(leaf: 7, subleaf: 0, register: .ebx, mask: 512))
+        for bad in ["1.ecx", "1.exx=1", "x.ecx=1", "1.ecx=0x100000000", "=", "1.2.3.ecx=1"] {
+            #expect(throws: VMMError.self) { try CPUIDMask(parsing: bad) }
+        }
+    }
+
+    @Test("--module splits the file from its command line at the first comma")
+    func module() throws {
+        #expect(try ModuleSpec(parsing: "/a/b") == ModuleSpec(path: "/a/b"))
+        #expect(try ModuleSpec(parsing: "/a,x=1,y") == ModuleSpec(path: "/a", cmdline: "x=1,y"))
+        #expect(throws: VMMError.self) { try ModuleSpec(parsing: ",x") }
+    }
+
+    @Test("the default cmdline keeps the PVM work-arounds and leaves PCI on")
+    func defaultCmdline() {
+        #expect(DefaultGuest.cmdline.contains("console=ttyS0"))
+        #expect(DefaultGuest.cmdline.contains("noxsave"))
+        #expect(DefaultGuest.cmdline.contains("clearcpuid=popcnt"))
+        #expect(!DefaultGuest.cmdline.contains("pci=off"))
+    }
+
+    @Test("the assets folder comes from SWIFTKVM_ASSETS or is found above the executable")
+    func assets() throws {
+        #expect(DefaultGuest.assetsDirectory(environment: ["SWIFTKVM_ASSETS": "/x"], executablePath: nil) == "/x")
+        let root = FileManager.default.temporaryDirectory.appendingPathComponent("skvm-assets-\(getpid())")
+        defer { try? FileManager.default.removeItem(at: root) }
+        try FileManager.default.createDirectory(at: root.appendingPathComponent("assets"), withIntermediateDirectories: true)
+        try FileManager.default.createDirectory(at: root.appendingPathComponent(".build/debug"), withIntermediateDirectories: true)
+        try Data([1]).write(to: root.appendingPathComponent("assets/vmlinuz"))
+        let exe = root.appendingPathComponent(".build/debug/swiftkvm").path
+        #expect(DefaultGuest.assetsDirectory(environment: [:], executablePath: exe) == root.appendingPathComponent("assets").path)
+        #expect(DefaultGuest.assetsDirectory(environment: [:], executablePath: "/nonexistent/bin/swiftkvm") == nil)
+    }
+}
+
+@Suite("Exit codes")
+struct ExitCodeTests {
+    @Test("each way a VM ends maps to its documented exit code")
+    func mapping() {
+        #expect(MachineExit.powerOff.exitCode == 0)
+        #expect(MachineExit.userQuit.exitCode == 0)
+        #expect(MachineExit.vmmFailure("x").exitCode == 1)
+        #expect(MachineExit.usageExitCode == 2)
+        #expect(MachineExit.reset.exitCode == 3)
+        #expect(MachineExit.internalError("x").exitCode == 4)
+        #expect(MachineExit.debugExit(status: 33).exitCode == 33)
+        #expect(MachineExit.signal(SIGINT).exitCode == 130)
+        #expect(MachineExit.signal(SIGTERM).exitCode == 143)
+    }
+
+    @Test("the first stop request wins")
+    func firstWins() {
+        let c = MachineController()
+        c.request(.exit(status: 7))
+        c.request(.reset)
+        c.stop(.powerOff)
+        #expect(c.exit == .debugExit(status: 7))
+    }
+}
+
+@Suite("CPUID filtering")
+struct CPUIDFilterTests {
+    func entry(_ function: UInt32, _ index: UInt32 = 0, eax: UInt32 = 0, ebx: UInt32 = 0, ecx: UInt32 = 0, edx: UInt32 = 0) -> kvm_cpuid_entry2 {
+        var e = kvm_cpuid_entry2()
+        e.function = function; e.index = index
+        e.eax = eax; e.ebx = ebx; e.ecx = ecx; e.edx = edx
+        return e
+    }
+
+    var table: [kvm_cpuid_entry2] {
+        [entry(0, eax: 0xd), entry(1, ebx: 0xff00_0800, ecx: 0x7ffa_3203, edx: 0x178b_fbff),
+         entry(7, 0, ebx: 0x219c_07ab), entry(0xb, 0, edx: 9), entry(0xb, 1, edx: 9)]
+    }
+
+    @Test("CX16 is hidden on PVM hosts and the hypervisor bit is set")
+    func cx16() throws {
+        let out = CPUIDFilter.filter(table, apicID: 0, cpuCount: 1, hideCX16: true)
+        let leaf1 = try #require(out.first { $0.function == 1 })
+        #expect(leaf1.ecx & CPUIDFilter.cx16Bit == 0)
+        #expect(leaf1.ecx & CPUIDFilter.hypervisorBit != 0)
+        let kept = try #require(CPUIDFilter.filter(table, apicID: 0, cpuCount: 1, hideCX16: false).first { $0.function == 1 })
+        #expect(kept.ecx & CPUIDFilter.cx16Bit != 0)
+    }
+
+    @Test("APIC ids go into leaf 1 EBX[31:24] and every leaf 0xB subleaf's EDX")
+    func apicIDs() throws {
+        let out = CPUIDFilter.filter(table, apicID: 3, cpuCount: 4, hideCX16: false)
+        let leaf1 = try #require(out.first { $0.function == 1 })
+        #expect(leaf1.ebx >> 24 == 3)
+        #expect((leaf1.ebx >> 16) & 0xff == 4)
+        #expect(leaf1.ebx & 0xffff == 0x0800)
+        #expect(leaf1.edx & CPUIDFilter.httBit != 0)
+        #expect(out.filter { $0.function == 0xb }.allSatisfy { $0.edx == 3 })
+    }
+
+    @Test("user masks clear bits in the named leaf, subleaf and register only")
+    func masks() throws {
+        let masks = [CPUIDMask(leaf: 7, subleaf: 0, register: .ebx, mask: 0x1), CPUIDMask(leaf: 1, register: .edx, mask: 0x1)]
+        let out = CPUIDFilter.filter(table, apicID: 0, cpuCount: 1, hideCX16: false, masks: masks)
+        #expect(try #require(out.first { $0.function == 7 }).ebx == 0x219c_07aa)
+        #expect(try #require(out.first { $0.function == 1 }).edx & 1 == 0)
+        #expect(try #require(out.first { $0.function == 0 }).eax == 0xd)
+    }
+}
+
+@Suite("EntryState conversion")
+struct EntryConversionTests {
+    @Test("a long-mode entry becomes 64-bit CS, paging registers and EFER")
+    func longMode() {
+        let e = EntryState.longMode(entry: 0x100000, sp: 0x8ff0, zeroPage: 0x7000)
+        let s = EntryConversion.sregs(e, base: kvm_sregs())
+        #expect(s.cs.l == 1 && s.cs.db == 0 && s.cs.selector == 0x10 && s.cs.present == 1 && s.cs.s == 1)
+        #expect(s.ds.selector == 0x18 && s.ds.db == 1 && s.ds.g == 1)
+        #expect(s.cr0 == 0x8005_0033 && s.cr3 == 0x9000 && s.cr4 == 0x20 && s.efer == 0x500)
+        #expect(s.gdt.base == 0x500 && s.gdt.limit == 31)
+        let r = EntryConversion.regs(e)
+        #expect(r.rip == 0x100000 && r.rsp == 0x8ff0 && r.rsi == 0x7000 && r.rflags == 2)
+    }
+
+    @Test("a real-mode entry keeps base = selector × 16 and CR0.PE clear, preserving other sregs")
+    func realMode() {
+        var base = kvm_sregs()
+        base.apic_base = 0xfee0_0900
+        let e = EntryState.realMode(cs: 0x1000, ip: 0x10, sp: 0xfffe)
+        let s = EntryConversion.sregs(e, base: base)
+        #expect(s.cs.base == 0x10000 && s.cs.selector == 0x1000 && s.cs.limit == 0xffff && s.cs.type == 0xb)
+        #expect(s.cr0 & 1 == 0)
+        #expect(s.apic_base == 0xfee0_0900)
+        #expect(EntryConversion.regs(e).rip == 0x10)
+    }
+}
+
+@Suite("PVM fix-ups and diagnostics")
+struct PVMTests {
+    @Test("fwait is skipped, int3 injects #BP after it, ud2 injects #UD at it, others are not fixed")
+    func decode() {
+        #expect(PVMQuirks.fixup(for: [0x9b, 0x90]) == .skip(1))
+        #expect(PVMQuirks.fixup(for: [0xcc]) == .inject(vector: 3, advance: 1))
+        #expect(PVMQuirks.fixup(for: [0x0f, 0x0b]) == .inject(vector: 6, advance: 0))
+        #expect(PVMQuirks.fixup(for: [0x0f, 0xc7, 0x0e]) == nil)
+        #expect(PVMQuirks.fixup(for: [0x0f]) == nil)
+        #expect(PVMQuirks.fixup(for: []) == nil)
+    }
+
+    @Test("instruction bytes are taken from emulation-failure exit data when flagged")
+    func exitData() {
+        // flags = 1, insn_size = 2, bytes 0f 0b.
+        let data: [UInt64] = [1, 0x0b0f02, 0]
+        #expect(InstructionBytes.fromExitData(suberror: 1, data: data) == [0x0f, 0x0b])
+        #expect(InstructionBytes.fromExitData(suberror: 1, data: [0, 0x0b0f02, 0]) == nil)
+        #expect(InstructionBytes.fromExitData(suberror: 3, data: data) == nil)
+        #expect(InstructionBytes.fromExitData(suberror: 1, data: [1, 0xff, 0]) == nil)
+        #expect(InstructionBytes.hex([0x0f, 0x0b]) == "0f 0b")
+    }
+
+    @Test("PVM detection uses the module directory, else the absence of vmx and svm")
+    func detect() throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("skvm-pvm-\(getpid())")
+        defer { try? FileManager.default.removeItem(at: dir) }
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        let vmx = dir.appendingPathComponent("cpuinfo-vmx"), none = dir.appendingPathComponent("cpuinfo-none")
+        try "processor : 0\nflags\t\t: fpu vme vmx sse\n".write(to: vmx, atomically: true, encoding: .utf8)
+        try "processor : 0\nflags\t\t: fpu vme sse\n".write(to: none, atomically: true, encoding: .utf8)
+        #expect(PVMQuirks.detect(sysModule: dir.path, cpuinfo: vmx.path))
+        #expect(!PVMQuirks.detect(sysModule: "/nonexistent", cpuinfo: vmx.path))
+        #expect(PVMQuirks.detect(sysModule: "/nonexistent", cpuinfo: none.path))
+    }
+
+    @Test("the page walker follows the loaders' identity tables and 4 KiB pages")
+    func pageWalk() throws {
+        let memory = try GuestMemory.allocate(size: 16 << 20)
+        let cr3 = try IdentityPageTables.write(into: memory)
+        let t = { (a: UInt64) in GuestPageWalker.translate(a, cr0: 0x8000_0011, cr3: cr3, cr4: 0x20, efer: 0x500, memory: memory) }
+        #expect(t(0x12_3456) == 0x12_3456)
+        #expect(t(0x1_0000_0000) == nil) // beyond the 4 GiB mapped
+        // Map linear 0x40_0000_0000 (PML4 0, PDPT 256) → 4 KiB page at 0x200000 through a PD and PT at 0x100000.
+        try memory.writeLE(UInt64(0x10_0000 | 3), at: 0xa000 + 256 * 8)
+        try memory.writeLE(UInt64(0x10_1000 | 3), at: 0x10_0000)
+        try memory.writeLE(UInt64(0x20_0000 | 3), at: 0x10_1000 + 5 * 8)
+        #expect(t(0x40_0000_5123) == 0x20_0123)
+        try memory.write([0xcc, 0x90], at: 0x20_0ffe)
+        try memory.write([0xf4], at: 0x30_0000)
+        // A read crossing into an unmapped page stops there.
+        #expect(GuestPageWalker.read(0x40_0000_5ffe, count: 4, cr0: 0x8000_0011, cr3: cr3, cr4: 0x20, efer: 0x500, memory: memory) == [0xcc, 0x90])
+        // No paging: linear = physical.
+        #expect(GuestPageWalker.translate(0x1234, cr0: 0x11, cr3: 0, cr4: 0, efer: 0, memory: memory) == 0x1234)
+    }
+}
+
+@Suite("Register dump")
+struct RegisterDumpTests {
+    @Test("the dump shows general registers, RIP and control registers in hex")
+    func format() {
+        var r = kvm_regs()
+        r.rbx = 0x1234
+        r.rip = 0x100e
+        var s = kvm_sregs()
+        s.cr0 = 0x10
+        let text = RegisterDump.format(regs: r, sregs: s, id: 0)
+        #expect(text.contains("RBX=0000000000001234"))
+        #expect(text.contains("RIP=000000000000100e"))
+        #expect(text.contains("CR0=0000000000000010"))
+    }
+}
