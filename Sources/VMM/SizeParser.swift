@@ -36,9 +36,14 @@ public enum SizeParser {
 
     /// Formats a byte count compactly (`512 MiB`, `4 KiB`, `123 bytes`).
     public static func format(_ bytes: UInt64) -> String {
-        for (shift, unit) in [(40, "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB")] where bytes >= 1 << UInt64(shift) && bytes % (1 << UInt64(shift)) == 0 {
+        for (shift, unit) in [(40, "TiB"), (30, "GiB"), (20, "MiB")] where bytes >= 1 << UInt64(shift) && bytes % (1 << UInt64(shift)) == 0 {
             return "\(bytes >> UInt64(shift)) \(unit)"
         }
+        for (shift, unit) in [(40, "TiB"), (30, "GiB"), (20, "MiB")] where bytes >= 1 << UInt64(shift) {
+            let tenths = (bytes &* 10) >> UInt64(shift)
+            return "\(tenths / 10).\(tenths % 10) \(unit)"
+        }
+        if bytes >= 1024 && bytes % 1024 == 0 { return "\(bytes >> 10) KiB" }
         return "\(bytes) bytes"
     }
 }
