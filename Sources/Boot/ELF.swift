@@ -103,7 +103,7 @@ public struct ELFImage: Sendable, Equatable {
                                      paddr: bytes.getLE(UInt64.self, at: o + 24)!, filesz: bytes.getLE(UInt64.self, at: o + 32)!,
                                      memsz: bytes.getLE(UInt64.self, at: o + 40)!))
             } else {
-                headers.append(.init(type: bytes.getLE(UInt32.self, at: o)!, flags: UInt64(bytes.getLE(UInt32.self, at: o + 24)!).u32,
+                headers.append(.init(type: bytes.getLE(UInt32.self, at: o)!, flags: bytes.getLE(UInt32.self, at: o + 24)!,
                                      offset: UInt64(bytes.getLE(UInt32.self, at: o + 4)!), vaddr: UInt64(bytes.getLE(UInt32.self, at: o + 8)!),
                                      paddr: UInt64(bytes.getLE(UInt32.self, at: o + 12)!), filesz: UInt64(bytes.getLE(UInt32.self, at: o + 16)!),
                                      memsz: UInt64(bytes.getLE(UInt32.self, at: o + 20)!)))
@@ -122,8 +122,7 @@ public struct ELFImage: Sendable, Equatable {
                 throw BootError.invalidImage("\(what): ELF segment \(i) file data at offset \(hex(h.offset))+\(hex(h.filesz)) extends past the end of the file (\(bytes.count) bytes)")
             }
             guard h.offset.addingReportingOverflow(h.filesz).overflow == false,
-                  h.paddr.addingReportingOverflow(h.memsz).overflow == false,
-                  h.vaddr.addingReportingOverflow(h.memsz).overflow == false else {
+                  h.paddr.addingReportingOverflow(h.memsz).overflow == false else {
                 throw BootError.invalidImage("\(what): ELF segment \(i) at \(hex(h.paddr))+\(hex(h.memsz)) wraps around the address space")
             }
         }
@@ -293,4 +292,3 @@ final class ELFStreamLoader {
     }
 }
 
-private extension UInt64 { var u32: UInt32 { UInt32(truncatingIfNeeded: self) } }
