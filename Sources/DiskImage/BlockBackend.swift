@@ -47,13 +47,14 @@ extension BlockBackend {
     public func write(_ data: [UInt8], at offset: UInt64) throws {
         try data.withUnsafeBytes { try write($0, at: offset) }
     }
-    /// Checks that `[offset, offset+count)` lies inside the disk.
-    func checkRange(_ offset: UInt64, _ count: UInt64, _ what: String) throws {
+}
+
+/// Checks that `[offset, offset+count)` lies inside a disk of `size` bytes.
+func checkRange(_ offset: UInt64, _ count: UInt64, _ what: String, size: UInt64) throws {
         let (end, overflow) = offset.addingReportingOverflow(count)
         if overflow || end > size {
             throw DiskImageError.invalid("\(what) of \(count) bytes at offset \(offset) is past the end of the \(size)-byte disk")
         }
-    }
 }
 
 /// A file descriptor with full-length pread/pwrite loops and typed errors. Owned by one image.

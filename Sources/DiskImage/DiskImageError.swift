@@ -37,7 +37,8 @@ public struct DiskImageError: Error, CustomStringConvertible, Sendable, Equatabl
     static func unsupported(_ path: String, _ what: String) -> DiskImageError {
         DiskImageError(.unsupported, "\(path): \(what)")
     }
-    static func invalid(_ what: String) -> DiskImageError {
+    /// An invalid-argument error.
+    public static func invalid(_ what: String) -> DiskImageError {
         DiskImageError(.invalidArgument, what)
     }
 }

@@ -139,14 +139,12 @@ extension Qcow2Image {
             var v: UInt64 = 0
             while v < virtualSize {
                 let l2off = try writableL2(for: v)
-                var t = try loadL2(l2off)
                 let first = l2Index(v)
                 let count = Int(min(l2Entries - UInt64(first), (virtualSize - v + cs - 1) / cs))
                 let host = try allocateClusters(UInt64(count))
-                for k in 0..<count where t[first + k] == 0 {
-                    t[first + k] = (host + UInt64(k) * cs) | Self.copiedFlag
+                for k in 0..<count where try loadL2(l2off).data[first + k] == 0 {
+                    try setL2Entry(l2off, first + k, (host + UInt64(k) * cs) | Self.copiedFlag)
                 }
-                try updateL2(l2off, t)
                 v += UInt64(count) * cs
             }
             try flushLocked()

@@ -95,7 +95,7 @@ extension Qcow2Image {
                 if active && (e & Self.copiedFlag != 0) != (l2rc == 1) {
                     copiedFixes.append((i, nil))
                 }
-                let t = try loadL2(l2off)
+                let t = try loadL2(l2off).data
                 let stride = extendedL2 ? 2 : 1
                 for k in Swift.stride(from: 0, to: t.count, by: stride) {
                     let le = t[k]
@@ -168,10 +168,10 @@ extension Qcow2Image {
             if repair == .all {
                 let l2off = l1[i] & Qcow2Limits.offsetMask
                 if let k {
-                    var t = try loadL2(l2off)
+                    let t = try loadL2(l2off).data
                     let host = t[k] & Qcow2Limits.offsetMask
-                    if try refcount(of: host) == 1 { t[k] |= Self.copiedFlag } else { t[k] &= ~Self.copiedFlag }
-                    try updateL2(l2off, t)
+                    let fixed = try refcount(of: host) == 1 ? t[k] | Self.copiedFlag : t[k] & ~Self.copiedFlag
+                    try setL2Entry(l2off, k, fixed)
                 } else {
                     if try refcount(of: l2off) == 1 { l1[i] |= Self.copiedFlag } else { l1[i] &= ~Self.copiedFlag }
                     l1Dirty.insert(i)

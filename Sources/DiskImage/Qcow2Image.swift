@@ -16,23 +16,30 @@ public struct ImageOpenOptions: Sendable {
     }
 }
 
+/// A cached metadata table (L2 table or refcount block), mutated in place.
+final class CachedTable<T> {
+    var data: T
+    var dirty: Bool
+    var lastUse: UInt64 = 0
+    init(_ data: T, dirty: Bool) { self.data = data; self.dirty = dirty }
+}
+
 /// A small LRU cache of metadata tables keyed by host offset, with dirty tracking for write-back.
 struct TableCache<T> {
-    struct Entry { var table: T; var dirty: Bool; var lastUse: UInt64 }
-    var entries: [UInt64: Entry] = [:]
+    var entries: [UInt64: CachedTable<T>] = [:]
     var clock: UInt64 = 0
     let capacity: Int
 
-    init(capacity: Int) { self.capacity = max(2, capacity) }
+    init(capacity: Int) { self.capacity = max(4, capacity) }
 
-    mutating func get(_ off: UInt64) -> T? {
-        guard entries[off] != nil else { return nil }
+    mutating func get(_ off: UInt64) -> CachedTable<T>? {
+        guard let e = entries[off] else { return nil }
         clock += 1
-        entries[off]!.lastUse = clock
-        return entries[off]!.table
+        e.lastUse = clock
+        return e
     }
-    /// Returns the least recently used entry to evict when the cache is full.
-    func victim() -> (UInt64, Entry)? {
+    /// The least recently used entry to evict when the cache is full.
+    func victim() -> (UInt64, CachedTable<T>)? {
         guard entries.count >= capacity else { return nil }
         return entries.min { $0.value.lastUse < $1.value.lastUse }.map { ($0.key, $0.value) }
     }
@@ -59,7 +66,7 @@ public final class Qcow2Image: BlockBackend, @unchecked Sendable {
     let file: ImageFile
     let lock = NSLock()
     /// The parsed header (kept up to date with what is on disk after a flush).
-    public private(set) var header: Qcow2Header
+    public internal(set) var header: Qcow2Header
     /// The backing image, if any.
     public let backing: BlockBackend?
     /// The backing image's path as resolved, if any.
@@ -192,7 +199,7 @@ public final class Qcow2Image: BlockBackend, @unchecked Sendable {
     func l2Index(_ v: UInt64) -> Int { Int((v >> clusterBits) & (l2Entries - 1)) }
 
     /// Loads the L2 table at host offset `off` (already validated against the file) through the cache.
-    func loadL2(_ off: UInt64) throws -> [UInt64] {
+    func loadL2(_ off: UInt64) throws -> CachedTable<[UInt64]> {
         if let t = l2Cache.get(off) { return t }
         let words = Int(cs / 8)
         let bytes = try file.preadExact(at: off, count: Int(cs), what: "L2 table")
@@ -200,22 +207,26 @@ public final class Qcow2Image: BlockBackend, @unchecked Sendable {
         bytes.withUnsafeBytes { raw in
             for i in 0..<words { t[i] = UInt64(bigEndian: raw.loadUnaligned(fromByteOffset: i * 8, as: UInt64.self)) }
         }
-        try insertL2(off, t, dirty: false)
-        return t
+        return try insertL2(off, t, dirty: false)
     }
 
-    func insertL2(_ off: UInt64, _ t: [UInt64], dirty: Bool) throws {
+    @discardableResult
+    func insertL2(_ off: UInt64, _ t: [UInt64], dirty: Bool) throws -> CachedTable<[UInt64]> {
         if l2Cache.entries[off] == nil, let (voff, v) = l2Cache.victim() {
             if v.dirty {
                 // Dependencies first: refcounts of everything this table points to, durably.
                 try writeRefcountBlocks()
                 try file.datasync()
-                try writeL2(voff, v.table)
+                try writeL2(voff, v.data)
+                v.dirty = false
             }
             l2Cache.entries[voff] = nil
         }
         l2Cache.clock += 1
-        l2Cache.entries[off] = .init(table: t, dirty: dirty, lastUse: l2Cache.clock)
+        let box = CachedTable(t, dirty: dirty)
+        box.lastUse = l2Cache.clock
+        l2Cache.entries[off] = box
+        return box
     }
 
     func writeL2(_ off: UInt64, _ t: [UInt64]) throws {
@@ -250,7 +261,7 @@ public final class Qcow2Image: BlockBackend, @unchecked Sendable {
         let inCluster = v & (cs - 1)
         var run = cs - inCluster
         guard let l2off = try l2Offset(for: v) else { return (.unallocated, run) }
-        let t = try loadL2(l2off)
+        let t = try loadL2(l2off).data
         let idx = l2Index(v)
         let e = extendedL2 ? t[idx * 2] : t[idx]
         if e & Self.compressedFlag != 0 {
@@ -299,7 +310,7 @@ public final class Qcow2Image: BlockBackend, @unchecked Sendable {
     public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
         try lock.withLock {
             try checkOpen()
-            try checkRange(offset, UInt64(buffer.count), "read")
+            try checkRange(offset, UInt64(buffer.count), "read", size: virtualSize)
             try readLocked(into: buffer, at: offset)
         }
     }
@@ -344,21 +355,24 @@ public final class Qcow2Image: BlockBackend, @unchecked Sendable {
         if closed { throw DiskImageError.invalid("\(path): image is closed") }
     }
 
-    func loadRefBlock(_ off: UInt64) throws -> [UInt8] {
+    func loadRefBlock(_ off: UInt64) throws -> CachedTable<[UInt8]> {
         if let b = refCache.get(off) { return b }
         let b = try file.preadExact(at: off, count: Int(cs), what: "refcount block")
-        try insertRefBlock(off, b, dirty: false)
-        return b
+        return try insertRefBlock(off, b, dirty: false)
     }
 
-    func insertRefBlock(_ off: UInt64, _ b: [UInt8], dirty: Bool) throws {
+    @discardableResult
+    func insertRefBlock(_ off: UInt64, _ b: [UInt8], dirty: Bool) throws -> CachedTable<[UInt8]> {
         if refCache.entries[off] == nil, let (voff, v) = refCache.victim() {
             // Writing a refcount block early is always safe: increments precede references, decrements follow them.
-            if v.dirty { try file.pwrite(v.table, at: voff) }
+            if v.dirty { try file.pwrite(v.data, at: voff); v.dirty = false }
             refCache.entries[voff] = nil
         }
         refCache.clock += 1
-        refCache.entries[off] = .init(table: b, dirty: dirty, lastUse: refCache.clock)
+        let box = CachedTable(b, dirty: dirty)
+        box.lastUse = refCache.clock
+        refCache.entries[off] = box
+        return box
     }
 
     static func getRefcount(_ b: [UInt8], _ i: Int, bits: UInt64) -> UInt64 {
@@ -392,7 +406,7 @@ public final class Qcow2Image: BlockBackend, @unchecked Sendable {
         let ti = Int(c / refBlockEntries)
         guard ti < refTable.count, refTable[ti] & ~UInt64(0x1ff) != 0 else { return 0 }
         let b = try loadRefBlock(refTable[ti] & ~UInt64(0x1ff))
-        return Self.getRefcount(b, Int(c % refBlockEntries), bits: refcountBits)
+        return Self.getRefcount(b.data, Int(c % refBlockEntries), bits: refcountBits)
     }
 
     /// Adds `delta` to the refcount of the host cluster at `off`, allocating refcount blocks (and growing the
@@ -401,9 +415,9 @@ public final class Qcow2Image: BlockBackend, @unchecked Sendable {
         let c = off >> clusterBits
         let ti = Int(c / refBlockEntries)
         let blockOff = try refBlock(forTableIndex: ti)
-        var b = try loadRefBlock(blockOff)
+        let b = try loadRefBlock(blockOff)
         let i = Int(c % refBlockEntries)
-        let old = Self.getRefcount(b, i, bits: refcountBits)
+        let old = Self.getRefcount(b.data, i, bits: refcountBits)
         let new: UInt64
         if delta >= 0 {
             let (s, o) = old.addingReportingOverflow(UInt64(delta))
@@ -417,8 +431,9 @@ public final class Qcow2Image: BlockBackend, @unchecked Sendable {
             }
             new = old - UInt64(-delta)
         }
-        Self.setRefcount(&b, i, bits: refcountBits, new)
-        refCache.entries[blockOff] = .init(table: b, dirty: true, lastUse: refCache.clock)
+        Self.setRefcount(&b.data, i, bits: refcountBits, new)
+        b.dirty = true
+        if refCache.entries[blockOff] !== b { refCache.entries[blockOff] = b }
     }
 
     func refBlock(forTableIndex ti: Int) throws -> UInt64 {
@@ -497,7 +512,7 @@ public final class Qcow2Image: BlockBackend, @unchecked Sendable {
         if old != 0 && e & Self.copiedFlag != 0 { return old }
         var table = [UInt64](repeating: 0, count: Int(cs / 8))
         if old != 0 {
-            table = try loadL2(old)
+            table = try loadL2(old).data
             // The copy shares data clusters with the old table: they are no longer exclusively ours.
             let stride = extendedL2 ? 2 : 1
             for k in Swift.stride(from: 0, to: table.count, by: stride) { table[k] &= ~Self.copiedFlag }
@@ -514,7 +529,7 @@ public final class Qcow2Image: BlockBackend, @unchecked Sendable {
         try lock.withLock {
             try checkOpen()
             try checkWritable()
-            try checkRange(offset, UInt64(data.count), "write")
+            try checkRange(offset, UInt64(data.count), "write", size: virtualSize)
             try writeLocked(data, at: offset)
         }
     }
@@ -539,9 +554,8 @@ public final class Qcow2Image: BlockBackend, @unchecked Sendable {
     /// Writes within one cluster; copies on write when the cluster is not exclusively ours.
     func writeCluster(_ data: UnsafeRawBufferPointer, at v: UInt64, compress: Bool = false) throws {
         let l2off = try writableL2(for: v)
-        var t = try loadL2(l2off)
         let idx = l2Index(v)
-        let e = t[idx]
+        let e = try loadL2(l2off).data[idx]
         let inCluster = v & (cs - 1)
         if !compress && e & Self.copiedFlag != 0 && e & Self.compressedFlag == 0 && e & Qcow2Limits.offsetMask != 0 {
             let host = e & Qcow2Limits.offsetMask
@@ -555,8 +569,7 @@ public final class Qcow2Image: BlockBackend, @unchecked Sendable {
                     full.withUnsafeMutableBytes { _ = memcpy($0.baseAddress! + Int(inCluster), data.baseAddress!, data.count) }
                     try file.pwrite(full, at: host)
                 }
-                t[idx] = host | Self.copiedFlag
-                try updateL2(l2off, t)
+                try setL2Entry(l2off, idx, host | Self.copiedFlag)
             }
             return
         }
@@ -595,9 +608,7 @@ public final class Qcow2Image: BlockBackend, @unchecked Sendable {
             fileEnd = max(fileEnd, host + inCluster + UInt64(data.count))
             newEntry = host | Self.copiedFlag
         }
-        t = try loadL2(l2off)
-        t[idx] = newEntry
-        try updateL2(l2off, t)
+        try setL2Entry(l2off, idx, newEntry)
         try freeEntryLater(e)
     }
 
@@ -620,13 +631,12 @@ public final class Qcow2Image: BlockBackend, @unchecked Sendable {
         return Self.compressedFlag | (nsect << x) | off
     }
 
-    func updateL2(_ off: UInt64, _ t: [UInt64]) throws {
-        if l2Cache.entries[off] != nil {
-            l2Cache.entries[off]!.table = t
-            l2Cache.entries[off]!.dirty = true
-        } else {
-            try insertL2(off, t, dirty: true)
-        }
+    /// Sets one L2 entry in the cached table at `off` and marks it dirty.
+    func setL2Entry(_ off: UInt64, _ idx: Int, _ value: UInt64) throws {
+        let t = try loadL2(off)
+        t.data[idx] = value
+        t.dirty = true
+        if l2Cache.entries[off] !== t { l2Cache.entries[off] = t }
     }
 
     /// Schedules the host clusters an old L2 entry referenced to be released after the next durable flush.
@@ -651,7 +661,7 @@ public final class Qcow2Image: BlockBackend, @unchecked Sendable {
             guard offset % cs == 0, data.count == Int(cs) || offset + UInt64(data.count) == virtualSize else {
                 throw DiskImageError.invalid("\(path): compressed write at \(offset) of \(data.count) bytes must cover one whole cluster")
             }
-            try checkRange(offset, UInt64(data.count), "compressed write")
+            try checkRange(offset, UInt64(data.count), "compressed write", size: virtualSize)
             try setDirtyBitIfNeeded()
             var full = [UInt8](repeating: 0, count: Int(cs))
             full.withUnsafeMutableBytes { _ = memcpy($0.baseAddress!, data.baseAddress!, data.count) }
@@ -671,7 +681,7 @@ public final class Qcow2Image: BlockBackend, @unchecked Sendable {
         try lock.withLock {
             try checkOpen()
             try checkWritable()
-            try checkRange(offset, length, discard ? "discard" : "write-zeroes")
+            try checkRange(offset, length, discard ? "discard" : "write-zeroes", size: virtualSize)
             try setDirtyBitIfNeeded()
             var v = offset
             let end = offset + length
@@ -681,12 +691,10 @@ public final class Qcow2Image: BlockBackend, @unchecked Sendable {
                 let wholeCluster = inCluster == 0 && (n == cs || v + n == virtualSize)
                 if wholeCluster && (header.version >= 3 || backing == nil) {
                     let l2off = try writableL2(for: v)
-                    var t = try loadL2(l2off)
                     let idx = l2Index(v)
-                    let old = t[idx]
+                    let old = try loadL2(l2off).data[idx]
                     // With a backing file, "unallocated" would expose backing data: use the zero flag.
-                    t[idx] = (header.version >= 3 && (backing != nil || !discard)) ? Self.zeroFlag : 0
-                    try updateL2(l2off, t)
+                    try setL2Entry(l2off, idx, (header.version >= 3 && (backing != nil || !discard)) ? Self.zeroFlag : 0)
                     try freeEntryLater(old)
                 } else {
                     let zeros = [UInt8](repeating: 0, count: Int(n))
@@ -701,8 +709,8 @@ public final class Qcow2Image: BlockBackend, @unchecked Sendable {
 
     func writeRefcountBlocks() throws {
         for (off, e) in refCache.entries where e.dirty {
-            try file.pwrite(e.table, at: off)
-            refCache.entries[off]!.dirty = false
+            try file.pwrite(e.data, at: off)
+            e.dirty = false
         }
         if refTableRelocated {
             var b = [UInt8](repeating: 0, count: refTable.count * 8)
@@ -739,8 +747,8 @@ public final class Qcow2Image: BlockBackend, @unchecked Sendable {
         // 2. L2 tables
         var wroteL2 = false
         for (off, e) in l2Cache.entries where e.dirty {
-            try writeL2(off, e.table)
-            l2Cache.entries[off]!.dirty = false
+            try writeL2(off, e.data)
+            e.dirty = false
             wroteL2 = true
         }
         if wroteL2 { try file.datasync() }
@@ -796,11 +804,9 @@ public final class Qcow2Image: BlockBackend, @unchecked Sendable {
                 while v < virtualSize {
                     if try l2Offset(for: v) != nil {
                         let l2off = try writableL2(for: v)
-                        var t = try loadL2(l2off)
                         let idx = l2Index(v)
-                        try freeEntryLater(t[idx])
-                        t[idx] = 0
-                        try updateL2(l2off, t)
+                        try freeEntryLater(try loadL2(l2off).data[idx])
+                        try setL2Entry(l2off, idx, 0)
                         v += cs
                     } else {
                         v = (v >> (clusterBits + l2Bits) + 1) << (clusterBits + l2Bits)
@@ -841,6 +847,9 @@ public final class Qcow2Image: BlockBackend, @unchecked Sendable {
         }
     }
 
+    /// Bytes allocated on the host file system for this image's file.
+    public func allocatedBytes() throws -> UInt64 { try file.allocatedBytes() }
+
     // MARK: - Allocation status
 
     /// Status of a guest range as seen through this image only (not its backing file).
@@ -860,33 +869,41 @@ public final class Qcow2Image: BlockBackend, @unchecked Sendable {
             var len: UInt64 = 0
             var first: BlockStatus?
             var expectHost: UInt64?
-            while len < maxLength && offset + len < virtualSize {
+            scan: while len < maxLength && offset + len < virtualSize {
                 let v = offset + len
-                // Skip whole unallocated L2 ranges quickly.
-                if try l2Offset(for: v) == nil {
-                    let span = ((v >> (clusterBits + l2Bits)) + 1) << (clusterBits + l2Bits)
-                    if first == nil { first = .unallocated }
-                    guard first == .unallocated else { break }
-                    len = min(maxLength, min(span, virtualSize) - offset)
-                    continue
-                }
-                let (m, run) = try mapping(at: v)
                 let st: BlockStatus
-                switch m {
-                case .unallocated: st = .unallocated
-                case .zero: st = .zero
-                case .compressed: st = .data(hostOffset: nil)
-                case .data(let h):
-                    let host = h + (v & (cs - 1)) - (extendedL2 ? (v & (cs - 1)) / (cs / 32) * (cs / 32) : 0)
-                    if first == nil { first = .data(hostOffset: host); expectHost = host }
-                    guard case .data(let fh) = first!, fh != nil, expectHost == host else { return (first!, len) }
-                    st = first!
-                    expectHost = host + min(run, maxLength - len)
+                let run: UInt64
+                var host: UInt64?
+                if try l2Offset(for: v) == nil {
+                    // A whole unallocated L2 range.
+                    st = .unallocated
+                    run = (((v >> (clusterBits + l2Bits)) + 1) << (clusterBits + l2Bits)) - v
+                } else {
+                    let (m, r) = try mapping(at: v)
+                    run = r
+                    switch m {
+                    case .unallocated: st = .unallocated
+                    case .zero: st = .zero
+                    case .compressed: st = .data(hostOffset: nil)
+                    case .data(let h):
+                        let inC = v & (cs - 1)
+                        host = h + inC - (extendedL2 ? inC / (cs / 32) * (cs / 32) : 0)
+                        st = .data(hostOffset: host)
+                    }
                 }
-                if first == nil { first = st }
-                if case .data = st, case .data = first! {} else if st != first! { break }
-                if case .data(nil) = st { len += min(run, maxLength - len); break }
-                len += min(run, maxLength - len)
+                if let f = first {
+                    switch (f, st) {
+                    case (.zero, .zero), (.unallocated, .unallocated): break
+                    case (.data(_?), .data(let b?)) where b == expectHost: break
+                    default: break scan
+                    }
+                } else {
+                    first = st
+                }
+                let step = min(run, maxLength - len)
+                len += step
+                if let h = host { expectHost = h + step }
+                if case .data(nil) = st { break }
             }
             return (first ?? .unallocated, min(len, virtualSize - offset))
         }

@@ -28,7 +28,7 @@ public final class RawImage: BlockBackend, @unchecked Sendable {
 
     public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
         try lock.withLock {
-            try checkRange(offset, UInt64(buffer.count), "read")
+            try checkRange(offset, UInt64(buffer.count), "read", size: currentSize)
             try file.pread(buffer, at: offset)
         }
     }
@@ -36,7 +36,7 @@ public final class RawImage: BlockBackend, @unchecked Sendable {
     public func write(_ data: UnsafeRawBufferPointer, at offset: UInt64) throws {
         try lock.withLock {
             if file.readOnly { throw DiskImageError.invalid("\(path): write to a read-only image") }
-            try checkRange(offset, UInt64(data.count), "write")
+            try checkRange(offset, UInt64(data.count), "write", size: currentSize)
             try file.pwrite(data, at: offset)
         }
     }
@@ -50,7 +50,7 @@ public final class RawImage: BlockBackend, @unchecked Sendable {
     public func writeZeroes(at offset: UInt64, length: UInt64) throws {
         try lock.withLock {
             if file.readOnly { throw DiskImageError.invalid("\(path): write to a read-only image") }
-            try checkRange(offset, length, "write-zeroes")
+            try checkRange(offset, length, "write-zeroes", size: currentSize)
             if try !file.punchHole(at: offset, length: length) {
                 let chunk = [UInt8](repeating: 0, count: 1 << 20)
                 var pos = offset

@@ -1,7 +1,529 @@
 import ArgumentParser
+import DiskImage
+import Foundation
 
-/// `swiftkvm img` (placeholder until implemented).
+/// `swiftkvm img`: disk image tool with qemu-img's spelling.
 struct ImgCommand: ParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "img", abstract: "Not implemented yet.")
-    func run() throws { throw ValidationError("swiftkvm img is not implemented yet") }
+    static let configuration = CommandConfiguration(
+        commandName: "img",
+        abstract: "Create, inspect, check and convert disk images (qemu-img compatible).",
+        subcommands: [ImgCreate.self, ImgInfo.self, ImgCheck.self, ImgConvert.self, ImgResize.self, ImgSnapshot.self,
+                      ImgCommit.self, ImgRebase.self, ImgMap.self, ImgCompare.self, ImgCrashWriter.self]
+    )
+}
+
+/// Parses a size with an optional k/M/G/T/P/E suffix (powers of 1024), as qemu-img does.
+func parseImgSize(_ s: String) throws -> UInt64 {
+    var digits = s
+    var mult: UInt64 = 1
+    if let last = s.last, last.isLetter {
+        digits = String(s.dropLast())
+        switch last {
+        case "b", "B": mult = 1
+        case "k", "K": mult = 1 << 10
+        case "m", "M": mult = 1 << 20
+        case "g", "G": mult = 1 << 30
+        case "t", "T": mult = 1 << 40
+        case "p", "P": mult = 1 << 50
+        case "e", "E": mult = 1 << 60
+        default: throw ValidationError("invalid size '\(s)': unknown suffix '\(last)' (use k, M, G, T, P or E)")
+        }
+    }
+    if let v = UInt64(digits) {
+        let (r, o) = v.multipliedReportingOverflow(by: mult)
+        if o { throw ValidationError("size '\(s)' is too large") }
+        return r
+    }
+    if let d = Double(digits), d >= 0, d * Double(mult) < 1.8e19 { return UInt64(d * Double(mult)) }
+    throw ValidationError("invalid size '\(s)'")
+}
+
+/// Parses `-o key=value,key=value` options into create options.
+func applyCreateOptions(_ opts: [String], to o: inout Qcow2CreateOptions, preallocation: inout String) throws {
+    for group in opts {
+        for item in group.split(separator: ",") {
+            let kv = item.split(separator: "=", maxSplits: 1).map(String.init)
+            let key = kv[0], value = kv.count > 1 ? kv[1] : "on"
+            switch key {
+            case "cluster_size": o.clusterSize = try parseImgSize(value)
+            case "compat":
+                switch value {
+                case "0.10", "v2": o.version = 2
+                case "1.1", "v3": o.version = 3
+                default: throw ValidationError("invalid compat '\(value)' (0.10 or 1.1)")
+                }
+            case "lazy_refcounts": o.lazyRefcounts = ["on", "true", "yes"].contains(value)
+            case "refcount_bits":
+                guard let b = UInt32(value) else { throw ValidationError("invalid refcount_bits '\(value)'") }
+                o.refcountBits = b
+            case "preallocation":
+                guard ["off", "metadata"].contains(value) else { throw ValidationError("preallocation '\(value)' is not supported (off or metadata)") }
+                preallocation = value
+            case "compression_type":
+                switch value {
+                case "zlib": o.compressionType = .zlib
+                case "zstd": o.compressionType = .zstd
+                default: throw ValidationError("invalid compression_type '\(value)' (zlib or zstd)")
+                }
+            case "backing_file": o.backingFile = value
+            case "backing_fmt": o.backingFormat = value
+            case "size": o.size = try parseImgSize(value)
+            default: throw ValidationError("unsupported option '\(key)' for qcow2")
+            }
+        }
+    }
+    if o.version == 2 && !opts.joined().contains("refcount_bits") { o.refcountBits = 16 }
+    o.preallocateMetadata = preallocation == "metadata"
+}
+
+/// Resolves a backing name the way it will be resolved when the image is opened: relative to the image's folder.
+func resolveBacking(_ name: String, relativeTo image: String) -> String {
+    name.hasPrefix("/") ? name : ((image as NSString).deletingLastPathComponent as NSString).appendingPathComponent(name)
+}
+
+/// Runs `body`, turning DiskImageError into "qemu-img: message" on stderr and exit code 1.
+func imgRun(_ body: () throws -> Void) throws {
+    do {
+        try body()
+    } catch let e as DiskImageError {
+        FileHandle.standardError.write(Data("swiftkvm img: \(e.message)\n".utf8))
+        throw ExitCode(1)
+    }
+}
+
+/// Creates an image of the given format. Shared by create and convert.
+func createImage(path: String, format: String, size: UInt64?, backing: String?, backingFormat: String?,
+                 options: [String]) throws {
+    switch format {
+    case "raw":
+        if backing != nil { throw ValidationError("raw images cannot have a backing file") }
+        guard let size else { throw ValidationError("a size is required") }
+        try RawImage.create(path: path, size: size).close()
+    case "qcow2":
+        var o = Qcow2CreateOptions(size: size ?? 0)
+        var prealloc = "off"
+        o.backingFile = backing
+        o.backingFormat = backingFormat
+        try applyCreateOptions(options, to: &o, preallocation: &prealloc)
+        if let b = o.backingFile {
+            let full = resolveBacking(b, relativeTo: path)
+            let bimg = try openDiskImage(path: full, options: .init(readOnly: true, format: o.backingFormat))
+            if o.backingFormat == nil { o.backingFormat = (bimg is Qcow2Image) ? "qcow2" : "raw" }
+            if size == nil && !options.joined().contains("size=") { o.size = bimg.size }
+            try bimg.close()
+        } else if size == nil && !options.joined().contains("size=") {
+            throw ValidationError("a size is required")
+        }
+        try Qcow2Image.create(path: path, options: o)
+    default:
+        throw ValidationError("unknown format '\(format)' (qcow2 or raw)")
+    }
+}
+
+struct ImgCreate: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "create", abstract: "Create a disk image.")
+    @Option(name: .customShort("f"), help: "Format: qcow2 or raw.") var format = "raw"
+    @Option(name: .customShort("b"), help: "Backing file.") var backing: String?
+    @Option(name: .customShort("F"), help: "Backing file format.") var backingFormat: String?
+    @Option(name: .customShort("o"), help: "Options: cluster_size, compat, lazy_refcounts, refcount_bits, preallocation, compression_type.") var options: [String] = []
+    @Flag(name: .customShort("q"), help: "Quiet.") var quiet = false
+    @Argument(help: "Image file.") var file: String
+    @Argument(help: "Size (k, M, G, T suffixes).") var size: String?
+
+    func run() throws {
+        try imgRun {
+            let sz = try size.map(parseImgSize)
+            try createImage(path: file, format: format, size: sz, backing: backing, backingFormat: backingFormat, options: options)
+            if !quiet { print("Formatting '\(file)', fmt=\(format) size=\(sz ?? 0)") }
+        }
+    }
+}
+
+/// `qemu-img info` data for one image.
+func infoJSON(_ img: BlockBackend, path: String) throws -> ImgJSON {
+    var kv: [(String, ImgJSON)] = []
+    let actual: UInt64
+    if let q = img as? Qcow2Image {
+        let snaps = try q.snapshots()
+        if !snaps.isEmpty {
+            kv.append(("snapshots", .array(snaps.map { s in
+                var e: [(String, ImgJSON)] = []
+                if let ic = s.icount, ic != UInt64.max { e.append(("icount", .uint(ic))) }
+                e += [("vm-clock-nsec", .uint(s.vmClockNanoseconds % 1_000_000_000)), ("name", .string(s.name)),
+                      ("date-sec", .uint(UInt64(s.dateSeconds))), ("date-nsec", .uint(UInt64(s.dateNanoseconds))),
+                      ("vm-clock-sec", .uint(s.vmClockNanoseconds / 1_000_000_000)), ("id", .string(s.id)),
+                      ("vm-state-size", .uint(s.vmStateSize))]
+                return .object(e)
+            })))
+        }
+        actual = try q.allocatedBytes()
+        let h = q.header
+        if h.backingFile != nil, let f = h.backingFormat { kv.append(("backing-filename-format", .string(f))) }
+        kv += [("virtual-size", .uint(q.size)), ("filename", .string(path)), ("cluster-size", .uint(q.clusterSize)),
+               ("format", .string("qcow2")), ("actual-size", .uint(actual))]
+        var data: [(String, ImgJSON)] = []
+        if h.version >= 3 {
+            data = [("compat", .string("1.1")), ("compression-type", .string(h.compressionType == .zstd ? "zstd" : "zlib")),
+                    ("lazy-refcounts", .bool(h.compatible.contains(.lazyRefcounts))),
+                    ("refcount-bits", .uint(UInt64(h.refcountBits))), ("corrupt", .bool(h.incompatible.contains(.corrupt))),
+                    ("extended-l2", .bool(h.incompatible.contains(.extendedL2)))]
+        } else {
+            data = [("compat", .string("0.10")), ("compression-type", .string("zlib")), ("refcount-bits", .uint(16))]
+        }
+        kv.append(("format-specific", .object([("type", .string("qcow2")), ("data", .object(data))])))
+        if let b = h.backingFile {
+            kv.append(("full-backing-filename", .string(resolveBacking(b, relativeTo: path))))
+            kv.append(("backing-filename", .string(b)))
+        }
+        kv.append(("dirty-flag", .bool(h.incompatible.contains(.dirty))))
+    } else if let r = img as? RawImage {
+        kv = [("virtual-size", .uint(r.size)), ("filename", .string(path)), ("format", .string("raw")),
+              ("actual-size", .uint(try r.allocatedBytes())), ("dirty-flag", .bool(false))]
+    }
+    return .object(kv)
+}
+
+func humanSize(_ v: UInt64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"]
+    var d = Double(v)
+    var i = 0
+    while d >= 1024 && i < units.count - 1 { d /= 1024; i += 1 }
+    if i == 0 { return "\(v) B" }
+    let s = String(format: "%.3g", d)
+    return "\(s) \(units[i])"
+}
+
+func snapshotTable(_ snaps: [Qcow2Snapshot]) -> String {
+    var out = "Snapshot list:\n"
+    out += "ID        TAG               VM SIZE                DATE     VM CLOCK     ICOUNT\n"
+    let fmt = DateFormatter()
+    fmt.dateFormat = "yyyy-MM-dd HH:mm:ss"
+    for s in snaps {
+        let date = fmt.string(from: Date(timeIntervalSince1970: TimeInterval(s.dateSeconds)))
+        let secs = s.vmClockNanoseconds / 1_000_000_000
+        let clock = String(format: "%02d:%02d:%02d.%03d", secs / 3600, (secs / 60) % 60, secs % 60, (s.vmClockNanoseconds / 1_000_000) % 1000)
+        let ic = s.icount.map { $0 == UInt64.max ? "" : String($0) } ?? ""
+        out += s.id.padding(toLength: 10, withPad: " ", startingAt: 0) + s.name.padding(toLength: 18, withPad: " ", startingAt: 0)
+        out += String(repeating: " ", count: max(0, 10 - humanSize(s.vmStateSize).count)) + humanSize(s.vmStateSize)
+        out += " \(date) \(clock) " + String(repeating: " ", count: max(0, 10 - ic.count)) + ic + "\n"
+    }
+    return out
+}
+
+struct ImgInfo: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "info", abstract: "Show information about an image.")
+    @Option(name: .customShort("f")) var format: String?
+    @Option(name: .customLong("output"), help: "human or json") var output = "human"
+    @Flag(name: .customLong("backing-chain")) var backingChain = false
+    @Option(name: .customShort("U"), help: "Ignored (no locking).") var shareFlag: String?
+    @Argument var file: String
+
+    func run() throws {
+        try imgRun {
+            let img = try openDiskImage(path: file, options: .init(readOnly: true, format: format))
+            defer { try? img.close() }
+            var chain: [(BlockBackend, String)] = [(img, file)]
+            if backingChain {
+                var cur = img
+                while let q = cur as? Qcow2Image, let b = q.backing, let p = q.backingPath {
+                    chain.append((b, p)); cur = b
+                }
+            }
+            let infos = try chain.map { try infoJSON($0.0, path: $0.1) }
+            if output == "json" {
+                print(backingChain ? ImgJSON.array(infos).render() : infos[0].render())
+                return
+            }
+            for (n, (im, p)) in chain.enumerated() {
+                if n > 0 { print("") }
+                print("image: \(p)")
+                print("file format: \(im is Qcow2Image ? "qcow2" : "raw")")
+                print("virtual size: \(humanSize(im.size)) (\(im.size) bytes)")
+                if let q = im as? Qcow2Image {
+                    print("disk size: \(humanSize(try q.allocatedBytes()))")
+                    print("cluster_size: \(q.clusterSize)")
+                    if let b = q.header.backingFile {
+                        print("backing file: \(b)")
+                        if let f = q.header.backingFormat { print("backing file format: \(f)") }
+                    }
+                    let snaps = try q.snapshots()
+                    if !snaps.isEmpty { print(snapshotTable(snaps), terminator: "") }
+                    let h = q.header
+                    print("Format specific information:")
+                    print("    compat: \(h.version >= 3 ? "1.1" : "0.10")")
+                    print("    compression type: \(h.compressionType == .zstd ? "zstd" : "zlib")")
+                    if h.version >= 3 { print("    lazy refcounts: \(h.compatible.contains(.lazyRefcounts))") }
+                    print("    refcount bits: \(h.refcountBits)")
+                    if h.version >= 3 {
+                        print("    corrupt: \(h.incompatible.contains(.corrupt))")
+                        print("    extended l2: \(h.incompatible.contains(.extendedL2))")
+                    }
+                } else if let r = im as? RawImage {
+                    print("disk size: \(humanSize(try r.allocatedBytes()))")
+                }
+            }
+        }
+    }
+}
+
+struct ImgCheck: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "check", abstract: "Check (and repair) an image's consistency. Exit codes: 0 clean, 1 check failed, 2 corruptions, 3 leaks.")
+    @Option(name: .customShort("f")) var format: String?
+    @Option(name: .customShort("r"), help: "Repair: leaks or all.") var repair: String?
+    @Option(name: .customLong("output")) var output = "human"
+    @Flag(name: .customShort("q")) var quiet = false
+    @Argument var file: String
+
+    func run() throws {
+        var mode: Qcow2RepairMode?
+        if let r = repair {
+            guard let m = Qcow2RepairMode(rawValue: r) else { throw ValidationError("-r must be 'leaks' or 'all'") }
+            mode = m
+        }
+        let result: Qcow2CheckResult
+        do {
+            if (try format ?? probeImageFormat(path: file).rawValue) != "qcow2" {
+                FileHandle.standardError.write(Data("swiftkvm img: This image format does not support checks\n".utf8))
+                throw ExitCode(63)
+            }
+            let img = try Qcow2Image(path: file, options: .init(readOnly: mode == nil, allowBackingFiles: false))
+            result = try img.check(repair: mode)
+            try img.close()
+        } catch let e as DiskImageError {
+            FileHandle.standardError.write(Data("swiftkvm img: Check failed: \(e.message)\n".utf8))
+            throw ExitCode(1)
+        }
+        if output == "json" {
+            var kv: [(String, ImgJSON)] = [("image-end-offset", .uint(result.imageEndOffset)),
+                                           ("total-clusters", .uint(result.totalClusters)),
+                                           ("check-errors", .int(Int64(result.checkErrors))),
+                                           ("allocated-clusters", .uint(result.allocatedClusters)),
+                                           ("filename", .string(file)), ("format", .string("qcow2"))]
+            if result.leaks > 0 { kv.append(("leaks", .int(Int64(result.leaks)))) }
+            if result.corruptions > 0 { kv.append(("corruptions", .int(Int64(result.corruptions)))) }
+            if result.leaksFixed > 0 { kv.append(("leaks-fixed", .int(Int64(result.leaksFixed)))) }
+            if result.corruptionsFixed > 0 { kv.append(("corruptions-fixed", .int(Int64(result.corruptionsFixed)))) }
+            if result.fragmentedClusters > 0 { kv.append(("fragmented-clusters", .uint(result.fragmentedClusters))) }
+            if result.compressedClusters > 0 { kv.append(("compressed-clusters", .uint(result.compressedClusters))) }
+            print(ImgJSON.object(kv).render())
+        } else if !quiet {
+            for m in result.messages.prefix(100) { print(m) }
+            if result.leaksFixed > 0 || result.corruptionsFixed > 0 {
+                print("The following inconsistencies were found and repaired:\n")
+                print("    \(result.leaksFixed) leaked clusters")
+                print("    \(result.corruptionsFixed) corruptions\n")
+                print("Double checking the fixed image now...")
+            }
+            if result.corruptions == 0 && result.leaks == 0 {
+                print("No errors were found on the image.")
+            } else {
+                if result.corruptions > 0 { print("\n\(result.corruptions) errors were found on the image.\nData may be corrupted, or further writes to the image may corrupt it.") }
+                if result.leaks > 0 { print("\n\(result.leaks) leaked clusters were found on the image.\nThis means waste of disk space, but no harm to data.") }
+            }
+            let t = Double(max(result.totalClusters, 1))
+            print(String(format: "%llu/%llu = %.2f%% allocated, %.2f%% fragmented, %.2f%% compressed clusters",
+                         result.allocatedClusters, result.totalClusters, Double(result.allocatedClusters) * 100 / t,
+                         Double(result.fragmentedClusters) * 100 / Double(max(result.allocatedClusters, 1)),
+                         Double(result.compressedClusters) * 100 / Double(max(result.allocatedClusters, 1))))
+            print("Image end offset: \(result.imageEndOffset)")
+        }
+        if result.checkErrors > 0 { throw ExitCode(1) }
+        if result.corruptions > 0 { throw ExitCode(2) }
+        if result.leaks > 0 { throw ExitCode(3) }
+    }
+}
+
+/// Prints a qemu-img style progress indicator.
+final class ProgressPrinter {
+    var last = -1.0
+    func update(_ done: UInt64, _ total: UInt64) {
+        let pct = total == 0 ? 100 : Double(done) * 100 / Double(total)
+        if pct - last >= 1 || done == total {
+            last = pct
+            print(String(format: "    (%.2f/100%%)\r", pct), terminator: "")
+            fflush(nil)
+        }
+    }
+    func finish() { print("") }
+}
+
+struct ImgConvert: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "convert", abstract: "Convert an image to another format (sparse copy).")
+    @Option(name: .customShort("f")) var sourceFormat: String?
+    @Option(name: .customShort("O")) var outputFormat = "raw"
+    @Flag(name: .customShort("c"), help: "Compress (qcow2 output).") var compress = false
+    @Flag(name: .customShort("p"), help: "Show progress.") var progress = false
+    @Option(name: .customShort("B"), help: "Backing file of the output.") var backing: String?
+    @Option(name: .customShort("F"), help: "Backing file format.") var backingFormat: String?
+    @Option(name: .customShort("o")) var options: [String] = []
+    @Argument var source: String
+    @Argument var destination: String
+
+    func run() throws {
+        try imgRun {
+            let src = try openDiskImage(path: source, options: .init(readOnly: true, format: sourceFormat))
+            try createImage(path: destination, format: outputFormat, size: src.size, backing: backing,
+                            backingFormat: backingFormat, options: options)
+            let dst = try openDiskImage(path: destination, options: .init(readOnly: false, format: outputFormat))
+            let p = progress ? ProgressPrinter() : nil
+            try convertImage(from: src, to: dst, compress: compress, progress: p.map { pp in { pp.update($0, $1) } })
+            p?.finish()
+            try dst.close()
+            try src.close()
+        }
+    }
+}
+
+struct ImgResize: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "resize", abstract: "Change the virtual size of an image.")
+    @Option(name: .customShort("f")) var format: String?
+    @Flag(name: .customLong("shrink")) var shrink = false
+    @Argument var file: String
+    @Argument var size: String
+
+    func run() throws {
+        try imgRun {
+            let img = try openDiskImage(path: file, options: .init(readOnly: false, format: format))
+            var target: UInt64
+            if size.hasPrefix("+") {
+                target = img.size + (try parseImgSize(String(size.dropFirst())))
+            } else if size.hasPrefix("-") {
+                let d = try parseImgSize(String(size.dropFirst()))
+                guard d <= img.size else { throw DiskImageError.invalid("cannot shrink \(file) below zero bytes") }
+                target = img.size - d
+            } else {
+                target = try parseImgSize(size)
+            }
+            try img.resize(to: target, allowShrink: shrink)
+            try img.close()
+            print("Image resized.")
+        }
+    }
+}
+
+struct ImgSnapshot: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "snapshot", abstract: "List, create, apply or delete internal snapshots.")
+    @Flag(name: .customShort("l")) var list = false
+    @Option(name: .customShort("c")) var create: String?
+    @Option(name: .customShort("a")) var apply: String?
+    @Option(name: .customShort("d")) var delete: String?
+    @Argument var file: String
+
+    func run() throws {
+        try imgRun {
+            let writable = create != nil || apply != nil || delete != nil
+            let img = try Qcow2Image(path: file, options: .init(readOnly: !writable))
+            if let n = create { try img.createSnapshot(name: n) }
+            if let n = apply { try img.applySnapshot(n) }
+            if let n = delete { try img.deleteSnapshot(n) }
+            if list || !writable {
+                let snaps = try img.snapshots()
+                if !snaps.isEmpty { print(snapshotTable(snaps), terminator: "") }
+            }
+            try img.close()
+        }
+    }
+}
+
+struct ImgCommit: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "commit", abstract: "Write an overlay's changes into its backing image and empty the overlay.")
+    @Option(name: .customShort("f")) var format: String?
+    @Flag(name: .customShort("p")) var progress = false
+    @Flag(name: .customShort("d"), help: "Do not empty the overlay.") var keep = false
+    @Argument var file: String
+
+    func run() throws {
+        try imgRun {
+            let top = try Qcow2Image(path: file, options: .init(readOnly: false))
+            guard let bpath = top.backingPath else { throw DiskImageError.invalid("\(file) has no backing file to commit to") }
+            let base = try openDiskImage(path: bpath, options: .init(readOnly: false, format: top.header.backingFormat))
+            let p = progress ? ProgressPrinter() : nil
+            try commitImage(top: top, base: base, emptyTop: !keep, progress: p.map { pp in { pp.update($0, $1) } })
+            p?.finish()
+            try base.close()
+            try top.close()
+            print("Image committed.")
+        }
+    }
+}
+
+struct ImgRebase: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "rebase", abstract: "Change the backing file of an image.")
+    @Option(name: .customShort("f")) var format: String?
+    @Flag(name: .customShort("u"), help: "Unsafe: only change the name.") var unsafe = false
+    @Option(name: .customShort("b")) var backing: String
+    @Option(name: .customShort("F")) var backingFormat: String?
+    @Flag(name: .customShort("p")) var progress = false
+    @Argument var file: String
+
+    func run() throws {
+        try imgRun {
+            let name: String? = backing.isEmpty ? nil : backing
+            var fmt = backingFormat
+            if let n = name, fmt == nil, let f = try? probeImageFormat(path: resolveBacking(n, relativeTo: file)) { fmt = f.rawValue }
+            if unsafe {
+                let img = try Qcow2Image(path: file, options: .init(readOnly: false, allowBackingFiles: false))
+                try img.setBackingFile(name, format: fmt)
+                try img.close()
+                return
+            }
+            let img = try Qcow2Image(path: file, options: .init(readOnly: false))
+            let nb = try name.map { try openDiskImage(path: resolveBacking($0, relativeTo: file), options: .init(readOnly: true, format: fmt)) }
+            try rebaseImage(img, newBacking: nb, name: name, format: fmt)
+            try nb?.close()
+            try img.close()
+        }
+    }
+}
+
+struct ImgMap: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "map", abstract: "Show the allocation map of an image.")
+    @Option(name: .customShort("f")) var format: String?
+    @Option(name: .customLong("output")) var output = "human"
+    @Argument var file: String
+
+    func run() throws {
+        try imgRun {
+            let img = try openDiskImage(path: file, options: .init(readOnly: true, format: format))
+            let entries = try mapImage(img)
+            if output == "json" {
+                let lines = entries.map { e in
+                    var s = "{ \"start\": \(e.start), \"length\": \(e.length), \"depth\": \(e.depth), \"present\": \(e.present), \"zero\": \(e.zero), \"data\": \(e.data)"
+                    if let o = e.offset { s += ", \"offset\": \(o)" }
+                    return s + "}"
+                }
+                print("[" + lines.joined(separator: ",\n") + "]")
+            } else {
+                print("Offset          Length          Mapped to       File")
+                for e in entries where e.data {
+                    print(String(format: "%#-16llx%#-16llx%#-16llx", e.start, e.length, e.offset ?? 0) + file)
+                }
+            }
+            try img.close()
+        }
+    }
+}
+
+struct ImgCompare: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "compare", abstract: "Compare the contents of two images. Exit 0 identical, 1 different, 2 error.")
+    @Option(name: .customShort("f")) var format1: String?
+    @Option(name: .customShort("F")) var format2: String?
+    @Argument var first: String
+    @Argument var second: String
+
+    func run() throws {
+        do {
+            let a = try openDiskImage(path: first, options: .init(readOnly: true, format: format1))
+            let b = try openDiskImage(path: second, options: .init(readOnly: true, format: format2))
+            if let off = try compareImages(a, b) {
+                print("Content mismatch at offset \(off)!")
+                throw ExitCode(1)
+            }
+            if a.size != b.size { print("Warning: Image size mismatch!") }
+            print("Images are identical.")
+        } catch let e as DiskImageError {
+            FileHandle.standardError.write(Data("swiftkvm img: \(e.message)\n".utf8))
+            throw ExitCode(2)
+        }
+    }
 }
