@@ -105,6 +105,22 @@ struct I8042Tests {
         #expect(dev.inb(2) == 0xff)
     }
 
+    @Test("with an aux device, 0xD3 loops a byte back as aux data on IRQ 12; without one it is swallowed")
+    func auxLoop() {
+        let aux = RecordingLine()
+        let withAux = I8042(keyboardInterrupt: kbd, auxInterrupt: aux, control: control, auxPresent: true)
+        withAux.outb(4, 0x60); withAux.outb(0, 0x47)     // keyboard and aux interrupts on
+        withAux.outb(4, 0xD3); withAux.outb(0, 0x5a)
+        #expect(withAux.inb(4) & 0x21 == 0x21, "OBF with AUXDATA")
+        #expect(aux.level == true)
+        #expect(withAux.inb(0) == 0x5a)
+        #expect(aux.level == false)
+        withAux.outb(4, 0xA9)
+        #expect(withAux.inb(0) == 0x00)
+        command(0xD3, 0x5a)
+        #expect(readOutput() == nil)
+    }
+
     @Test("unknown controller commands are counted and ignored")
     func unknown() {
         command(0x12)
@@ -197,6 +213,16 @@ struct CMOSRTCTests {
         #expect(reg(rtc, 0x02) == 0x45)
         now.withLock { $0 += 3600 }
         #expect(reg(rtc, 0x04) == 0x02)
+    }
+
+    @Test("writing one time register while the clock runs moves the clock by that much")
+    func writeWhileRunning() {
+        let rtc = CMOSRTC(clock: { Self.when })
+        setReg(rtc, 0x09, 0x25)                          // year 2024 -> 2025
+        #expect(reg(rtc, 0x09) == 0x25)
+        #expect(reg(rtc, 0x08) == 0x03, "2025 has no 29 February: the date normalises to 1 March")
+        #expect(reg(rtc, 0x07) == 0x01)
+        #expect(reg(rtc, 0x02) == 0x45)
     }
 
     @Test("CMOS memory holds bytes, and memory sizes land where SeaBIOS reads them")

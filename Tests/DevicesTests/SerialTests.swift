@@ -231,6 +231,18 @@ struct SerialTests {
         #expect(small.inb(IIR) == 0x04, "received data is not cleared by reading IIR")
     }
 
+    @Test("a loopback overrun raises a line-status interrupt that reading LSR clears")
+    func lineStatusInterrupt() {
+        uart.outb(IER, 0x04)
+        uart.outb(MCR, 0x10)
+        uart.outb(RBR, 1)
+        uart.outb(RBR, 2)                     // holding register full: overrun
+        #expect(uart.inb(IIR) == 0x06)
+        #expect(uart.inb(LSR) & 0x02 == 0x02)
+        #expect(uart.inb(IIR) == 0x01)
+        #expect(uart.inb(RBR) == 1)
+    }
+
     @Test("the input buffer drops the oldest bytes when full")
     func dropOldest() {
         let u = Serial16550(interrupt: line, output: out, inputCapacity: 4)
