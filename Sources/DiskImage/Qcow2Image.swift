@@ -8,11 +8,15 @@ public struct ImageOpenOptions: Sendable {
     public var allowBackingFiles: Bool
     /// Format of the image, or nil to probe ("qcow2" or "raw").
     public var format: String?
+    /// Open the image alone, ignoring its backing file (unallocated ranges read as zero). For metadata-only work
+    /// such as `check` and `rebase -u`.
+    public var ignoreBackingFile: Bool
     /// Creates options.
-    public init(readOnly: Bool = false, allowBackingFiles: Bool = true, format: String? = nil) {
+    public init(readOnly: Bool = false, allowBackingFiles: Bool = true, format: String? = nil, ignoreBackingFile: Bool = false) {
         self.readOnly = readOnly
         self.allowBackingFiles = allowBackingFiles
         self.format = format
+        self.ignoreBackingFile = ignoreBackingFile
     }
 }
 
@@ -156,7 +160,7 @@ public final class Qcow2Image: BlockBackend, @unchecked Sendable {
         // Backing chain.
         var resolved: String?
         var backingImage: BlockBackend?
-        if let name = h.backingFile {
+        if let name = h.backingFile, !options.ignoreBackingFile {
             guard options.allowBackingFiles else {
                 throw DiskImageError(.backingChain, "\(path): has backing file '\(name)' but opening backing files is not allowed")
             }
@@ -615,7 +619,8 @@ public final class Qcow2Image: BlockBackend, @unchecked Sendable {
     /// Appends compressed data, packing it after the previous compressed cluster when that is at the file's end.
     func writeCompressed(_ packed: [UInt8]) throws -> UInt64 {
         var off: UInt64
-        if compressedCursor != 0 && compressedCursor % cs != 0 && (compressedCursor + cs - 1) / cs * cs == nextFree {
+        if compressedCursor != 0 && compressedCursor % cs != 0 && (compressedCursor + cs - 1) / cs * cs == nextFree,
+           try refcount(of: compressedCursor & ~(cs - 1)) < maxRefcount {
             off = compressedCursor
             try addRefcount(off & ~(cs - 1), 1)
             let endAligned = (off + UInt64(packed.count) + cs - 1) / cs * cs

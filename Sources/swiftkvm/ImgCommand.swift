@@ -204,7 +204,7 @@ func snapshotTable(_ snaps: [Qcow2Snapshot]) -> String {
         let clock = String(format: "%02d:%02d:%02d.%03d", secs / 3600, (secs / 60) % 60, secs % 60, (s.vmClockNanoseconds / 1_000_000) % 1000)
         let ic = s.icount.map { $0 == UInt64.max ? "" : String($0) } ?? ""
         out += s.id.padding(toLength: 10, withPad: " ", startingAt: 0) + s.name.padding(toLength: 18, withPad: " ", startingAt: 0)
-        out += String(repeating: " ", count: max(0, 10 - humanSize(s.vmStateSize).count)) + humanSize(s.vmStateSize)
+        out += String(repeating: " ", count: max(0, 7 - humanSize(s.vmStateSize).count)) + humanSize(s.vmStateSize)
         out += " \(date) \(clock) " + String(repeating: " ", count: max(0, 10 - ic.count)) + ic + "\n"
     }
     return out
@@ -286,7 +286,7 @@ struct ImgCheck: ParsableCommand {
                 FileHandle.standardError.write(Data("swiftkvm img: This image format does not support checks\n".utf8))
                 throw ExitCode(63)
             }
-            let img = try Qcow2Image(path: file, options: .init(readOnly: mode == nil, allowBackingFiles: false))
+            let img = try Qcow2Image(path: file, options: .init(readOnly: mode == nil, ignoreBackingFile: true))
             result = try img.check(repair: mode)
             try img.close()
         } catch let e as DiskImageError {
@@ -462,7 +462,7 @@ struct ImgRebase: ParsableCommand {
             var fmt = backingFormat
             if let n = name, fmt == nil, let f = try? probeImageFormat(path: resolveBacking(n, relativeTo: file)) { fmt = f.rawValue }
             if unsafe {
-                let img = try Qcow2Image(path: file, options: .init(readOnly: false, allowBackingFiles: false))
+                let img = try Qcow2Image(path: file, options: .init(readOnly: false, ignoreBackingFile: true))
                 try img.setBackingFile(name, format: fmt)
                 try img.close()
                 return
