@@ -99,9 +99,13 @@ public final class Machine: @unchecked Sendable {
         let usePVM = config.pvmFixups ?? PVMQuirks.detect()
         self.quirks = quirks ?? (usePVM ? PVMQuirks() : NoHostQuirks())
 
+        // Guest RAM and the guest image first: bad input is reported before KVM is touched.
+        memory = try GuestMemory.allocate(size: config.memorySize)
+        loaded = try Self.load(config: config, memory: memory)
+        for line in loaded.summary { logger.debug("boot: \(line)") }
+
         kvm = try KVMSystem()
         vm = try kvm.createVM()
-        memory = try GuestMemory.allocate(size: config.memorySize)
         for (slot, region) in memory.regions.enumerated() {
             try vm.setUserMemoryRegion(slot: UInt32(slot), guestPhys: region.start, size: region.size, host: region.host)
         }
@@ -110,10 +114,6 @@ public final class Machine: @unchecked Sendable {
         try vm.createIRQChip()
         try vm.createPIT2()
         try self.quirks.configure(vm: vm, logger: logger)
-
-        // Guest image.
-        loaded = try Self.load(config: config, memory: memory)
-        for line in loaded.summary { logger.debug("boot: \(line)") }
 
         // Devices.
         serial = Serial16550(interrupt: KVMInterruptLine(vm: vm, gsi: Serial16550.defaultIRQ), output: serialOutput)

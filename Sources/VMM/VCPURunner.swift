@@ -68,6 +68,12 @@ final class VCPURunner: @unchecked Sendable {
 
     private func body() {
         _ = ckvm_set_thread_name("vcpu \(vcpu.id)")
+        // The kick signal must reach this thread even if the parent process started us with it
+        // blocked (signal masks are inherited across exec).
+        var kickSet = sigset_t()
+        sigemptyset(&kickSet)
+        sigaddset(&kickSet, ckvm_kick_signal())
+        pthread_sigmask(SIG_UNBLOCK, &kickSet, nil)
         threadID.store(UInt(ckvm_pthread_self()), ordering: .sequentiallyConsistent)
         var counts: [String: UInt64] = [:]
         defer {

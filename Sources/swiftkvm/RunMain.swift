@@ -45,6 +45,10 @@ enum RunMain {
         sigaddset(&stopSignals, SIGINT)
         sigaddset(&stopSignals, SIGTERM)
         pthread_sigmask(SIG_BLOCK, &stopSignals, nil)
+        // An ignored signal is discarded rather than left pending for sigtimedwait: a parent
+        // may have started us with SIGINT/SIGTERM ignored.
+        signal(SIGINT, SIG_DFL)
+        signal(SIGTERM, SIG_DFL)
 
         guard let level = Logger.Level(rawValue: options.logLevel.lowercased()) else {
             fail("invalid --log-level '\(options.logLevel)': expected trace, debug, info, notice, warning, error or critical")
