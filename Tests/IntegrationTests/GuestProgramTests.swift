@@ -326,6 +326,20 @@ struct GuestProgramTests {
         if kind == "pf" { #expect(r.output.contains("cr2 100000000000"), "\(r.output)") }
     }
 
+    @Test("smp: with --cpus 1 the program finds the boot CPU in the firmware tables",
+          .disabled("swiftkvm gives multiboot guests no MP table or ACPI MADT yet (SMP/ACPI: issue 4)"))
+    func smpSingle() throws {
+        let r = try runGuestProgram(programArguments("smp", cmdline: "cpus=1") + ["--cpus", "1"])
+        expectPass(r, checks: ["cpus-listed", "cpu-count"])
+    }
+
+    @Test("smp: with --cpus 2 the AP is listed, starts with INIT-SIPI-SIPI and reports from long mode",
+          .disabled("swiftkvm gives multiboot guests no MP table or ACPI MADT yet (SMP/ACPI: issue 4)"))
+    func smpTwo() throws {
+        let r = try runGuestProgram(programArguments("smp", cmdline: "cpus=2") + ["--cpus", "2"])
+        expectPass(r, checks: ["cpus-listed", "cpu-count", "ap-online", "all-aps-started"])
+    }
+
     @Test("exits: port and MMIO writes from ring 3 all reach the VMM")
     func exits() throws {
         let r = try runGuestProgram(programArguments("exits", cmdline: "n=20000"), timeout: 300)

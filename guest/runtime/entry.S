@@ -229,6 +229,64 @@ rt_syscall_entry:
     popfq
     jmpq *%rcx
 
+
+/* ------------------------------------------------------------------ application processors */
+/* Real-mode trampoline, copied to RT_AP_TRAMPOLINE (SIPI vector RT_AP_TRAMPOLINE >> 12) by
+ * rt_start_ap. Position-dependent on that address only. */
+    .section .rodata
+    .code16
+    .globl rt_ap_trampoline, rt_ap_trampoline_end
+rt_ap_trampoline:
+    cli
+    movw %cs, %ax
+    movw %ax, %ds
+    lgdtl (ap_gdtr - rt_ap_trampoline)
+    movl %cr0, %eax
+    orl $1, %eax
+    movl %eax, %cr0
+    ljmpl $SEL_KCODE32, $(RT_AP_TRAMPOLINE + ap32 - rt_ap_trampoline)
+    .code32
+ap32:
+    movw $SEL_KDATA, %ax
+    movw %ax, %ds
+    movw %ax, %es
+    movw %ax, %ss
+    movl %cr4, %eax
+    orl $0x20, %eax
+    movl %eax, %cr4
+    movl $pml4, %eax
+    movl %eax, %cr3
+    movl $0xC0000080, %ecx
+    rdmsr
+    orl $0x101, %eax
+    wrmsr
+    movl %cr0, %eax
+    orl $0x80000001, %eax
+    movl %eax, %cr0
+    ljmpl $SEL_KCODE, $ap_long
+    .align 8
+ap_gdtr:
+    .word rt_gdt_end - rt_gdt - 1
+    .long rt_gdt
+rt_ap_trampoline_end:
+
+    .text
+    .code64
+ap_long:
+    movw $SEL_KDATA, %ax
+    movw %ax, %ds
+    movw %ax, %es
+    movw %ax, %ss
+    xorw %ax, %ax
+    movw %ax, %fs
+    movw %ax, %gs
+    movq rt_ap_stack_top(%rip), %rsp
+    cld
+    call rt_ap_main
+3:  cli
+    hlt
+    jmp 3b
+
 /* ------------------------------------------------------------------ data */
     .data
     .align 16
@@ -241,12 +299,14 @@ rt_gdt:
     .quad 0x00cff2000000ffff        /* 0x20 user data */
     .quad 0x00affa000000ffff        /* 0x28 user code, 64-bit */
     .quad 0, 0                      /* 0x30 TSS (filled by rt_start) */
+    .quad 0x00cf9a000000ffff        /* 0x40 kernel code, 32-bit (AP startup) */
 rt_gdt_end:
     .align 16
 gdt_ptr:
     .word rt_gdt_end - rt_gdt - 1
     .quad rt_gdt
 
+    .globl gdt_ptr
     .globl rt_boot_magic, rt_boot_info
     .align 8
 rt_boot_magic: .long 0

@@ -225,6 +225,12 @@ void rt_set_handler(uint8_t vector, rt_handler h, int dpl) {
     set_gate(vector, dpl);
 }
 
+/* Loads the shared IDT (BSP at start, each AP in rt_ap_main). */
+void rt_load_idt(void) {
+    struct { uint16_t limit; uint64_t base; } __attribute__((packed)) idtr = { sizeof idt - 1, (uint64_t)(uintptr_t)idt };
+    __asm__ volatile("lidt %0" :: "m"(idtr));
+}
+
 static void tables_init(void) {
     uint64_t base = (uint64_t)(uintptr_t)&tss, limit = sizeof tss - 1;
     tss.rsp0 = (uint64_t)(uintptr_t)rt_interrupt_stack_top;
@@ -238,8 +244,7 @@ static void tables_init(void) {
     __asm__ volatile("ltr %w0" :: "r"(SEL_TSS));
 
     for (int v = 0; v < 256; v++) set_gate((uint8_t)v, 0);
-    struct { uint16_t limit; uint64_t base; } __attribute__((packed)) idtr = { sizeof idt - 1, (uint64_t)(uintptr_t)idt };
-    __asm__ volatile("lidt %0" :: "m"(idtr));
+    rt_load_idt();
 
     wrmsr(MSR_STAR, ((uint64_t)SEL_UCODE32 << 48) | ((uint64_t)SEL_KCODE << 32));
     wrmsr(MSR_LSTAR, (uint64_t)(uintptr_t)rt_syscall_entry);
@@ -453,7 +458,7 @@ uint8_t rt_pci_find_cap(uint8_t b, uint8_t d, uint8_t f, uint8_t cap_id, uint8_t
 
 /* ---------------------------------------------------------------- memory */
 static uint64_t heap_next, heap_end;
-void *rt_alloc_pages(size_t count) {
+void *rt_alloc_pages_nozero(size_t count) {
     if (!heap_next) {
         heap_next = ((uint64_t)(uintptr_t)__image_end + 0xfff) & ~0xfffull;
         heap_end = (rt_mbi && (rt_mbi->flags & 1)) ? (uint64_t)rt_mbi->mem_upper * 1024 + 0x100000 : 64ull << 20;
@@ -463,7 +468,11 @@ void *rt_alloc_pages(size_t count) {
     if (count == 0 || count > (1u << 20) || heap_next + size > heap_end) return 0;
     void *p = (void *)(uintptr_t)heap_next;
     heap_next += size;
-    memset(p, 0, size);
+    return p;
+}
+void *rt_alloc_pages(size_t count) {
+    void *p = rt_alloc_pages_nozero(count);
+    if (p) memset(p, 0, count * 4096);
     return p;
 }
 

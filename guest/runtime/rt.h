@@ -226,5 +226,22 @@ uint8_t rt_pci_find_cap(uint8_t bus, uint8_t dev, uint8_t fn, uint8_t cap_id, ui
 /* Zeroed, page-aligned pages from a bump allocator above the image (no free). NULL when the
  * request does not fit below the top of RAM (multiboot mem_upper, or 64 MiB after a flat entry). */
 void *rt_alloc_pages(size_t count);
+/* The same without zeroing (zeroing is slow where ring-0 code is emulated). */
+void *rt_alloc_pages_nozero(size_t count);
+
+/* ---------------------------------------------------------------- ACPI, CPUs, APs (smp.c) */
+int rt_checksum_ok(const void *p, uint32_t len);
+/* The RSDP (EBDA, then 0xe0000-0xfffff), with a valid checksum; NULL when absent. */
+const uint8_t *rt_acpi_rsdp(void);
+/* The ACPI table with this 4-character signature from the XSDT (or RSDT), checksum verified. */
+const uint8_t *rt_acpi_table(const char *sig);
+/* Enabled CPUs' APIC IDs from the ACPI MADT, else the MP table; *source names which. */
+uint32_t rt_cpu_apic_ids(uint32_t *ids, uint32_t max, const char **source);
+/* Starts one AP with INIT-SIPI-SIPI (trampoline at RT_AP_TRAMPOLINE). The AP enters long mode
+ * on the shared GDT/IDT/page tables, enables its LAPIC and calls fn(apic_id); rt_start_ap
+ * returns 0 once fn returned (so APs may print), -1 on timeout. The AP then halts with IF=0. */
+typedef void (*rt_ap_fn)(uint32_t apic_id);
+int rt_start_ap(uint32_t apic_id, rt_ap_fn fn, uint32_t timeout_ms);
+extern volatile uint32_t rt_ap_online;
 
 #endif

@@ -1,0 +1,31 @@
+/* smp: finds the CPUs (ACPI MADT, else the MP table) and starts every AP with INIT-SIPI-SIPI;
+ * each AP reports in from long mode with its APIC ID. "cpus=N" on the command line also checks
+ * that N CPUs are listed. */
+#include "rt.h"
+
+const char rt_program_name[] = "smp";
+
+static void ap_hello(uint32_t id) {
+    uint16_t cs = read_cs();
+    uint64_t efer = rdmsr(MSR_EFER);
+    rt_check("ap-online", cs == SEL_KCODE && (efer & 0x400), "APIC ID %u in long mode (CS %x, EFER %lx)", id, cs, efer);
+}
+
+int main(void) {
+    uint32_t ids[64];
+    const char *source = "none";
+    uint32_t n = rt_cpu_apic_ids(ids, 64, &source);
+    uint32_t bsp = (rt_lapic_enable(), rt_lapic_id());
+    rt_check("cpus-listed", n >= 1, "%u CPUs from %s, BSP APIC ID %u", n, source, bsp);
+    uint64_t want = rt_cmdline_uint("cpus", 0);
+    if (want) rt_check("cpu-count", n == want, "%u listed, %lu expected", n, want);
+    uint32_t started = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        if (ids[i] == bsp) continue;
+        if (rt_start_ap(ids[i], ap_hello, 5000) == 0) started++;
+        else rt_fail("ap-start", "APIC ID %u did not report within ~5 s", ids[i]);
+    }
+    if (n > 1) rt_check("all-aps-started", started == n - 1 && rt_ap_online == n - 1, "%u of %u APs", started, n - 1);
+    else rt_printf("# single CPU: no AP to start\n");
+    return 0;
+}
