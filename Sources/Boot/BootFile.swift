@@ -34,6 +34,39 @@ public enum BootSource: Sendable, Equatable {
         }
     }
 
+    /// The first `count` bytes (fewer if the source is shorter) and the total size.
+    func readPrefix(_ count: Int) throws -> (bytes: [UInt8], size: UInt64) {
+        switch self {
+        case .bytes(let b, _): return (Array(b.prefix(count)), UInt64(b.count))
+        case .path(let p):
+            return try BootFile.open(p) { fd, size in
+                var out = [UInt8](repeating: 0, count: Int(min(UInt64(count), size)))
+                try out.withUnsafeMutableBytes { try BootFile.preadFully(fd, into: $0, at: 0, path: p) }
+                return (out, size)
+            }
+        }
+    }
+
+    /// Copies `count` bytes from file offset `offset` straight into guest memory at `address`.
+    func copyRange(offset: UInt64, count: UInt64, into memory: GuestMemory, at address: UInt64) throws {
+        guard count > 0 else { return }
+        let dst = try guarded(name, at: address) { try memory.translate(address, count: count) }
+        switch self {
+        case .bytes(let b, let n):
+            guard offset <= UInt64(b.count), count <= UInt64(b.count) - offset else {
+                throw BootError.invalidImage("\(n): range \(hex(offset))+\(hex(count)) is past the end (\(b.count) bytes)")
+            }
+            b.withUnsafeBytes { dst.copyMemory(from: $0.baseAddress! + Int(offset), byteCount: Int(count)) }
+        case .path(let p):
+            try BootFile.open(p) { fd, size in
+                guard offset <= size, count <= size - offset else {
+                    throw BootError.fileUnreadable(path: p, reason: "range \(hex(offset))+\(hex(count)) is past the end of the file (\(size) bytes)")
+                }
+                try BootFile.preadFully(fd, into: UnsafeMutableRawBufferPointer(start: dst, count: Int(count)), at: offset, path: p)
+            }
+        }
+    }
+
     /// The size in bytes.
     func size() throws -> UInt64 {
         switch self {
@@ -70,6 +103,20 @@ enum BootFile {
         guard fstat(fd, &st) == 0 else { throw BootError.fileUnreadable(path: path, reason: String(cString: strerror(errno))) }
         guard (st.st_mode & S_IFMT) == S_IFREG else { throw BootError.fileUnreadable(path: path, reason: "not a regular file") }
         return try body(fd, UInt64(st.st_size))
+    }
+
+    /// Reads exactly `buffer.count` bytes at file offset `offset`.
+    static func preadFully(_ fd: Int32, into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64, path: String) throws {
+        var done = 0
+        while done < buffer.count {
+            let n = pread(fd, buffer.baseAddress! + done, min(buffer.count - done, 1 << 30), off_t(offset) + off_t(done))
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw BootError.fileUnreadable(path: path, reason: String(cString: strerror(errno)))
+            }
+            if n == 0 { throw BootError.fileUnreadable(path: path, reason: "file shrank to \(UInt64(done) + offset) bytes while reading") }
+            done += n
+        }
     }
 
     /// Reads exactly `buffer.count` bytes.

@@ -80,10 +80,17 @@ public enum KernelLoader {
     /// command line into `memory`, writing every boot structure the format needs.
     public static func load(kernel: BootSource, initrd: BootSource? = nil, cmdline: String = "",
                             memory: GuestMemory, options: BootOptions = BootOptions()) throws -> LoadedKernel {
-        let bytes = try kernel.readAll(limit: memory.totalSize)
-        guard let format = KernelFormat.detect(bytes) else {
+        // Detect from the first MiB; ELF kernels are then read segment by segment, so a vmlinux
+        // with debug info larger than guest RAM still loads.
+        let (prefix, size) = try kernel.readPrefix(ELFStreamLoader.headerLimit)
+        guard let format = KernelFormat.detect(prefix) else {
             throw BootError.unknownKernelFormat("\(kernel.name) is not a kernel: no bzImage setup header (\"HdrS\" at 0x202), no multiboot header in the first 8 KiB, and not an ELF64 file")
         }
+        if format == .elf64 {
+            return try ELFKernelLoader.load(kernel, prefix: prefix, fileSize: size, initrd: initrd, cmdline: cmdline,
+                                            memory: memory, options: options)
+        }
+        let bytes = UInt64(prefix.count) == size ? prefix : try kernel.readAll(limit: memory.totalSize)
         switch format {
         case .bzImage:
             return try BzImageLoader.load(bytes, name: kernel.name, initrd: initrd, cmdline: cmdline, memory: memory, options: options)
@@ -92,9 +99,7 @@ public enum KernelLoader {
                 throw BootError.unsupported("\(kernel.name) is a multiboot kernel: pass extra files as modules, not as an initrd")
             }
             return try MultibootLoader.load(bytes, name: kernel.name, cmdline: cmdline, modules: options.modules, memory: memory)
-        case .elf64:
-            return try ELFKernelLoader.load(bytes, name: kernel.name, initrd: initrd, cmdline: cmdline, memory: memory, options: options)
-        case .flat:
+        case .elf64, .flat:
             throw BootError.unknownKernelFormat("\(kernel.name): flat binaries are loaded with FlatLoader")
         }
     }
@@ -102,17 +107,30 @@ public enum KernelLoader {
 
 /// Loads an ELF64 x86-64 vmlinux and enters its 64-bit entry with a synthesized zero page.
 public enum ELFKernelLoader {
-    static func load(_ bytes: [UInt8], name: String, initrd: BootSource?, cmdline: String, memory: GuestMemory,
-                     options: BootOptions) throws -> LoadedKernel {
-        let what = "kernel ELF \(name)"
-        let elf = try ELFImage(parsing: bytes, bits: 64, machine: 62, what: what)
+    /// Loads an ELF64 kernel whose first bytes are `prefix` (which must hold the ELF and program
+    /// headers) and whose size is `fileSize`; segment data is read straight into guest memory.
+    static func load(_ source: BootSource, prefix: [UInt8], fileSize: UInt64, initrd: BootSource?, cmdline: String,
+                     memory: GuestMemory, options: BootOptions) throws -> LoadedKernel {
+        let what = "kernel ELF \(source.name)"
+        let elf = try ELFImage(parsing: prefix, bits: 64, machine: 62, what: what, streamed: true)
+        for (i, h) in elf.programHeaders.enumerated() where h.type == ELFProgramHeader.load && h.memsz > 0 {
+            guard h.offset <= fileSize, h.filesz <= fileSize - h.offset else {
+                throw BootError.invalidImage("\(what): ELF segment \(i) file data at offset \(hex(h.offset))+\(hex(h.filesz)) extends past the end of the file (\(fileSize) bytes)")
+            }
+        }
         var result = LoadedKernel(format: .elf64)
         result.pvhEntry = elf.pvhEntry
         if let p = elf.pvhEntry { result.notes.append("PVH entry note \(hex(p)) (not used: entering the 64-bit ELF entry)") }
         var zp = ZeroPage.synthesized()
         zp.setLoaderFields()
         let boot = try BootStructures.writeLinux(cmdline: cmdline, limit: BootLayout.defaultCmdlineSize, memory: memory)
-        let ranges = try elf.load(from: bytes, into: memory, avoiding: boot, what: "kernel ELF")
+        let ranges = try elf.checkPlacement(in: memory, avoiding: boot, what: "kernel ELF")
+        for h in elf.loadSegments {
+            try source.copyRange(offset: h.offset, count: h.filesz, into: memory, at: h.paddr)
+            try guarded("kernel ELF BSS", at: h.paddr + h.filesz) {
+                try memory.zero(at: h.paddr + h.filesz, count: Int(h.memsz - h.filesz))
+            }
+        }
         let entry = try elf.physicalEntry(what: what)
         if let initrd {
             let r = try InitrdPlacer.load(initrd, maxAddress: BootLayout.defaultInitrdAddrMax,

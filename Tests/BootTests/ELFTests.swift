@@ -1,3 +1,4 @@
+import Foundation
 import Testing
 @testable import Boot
 
@@ -26,6 +27,28 @@ struct ELFTests {
         let mp = try #require(k.ranges.first { $0.what == "MP table" })
         #expect(try mem.read(at: 0x9fc00, count: 4) == Array("_MP_".utf8))
         #expect(k.e820.contains { $0.kind == .reserved && $0.address <= mp.start && $0.end >= mp.end })
+    }
+
+    @Test("an ELF file larger than guest RAM (debug info after the segments) loads segment by segment")
+    func bigFile() throws {
+        let path = FileManager.default.temporaryDirectory.appendingPathComponent("vmlinux-\(UUID().uuidString)").path
+        let elf = makeVmlinux()
+        try Data(elf).write(to: URL(fileURLWithPath: path))
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        #expect(truncate(path, 64 << 20) == 0)  // sparse tail standing in for debug sections
+        let mem = try makeMemory(32 << 20)
+        let k = try KernelLoader.load(kernel: .path(path), memory: mem)
+        #expect(k.format == .elf64 && k.entry.rip == 0x100_0040)
+        #expect(try mem.read(at: 0x100_0000, count: 0x41) == Array(elf[elf.count - 0x3000..<elf.count - 0x3000 + 0x41]))
+        #expect(try mem.read(at: 0x100_3000, count: 0x2000) == [UInt8](repeating: 0, count: 0x2000))
+    }
+
+    @Test("an ELF file whose segment data is cut off is refused naming the offset")
+    func cutFile() throws {
+        let elf = makeVmlinux()
+        let mem = try makeMemory(32 << 20)
+        let message = bootError { _ = try KernelLoader.load(kernel: .bytes(Array(elf.prefix(elf.count - 10)), name: "vmlinux"), memory: mem) }
+        #expect(message?.contains("extends past the end of the file") == true, "\(message ?? "")")
     }
 
     @Test("e_entry given as a physical address (as Linux links it) is used as is")
