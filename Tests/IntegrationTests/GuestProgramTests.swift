@@ -326,6 +326,12 @@ struct GuestProgramTests {
         if kind == "pf" { #expect(r.output.contains("cr2 100000000000"), "\(r.output)") }
     }
 
+    @Test("int3: ring-0 int3 (also Linux's self-test sequence), fwait and ud2 behave as on hardware (PVM fix-ups here)")
+    func breakpoints() throws {
+        let r = try runGuestProgram(programArguments("int3"))
+        expectPass(r, checks: ["int3-handler", "int3-continues", "int3-emulated-call", "fwait", "ud2"])
+    }
+
     @Test("smp: with --cpus 1 the program finds the boot CPU in the firmware tables",
           .disabled("swiftkvm gives multiboot guests no MP table or ACPI MADT yet (SMP/ACPI: issue 4)"))
     func smpSingle() throws {

@@ -225,6 +225,12 @@ void rt_set_handler(uint8_t vector, rt_handler h, int dpl) {
     set_gate(vector, dpl);
 }
 
+static uint8_t ist_stack[4096] __attribute__((aligned(16)));
+void rt_set_ist(uint8_t vector, int on) {
+    tss.ist[0] = (uint64_t)(uintptr_t)(ist_stack + sizeof ist_stack);
+    idt[vector].ist = on ? 1 : 0;
+}
+
 /* Loads the shared IDT (BSP at start, each AP in rt_ap_main). */
 void rt_load_idt(void) {
     struct { uint16_t limit; uint64_t base; } __attribute__((packed)) idtr = { sizeof idt - 1, (uint64_t)(uintptr_t)idt };

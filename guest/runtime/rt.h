@@ -157,6 +157,9 @@ typedef void (*rt_handler)(struct rt_frame *f);
  * callable with `int` from ring 3. */
 void rt_set_handler(uint8_t vector, rt_handler h, int dpl);
 extern volatile uint64_t rt_spurious_count;
+/* Runs the handler of a vector on a separate 4 KiB stack (IST 1), so a handler may write below
+ * the interrupted RSP (e.g. to emulate a call, as Linux's int3 handler does). */
+void rt_set_ist(uint8_t vector, int on);
 const char *rt_exception_name(uint64_t vector);
 
 /* ---------------------------------------------------------------- PIC, PIT, LAPIC, IOAPIC */
