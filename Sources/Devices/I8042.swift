@@ -19,7 +19,9 @@ import Synchronization
 /// The keyboard acknowledges every command with 0xFA, answers reset (0xFF) with 0xFA 0xAA,
 /// identify (0xF2) with 0xFA 0xAB 0x83 and echo (0xEE) with 0xEE; it never sends keystrokes.
 /// The keyboard interrupt is a level: asserted while the output buffer holds a keyboard byte
-/// and the command byte enables keyboard interrupts (bit 0); the aux interrupt likewise.
+/// and the command byte enables keyboard interrupts (bit 0); the aux interrupt likewise. Each
+/// read of the data port lowers the line, and it rises again if another byte follows, so an
+/// edge-triggered interrupt controller sees every byte.
 public final class I8042: BusDevice, Sendable {
     /// Port of the data register; the device spans `defaultBase ..< defaultBase + portCount`.
     public static let defaultBase: UInt64 = 0x60
@@ -50,6 +52,7 @@ public final class I8042: BusDevice, Sendable {
         var refreshToggle = false
         var kbdLevel = false
         var auxLevel = false
+        var dataRead = false                      // the output buffer was read: re-edge the line
         var unknownCommands: UInt64 = 0
     }
 
@@ -107,6 +110,7 @@ public final class I8042: BusDevice, Sendable {
         switch reg {
         case 0:
             guard !s.queue.isEmpty else { return 0 }
+            s.dataRead = true
             return s.queue.removeFirst().byte
         case 1:
             s.refreshToggle.toggle()
@@ -235,6 +239,13 @@ public final class I8042: BusDevice, Sendable {
     }
 
     private func updateLevels(_ s: inout State) {
+        if s.dataRead {
+            // As on a real 8042, reading the output buffer drops the line and loading the next
+            // byte raises it again: an edge for edge-triggered interrupt controllers.
+            s.dataRead = false
+            if s.kbdLevel { s.kbdLevel = false; keyboardInterrupt.set(level: false) }
+            if s.auxLevel { s.auxLevel = false; auxInterrupt.set(level: false) }
+        }
         let head = s.queue.first
         let kbd = head.map { $0.source != .aux } ?? false && s.commandByte & Self.ctrKbdInt != 0
         let aux = head?.source == .aux && s.commandByte & Self.ctrAuxInt != 0

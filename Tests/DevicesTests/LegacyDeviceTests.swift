@@ -78,6 +78,8 @@ struct I8042Tests {
         #expect(readOutput() == 0xAB)
         #expect(readOutput() == 0x41, "translated ID")
         #expect(kbd.level == false)
+        // Every byte is a fresh rising edge: true, then (false, true) after each of two reads, false.
+        #expect(kbd.history.suffix(6) == [true, false, true, false, true, false])
         dev.outb(0, 0xFF)                     // reset
         #expect(readOutput() == 0xFA)
         #expect(readOutput() == 0xAA)
