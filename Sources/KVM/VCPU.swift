@@ -295,22 +295,17 @@ public final class VCPU: @unchecked Sendable {
         try ioctlStruct(fd, CKVM_SET_VCPU_EVENTS, &e, "KVM_SET_VCPU_EVENTS")
     }
 
-    /// Queues exception `vector` (with an optional error code) for delivery at the next entry.
+    /// Injects exception `vector` (with an optional error code) at the next entry, as an already
+    /// injected event (`exception.injected = 1`), which every KVM accepts without
+    /// KVM_CAP_EXCEPTION_PAYLOAD. For a trap such as #BP, advance RIP past the instruction first.
     public func injectException(vector: UInt8, errorCode: UInt32? = nil) throws {
         var e = try getVCPUEvents()
-        e.exception.injected = 0
-        e.exception.pending = 1
+        e.exception.injected = 1
+        e.exception.pending = 0
         e.exception.nr = vector
         e.exception.has_error_code = errorCode == nil ? 0 : 1
         e.exception.error_code = errorCode ?? 0
         e.flags = 0
-        do {
-            try setVCPUEvents(e)
-        } catch {
-            // Without KVM_CAP_EXCEPTION_PAYLOAD, "pending" is not accepted: inject instead.
-            e.exception.pending = 0
-            e.exception.injected = 1
-            try setVCPUEvents(e)
-        }
+        try setVCPUEvents(e)
     }
 }

@@ -15,8 +15,9 @@ public protocol HostQuirks: Sendable {
     func configure(vm: VirtualMachine, logger: Logger) throws
     /// A KVM internal error: return true when fixed up (the vCPU may run again).
     func handleInternalError(vcpu: VCPU, memory: GuestMemory, suberror: UInt32, data: [UInt64], logger: Logger) -> Bool
-    /// A filtered MSR access: return true when handled (the handler completed the exit).
-    func handleMSR(vcpu: VCPU, index: UInt32, write: UInt64?, logger: Logger) -> Bool
+    /// A filtered MSR access (`write` nil for RDMSR): return true when handled (the handler
+    /// completed the exit with `VCPU.completeMSR`).
+    func handleMSR(vcpu: VCPU, memory: GuestMemory, index: UInt32, write: UInt64?, logger: Logger) -> Bool
     /// An MMIO exit no device claimed yet: return true when handled.
     func handleMMIO(vcpu: VCPU, memory: GuestMemory, address: UInt64, isWrite: Bool, logger: Logger) -> Bool
     /// Fix-up counters by name, for the exit statistics.
@@ -28,7 +29,7 @@ extension HostQuirks {
     public func filterCPUID(_ entries: [kvm_cpuid_entry2]) -> [kvm_cpuid_entry2] { entries }
     public func configure(vm: VirtualMachine, logger: Logger) throws {}
     public func handleInternalError(vcpu: VCPU, memory: GuestMemory, suberror: UInt32, data: [UInt64], logger: Logger) -> Bool { false }
-    public func handleMSR(vcpu: VCPU, index: UInt32, write: UInt64?, logger: Logger) -> Bool { false }
+    public func handleMSR(vcpu: VCPU, memory: GuestMemory, index: UInt32, write: UInt64?, logger: Logger) -> Bool { false }
     public func handleMMIO(vcpu: VCPU, memory: GuestMemory, address: UInt64, isWrite: Bool, logger: Logger) -> Bool { false }
     public var counters: [String: UInt64] { [:] }
 }

@@ -159,12 +159,12 @@ final class VCPURunner: @unchecked Sendable {
             logger.error("\(message)")
             controller.stop(.internalError(message))
         case .x86RDMSR(let index, _):
-            if !machine.quirks.handleMSR(vcpu: vcpu, index: index, write: nil, logger: logger) {
+            if !machine.quirks.handleMSR(vcpu: vcpu, memory: machine.memory, index: index, write: nil, logger: logger) {
                 logger.debug("rdmsr 0x\(String(index, radix: 16)) refused (#GP)")
                 vcpu.completeMSR(error: true)
             }
         case .x86WRMSR(let index, let value, _):
-            if !machine.quirks.handleMSR(vcpu: vcpu, index: index, write: value, logger: logger) {
+            if !machine.quirks.handleMSR(vcpu: vcpu, memory: machine.memory, index: index, write: value, logger: logger) {
                 logger.debug("wrmsr 0x\(String(index, radix: 16)) refused (#GP)")
                 vcpu.completeMSR(error: true)
             }

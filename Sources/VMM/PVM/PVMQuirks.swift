@@ -11,22 +11,53 @@ import Glibc
 /// - CPUID.1:ECX CX16 is hidden (`lock cmpxchg16b` fails to emulate);
 /// - emulation failures on `fwait` (skipped), `int3` (RIP+1 and #BP injected) and `ud2` (#UD
 ///   injected) are recovered;
+/// - user-mode `syscall` is redirected through a trampoline into the kernel at CPL 0
+///   (`SyscallFixup`);
 /// - every fix-up is counted.
-///
-/// TODO(pvm-syscall): the user-mode SYSCALL fix-up (HOST-KVM.md quirk 3) is not implemented yet.
-/// Plan: in `configure`, enable KVM_CAP_X86_USER_SPACE_MSR (KVM_MSR_EXIT_REASON_FILTER) and
-/// set an MSR filter denying writes to LSTAR (0xc0000082) so they reach `handleMSR`, which
-/// records the guest's value and writes the trampoline address 0xffffff8000000000 instead; map the
-/// trampoline page (`mov %al,0x1000-6(%rip); ud2`) user-accessible in the guest kernel's page
-/// table (PML4 slot 511); in `handleMMIO`, on a write to the unbacked page 0xfe000000 from the
-/// trampoline, set CS = STAR[47:32], SS = CS+8 at DPL 0 and RIP = the guest's LSTAR.
-public final class PVMQuirks: HostQuirks {
+public final class PVMQuirks: HostQuirks, @unchecked Sendable {
     public var name: String { "pvm" }
     public var hidesCX16: Bool { true }
 
     private let counts = Mutex<[String: UInt64]>([:])
+    private let syscall: SyscallFixup?
 
-    public init() {}
+    /// Creates the fix-ups; `syscallFixup` enables the user-mode SYSCALL redirection.
+    public init(syscallFixup: Bool = true) {
+        syscall = syscallFixup ? try? SyscallFixup() : nil
+    }
+
+    public func configure(vm: VirtualMachine, logger: Logger) throws {
+        guard let syscall else { return }
+        do {
+            try syscall.configure(vm: vm)
+        } catch {
+            logger.warning("pvm: syscall fix-up unavailable: \(error)")
+        }
+    }
+
+    public func handleMSR(vcpu: VCPU, memory: GuestMemory, index: UInt32, write: UInt64?, logger: Logger) -> Bool {
+        guard let syscall, index == SyscallFixup.lstar, let value = write else { return false }
+        do {
+            try syscall.handleLSTARWrite(vcpu: vcpu, memory: memory, value: value, logger: logger)
+            count("LSTAR write")
+            return true
+        } catch {
+            logger.error("pvm: LSTAR write fix-up failed: \(error)")
+            return false
+        }
+    }
+
+    public func handleMMIO(vcpu: VCPU, memory: GuestMemory, address: UInt64, isWrite: Bool, logger: Logger) -> Bool {
+        guard let syscall, syscall.isTrampolineExit(address: address, isWrite: isWrite) else { return false }
+        do {
+            guard try syscall.enterKernel(vcpu: vcpu, logger: logger) else { return false }
+            count("syscall")
+            return true
+        } catch {
+            logger.error("pvm: syscall fix-up failed: \(error)")
+            return false
+        }
+    }
 
     /// Whether /dev/kvm on this host is PVM: the `kvm_pvm` module is loaded, or the CPU has
     /// neither the `vmx` nor the `svm` flag.
