@@ -152,11 +152,11 @@ final class VCPURunner: @unchecked Sendable {
                 return
             }
             let message = describeFailure("KVM internal error (suberror \(suberror))", suberror: suberror, data: data)
-            logger.error("\(message)")
+            logger.debug("\(message)")
             controller.stop(.internalError(message))
         case .failEntry(let reason):
             let message = describeFailure("VM entry failed (hardware reason 0x\(String(reason, radix: 16)))", suberror: nil, data: [])
-            logger.error("\(message)")
+            logger.debug("\(message)")
             controller.stop(.internalError(message))
         case .x86RDMSR(let index, _):
             if !machine.quirks.handleMSR(vcpu: vcpu, memory: machine.memory, index: index, write: nil, logger: logger) {
@@ -170,7 +170,7 @@ final class VCPURunner: @unchecked Sendable {
             }
         case .unknown(let reason):
             let message = describeFailure("unexpected KVM exit reason \(reason)", suberror: nil, data: [])
-            logger.error("\(message)")
+            logger.debug("\(message)")
             controller.stop(.internalError(message))
         }
     }

@@ -95,6 +95,17 @@ struct FlatProgramTests {
         #expect(r.status == 3, "stderr: \(r.stderr)")
     }
 
+    @Test("an instruction the PVM host cannot emulate ends the run with status 4, logging RIP and bytes",
+          .enabled(if: FileManager.default.fileExists(atPath: "/sys/module/kvm_pvm")))
+    func internalError() throws {
+        // popcnt eax, eax in ring 0: rejected by the PVM host's emulator.
+        let r = try run([0xf3, 0x0f, 0xb8, 0xc0, 0xf4], ["--load-address", "0x100000", "--mode", "long", "--memory", "8M"])
+        #expect(r.status == 4, "stderr: \(r.stderr)")
+        #expect(r.stderr.contains("RIP 0x100000"))
+        #expect(r.stderr.contains("f3 0f b8 c0"))
+        #expect(r.stderrLines.count == 1, "stderr: \(r.stderr)")
+    }
+
     @Test("--on-reboot restart boots the guest again after a reset")
     func restart() throws {
         let r = try run(FlatPrograms.movDXCOM1(bits16: false) + FlatPrograms.print("B") + [0x0f, 0x0b],
