@@ -297,6 +297,12 @@ public struct Qcow2Header: Sendable, Equatable {
     /// Encodes the header, its extensions (plus the feature-name table for v3) and the backing file name into one
     /// block that fits in the first cluster. Throws if it does not fit.
     public func encode() throws -> [UInt8] {
+        if let full = try? encode(featureTable: true) { return full }
+        // The feature-name table is optional: drop it when the header would not fit in a small cluster.
+        return try encode(featureTable: false)
+    }
+
+    func encode(featureTable: Bool) throws -> [UInt8] {
         let hl = version == 3 ? Self.size : Self.v2Size
         var b = [UInt8](repeating: 0, count: hl)
         b.putBE32(Qcow2Limits.QCOW_MAGIC, at: 0)
@@ -319,7 +325,7 @@ public struct Qcow2Header: Sendable, Equatable {
             b[104] = compressionType.rawValue
         }
         var exts = extensions.filter { $0.type != Qcow2Extension.featureNameTable }
-        if version == 3 { exts.append(.init(type: Qcow2Extension.featureNameTable, data: Self.featureNameTable)) }
+        if version == 3 && featureTable { exts.append(.init(type: Qcow2Extension.featureNameTable, data: Self.featureNameTable)) }
         for e in exts {
             var h = [UInt8](repeating: 0, count: 8)
             h.putBE32(e.type, at: 0)
