@@ -140,6 +140,25 @@ struct KVMDeviceTests {
         #expect(!vm.vcpu.immediateExit)
     }
 
+    @Test("an MSR filter sends a denied WRMSR to user space as a typed exit")
+    func msrFilter() throws {
+        // mov ecx, 0xc0000082 ; mov eax, 0x1234 ; xor edx, edx ; wrmsr ; hlt
+        let vm = try TinyRealModeVM(code: [0x66, 0xb9, 0x82, 0x00, 0x00, 0xc0, 0x66, 0xb8, 0x34, 0x12, 0x00, 0x00,
+                                           0x66, 0x31, 0xd2, 0x0f, 0x30, 0xf4])
+        try vm.vm.enableCap(.x86UserSpaceMSR, args: [UInt64(KVM_MSR_EXIT_REASON_FILTER)])
+        try vm.vm.setMSRFilter(defaultDeny: false, ranges: [
+            MSRFilterRange(flags: UInt32(KVM_MSR_FILTER_WRITE), base: 0xc000_0082, count: 1, bitmap: [0]),
+        ])
+        let exit = try vm.vcpu.run()
+        guard case .x86WRMSR(let index, let value, _) = exit else { Issue.record("expected WRMSR, got \(exit.name)"); return }
+        #expect(index == 0xc000_0082 && value == 0x1234)
+        vm.vcpu.completeMSR()
+        guard case .halt = try vm.vcpu.run() else { Issue.record("expected HLT after the WRMSR"); return }
+        #expect(throws: KVMError.self) {
+            try vm.vm.setMSRFilter(defaultDeny: false, ranges: [MSRFilterRange(flags: 2, base: 0, count: 64, bitmap: [0])])
+        }
+    }
+
     @Test("MSRs set on a vCPU read back, and CPUID entries can be set")
     func msrsAndCPUID() throws {
         let vm = try TinyRealModeVM(code: [0xf4])
