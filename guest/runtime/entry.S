@@ -5,7 +5,7 @@
  *
  * Memory map of every program: image linked at 0x100000 (1 MiB). The first 4 GiB are identity
  * mapped with 2 MiB pages, all user-accessible (test programs touch MMIO from ring 3);
- * 3-4 GiB (LAPIC, IOAPIC, PCI hole) is mapped uncached.
+ * 3-4 GiB (LAPIC, IOAPIC, PCI hole) is mapped uncached. PML4 slot 511 points to an empty PDPT.
  *
  * Entries:
  *   _start    (32-bit, multiboot: EAX = 0x2BADB002, EBX = multiboot info)  = ELF entry
@@ -317,7 +317,12 @@ rt_boot_info:  .long 0
     .globl pml4
 pml4:
     .quad pdpt + 0x7
-    .fill 511, 8, 0
+    .fill 510, 8, 0
+    .quad pdpt_high + 0x7           /* slot 511: present but empty, like Linux's kernel half */
+pdpt_high:
+    /* Nothing is mapped here. PVM hosts need it: swiftkvm's syscall fix-up links its trampoline
+     * (0xffffff8000000000, PUD 0 of slot 511) into the page tables current at the LSTAR write. */
+    .fill 512, 8, 0
 pdpt:
     .quad pd + 0x0000 + 0x7
     .quad pd + 0x1000 + 0x7
