@@ -16,8 +16,8 @@ public enum BootSource: Sendable, Equatable {
         }
     }
 
-    /// The whole content. Files are read with a size cap (`limit`).
-    func readAll(limit: UInt64) throws -> [UInt8] {
+    /// The whole content. Files larger than `limit` are refused with an error naming the path.
+    public func readAll(limit: UInt64) throws -> [UInt8] {
         switch self {
         case .bytes(let b, let n):
             guard UInt64(b.count) <= limit else { throw BootError.doesNotFit("\(n) is \(sizeText(UInt64(b.count))), larger than \(sizeText(limit))") }

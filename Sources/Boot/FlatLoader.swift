@@ -7,6 +7,13 @@ public enum FlatLoader {
         case real, protected, long
     }
 
+    /// Reads a flat image from `source` (a file path or bytes; at most guest RAM in size) and loads it
+    /// as `load(image:at:entry:mode:memory:)` does.
+    public static func load(source: BootSource, at loadAddress: UInt64, entry: UInt64, mode: Mode,
+                            memory: GuestMemory) throws -> LoadedKernel {
+        try load(image: source.readAll(limit: memory.totalSize), at: loadAddress, entry: entry, mode: mode, memory: memory)
+    }
+
     /// Copies `image` to `loadAddress` and returns the entry state for `entry` in `mode`:
     /// - `.real`: when `entry` < 64 KiB, CS = 0 and IP = entry; below 1 MiB, CS = (entry >> 4) & 0xf000
     ///   and IP = entry - CS × 16; in the high memory area (1 MiB to 0x10ffef), CS = 0xffff. All segments equal CS;

@@ -155,6 +155,16 @@ struct FlatTests {
         #expect(bootError { _ = try FlatLoader.load(image: [0xf4], at: 0x1000, entry: 0x10_fff0, mode: .real, memory: hma) }?.contains("real mode") == true)
     }
 
+    @Test("a flat image is read from a file; missing and oversized files are refused naming the path")
+    func fromFile() throws {
+        let mem = try makeMemory(1 << 20)
+        let k = try FlatLoader.load(source: .bytes([0xf4, 0xf4], name: "t.bin"), at: 0x1000, entry: 0x1000, mode: .real, memory: mem)
+        #expect(k.format == .flat && k.entry.rip == 0x1000)
+        #expect(bootError { _ = try FlatLoader.load(source: .path("/nonexistent.bin"), at: 0x1000, entry: 0x1000, mode: .real, memory: mem) }
+                == "cannot read /nonexistent.bin: No such file or directory")
+        #expect(bootError { _ = try FlatLoader.load(source: .bytes([UInt8](repeating: 0, count: 2 << 20), name: "big.bin"), at: 0, entry: 0, mode: .real, memory: mem) }?.hasPrefix("big.bin is 2 MiB") == true)
+    }
+
     @Test("protected and long mode write the GDT (and page tables) and refuse images over them")
     func protectedAndLong() throws {
         let mem = try makeMemory(4 << 20)
