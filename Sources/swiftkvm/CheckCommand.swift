@@ -1,7 +1,49 @@
 import ArgumentParser
+import Foundation
+import VMM
 
-/// `swiftkvm check` (placeholder until implemented).
+/// `swiftkvm check`: validates the host like `virt-host-validate` — /dev/kvm, API version,
+/// capabilities, vCPU and memory-slot limits, hardware vs PVM virtualization, decompression
+/// libraries, and a user-mode probe guest run with and without the PVM SYSCALL fix-up.
+/// Exits 0 when the host can run guests, 1 otherwise.
 struct CheckCommand: ParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "check", abstract: "Not implemented yet.")
-    func run() throws { throw ValidationError("swiftkvm check is not implemented yet") }
+    static let configuration = CommandConfiguration(
+        commandName: "check",
+        abstract: "Check that this host can run SwiftKVM guests.",
+        discussion: "Prints one line per check (PASS, WARN or FAIL) and the PVM fix-ups that will be active. "
+            + "Exit status 0 when the host can run guests, 1 otherwise.")
+
+    /// Output format.
+    enum Format: String, ExpressibleByArgument, CaseIterable { case text, json }
+
+    @Option(name: .customLong("output"), help: "Output format: text or json.")
+    var format: Format = .text
+
+    @Flag(name: .customLong("no-probe"), help: "Skip the user-mode probe guest.")
+    var noProbe = false
+
+    @Option(name: .customLong("device"), help: ArgumentHelp("KVM device path.", visibility: .hidden))
+    var device: String = "/dev/kvm"
+
+    func run() throws {
+        let report = HostCheck.evaluate(LiveHostFacts(devicePath: device), runProbe: !noProbe)
+        switch format {
+        case .text:
+            print(report.text)
+        case .json:
+            let encoder = JSONEncoder()
+            encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+            var data = try encoder.encode(JSONReport(report))
+            data.append(0x0a)
+            FileHandle.standardOutput.write(data)
+        }
+        if !report.canRunGuests { throw ExitCode(1) }
+    }
+}
+
+/// The JSON form of the report (adds the overall verdict).
+private struct JSONReport: Encodable {
+    let canRunGuests: Bool
+    let report: HostCheckReport
+    init(_ r: HostCheckReport) { canRunGuests = r.canRunGuests; report = r }
 }
