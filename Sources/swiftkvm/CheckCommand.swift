@@ -32,7 +32,7 @@ struct CheckCommand: ParsableCommand {
             print(report.text)
         case .json:
             let encoder = JSONEncoder()
-            encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+            encoder.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
             var data = try encoder.encode(JSONReport(report))
             data.append(0x0a)
             FileHandle.standardOutput.write(data)
