@@ -3,6 +3,7 @@ import Foundation
 import Glibc
 #endif
 import Testing
+import Boot
 
 // Runs every freestanding guest test program (guest/programs, built with `make -C guest`) under
 // `swiftkvm run` and checks its report lines (`ok …`, `FAIL …`, `RESULT pass N fail M`) and exit
@@ -199,6 +200,25 @@ func expectPass(_ r: GuestReport, checks: [String], sourceLocation: SourceLocati
     #expect(r.result?.fail == 0 && (r.result?.pass ?? 0) >= checks.count, context, sourceLocation: sourceLocation)
     for check in checks {
         #expect(r.okNames.contains(check), "missing `ok \(check)`\n\(context.rawValue)", sourceLocation: sourceLocation)
+    }
+}
+
+@Suite("Guest test program images (no /dev/kvm needed)")
+struct GuestProgramImageTests {
+    static let programs = ["boot", "serial", "cpuid_msr", "rtc", "timers", "i8042", "usermode", "fault", "int3", "smp", "exits"]
+
+    @Test("every program builds as an ELF32 multiboot image with its header at offset 0 and a flat image with the 64-bit entry at 0x40",
+          arguments: programs)
+    func image(name: String) throws {
+        try #require(GuestTestEnvironment.guestBuildError == nil, "\(GuestTestEnvironment.guestBuildError ?? "")")
+        let elf = try [UInt8](Data(contentsOf: URL(fileURLWithPath: GuestTestEnvironment.guestImage(name))))
+        #expect(KernelFormat.detect(elf) == .multiboot)
+        #expect(Array(elf.prefix(5)) == [0x7f, 0x45, 0x4c, 0x46, 1], "ELF32 (QEMU's -kernel needs ELF32 for multiboot)")
+        let header = try #require(MultibootHeader.find(in: elf))
+        #expect(header.flags == 0x3, "page-align + memory info, no a.out kludge")
+        let flat = try [UInt8](Data(contentsOf: URL(fileURLWithPath: GuestTestEnvironment.guestImage(name, ext: "bin"))))
+        #expect(flat.count > 0x48 && Array(flat.prefix(4)) == [0x02, 0xb0, 0xad, 0x1b], "multiboot magic at offset 0")
+        #expect(flat.count > 0x40 && flat[0x40] == 0xe9, "jmp at the flat 64-bit entry (offset 0x40)")
     }
 }
 

@@ -80,7 +80,9 @@ struct LinuxBootTests {
         #expect(sawHello, "`echo hello-$((6*7))` did not print hello-42\n\(context)")
         #expect(status == 0, "exit status after `poweroff -f`\n\(context)")
         if !(ready && sawHello && status == 0 && initStarted && !panicked) {
-            Issue.record("last 60 lines of the guest's console:\n\(tail)")
+            Issue.record("last 60 lines of the guest's console (the whole log is attached as linux-console.log):\n\(tail)")
         }
+        // Saved when the tests run with --attachments-path.
+        Attachment.record(log, named: "linux-console.log")
     }
 }
