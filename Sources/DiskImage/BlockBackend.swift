@@ -167,8 +167,11 @@ final class ImageFile: @unchecked Sendable {
         try data.withUnsafeBytes { try pwrite($0, at: offset) }
     }
 
+    /// When set, `datasync` does nothing (cache=unsafe).
+    var syncDisabled = false
+
     func datasync() throws {
-        if readOnly { return }
+        if readOnly || syncDisabled { return }
         while fdatasync(fd) != 0 {
             if errno == EINTR { continue }
             throw fail("fdatasync", 0, 0)

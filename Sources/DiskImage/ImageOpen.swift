@@ -30,7 +30,7 @@ func openImage(path: String, options: ImageOpenOptions, chain: [String]) throws 
         format = try probeImageFormat(path: path)
     }
     switch format {
-    case .raw: return try RawImage(path: path, readOnly: options.readOnly)
+    case .raw: return try RawImage(path: path, readOnly: options.readOnly, unsafeNoSync: options.unsafeNoSync)
     case .qcow2: return try Qcow2Image(path: path, options: options, chain: chain)
     }
 }

@@ -74,6 +74,12 @@ public func mapImage(_ image: BlockBackend) throws -> [MapEntry] {
     return out
 }
 
+/// Carries a non-Sendable value into a concurrent closure whose accesses are disjoint (see the SAFETY notes).
+struct SendableBox<T>: @unchecked Sendable {
+    let value: T
+    init(_ value: T) { self.value = value }
+}
+
 /// Whether every byte of the buffer is zero.
 func isZero(_ b: UnsafeRawBufferPointer) -> Bool {
     var i = 0
@@ -120,6 +126,27 @@ public func convertImage(from source: BlockBackend, to destination: BlockBackend
                 UnsafeMutableRawBufferPointer(rebasing: b[avail..<n]).initializeMemory(as: UInt8.self, repeating: 0)
             }
         }
+        // Compress the chunk's whole clusters in parallel (the expensive part of convert -c), then write in order.
+        var packedUnits: [Int: [UInt8]] = [:]
+        if compress, let dq, dstBacking == nil {
+            let units = n / unit
+            let results = UnsafeMutableBufferPointer<[UInt8]?>.allocate(capacity: max(units, 1))
+            results.initialize(repeating: nil)
+            defer { results.deallocate() }
+            let start = off
+            buf.withUnsafeBytes { b in
+                // SAFETY: each iteration reads its own slice of `b` and writes only its own slot of `results`;
+                // both outlive concurrentPerform, which returns after every iteration finished.
+                let shared = SendableBox((b, results))
+                DispatchQueue.concurrentPerform(iterations: units) { u in
+                    let (b, results) = shared.value
+                    guard (start + UInt64(u * unit)) % UInt64(unit) == 0 else { return }
+                    let piece = UnsafeRawBufferPointer(rebasing: b[(u * unit)..<((u + 1) * unit)])
+                    if !isZero(piece) { results[u] = dq.compressCluster(piece) }
+                }
+            }
+            for u in 0..<units { if let r = results[u] { packedUnits[u * unit] = r } }
+        }
         // Write unit by unit (units are aligned because chunks and status ranges start at unit boundaries or
         // the data is simply written with partial units).
         var p = 0
@@ -137,7 +164,7 @@ public func convertImage(from source: BlockBackend, to destination: BlockBackend
                     return
                 }
                 if compress, let dq, v % UInt64(unit) == 0, q == unit || v + UInt64(q) == size {
-                    try dq.writeCompressedCluster(piece, at: v)
+                    try dq.writeCompressedCluster(piece, at: v, packed: packedUnits[p])
                 } else {
                     try destination.write(piece, at: v)
                 }

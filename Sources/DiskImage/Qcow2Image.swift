@@ -11,6 +11,9 @@ public struct ImageOpenOptions: Sendable {
     /// Open the image alone, ignoring its backing file (unallocated ranges read as zero). For metadata-only work
     /// such as `check` and `rebase -u`.
     public var ignoreBackingFile: Bool
+    /// Skip fdatasync entirely (qemu-img's cache=unsafe, the default for convert output). Writes keep their order
+    /// but nothing is durable before the kernel writes it back.
+    public var unsafeNoSync = false
     /// Creates options.
     public init(readOnly: Bool = false, allowBackingFiles: Bool = true, format: String? = nil, ignoreBackingFile: Bool = false) {
         self.readOnly = readOnly
@@ -115,6 +118,7 @@ public final class Qcow2Image: BlockBackend, @unchecked Sendable {
 
     init(path: String, options: ImageOpenOptions, chain: [String]) throws {
         let file = try ImageFile(path: path, readOnly: options.readOnly)
+        file.syncDisabled = options.unsafeNoSync
         self.file = file
         let fsize = try file.fileSize()
         let headBytes = try file.pread(at: 0, count: Int(min(fsize, UInt64(Qcow2Limits.maxHeaderExtensionBytes))))
@@ -556,7 +560,7 @@ public final class Qcow2Image: BlockBackend, @unchecked Sendable {
     }
 
     /// Writes within one cluster; copies on write when the cluster is not exclusively ours.
-    func writeCluster(_ data: UnsafeRawBufferPointer, at v: UInt64, compress: Bool = false) throws {
+    func writeCluster(_ data: UnsafeRawBufferPointer, at v: UInt64, compress: Bool = false, packed prepacked: [UInt8]? = nil) throws {
         let l2off = try writableL2(for: v)
         let idx = l2Index(v)
         let e = try loadL2(l2off).data[idx]
@@ -600,7 +604,7 @@ public final class Qcow2Image: BlockBackend, @unchecked Sendable {
             }
         }
         var newEntry: UInt64
-        if compress, let packed = buf.withUnsafeBytes({ Qcow2Codec.compress(header.compressionType, $0) }) {
+        if compress, let packed = prepacked ?? buf.withUnsafeBytes({ Qcow2Codec.compress(header.compressionType, $0) }) {
             newEntry = try writeCompressed(packed)
         } else {
             let host = try allocateClusters(1)
@@ -658,8 +662,16 @@ public final class Qcow2Image: BlockBackend, @unchecked Sendable {
         }
     }
 
-    /// Writes `data` (one full cluster at a cluster-aligned offset) compressed, as `convert -c` does.
-    public func writeCompressedCluster(_ data: UnsafeRawBufferPointer, at offset: UInt64) throws {
+    /// Compresses one cluster with this image's compression type (thread-safe, no I/O), for callers that compress
+    /// clusters in parallel and then write them with `writeCompressedCluster(_:at:packed:)`.
+    public func compressCluster(_ data: UnsafeRawBufferPointer) -> [UInt8]? {
+        guard data.count == Int(cs) else { return nil }
+        return Qcow2Codec.compress(header.compressionType, data)
+    }
+
+    /// Writes `data` (one full cluster at a cluster-aligned offset) compressed, as `convert -c` does. `packed` is
+    /// the already compressed form from `compressCluster`, or nil to compress here (or when incompressible).
+    public func writeCompressedCluster(_ data: UnsafeRawBufferPointer, at offset: UInt64, packed: [UInt8]? = nil) throws {
         try lock.withLock {
             try checkOpen()
             try checkWritable()
@@ -670,7 +682,7 @@ public final class Qcow2Image: BlockBackend, @unchecked Sendable {
             try setDirtyBitIfNeeded()
             var full = [UInt8](repeating: 0, count: Int(cs))
             full.withUnsafeMutableBytes { _ = memcpy($0.baseAddress!, data.baseAddress!, data.count) }
-            try full.withUnsafeBytes { try writeCluster($0, at: offset, compress: true) }
+            try full.withUnsafeBytes { try writeCluster($0, at: offset, compress: true, packed: packed) }
         }
     }
 

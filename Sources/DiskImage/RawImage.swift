@@ -11,9 +11,10 @@ public final class RawImage: BlockBackend, @unchecked Sendable {
     public var size: UInt64 { lock.withLock { currentSize } }
     public var isReadOnly: Bool { file.readOnly }
 
-    /// Opens an existing raw image.
-    public init(path: String, readOnly: Bool = false) throws {
+    /// Opens an existing raw image. `unsafeNoSync` makes flush a no-op (qemu-img's cache=unsafe).
+    public init(path: String, readOnly: Bool = false, unsafeNoSync: Bool = false) throws {
         file = try ImageFile(path: path, readOnly: readOnly)
+        file.syncDisabled = unsafeNoSync
         currentSize = try file.fileSize()
     }
 

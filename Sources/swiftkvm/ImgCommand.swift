@@ -356,6 +356,7 @@ struct ImgConvert: ParsableCommand {
     @Option(name: .customShort("B"), help: "Backing file of the output.") var backing: String?
     @Option(name: .customShort("F"), help: "Backing file format.") var backingFormat: String?
     @Option(name: .customShort("o")) var options: [String] = []
+    @Option(name: .customShort("t"), help: "Output cache mode: unsafe (default, no fdatasync, as qemu-img) or writeback/none (flush at the end).") var cache = "unsafe"
     @Argument var source: String
     @Argument var destination: String
 
@@ -364,7 +365,9 @@ struct ImgConvert: ParsableCommand {
             let src = try openDiskImage(path: source, options: .init(readOnly: true, format: sourceFormat))
             try createImage(path: destination, format: outputFormat, size: src.size, backing: backing,
                             backingFormat: backingFormat, options: options)
-            let dst = try openDiskImage(path: destination, options: .init(readOnly: false, format: outputFormat))
+            var dopts = ImageOpenOptions(readOnly: false, format: outputFormat)
+            dopts.unsafeNoSync = cache == "unsafe"
+            let dst = try openDiskImage(path: destination, options: dopts)
             let p = progress ? ProgressPrinter() : nil
             try convertImage(from: src, to: dst, compress: compress, progress: p.map { pp in { pp.update($0, $1) } })
             p?.finish()
