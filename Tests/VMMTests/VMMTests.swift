@@ -2,6 +2,8 @@ import Boot
 import Foundation
 import GuestMemory
 import KVM
+import Devices
+import Logging
 import Testing
 @testable import VMM
 
@@ -305,5 +307,61 @@ struct RegisterDumpTests {
         #expect(text.contains("RBX=0000000000001234"))
         #expect(text.contains("RIP=000000000000100e"))
         #expect(text.contains("CR0=0000000000000010"))
+    }
+}
+
+/// Collects serial output in memory.
+final class CollectedOutput: SerialOutput, @unchecked Sendable {
+    private let lock = NSLock()
+    private var bytes: [UInt8] = []
+    func write(_ b: [UInt8]) { lock.lock(); bytes += b; lock.unlock() }
+    var text: String { lock.lock(); defer { lock.unlock() }; return String(decoding: bytes, as: UTF8.self) }
+}
+
+@Suite("Machine on /dev/kvm", .enabled(if: FileManager.default.fileExists(atPath: "/dev/kvm")), .serialized)
+struct MachineTests {
+    func machine(_ program: [UInt8], mode: FlatLoader.Mode = .real, load: UInt64 = 0x1000,
+                 configure: (inout VMConfiguration) -> Void = { _ in }) throws -> (Machine, CollectedOutput, String) {
+        let path = FileManager.default.temporaryDirectory.appendingPathComponent("vmm-flat-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).bin").path
+        try Data(program).write(to: URL(fileURLWithPath: path))
+        var config = VMConfiguration(payload: .flat(FlatImage(path: path, loadAddress: load, entry: load, mode: mode)))
+        config.memorySize = 8 << 20
+        configure(&config)
+        let out = CollectedOutput()
+        return (try Machine(config: config, serialOutput: out, logger: Logger(label: "test")), out, path)
+    }
+
+    @Test("a flat program's serial output and debug-exit status come back from run()")
+    func debugExit() throws {
+        // mov dx, 0x3f8 ; mov al, 'o' ; out dx, al ; mov al, 'k' ; out dx, al ; mov al, 3 ; out 0xf4, al ; hlt
+        let (m, out, path) = try machine([0xba, 0xf8, 0x03, 0xb0, 0x6f, 0xee, 0xb0, 0x6b, 0xee, 0xb0, 0x03, 0xe6, 0xf4, 0xf4])
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        #expect(m.run(handleSignals: false) == .debugExit(status: 7))
+        #expect(out.text == "ok")
+        #expect(m.statistics.snapshot["io"] == 3)
+    }
+
+    @Test("cli; hlt powers off, and an unknown port access is counted, not fatal")
+    func powerOff() throws {
+        // mov dx, 0x1234 ; in al, dx (nothing there) ; cli ; hlt
+        let (m, _, path) = try machine([0xba, 0x34, 0x12, 0xec, 0xfa, 0xf4])
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        #expect(m.run(handleSignals: false) == .powerOff)
+        #expect(m.statistics.snapshot["unhandled io"] == 1)
+        #expect(m.registerDump().contains("RIP=0000000000001006"))
+    }
+
+    @Test("stop() from another thread ends a spinning guest")
+    func stopFromOutside() throws {
+        let (m, _, path) = try machine([0xeb, 0xfe])
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        let t = Thread { Thread.sleep(forTimeInterval: 0.3); m.stop(.userQuit) }
+        t.start()
+        #expect(m.run(handleSignals: false) == .userQuit)
+    }
+
+    @Test("a debug-exit port on top of the UART is rejected as a usage error")
+    func portCollision() throws {
+        #expect(throws: VMMError.self) { _ = try machine([0xf4]) { $0.debugExitPort = 0x3f8 } }
     }
 }
