@@ -11,6 +11,9 @@ public enum DefaultGuest {
     public static let cmdline = [
         "console=ttyS0", "reboot=k", "panic=-1", "tsc=reliable", "noxsave", "mitigations=off", "rodata=off",
         "cryptomgr.notests",
+        // Emulated BTF parsing on the first module load runs for minutes here; the soft-lockup
+        // detector's stack dumps only slow it down further.
+        "nosoftlockup",
         "clearcpuid=popcnt,fsgsbase,smap,erms,fsrm,aes,pclmulqdq,ssse3,sse4_1,sse4_2,sha_ni,gfni,vaes,vpclmulqdq",
         "initcall_blacklist=ftrace_check_for_weak_functions,trace_eval_init,bpf_key_sig_kfuncs_init,"
             + "bpf_prog_test_run_init,bpf_rstat_kfunc_init,bpf_tcp_ca_kfunc_init,cubictcp_register,kfunc_init,"
