@@ -147,30 +147,51 @@ public func convertImage(from source: BlockBackend, to destination: BlockBackend
             }
             for u in 0..<units { if let r = results[u] { packedUnits[u * unit] = r } }
         }
-        // Write unit by unit (units are aligned because chunks and status ranges start at unit boundaries or
-        // the data is simply written with partial units).
+        // Decide unit by unit; consecutive plain writes are merged into one call.
+        var pendingStart = -1
+        func flushPending(_ end: Int) throws {
+            if pendingStart >= 0 {
+                try buf.withUnsafeBytes { b in
+                    try destination.write(UnsafeRawBufferPointer(rebasing: b[pendingStart..<end]), at: off + UInt64(pendingStart))
+                }
+                pendingStart = -1
+            }
+        }
         var p = 0
         while p < n {
             let v = off + UInt64(p)
             let q = min(n - p, unit - Int(v % UInt64(unit)))
-            try buf.withUnsafeBytes { b in
+            enum Action { case skip, zero, write, compressed }
+            let action: Action = buf.withUnsafeBytes { b in
                 let piece = UnsafeRawBufferPointer(rebasing: b[p..<(p + q)])
                 let pieceZero = isZero(piece)
                 if dstBacking != nil {
                     let same = base.withUnsafeBytes { memcmp($0.baseAddress! + p, piece.baseAddress!, q) == 0 }
-                    if same { return }
-                    if pieceZero { try destination.writeZeroes(at: v, length: UInt64(q)); return }
+                    if same { return .skip }
+                    if pieceZero { return .zero }
                 } else if pieceZero {
-                    return
+                    return .skip
                 }
-                if compress, let dq, v % UInt64(unit) == 0, q == unit || v + UInt64(q) == size {
-                    try dq.writeCompressedCluster(piece, at: v, packed: packedUnits[p])
-                } else {
-                    try destination.write(piece, at: v)
+                if compress, v % UInt64(unit) == 0, q == unit || v + UInt64(q) == size { return .compressed }
+                return .write
+            }
+            switch action {
+            case .write:
+                if pendingStart < 0 { pendingStart = p }
+            case .skip:
+                try flushPending(p)
+            case .zero:
+                try flushPending(p)
+                try destination.writeZeroes(at: v, length: UInt64(q))
+            case .compressed:
+                try flushPending(p)
+                try buf.withUnsafeBytes { b in
+                    try dq!.writeCompressedCluster(UnsafeRawBufferPointer(rebasing: b[p..<(p + q)]), at: v, packed: packedUnits[p])
                 }
             }
             p += q
         }
+        try flushPending(n)
         off += UInt64(n)
         progress?(off, size)
     }

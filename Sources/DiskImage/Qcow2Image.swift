@@ -336,7 +336,17 @@ public final class Qcow2Image: BlockBackend, @unchecked Sendable {
             case .unallocated:
                 try readBacking(into: dst, at: v)
             case .data(let host):
-                try file.pread(dst, at: host + (v & (cs - 1)) - (extendedL2 ? (v & (cs - 1)) / (cs / 32) * (cs / 32) : 0))
+                let start = host + (v & (cs - 1)) - (extendedL2 ? (v & (cs - 1)) / (cs / 32) * (cs / 32) : 0)
+                // Extend over following clusters stored contiguously on the host: one pread.
+                var len = n
+                while !extendedL2 && done + len < buffer.count {
+                    let (m2, run2) = try mapping(at: v + UInt64(len))
+                    guard case .data(let h2) = m2, h2 == start + UInt64(len) else { break }
+                    len += Int(min(run2, UInt64(buffer.count - done - len)))
+                }
+                try file.pread(UnsafeMutableRawBufferPointer(rebasing: buffer[done..<(done + len)]), at: start)
+                done += len
+                continue
             case .compressed(let o, let b):
                 let d = try decompressed(offset: o, bytes: b)
                 let start = Int(v & (cs - 1))
@@ -553,6 +563,29 @@ public final class Qcow2Image: BlockBackend, @unchecked Sendable {
         while done < data.count {
             let v = offset + UInt64(done)
             let inCluster = Int(v & (cs - 1))
+            // Fast path: a run of whole, not yet allocated clusters in one L2 table gets one contiguous allocation and
+            // one pwrite.
+            let whole = (data.count - done) / Int(cs)
+            if inCluster == 0 && whole >= 2 {
+                let l2off = try writableL2(for: v)
+                let t = try loadL2(l2off)
+                let idx = l2Index(v)
+                var k = 0
+                while k < whole && idx + k < Int(l2Entries) {
+                    let e = t.data[idx + k]
+                    if e & Qcow2Limits.offsetMask != 0 || e & Self.compressedFlag != 0 { break }
+                    k += 1
+                }
+                if k >= 2 {
+                    let host = try allocateClusters(UInt64(k))
+                    let bytes = k * Int(cs)
+                    try file.pwrite(UnsafeRawBufferPointer(rebasing: data[done..<(done + bytes)]), at: host)
+                    fileEnd = max(fileEnd, host + UInt64(bytes))
+                    for j in 0..<k { try setL2Entry(l2off, idx + j, (host + UInt64(j) * cs) | Self.copiedFlag) }
+                    done += bytes
+                    continue
+                }
+            }
             let n = min(Int(cs) - inCluster, data.count - done)
             try writeCluster(UnsafeRawBufferPointer(rebasing: data[done..<(done + n)]), at: v)
             done += n
@@ -586,7 +619,7 @@ public final class Qcow2Image: BlockBackend, @unchecked Sendable {
         var buf: [UInt8]
         var onlyData = false
         if data.count == Int(cs) {
-            buf = Array(data)
+            buf = compress ? Array(data) : []
         } else {
             let oldIsZero: Bool
             switch m {
@@ -608,7 +641,7 @@ public final class Qcow2Image: BlockBackend, @unchecked Sendable {
             newEntry = try writeCompressed(packed)
         } else {
             let host = try allocateClusters(1)
-            if onlyData {
+            if onlyData || data.count == Int(cs) {
                 try file.pwrite(data, at: host + inCluster)
             } else {
                 try file.pwrite(buf, at: host)
