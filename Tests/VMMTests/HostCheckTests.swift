@@ -51,7 +51,7 @@ private func item(_ r: HostCheckReport, _ what: String) -> CheckItem? { r.items.
 
 @Suite("HostCheck report logic (fake host)")
 struct HostCheckTests {
-    @Test("a hardware host passes everything, user mode is native and the probe runs once")
+    @Test("a hardware host passes everything, user mode is native and the probe runs without and with the fix-up")
     func hardwareHost() throws {
         let f = FakeHostFacts()
         let r = HostCheck.evaluate(f)
@@ -59,7 +59,7 @@ struct HostCheckTests {
         #expect(r.virtualization == "hardware (vmx)")
         #expect(!r.pvmFixupsActive && r.fixups.isEmpty)
         #expect(r.userMode == .native)
-        #expect(f.probeRuns == [false])
+        #expect(f.probeRuns == [false, true])
         #expect(r.items.allSatisfy { $0.status == .pass }, "\(r.items.filter { $0.status != .pass })")
         let cpus = try #require(item(r, "vCPUs"))
         #expect(cpus.detail == "max 1024, recommended 8")
