@@ -137,9 +137,14 @@ struct FlatProgramTests {
 
 @Suite("swiftkvm run rejects bad input with status 2 and one line", .enabled(if: binaryAvailable))
 struct RunBadInputTests {
-    static let flatFile: String = {
-        (try? ProcessRunner.temporaryFile([0xf4], name: "hlt.bin")) ?? "/nonexistent"
-    }()
+    /// A one-byte flat program (HLT), created per test instance and removed in deinit.
+    final class FlatFile {
+        let path: String
+        init() { path = (try? ProcessRunner.temporaryFile([0xf4], name: "hlt.bin")) ?? "/nonexistent" }
+        deinit { ProcessRunner.removeTemporary(path) }
+    }
+    let file = FlatFile()
+    var flatFile: String { file.path }
 
     /// Runs swiftkvm and checks: status 2, exactly one stderr line, naming `expected`.
     func expectUsageError(_ arguments: [String], mentions expected: String,
@@ -152,7 +157,7 @@ struct RunBadInputTests {
         #expect(r.stdout.isEmpty, sourceLocation: sourceLocation)
     }
 
-    var flat: [String] { ["run", "--flat", Self.flatFile, "--load-address", "0x1000", "--mode", "real"] }
+    var flat: [String] { ["run", "--flat", flatFile, "--load-address", "0x1000", "--mode", "real"] }
 
     @Test("bad memory sizes: zero, 1K, beyond host RAM, garbage")
     func memory() throws {
@@ -164,7 +169,7 @@ struct RunBadInputTests {
 
     @Test("bad option values and unknown options")
     func options() throws {
-        try expectUsageError(["run", "--flat", Self.flatFile, "--load-address", "0x1000", "--mode", "weird"], mentions: "--mode")
+        try expectUsageError(["run", "--flat", flatFile, "--load-address", "0x1000", "--mode", "weird"], mentions: "--mode")
         try expectUsageError(flat + ["--serial", "tcp:1"], mentions: "--serial")
         try expectUsageError(flat + ["--cpus", "0"], mentions: "--cpus")
         try expectUsageError(flat + ["--debug-exit-port", "0x10000"], mentions: "--debug-exit-port")
@@ -172,8 +177,8 @@ struct RunBadInputTests {
         try expectUsageError(flat + ["--on-reboot", "sometimes"], mentions: "--on-reboot")
         try expectUsageError(flat + ["--log-level", "loud"], mentions: "--log-level")
         try expectUsageError(flat + ["--no-such-option"], mentions: "no-such-option")
-        try expectUsageError(["run", "--flat", Self.flatFile], mentions: "--load-address")
-        try expectUsageError(["run", "--flat", Self.flatFile, "--load-address", "0x1000", "--kernel", "/k"], mentions: "--kernel")
+        try expectUsageError(["run", "--flat", flatFile], mentions: "--load-address")
+        try expectUsageError(["run", "--flat", flatFile, "--load-address", "0x1000", "--kernel", "/k"], mentions: "--kernel")
     }
 
     @Test("missing, unreadable and non-kernel files")
@@ -205,7 +210,7 @@ struct RunBadInputTests {
         defer { ProcessRunner.removeTemporary(big) }
         try expectUsageError(["run", "--flat", big, "--load-address", "0x1000", "--memory", "2M"], mentions: "big.bin")
         try expectUsageError(["run", "--kernel", big, "--memory", "2M"], mentions: "big.bin")
-        try expectUsageError(["run", "--flat", Self.flatFile, "--load-address", "0x7fffffff", "--memory", "2M"], mentions: "0x7fffffff")
+        try expectUsageError(["run", "--flat", flatFile, "--load-address", "0x7fffffff", "--memory", "2M"], mentions: "0x7fffffff")
     }
 
     @Test("an initrd that is missing or too large for guest RAM", .enabled(if: FileManager.default.fileExists(
