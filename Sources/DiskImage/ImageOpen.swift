@@ -55,6 +55,8 @@ public struct Qcow2CreateOptions: Sendable {
     public var backingFormat: String?
     /// Compression type for compressed clusters.
     public var compressionType: Qcow2CompressionType = .zlib
+    /// fdatasync the new file before returning (off for convert output, which is written with cache=unsafe).
+    public var syncOnCreate = true
 
     /// Creates options for a disk of `size` bytes.
     public init(size: UInt64) { self.size = size }
@@ -124,7 +126,7 @@ extension Qcow2Image {
         }
         try f.pwrite(blockBytes, at: cs * (1 + tableClusters))
         try f.truncate(to: total * cs)
-        try f.datasync()
+        if o.syncOnCreate { try f.datasync() }
         f.close()
         if o.preallocateMetadata {
             let img = try Qcow2Image(path: path, options: .init(readOnly: false, allowBackingFiles: o.backingFile != nil))

@@ -5,6 +5,7 @@ public final class RawImage: BlockBackend, @unchecked Sendable {
     let file: ImageFile
     private let lock = NSLock()
     private var currentSize: UInt64
+    private var unsynced = false
 
     /// The path the image was opened from.
     public var path: String { file.path }
@@ -39,10 +40,15 @@ public final class RawImage: BlockBackend, @unchecked Sendable {
             if file.readOnly { throw DiskImageError.invalid("\(path): write to a read-only image") }
             try checkRange(offset, UInt64(data.count), "write", size: currentSize)
             try file.pwrite(data, at: offset)
+            unsynced = true
         }
     }
 
-    public func flush() throws { try file.datasync() }
+    public func flush() throws {
+        try lock.withLock {
+            if unsynced { try file.datasync(); unsynced = false }
+        }
+    }
 
     public func discard(at offset: UInt64, length: UInt64) throws {
         try writeZeroes(at: offset, length: length)
@@ -52,6 +58,7 @@ public final class RawImage: BlockBackend, @unchecked Sendable {
         try lock.withLock {
             if file.readOnly { throw DiskImageError.invalid("\(path): write to a read-only image") }
             try checkRange(offset, length, "write-zeroes", size: currentSize)
+            unsynced = true
             if try !file.punchHole(at: offset, length: length) {
                 let chunk = [UInt8](repeating: 0, count: 1 << 20)
                 var pos = offset
@@ -72,12 +79,13 @@ public final class RawImage: BlockBackend, @unchecked Sendable {
             }
             try file.truncate(to: newSize)
             currentSize = newSize
+            unsynced = true
         }
     }
 
     public func close() throws {
         try lock.withLock {
-            try file.datasync()
+            if unsynced { try file.datasync() }
             file.close()
         }
     }

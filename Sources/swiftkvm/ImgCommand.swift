@@ -93,7 +93,7 @@ func imgRun(_ body: () throws -> Void) throws {
 
 /// Creates an image of the given format. Shared by create and convert.
 func createImage(path: String, format: String, size: UInt64?, backing: String?, backingFormat: String?,
-                 options: [String]) throws {
+                 options: [String], sync: Bool = true) throws {
     switch format {
     case "raw":
         if backing != nil { throw ValidationError("raw images cannot have a backing file") }
@@ -101,6 +101,7 @@ func createImage(path: String, format: String, size: UInt64?, backing: String?, 
         try RawImage.create(path: path, size: size).close()
     case "qcow2":
         var o = Qcow2CreateOptions(size: size ?? 0)
+        o.syncOnCreate = sync
         var prealloc = "off"
         o.backingFile = backing
         o.backingFormat = backingFormat
@@ -364,7 +365,7 @@ struct ImgConvert: ParsableCommand {
         try imgRun {
             let src = try openDiskImage(path: source, options: .init(readOnly: true, format: sourceFormat))
             try createImage(path: destination, format: outputFormat, size: src.size, backing: backing,
-                            backingFormat: backingFormat, options: options)
+                            backingFormat: backingFormat, options: options, sync: cache != "unsafe")
             var dopts = ImageOpenOptions(readOnly: false, format: outputFormat)
             dopts.unsafeNoSync = cache == "unsafe"
             let dst = try openDiskImage(path: destination, options: dopts)
