@@ -298,7 +298,7 @@ public final class Machine: @unchecked Sendable {
         serialOutput.flush()
         statistics.merge(quirks.counters.reduce(into: [:]) { $0["fixup " + $1.key] = $1.value })
         statistics.merge(["unhandled io": ioBus.unhandledCount, "unhandled mmio": mmioBus.unhandledCount].filter { $0.value > 0 })
-        logger.debug("exits: \(statistics.summary)")
+        logger.info("exits: \(statistics.summary)")
         logger.debug("stopped: \(exit)")
         return exit
     }
