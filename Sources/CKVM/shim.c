@@ -64,6 +64,8 @@ int ckvm_set_thread_name(const char *name) {
 
 void ckvm_fence(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 
+uint64_t ckvm_rdtsc(void) { return __builtin_ia32_rdtsc(); }
+
 int ckvm_eventfd(unsigned int initval, int flags) {
     int fd = eventfd(initval, flags);
     return fd < 0 ? -errno : fd;

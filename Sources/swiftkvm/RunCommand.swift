@@ -59,6 +59,10 @@ struct RunCommand: ParsableCommand {
     @Option(name: .customLong("kernel-entry"), help: "bzImage entry: decompressed (host-side, default) or bzimage.")
     var kernelEntry: String = "decompressed"
 
+    @Option(name: .customLong("time-dilation"),
+            help: "Linux guests: make guest time run N times slow (N ticks fewer per real second; hides kvm-clock). Speeds up boots where guest kernel code is emulated; the guest clock runs slow.")
+    var timeDilation: UInt?
+
     func run() throws {
         let code = RunMain.execute(self)
         throw ExitCode(code)
@@ -124,6 +128,18 @@ struct RunCommand: ParsableCommand {
         config.cpuidMasks = try cpuidMasks.map(CPUIDMask.init(parsing:))
         config.showRegs = showRegs
         config.kernelEntry = kernelEntry
+        if let factor = timeDilation {
+            guard factor >= 1, factor <= TimeDilation.maximumFactor else {
+                throw VMMError.invalidValue(what: "--time-dilation", value: "\(factor)", reason: "expected a factor from 1 to \(TimeDilation.maximumFactor)")
+            }
+            guard case .kernel(let path, let initrd, let cmdline, let modules) = config.payload else {
+                throw VMMError.invalidConfiguration("--time-dilation applies to Linux kernels, not to --flat images")
+            }
+            if factor > 1 {
+                let extra = TimeDilation.cmdlineParameters(factor: factor, hostTSCkHz: TimeDilation.hostTSCkHz())
+                config.payload = .kernel(path: path, initrd: initrd, cmdline: cmdline.isEmpty ? extra : cmdline + " " + extra, modules: modules)
+            }
+        }
         try config.validate(hostMemory: RunMain.hostMemory())
         return config
     }

@@ -87,6 +87,8 @@ unsigned long ckvm_pthread_self(void);
 int ckvm_set_thread_name(const char *name);
 /// Full memory barrier.
 void ckvm_fence(void);
+/// The host's time-stamp counter (rdtsc).
+uint64_t ckvm_rdtsc(void);
 /// eventfd(2). Returns the fd or -errno.
 int ckvm_eventfd(unsigned int initval, int flags);
 
