@@ -128,6 +128,7 @@ public func convertImage(from source: BlockBackend, to destination: BlockBackend
         }
         // Compress the chunk's whole clusters in parallel (the expensive part of convert -c), then write in order.
         var packedUnits: [Int: [UInt8]] = [:]
+        var triedUnits = Set<Int>()
         if compress, let dq, dstBacking == nil {
             let units = n / unit
             let results = UnsafeMutableBufferPointer<[UInt8]?>.allocate(capacity: max(units, 1))
@@ -145,7 +146,10 @@ public func convertImage(from source: BlockBackend, to destination: BlockBackend
                     if !isZero(piece) { results[u] = dq.compressCluster(piece) }
                 }
             }
-            for u in 0..<units { if let r = results[u] { packedUnits[u * unit] = r } }
+            for u in 0..<units {
+                triedUnits.insert(u * unit)
+                if let r = results[u] { packedUnits[u * unit] = r }
+            }
         }
         // Decide unit by unit; consecutive plain writes are merged into one call.
         var pendingStart = -1
@@ -186,7 +190,7 @@ public func convertImage(from source: BlockBackend, to destination: BlockBackend
             case .compressed:
                 try flushPending(p)
                 try buf.withUnsafeBytes { b in
-                    try dq!.writeCompressedCluster(UnsafeRawBufferPointer(rebasing: b[p..<(p + q)]), at: v, packed: packedUnits[p])
+                    try dq!.writeCompressedCluster(UnsafeRawBufferPointer(rebasing: b[p..<(p + q)]), at: v, packed: packedUnits[p], alreadyTried: triedUnits.contains(p))
                 }
             }
             p += q

@@ -593,7 +593,7 @@ public final class Qcow2Image: BlockBackend, @unchecked Sendable {
     }
 
     /// Writes within one cluster; copies on write when the cluster is not exclusively ours.
-    func writeCluster(_ data: UnsafeRawBufferPointer, at v: UInt64, compress: Bool = false, packed prepacked: [UInt8]? = nil) throws {
+    func writeCluster(_ data: UnsafeRawBufferPointer, at v: UInt64, compress: Bool = false, packed prepacked: [UInt8]? = nil, alreadyTried: Bool = false) throws {
         let l2off = try writableL2(for: v)
         let idx = l2Index(v)
         let e = try loadL2(l2off).data[idx]
@@ -637,7 +637,7 @@ public final class Qcow2Image: BlockBackend, @unchecked Sendable {
             }
         }
         var newEntry: UInt64
-        if compress, let packed = prepacked ?? buf.withUnsafeBytes({ Qcow2Codec.compress(header.compressionType, $0) }) {
+        if compress, let packed = prepacked ?? (alreadyTried ? nil : buf.withUnsafeBytes({ Qcow2Codec.compress(header.compressionType, $0) })) {
             newEntry = try writeCompressed(packed)
         } else {
             let host = try allocateClusters(1)
@@ -703,8 +703,10 @@ public final class Qcow2Image: BlockBackend, @unchecked Sendable {
     }
 
     /// Writes `data` (one full cluster at a cluster-aligned offset) compressed, as `convert -c` does. `packed` is
-    /// the already compressed form from `compressCluster`, or nil to compress here (or when incompressible).
-    public func writeCompressedCluster(_ data: UnsafeRawBufferPointer, at offset: UInt64, packed: [UInt8]? = nil) throws {
+    /// the already compressed form from `compressCluster`, or nil to compress here; `alreadyTried` says that
+    /// `compressCluster` returned nil (incompressible: stored uncompressed without trying again).
+    public func writeCompressedCluster(_ data: UnsafeRawBufferPointer, at offset: UInt64, packed: [UInt8]? = nil,
+                                       alreadyTried: Bool = false) throws {
         try lock.withLock {
             try checkOpen()
             try checkWritable()
@@ -715,7 +717,7 @@ public final class Qcow2Image: BlockBackend, @unchecked Sendable {
             try setDirtyBitIfNeeded()
             var full = [UInt8](repeating: 0, count: Int(cs))
             full.withUnsafeMutableBytes { _ = memcpy($0.baseAddress!, data.baseAddress!, data.count) }
-            try full.withUnsafeBytes { try writeCluster($0, at: offset, compress: true, packed: packed) }
+            try full.withUnsafeBytes { try writeCluster($0, at: offset, compress: true, packed: packed, alreadyTried: alreadyTried) }
         }
     }
 
