@@ -12,6 +12,7 @@ let package = Package(
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
         .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
+        .package(url: "https://github.com/apple/swift-nio", from: "2.65.0"),
     ],
     targets: [
         // C shim: <linux/kvm.h>, boot params, ioctl numbers and non-variadic wrappers.
@@ -25,14 +26,23 @@ let package = Package(
         .target(name: "GuestMemory"),
         .target(name: "KVM", dependencies: ["CKVM"]),
         .target(name: "Boot", dependencies: ["GuestMemory", "CZlib", "CZstd", "CLZMA", "CLZ4"]),
-        .target(name: "Devices", dependencies: ["GuestMemory"]),
+        .target(name: "Devices", dependencies: ["GuestMemory", "CKVM"]),
         .target(name: "DiskImage", dependencies: ["CZlib", "CZstd"]),
+        .target(name: "PCI", dependencies: ["Devices"]),
+        .target(name: "Virtio", dependencies: ["PCI", "Devices", "GuestMemory", "DiskImage"]),
         .target(name: "VMM", dependencies: [
-            "KVM", "GuestMemory", "Boot", "Devices",
+            "KVM", "GuestMemory", "Boot", "Devices", "PCI", "Virtio", "DiskImage",
+            .product(name: "Logging", package: "swift-log"),
+        ]),
+        .target(name: "API", dependencies: [
+            "VMM",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "NIOHTTP1", package: "swift-nio"),
             .product(name: "Logging", package: "swift-log"),
         ]),
         .executableTarget(name: "swiftkvm", dependencies: [
-            "VMM", "KVM", "Boot", "Devices", "GuestMemory", "DiskImage",
+            "VMM", "KVM", "Boot", "Devices", "GuestMemory", "DiskImage", "API",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
         ]),
@@ -42,7 +52,10 @@ let package = Package(
         .testTarget(name: "BootTests", dependencies: ["Boot", "GuestMemory", "CKVM"]),
         .testTarget(name: "DevicesTests", dependencies: ["Devices", "GuestMemory"]),
         .testTarget(name: "DiskImageTests", dependencies: ["DiskImage"]),
+        .testTarget(name: "PCITests", dependencies: ["PCI", "Devices"]),
+        .testTarget(name: "VirtioTests", dependencies: ["Virtio", "PCI", "Devices", "GuestMemory", "DiskImage"]),
         .testTarget(name: "VMMTests", dependencies: ["VMM"]),
-        .testTarget(name: "IntegrationTests", dependencies: ["VMM", "KVM", "Boot", "Devices", "GuestMemory"]),
+        .testTarget(name: "APITests", dependencies: ["API", "VMM"]),
+        .testTarget(name: "IntegrationTests", dependencies: ["VMM", "KVM", "Boot", "Devices", "GuestMemory", "DiskImage"]),
     ]
 )

@@ -92,6 +92,15 @@ uint64_t ckvm_rdtsc(void);
 /// eventfd(2). Returns the fd or -errno.
 int ckvm_eventfd(unsigned int initval, int flags);
 
+// MARK: epoll (struct epoll_event is packed on x86-64 and does not import cleanly)
+/// epoll_create1(EPOLL_CLOEXEC). Returns the fd or -errno.
+int ckvm_epoll_create(void);
+/// epoll_ctl(ADD/MOD/DEL) of `fd` with `events` (EPOLLIN = 1, EPOLLOUT = 4, EPOLLET = 1u << 31) and `data`.
+/// `op` is 1 = add, 2 = delete, 3 = modify. Returns 0 or -errno.
+int ckvm_epoll_ctl(int epfd, int op, int fd, uint32_t events, uint64_t data);
+/// epoll_wait into parallel arrays of at most `max` entries. Returns the count (0 on timeout) or -errno.
+int ckvm_epoll_wait(int epfd, uint64_t *datas, uint32_t *events, int max, int timeout_ms);
+
 // MARK: kvm_run field access (unions do not import ergonomically into Swift)
 /// Pointer to the data of a KVM_EXIT_IO exit inside the mapped kvm_run.
 void *ckvm_run_io_data(struct kvm_run *run);

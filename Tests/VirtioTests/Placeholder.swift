@@ -1,0 +1,2 @@
+// Placeholder: replaced by real tests.
+import Testing
