@@ -448,7 +448,8 @@ uint64_t rt_pci_bar_size(uint8_t b, uint8_t d, uint8_t f, int bar, int *is_io, i
         mask |= 0xffffffff00000000ull;
         if (*is_io) mask |= 0xffff0000ull;
     }
-    if (!(mask & 0xffffffffull) && !(mask >> 32)) return 0;
+    /* An unimplemented BAR reads back 0 in every address bit (both halves for 64-bit). */
+    if (!(mask & 0xffffffffull) && (!*is_64 || !(mask >> 32))) return 0;
     return ~mask + 1;
 }
 uint8_t rt_pci_find_cap(uint8_t b, uint8_t d, uint8_t f, uint8_t cap_id, uint8_t start) {
