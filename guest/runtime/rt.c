@@ -185,6 +185,14 @@ uint64_t rt_cmdline_uint(const char *key, uint64_t def) {
     }
     return digits ? v : def;
 }
+int rt_cmdline_str(const char *key, char *buf, size_t max) {
+    const char *p = cmdline_find(key);
+    if (!p || !max) return -1;
+    size_t n = 0;
+    while (p[n] && !is_space(p[n]) && n + 1 < max) { buf[n] = p[n]; n++; }
+    buf[n] = 0;
+    return (int)n;
+}
 int rt_cmdline_has(const char *word) {
     size_t n = strlen(word);
     for (const char *p = rt_cmdline; *p; p++)
@@ -490,7 +498,16 @@ void rt_start(uint32_t magic, uint32_t info) {
     rt_pic_init();              /* firmware may leave the PIC at vectors 8-15 with the PIT running */
     if (magic == 0x2BADB002 && info) {
         rt_mbi = (const struct mb_info *)(uintptr_t)info;
-        if ((rt_mbi->flags & 4) && rt_mbi->cmdline) rt_cmdline = (const char *)(uintptr_t)rt_mbi->cmdline;
+        if ((rt_mbi->flags & 4) && rt_mbi->cmdline) {
+            /* Copied: loaders (QEMU) put the command line right after the image, where
+             * rt_alloc_pages hands out memory. */
+            static char cmdline_copy[1024];
+            const char *src = (const char *)(uintptr_t)rt_mbi->cmdline;
+            size_t n = 0;
+            while (src[n] && n + 1 < sizeof cmdline_copy) { cmdline_copy[n] = src[n]; n++; }
+            cmdline_copy[n] = 0;
+            rt_cmdline = cmdline_copy;
+        }
     }
     rt_printf("# swiftkvm guest program %s (%s entry) cmdline \"%s\"\n", rt_program_name,
               magic == 0x2BADB002 ? "multiboot" : "flat 64-bit", rt_cmdline);

@@ -1,0 +1,451 @@
+/* virtio_blk: a freestanding virtio-blk driver (virtio.h) that checks a modern virtio-blk PCI
+ * device end to end, or benchmarks it. The driver runs in ring 3 (native speed on PVM hosts);
+ * only the MSI-X handler runs in ring 0.
+ *
+ * Disk contents the host prepares (at least 1024 sectors): every 64-bit little-endian word k
+ * (0-63) of sector s holds P(s,k) = (s << 8) | k. What this program writes: W(s,k) =
+ * 0x5700000000000000 | (s << 8) | k.
+ *
+ * Check mode (default), on every virtio-blk device found (checks are named blkN-…):
+ *   writable disk: reads of sectors 0-63 (pattern P), a read through an indirect table (8-15),
+ *   a read past the end (IOERR), writes of W to 64-71 (direct) and 80-87 (indirect) read back,
+ *   FLUSH, GET_ID (compared with id=ID on the command line, for disk 0), DISCARD of 128-135 and
+ *   WRITE_ZEROES of 192-199 (read back as zeroes) when negotiated, 32 requests in flight (4 KiB
+ *   writes of W to 512-767, then reads of them, one kick each batch), EVENT_IDX interrupt
+ *   suppression, and every request completed with an MSI-X interrupt.
+ *   read-only disk (VIRTIO_BLK_F_RO): reads work, a write fails with IOERR, the data is unchanged.
+ *   The host then checks the file: W at 64-71, 80-87, 512-767; zeroes at 192-199 (and 128-135
+ *   where discard punches holes); P elsewhere.
+ * Command line: id=STRING (GET_ID of disk 0), disks=N (expected count), readonly=I (disk I must
+ *   be read-only), noindirect, noevent (do not negotiate those features).
+ *
+ * Bench mode: bench=seqread|seqwrite|randread|randwrite size=BYTES (default 1 MiB for seq*,
+ *   4 KiB for rand*) n=REQUESTS qd=DEPTH (default 8) span=SECTORS (default the capacity), on
+ *   disk 0, polling the used ring in ring 3 with interrupts suppressed and one kick per batch.
+ *   Prints `BENCH <kind> start …` and `BENCH <kind> done ops=… bytes=… tsc=… kicks=…`. */
+#include "virtio.h"
+
+const char rt_program_name[] = "virtio_blk";
+
+#define VEC 0x40
+#define SECTOR 512u
+#define MIN_SECTORS 1024u
+
+#define VIRTIO_BLK_F_SIZE_MAX 1
+#define VIRTIO_BLK_F_SEG_MAX 2
+#define VIRTIO_BLK_F_RO 5
+#define VIRTIO_BLK_F_BLK_SIZE 6
+#define VIRTIO_BLK_F_FLUSH 9
+#define VIRTIO_BLK_F_DISCARD 13
+#define VIRTIO_BLK_F_WRITE_ZEROES 14
+
+#define T_IN 0
+#define T_OUT 1
+#define T_FLUSH 4
+#define T_GET_ID 8
+#define T_DISCARD 11
+#define T_WRITE_ZEROES 13
+#define S_OK 0
+#define S_IOERR 1
+#define S_UNSUPP 2
+
+struct blk_hdr { uint32_t type, reserved; uint64_t sector; };
+struct blk_seg { uint64_t sector; uint32_t num_sectors, flags; };
+
+static uint8_t apic_id;
+static struct vdev dev;
+static struct vq q;
+static char prefix[8];
+static uint32_t sync_requests, irq_completions;
+
+static const char *nm(const char *check) {
+    static char buf[64];
+    size_t p = strlen(prefix), c = strlen(check);
+    if (p + c + 1 > sizeof buf) c = sizeof buf - p - 1;
+    memcpy(buf, prefix, p);
+    memcpy(buf + p, check, c);
+    buf[p + c] = 0;
+    return buf;
+}
+
+static inline uint64_t pat_p(uint64_t s, uint64_t k) { return (s << 8) | k; }
+static inline uint64_t pat_w(uint64_t s, uint64_t k) { return 0x5700000000000000ull | (s << 8) | k; }
+
+static void fill(void *buf, uint64_t sector, uint32_t count, int written) {
+    uint64_t *w = buf;
+    for (uint32_t i = 0; i < count; i++)
+        for (uint32_t k = 0; k < 64; k++) w[i * 64 + k] = written ? pat_w(sector + i, k) : pat_p(sector + i, k);
+}
+/* Index of the first mismatching word, or -1. kind: 0 = P, 1 = W, 2 = zero. */
+static long verify(const void *buf, uint64_t sector, uint32_t count, int kind) {
+    const uint64_t *w = buf;
+    for (uint32_t i = 0; i < count; i++)
+        for (uint32_t k = 0; k < 64; k++) {
+            uint64_t want = kind == 2 ? 0 : kind == 1 ? pat_w(sector + i, k) : pat_p(sector + i, k);
+            if (w[i * 64 + k] != want) return (long)(i * 64 + k);
+        }
+    return -1;
+}
+
+/* Request memory: header + status (+ discard segment) per slot, in one page each. */
+struct slot { struct blk_hdr hdr; struct blk_seg seg; volatile uint8_t status; uint8_t pad[3]; };
+
+/* One synchronous request, completed through the MSI-X interrupt (or polling when the queue has
+ * no vector). Returns the status byte, or -1 (no completion), -2 (wrong used id). */
+static int blk_sync(uint32_t type, uint64_t sector, void *data, uint32_t len, int indirect, uint32_t *used_len) {
+    static struct slot *s;
+    static volatile struct vring_desc *table;
+    if (!s) { s = rt_alloc_pages(1); table = (volatile struct vring_desc *)((uint8_t *)s + 2048); }
+    s->hdr.type = type;
+    s->hdr.reserved = 0;
+    s->hdr.sector = sector;
+    s->status = 0xff;
+    struct vbuf b[3];
+    int n = 0, out = 1;
+    b[n++] = (struct vbuf){ &s->hdr, sizeof s->hdr };
+    if (len) {
+        b[n++] = (struct vbuf){ data, len };
+        if (type == T_OUT || type == T_DISCARD || type == T_WRITE_ZEROES) out = 2;
+    }
+    b[n++] = (struct vbuf){ &s->status, 1 };
+    uint32_t seen = vmsi_count[VEC - VMSI_BASE];
+    int head = indirect ? vq_add_indirect(&q, b, out, n - out, table) : vq_add(&q, b, out, n - out);
+    if (head < 0) return -3;
+    vq_kick(&q);
+    sync_requests++;
+    if (q.msix != VIRTIO_MSI_NO_VECTOR && vmsi_wait(VEC, seen, 10000) == 0) irq_completions++;
+    if (vq_wait_used(&q, 10000)) return -1;
+    uint32_t l = 0;
+    int id = vq_get_used(&q, &l);
+    if (used_len) *used_len = l;
+    if (id != head) return -2;
+    return s->status;
+}
+
+static const char *status_name(int st) {
+    switch (st) {
+    case S_OK: return "OK";
+    case S_IOERR: return "IOERR";
+    case S_UNSUPP: return "UNSUPP";
+    case -1: return "no completion within 10 s";
+    case -2: return "wrong used id";
+    case -3: return "no free descriptors";
+    default: return "unknown status";
+    }
+}
+
+static int expect_status(const char *check, int st, int want, const char *what) {
+    return rt_check(nm(check), st == want, "%s: status %d (%s), expected %s", what, st, status_name(st), status_name(want));
+}
+
+/* Reads count sectors and checks them against kind (0 = P, 1 = W, 2 = zero). */
+static void read_check(const char *check, uint8_t *buf, uint64_t sector, uint32_t count, int kind, int indirect) {
+    memset(buf, 0xee, count * SECTOR);
+    uint32_t used_len = 0;
+    int st = blk_sync(T_IN, sector, buf, count * SECTOR, indirect, &used_len);
+    if (st != S_OK) { expect_status(check, st, S_OK, "read"); return; }
+    long bad = verify(buf, sector, count, kind);
+    const uint64_t *w = (const uint64_t *)buf;
+    if (bad < 0)
+        rt_okf(nm(check), "sectors %lu-%lu%s as expected (used len %u)", sector, sector + count - 1,
+               indirect ? " (indirect)" : "", used_len);
+    else
+        rt_fail(nm(check), "sector %lu word %lu reads %lx", sector + (uint64_t)bad / 64, (uint64_t)bad % 64, w[bad]);
+}
+
+/* 32 x 4 KiB requests in flight with one kick, completed by interrupts. */
+static void in_flight(uint8_t *data, int write) {
+    enum { N = 32, SECS = 8 };
+    const uint64_t base = 512;
+    static struct slot *slots;
+    if (!slots) slots = rt_alloc_pages(2);
+    int heads[N];
+    if (write) fill(data, base, N * SECS, 1); else memset(data, 0xee, N * SECS * SECTOR);
+    uint32_t seen = vmsi_count[VEC - VMSI_BASE];
+    for (int i = 0; i < N; i++) {
+        struct slot *s = &slots[i];
+        s->hdr = (struct blk_hdr){ write ? T_OUT : T_IN, 0, base + (uint64_t)i * SECS };
+        s->status = 0xff;
+        struct vbuf b[3] = { { &s->hdr, sizeof s->hdr }, { data + i * SECS * SECTOR, SECS * SECTOR }, { &s->status, 1 } };
+        heads[i] = vq_add(&q, b, write ? 2 : 1, write ? 1 : 2);
+        if (heads[i] < 0) { rt_fail(nm(write ? "inflight-write" : "inflight-read"), "queue full at request %d", i); return; }
+    }
+    vq_kick(&q);
+    int done = 0, bad = 0, order_differs = 0;
+    uint64_t end = rt_deadline(20000);
+    while (done < N && !rt_expired(end)) {
+        if (!vq_pending_used(&q)) { vmsi_wait(VEC, vmsi_count[VEC - VMSI_BASE], 50); continue; }
+        uint32_t len;
+        int id = vq_get_used(&q, &len);
+        int i = 0;
+        while (i < N && heads[i] != id) i++;
+        if (i == N) { bad++; continue; }
+        if (i != done) order_differs = 1;
+        if (slots[i].status != S_OK) bad++;
+        done++;
+    }
+    uint32_t irqs = vmsi_count[VEC - VMSI_BASE] - seen;
+    const char *check = nm(write ? "inflight-write" : "inflight-read");
+    if (done != N || bad) { rt_fail(check, "%d of %d completed, %d bad", done, N, bad); return; }
+    long mis = write ? -1 : verify(data, base, N * SECS, 1);
+    rt_check(check, mis < 0, "%d x 4 KiB %s in flight at once, 1 kick, %u interrupts%s%s", N,
+             write ? "writes" : "reads", irqs, order_differs ? ", completed out of order" : "",
+             mis < 0 ? "" : ", data mismatch");
+    if (!irqs && q.msix != VIRTIO_MSI_NO_VECTOR) rt_fail(nm("inflight-interrupt"), "no MSI-X interrupt for %d completions", N);
+}
+
+/* EVENT_IDX: with used_event behind the whole batch the device must not interrupt; with it at
+ * the last request of a batch it must interrupt (about) once. */
+static void event_idx_check(uint8_t *buf) {
+    if (!q.event_idx) { rt_okf(nm("event-idx"), "not negotiated (device %s it)", (dev.device_features >> VIRTIO_F_EVENT_IDX) & 1 ? "offers" : "does not offer"); return; }
+    enum { N = 8 };
+    static struct slot *slots;
+    if (!slots) slots = rt_alloc_pages(1);
+    for (int round = 0; round < 2; round++) {
+        uint32_t seen = vmsi_count[VEC - VMSI_BASE];
+        if (round == 0) vq_disable_interrupts(&q);      /* used_event = last_used - 1: far away */
+        else { q.want_irq = 0; *q.used_event = (uint16_t)(q.last_used + N - 1); }
+        rt_mb();
+        for (int i = 0; i < N; i++) {
+            slots[i].hdr = (struct blk_hdr){ T_IN, 0, (uint64_t)i };
+            slots[i].status = 0xff;
+            struct vbuf b[3] = { { &slots[i].hdr, 16 }, { buf + i * SECTOR, SECTOR }, { &slots[i].status, 1 } };
+            vq_add(&q, b, 1, 2);
+        }
+        vq_kick(&q);
+        int done = 0;
+        uint64_t end = rt_deadline(10000);
+        while (done < N && !rt_expired(end)) { if (vq_get_used(&q, 0) >= 0) done++; else cpu_pause(); }
+        /* Give a late interrupt time to arrive (the count is only read, never a timing assertion). */
+        vmsi_wait(VEC, seen + (round ? 1 : 0), 200);
+        uint32_t irqs = vmsi_count[VEC - VMSI_BASE] - seen;
+        if (round == 0)
+            rt_check(nm("event-idx-suppressed"), done == N && irqs == 0,
+                     "%d of %d completed with used_event behind them: %u interrupts (expected 0)", done, N, irqs);
+        else
+            rt_check(nm("event-idx-interrupt"), done == N && irqs >= 1 && irqs <= 2,
+                     "%d of %d completed with used_event at the last: %u interrupts (expected 1)", done, N, irqs);
+    }
+    vq_enable_interrupts(&q);
+}
+
+static void check_disk(int index, int expect_ro) {
+    uint64_t cap = vdev_cfg64(&dev, 0);
+    int ro = vdev_has(&dev, VIRTIO_BLK_F_RO);
+    rt_check(nm("config"), cap >= MIN_SECTORS, "capacity %lu sectors (need >= %u), blk_size %u, seg_max %u, %s",
+             cap, MIN_SECTORS, vdev_has(&dev, VIRTIO_BLK_F_BLK_SIZE) ? vdev_cfg32(&dev, 20) : 512,
+             vdev_has(&dev, VIRTIO_BLK_F_SEG_MAX) ? vdev_cfg32(&dev, 12) : 0, ro ? "read-only" : "writable");
+    if (expect_ro >= 0) rt_check(nm("read-only-flag"), ro == expect_ro, "VIRTIO_BLK_F_RO %s (expected %s)", ro ? "set" : "clear", expect_ro ? "set" : "clear");
+    if (cap < MIN_SECTORS) return;
+    uint8_t *buf = rt_alloc_pages_nozero(64 * SECTOR / 4096 + 1);
+    uint8_t *big = rt_alloc_pages_nozero(32 * 8 * SECTOR / 4096);
+    if (!buf || !big) { rt_fail(nm("memory"), "out of guest memory"); return; }
+
+    /* GET_ID */
+    memset(buf, 0, 64);
+    uint32_t ulen = 0;
+    int st = blk_sync(T_GET_ID, 0, buf, 20, 0, &ulen);
+    char id[21];
+    memcpy(id, buf, 20);
+    id[20] = 0;
+    if (st == S_OK) {
+        rt_printf("BLKID %d %s\n", index, id);
+        char want[32];
+        if (index == 0 && rt_cmdline_str("id", want, sizeof want) >= 0)
+            rt_check(nm("get-id"), !strncmp(id, want, 20), "device id \"%s\", expected \"%s\"", id, want);
+        else
+            rt_okf(nm("get-id"), "device id \"%s\"", id);
+    } else {
+        expect_status("get-id", st, S_OK, "GET_ID");
+    }
+
+    read_check("read", buf, 0, 64, 0, 0);
+    if (vdev_has(&dev, VIRTIO_F_INDIRECT_DESC)) read_check("read-indirect", buf, 8, 8, 0, 1);
+    st = blk_sync(T_IN, cap, buf, SECTOR, 0, 0);
+    expect_status("read-past-end", st, S_IOERR, "read of sector = capacity");
+    st = blk_sync(T_IN, cap - 1, buf, 2 * SECTOR, 0, 0);
+    expect_status("read-across-end", st, S_IOERR, "2-sector read of the last sector");
+
+    if (ro) {
+        fill(buf, 64, 8, 1);
+        st = blk_sync(T_OUT, 64, buf, 8 * SECTOR, 0, 0);
+        expect_status("write-refused", st, S_IOERR, "write to a read-only disk");
+        read_check("read-only-unchanged", buf, 64, 8, 0, 0);
+    } else {
+        fill(buf, 64, 8, 1);
+        st = blk_sync(T_OUT, 64, buf, 8 * SECTOR, 0, 0);
+        if (expect_status("write", st, S_OK, "write of sectors 64-71")) read_check("write-readback", buf, 64, 8, 1, 0);
+        if (vdev_has(&dev, VIRTIO_F_INDIRECT_DESC)) {
+            fill(buf, 80, 8, 1);
+            st = blk_sync(T_OUT, 80, buf, 8 * SECTOR, 1, 0);
+            if (expect_status("write-indirect", st, S_OK, "indirect write of sectors 80-87"))
+                read_check("write-indirect-readback", buf, 80, 8, 1, 1);
+        }
+        fill(buf, 0, 1, 1);
+        st = blk_sync(T_OUT, cap, buf, SECTOR, 0, 0);
+        expect_status("write-past-end", st, S_IOERR, "write of sector = capacity");
+        if (vdev_has(&dev, VIRTIO_BLK_F_FLUSH)) expect_status("flush", blk_sync(T_FLUSH, 0, 0, 0, 0, 0), S_OK, "FLUSH");
+        else rt_fail(nm("flush"), "VIRTIO_BLK_F_FLUSH not offered");
+        struct blk_seg *seg = (struct blk_seg *)buf;
+        if (vdev_has(&dev, VIRTIO_BLK_F_DISCARD)) {
+            *seg = (struct blk_seg){ 128, 8, 0 };
+            expect_status("discard", blk_sync(T_DISCARD, 0, seg, sizeof *seg, 0, 0), S_OK, "DISCARD of 128-135");
+        } else {
+            rt_okf(nm("discard"), "VIRTIO_BLK_F_DISCARD not offered");
+        }
+        if (vdev_has(&dev, VIRTIO_BLK_F_WRITE_ZEROES)) {
+            *seg = (struct blk_seg){ 192, 8, 0 };
+            st = blk_sync(T_WRITE_ZEROES, 0, seg, sizeof *seg, 0, 0);
+            if (expect_status("write-zeroes", st, S_OK, "WRITE_ZEROES of 192-199"))
+                read_check("write-zeroes-readback", buf, 192, 8, 2, 0);
+        } else {
+            rt_okf(nm("write-zeroes"), "VIRTIO_BLK_F_WRITE_ZEROES not offered");
+        }
+        in_flight(big, 1);
+        in_flight(big, 0);
+        if (vdev_has(&dev, VIRTIO_BLK_F_FLUSH)) expect_status("flush-final", blk_sync(T_FLUSH, 0, 0, 0, 0, 0), S_OK, "FLUSH");
+    }
+    event_idx_check(buf);
+    if (q.msix != VIRTIO_MSI_NO_VECTOR)
+        rt_check(nm("msix-completions"), irq_completions == sync_requests,
+                 "%u of %u requests completed with an MSI-X interrupt", irq_completions, sync_requests);
+    else
+        rt_fail(nm("msix-completions"), "queue has no MSI-X vector");
+}
+
+static const char *open_disk(int index, uint64_t wanted) {
+    if (vdev_find(VIRTIO_ID_BLOCK, index, &dev)) return "absent";
+    const char *e = vdev_map(&dev);
+    if (e) return e;
+    if (dev.msix_cap && (vdev_msix_set(&dev, 0, apic_id, VEC, 0) || vdev_msix_set(&dev, 1, apic_id, VEC, 0) ||
+                         vdev_msix_enable(&dev)))
+        return "MSI-X setup failed";
+    e = vdev_negotiate(&dev, wanted);
+    if (e) return e;
+    vdev_set_config_vector(&dev, dev.msix_cap ? 1 : VIRTIO_MSI_NO_VECTOR);
+    e = vq_setup(&dev, &q, 0, 256, dev.msix_cap ? 0 : VIRTIO_MSI_NO_VECTOR);
+    if (e) return e;
+    vdev_driver_ok(&dev);
+    if (vdev_status(&dev) & (VIRTIO_STATUS_NEEDS_RESET | VIRTIO_STATUS_FAILED)) return "device status reports an error";
+    return 0;
+}
+
+/* ---------------------------------------------------------------- bench */
+static uint64_t rng_state = 0x9e3779b97f4a7c15ull;
+static inline uint64_t xorshift(void) {
+    uint64_t x = rng_state;
+    x ^= x << 13; x ^= x >> 7; x ^= x << 17;
+    return rng_state = x;
+}
+
+static void bench(const char *kind) {
+    int write = !strncmp(kind, "seqwrite", 9) || !strncmp(kind, "randwrite", 10);
+    int rnd = !strncmp(kind, "rand", 4);
+    if (!write && strncmp(kind, "seqread", 8) && strncmp(kind, "randread", 9)) {
+        rt_fail("bench", "unknown bench=%s (seqread, seqwrite, randread, randwrite)", kind);
+        return;
+    }
+    uint64_t size = rt_cmdline_uint("size", rnd ? 4096 : 1 << 20);
+    uint64_t qd = rt_cmdline_uint("qd", 8);
+    uint64_t n = rt_cmdline_uint("n", rnd ? 20000 : 1024);
+    uint64_t cap = vdev_cfg64(&dev, 0);
+    uint64_t span = rt_cmdline_uint("span", cap);
+    uint64_t secs = size / SECTOR;
+    if (!secs || size % SECTOR || size > (4u << 20) || span > cap || span < secs || !qd || qd * 3 > q.size) {
+        rt_fail("bench", "bad parameters size=%lu qd=%lu span=%lu (capacity %lu, queue %u)", size, qd, span, cap, q.size);
+        return;
+    }
+    uint64_t blocks = span / secs;
+    struct slot *slots = rt_alloc_pages((qd * sizeof(struct slot) + 4095) / 4096);
+    uint8_t *data = rt_alloc_pages_nozero((qd * size + 4095) / 4096);
+    if (!slots || !data) { rt_fail("bench", "out of guest memory for qd=%lu x %lu bytes", qd, size); return; }
+    int16_t slot_of[VQ_MAX_SIZE];
+    vq_disable_interrupts(&q);
+    uint64_t next_block = 0, submitted = 0, done = 0, errors = 0;
+    uint64_t kicks0 = q.notifications;
+    rt_printf("BENCH %s start size=%lu qd=%lu n=%lu span=%lu\n", kind, size, qd, n, span);
+    uint64_t t0 = rdtsc();
+#define SUBMIT(i) do { \
+        struct slot *s_ = &slots[i]; \
+        uint64_t blk_ = rnd ? xorshift() % blocks : next_block; \
+        if (!rnd && ++next_block == blocks) next_block = 0; \
+        s_->hdr.type = write ? T_OUT : T_IN; s_->hdr.reserved = 0; s_->hdr.sector = blk_ * secs; s_->status = 0xff; \
+        struct vbuf b_[3] = { { &s_->hdr, 16 }, { data + (i) * size, (uint32_t)size }, { &s_->status, 1 } }; \
+        int h_ = vq_add(&q, b_, write ? 2 : 1, write ? 1 : 2); \
+        slot_of[h_] = (int16_t)(i); submitted++; \
+    } while (0)
+    for (uint64_t i = 0; i < qd && submitted < n; i++) SUBMIT(i);
+    vq_kick(&q);
+    uint64_t idle = 0;
+    while (done < n) {
+        int got = 0, id;
+        uint32_t len;
+        while ((id = vq_get_used(&q, &len)) >= 0) {
+            int i = slot_of[id];
+            if (slots[i].status != S_OK) errors++;
+            done++;
+            got++;
+            if (submitted < n) SUBMIT(i);
+        }
+        if (id == -2) { errors++; break; }
+        if (got) { vq_kick(&q); idle = 0; }
+        else if (++idle > 4000000000ull) break;
+        else cpu_pause();
+    }
+#undef SUBMIT
+    uint64_t t1 = rdtsc();
+    rt_printf("BENCH %s done ops=%lu bytes=%lu tsc=%lu kicks=%lu errors=%lu\n", kind, done, done * size, t1 - t0,
+              q.notifications - kicks0, errors);
+    rt_check("bench", done == n && !errors, "%s: %lu of %lu requests of %lu bytes at depth %lu, %lu errors", kind, done,
+             n, size, qd, errors);
+    vq_enable_interrupts(&q);
+}
+
+static long run(void *arg) {
+    (void)arg;
+    uint64_t wanted = VIRTIO_BIT(VIRTIO_BLK_F_SIZE_MAX) | VIRTIO_BIT(VIRTIO_BLK_F_SEG_MAX) | VIRTIO_BIT(VIRTIO_BLK_F_RO) |
+                      VIRTIO_BIT(VIRTIO_BLK_F_BLK_SIZE) | VIRTIO_BIT(VIRTIO_BLK_F_FLUSH) |
+                      VIRTIO_BIT(VIRTIO_BLK_F_DISCARD) | VIRTIO_BIT(VIRTIO_BLK_F_WRITE_ZEROES);
+    if (!rt_cmdline_has("noindirect")) wanted |= VIRTIO_BIT(VIRTIO_F_INDIRECT_DESC);
+    if (!rt_cmdline_has("noevent")) wanted |= VIRTIO_BIT(VIRTIO_F_EVENT_IDX);
+    char kind[16];
+    if (rt_cmdline_str("bench", kind, sizeof kind) >= 0) {
+        const char *e = open_disk(0, wanted);
+        if (!rt_check("blk0-setup", !e, "%s: 00:%02x.%u features %lx", e ? e : "ready", dev.slot, dev.fn, dev.features))
+            return 0;
+        bench(kind);
+        vdev_reset(&dev);
+        return 0;
+    }
+    int disks = 0;
+    uint64_t ro_index = rt_cmdline_uint("readonly", 99);
+    for (int i = 0; i < 8; i++) {
+        prefix[0] = 'b'; prefix[1] = 'l'; prefix[2] = 'k'; prefix[3] = (char)('0' + i); prefix[4] = '-'; prefix[5] = 0;
+        struct vdev probe;
+        if (vdev_find(VIRTIO_ID_BLOCK, i, &probe)) break;
+        disks++;
+        sync_requests = irq_completions = 0;
+        const char *e = open_disk(i, wanted);
+        if (!rt_check(nm("setup"), !e, "%s: 00:%02x.%u device %04x, features %lx of %lx, queue %u, msix %s", e ? e : "ready",
+                      dev.slot, dev.fn, dev.device_id, dev.features, dev.device_features, q.size,
+                      q.msix == VIRTIO_MSI_NO_VECTOR ? "none" : "vector 0"))
+            continue;
+        check_disk(i, ro_index == 99 ? -1 : (uint64_t)i == ro_index);
+        vdev_reset(&dev);
+    }
+    uint64_t want = rt_cmdline_uint("disks", 0);
+    rt_check("disks", disks > 0 && (!want || (uint64_t)disks == want), "%d virtio-blk devices (expected %lu)", disks,
+             want);
+    return 0;
+}
+
+int main(void) {
+    rt_lapic_enable();
+    apic_id = (uint8_t)rt_lapic_id();
+    vmsi_install(VEC);
+    long r = rt_run_user(run, 0, 3);
+    if (r == RT_USER_FAULTED)
+        rt_fail("ring3", "driver faulted: %s error %lx at rip %lx", rt_exception_name(rt_user_fault_vector),
+                (uint64_t)rt_user_fault_error, (uint64_t)rt_user_fault_rip);
+    return 0;
+}
