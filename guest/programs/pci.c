@@ -136,7 +136,7 @@ static void enumerate(int contract) {
 static void intx_handler(struct rt_frame *f) {
     (void)f;
     vmsi_count[VEC_INTX - VMSI_BASE]++;
-    if (intx_isr_addr) intx_isr_value = mmio_read8(intx_isr_addr);   /* reading the ISR deasserts INTx */
+    if (intx_isr_addr) intx_isr_value |= mmio_read8(intx_isr_addr);  /* reading the ISR deasserts INTx */
     rt_lapic_eoi();
 }
 
@@ -225,7 +225,7 @@ static void interrupts(void) {
     irq = vmsi_wait(VEC_INTX, seen, 5000) == 0;
     uint32_t count = vmsi_count[VEC_INTX - VMSI_BASE] - seen;
     rt_check("intx", ok && irq && (intx_isr_value & 1) && count < 10,
-             "completion %s, IOAPIC pin %u vector 0x%x %s (%u times), ISR read 0x%x", ok ? "done" : "missing", line, VEC_INTX,
+             "completion %s, IOAPIC pin %u vector 0x%x %s (%u times), ISR reads ORed 0x%x", ok ? "done" : "missing", line, VEC_INTX,
              irq ? "arrived" : "did not arrive", count, intx_isr_value);
     rt_ioapic_write(0x10 + 2u * line, 0x10000);                        /* masked again */
     vdev_reset(&d);
