@@ -17,7 +17,7 @@ import Synchronization
 /// reply and Linux concludes there is no aux port.
 ///
 /// The keyboard acknowledges every command with 0xFA, answers reset (0xFF) with 0xFA 0xAA,
-/// identify (0xF2) with 0xFA 0xAB 0x83 and echo (0xEE) with 0xEE; it never sends keystrokes.
+/// identify (0xF2) with 0xFA 0xAB 0x83 and echo (0xEE) with 0xEE; its only keystrokes are `pressCtrlAltDel()`.
 /// The keyboard interrupt is a level: asserted while the output buffer holds a keyboard byte
 /// and the command byte enables keyboard interrupts (bit 0); the aux interrupt likewise. Each
 /// read of the data port lowers the line, and it rises again if another byte follows, so an
@@ -102,6 +102,23 @@ public final class I8042: BusDevice, Sendable {
             updateLevels(&s)
         }
         if reset { control.request(.reset) }
+    }
+
+    /// Ctrl, Alt and Delete pressed then released, in scan code set 2 (Firecracker sends the
+    /// same presses for SendCtrlAltDel).
+    static let ctrlAltDelSet2: [UInt8] = [0x14, 0x11, 0xE0, 0x71, 0xE0, 0xF0, 0x71, 0xF0, 0x11, 0xF0, 0x14]
+    /// The same keys in scan code set 1 (what the guest reads when the controller translates).
+    static let ctrlAltDelSet1: [UInt8] = [0x1D, 0x38, 0xE0, 0x53, 0xE0, 0xD3, 0xB8, 0x9D]
+
+    /// Presses and releases Ctrl+Alt+Del on the keyboard: the scan codes are queued as keyboard
+    /// bytes (set 1 when the command byte's translate bit is on, else set 2) and raise IRQ 1.
+    /// Bytes that do not fit the output queue are dropped, as from a real keyboard's buffer.
+    public func pressCtrlAltDel() {
+        state.withLock { s in
+            let codes = s.commandByte & Self.ctrXlate != 0 ? Self.ctrlAltDelSet1 : Self.ctrlAltDelSet2
+            for b in codes { enqueue(b, .keyboard, &s) }
+            updateLevels(&s)
+        }
     }
 
     // MARK: Ports (lock held)

@@ -85,6 +85,8 @@ public final class Machine: @unchecked Sendable {
     let vm: VirtualMachine
     let vcpus: [VCPU]
     let controller = MachineController()
+    /// Parks the vCPUs while paused (Machine+Lifecycle.swift).
+    let pauseGate = PauseGate()
     let logger: Logger
     private let serialOutput: any SerialOutput
 
@@ -264,6 +266,7 @@ public final class Machine: @unchecked Sendable {
         controller.setControlThread(UInt(ckvm_pthread_self()))
 
         let runners = vcpus.map { VCPURunner(machine: self, vcpu: $0) }
+        pauseGate.attach(runners)
         for r in runners {
             do { try r.start() } catch {
                 controller.stop(.vmmFailure("cannot start vCPU \(r.vcpu.id) thread: \(error)"))
@@ -289,6 +292,7 @@ public final class Machine: @unchecked Sendable {
         controller.setControlThread(0)
         for r in runners { r.kickToStop() }
         for r in runners { r.join() }
+        pauseGate.detach()
         // Drain a wake signal that raced with the stop so it is not left pending.
         var zero = timespec(tv_sec: 0, tv_nsec: 0)
         while sigtimedwait(&waitSet, nil, &zero) > 0 {}

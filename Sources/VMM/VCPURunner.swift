@@ -61,6 +61,12 @@ final class VCPURunner: @unchecked Sendable {
         kick()
     }
 
+    /// Makes the vCPU leave KVM_RUN so that it parks (the pause flag is already set).
+    func kickToPause() {
+        vcpu.immediateExit = true
+        kick()
+    }
+
     private func kick() {
         let tid = threadID.load(ordering: .sequentiallyConsistent)
         if tid != 0 { _ = ckvm_pthread_kick(UInt(tid)) }
@@ -79,9 +85,13 @@ final class VCPURunner: @unchecked Sendable {
         defer {
             threadID.store(0, ordering: .sequentiallyConsistent)
             machine.statistics.merge(counts)
+            machine.pauseGate.recordCPUTime(vcpu: vcpu.id)
+            machine.pauseGate.threadEnded()
         }
         let controller = machine.controller
         while !controller.stopRequested {
+            machine.pauseGate.parkIfPaused(self, counts: &counts)
+            if controller.stopRequested { break }
             let exit: VCPUExit
             do {
                 exit = try vcpu.run()
@@ -133,6 +143,10 @@ final class VCPURunner: @unchecked Sendable {
         case .halt:
             if isHaltedForGood(mpStateKnown: true) { controller.stop(.powerOff) }
         case .interrupted:
+            // Publish live counts for metrics (kicks come at least every ~100 ms).
+            machine.statistics.merge(counts)
+            counts.removeAll(keepingCapacity: true)
+            machine.pauseGate.recordCPUTime(vcpu: vcpu.id)
             if haltCheck.exchange(false, ordering: .sequentiallyConsistent), isHaltedForGood(mpStateKnown: false) {
                 logger.debug("vCPU \(vcpu.id) halted with interrupts disabled: power-off")
                 controller.stop(.powerOff)

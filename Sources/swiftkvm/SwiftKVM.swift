@@ -9,12 +9,26 @@ struct SwiftKVM: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "swiftkvm",
         abstract: "A virtualization stack on Linux KVM.",
-        subcommands: [RunCommand.self, CheckCommand.self, ImgCommand.self]
+        subcommands: [RunCommand.self, CheckCommand.self, ImgCommand.self, VMMCommand.self]
     )
 
     /// Parses and runs the command. Usage errors (unknown options, bad values) print one line
     /// and exit with status 2, the code SwiftKVM documents for bad usage or input.
     static func main() {
+        // Installed as (or symlinked to) `firecracker`: behave as `swiftkvm vmm`.
+        if let argv0 = CommandLine.arguments.first, argv0.split(separator: "/").last == "firecracker" {
+            do {
+                var command = try VMMCommand.parseAsRoot(Array(CommandLine.arguments.dropFirst()))
+                try command.run()
+            } catch {
+                if VMMCommand.exitCode(for: error) == .validationFailure {
+                    let line = "firecracker: error: \(VMMCommand.message(for: error))\n"
+                    _ = line.withCString { write(2, $0, strlen($0)) }
+                    Glibc.exit(2)
+                }
+                VMMCommand.exit(withError: error)
+            }
+        }
         do {
             var command = try parseAsRoot()
             try command.run()

@@ -1,0 +1,165 @@
+/// One parsed API request: the action the controller carries out (Firecracker's `VmmAction`).
+///
+/// `APIRequest.parse` maps method, path and body to an action, or to an `APIError` with
+/// Firecracker's status and message: an unknown path or method is 400 "Invalid request method
+/// and/or path: METHOD /path.", a PUT/PATCH without a body 400 "Empty PUT request.", a GET with a
+/// body 400 "GET request cannot have a body.", a bad body 400 naming the field.
+public enum APIRequest: Sendable, Equatable {
+    case getInstanceInfo
+    case getVersion
+    case getMachineConfig
+    case getFullConfig
+    case putBootSource(BootSourceConfig)
+    case putMachineConfig(MachineConfig)
+    case patchMachineConfig(MachineConfigUpdate)
+    case putDrive(DriveConfig)
+    case patchDrive(DriveUpdate)
+    case putNetworkInterface(NetworkInterfaceConfig)
+    case patchNetworkInterface(NetworkInterfaceUpdate)
+    case action(InstanceActionInfo.ActionType)
+    case patchVM(VMStateRequest.State)
+    case putLogger(LoggerConfig)
+    case putMetrics(MetricsConfig)
+    case putEntropy(EntropyDeviceConfig)
+    case putSerial(SerialDeviceConfig)
+
+    /// A short name for logs and metrics, e.g. "PUT /boot-source".
+    public var name: String {
+        switch self {
+        case .getInstanceInfo: return "GET /"
+        case .getVersion: return "GET /version"
+        case .getMachineConfig: return "GET /machine-config"
+        case .getFullConfig: return "GET /vm/config"
+        case .putBootSource: return "PUT /boot-source"
+        case .putMachineConfig: return "PUT /machine-config"
+        case .patchMachineConfig: return "PATCH /machine-config"
+        case .putDrive: return "PUT /drives"
+        case .patchDrive: return "PATCH /drives"
+        case .putNetworkInterface: return "PUT /network-interfaces"
+        case .patchNetworkInterface: return "PATCH /network-interfaces"
+        case .action(let a): return "PUT /actions \(a.rawValue)"
+        case .patchVM(let s): return "PATCH /vm \(s.rawValue)"
+        case .putLogger: return "PUT /logger"
+        case .putMetrics: return "PUT /metrics"
+        case .putEntropy: return "PUT /entropy"
+        case .putSerial: return "PUT /serial"
+        }
+    }
+
+    /// Firecracker endpoints SwiftKVM does not implement yet (first path segment).
+    static let unsupportedResources: [String: String] = [
+        "balloon": "The balloon device",
+        "snapshot": "Snapshots",
+        "vsock": "The vsock device",
+        "mmds": "The microVM metadata service (MMDS)",
+        "cpu-config": "Custom CPU templates (cpu-config)",
+        "hotplug": "Memory hotplug",
+        "pmem": "The pmem device",
+    ]
+
+    /// Parses a request. `uri` may carry a query string (ignored); `body` is nil when the
+    /// request had none (an empty body counts as none, as in Firecracker).
+    public static func parse(method: String, uri: String, body: [UInt8]?) throws(APIError) -> APIRequest {
+        var path = Substring(uri)
+        if let q = path.firstIndex(where: { $0 == "?" || $0 == "#" }) { path = path[..<q] }
+        let tokens = path.split(separator: "/", omittingEmptySubsequences: true).map(String.init)
+        let body = (body?.isEmpty ?? true) ? nil : body
+        let invalid = APIError.badRequest("Invalid request method and/or path: \(method) \(path.isEmpty ? "/" : String(path)).")
+        let first = tokens.first ?? ""
+
+        switch method {
+        case "GET", "PUT", "PATCH":
+            break
+        case "DELETE" where ["drives", "network-interfaces", "pmem"].contains(first):
+            throw .notSupportedYet("Hot-unplugging devices (DELETE /\(first))")
+        default:
+            throw invalid
+        }
+        if let what = unsupportedResources[first] {
+            throw .notSupportedYet("\(what) (\(method) \(path))")
+        }
+        if method == "GET" {
+            guard body == nil else { throw .badRequest("GET request cannot have a body.") }
+            switch tokens {
+            case []: return .getInstanceInfo
+            case ["version"]: return .getVersion
+            case ["machine-config"]: return .getMachineConfig
+            case ["vm", "config"]: return .getFullConfig
+            default: throw invalid
+            }
+        }
+        // PUT and PATCH need a body on every known path.
+        let known: Set<String> = method == "PUT"
+            ? ["actions", "boot-source", "drives", "logger", "serial", "machine-config", "metrics", "network-interfaces", "entropy"]
+            : ["drives", "machine-config", "network-interfaces", "vm"]
+        guard known.contains(first) else { throw invalid }
+        guard let body else { throw .badRequest("Empty \(method) request.") }
+
+        func id(_ field: String) throws(APIError) -> String {
+            guard tokens.count == 2 else {
+                if tokens.count < 2 { throw APIError.badRequest("The ID cannot be empty: \(method) /\(first)/{\(field)} needs one.") }
+                throw invalid
+            }
+            try ResourceID.check(tokens[1], field: field)
+            return tokens[1]
+        }
+        func single() throws(APIError) { guard tokens.count == 1 else { throw invalid } }
+        func mismatch(_ field: String) -> APIError {
+            .badRequest("The id from the path does not match the id from the body (\(field))!")
+        }
+
+        switch (method, first) {
+        case ("PUT", "actions"):
+            try single()
+            return .action(try StrictJSON.decode(InstanceActionInfo.self, from: body).actionType)
+        case ("PUT", "boot-source"):
+            try single()
+            return .putBootSource(try StrictJSON.decode(BootSourceConfig.self, from: body))
+        case ("PUT", "machine-config"):
+            try single()
+            return .putMachineConfig(try StrictJSON.decode(MachineConfig.self, from: body))
+        case ("PATCH", "machine-config"):
+            try single()
+            let update = try StrictJSON.decode(MachineConfigUpdate.self, from: body)
+            guard !update.isEmpty else { throw .badRequest("Empty PATCH request: give at least one machine-config field.") }
+            return .patchMachineConfig(update)
+        case ("PUT", "drives"):
+            let pathID = try id("drive_id")
+            let drive = try StrictJSON.decode(DriveConfig.self, from: body)
+            guard drive.driveId == pathID else { throw mismatch("drive_id") }
+            return .putDrive(drive)
+        case ("PATCH", "drives"):
+            let pathID = try id("drive_id")
+            let update = try StrictJSON.decode(DriveUpdate.self, from: body)
+            guard update.driveId == pathID else { throw mismatch("drive_id") }
+            return .patchDrive(update)
+        case ("PUT", "network-interfaces"):
+            let pathID = try id("iface_id")
+            let iface = try StrictJSON.decode(NetworkInterfaceConfig.self, from: body)
+            guard iface.ifaceId == pathID else { throw mismatch("iface_id") }
+            return .putNetworkInterface(iface)
+        case ("PATCH", "network-interfaces"):
+            let pathID = try id("iface_id")
+            let update = try StrictJSON.decode(NetworkInterfaceUpdate.self, from: body)
+            guard update.ifaceId == pathID else { throw mismatch("iface_id") }
+            return .patchNetworkInterface(update)
+        case ("PATCH", "vm"):
+            try single()
+            return .patchVM(try StrictJSON.decode(VMStateRequest.self, from: body).state)
+        case ("PUT", "logger"):
+            try single()
+            return .putLogger(try StrictJSON.decode(LoggerConfig.self, from: body))
+        case ("PUT", "metrics"):
+            try single()
+            return .putMetrics(try StrictJSON.decode(MetricsConfig.self, from: body))
+        case ("PUT", "entropy"):
+            try single()
+            return .putEntropy(try StrictJSON.decode(EntropyDeviceConfig.self, from: body))
+        case ("PUT", "serial"):
+            try single()
+            return .putSerial(try StrictJSON.decode(SerialDeviceConfig.self, from: body))
+        default:
+            throw invalid
+        }
+    }
+}

@@ -1,0 +1,172 @@
+import Dispatch
+import Foundation
+import NIOCore
+import NIOHTTP1
+import NIOPosix
+
+/// The HTTP/1.1 API server on a Unix socket (SwiftNIO), as Firecracker's `--api-sock`.
+///
+/// Requests are parsed by NIO's HTTP/1 decoder; bodies are limited to `maxBodySize` bytes
+/// (Firecracker's default 51200): a larger body gets 413 and the connection is closed. Parsing
+/// into an `APIRequest` happens on the event loop; the controller runs on a dedicated serial
+/// queue ("api-vmm"), never on the event loop. Malformed HTTP gets NIO's 400 and a close.
+public final class APIServer: @unchecked Sendable {
+    /// Firecracker's default API payload limit.
+    public static let defaultMaxBodySize = 51_200
+
+    public let socketPath: String
+    public let controller: VMController
+    public let maxBodySize: Int
+    private let group: MultiThreadedEventLoopGroup
+    private var channel: (any Channel)?
+    private let queue = DispatchQueue(label: "api-vmm")
+
+    public init(socketPath: String, controller: VMController, maxBodySize: Int = defaultMaxBodySize) {
+        self.socketPath = socketPath
+        self.controller = controller
+        self.maxBodySize = maxBodySize
+        self.group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+    }
+
+    /// Binds the socket. Fails with a clear `APIError` (status 500) when the path exists or
+    /// cannot be bound.
+    public func start() throws {
+        var st = stat()
+        if lstat(socketPath, &st) == 0 {
+            throw APIError(status: 500, "the API socket path \(socketPath) already exists (another VMM, or a stale socket: remove it)")
+        }
+        guard socketPath.utf8.count < 108 else {
+            throw APIError(status: 500, "the API socket path \(socketPath) is too long (\(socketPath.utf8.count) bytes, at most 107)")
+        }
+        let controller = self.controller, maxBody = maxBodySize, queue = self.queue
+        let bootstrap = ServerBootstrap(group: group)
+            .serverChannelOption(ChannelOptions.backlog, value: 64)
+            .childChannelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.configureHTTPServerPipeline(withErrorHandling: true)
+                    try channel.pipeline.syncOperations.addHandler(
+                        APIHTTPHandler(controller: controller, maxBodySize: maxBody, queue: queue))
+                }
+            }
+        do {
+            channel = try bootstrap.bind(unixDomainSocketPath: socketPath, cleanupExistingSocketFile: false).wait()
+        } catch {
+            throw APIError(status: 500, "cannot bind the API socket \(socketPath): \(error)")
+        }
+    }
+
+    /// Closes the socket, removes its path and stops the event loop.
+    public func stop() {
+        try? channel?.close().wait()
+        channel = nil
+        unlink(socketPath)
+        try? group.syncShutdownGracefully()
+    }
+}
+
+/// One connection's request handler: collects the body (bounded), parses, dispatches, replies.
+final class APIHTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = HTTPServerRequestPart
+    typealias OutboundOut = HTTPServerResponsePart
+
+    let controller: VMController
+    let maxBodySize: Int
+    let queue: DispatchQueue
+    private var head: HTTPRequestHead?
+    private var body: ByteBuffer?
+    private var rejected = false
+
+    init(controller: VMController, maxBodySize: Int, queue: DispatchQueue) {
+        self.controller = controller
+        self.maxBodySize = maxBodySize
+        self.queue = queue
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        switch unwrapInboundIn(data) {
+        case .head(let h):
+            head = h
+            body = nil
+            rejected = false
+            if let length = h.headers.first(name: "content-length").flatMap({ Int($0) }), length > maxBodySize {
+                reject(context: context, size: length)
+            }
+        case .body(var part):
+            guard !rejected else { return }
+            let size = (body?.readableBytes ?? 0) + part.readableBytes
+            if size > maxBodySize {
+                reject(context: context, size: size)
+                return
+            }
+            if body == nil { body = part } else { body!.writeBuffer(&part) }
+        case .end:
+            guard !rejected, let head else { return }
+            self.head = nil
+            let bytes = body.map { Array($0.readableBytesView) }
+            body = nil
+            dispatch(context: context, head: head, body: bytes)
+        }
+    }
+
+    /// 413 for a body over the limit; the rest of the request is not read.
+    private func reject(context: ChannelHandlerContext, size: Int) {
+        rejected = true
+        let error = APIError(status: 413, "Request payload with size \(size) is larger than the limit of \(maxBodySize) allowed by server.")
+        write(context: context, status: error.status, body: error.jsonBody, keepAlive: false)
+    }
+
+    private func dispatch(context: ChannelHandlerContext, head: HTTPRequestHead, body: [UInt8]?) {
+        let keepAlive = head.isKeepAlive
+        let request: APIRequest
+        do {
+            request = try APIRequest.parse(method: head.method.rawValue, uri: head.uri, body: body)
+        } catch {
+            controller.metrics.increment("api_server", "parse_fails")
+            write(context: context, status: error.status, body: error.jsonBody, keepAlive: keepAlive)
+            return
+        }
+        let promise = context.eventLoop.makePromise(of: Result<APIResponse, APIError>.self)
+        let controller = self.controller
+        queue.async { promise.succeed(controller.handle(request)) }
+        let bound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
+        promise.futureResult.whenSuccess { result in
+            let (handler, context) = bound.value
+            switch result {
+            case .success(let r): handler.write(context: context, status: r.status, body: r.body, keepAlive: keepAlive)
+            case .failure(let e): handler.write(context: context, status: e.status, body: e.jsonBody, keepAlive: keepAlive)
+            }
+        }
+    }
+
+    private func write(context: ChannelHandlerContext, status: Int, body: [UInt8], keepAlive: Bool) {
+        var headers = HTTPHeaders()
+        headers.add(name: "Server", value: "SwiftKVM")
+        if !body.isEmpty { headers.add(name: "Content-Type", value: "application/json") }
+        headers.add(name: "Content-Length", value: String(body.count))
+        if !keepAlive { headers.add(name: "Connection", value: "close") }
+        let head = HTTPResponseHead(version: .http1_1, status: HTTPResponseStatus(statusCode: status), headers: headers)
+        context.write(wrapOutboundOut(.head(head)), promise: nil)
+        if !body.isEmpty {
+            var buffer = context.channel.allocator.buffer(capacity: body.count)
+            buffer.writeBytes(body)
+            context.write(wrapOutboundOut(.body(.byteBuffer(buffer))), promise: nil)
+        }
+        let done = context.writeAndFlushWithFuture(wrapOutboundOut(.end(nil)))
+        if !keepAlive {
+            let bound = NIOLoopBound(context, eventLoop: context.eventLoop)
+            done.whenComplete { _ in bound.value.close(promise: nil) }
+        }
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        context.close(promise: nil)
+    }
+}
+
+extension ChannelHandlerContext {
+    func writeAndFlushWithFuture(_ data: NIOAny) -> EventLoopFuture<Void> {
+        let p = eventLoop.makePromise(of: Void.self)
+        writeAndFlush(data, promise: p)
+        return p.futureResult
+    }
+}

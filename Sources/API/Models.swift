@@ -1,0 +1,478 @@
+// Request and response bodies of Firecracker's API (src/firecracker/swagger/firecracker.yaml),
+// as Codable DTOs. Decoding is strict: unknown fields, missing required fields and wrong types
+// are errors naming the field. Semantic checks (ranges, ids, files) are in `validate()`.
+import Foundation
+
+/// A token bucket of a rate limiter (`TokenBucket`). Accepted and echoed; not enforced yet.
+public struct TokenBucket: Codable, Sendable, Equatable {
+    public var size: Int64
+    public var oneTimeBurst: Int64?
+    public var refillTime: Int64
+
+    enum CodingKeys: String, CodingKey, CaseIterable {
+        case size, oneTimeBurst = "one_time_burst", refillTime = "refill_time"
+    }
+    public init(size: Int64, oneTimeBurst: Int64? = nil, refillTime: Int64) {
+        self.size = size; self.oneTimeBurst = oneTimeBurst; self.refillTime = refillTime
+    }
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.strictContainer(keyedBy: CodingKeys.self)
+        size = try c.decode(Int64.self, forKey: .size)
+        oneTimeBurst = try c.decodeIfPresent(Int64.self, forKey: .oneTimeBurst)
+        refillTime = try c.decode(Int64.self, forKey: .refillTime)
+    }
+    func validate(_ field: String) throws(APIError) {
+        guard size >= 0, refillTime >= 0, (oneTimeBurst ?? 0) >= 0 else {
+            throw .badRequest("Invalid \(field): size, one_time_burst and refill_time must not be negative.")
+        }
+    }
+}
+
+/// A rate limiter (`RateLimiter`): bandwidth and ops buckets. Accepted and echoed; not enforced yet.
+public struct RateLimiter: Codable, Sendable, Equatable {
+    public var bandwidth: TokenBucket?
+    public var ops: TokenBucket?
+    enum CodingKeys: String, CodingKey, CaseIterable { case bandwidth, ops }
+    public init(bandwidth: TokenBucket? = nil, ops: TokenBucket? = nil) { self.bandwidth = bandwidth; self.ops = ops }
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.strictContainer(keyedBy: CodingKeys.self)
+        bandwidth = try c.decodeIfPresent(TokenBucket.self, forKey: .bandwidth)
+        ops = try c.decodeIfPresent(TokenBucket.self, forKey: .ops)
+    }
+    func validate(_ field: String) throws(APIError) {
+        try bandwidth?.validate(field + ".bandwidth")
+        try ops?.validate(field + ".ops")
+    }
+}
+
+/// `PUT /boot-source` (`BootSource`).
+public struct BootSourceConfig: Codable, Sendable, Equatable {
+    public var kernelImagePath: String
+    public var initrdPath: String?
+    public var bootArgs: String?
+    enum CodingKeys: String, CodingKey, CaseIterable {
+        case kernelImagePath = "kernel_image_path", initrdPath = "initrd_path", bootArgs = "boot_args"
+    }
+    public init(kernelImagePath: String, initrdPath: String? = nil, bootArgs: String? = nil) {
+        self.kernelImagePath = kernelImagePath; self.initrdPath = initrdPath; self.bootArgs = bootArgs
+    }
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.strictContainer(keyedBy: CodingKeys.self)
+        kernelImagePath = try c.decode(String.self, forKey: .kernelImagePath)
+        initrdPath = try c.decodeIfPresent(String.self, forKey: .initrdPath)
+        bootArgs = try c.decodeIfPresent(String.self, forKey: .bootArgs)
+    }
+    /// The files must be readable regular files (as Firecracker opens them when configured).
+    func validate() throws(APIError) {
+        try FileCheck.readableFile(kernelImagePath, what: "kernel file", field: "kernel_image_path")
+        if let initrdPath { try FileCheck.readableFile(initrdPath, what: "initrd file", field: "initrd_path") }
+        if let bootArgs, bootArgs.utf8.count > 4095 {
+            throw .badRequest("Invalid boot_args: \(bootArgs.utf8.count) bytes, the limit is 4095.")
+        }
+    }
+}
+
+/// `PUT /machine-config` and `GET /machine-config` (`MachineConfiguration`).
+public struct MachineConfig: Codable, Sendable, Equatable {
+    public var vcpuCount: Int
+    public var memSizeMib: Int
+    public var smt: Bool
+    public var cpuTemplate: String?
+    public var trackDirtyPages: Bool
+    public var hugePages: String
+
+    /// Largest vCPU count (Firecracker's limit).
+    public static let maxVCPUs = 32
+    /// Firecracker's defaults: 1 vCPU, 128 MiB.
+    public static let `default` = MachineConfig(vcpuCount: 1, memSizeMib: 128)
+
+    enum CodingKeys: String, CodingKey, CaseIterable {
+        case vcpuCount = "vcpu_count", memSizeMib = "mem_size_mib", smt, cpuTemplate = "cpu_template"
+        case trackDirtyPages = "track_dirty_pages", hugePages = "huge_pages"
+    }
+    public init(vcpuCount: Int, memSizeMib: Int, smt: Bool = false, cpuTemplate: String? = nil,
+                trackDirtyPages: Bool = false, hugePages: String = "None") {
+        self.vcpuCount = vcpuCount; self.memSizeMib = memSizeMib; self.smt = smt
+        self.cpuTemplate = cpuTemplate; self.trackDirtyPages = trackDirtyPages; self.hugePages = hugePages
+    }
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.strictContainer(keyedBy: CodingKeys.self)
+        vcpuCount = try c.decode(Int.self, forKey: .vcpuCount)
+        memSizeMib = try c.decode(Int.self, forKey: .memSizeMib)
+        smt = try c.decodeIfPresent(Bool.self, forKey: .smt) ?? false
+        cpuTemplate = try c.decodeEnum(.cpuTemplate, allowed: Self.cpuTemplates)
+        trackDirtyPages = try c.decodeIfPresent(Bool.self, forKey: .trackDirtyPages) ?? false
+        hugePages = try c.decodeEnum(.hugePages, allowed: ["None", "Transparent", "2M"]) ?? "None"
+    }
+    static let cpuTemplates = ["C3", "T2", "T2S", "T2CL", "T2A", "V1N1", "None"]
+
+    /// Range checks and the features SwiftKVM does not have.
+    func validate() throws(APIError) {
+        guard vcpuCount >= 1, vcpuCount <= Self.maxVCPUs, !(smt && vcpuCount > 1 && vcpuCount % 2 == 1) else {
+            throw .badRequest("Invalid vcpu_count \(vcpuCount): the number of vCPUs must be greater than 0, at most \(Self.maxVCPUs) and must be 1 or an even number if SMT is enabled.")
+        }
+        guard memSizeMib >= 2, memSizeMib <= 1 << 26 else {
+            throw .badRequest("Invalid mem_size_mib \(memSizeMib): the memory size (MiB) must be between 2 and \(1 << 26).")
+        }
+        if smt { throw .notSupportedYet("machine-config smt = true (SMT topology)") }
+        if let t = cpuTemplate, t != "None" { throw .notSupportedYet("machine-config cpu_template \(t)") }
+        if trackDirtyPages { throw .notSupportedYet("machine-config track_dirty_pages = true (needs snapshots)") }
+        if hugePages != "None" { throw .notSupportedYet("machine-config huge_pages \(hugePages)") }
+    }
+}
+
+/// `PATCH /machine-config`: every field optional, at least one present.
+public struct MachineConfigUpdate: Codable, Sendable, Equatable {
+    public var vcpuCount: Int?
+    public var memSizeMib: Int?
+    public var smt: Bool?
+    public var cpuTemplate: String?
+    public var trackDirtyPages: Bool?
+    public var hugePages: String?
+    typealias CodingKeys = MachineConfig.CodingKeys
+    public init(vcpuCount: Int? = nil, memSizeMib: Int? = nil) { self.vcpuCount = vcpuCount; self.memSizeMib = memSizeMib }
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.strictContainer(keyedBy: CodingKeys.self)
+        vcpuCount = try c.decodeIfPresent(Int.self, forKey: .vcpuCount)
+        memSizeMib = try c.decodeIfPresent(Int.self, forKey: .memSizeMib)
+        smt = try c.decodeIfPresent(Bool.self, forKey: .smt)
+        cpuTemplate = try c.decodeEnum(.cpuTemplate, allowed: MachineConfig.cpuTemplates)
+        trackDirtyPages = try c.decodeIfPresent(Bool.self, forKey: .trackDirtyPages)
+        hugePages = try c.decodeEnum(.hugePages, allowed: ["None", "Transparent", "2M"])
+    }
+    var isEmpty: Bool {
+        vcpuCount == nil && memSizeMib == nil && smt == nil && cpuTemplate == nil && trackDirtyPages == nil && hugePages == nil
+    }
+    /// `base` with the present fields replaced.
+    func applied(to base: MachineConfig) -> MachineConfig {
+        var m = base
+        if let vcpuCount { m.vcpuCount = vcpuCount }
+        if let memSizeMib { m.memSizeMib = memSizeMib }
+        if let smt { m.smt = smt }
+        if let cpuTemplate { m.cpuTemplate = cpuTemplate }
+        if let trackDirtyPages { m.trackDirtyPages = trackDirtyPages }
+        if let hugePages { m.hugePages = hugePages }
+        return m
+    }
+}
+
+/// `PUT /drives/{drive_id}` (`Drive`).
+public struct DriveConfig: Codable, Sendable, Equatable {
+    public var driveId: String
+    public var pathOnHost: String?
+    public var isRootDevice: Bool
+    public var isReadOnly: Bool?
+    public var partuuid: String?
+    public var cacheType: String?
+    public var ioEngine: String?
+    public var rateLimiter: RateLimiter?
+    public var socket: String?
+    enum CodingKeys: String, CodingKey, CaseIterable {
+        case driveId = "drive_id", pathOnHost = "path_on_host", isRootDevice = "is_root_device"
+        case isReadOnly = "is_read_only", partuuid, cacheType = "cache_type", ioEngine = "io_engine"
+        case rateLimiter = "rate_limiter", socket
+    }
+    public init(driveId: String, pathOnHost: String?, isRootDevice: Bool, isReadOnly: Bool? = nil) {
+        self.driveId = driveId; self.pathOnHost = pathOnHost; self.isRootDevice = isRootDevice; self.isReadOnly = isReadOnly
+    }
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.strictContainer(keyedBy: CodingKeys.self)
+        driveId = try c.decode(String.self, forKey: .driveId)
+        pathOnHost = try c.decodeIfPresent(String.self, forKey: .pathOnHost)
+        isRootDevice = try c.decode(Bool.self, forKey: .isRootDevice)
+        isReadOnly = try c.decodeIfPresent(Bool.self, forKey: .isReadOnly)
+        partuuid = try c.decodeIfPresent(String.self, forKey: .partuuid)
+        cacheType = try c.decodeEnum(.cacheType, allowed: ["Unsafe", "Writeback"])
+        ioEngine = try c.decodeEnum(.ioEngine, allowed: ["Sync", "Async"])
+        rateLimiter = try c.decodeIfPresent(RateLimiter.self, forKey: .rateLimiter)
+        socket = try c.decodeIfPresent(String.self, forKey: .socket)
+    }
+    func validate() throws(APIError) {
+        try ResourceID.check(driveId, field: "drive_id")
+        if socket != nil { throw .notSupportedYet("vhost-user block devices (drive field socket)") }
+        guard let pathOnHost else {
+            throw .badRequest("Invalid drive \(driveId): path_on_host is required for a virtio-block drive.")
+        }
+        try FileCheck.readableFile(pathOnHost, what: "drive backing file", field: "path_on_host")
+        try rateLimiter?.validate("rate_limiter")
+    }
+}
+
+/// `PATCH /drives/{drive_id}` (`PartialDrive`).
+public struct DriveUpdate: Codable, Sendable, Equatable {
+    public var driveId: String
+    public var pathOnHost: String?
+    public var rateLimiter: RateLimiter?
+    enum CodingKeys: String, CodingKey, CaseIterable {
+        case driveId = "drive_id", pathOnHost = "path_on_host", rateLimiter = "rate_limiter"
+    }
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.strictContainer(keyedBy: CodingKeys.self)
+        driveId = try c.decode(String.self, forKey: .driveId)
+        pathOnHost = try c.decodeIfPresent(String.self, forKey: .pathOnHost)
+        rateLimiter = try c.decodeIfPresent(RateLimiter.self, forKey: .rateLimiter)
+    }
+}
+
+/// `PUT /network-interfaces/{iface_id}` (`NetworkInterface`). Validated and stored; no device yet.
+public struct NetworkInterfaceConfig: Codable, Sendable, Equatable {
+    public var ifaceId: String
+    public var hostDevName: String
+    public var guestMac: String?
+    public var mtu: Int?
+    public var rxRateLimiter: RateLimiter?
+    public var txRateLimiter: RateLimiter?
+    enum CodingKeys: String, CodingKey, CaseIterable {
+        case ifaceId = "iface_id", hostDevName = "host_dev_name", guestMac = "guest_mac", mtu
+        case rxRateLimiter = "rx_rate_limiter", txRateLimiter = "tx_rate_limiter"
+    }
+    public init(ifaceId: String, hostDevName: String, guestMac: String? = nil) {
+        self.ifaceId = ifaceId; self.hostDevName = hostDevName; self.guestMac = guestMac
+    }
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.strictContainer(keyedBy: CodingKeys.self)
+        ifaceId = try c.decode(String.self, forKey: .ifaceId)
+        hostDevName = try c.decode(String.self, forKey: .hostDevName)
+        guestMac = try c.decodeIfPresent(String.self, forKey: .guestMac)
+        mtu = try c.decodeIfPresent(Int.self, forKey: .mtu)
+        rxRateLimiter = try c.decodeIfPresent(RateLimiter.self, forKey: .rxRateLimiter)
+        txRateLimiter = try c.decodeIfPresent(RateLimiter.self, forKey: .txRateLimiter)
+    }
+    func validate() throws(APIError) {
+        try ResourceID.check(ifaceId, field: "iface_id")
+        guard !hostDevName.isEmpty, hostDevName.utf8.count < 16, !hostDevName.contains("/"), !hostDevName.contains(" ") else {
+            throw .badRequest("Invalid host_dev_name '\(hostDevName)': a tap device name of 1 to 15 characters without '/' or spaces is expected.")
+        }
+        if let guestMac, !Self.isMAC(guestMac) {
+            throw .badRequest("Invalid guest_mac '\(guestMac)': expected six hex octets separated by ':', e.g. 06:00:AC:10:00:02.")
+        }
+        if let mtu, mtu < 68 || mtu > 65535 {
+            throw .badRequest("Invalid mtu \(mtu): must be between 68 and 65535.")
+        }
+        try rxRateLimiter?.validate("rx_rate_limiter")
+        try txRateLimiter?.validate("tx_rate_limiter")
+    }
+    static func isMAC(_ s: String) -> Bool {
+        let parts = s.split(separator: ":", omittingEmptySubsequences: false)
+        return parts.count == 6 && parts.allSatisfy { $0.count == 2 && UInt8($0, radix: 16) != nil }
+    }
+}
+
+/// `PATCH /network-interfaces/{iface_id}` (`PartialNetworkInterface`).
+public struct NetworkInterfaceUpdate: Codable, Sendable, Equatable {
+    public var ifaceId: String
+    public var rxRateLimiter: RateLimiter?
+    public var txRateLimiter: RateLimiter?
+    enum CodingKeys: String, CodingKey, CaseIterable {
+        case ifaceId = "iface_id", rxRateLimiter = "rx_rate_limiter", txRateLimiter = "tx_rate_limiter"
+    }
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.strictContainer(keyedBy: CodingKeys.self)
+        ifaceId = try c.decode(String.self, forKey: .ifaceId)
+        rxRateLimiter = try c.decodeIfPresent(RateLimiter.self, forKey: .rxRateLimiter)
+        txRateLimiter = try c.decodeIfPresent(RateLimiter.self, forKey: .txRateLimiter)
+    }
+}
+
+/// `PUT /actions` (`InstanceActionInfo`).
+public struct InstanceActionInfo: Codable, Sendable, Equatable {
+    /// The action.
+    public enum ActionType: String, Codable, Sendable, CaseIterable {
+        case flushMetrics = "FlushMetrics", instanceStart = "InstanceStart", sendCtrlAltDel = "SendCtrlAltDel"
+    }
+    public var actionType: ActionType
+    enum CodingKeys: String, CodingKey, CaseIterable { case actionType = "action_type" }
+    public init(actionType: ActionType) { self.actionType = actionType }
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.strictContainer(keyedBy: CodingKeys.self)
+        guard let name = try c.decodeEnum(.actionType, allowed: ActionType.allCases.map(\.rawValue)),
+              let type = ActionType(rawValue: name) else {
+            throw DecodingError.keyNotFound(CodingKeys.actionType, .init(codingPath: c.codingPath, debugDescription: "missing"))
+        }
+        actionType = type
+    }
+}
+
+/// `PATCH /vm` (`Vm`).
+public struct VMStateRequest: Codable, Sendable, Equatable {
+    public enum State: String, Codable, Sendable, CaseIterable { case paused = "Paused", resumed = "Resumed" }
+    public var state: State
+    enum CodingKeys: String, CodingKey, CaseIterable { case state }
+    public init(state: State) { self.state = state }
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.strictContainer(keyedBy: CodingKeys.self)
+        guard let name = try c.decodeEnum(.state, allowed: State.allCases.map(\.rawValue)), let s = State(rawValue: name) else {
+            throw DecodingError.keyNotFound(CodingKeys.state, .init(codingPath: c.codingPath, debugDescription: "missing"))
+        }
+        state = s
+    }
+}
+
+/// `PUT /logger` (`Logger`).
+public struct LoggerConfig: Codable, Sendable, Equatable {
+    public var logPath: String?
+    public var level: String?
+    public var showLevel: Bool?
+    public var showLogOrigin: Bool?
+    public var module: String?
+    static let levels = ["Error", "Warning", "Info", "Debug", "Trace", "Off"]
+    enum CodingKeys: String, CodingKey, CaseIterable {
+        case logPath = "log_path", level, showLevel = "show_level", showLogOrigin = "show_log_origin", module
+    }
+    public init(logPath: String? = nil, level: String? = nil, showLevel: Bool? = nil, showLogOrigin: Bool? = nil) {
+        self.logPath = logPath; self.level = level; self.showLevel = showLevel; self.showLogOrigin = showLogOrigin
+    }
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.strictContainer(keyedBy: CodingKeys.self)
+        logPath = try c.decodeIfPresent(String.self, forKey: .logPath)
+        level = try c.decodeEnum(.level, allowed: Self.levels, caseInsensitive: true)
+        showLevel = try c.decodeIfPresent(Bool.self, forKey: .showLevel)
+        showLogOrigin = try c.decodeIfPresent(Bool.self, forKey: .showLogOrigin)
+        module = try c.decodeIfPresent(String.self, forKey: .module)
+    }
+}
+
+/// `PUT /metrics` (`Metrics`).
+public struct MetricsConfig: Codable, Sendable, Equatable {
+    public var metricsPath: String
+    public var emitId: Bool?
+    public var properties: [String: String]?
+    enum CodingKeys: String, CodingKey, CaseIterable { case metricsPath = "metrics_path", emitId = "emit_id", properties }
+    public init(metricsPath: String) { self.metricsPath = metricsPath }
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.strictContainer(keyedBy: CodingKeys.self)
+        metricsPath = try c.decode(String.self, forKey: .metricsPath)
+        emitId = try c.decodeIfPresent(Bool.self, forKey: .emitId)
+        properties = try c.decodeIfPresent([String: String].self, forKey: .properties)
+    }
+}
+
+/// `PUT /entropy` (`EntropyDevice`). Stored; no virtio-rng device yet.
+public struct EntropyDeviceConfig: Codable, Sendable, Equatable {
+    public var rateLimiter: RateLimiter?
+    enum CodingKeys: String, CodingKey, CaseIterable { case rateLimiter = "rate_limiter" }
+    public init(rateLimiter: RateLimiter? = nil) { self.rateLimiter = rateLimiter }
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.strictContainer(keyedBy: CodingKeys.self)
+        rateLimiter = try c.decodeIfPresent(RateLimiter.self, forKey: .rateLimiter)
+    }
+}
+
+/// `PUT /serial` (`SerialDevice`): where the guest's serial output goes (default: stdout).
+public struct SerialDeviceConfig: Codable, Sendable, Equatable {
+    public var serialOutPath: String?
+    public var rateLimiter: TokenBucket?
+    enum CodingKeys: String, CodingKey, CaseIterable { case serialOutPath = "serial_out_path", rateLimiter = "rate_limiter" }
+    public init(serialOutPath: String?) { self.serialOutPath = serialOutPath }
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.strictContainer(keyedBy: CodingKeys.self)
+        serialOutPath = try c.decodeIfPresent(String.self, forKey: .serialOutPath)
+        rateLimiter = try c.decodeIfPresent(TokenBucket.self, forKey: .rateLimiter)
+    }
+}
+
+/// `GET /` (`InstanceInfo`).
+public struct InstanceInfo: Codable, Sendable, Equatable {
+    public var appName: String
+    public var id: String
+    /// "Not started", "Running" or "Paused".
+    public var state: String
+    public var vmmVersion: String
+    enum CodingKeys: String, CodingKey { case appName = "app_name", id, state, vmmVersion = "vmm_version" }
+}
+
+/// `GET /version`.
+public struct VersionInfo: Codable, Sendable, Equatable {
+    public var firecrackerVersion: String
+    enum CodingKeys: String, CodingKey { case firecrackerVersion = "firecracker_version" }
+}
+
+/// The whole configuration: `GET /vm/config` and the `--config-file` format (`FullVmConfiguration`).
+public struct FullVMConfiguration: Codable, Sendable, Equatable {
+    public var bootSource: BootSourceConfig?
+    public var machineConfig: MachineConfig?
+    public var drives: [DriveConfig]
+    public var networkInterfaces: [NetworkInterfaceConfig]
+    public var logger: LoggerConfig?
+    public var metrics: MetricsConfig?
+    public var entropy: EntropyDeviceConfig?
+    public var serial: SerialDeviceConfig?
+
+    enum CodingKeys: String, CodingKey, CaseIterable {
+        case bootSource = "boot-source", machineConfig = "machine-config", drives
+        case networkInterfaces = "network-interfaces", logger, metrics, entropy, serial
+        // Known to Firecracker; refused with "not supported yet" when present and not null.
+        case balloon, vsock, mmdsConfig = "mmds-config", cpuConfig = "cpu-config", pmem
+        case memoryHotplug = "memory-hotplug"
+    }
+    static let unsupported: [CodingKeys] = [.balloon, .vsock, .mmdsConfig, .cpuConfig, .pmem, .memoryHotplug]
+
+    public init() { drives = []; networkInterfaces = [] }
+
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.strictContainer(keyedBy: CodingKeys.self)
+        for key in Self.unsupported where c.contains(key) {
+            if try c.decodeNil(forKey: key) { continue }
+            if key == .pmem, let list = try? c.decode([AnyJSON].self, forKey: key), list.isEmpty { continue }
+            throw DecodingError.dataCorruptedError(forKey: key, in: c,
+                debugDescription: "`\(key.stringValue)` is not supported yet by SwiftKVM")
+        }
+        bootSource = try c.decodeIfPresent(BootSourceConfig.self, forKey: .bootSource)
+        machineConfig = try c.decodeIfPresent(MachineConfig.self, forKey: .machineConfig)
+        drives = try c.decodeIfPresent([DriveConfig].self, forKey: .drives) ?? []
+        networkInterfaces = try c.decodeIfPresent([NetworkInterfaceConfig].self, forKey: .networkInterfaces) ?? []
+        logger = try c.decodeIfPresent(LoggerConfig.self, forKey: .logger)
+        metrics = try c.decodeIfPresent(MetricsConfig.self, forKey: .metrics)
+        entropy = try c.decodeIfPresent(EntropyDeviceConfig.self, forKey: .entropy)
+        serial = try c.decodeIfPresent(SerialDeviceConfig.self, forKey: .serial)
+    }
+
+    /// Encodes as Firecracker does: every section present, absent ones as null.
+    public func encode(to encoder: any Encoder) throws {
+        var c = encoder.container(keyedBy: CodingKeys.self)
+        try c.encodeNil(forKey: .balloon)
+        try c.encode(drives, forKey: .drives)
+        try c.encode(bootSource, forKey: .bootSource)
+        try c.encodeNil(forKey: .cpuConfig)
+        try c.encode(logger, forKey: .logger)
+        try c.encode(machineConfig, forKey: .machineConfig)
+        try c.encode(metrics, forKey: .metrics)
+        try c.encodeNil(forKey: .mmdsConfig)
+        try c.encode(networkInterfaces, forKey: .networkInterfaces)
+        try c.encodeNil(forKey: .vsock)
+        try c.encode(entropy, forKey: .entropy)
+        try c.encode(serial, forKey: .serial)
+    }
+}
+
+/// Any JSON value (only to look at a field's shape).
+struct AnyJSON: Decodable {
+    init(from decoder: any Decoder) throws {}
+}
+
+/// Resource ids in paths and bodies: alphanumeric characters and underscores (as Firecracker).
+enum ResourceID {
+    static func check(_ id: String, field: String) throws(APIError) {
+        guard !id.isEmpty else { throw .badRequest("The ID cannot be empty (\(field)).") }
+        guard id.utf8.count <= 64, id.unicodeScalars.allSatisfy({ $0.isASCII && ($0 == "_" || CharacterSet.alphanumerics.contains($0)) }) else {
+            throw .badRequest("Invalid \(field) '\(id)': API Resource IDs can only contain alphanumeric characters and underscores (at most 64).")
+        }
+    }
+}
+
+/// Host file checks for paths in requests.
+enum FileCheck {
+    static func readableFile(_ path: String, what: String, field: String) throws(APIError) {
+        guard !path.isEmpty else { throw .badRequest("Invalid \(field): the path is empty.") }
+        var st = stat()
+        guard stat(path, &st) == 0 else {
+            throw .badRequest("Invalid \(field): the \(what) \(path) cannot be opened: \(String(cString: strerror(errno))).")
+        }
+        guard (st.st_mode & S_IFMT) == S_IFREG || (st.st_mode & S_IFMT) == S_IFBLK else {
+            throw .badRequest("Invalid \(field): the \(what) \(path) is not a regular file.")
+        }
+        guard access(path, R_OK) == 0 else {
+            throw .badRequest("Invalid \(field): the \(what) \(path) is not readable: \(String(cString: strerror(errno))).")
+        }
+    }
+}

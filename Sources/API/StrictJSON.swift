@@ -1,0 +1,106 @@
+import Foundation
+
+/// Any JSON object key (to list the keys a body really has).
+struct AnyKey: CodingKey {
+    var stringValue: String
+    var intValue: Int?
+    init(stringValue: String) { self.stringValue = stringValue }
+    init?(intValue: Int) { self.stringValue = String(intValue); self.intValue = intValue }
+}
+
+extension Decoder {
+    /// A keyed container that rejects keys outside `Keys` (like serde's `deny_unknown_fields`).
+    func strictContainer<Keys: CodingKey & CaseIterable>(keyedBy: Keys.Type) throws -> KeyedDecodingContainer<Keys> {
+        let all = try container(keyedBy: AnyKey.self)
+        let allowed = Keys.allCases.map(\.stringValue)
+        for key in all.allKeys where !allowed.contains(key.stringValue) {
+            throw DecodingError.dataCorrupted(.init(
+                codingPath: codingPath + [key],
+                debugDescription: "unknown field `\(key.stringValue)`, expected one of \(allowed.map { "`\($0)`" }.joined(separator: ", "))"))
+        }
+        return try container(keyedBy: Keys.self)
+    }
+}
+
+extension KeyedDecodingContainer {
+    /// Decodes a string that must be one of `allowed` (case-sensitive unless `caseInsensitive`);
+    /// returns the matching entry of `allowed`.
+    func decodeEnum(_ key: Key, allowed: [String], caseInsensitive: Bool = false) throws -> String? {
+        guard let value = try decodeIfPresent(String.self, forKey: key) else { return nil }
+        if let match = allowed.first(where: { caseInsensitive ? $0.lowercased() == value.lowercased() : $0 == value }) {
+            return match
+        }
+        throw DecodingError.dataCorruptedError(
+            forKey: key, in: self,
+            debugDescription: "unknown variant `\(value)`, expected one of \(allowed.map { "`\($0)`" }.joined(separator: ", "))")
+    }
+}
+
+/// JSON body decoding with Firecracker-style error messages naming the field.
+enum StrictJSON {
+    /// Prefix of every body-decoding error (as Firecracker's).
+    static let prefix = "An error occurred when deserializing the json body of a request: "
+
+    /// Decodes `T` from `body`; errors are 400s naming the field and the problem.
+    static func decode<T: Decodable>(_ type: T.Type, from body: [UInt8]) throws(APIError) -> T {
+        do {
+            return try JSONDecoder().decode(T.self, from: Data(body))
+        } catch let error as DecodingError {
+            throw APIError.badRequest(prefix + describe(error) + ".")
+        } catch {
+            throw APIError.badRequest(prefix + "\(error).")
+        }
+    }
+
+    /// The dotted field path, e.g. `rate_limiter.bandwidth.size`.
+    static func path(_ keys: [any CodingKey]) -> String {
+        keys.map { $0.intValue.map { "[\($0)]" } ?? $0.stringValue }
+            .joined(separator: ".").replacingOccurrences(of: ".[", with: "[")
+    }
+
+    /// A one-line description of a decoding error naming the field.
+    static func describe(_ error: DecodingError) -> String {
+        switch error {
+        case .keyNotFound(let key, let ctx):
+            let full = path(ctx.codingPath + [key])
+            return "missing field `\(full)`"
+        case .typeMismatch(let type, let ctx):
+            let p = path(ctx.codingPath)
+            let what = p.isEmpty ? "the body" : "field `\(p)`"
+            return "invalid type for \(what): expected \(typeName(type))"
+        case .valueNotFound(let type, let ctx):
+            return "field `\(path(ctx.codingPath))` is null: expected \(typeName(type))"
+        case .dataCorrupted(let ctx):
+            let p = path(ctx.codingPath)
+            if p.isEmpty {
+                var detail = ctx.debugDescription
+                if let underlying = ctx.underlyingError as NSError?,
+                   let d = underlying.userInfo[NSDebugDescriptionErrorKey] as? String { detail = d }
+                while detail.hasSuffix(".") { detail.removeLast() }
+                return "malformed JSON: \(detail)"
+            }
+            if ctx.debugDescription.hasPrefix("unknown field") { return ctx.debugDescription }
+            if ctx.debugDescription.contains("does not fit") {
+                return "invalid value for field `\(p)`: \(ctx.debugDescription)"
+            }
+            return "invalid value for field `\(p)`: \(ctx.debugDescription)"
+        @unknown default:
+            return "\(error)"
+        }
+    }
+
+    static func typeName(_ type: Any.Type) -> String {
+        switch type {
+        case is String.Type: return "a string"
+        case is Bool.Type: return "a boolean"
+        case is Int.Type, is UInt.Type, is Int64.Type, is UInt64.Type, is UInt32.Type, is UInt8.Type, is UInt16.Type:
+            return "an integer"
+        case is [Any].Type: return "an array"
+        default:
+            let name = "\(type)"
+            if name.hasPrefix("Array") { return "an array" }
+            if name.hasPrefix("Dictionary") || name.contains("KeyedDecodingContainer") { return "an object" }
+            return "an object"
+        }
+    }
+}

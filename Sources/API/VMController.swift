@@ -1,0 +1,396 @@
+import Devices
+import Foundation
+import Logging
+import Synchronization
+import VMM
+
+/// A running guest as the controller sees it. `Machine` is one; tests may supply fakes.
+public protocol VMInstance: AnyObject, Sendable {
+    /// Runs the guest until it stops (blocks the calling thread).
+    func runToCompletion() -> MachineExit
+    /// Asks the guest to stop with `exit`.
+    func stop(_ exit: MachineExit)
+    /// Parks every vCPU; returns once they are stopped.
+    func pause(timeoutMs: Int) throws
+    /// Lets the vCPUs run again.
+    func resume()
+    /// Presses Ctrl+Alt+Del on the guest's keyboard.
+    func sendCtrlAltDel() throws
+    /// Live counters.
+    var metrics: MachineMetrics { get }
+}
+
+extension Machine: VMInstance {
+    public func runToCompletion() -> MachineExit { run(handleSignals: false) }
+}
+
+/// Builds a guest from a configuration (the default builds a `Machine`).
+public typealias VMBuilder = @Sendable (VMConfiguration, any SerialOutput, Logger) throws -> any VMInstance
+
+/// A successful API response: the status and the JSON body (empty for 204).
+public struct APIResponse: Sendable, Equatable {
+    public var status: Int
+    public var body: [UInt8]
+    public static let noContent = APIResponse(status: 204, body: [])
+    /// 200 with `value` as JSON.
+    static func json<T: Encodable>(_ value: T) -> APIResponse {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.withoutEscapingSlashes, .sortedKeys]
+        return APIResponse(status: 200, body: Array((try? encoder.encode(value)) ?? Data("{}".utf8)))
+    }
+}
+
+/// The per-VM controller: holds the pre-boot configuration, starts the guest on InstanceStart
+/// and carries out runtime actions (Firecracker's pre-boot and runtime controllers in one state
+/// machine). Every request is validated before anything changes: a refused request leaves the
+/// configuration and the guest as they were.
+///
+/// `handle` is synchronous and may block (InstanceStart loads the kernel; Pause waits for the
+/// vCPUs): call it from a dedicated thread or queue, never from an event loop. The guest runs on
+/// its own thread ("vmm"); when it stops, `onExit` is called with how it ended.
+public final class VMController: @unchecked Sendable {
+    /// Settings of a controller.
+    public struct Options: Sendable {
+        /// Instance id (`GET /` "id", log lines).
+        public var instanceID = "anonymous-instance"
+        /// Seconds between periodic metrics lines (Firecracker: 60); 0 disables them.
+        public var metricsInterval: Double = 60
+        /// Serial output when no `PUT /serial` path is set.
+        public var defaultSerial: SerialSpec = .stdio
+        /// Builds the guest.
+        public var builder: VMBuilder = { config, serial, logger in
+            try Machine(config: config, serialOutput: serial, logger: logger)
+        }
+        /// Called on the guest's thread after it stopped (the `vmm` process exits here).
+        public var onExit: @Sendable (MachineExit) -> Void = { _ in }
+        public init() {}
+    }
+
+    /// The lifecycle state.
+    public enum Phase: Sendable, Equatable {
+        case notStarted
+        case running
+        case paused
+        case stopped(MachineExit)
+
+        /// `InstanceInfo.state`: "Not started", "Running" or "Paused" (a stopped guest reports
+        /// "Running": the process is ending).
+        public var apiName: String {
+            switch self {
+            case .notStarted: return "Not started"
+            case .running, .stopped: return "Running"
+            case .paused: return "Paused"
+            }
+        }
+    }
+
+    /// What `PUT` requests configured before InstanceStart.
+    struct Resources {
+        var bootSource: BootSourceConfig?
+        var machineConfig = MachineConfig.default
+        var drives: [DriveConfig] = []
+        var networkInterfaces: [NetworkInterfaceConfig] = []
+        var entropy: EntropyDeviceConfig?
+        var serial: SerialDeviceConfig?
+    }
+
+    private struct State {
+        var phase: Phase = .notStarted
+        var resources = Resources()
+        var instance: (any VMInstance)?
+    }
+
+    private let state = Mutex(State())
+    public let options: Options
+    /// Log destination and level (`PUT /logger`).
+    public let logSink: LogSink
+    /// Metrics (`PUT /metrics`, FlushMetrics).
+    public let metrics: MetricsRecorder
+    let logger: Logger
+    /// Serializes request handling (Firecracker handles one request at a time).
+    private let requestLock = Mutex(())
+
+    /// Version reported by `GET /version` (the Firecracker API level implemented).
+    public static let firecrackerAPIVersion = "1.17.0"
+    /// Version reported as `vmm_version`.
+    public static let vmmVersion = "swiftkvm-0.1.0"
+    /// Boot arguments when `boot_args` is absent: Firecracker's default with the serial console on.
+    public static let defaultBootArgs = "console=ttyS0 reboot=k panic=1 pci=off nomodule i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd"
+
+    public init(options: Options = Options(), logSink: LogSink? = nil) {
+        self.options = options
+        self.logSink = logSink ?? LogSink(instanceID: options.instanceID)
+        self.metrics = MetricsRecorder(instanceID: options.instanceID)
+        self.logger = self.logSink.makeLogger(label: "swiftkvm.vmm")
+    }
+
+    /// The current phase.
+    public var phase: Phase { state.withLock { $0.phase } }
+
+    /// Carries out one request. Blocking; serialized with other calls.
+    public func handle(_ request: APIRequest) -> Result<APIResponse, APIError> {
+        requestLock.withLock { _ in
+            logger.info("The API server received a \(request.name) request.")
+            let result: Result<APIResponse, APIError>
+            do throws(APIError) {
+                result = .success(try perform(request))
+            } catch {
+                result = .failure(error)
+            }
+            metrics.count(request, failed: (try? result.get()) == nil)
+            if case .failure(let e) = result {
+                logger.error("Received Error. Status code: \(e.status). Message: \(e.message)")
+            }
+            return result
+        }
+    }
+
+    /// Applies a `--config-file` document (Firecracker's order), then starts the guest.
+    public func start(from config: FullVMConfiguration) throws(APIError) {
+        var steps: [APIRequest] = []
+        if let l = config.logger { steps.append(.putLogger(l)) }
+        if let m = config.metrics { steps.append(.putMetrics(m)) }
+        if let b = config.bootSource { steps.append(.putBootSource(b)) }
+        if let m = config.machineConfig { steps.append(.putMachineConfig(m)) }
+        steps += config.drives.map { .putDrive($0) }
+        steps += config.networkInterfaces.map { .putNetworkInterface($0) }
+        if let e = config.entropy { steps.append(.putEntropy(e)) }
+        if let s = config.serial { steps.append(.putSerial(s)) }
+        steps.append(.action(.instanceStart))
+        for step in steps {
+            if case .failure(let e) = handle(step) {
+                throw APIError(status: e.status, "\(step.name) from the config file: \(e.message)")
+            }
+        }
+    }
+
+    // MARK: - Actions
+
+    private func perform(_ request: APIRequest) throws(APIError) -> APIResponse {
+        switch request {
+        case .getInstanceInfo:
+            return .json(InstanceInfo(appName: "SwiftKVM", id: options.instanceID, state: phase.apiName,
+                                      vmmVersion: Self.vmmVersion))
+        case .getVersion:
+            return .json(VersionInfo(firecrackerVersion: Self.firecrackerAPIVersion))
+        case .getMachineConfig:
+            return .json(state.withLock { $0.resources.machineConfig })
+        case .getFullConfig:
+            return .json(fullConfiguration)
+
+        case .putBootSource(let b):
+            try requirePreBoot()
+            try b.validate()
+            state.withLock { $0.resources.bootSource = b }
+        case .putMachineConfig(let m):
+            try requirePreBoot()
+            try m.validate()
+            state.withLock { $0.resources.machineConfig = m }
+        case .patchMachineConfig(let u):
+            try requirePreBoot()
+            let updated = u.applied(to: state.withLock { $0.resources.machineConfig })
+            try updated.validate()
+            state.withLock { $0.resources.machineConfig = updated }
+        case .putDrive(let d):
+            try requirePreBoot()
+            try d.validate()
+            try state.withLock { (s) throws(APIError) in
+                if d.isRootDevice, s.resources.drives.contains(where: { $0.isRootDevice && $0.driveId != d.driveId }) {
+                    throw APIError.badRequest("A root block device already exists (drive \(d.driveId) has is_root_device = true).")
+                }
+                if let i = s.resources.drives.firstIndex(where: { $0.driveId == d.driveId }) {
+                    s.resources.drives[i] = d
+                } else {
+                    s.resources.drives.append(d)
+                }
+            }
+        case .patchDrive(let u):
+            try requireRuntime()
+            try u.rateLimiter?.validate("rate_limiter")
+            try state.withLock { (s) throws(APIError) in
+                guard let i = s.resources.drives.firstIndex(where: { $0.driveId == u.driveId }) else {
+                    throw APIError.badRequest("Invalid drive_id '\(u.driveId)': no such drive.")
+                }
+                if let p = u.pathOnHost, p != s.resources.drives[i].pathOnHost {
+                    throw APIError.notSupportedYet("Changing the backing file of a running drive (path_on_host)")
+                }
+                if let r = u.rateLimiter { s.resources.drives[i].rateLimiter = r }
+            }
+        case .putNetworkInterface(let n):
+            try requirePreBoot()
+            try n.validate()
+            try state.withLock { (s) throws(APIError) in
+                for other in s.resources.networkInterfaces where other.ifaceId != n.ifaceId {
+                    if other.hostDevName == n.hostDevName {
+                        throw APIError.badRequest("Invalid host_dev_name: \(n.hostDevName) is already used by network interface \(other.ifaceId).")
+                    }
+                    if let mac = n.guestMac, other.guestMac?.lowercased() == mac.lowercased() {
+                        throw APIError.badRequest("Invalid guest_mac: \(mac) is already used by network interface \(other.ifaceId).")
+                    }
+                }
+                if let i = s.resources.networkInterfaces.firstIndex(where: { $0.ifaceId == n.ifaceId }) {
+                    s.resources.networkInterfaces[i] = n
+                } else {
+                    s.resources.networkInterfaces.append(n)
+                }
+            }
+        case .patchNetworkInterface(let u):
+            try requireRuntime()
+            try u.rxRateLimiter?.validate("rx_rate_limiter")
+            try u.txRateLimiter?.validate("tx_rate_limiter")
+            try state.withLock { (s) throws(APIError) in
+                guard let i = s.resources.networkInterfaces.firstIndex(where: { $0.ifaceId == u.ifaceId }) else {
+                    throw APIError.badRequest("Invalid iface_id '\(u.ifaceId)': no such network interface.")
+                }
+                if let r = u.rxRateLimiter { s.resources.networkInterfaces[i].rxRateLimiter = r }
+                if let r = u.txRateLimiter { s.resources.networkInterfaces[i].txRateLimiter = r }
+            }
+        case .putLogger(let l):
+            try requirePreBoot()
+            try logSink.configure(l)
+        case .putMetrics(let m):
+            try requirePreBoot()
+            try metrics.configure(m, interval: options.metricsInterval) { [weak self] in self?.currentMachineMetrics }
+        case .putEntropy(let e):
+            try requirePreBoot()
+            try e.rateLimiter?.validate("rate_limiter")
+            state.withLock { $0.resources.entropy = e }
+        case .putSerial(let s):
+            try requirePreBoot()
+            if let p = s.serialOutPath, p.isEmpty { throw .badRequest("Invalid serial_out_path: the path is empty.") }
+            try s.rateLimiter?.validate("rate_limiter")
+            state.withLock { $0.resources.serial = s }
+
+        case .action(.instanceStart):
+            try startInstance()
+        case .action(.sendCtrlAltDel):
+            let vm = try requireRuntime()
+            do { try vm.sendCtrlAltDel() } catch { throw .badRequest("SendCtrlAltDel failed: \(error).") }
+        case .action(.flushMetrics):
+            try requireRuntime()
+            guard metrics.isConfigured else {
+                throw .badRequest("The metrics system is not initialized: configure it with PUT /metrics first.")
+            }
+            guard metrics.flush(machine: currentMachineMetrics) else {
+                throw APIError(status: 400, "Failed to write metrics to \(metrics.path ?? "?"): the destination is full or unwritable.")
+            }
+        case .patchVM(.paused):
+            let vm = try requireRuntime()
+            if phase == .paused { return .noContent }
+            do { try vm.pause(timeoutMs: 5000) } catch { throw APIError(status: 400, "Failed to pause the vCPUs: \(error).") }
+            state.withLock { if $0.phase == .running { $0.phase = .paused } }
+            logger.info("vCPUs paused")
+        case .patchVM(.resumed):
+            let vm = try requireRuntime()
+            vm.resume()
+            state.withLock { if $0.phase == .paused { $0.phase = .running } }
+            logger.info("vCPUs resumed")
+        }
+        return .noContent
+    }
+
+    private func requirePreBoot() throws(APIError) {
+        guard phase == .notStarted else { throw .notSupportedAfterStart }
+    }
+
+    @discardableResult
+    private func requireRuntime() throws(APIError) -> any VMInstance {
+        let (phase, instance) = state.withLock { ($0.phase, $0.instance) }
+        switch phase {
+        case .notStarted: throw .notSupportedBeforeStart
+        case .stopped(let exit): throw .badRequest("The microVM has stopped (\(exit)).")
+        case .running, .paused:
+            guard let instance else { throw .notSupportedBeforeStart }
+            return instance
+        }
+    }
+
+    private var currentMachineMetrics: MachineMetrics? { state.withLock { $0.instance?.metrics } }
+
+    /// The configuration as `GET /vm/config` reports it.
+    public var fullConfiguration: FullVMConfiguration {
+        let r = state.withLock { $0.resources }
+        var c = FullVMConfiguration()
+        c.bootSource = r.bootSource
+        c.machineConfig = r.machineConfig
+        c.drives = r.drives
+        c.networkInterfaces = r.networkInterfaces
+        c.entropy = r.entropy
+        c.serial = r.serial
+        c.logger = logSink.current
+        c.metrics = metrics.current
+        return c
+    }
+
+    /// The `VMConfiguration` InstanceStart builds from the pre-boot resources.
+    func makeConfiguration(_ r: Resources) throws(APIError) -> VMConfiguration {
+        guard let boot = r.bootSource else {
+            throw .badRequest("Cannot start the microVM without a kernel: configure it with PUT /boot-source first.")
+        }
+        if let drive = r.drives.first {
+            throw .notSupportedYet("Starting a microVM with drives (drive \(drive.driveId) is configured; SwiftKVM has no block device yet)")
+        }
+        var config = VMConfiguration(payload: .kernel(path: boot.kernelImagePath, initrd: boot.initrdPath,
+                                                      cmdline: boot.bootArgs ?? Self.defaultBootArgs, modules: []))
+        config.memorySize = UInt64(r.machineConfig.memSizeMib) << 20
+        config.cpus = r.machineConfig.vcpuCount
+        config.serial = r.serial?.serialOutPath.map { "file:" + $0 } ?? options.defaultSerial.description
+        config.onReboot = .exit
+        do {
+            try config.validate(hostMemory: Self.hostMemory())
+        } catch {
+            throw .badRequest("Invalid machine configuration: \(error).")
+        }
+        return config
+    }
+
+    static func hostMemory() -> UInt64? {
+        let pages = sysconf(Int32(_SC_PHYS_PAGES)), size = sysconf(Int32(_SC_PAGESIZE))
+        guard pages > 0, size > 0 else { return nil }
+        return UInt64(pages) * UInt64(size)
+    }
+
+    private func startInstance() throws(APIError) {
+        try requirePreBoot()
+        let resources = state.withLock { $0.resources }
+        let config = try makeConfiguration(resources)
+        for n in resources.networkInterfaces {
+            logger.warning("network interface \(n.ifaceId) (\(n.hostDevName)) is configured but SwiftKVM has no network device yet: the guest gets no NIC")
+        }
+        if resources.entropy != nil {
+            logger.warning("an entropy device is configured but SwiftKVM has no virtio-rng device yet: the guest gets none")
+        }
+        let instance: any VMInstance
+        do {
+            let serial: any SerialOutput
+            do { serial = try ConsoleOutput(spec: try config.serialSpec()) } catch {
+                throw APIError.badRequest("Invalid serial_out_path: \(error).")
+            }
+            instance = try options.builder(config, serial, logger)
+        } catch let e as APIError {
+            throw e
+        } catch {
+            throw .badRequest("Failed to start the microVM: \(error).")
+        }
+        state.withLock { s in
+            s.instance = instance
+            s.phase = .running
+        }
+        let thread = Thread { [self] in
+            let exit = instance.runToCompletion()
+            state.withLock { $0.phase = .stopped(exit) }
+            logger.info("the guest stopped: \(exit)")
+            if metrics.isConfigured { metrics.flush(machine: instance.metrics) }
+            options.onExit(exit)
+        }
+        thread.name = "vmm"
+        thread.stackSize = 1 << 20
+        thread.start()
+        logger.info("microVM started: \(config.cpus) vCPU(s), \(config.memorySize >> 20) MiB")
+    }
+
+    /// Asks a running guest to stop (SIGTERM in the `vmm` process); no effect before start.
+    public func stopGuest(_ exit: MachineExit) {
+        state.withLock { $0.instance }?.stop(exit)
+    }
+}

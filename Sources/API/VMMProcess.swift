@@ -1,0 +1,187 @@
+import Foundation
+import Logging
+import Synchronization
+import VMM
+
+/// The body of `swiftkvm vmm` (and of a binary named `firecracker`): one microVM per process,
+/// controlled through Firecracker's API on a Unix socket and/or started from a config file.
+///
+/// Exit codes: as `swiftkvm run` once the guest ran (0 power-off, 3 reset — e.g. after
+/// SendCtrlAltDel —, (v<<1)|1 debug-exit, 1 VMM failure, 4 internal error, 128+N after a signal);
+/// 2 for bad options or a bad config file; 1 when the API socket cannot be bound.
+/// SIGINT/SIGTERM stop the guest (or the process before InstanceStart); the socket is removed at exit.
+public enum VMMProcess {
+    /// Command-line settings.
+    public struct Options: Sendable {
+        public var apiSocket: String = "/run/firecracker.socket"
+        public var noAPI = false
+        public var instanceID = "anonymous-instance"
+        public var configFile: String?
+        public var logPath: String?
+        public var level: String?
+        public var showLevel = false
+        public var showLogOrigin = false
+        public var metricsPath: String?
+        public var metricsInterval: Double = 60
+        public var maxPayloadSize = APIServer.defaultMaxBodySize
+        public init() {}
+    }
+
+    /// Largest config file read.
+    public static let maxConfigFileSize = 1 << 20
+
+    /// Runs the process; returns only on an error before the guest started (otherwise the
+    /// process exits from the guest's thread or the signal loop).
+    public static func run(_ options: Options) -> Int32 {
+        signal(SIGPIPE, SIG_IGN)
+        var stopSignals = sigset_t()
+        sigemptyset(&stopSignals)
+        sigaddset(&stopSignals, SIGINT)
+        sigaddset(&stopSignals, SIGTERM)
+        pthread_sigmask(SIG_BLOCK, &stopSignals, nil)
+        signal(SIGINT, SIG_DFL)
+        signal(SIGTERM, SIG_DFL)
+
+        guard !options.noAPI || options.configFile != nil else {
+            fail("--no-api requires --config-file (without the API the VM must be configured by the file)")
+            return MachineExit.usageExitCode
+        }
+        guard options.maxPayloadSize > 0 else {
+            fail("invalid --http-api-max-payload-size \(options.maxPayloadSize): must be positive")
+            return MachineExit.usageExitCode
+        }
+        let sink = LogSink(instanceID: options.instanceID)
+        do throws(APIError) {
+            try sink.configure(LoggerConfig(logPath: options.logPath, level: options.level ?? "Warning",
+                                            showLevel: options.showLevel, showLogOrigin: options.showLogOrigin))
+        } catch {
+            fail("invalid logger options: \(error.message)")
+            return MachineExit.usageExitCode
+        }
+
+        // Parse the config file before binding anything.
+        var fileConfig: FullVMConfiguration?
+        if let path = options.configFile {
+            do throws(APIError) {
+                fileConfig = try readConfigFile(path)
+            } catch {
+                fail(error.message)
+                return MachineExit.usageExitCode
+            }
+        }
+
+        let exiting = Atomic<Bool>(false)
+        let serverBox = Mutex<APIServer?>(nil)
+        let metricsBox = Mutex<MetricsRecorder?>(nil)
+        let terminate: @Sendable (Int32) -> Void = { code in
+            guard !exiting.exchange(true, ordering: .sequentiallyConsistent) else { return }
+            serverBox.withLock { $0 }?.stop()
+            metricsBox.withLock { $0 }?.close()
+            exit(code)
+        }
+        var controllerOptions = VMController.Options()
+        controllerOptions.instanceID = options.instanceID
+        controllerOptions.metricsInterval = options.metricsInterval
+        controllerOptions.onExit = { exit in
+            switch exit {
+            case .internalError(let m), .vmmFailure(let m): fail(m)
+            default: break
+            }
+            terminate(exit.exitCode)
+        }
+        let controller = VMController(options: controllerOptions, logSink: sink)
+        metricsBox.withLock { $0 = controller.metrics }
+
+        if let metricsPath = options.metricsPath {
+            if case .failure(let e) = controller.handle(.putMetrics(MetricsConfig(metricsPath: metricsPath))) {
+                fail("--metrics-path: \(e.message)")
+                return MachineExit.usageExitCode
+            }
+        }
+        if !options.noAPI {
+            let server = APIServer(socketPath: options.apiSocket, controller: controller, maxBodySize: options.maxPayloadSize)
+            do {
+                try server.start()
+            } catch {
+                fail("\(error is APIError ? (error as! APIError).message : "\(error)")")
+                return 1
+            }
+            serverBox.withLock { $0 = server }
+        }
+        controller.metrics.startupWallUs.store(processAgeUs(), ordering: .relaxed)
+        controller.metrics.startupCPUUs.store(processCPUUs(), ordering: .relaxed)
+        sink.makeLogger(label: "swiftkvm.vmm").info("API server ready on \(options.noAPI ? "(none)" : options.apiSocket)")
+
+        if let fileConfig {
+            do throws(APIError) {
+                try controller.start(from: fileConfig)
+            } catch {
+                fail(error.message)
+                terminate(MachineExit.usageExitCode)
+            }
+        }
+
+        // Signal loop: SIGINT/SIGTERM stop the guest, or the process before InstanceStart.
+        while true {
+            var info = siginfo_t()
+            var ts = timespec(tv_sec: 1, tv_nsec: 0)
+            let sig = sigtimedwait(&stopSignals, &info, &ts)
+            guard sig == SIGINT || sig == SIGTERM else { continue }
+            switch controller.phase {
+            case .running, .paused:
+                controller.stopGuest(.signal(sig))
+            case .notStarted, .stopped:
+                terminate(128 + sig)
+            }
+        }
+    }
+
+    /// Reads and decodes a Firecracker config file; errors name the file and the field.
+    public static func readConfigFile(_ path: String) throws(APIError) -> FullVMConfiguration {
+        guard let handle = FileHandle(forReadingAtPath: path) else {
+            throw .badRequest("cannot read the config file \(path): \(String(cString: strerror(errno)))")
+        }
+        defer { try? handle.close() }
+        let data: Data
+        do {
+            data = try handle.read(upToCount: maxConfigFileSize + 1) ?? Data()
+        } catch {
+            throw .badRequest("cannot read the config file \(path): \(error)")
+        }
+        guard data.count <= maxConfigFileSize else {
+            throw .badRequest("the config file \(path) is larger than \(maxConfigFileSize) bytes")
+        }
+        do {
+            return try StrictJSON.decode(FullVMConfiguration.self, from: Array(data))
+        } catch {
+            throw .badRequest("invalid config file \(path): \(error.message.replacingOccurrences(of: StrictJSON.prefix, with: ""))")
+        }
+    }
+
+    static func fail(_ message: String) {
+        let line = "swiftkvm: error: \(message)\n"
+        _ = line.withCString { Glibc.write(STDERR_FILENO, $0, strlen($0)) }
+    }
+
+    /// Microseconds since the process started (from /proc/self/stat), 0 if unknown.
+    static func processAgeUs() -> UInt64 {
+        guard let stat = try? String(contentsOfFile: "/proc/self/stat", encoding: .utf8),
+              let close = stat.lastIndex(of: ")") else { return 0 }
+        let fields = stat[stat.index(after: close)...].split(separator: " ")
+        // Field 22 (starttime) is the 20th after the command name.
+        guard fields.count > 19, let start = UInt64(fields[19]) else { return 0 }
+        let hz = UInt64(sysconf(Int32(_SC_CLK_TCK)))
+        var ts = timespec()
+        clock_gettime(CLOCK_BOOTTIME, &ts)
+        let nowUs = UInt64(ts.tv_sec) * 1_000_000 + UInt64(ts.tv_nsec) / 1000
+        let startUs = start * 1_000_000 / max(hz, 1)
+        return nowUs > startUs ? nowUs - startUs : 0
+    }
+
+    /// CPU time the process used so far, in microseconds.
+    static func processCPUUs() -> UInt64 {
+        var ts = timespec()
+        clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts)
+        return UInt64(ts.tv_sec) * 1_000_000 + UInt64(ts.tv_nsec) / 1000
+    }
+}

@@ -1,0 +1,81 @@
+import API
+import ArgumentParser
+import VMM
+
+/// `swiftkvm vmm`: one microVM controlled through Firecracker's API (also run as `firecracker`).
+struct VMMCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "vmm",
+        abstract: "Run one microVM controlled through Firecracker's REST API on a Unix socket.",
+        discussion: """
+        Configure the VM with PUT /boot-source, /machine-config… and start it with PUT /actions \
+        {"action_type": "InstanceStart"}, or give --config-file (Firecracker's JSON: boot-source, \
+        machine-config, drives, network-interfaces, logger, metrics…) to start at once. The process \
+        exits when the guest stops, with the exit codes of `swiftkvm run` (0 power-off, 3 reset, \
+        (v<<1)|1 debug-exit, 128+N after a signal); 2 for bad options or config file; 1 when the \
+        socket cannot be bound. A binary or symlink named `firecracker` behaves like `swiftkvm vmm`.
+        """)
+
+    @Option(name: .customLong("api-sock"), help: "Path of the API Unix socket (must not exist).")
+    var apiSock: String = "/run/firecracker.socket"
+    @Option(help: "MicroVM id (GET / and log lines).")
+    var id: String = "anonymous-instance"
+    @Option(name: .customLong("config-file"), help: "Firecracker JSON config; the VM starts at once.")
+    var configFile: String?
+    @Flag(name: .customLong("no-api"), help: "No API socket (needs --config-file).")
+    var noAPI = false
+    @Option(name: .customLong("log-path"), help: "File or FIFO for log lines (default stderr).")
+    var logPath: String?
+    @Option(help: "Log level: Error, Warning, Info, Debug, Trace or Off.")
+    var level: String?
+    @Flag(name: .customLong("show-level"), help: "Print the level in log lines.")
+    var showLevel = false
+    @Flag(name: .customLong("show-log-origin"), help: "Print file:line in log lines.")
+    var showLogOrigin = false
+    @Option(name: .customLong("metrics-path"), help: "File or FIFO for JSON metrics lines.")
+    var metricsPath: String?
+    @Option(name: .customLong("metrics-interval"), help: "Seconds between periodic metrics lines (0: only on FlushMetrics).")
+    var metricsInterval: Double = 60
+    @Option(name: .customLong("http-api-max-payload-size"), help: "Largest API request body in bytes.")
+    var maxPayloadSize: Int = APIServer.defaultMaxBodySize
+
+    // Accepted for compatibility with Firecracker tooling; they have no effect here.
+    @Flag(name: .customLong("no-seccomp"), help: .hidden) var noSeccomp = false
+    @Option(name: .customLong("seccomp-filter"), help: .hidden) var seccompFilter: String?
+    @Flag(name: .customLong("boot-timer"), help: .hidden) var bootTimer = false
+    @Option(name: .customLong("start-time-us"), help: .hidden) var startTimeUs: String?
+    @Option(name: .customLong("start-time-cpu-us"), help: .hidden) var startTimeCPUUs: String?
+    @Option(name: .customLong("parent-cpu-time-us"), help: .hidden) var parentCPUTimeUs: String?
+    @Option(name: .customLong("module"), help: .hidden) var module: String?
+
+    func validate() throws {
+        if noAPI && configFile == nil {
+            throw ValidationError("--no-api requires --config-file")
+        }
+        if let level, LogSink.level(named: level) == nil {
+            throw ValidationError("invalid --level '\(level)': expected Error, Warning, Info, Debug, Trace or Off")
+        }
+        guard metricsInterval >= 0, metricsInterval.isFinite else {
+            throw ValidationError("invalid --metrics-interval \(metricsInterval): expected seconds >= 0")
+        }
+        guard maxPayloadSize > 0 else {
+            throw ValidationError("invalid --http-api-max-payload-size \(maxPayloadSize): must be positive")
+        }
+    }
+
+    func run() throws {
+        var o = VMMProcess.Options()
+        o.apiSocket = apiSock
+        o.noAPI = noAPI
+        o.instanceID = id
+        o.configFile = configFile
+        o.logPath = logPath
+        o.level = level
+        o.showLevel = showLevel
+        o.showLogOrigin = showLogOrigin
+        o.metricsPath = metricsPath
+        o.metricsInterval = metricsInterval
+        o.maxPayloadSize = maxPayloadSize
+        throw ExitCode(VMMProcess.run(o))
+    }
+}
