@@ -12,7 +12,8 @@
 /// | `0x9000..<0xf000` | identity page tables: PML4, PDPT, 4 page directories (4 GiB in 2 MiB pages) |
 /// | `0x20000..<0x9fc00` | kernel command line (and multiboot strings) |
 /// | `0x9fc00..<0xa0000` | MP floating pointer and configuration table (reserved in e820) |
-/// | `0xf0000..<0x100000` | reserved (BIOS area) in e820 |
+/// | `0xe0000..<0xf0000` | ACPI tables, RSDP first (`ACPITables`) |
+/// | `0xe0000..<0x100000` | reserved (BIOS area) in e820 |
 /// | `0x100000` | protected-mode kernel / multiboot kernels (typical) |
 /// | `0x1000000` | Linux 64-bit kernel (`pref_address` / `LOAD_PHYSICAL_ADDR`) |
 /// | top of low RAM | initrd, page aligned, below `min(initrd_addr_max, end of low RAM)` |
@@ -53,8 +54,12 @@ public enum BootLayout {
     public static let mpTableAddress: UInt64 = 0x9fc00
     /// End of conventional low memory (start of the VGA hole).
     public static let lowMemoryEnd: UInt64 = 0xa0000
-    /// Reserved BIOS area.
-    public static let biosAreaStart: UInt64 = 0xf0000
+    /// Reserved BIOS area (reserved in e820; the ACPI tables are at its start).
+    public static let biosAreaStart: UInt64 = 0xe0000
+    /// ACPI tables, RSDP first (inside the range Linux scans for the RSDP).
+    public static let acpiTablesAddress: UInt64 = 0xe0000
+    /// End of the ACPI table area.
+    public static let acpiTablesEnd: UInt64 = 0xf0000
     /// 1 MiB: start of extended memory and the classic protected-mode kernel load address.
     public static let highMemoryStart: UInt64 = 0x100000
     /// Load address of a bzImage's protected-mode kernel when it has no usable `pref_address`.

@@ -21,7 +21,7 @@ public struct E820Entry: Sendable, Equatable, CustomStringConvertible {
 /// Builds the e820 memory map from guest memory's regions.
 public enum E820Map {
     /// The map for `memory`:
-    /// - usable `[0, 0x9fc00)`, reserved `[0x9fc00, 0xa0000)` (EBDA / MP table) and `[0xf0000, 0x100000)`;
+    /// - usable `[0, 0x9fc00)`, reserved `[0x9fc00, 0xa0000)` (EBDA / MP table) and `[0xe0000, 0x100000)` (ACPI tables, BIOS area);
     /// - usable `[1 MiB, end of the region at 0)` (which ends at the PCI hole with ≥ 3 GiB of RAM);
     /// - every other region (the RAM moved above 4 GiB) usable.
     public static func build(for memory: GuestMemory) -> [E820Entry] {

@@ -85,6 +85,8 @@ public final class Machine: @unchecked Sendable {
     let vm: VirtualMachine
     let vcpus: [VCPU]
     let controller = MachineController()
+    /// Decides a power-off by halt across all vCPUs (HaltTracker.swift).
+    let haltTracker = HaltTracker()
     /// Parks the vCPUs while paused (Machine+Lifecycle.swift).
     let pauseGate = PauseGate()
     let logger: Logger
@@ -107,6 +109,7 @@ public final class Machine: @unchecked Sendable {
         for line in loaded.summary { logger.debug("boot: \(line)") }
 
         kvm = try KVMSystem()
+        try Self.checkCPUCount(config.cpus, kvm: kvm)
         vm = try kvm.createVM()
         for (slot, region) in memory.regions.enumerated() {
             try vm.setUserMemoryRegion(slot: UInt32(slot), guestPhys: region.start, size: region.size, host: region.host)
@@ -160,6 +163,7 @@ public final class Machine: @unchecked Sendable {
             cpus.append(vcpu)
         }
         vcpus = cpus
+        try setUpACPI()
     }
 
     /// Loads the configured guest into memory.
@@ -285,7 +289,8 @@ public final class Machine: @unchecked Sendable {
                 break
             }
             if sig < 0 && errno == EAGAIN {
-                for r in runners { r.requestHaltCheck() }
+                let round = haltTracker.beginRound(vcpuCount: runners.count)
+                for r in runners { r.requestHaltCheck(round: round) }
                 interval = min(interval * 2, 100_000_000)
             }
         }

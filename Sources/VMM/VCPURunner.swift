@@ -12,7 +12,8 @@ final class VCPURunner: @unchecked Sendable {
     let vcpu: VCPU
     private var thread: pthread_t?
     private let threadID = Atomic<UInt>(0)
-    private let haltCheck = Atomic<Bool>(false)
+    /// The halt-check round requested by the control thread (0: none).
+    private let haltCheck = Atomic<UInt64>(0)
     /// Stack size of vCPU threads.
     static let stackSize = 1 << 20
 
@@ -50,8 +51,8 @@ final class VCPURunner: @unchecked Sendable {
     }
 
     /// Interrupts KVM_RUN so the thread checks whether the vCPU is halted for good.
-    func requestHaltCheck() {
-        haltCheck.store(true, ordering: .sequentiallyConsistent)
+    func requestHaltCheck(round: UInt64) {
+        haltCheck.store(round, ordering: .sequentiallyConsistent)
         kick()
     }
 
@@ -141,14 +142,16 @@ final class VCPURunner: @unchecked Sendable {
                 logger.debug("unhandled MMIO \(isWrite ? "write" : "read") at 0x\(String(address, radix: 16)) size \(length)")
             }
         case .halt:
-            if isHaltedForGood(mpStateKnown: true) { controller.stop(.powerOff) }
+            // Only without an in-kernel LAPIC; with several vCPUs the halt tracker decides.
+            if machine.vcpus.count == 1, isHaltedForGood(mpStateKnown: true) { controller.stop(.powerOff) }
         case .interrupted:
             // Publish live counts for metrics (kicks come at least every ~100 ms).
             machine.statistics.merge(counts)
             counts.removeAll(keepingCapacity: true)
             machine.pauseGate.recordCPUTime(vcpu: vcpu.id)
-            if haltCheck.exchange(false, ordering: .sequentiallyConsistent), isHaltedForGood(mpStateKnown: false) {
-                logger.debug("vCPU \(vcpu.id) halted with interrupts disabled: power-off")
+            let round = haltCheck.exchange(0, ordering: .sequentiallyConsistent)
+            if round != 0, machine.haltTracker.report(vcpu: vcpu.id, round: round, state: haltState()) {
+                logger.debug("every vCPU halted with interrupts disabled or never started: power-off")
                 controller.stop(.powerOff)
             }
         case .shutdown:
@@ -187,6 +190,13 @@ final class VCPURunner: @unchecked Sendable {
             logger.debug("\(message)")
             controller.stop(.internalError(message))
         }
+    }
+
+    /// The vCPU's state for the halt tracker (HaltTracker.swift).
+    private func haltState() -> HaltTracker.VCPUState {
+        guard let mp = try? vcpu.getMPState() else { return .running }
+        if mp == UInt32(KVM_MP_STATE_UNINITIALIZED) || mp == UInt32(KVM_MP_STATE_INIT_RECEIVED) { return .notStarted }
+        return mp == UInt32(KVM_MP_STATE_HALTED) && isHaltedForGood(mpStateKnown: true) ? .haltedForGood : .running
     }
 
     /// Whether the vCPU is halted with IF=0 and nothing pending (it can never run again).

@@ -106,8 +106,8 @@ public struct VMConfiguration: Codable, Sendable, Equatable {
 
     /// The smallest guest RAM accepted (2 MiB).
     public static let minimumMemory: UInt64 = 2 << 20
-    /// The largest vCPU count accepted.
-    public static let maximumCPUs = 254
+    /// The largest vCPU count accepted (the VMM also checks KVM_CAP_MAX_VCPUS).
+    public static let maximumCPUs = 32
 
     /// Checks values that do not depend on files: memory size (against `hostMemory` when known),
     /// vCPU count and addresses.

@@ -161,7 +161,7 @@ struct E820Tests {
         #expect(map == [
             E820Entry(address: 0, size: 0x9fc00, kind: .ram),
             E820Entry(address: 0x9fc00, size: 0x400, kind: .reserved),
-            E820Entry(address: 0xf0000, size: 0x10000, kind: .reserved),
+            E820Entry(address: 0xe0000, size: 0x20000, kind: .reserved),
             E820Entry(address: 0x100000, size: (256 << 20) - 0x100000, kind: .ram),
         ])
     }

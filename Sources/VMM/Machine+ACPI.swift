@@ -1,0 +1,59 @@
+import Boot
+import Devices
+import GuestMemory
+import KVM
+
+/// ACPI tables, the ACPI PM device and the vCPU count limits (issue 4, part 1).
+extension Machine {
+    /// Base of the PCIe ECAM window of the contract; MCFG describes it when a device decodes it.
+    static let ecamBase: UInt64 = 0xe000_0000
+
+    /// Checks `cpus` against 1…min(`VMConfiguration.maximumCPUs`, KVM_CAP_MAX_VCPUS); a usage error otherwise.
+    static func checkCPUCount(_ cpus: Int, kvm: KVMSystem) throws {
+        // KVM_CAP_MAX_VCPUS, else KVM_CAP_NR_VCPUS (older kernels), else no KVM limit known.
+        var kvmMax = VMConfiguration.maximumCPUs
+        if let n = try? kvm.checkExtension(.maxVCPUs), n > 0 {
+            kvmMax = Int(n)
+        } else if let n = try? kvm.checkExtension(.nrVCPUs), n > 0 {
+            kvmMax = Int(n)
+        }
+        let limit = min(VMConfiguration.maximumCPUs, kvmMax)
+        guard cpus >= 1, cpus <= limit else {
+            throw VMMError.invalidValue(what: "--cpus", value: "\(cpus)",
+                                        reason: "must be between 1 and \(limit) (SwiftKVM supports \(VMConfiguration.maximumCPUs), KVM_CAP_MAX_VCPUS is \(kvmMax))")
+        }
+    }
+
+    /// Writes the ACPI tables into the BIOS area, points a Linux zero page at the RSDP, writes
+    /// the MP table for multiboot guests too, and puts the PM device (`ACPIPower`) on the port
+    /// bus at `ACPIPorts.base`. Called at the end of `init`, after every device is attached.
+    ///
+    /// A flat guest whose image covers the table area gets no tables (logged).
+    func setUpACPI() throws {
+        var acpi = ACPIConfiguration(cpus: config.cpus)
+        // MCFG only when the PCI module really decodes ECAM there.
+        if mmioBus.find(Self.ecamBase) != nil { acpi.ecamBase = Self.ecamBase }
+
+        let area = (start: BootLayout.acpiTablesAddress, end: BootLayout.acpiTablesEnd)
+        let covered = loaded.ranges.contains { $0.start < area.end && area.start < $0.end && $0.size > 0 }
+        if covered {
+            logger.info("no ACPI tables: the guest image covers \(hex(area.start))-\(hex(area.end))")
+        } else if memory.regions.contains(where: { $0.start <= area.start && area.end <= $0.end }) {
+            let image = try ACPITables.write(acpi, into: memory)
+            logger.debug("boot: ACPI tables at \(hex(image.base)) (\(image.bytes.count) bytes): \(image.addresses.keys.sorted().joined(separator: " "))")
+            switch loaded.format {
+            case .bzImage, .elf64:
+                try memory.writeLE(image.rsdp, at: BootLayout.zeroPageAddress + UInt64(ZeroPage.Offset.acpiRsdpAddr))
+            case .multiboot:
+                let mpCovered = loaded.ranges.contains { $0.start < BootLayout.lowMemoryEnd && BootLayout.mpTableAddress < $0.end }
+                if !mpCovered { try MPTable.write(cpus: config.cpus, into: memory) }
+            case .flat:
+                break
+            }
+        }
+        try ioBus.insert(ACPIPower(control: controller, s5SleepType: ACPIPorts.s5SleepType, resetValue: ACPIPorts.resetValue),
+                         base: UInt64(ACPIPorts.base), length: UInt64(ACPIPorts.length))
+    }
+}
+
+private func hex<T: BinaryInteger>(_ v: T) -> String { "0x" + String(v, radix: 16) }
