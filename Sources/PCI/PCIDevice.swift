@@ -1,3 +1,6 @@
+import Devices
+import Synchronization
+
 /// A device (one function) on the PCI bus.
 ///
 /// The PCI root serves configuration accesses from `configuration` and forwards accesses that
@@ -32,4 +35,48 @@ public protocol MSIVector: AnyObject, Sendable {
 public protocol MSIController: Sendable {
     /// A new, unprogrammed vector.
     func makeVector() throws -> any MSIVector
+}
+
+/// The INTx line a device drives: goes through its configuration space, so the Interrupt
+/// Status bit follows the level and the guest's Interrupt Disable bit gates the wire (the
+/// wire itself is the line given to `PCIConfiguration.attachINTx`).
+public struct PCIINTxLine: InterruptLine {
+    /// The configuration space whose INTx state this line drives.
+    public let configuration: PCIConfiguration
+
+    public init(configuration: PCIConfiguration) { self.configuration = configuration }
+
+    public func set(level: Bool) { configuration.setINTx(level: level) }
+}
+
+/// A level-triggered line shared by several devices (wired-OR): asserted while any member is.
+/// `member()` hands out one `InterruptLine` per device; the wire is driven only on changes.
+public final class SharedInterruptLine: Sendable {
+    private let wire: any InterruptLine
+    private let state = Mutex<(asserted: Set<Int>, next: Int, level: Bool)>((asserted: [], next: 0, level: false))
+
+    /// Shares `wire` (e.g. one IOAPIC GSI).
+    public init(wire: any InterruptLine) { self.wire = wire }
+
+    /// A new member line.
+    public func member() -> any InterruptLine {
+        let id = state.withLock { s in defer { s.next += 1 }; return s.next }
+        return Member(shared: self, id: id)
+    }
+
+    fileprivate func set(_ id: Int, _ level: Bool) {
+        state.withLock { s in
+            if level { s.asserted.insert(id) } else { s.asserted.remove(id) }
+            let now = !s.asserted.isEmpty
+            guard now != s.level else { return }
+            s.level = now
+            wire.set(level: now) // under the lock: changes reach the wire in order
+        }
+    }
+
+    private struct Member: InterruptLine {
+        let shared: SharedInterruptLine
+        let id: Int
+        func set(level: Bool) { shared.set(id, level) }
+    }
 }

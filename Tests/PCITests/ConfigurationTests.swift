@@ -206,3 +206,36 @@ struct ConfigurationTests {
         #expect(c.barAddress(-1) == nil && c.barAddress(6) == nil)
     }
 }
+
+@Suite("INTx wiring")
+struct INTxWiringTests {
+    @Test("a shared line stays asserted while any member asserts it and changes the wire only on edges")
+    func sharedLine() {
+        let wire = RecordingLine()
+        let shared = SharedInterruptLine(wire: wire)
+        let a = shared.member(), b = shared.member()
+        a.set(level: true)
+        b.set(level: true)
+        a.set(level: false)
+        #expect(wire.log == [true])
+        b.set(level: false)
+        b.set(level: false)
+        #expect(wire.log == [true, false])
+        a.trigger()
+        #expect(wire.log == [true, false, true, false])
+    }
+
+    @Test("a device's INTx line goes through its configuration space to the shared wire")
+    func deviceLine() {
+        let wire = RecordingLine()
+        let shared = SharedInterruptLine(wire: wire)
+        let d = TestDevice(bars: [])
+        d.configuration.attachINTx(shared.member())
+        let line = PCIINTxLine(configuration: d.configuration)
+        line.set(level: true)
+        #expect(cfgRead(d.configuration, 0x06, 2) & 0x8 != 0)
+        #expect(wire.log == [true])
+        line.set(level: false)
+        #expect(wire.log == [true, false])
+    }
+}
