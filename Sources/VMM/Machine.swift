@@ -89,6 +89,8 @@ public final class Machine: @unchecked Sendable {
     let haltTracker = HaltTracker()
     /// Parks the vCPUs while paused (Machine+Lifecycle.swift).
     let pauseGate = PauseGate()
+    /// PCI bus 0, its windows and MSI routing (Machine+PCI.swift).
+    let pci: MachinePCI
     let logger: Logger
     private let serialOutput: any SerialOutput
 
@@ -130,6 +132,7 @@ public final class Machine: @unchecked Sendable {
         let below = memory.regions.filter { $0.start < GuestMemory.pciHoleEnd }.reduce(0) { $0 + $1.size }
         rtc.setMemorySize(belowFourGiB: below, aboveFourGiB: memory.totalSize - below)
         try ioBus.insert(rtc, base: CMOSRTC.defaultBase, length: CMOSRTC.portCount)
+        pci = try MachinePCI(vm: vm, ioBus: ioBus, mmioBus: mmioBus, logger: logger)
         if let port = config.debugExitPort {
             do {
                 try ioBus.insert(DebugExit(control: controller), base: UInt64(port), length: 1)
