@@ -121,7 +121,7 @@ final class APIHTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         do {
             request = try APIRequest.parse(method: head.method.rawValue, uri: head.uri, body: body)
         } catch {
-            controller.metrics.increment("api_server", "parse_fails")
+            controller.metrics.countParseFailure(method: head.method.rawValue, uri: head.uri)
             write(context: context, status: error.status, body: error.jsonBody, keepAlive: keepAlive)
             return
         }

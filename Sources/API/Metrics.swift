@@ -66,6 +66,21 @@ public final class MetricsRecorder: @unchecked Sendable {
         if failed { increment(group, name + "_fails") }
     }
 
+    /// Counts a request refused while parsing, under its endpoint (`…_count` and `…_fails`).
+    func countParseFailure(method: String, uri: String) {
+        let first = uri.split(separator: "?").first?.split(separator: "/").first.map(String.init) ?? ""
+        let names = ["boot-source": "boot_source", "machine-config": "machine_cfg", "drives": "drive",
+                     "network-interfaces": "network", "actions": "actions", "logger": "logger", "metrics": "metrics",
+                     "entropy": "entropy", "serial": "serial", "vm": "vm", "": "instance_info", "version": "vmm_version"]
+        guard let name = names[first], ["GET", "PUT", "PATCH"].contains(method) else {
+            increment("api_server", "invalid_requests")
+            return
+        }
+        let group = method.lowercased() + "_api_requests"
+        increment(group, name + "_count")
+        increment(group, name + "_fails")
+    }
+
     /// Whether a metrics path is configured.
     public var isConfigured: Bool { state.withLock { $0.path != nil } }
     /// The configured path.

@@ -17,9 +17,9 @@ public struct TokenBucket: Codable, Sendable, Equatable {
     }
     public init(from decoder: any Decoder) throws {
         let c = try decoder.strictContainer(keyedBy: CodingKeys.self)
-        size = try c.decode(Int64.self, forKey: .size)
-        oneTimeBurst = try c.decodeIfPresent(Int64.self, forKey: .oneTimeBurst)
-        refillTime = try c.decode(Int64.self, forKey: .refillTime)
+        size = try c.decodeInteger(Int64.self, forKey: .size)
+        oneTimeBurst = try c.decodeIntegerIfPresent(Int64.self, forKey: .oneTimeBurst)
+        refillTime = try c.decodeInteger(Int64.self, forKey: .refillTime)
     }
     func validate(_ field: String) throws(APIError) {
         guard size >= 0, refillTime >= 0, (oneTimeBurst ?? 0) >= 0 else {
@@ -97,8 +97,8 @@ public struct MachineConfig: Codable, Sendable, Equatable {
     }
     public init(from decoder: any Decoder) throws {
         let c = try decoder.strictContainer(keyedBy: CodingKeys.self)
-        vcpuCount = try c.decode(Int.self, forKey: .vcpuCount)
-        memSizeMib = try c.decode(Int.self, forKey: .memSizeMib)
+        vcpuCount = try c.decodeInteger(Int.self, forKey: .vcpuCount)
+        memSizeMib = try c.decodeInteger(Int.self, forKey: .memSizeMib)
         smt = try c.decodeIfPresent(Bool.self, forKey: .smt) ?? false
         cpuTemplate = try c.decodeEnum(.cpuTemplate, allowed: Self.cpuTemplates)
         trackDirtyPages = try c.decodeIfPresent(Bool.self, forKey: .trackDirtyPages) ?? false
@@ -133,8 +133,8 @@ public struct MachineConfigUpdate: Codable, Sendable, Equatable {
     public init(vcpuCount: Int? = nil, memSizeMib: Int? = nil) { self.vcpuCount = vcpuCount; self.memSizeMib = memSizeMib }
     public init(from decoder: any Decoder) throws {
         let c = try decoder.strictContainer(keyedBy: CodingKeys.self)
-        vcpuCount = try c.decodeIfPresent(Int.self, forKey: .vcpuCount)
-        memSizeMib = try c.decodeIfPresent(Int.self, forKey: .memSizeMib)
+        vcpuCount = try c.decodeIntegerIfPresent(Int.self, forKey: .vcpuCount)
+        memSizeMib = try c.decodeIntegerIfPresent(Int.self, forKey: .memSizeMib)
         smt = try c.decodeIfPresent(Bool.self, forKey: .smt)
         cpuTemplate = try c.decodeEnum(.cpuTemplate, allowed: MachineConfig.cpuTemplates)
         trackDirtyPages = try c.decodeIfPresent(Bool.self, forKey: .trackDirtyPages)
@@ -234,7 +234,7 @@ public struct NetworkInterfaceConfig: Codable, Sendable, Equatable {
         ifaceId = try c.decode(String.self, forKey: .ifaceId)
         hostDevName = try c.decode(String.self, forKey: .hostDevName)
         guestMac = try c.decodeIfPresent(String.self, forKey: .guestMac)
-        mtu = try c.decodeIfPresent(Int.self, forKey: .mtu)
+        mtu = try c.decodeIntegerIfPresent(Int.self, forKey: .mtu)
         rxRateLimiter = try c.decodeIfPresent(RateLimiter.self, forKey: .rxRateLimiter)
         txRateLimiter = try c.decodeIfPresent(RateLimiter.self, forKey: .txRateLimiter)
     }

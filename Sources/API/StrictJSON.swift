@@ -36,6 +36,36 @@ extension KeyedDecodingContainer {
     }
 }
 
+extension KeyedDecodingContainer {
+    /// Decodes an integer field, naming the field when the value is fractional, out of range or
+    /// not a number (Foundation reports those without a field path).
+    func decodeIntegerIfPresent<T: FixedWidthInteger & Decodable>(_ type: T.Type, forKey key: Key) throws -> T? {
+        guard contains(key), try !decodeNil(forKey: key) else { return nil }
+        let d: Double
+        do {
+            d = try decode(Double.self, forKey: key)
+        } catch {
+            throw DecodingError.typeMismatch(T.self, .init(codingPath: codingPath + [key], debugDescription: "expected an integer"))
+        }
+        guard d.rounded() == d, d >= Double(T.min), d < Double(T.max) else {
+            throw DecodingError.dataCorruptedError(
+                forKey: key, in: self, debugDescription: "expected an integer from \(T.min) to \(T.max), got \(d)")
+        }
+        return try decode(T.self, forKey: key)
+    }
+
+    /// A required integer field (see `decodeIntegerIfPresent`).
+    func decodeInteger<T: FixedWidthInteger & Decodable>(_ type: T.Type, forKey key: Key) throws -> T {
+        guard let v = try decodeIntegerIfPresent(T.self, forKey: key) else {
+            if contains(key) {
+                throw DecodingError.valueNotFound(T.self, .init(codingPath: codingPath + [key], debugDescription: "null"))
+            }
+            throw DecodingError.keyNotFound(key, .init(codingPath: codingPath, debugDescription: "missing"))
+        }
+        return v
+    }
+}
+
 /// JSON body decoding with Firecracker-style error messages naming the field.
 enum StrictJSON {
     /// Prefix of every body-decoding error (as Firecracker's).

@@ -119,6 +119,12 @@ public struct MachineMetrics: Sendable, Equatable {
     /// Port-I/O and MMIO accesses that reached no device.
     public var unhandledIO: UInt64
     public var unhandledMMIO: UInt64
+
+    public init(exits: [String: UInt64], vcpuTimeUs: [UInt32: UInt64], serialTransmittedBytes: UInt64,
+                serialDroppedInputBytes: UInt64, unhandledIO: UInt64, unhandledMMIO: UInt64) {
+        self.exits = exits; self.vcpuTimeUs = vcpuTimeUs; self.serialTransmittedBytes = serialTransmittedBytes
+        self.serialDroppedInputBytes = serialDroppedInputBytes; self.unhandledIO = unhandledIO; self.unhandledMMIO = unhandledMMIO
+    }
 }
 
 extension Machine {

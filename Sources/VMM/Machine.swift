@@ -85,6 +85,8 @@ public final class Machine: @unchecked Sendable {
     let vm: VirtualMachine
     let vcpus: [VCPU]
     let controller = MachineController()
+    /// Parks the vCPUs while paused (Machine+Lifecycle.swift).
+    let pauseGate = PauseGate()
     /// Decides a power-off by halt across all vCPUs (HaltTracker.swift).
     let haltTracker = HaltTracker()
     /// Parks the vCPUs while paused (Machine+Lifecycle.swift).

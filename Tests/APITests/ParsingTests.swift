@@ -1,0 +1,113 @@
+import Foundation
+import Testing
+@testable import API
+
+@Suite("Request parsing (no socket)")
+struct ParsingTests {
+    func parse(_ method: String, _ uri: String, _ body: String? = nil) -> Result<APIRequest, APIError> {
+        do throws(APIError) {
+            return .success(try APIRequest.parse(method: method, uri: uri, body: body.map { Array($0.utf8) }))
+        } catch {
+            return .failure(error)
+        }
+    }
+    func fault(_ method: String, _ uri: String, _ body: String? = nil) -> APIError? {
+        if case .failure(let e) = parse(method, uri, body) { return e }
+        return nil
+    }
+
+    @Test("GET paths map to their actions and ignore a query string")
+    func getPaths() throws {
+        #expect(try parse("GET", "/").get() == .getInstanceInfo)
+        #expect(try parse("GET", "/version").get() == .getVersion)
+        #expect(try parse("GET", "/machine-config?x=1").get() == .getMachineConfig)
+        #expect(try parse("GET", "/vm/config").get() == .getFullConfig)
+    }
+
+    @Test("an unknown path or method is Firecracker's 400 'Invalid request method and/or path'")
+    func invalidPath() {
+        #expect(fault("GET", "/nope")?.message == "Invalid request method and/or path: GET /nope.")
+        #expect(fault("POST", "/actions", "{}")?.message == "Invalid request method and/or path: POST /actions.")
+        #expect(fault("PUT", "/boot-source/extra", "{}")?.status == 400)
+        #expect(fault("PATCH", "/boot-source", "{}")?.message.hasPrefix("Invalid request method and/or path") == true)
+    }
+
+    @Test("a PUT or PATCH without a body and a GET with one are refused as in Firecracker")
+    func bodies() {
+        #expect(fault("PUT", "/boot-source")?.message == "Empty PUT request.")
+        #expect(fault("PATCH", "/vm", "")?.message == "Empty PATCH request.")
+        #expect(fault("GET", "/", "{}")?.message == "GET request cannot have a body.")
+    }
+
+    @Test("missing, ill-typed and unknown fields are named in the fault message")
+    func fieldErrors() {
+        let missing = fault("PUT", "/machine-config", #"{"vcpu_count": 1}"#)
+        #expect(missing?.message.contains("missing field `mem_size_mib`") == true)
+        let typed = fault("PUT", "/machine-config", #"{"vcpu_count": "two", "mem_size_mib": 128}"#)
+        #expect(typed?.message.contains("field `vcpu_count`") == true)
+        let unknown = fault("PUT", "/boot-source", #"{"kernel_image_path": "/k", "cmdline": "x"}"#)
+        #expect(unknown?.message.contains("unknown field `cmdline`") == true)
+        let nested = fault("PUT", "/drives/rootfs",
+                           #"{"drive_id": "rootfs", "path_on_host": "/x", "is_root_device": true, "rate_limiter": {"bandwidth": {"size": 1}}}"#)
+        #expect(nested?.message.contains("missing field `rate_limiter.bandwidth.refill_time`") == true)
+        let float = fault("PUT", "/machine-config", #"{"vcpu_count": 1.5, "mem_size_mib": 128}"#)
+        #expect(float?.message.contains("vcpu_count") == true)
+        let malformed = fault("PUT", "/actions", #"{"action_type": "#)
+        #expect(malformed?.message.contains("malformed JSON") == true)
+        let array = fault("PUT", "/actions", "[1, 2]")
+        #expect(array?.message.contains("expected an object") == true)
+    }
+
+    @Test("enum fields accept only Firecracker's variants")
+    func enums() throws {
+        #expect(try parse("PUT", "/actions", #"{"action_type": "SendCtrlAltDel"}"#).get() == .action(.sendCtrlAltDel))
+        #expect(fault("PUT", "/actions", #"{"action_type": "Reboot"}"#)?.message.contains("unknown variant `Reboot`") == true)
+        #expect(try parse("PATCH", "/vm", #"{"state": "Paused"}"#).get() == .patchVM(.paused))
+        #expect(fault("PATCH", "/vm", #"{"state": "paused"}"#)?.message.contains("field `state`") == true)
+        if case .putLogger(let l) = try parse("PUT", "/logger", #"{"level": "debug"}"#).get() {
+            #expect(l.level == "Debug")
+        } else {
+            Issue.record("PUT /logger did not parse")
+        }
+    }
+
+    @Test("ids in the path must match the body and be alphanumeric")
+    func ids() {
+        #expect(fault("PUT", "/drives/a", #"{"drive_id": "b", "path_on_host": "/x", "is_root_device": false}"#)?
+            .message.contains("does not match") == true)
+        #expect(fault("PUT", "/drives/a-b", #"{"drive_id": "a-b", "path_on_host": "/x", "is_root_device": false}"#)?
+            .message.contains("alphanumeric") == true)
+        #expect(fault("PUT", "/drives", #"{"drive_id": "a", "is_root_device": false}"#)?.message.contains("ID cannot be empty") == true)
+        #expect(fault("PATCH", "/network-interfaces/eth0", #"{"iface_id": "eth1"}"#)?.message.contains("does not match") == true)
+    }
+
+    @Test("snapshot, balloon and other unimplemented endpoints say 'not supported yet'")
+    func unsupported() {
+        for (m, p) in [("PUT", "/snapshot/create"), ("PUT", "/snapshot/load"), ("GET", "/balloon"), ("PATCH", "/balloon"),
+                       ("GET", "/balloon/statistics"), ("PUT", "/vsock"), ("PUT", "/mmds"), ("PUT", "/cpu-config")] {
+            let e = fault(m, p, m == "GET" ? nil : "{}")
+            #expect(e?.status == 400)
+            #expect(e?.message.contains("not supported yet") == true, "\(m) \(p): \(String(describing: e))")
+        }
+    }
+
+    @Test("the config file format decodes every section and refuses unsupported ones")
+    func fullConfig() throws {
+        let json = #"""
+        {"boot-source": {"kernel_image_path": "/k", "boot_args": "console=ttyS0"},
+         "machine-config": {"vcpu_count": 2, "mem_size_mib": 256},
+         "drives": [], "network-interfaces": [{"iface_id": "eth0", "host_dev_name": "tap0"}],
+         "logger": {"log_path": "/tmp/x.log", "level": "Info"}, "metrics": {"metrics_path": "/tmp/m"},
+         "entropy": {}, "balloon": null}
+        """#
+        let c = try JSONDecoder().decode(FullVMConfiguration.self, from: Data(json.utf8))
+        #expect(c.machineConfig?.vcpuCount == 2)
+        #expect(c.networkInterfaces.first?.hostDevName == "tap0")
+        #expect(throws: DecodingError.self) {
+            try JSONDecoder().decode(FullVMConfiguration.self, from: Data(#"{"vsock": {"guest_cid": 3}}"#.utf8))
+        }
+        #expect(throws: DecodingError.self) {
+            try JSONDecoder().decode(FullVMConfiguration.self, from: Data(#"{"boot_source": {}}"#.utf8))
+        }
+    }
+}
