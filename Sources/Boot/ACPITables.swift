@@ -165,7 +165,7 @@ public enum ACPITables {
         return table("XSDT", revision: 1, body: body)
     }
 
-    /// The FADT (revision 6): full fixed hardware with the PM1a event and control blocks of
+    /// The FADT (revision 6): FACS through FIRMWARE_CTRL, DSDT through DSDT and X_DSDT; full fixed hardware with the PM1a event and control blocks of
     /// `ACPIPorts`, SCI on IRQ 9, no SMI command port (always in ACPI mode), no PM timer and no
     /// GPE blocks, C2/C3 unsupported, RESET_REG at port 0x608, legacy devices and an i8042
     /// present, no VGA.
@@ -197,7 +197,7 @@ public enum ACPITables {
         gas(116, port: ACPIPorts.reset, bits: 8, access: 1) // RESET_REG
         put(ACPIPorts.resetValue, 128)                     // RESET_VALUE
         put(UInt8(0), 131)                                 // FADT minor version
-        put(facs, 132)                                     // X_FIRMWARE_CTRL
+        // X_FIRMWARE_CTRL stays 0: with both set, Linux installs (and lists) the FACS twice.
         put(dsdt, 140)                                     // X_DSDT
         gas(148, port: ACPIPorts.pm1aEvent, bits: ACPIPorts.pm1EventLength * 8, access: 2)    // X_PM1a_EVT_BLK
         gas(172, port: ACPIPorts.pm1aControl, bits: ACPIPorts.pm1ControlLength * 8, access: 2) // X_PM1a_CNT_BLK
@@ -242,7 +242,7 @@ public enum ACPITables {
         table("DSDT", revision: 2, body: dsdtAML(config))
     }
 
-    /// The DSDT's definition block:
+    /// The DSDT's definition block (names relative to the root scope, as iasl emits them):
     /// - `\_S5` = Package { 5, 5, 0, 0 } (SLP_TYP of soft-off);
     /// - `\_SB.PCI0`: the host bridge (PNP0A08 with _CID PNP0A03 when ECAM exists, else PNP0A03),
     ///   _SEG/_BBN/_UID 0, _CRS with bus 0, the config ports, I/O windows 0x0000–0x0CF7 and
@@ -251,7 +251,7 @@ public enum ACPITables {
     /// - `\_SB.COM1` (PNP0501) and `\_SB.PS2K` (PNP0303) when `legacyDevices`;
     /// - `\_SB.MRES` (PNP0C02) reserving the ECAM range when ECAM exists.
     public static func dsdtAML(_ config: ACPIConfiguration) -> [UInt8] {
-        let s5 = AML.name("\\_S5", AML.package([AML.integer(UInt64(ACPIPorts.s5SleepType)),
+        let s5 = AML.name("_S5", AML.package([AML.integer(UInt64(ACPIPorts.s5SleepType)),
                                                 AML.integer(UInt64(ACPIPorts.s5SleepType)),
                                                 AML.integer(0), AML.integer(0)]))
         var prt: [[UInt8]] = []
@@ -309,7 +309,7 @@ public enum ACPITables {
                 ])),
             ]))
         }
-        return s5 + AML.scope("\\_SB_", sb)
+        return s5 + AML.scope("_SB_", sb)
     }
 
     // MARK: Helpers

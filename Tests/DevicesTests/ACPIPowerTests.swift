@@ -1,0 +1,87 @@
+import Testing
+@testable import Devices
+
+@Suite("ACPI PM registers")
+struct ACPIPowerTests {
+    func make() -> (ACPIPower, RecordingControl) {
+        let control = RecordingControl()
+        return (ACPIPower(control: control, s5SleepType: 5, resetValue: 1), control)
+    }
+
+    func word(_ d: ACPIPower, _ offset: UInt64) -> UInt16 {
+        let b = d.readBytes(offset, count: 2)
+        return UInt16(b[0]) | UInt16(b[1]) << 8
+    }
+
+    func writeWord(_ d: ACPIPower, _ offset: UInt64, _ v: UInt16) {
+        d.writeBytes(offset, [UInt8(v & 0xff), UInt8(v >> 8)])
+    }
+
+    @Test("a 16-bit write of SLP_TYP=S5 with SLP_EN to PM1a control powers off at once")
+    func s5() {
+        let (d, c) = make()
+        writeWord(d, ACPIPower.Offset.pm1Control, 5 << 10 | 1 << 13)
+        #expect(c.all == [.powerOff])
+    }
+
+    @Test("SLP_TYP written first and SLP_EN later by a byte write also powers off; SLP_TYP alone does not")
+    func twoSteps() {
+        let (d, c) = make()
+        writeWord(d, ACPIPower.Offset.pm1Control, 5 << 10)
+        #expect(c.all.isEmpty)
+        #expect(word(d, ACPIPower.Offset.pm1Control) == 5 << 10 | 1, "SLP_TYP kept, SCI_EN reads 1")
+        d.outb(ACPIPower.Offset.pm1Control + 1, (5 << 2) | (1 << 5))
+        #expect(c.all == [.powerOff])
+    }
+
+    @Test("another sleep type with SLP_EN does not power off but sets WAK_STS, which a write of 1 clears")
+    func otherSleepType() {
+        let (d, c) = make()
+        writeWord(d, ACPIPower.Offset.pm1Control, 1 << 10 | 1 << 13)
+        #expect(c.all.isEmpty)
+        #expect(word(d, ACPIPower.Offset.pm1Status) & 0x8000 != 0)
+        #expect(word(d, ACPIPower.Offset.pm1Control) & (1 << 13) == 0, "SLP_EN is write-only")
+        writeWord(d, ACPIPower.Offset.pm1Status, 0x0001)
+        #expect(word(d, ACPIPower.Offset.pm1Status) & 0x8000 != 0, "writing 0 to WAK_STS keeps it")
+        writeWord(d, ACPIPower.Offset.pm1Status, 0x8000)
+        #expect(word(d, ACPIPower.Offset.pm1Status) == 0)
+    }
+
+    @Test("PM1 control always reads SCI_EN (the machine is in ACPI mode), even after writing 0")
+    func sciEnabled() {
+        let (d, _) = make()
+        #expect(word(d, ACPIPower.Offset.pm1Control) == 1)
+        writeWord(d, ACPIPower.Offset.pm1Control, 0)
+        #expect(word(d, ACPIPower.Offset.pm1Control) == 1)
+    }
+
+    @Test("PM1 enable keeps the defined event bits only; a 32-bit write covers status and enable")
+    func enable() {
+        let (d, _) = make()
+        writeWord(d, ACPIPower.Offset.pm1Enable, 0xffff)
+        #expect(word(d, ACPIPower.Offset.pm1Enable) == 0x0721)
+        #expect(d.pm1Enable == 0x0721)
+        d.writeBytes(ACPIPower.Offset.pm1Status, [0xff, 0xff, 0x00, 0x01])
+        #expect(word(d, ACPIPower.Offset.pm1Enable) == 0x0100)
+        #expect(d.readBytes(0, count: 4) == [0, 0, 0x00, 0x01])
+    }
+
+    @Test("the reset register requests a reset only for RESET_VALUE")
+    func reset() {
+        let (d, c) = make()
+        d.outb(ACPIPower.Offset.reset, 0x06)
+        #expect(c.all.isEmpty)
+        d.outb(ACPIPower.Offset.reset, 0x01)
+        #expect(c.all == [.reset])
+    }
+
+    @Test("unknown offsets read 0 and ignore writes, also at the very end of the address space")
+    func unknown() {
+        let (d, c) = make()
+        #expect(d.readBytes(0x20, count: 4) == [0, 0, 0, 0])
+        d.writeBytes(0x20, [0xff, 0xff])
+        #expect(d.readBytes(UInt64.max, count: 2) == [0, 0])
+        d.writeBytes(UInt64.max, [1, 1])
+        #expect(c.all.isEmpty)
+    }
+}
