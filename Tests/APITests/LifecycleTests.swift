@@ -1,0 +1,281 @@
+import Foundation
+import Testing
+@testable import API
+import VMM
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Paths and helpers for tests that run real guests.
+enum GuestSupport {
+    static let packageRoot = URL(fileURLWithPath: #filePath)
+        .deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+    static let hasKVM = FileManager.default.fileExists(atPath: "/dev/kvm")
+
+    /// guest/build/ticker.elf, built once with `make -C guest`; nil when it cannot be built.
+    static let ticker: String? = {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/usr/bin/make")
+        p.arguments = ["-s", "-C", packageRoot.appendingPathComponent("guest").path, "build/ticker.elf"]
+        p.standardOutput = FileHandle.nullDevice
+        try? p.run()
+        p.waitUntilExit()
+        let path = packageRoot.appendingPathComponent("guest/build/ticker.elf").path
+        return FileManager.default.fileExists(atPath: path) ? path : nil
+    }()
+
+    /// The swiftkvm executable next to the test bundle (same scratch path), or $SWIFTKVM_BIN.
+    static let swiftkvm: String? = {
+        let fm = FileManager.default
+        if let env = ProcessInfo.processInfo.environment["SWIFTKVM_BIN"], fm.isExecutableFile(atPath: env) { return env }
+        guard let exe = try? fm.destinationOfSymbolicLink(atPath: "/proc/self/exe") else { return nil }
+        var dir = URL(fileURLWithPath: exe).deletingLastPathComponent()
+        for _ in 0..<4 {
+            let c = dir.appendingPathComponent("swiftkvm").path
+            if fm.isExecutableFile(atPath: c) { return c }
+            dir = dir.deletingLastPathComponent()
+        }
+        return nil
+    }()
+
+    static let tscKHz = TimeDilation.hostTSCkHz()
+
+    /// Boot arguments for the ticker.
+    static func tickerArgs(ticks: Int) -> String { "tsc_khz=\(tscKHz) period_ms=10 ticks=\(ticks)" }
+
+    /// Number of "tick N" lines in `path`.
+    static func ticks(in path: String) -> Int {
+        guard let text = try? String(contentsOfFile: path, encoding: .utf8) else { return 0 }
+        return text.split(separator: "\n").filter { $0.hasPrefix("tick ") }.count
+    }
+
+    /// Polls `condition` every 10 ms for at most `seconds`.
+    @discardableResult
+    static func wait(seconds: Double, _ condition: () -> Bool) -> Bool {
+        let end = Date().addingTimeInterval(seconds)
+        while Date() < end {
+            if condition() { return true }
+            usleep(10_000)
+        }
+        return condition()
+    }
+}
+
+@Suite("Lifecycle with a real guest over the API (/dev/kvm)", .serialized,
+       .enabled(if: GuestSupport.hasKVM && GuestSupport.ticker != nil))
+struct LifecycleTests {
+    /// A server whose controller builds real Machines; the serial console goes to a file.
+    final class Fixture: @unchecked Sendable {
+        let dir = TempDir()
+        let socket = "/tmp/swk-lc-\(String(UInt32.random(in: 0...UInt32.max), radix: 36)).sock"
+        let serialPath: String
+        let controller: VMController
+        let server: APIServer
+        let client: UnixHTTPClient
+        let exits = Locked<[MachineExit]>([])
+
+        init() throws {
+            serialPath = dir.path + "/serial.out"
+            var options = VMController.Options()
+            options.instanceID = "lifecycle"
+            options.metricsInterval = 0
+            options.defaultSerial = .file(serialPath)
+            let exits = self.exits
+            options.onExit = { e in exits.withLock { $0.append(e) } }
+            controller = VMController(options: options)
+            server = APIServer(socketPath: socket, controller: controller)
+            try server.start()
+            client = UnixHTTPClient(path: socket)
+        }
+        func send(_ m: String, _ p: String, _ b: String? = nil) throws -> UnixHTTPClient.Reply { try client.send(m, p, b) }
+        var ticks: Int { GuestSupport.ticks(in: serialPath) }
+        var exit: MachineExit? { exits.withLock { $0.first } }
+
+        func startTicker(ticks: Int) throws {
+            let kernel = try #require(GuestSupport.ticker)
+            #expect(try send("PUT", "/boot-source", #"{"kernel_image_path": "\#(kernel)", "boot_args": "\#(GuestSupport.tickerArgs(ticks: ticks))"}"#).status == 204)
+            #expect(try send("PUT", "/machine-config", #"{"vcpu_count": 1, "mem_size_mib": 64}"#).status == 204)
+            let r = try send("PUT", "/actions", #"{"action_type": "InstanceStart"}"#)
+            #expect(r.status == 204, "InstanceStart: \(r.body)")
+        }
+
+        func shutdown() {
+            controller.stopGuest(.userQuit)
+            GuestSupport.wait(seconds: 10) { exit != nil || controller.phase == .notStarted }
+            server.stop()
+            dir.cleanup()
+        }
+    }
+
+    @Test("InstanceStart runs the guest; Pause really stops the vCPUs (no tick for 500 ms); Resume continues")
+    func pauseResume() throws {
+        let f = try Fixture()
+        defer { f.shutdown() }
+        try f.startTicker(ticks: 0)
+        #expect(GuestSupport.wait(seconds: 30) { f.ticks >= 5 }, "the ticker should print ticks")
+        #expect(try f.send("PATCH", "/vm", #"{"state": "Paused"}"#).status == 204)
+        #expect(try f.send("GET", "/").json?["state"] as? String == "Paused")
+        let atPause = f.ticks
+        usleep(500_000)
+        #expect(f.ticks == atPause, "no tick may appear while paused")
+        #expect(try f.send("PATCH", "/vm", #"{"state": "Resumed"}"#).status == 204)
+        #expect(try f.send("GET", "/").json?["state"] as? String == "Running")
+        #expect(GuestSupport.wait(seconds: 30) { f.ticks >= atPause + 5 }, "ticks resume")
+        // Pausing twice is fine; configuration requests are still refused while paused.
+        #expect(try f.send("PATCH", "/vm", #"{"state": "Paused"}"#).status == 204)
+        #expect(try f.send("PATCH", "/vm", #"{"state": "Paused"}"#).status == 204)
+        #expect(try f.send("PUT", "/machine-config", #"{"vcpu_count": 1, "mem_size_mib": 64}"#).status == 400)
+        #expect(try f.send("PATCH", "/vm", #"{"state": "Resumed"}"#).status == 204)
+        #expect(f.exit == nil)
+    }
+
+    @Test("SendCtrlAltDel reaches the guest's keyboard; the guest resets and the VM ends as a reset")
+    func ctrlAltDel() throws {
+        let f = try Fixture()
+        defer { f.shutdown() }
+        try f.startTicker(ticks: 0)
+        #expect(GuestSupport.wait(seconds: 30) { f.ticks >= 3 })
+        #expect(try f.send("PUT", "/actions", #"{"action_type": "SendCtrlAltDel"}"#).status == 204)
+        #expect(GuestSupport.wait(seconds: 30) { f.exit != nil })
+        #expect(f.exit == .reset)
+        let text = (try? String(contentsOfFile: f.serialPath, encoding: .utf8)) ?? ""
+        #expect(text.contains("CTRL-ALT-DEL"))
+    }
+
+    @Test("the guest powering off ends the VM with exit code 0; metrics count its exits")
+    func powerOff() throws {
+        let f = try Fixture()
+        defer { f.shutdown() }
+        let metricsPath = f.dir.path + "/metrics"
+        #expect(try f.send("PUT", "/metrics", #"{"metrics_path": "\#(metricsPath)"}"#).status == 204)
+        try f.startTicker(ticks: 20)
+        #expect(GuestSupport.wait(seconds: 60) { f.exit != nil })
+        #expect(f.exit == .powerOff)
+        #expect(f.exit?.exitCode == 0)
+        #expect(f.ticks == 20)
+        // The controller flushes metrics when the guest stops.
+        let line = try #require(try String(contentsOfFile: metricsPath, encoding: .utf8).split(separator: "\n").last)
+        let obj = try #require(try JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any])
+        let vcpu = try #require(obj["vcpu"] as? [String: Any])
+        #expect((vcpu["exit_io"] as? Int ?? 0) > 20, "each tick is several port writes")
+        #expect((obj["uart"] as? [String: Any])?["write_count"] as? Int ?? 0 > 100)
+    }
+}
+
+@Suite("swiftkvm vmm process", .serialized, .enabled(if: GuestSupport.swiftkvm != nil))
+struct VMMProcessTests {
+    /// Runs swiftkvm (optionally under another argv[0]) and returns the process.
+    static func launch(_ args: [String], executable: String? = nil, stdout: String? = nil) throws -> Process {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: executable ?? GuestSupport.swiftkvm!)
+        p.arguments = args
+        if let stdout {
+            _ = FileManager.default.createFile(atPath: stdout, contents: nil)
+            p.standardOutput = FileHandle(forWritingAtPath: stdout)
+        } else {
+            p.standardOutput = FileHandle.nullDevice
+        }
+        p.standardError = Pipe()
+        try p.run()
+        return p
+    }
+
+    /// Waits at most `seconds` for `p` to end; kills it (by pid) if it does not.
+    static func finish(_ p: Process, seconds: Double = 60) -> Int32? {
+        if GuestSupport.wait(seconds: seconds, { !p.isRunning }) { return p.terminationStatus }
+        kill(p.processIdentifier, SIGKILL)
+        p.waitUntilExit()
+        return nil
+    }
+
+    static func stderr(_ p: Process) -> String {
+        guard let pipe = p.standardError as? Pipe else { return "" }
+        return String(decoding: pipe.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+    }
+
+    @Test("bad options: --no-api without --config-file, a bad config file, an existing socket path")
+    func badOptions() throws {
+        let dir = TempDir()
+        defer { dir.cleanup() }
+        let a = try Self.launch(["vmm", "--no-api"])
+        #expect(Self.finish(a, seconds: 20) == 2)
+        #expect(Self.stderr(a).contains("--no-api requires --config-file"))
+
+        let bad = dir.file("vm.json", contents: #"{"boot-source": {"kernel_image_path": "/k"}, "machine-config": {"vcpu_count": 1}}"#)
+        let b = try Self.launch(["vmm", "--no-api", "--config-file", bad])
+        #expect(Self.finish(b, seconds: 20) == 2)
+        #expect(Self.stderr(b).contains("missing field `machine-config.mem_size_mib`"))
+
+        let existing = dir.file("taken.sock")
+        let c = try Self.launch(["vmm", "--api-sock", existing])
+        #expect(Self.finish(c, seconds: 20) == 1)
+        #expect(Self.stderr(c).contains("already exists"))
+        #expect(FileManager.default.fileExists(atPath: existing), "an existing path is never removed")
+    }
+
+    @Test("SIGTERM before InstanceStart ends the process with 143 and removes the socket")
+    func sigterm() throws {
+        let sock = "/tmp/swk-sig-\(String(UInt32.random(in: 0...UInt32.max), radix: 36)).sock"
+        let p = try Self.launch(["vmm", "--api-sock", sock])
+        #expect(GuestSupport.wait(seconds: 20) { FileManager.default.fileExists(atPath: sock) })
+        #expect(try UnixHTTPClient(path: sock).send("GET", "/").status == 200)
+        kill(p.processIdentifier, SIGTERM)
+        #expect(Self.finish(p, seconds: 20) == 143)
+        #expect(!FileManager.default.fileExists(atPath: sock))
+    }
+
+    @Test("a binary named firecracker behaves as swiftkvm vmm; a full API lifecycle ends with the guest's power-off (status 0)",
+          .enabled(if: GuestSupport.hasKVM && GuestSupport.ticker != nil))
+    func firecrackerAlias() throws {
+        let dir = TempDir()
+        defer { dir.cleanup() }
+        let alias = dir.path + "/firecracker"
+        try FileManager.default.createSymbolicLink(atPath: alias, withDestinationPath: GuestSupport.swiftkvm!)
+        let sock = dir.path + "/api.sock"
+        let out = dir.path + "/stdout"
+        let p = try Self.launch(["--api-sock", sock, "--id", "fc1"], executable: alias, stdout: out)
+        defer { if p.isRunning { kill(p.processIdentifier, SIGKILL); p.waitUntilExit() } }
+        #expect(GuestSupport.wait(seconds: 20) { FileManager.default.fileExists(atPath: sock) })
+        let c = UnixHTTPClient(path: sock)
+        #expect(try c.send("GET", "/").json?["id"] as? String == "fc1")
+        #expect(try c.send("PUT", "/boot-source", #"{"kernel_image_path": "\#(GuestSupport.ticker!)", "boot_args": "\#(GuestSupport.tickerArgs(ticks: 30))"}"#).status == 204)
+        #expect(try c.send("PUT", "/machine-config", #"{"vcpu_count": 1, "mem_size_mib": 64}"#).status == 204)
+        #expect(try c.send("PUT", "/actions", #"{"action_type": "InstanceStart"}"#).status == 204)
+        #expect(Self.finish(p, seconds: 60) == 0)
+        #expect(GuestSupport.ticks(in: out) == 30)
+        #expect(!FileManager.default.fileExists(atPath: sock), "the socket is removed at exit")
+    }
+
+    @Test("--config-file --no-api starts the guest at once; SendCtrlAltDel over the API ends it as a reset (status 3)",
+          .enabled(if: GuestSupport.hasKVM && GuestSupport.ticker != nil))
+    func configFile() throws {
+        let dir = TempDir()
+        defer { dir.cleanup() }
+        let serial = dir.path + "/serial"
+        let metrics = dir.path + "/metrics"
+        let json = #"""
+        {"boot-source": {"kernel_image_path": "\#(GuestSupport.ticker!)", "boot_args": "\#(GuestSupport.tickerArgs(ticks: 15))"},
+         "machine-config": {"vcpu_count": 1, "mem_size_mib": 64},
+         "serial": {"serial_out_path": "\#(serial)"},
+         "metrics": {"metrics_path": "\#(metrics)"}}
+        """#
+        let file = dir.file("vm.json", contents: json)
+        let p = try Self.launch(["vmm", "--no-api", "--config-file", file])
+        #expect(Self.finish(p, seconds: 60) == 0)
+        #expect(GuestSupport.ticks(in: serial) == 15)
+        #expect(((try? String(contentsOfFile: metrics, encoding: .utf8)) ?? "").contains("\"exit_io\""))
+
+        let sock = dir.path + "/api.sock"
+        let serial2 = dir.path + "/serial2"
+        let forever = dir.file("forever.json", contents: json.replacingOccurrences(of: "ticks=15", with: "ticks=0")
+            .replacingOccurrences(of: serial, with: serial2).replacingOccurrences(of: metrics, with: metrics + "2"))
+        let q = try Self.launch(["vmm", "--api-sock", sock, "--config-file", forever])
+        defer { if q.isRunning { kill(q.processIdentifier, SIGKILL); q.waitUntilExit() } }
+        #expect(GuestSupport.wait(seconds: 30) { GuestSupport.ticks(in: serial2) >= 3 })
+        let c = UnixHTTPClient(path: sock)
+        #expect(try c.send("GET", "/").json?["state"] as? String == "Running")
+        #expect(try c.send("PUT", "/boot-source", #"{"kernel_image_path": "/x"}"#).fault == "The requested operation is not supported after starting the microVM.")
+        #expect(try c.send("PUT", "/actions", #"{"action_type": "SendCtrlAltDel"}"#).status == 204)
+        #expect(Self.finish(q, seconds: 60) == 3)
+    }
+}
