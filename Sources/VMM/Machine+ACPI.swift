@@ -51,8 +51,31 @@ extension Machine {
                 break
             }
         }
+        setUpAMDHWCR()
         try ioBus.insert(ACPIPower(control: controller, s5SleepType: ACPIPorts.s5SleepType, resetValue: ACPIPorts.resetValue),
                          base: UInt64(ACPIPorts.base), length: UInt64(ACPIPorts.length))
+    }
+}
+
+extension Machine {
+    /// AMD HWCR (MSR 0xC0010015).
+    static let amdHWCR: UInt32 = 0xc001_0015
+    /// HWCR.TscFreqSel: the TSC counts at the P0 frequency (set on every AMD CPU since family 10h).
+    static let tscFreqSel: UInt64 = 1 << 24
+
+    /// On AMD hosts, sets HWCR.TscFreqSel on every vCPU as firmware leaves it on real hardware;
+    /// Linux otherwise logs "[Firmware Bug]: TSC doesn't count with P0 frequency!". KVM versions
+    /// that do not virtualize the bit refuse the write, which is only logged.
+    func setUpAMDHWCR() {
+        guard let vendor = try? kvm.supportedCPUID().first(where: { $0.function == 0 }), vendor.ebx == 0x6874_7541 else { return }
+        for vcpu in vcpus {
+            do {
+                let current = try vcpu.getMSRs([Self.amdHWCR]).first?.value ?? 0
+                try vcpu.setMSRs([(Self.amdHWCR, current | Self.tscFreqSel)])
+            } catch {
+                logger.debug("vCPU \(vcpu.id): HWCR.TscFreqSel not set: \(error)")
+            }
+        }
     }
 }
 
