@@ -1,0 +1,251 @@
+import DiskImage
+import GuestMemory
+import Synchronization
+
+/// virtio-blk (virtio 1.x, section 5.2) on any `BlockBackend`.
+///
+/// Requests: IN, OUT, FLUSH (answered only after the backend's flush, i.e. fdatasync, returned),
+/// GET_ID, DISCARD and WRITE_ZEROES (UNMAP punches holes where the backend can). Sector ranges are
+/// checked against the disk size; a read-only backend offers VIRTIO_BLK_F_RO and answers writes
+/// with IOERR; unknown request types get UNSUPP. The status byte must be the last device-writable
+/// byte of the chain.
+public final class VirtioBlock: VirtioDevice {
+    /// Feature bits (section 5.2.3).
+    public enum Feature {
+        public static let sizeMax: UInt64 = 1 << 1
+        public static let segMax: UInt64 = 1 << 2
+        public static let readOnly: UInt64 = 1 << 5
+        public static let blockSize: UInt64 = 1 << 6
+        public static let flush: UInt64 = 1 << 9
+        public static let discard: UInt64 = 1 << 13
+        public static let writeZeroes: UInt64 = 1 << 14
+    }
+    /// Request types.
+    public enum RequestType {
+        public static let input: UInt32 = 0
+        public static let output: UInt32 = 1
+        public static let flush: UInt32 = 4
+        public static let getID: UInt32 = 8
+        public static let discard: UInt32 = 11
+        public static let writeZeroes: UInt32 = 13
+    }
+    /// Status byte values.
+    public enum Status {
+        public static let ok: UInt8 = 0
+        public static let ioError: UInt8 = 1
+        public static let unsupported: UInt8 = 2
+    }
+
+    /// Sector size of the protocol.
+    public static let sectorSize: UInt64 = 512
+    /// Queue size offered.
+    public static let queueSize: UInt16 = 256
+    /// Largest segment (size_max) and segment count (seg_max) advertised.
+    public static let sizeMax: UInt32 = 1 << 20
+    public static let segMax: UInt32 = 254
+    /// Discard / write-zeroes limits advertised (sectors per request, segments per request).
+    public static let maxDiscardSectors: UInt32 = 1 << 22
+    public static let maxDiscardSegments: UInt32 = 32
+    /// Length of a GET_ID answer.
+    public static let idLength = 20
+
+    /// The disk.
+    public let backend: any BlockBackend
+    /// Serial number returned by GET_ID (at most 20 bytes).
+    public let serial: [UInt8]
+    let log: VirtioLog
+    private let capacitySectors: UInt64
+    private let active = Mutex<VirtioActivation?>(nil)
+
+    /// A block device on `backend`; `serial` (truncated to 20 bytes) answers GET_ID.
+    public init(backend: any BlockBackend, serial: String, log: VirtioLog = .discard) {
+        self.backend = backend
+        self.serial = Array(serial.utf8.prefix(Self.idLength))
+        self.log = log
+        self.capacitySectors = backend.size / Self.sectorSize
+    }
+
+    public var deviceType: VirtioDeviceType { .block }
+
+    public var deviceFeatures: UInt64 {
+        var f = Feature.sizeMax | Feature.segMax | Feature.blockSize | Feature.flush
+        if backend.isReadOnly { f |= Feature.readOnly } else { f |= Feature.discard | Feature.writeZeroes }
+        return f
+    }
+
+    public var queueMaxSizes: [UInt16] { [Self.queueSize] }
+
+    public var configSize: Int { 60 }
+
+    /// The configuration image (struct virtio_blk_config).
+    var configBytes: [UInt8] {
+        var c = [UInt8](repeating: 0, count: 60)
+        c.putLE(capacitySectors, at: 0)
+        c.putLE(Self.sizeMax, at: 8)
+        c.putLE(Self.segMax, at: 12)
+        c.putLE(UInt32(Self.sectorSize), at: 20)      // blk_size
+        c.putLE(UInt16(1), at: 34)                    // num_queues
+        c.putLE(Self.maxDiscardSectors, at: 36)
+        c.putLE(Self.maxDiscardSegments, at: 40)
+        c.putLE(UInt32(1), at: 44)                    // discard_sector_alignment
+        c.putLE(Self.maxDiscardSectors, at: 48)       // max_write_zeroes_sectors
+        c.putLE(Self.maxDiscardSegments, at: 52)
+        c[56] = 1                                     // write_zeroes_may_unmap
+        return c
+    }
+
+    public func readConfig(offset: Int, data: UnsafeMutableRawBufferPointer) {
+        copyConfig(configBytes, offset: offset, into: data)
+    }
+
+    public func writeConfig(offset: Int, data: UnsafeRawBufferPointer) {
+        // Only `writeback` would be writable (CONFIG_WCE, not offered): ignore.
+    }
+
+    public func activate(_ activation: VirtioActivation) throws(VirtioError) {
+        guard activation.queues.first.flatMap({ $0 }) != nil else {
+            throw .queueConfiguration(queue: 0, reason: "virtio-blk needs its request queue enabled")
+        }
+        active.withLock { $0 = activation }
+    }
+
+    public func reset() { active.withLock { $0 = nil } }
+
+    public func processQueue(_ index: Int) throws(VirtioError) {
+        let result: Result<Void, VirtioError> = active.withLock { a in
+            guard let a, index == 0, let q = a.queues.first ?? nil else { return .success(()) }
+            do throws(VirtioError) {
+                try q.serve(log: log, interrupt: a.interrupt) { chain in handle(chain, memory: a.memory) }
+                return .success(())
+            } catch { return .failure(error) }
+        }
+        try result.get()
+    }
+
+    /// Executes one request chain; returns the used length (data written + status byte).
+    func handle(_ chain: DescriptorChain, memory: GuestMemory) -> UInt32 {
+        // The status byte is the chain's last writable byte.
+        guard let last = chain.writable.last(where: { $0.length > 0 }) else {
+            log.error("\(VirtioError.badRequest(queue: chain.queue, head: chain.head, reason: "virtio-blk request without a device-writable status byte"))")
+            return 0
+        }
+        let statusAddress = last.address + UInt64(last.length) - 1
+        let dataWritable = chain.writableLength - 1
+        var reader = ChainReader(memory: memory, chain: chain)
+        var status = Status.ok
+        var written: UInt64 = 0
+        do {
+            let header = try reader.read(16)
+            let type = header.getLE(UInt32.self, at: 0) ?? 0
+            let sector = header.getLE(UInt64.self, at: 8) ?? 0
+            switch type {
+            case RequestType.input:
+                let n = dataWritable
+                try checkData(chain, sector: sector, bytes: n)
+                var writer = ChainWriter(memory: memory, chain: chain)
+                var pos = sector * Self.sectorSize
+                try writer.forEachSegment(Int(n)) { seg in
+                    try backend.read(into: seg, at: pos)
+                    pos += UInt64(seg.count)
+                }
+                written = n
+            case RequestType.output:
+                guard !backend.isReadOnly else { throw BlockRequestError.status(Status.ioError, "write to a read-only disk") }
+                let n = reader.remaining
+                try checkData(chain, sector: sector, bytes: n)
+                var pos = sector * Self.sectorSize
+                try reader.forEachSegment(Int(n)) { seg in
+                    try backend.write(UnsafeRawBufferPointer(seg), at: pos)
+                    pos += UInt64(seg.count)
+                }
+            case RequestType.flush:
+                try backend.flush()
+            case RequestType.getID:
+                let n = Int(min(UInt64(Self.idLength), dataWritable))
+                var id = serial + [UInt8](repeating: 0, count: Self.idLength - serial.count)
+                id.removeLast(Self.idLength - n)
+                var writer = ChainWriter(memory: memory, chain: chain)
+                try writer.write(id)
+                written = UInt64(n)
+            case RequestType.discard, RequestType.writeZeroes:
+                guard !backend.isReadOnly else { throw BlockRequestError.status(Status.ioError, "discard/write-zeroes on a read-only disk") }
+                try discardOrZero(type: type, reader: &reader, chain: chain)
+            default:
+                throw BlockRequestError.status(Status.unsupported, "unsupported request type \(type)")
+            }
+        } catch let e as BlockRequestError {
+            if case .status(let s, let why) = e {
+                status = s
+                if s == Status.ioError { log.error("virtio-blk \(serialString), request at head \(chain.head): \(why)") }
+            }
+        } catch let e as VirtioError {
+            status = Status.ioError
+            log.error("virtio-blk \(serialString): \(e)")
+        } catch {
+            status = Status.ioError
+            log.error("virtio-blk \(serialString), request at head \(chain.head): backend error: \(error)")
+        }
+        do {
+            try memory.write([status], at: statusAddress)
+        } catch {
+            log.error("\(VirtioError.memory(queue: chain.queue, head: chain.head, address: statusAddress, length: 1))")
+            return 0
+        }
+        return UInt32(truncatingIfNeeded: written + 1)
+    }
+
+    private var serialString: String { String(decoding: serial, as: UTF8.self) }
+
+    /// Checks a data transfer: a whole number of sectors inside the disk.
+    private func checkData(_ chain: DescriptorChain, sector: UInt64, bytes: UInt64) throws {
+        guard bytes % Self.sectorSize == 0 else {
+            throw BlockRequestError.status(Status.ioError, "data length \(bytes) is not a multiple of 512")
+        }
+        try checkRange(sector: sector, sectors: bytes / Self.sectorSize)
+    }
+
+    private func checkRange(sector: UInt64, sectors: UInt64) throws {
+        let (end, o) = sector.addingReportingOverflow(sectors)
+        guard !o, end <= capacitySectors else {
+            throw BlockRequestError.status(Status.ioError, "sectors \(sector)+\(sectors) are past the end of the disk (\(capacitySectors) sectors)")
+        }
+    }
+
+    private func discardOrZero(type: UInt32, reader: inout ChainReader, chain: DescriptorChain) throws {
+        let count = reader.remaining / 16
+        guard count >= 1, reader.remaining % 16 == 0 else {
+            throw BlockRequestError.status(Status.ioError, "discard/write-zeroes payload of \(reader.remaining) bytes is not whole 16-byte segments")
+        }
+        guard count <= UInt64(Self.maxDiscardSegments) else {
+            throw BlockRequestError.status(Status.ioError, "\(count) discard/write-zeroes segments, more than \(Self.maxDiscardSegments)")
+        }
+        for _ in 0..<count {
+            let seg = try reader.read(16)
+            let sector = seg.getLE(UInt64.self, at: 0) ?? 0
+            let n = UInt64(seg.getLE(UInt32.self, at: 8) ?? 0)
+            let flags = seg.getLE(UInt32.self, at: 12) ?? 0
+            guard n <= UInt64(Self.maxDiscardSectors) else {
+                throw BlockRequestError.status(Status.ioError, "\(n) sectors in one segment, more than \(Self.maxDiscardSectors)")
+            }
+            if type == RequestType.discard, flags != 0 {
+                throw BlockRequestError.status(Status.unsupported, "discard with flags 0x\(String(flags, radix: 16))")
+            }
+            if type == RequestType.writeZeroes, flags & ~1 != 0 {
+                throw BlockRequestError.status(Status.unsupported, "write-zeroes with unknown flags 0x\(String(flags, radix: 16))")
+            }
+            try checkRange(sector: sector, sectors: n)
+            if n == 0 { continue }
+            if type == RequestType.discard {
+                try backend.discard(at: sector * Self.sectorSize, length: n * Self.sectorSize)
+            } else {
+                // UNMAP or not, the backend zeroes by deallocating where it can.
+                try backend.writeZeroes(at: sector * Self.sectorSize, length: n * Self.sectorSize)
+            }
+        }
+    }
+}
+
+/// A request answered with a specific status byte.
+enum BlockRequestError: Error {
+    case status(UInt8, String)
+}

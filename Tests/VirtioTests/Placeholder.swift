@@ -1,2 +1,0 @@
-// Placeholder: replaced by real tests.
-import Testing
