@@ -1,0 +1,50 @@
+import Foundation
+import Testing
+@testable import API
+import VMM
+
+/// One boot of the default Linux guest (scripts/guest-assets) configured and started through the
+/// API, until the kernel runs /init. Opt-in with SWIFTKVM_API_LINUX=1: the suite already boots Linux
+/// once in IntegrationTests (minutes on PVM hosts), and this boot is the same kernel path.
+@Suite("Linux boot through the API", .enabled(if: ProcessInfo.processInfo.environment["SWIFTKVM_API_LINUX"] == "1"
+                                               && GuestSupport.hasKVM, "SWIFTKVM_API_LINUX=1"))
+struct LinuxAPIBootTests {
+    @Test("boot-source + machine-config + InstanceStart boot the default guest to 'Run /init'")
+    func bootToInit() throws {
+        let assets = GuestSupport.packageRoot.appendingPathComponent("assets").path
+        let kernel = assets + "/" + DefaultGuest.kernelName, initrd = assets + "/" + DefaultGuest.initrdName
+        try #require(FileManager.default.fileExists(atPath: kernel) && FileManager.default.fileExists(atPath: initrd),
+                     "assets missing: run scripts/guest-assets")
+        let dir = TempDir()
+        defer { dir.cleanup() }
+        let serial = dir.path + "/console"
+        let exits = Locked<[MachineExit]>([])
+        var options = VMController.Options()
+        options.metricsInterval = 0
+        options.defaultSerial = .file(serial)
+        options.onExit = { e in exits.withLock { $0.append(e) } }
+        let controller = VMController(options: options)
+        let socket = "/tmp/swk-linux-\(String(UInt32.random(in: 0...UInt32.max), radix: 36)).sock"
+        let server = APIServer(socketPath: socket, controller: controller)
+        try server.start()
+        defer {
+            controller.stopGuest(.userQuit)
+            GuestSupport.wait(seconds: 30) { !exits.withLock { $0.isEmpty } }
+            server.stop()
+        }
+        let c = UnixHTTPClient(path: socket)
+        let args = DefaultGuest.cmdline + " " + TimeDilation.cmdlineParameters(factor: 10, hostTSCkHz: GuestSupport.tscKHz)
+        #expect(try c.send("PUT", "/boot-source", #"{"kernel_image_path": "\#(kernel)", "initrd_path": "\#(initrd)", "boot_args": "\#(args)"}"#).status == 204)
+        #expect(try c.send("PUT", "/machine-config", #"{"vcpu_count": 1, "mem_size_mib": 256}"#).status == 204)
+        let start = try c.send("PUT", "/actions", #"{"action_type": "InstanceStart"}"#)
+        try #require(start.status == 204, "InstanceStart: \(start.body)")
+        let reached = GuestSupport.wait(seconds: 1200) {
+            ((try? String(contentsOfFile: serial, encoding: .utf8)) ?? "").contains("Run /init as init process")
+                || !exits.withLock { $0.isEmpty }
+        }
+        let console = (try? String(contentsOfFile: serial, encoding: .utf8)) ?? ""
+        #expect(reached && console.contains("Run /init as init process"),
+                "console tail: \(console.suffix(2000)); exit: \(String(describing: exits.withLock { $0.first }))")
+        #expect(try c.send("GET", "/").json?["state"] as? String == "Running")
+    }
+}
