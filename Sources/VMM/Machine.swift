@@ -85,16 +85,16 @@ public final class Machine: @unchecked Sendable {
     let vm: VirtualMachine
     let vcpus: [VCPU]
     let controller = MachineController()
-    /// Parks the vCPUs while paused (Machine+Lifecycle.swift).
-    let pauseGate = PauseGate()
     /// Decides a power-off by halt across all vCPUs (HaltTracker.swift).
     let haltTracker = HaltTracker()
     /// Parks the vCPUs while paused (Machine+Lifecycle.swift).
     let pauseGate = PauseGate()
     /// PCI bus 0, its windows and MSI routing (Machine+PCI.swift).
     let pci: MachinePCI
+    /// Virtio devices, their event loops and disks (Machine+Virtio.swift).
+    let virtio = MachineVirtio()
     let logger: Logger
-    private let serialOutput: any SerialOutput
+    let serialOutput: any SerialOutput
 
     /// Builds the machine. Errors in user input (files, sizes) are `BootError`/`VMMError`; KVM
     /// failures are `KVMError`.
@@ -168,6 +168,7 @@ public final class Machine: @unchecked Sendable {
             cpus.append(vcpu)
         }
         vcpus = cpus
+        try setUpVirtio()
         try setUpACPI()
     }
 
@@ -276,6 +277,7 @@ public final class Machine: @unchecked Sendable {
 
         let runners = vcpus.map { VCPURunner(machine: self, vcpu: $0) }
         pauseGate.attach(runners)
+        virtio.start()
         for r in runners {
             do { try r.start() } catch {
                 controller.stop(.vmmFailure("cannot start vCPU \(r.vcpu.id) thread: \(error)"))
@@ -302,6 +304,7 @@ public final class Machine: @unchecked Sendable {
         controller.setControlThread(0)
         for r in runners { r.kickToStop() }
         for r in runners { r.join() }
+        virtio.stop(logger: logger)
         pauseGate.detach()
         // Drain a wake signal that raced with the stop so it is not left pending.
         var zero = timespec(tv_sec: 0, tv_nsec: 0)

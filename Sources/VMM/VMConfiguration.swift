@@ -100,6 +100,12 @@ public struct VMConfiguration: Codable, Sendable, Equatable {
     public var kernelEntry: String = "decompressed"
     /// Apply the PVM host fix-ups: nil detects the host.
     public var pvmFixups: Bool? = nil
+    /// virtio-blk disks (`--disk`), attached to PCI in this order from slot 1.
+    public var disks: [DiskSpec] = []
+    /// A virtio-console (hvc0) device (`--virtio-console`), after the disks.
+    public var virtioConsole: Bool = false
+    /// A virtio-rng device (`--rng`), after the console.
+    public var rng: Bool = false
 
     /// A configuration for `payload` with defaults for everything else.
     public init(payload: GuestPayload) { self.payload = payload }

@@ -140,6 +140,9 @@ public final class VirtioBlock: VirtioDevice {
             let sector = header.getLE(UInt64.self, at: 8) ?? 0
             switch type {
             case RequestType.input:
+                guard reader.remaining == 0 else {
+                    throw BlockRequestError.status(Status.ioError, "read request with \(reader.remaining) device-readable data bytes (the data buffer must be device-writable)")
+                }
                 let n = dataWritable
                 try checkData(chain, sector: sector, bytes: n)
                 var writer = ChainWriter(memory: memory, chain: chain)
@@ -151,6 +154,9 @@ public final class VirtioBlock: VirtioDevice {
                 written = n
             case RequestType.output:
                 guard !backend.isReadOnly else { throw BlockRequestError.status(Status.ioError, "write to a read-only disk") }
+                guard dataWritable == 0 else {
+                    throw BlockRequestError.status(Status.ioError, "write request with \(dataWritable) device-writable data bytes (the data buffer must be device-readable)")
+                }
                 let n = reader.remaining
                 try checkData(chain, sector: sector, bytes: n)
                 var pos = sector * Self.sectorSize

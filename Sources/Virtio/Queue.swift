@@ -76,8 +76,6 @@ public struct VirtqueueLayout: Sendable, Equatable {
 public final class Virtqueue: @unchecked Sendable {
     /// Largest queue size (virtio 1.x).
     public static let maximumSize: UInt16 = 32768
-    /// Largest number of descriptors in one indirect table.
-    public static let maximumIndirectDescriptors = 65536
 
     /// Queue index (for messages).
     public let index: Int
@@ -191,7 +189,7 @@ public final class Virtqueue: @unchecked Sendable {
                 guard d.flags & VirtqFlags.next == 0 else {
                     throw .badIndirect(queue: index, head: head, descriptor: idx, reason: "INDIRECT and NEXT set together")
                 }
-                try walkIndirect(head: head, descriptor: idx, address: d.addr, length: d.len,
+                try walkIndirect(head: head, descriptor: idx, address: d.addr, length: d.len, budget: limit - (count - 1),
                                  readable: &readable, writable: &writable)
                 break
             }
@@ -205,14 +203,17 @@ public final class Virtqueue: @unchecked Sendable {
         return DescriptorChain(queue: index, head: head, readable: readable, writable: writable)
     }
 
-    private func walkIndirect(head: UInt16, descriptor: UInt16, address: UInt64, length: UInt32,
+    /// Follows an indirect table; together with the `limit - budget` direct descriptors before it,
+    /// the chain may not be longer than the queue size.
+    private func walkIndirect(head: UInt16, descriptor: UInt16, address: UInt64, length: UInt32, budget: Int,
                               readable: inout [VirtioBuffer], writable: inout [VirtioBuffer]) throws(VirtioError) {
         guard length > 0, length % 16 == 0 else {
             throw .badIndirect(queue: index, head: head, descriptor: descriptor, reason: "indirect table length \(length) is not a non-zero multiple of 16")
         }
         let n = Int(length / 16)
-        guard n <= Self.maximumIndirectDescriptors else {
-            throw .badIndirect(queue: index, head: head, descriptor: descriptor, reason: "indirect table of \(n) descriptors is larger than \(Self.maximumIndirectDescriptors)")
+        guard n <= budget else {
+            throw .badIndirect(queue: index, head: head, descriptor: descriptor,
+                               reason: "indirect table of \(n) descriptors makes the chain longer than the queue size \(size)")
         }
         guard let table = try? memory.translate(address, count: UInt64(length)) else {
             throw .bufferOutsideMemory(queue: index, head: head, descriptor: descriptor, address: address, length: UInt64(length))

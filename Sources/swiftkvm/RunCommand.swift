@@ -59,6 +59,14 @@ struct RunCommand: ParsableCommand {
     @Option(name: .customLong("kernel-entry"), help: "bzImage entry: decompressed (host-side, default) or bzimage.")
     var kernelEntry: String = "decompressed"
 
+    @Option(name: .customLong("disk"),
+            help: "virtio-blk disk: path=FILE[,format=raw|qcow2][,readonly=on][,id=ID][,backing_files=on] (repeatable).")
+    var disks: [String] = []
+    @Flag(name: .customLong("rng"), help: "Add a virtio-rng device (entropy from the host's getrandom).")
+    var rng = false
+    @Flag(name: .customLong("virtio-console"), help: "Add a virtio-console device (hvc0); host input goes to it.")
+    var virtioConsole = false
+
     @Option(name: .customLong("time-dilation"),
             help: "Linux guests: make guest time run N times slow (N ticks fewer per real second; hides kvm-clock). Speeds up boots where guest kernel code is emulated; the guest clock runs slow.")
     var timeDilation: UInt?
@@ -128,6 +136,9 @@ struct RunCommand: ParsableCommand {
         config.cpuidMasks = try cpuidMasks.map(CPUIDMask.init(parsing:))
         config.showRegs = showRegs
         config.kernelEntry = kernelEntry
+        config.disks = try disks.map(DiskSpec.init(parsing:))
+        config.rng = rng
+        config.virtioConsole = virtioConsole
         if let factor = timeDilation {
             guard factor >= 1, factor <= TimeDilation.maximumFactor else {
                 throw VMMError.invalidValue(what: "--time-dilation", value: "\(factor)", reason: "expected a factor from 1 to \(TimeDilation.maximumFactor)")

@@ -86,7 +86,7 @@ enum RunMain {
             current.withLock { $0 = machine }
             if input == nil, case .stdio = (try? config.serialSpec()) ?? .none {
                 let console = ConsoleInput(
-                    onInput: { bytes in current.withLock { $0 }?.serial.enqueue(bytes) },
+                    onInput: { bytes in current.withLock { $0 }?.enqueueConsoleInput(bytes) },
                     onQuit: { current.withLock { $0 }?.stop(.userQuit) })
                 do {
                     try console.start()

@@ -129,6 +129,25 @@ struct BlockTests {
         #expect(log.all.contains { $0.contains("past the end") })
     }
 
+    @Test("a read whose data buffer is device-readable, or a write whose data is device-writable, fails with IOERR")
+    func wrongDataDirection() throws {
+        let disk = try TempDisk(size: 8192)
+        let before = try disk.contents()
+        let dev = VirtioBlock(backend: try openDiskImage(path: disk.path, options: .init(readOnly: false, allowBackingFiles: false, format: "raw")), serial: "d")
+        let h = try Harness(device: dev, queueCount: 1)
+        let d = h.drivers[0]
+        let st = try d.alloc(1)
+        try d.addChain([(try d.alloc(16, fill: [UInt8](repeating: 0, count: 16)), 16, false), (try d.alloc(512), 512, false), (st, 1, true)])
+        try dev.processQueue(0)
+        #expect(try h.memory.read(at: st, count: 1) == [1])
+        var hdr = [UInt8](repeating: 0, count: 16); hdr[0] = 1
+        let st2 = try d.alloc(1)
+        try d.addChain([(try d.alloc(16, fill: hdr), 16, false), (try d.alloc(512, fill: [UInt8](repeating: 7, count: 512)), 512, true), (st2, 1, true)])
+        try dev.processQueue(0)
+        #expect(try h.memory.read(at: st2, count: 1) == [1])
+        #expect(try disk.contents() == before)
+    }
+
     @Test("GET_ID returns the serial padded to 20 bytes")
     func getID() throws {
         let disk = try TempDisk(size: 4096)

@@ -253,6 +253,10 @@ struct HostileQueueTests {
         #expect(expectMalformed(try submit(t, 32, VirtqFlags.indirect)) == .descriptorIndexOutOfRange(queue: 0, head: 0, index: 2, limit: 2))
         // Table outside RAM.
         if case .bufferOutsideMemory? = expectMalformed(try submit(0xffff_0000_0000, 32, VirtqFlags.indirect)) {} else { Issue.record("outside RAM accepted") }
+        // An indirect table longer than the queue (8): 9 valid entries.
+        let big = try drv.alloc(16 * 9)
+        for i in 0..<9 { try drv.setDescriptor(UInt16(i), addr: b, len: 8, flags: i < 8 ? VirtqFlags.next : 0, next: UInt16(i + 1), table: big) }
+        if case .badIndirect? = expectMalformed(try submit(big, 16 * 9, VirtqFlags.indirect)) {} else { Issue.record("chain longer than the queue accepted") }
         // Not negotiated.
         let q2 = try drv.deviceQueue(indirect: false)
         _ = q2
