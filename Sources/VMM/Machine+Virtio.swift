@@ -198,8 +198,10 @@ extension Machine {
         }
     }
 
-    /// Host console input: to the virtio console (hvc0) when there is one, else to the UART.
+    /// Host console input: to the UART and, when there is one, to the virtio console (hvc0), so
+    /// that whichever the guest uses as its console reads it.
     public func enqueueConsoleInput(_ bytes: [UInt8]) {
-        if let console = virtio.console { console.enqueueInput(bytes) } else { serial.enqueue(bytes) }
+        serial.enqueue(bytes)
+        virtio.console?.enqueueInput(bytes)
     }
 }

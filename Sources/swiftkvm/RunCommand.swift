@@ -64,7 +64,7 @@ struct RunCommand: ParsableCommand {
     var disks: [String] = []
     @Flag(name: .customLong("rng"), help: "Add a virtio-rng device (entropy from the host's getrandom).")
     var rng = false
-    @Flag(name: .customLong("virtio-console"), help: "Add a virtio-console device (hvc0); host input goes to it.")
+    @Flag(name: .customLong("virtio-console"), help: "Add a virtio-console device (hvc0); host input goes to it and to the serial port.")
     var virtioConsole = false
 
     @Option(name: .customLong("time-dilation"),
