@@ -141,12 +141,17 @@ final class MachineVirtio: Sendable {
         for l in loops { l.start() }
     }
 
-    /// Stops the device threads and flushes the disks (after the vCPUs stopped).
+    /// Stops the device threads, then flushes and closes the disks and releases their locks (after
+    /// the vCPUs stopped; a restarted guest gets a new `Machine` that opens them again).
     func stop(logger: Logger) {
-        let (loops, backends) = state.withLock { ($0.loops, $0.backends) }
+        let (loops, transports, backends) = state.withLock { s in
+            defer { s.backends = []; s.locks = [] }
+            return (s.loops, s.transports, s.backends)
+        }
         for l in loops { l.stop() }
+        for t in transports { t.shutdown() }
         for b in backends {
-            do { try b.flush() } catch { logger.error("virtio-blk: flush at exit failed: \(error)") }
+            do { try b.close() } catch { logger.error("virtio-blk: flush at exit failed: \(error)") }
         }
     }
 }

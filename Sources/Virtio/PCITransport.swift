@@ -407,9 +407,20 @@ public final class VirtioPCITransport: PCIDevice, @unchecked Sendable {
         }
     }
 
-    private struct Interrupt: VirtioInterrupt {
-        let transport: VirtioPCITransport
-        func signalQueue(_ queue: Int) { transport.signalQueue(queue) }
-        func signalConfigChange() { transport.signalConfigChange() }
+    /// Weak, so that device → activation → interrupt does not keep the transport alive.
+    private final class Interrupt: VirtioInterrupt, @unchecked Sendable {
+        weak var transport: VirtioPCITransport?
+        init(transport: VirtioPCITransport) { self.transport = transport }
+        func signalQueue(_ queue: Int) { transport?.signalQueue(queue) }
+        func signalConfigChange() { transport?.signalConfigChange() }
+    }
+
+    /// Stops the device for good (the VM is shutting down): resets it so it drops its queues.
+    /// Call after the event loop stopped.
+    public func shutdown() {
+        deviceLock.withLock {
+            if active { device.reset() }
+            active = false
+        }
     }
 }
