@@ -327,11 +327,20 @@ public final class VMController: @unchecked Sendable {
         guard let boot = r.bootSource else {
             throw .badRequest("Cannot start the microVM without a kernel: configure it with PUT /boot-source first.")
         }
-        if let drive = r.drives.first {
-            throw .notSupportedYet("Starting a microVM with drives (drive \(drive.driveId) is configured; SwiftKVM has no block device yet)")
+        var cmdline = boot.bootArgs ?? Self.defaultBootArgs
+        // As Firecracker: the root drive comes first (/dev/vda) and sets root= unless boot_args has one.
+        let drives = r.drives.filter(\.isRootDevice) + r.drives.filter { !$0.isRootDevice }
+        if let root = drives.first, root.isRootDevice, !cmdline.split(separator: " ").contains(where: { $0.hasPrefix("root=") }) {
+            let device = root.partuuid.map { "PARTUUID=\($0)" } ?? "/dev/vda"
+            cmdline += " root=\(device) \(root.isReadOnly == true ? "ro" : "rw")"
         }
         var config = VMConfiguration(payload: .kernel(path: boot.kernelImagePath, initrd: boot.initrdPath,
-                                                      cmdline: boot.bootArgs ?? Self.defaultBootArgs, modules: []))
+                                                      cmdline: cmdline, modules: []))
+        config.disks = drives.map { d in
+            DiskSpec(path: d.pathOnHost ?? "", readOnly: d.isReadOnly ?? false, id: String(d.driveId.prefix(20)),
+                     backingFiles: false, cache: "writeback")
+        }
+        config.rng = r.entropy != nil
         config.memorySize = UInt64(r.machineConfig.memSizeMib) << 20
         config.cpus = r.machineConfig.vcpuCount
         config.serial = r.serial?.serialOutPath.map { "file:" + $0 } ?? options.defaultSerial.description
@@ -342,6 +351,11 @@ public final class VMController: @unchecked Sendable {
             throw .badRequest("Invalid machine configuration: \(error).")
         }
         return config
+    }
+
+    static func isFIFO(_ path: String) -> Bool {
+        var st = stat()
+        return stat(path, &st) == 0 && (st.st_mode & S_IFMT) == S_IFIFO
     }
 
     static func hostMemory() -> UInt64? {
@@ -357,14 +371,20 @@ public final class VMController: @unchecked Sendable {
         for n in resources.networkInterfaces {
             logger.warning("network interface \(n.ifaceId) (\(n.hostDevName)) is configured but SwiftKVM has no network device yet: the guest gets no NIC")
         }
-        if resources.entropy != nil {
-            logger.warning("an entropy device is configured but SwiftKVM has no virtio-rng device yet: the guest gets none")
-        }
         let instance: any VMInstance
         do {
             let serial: any SerialOutput
-            do { serial = try ConsoleOutput(spec: try config.serialSpec()) } catch {
-                throw APIError.badRequest("Invalid serial_out_path: \(error).")
+            if let path = resources.serial?.serialOutPath, Self.isFIFO(path) {
+                // A FIFO is opened read-write and non-blocking: opening never waits for a reader.
+                let fd = open(path, O_RDWR | O_NONBLOCK | O_CLOEXEC)
+                guard fd >= 0 else {
+                    throw APIError.badRequest("Invalid serial_out_path: cannot open \(path): \(String(cString: strerror(errno))).")
+                }
+                serial = ConsoleOutput(fileDescriptor: fd, owning: true)
+            } else {
+                do { serial = try ConsoleOutput(spec: try config.serialSpec()) } catch {
+                    throw APIError.badRequest("Invalid serial_out_path: \(error).")
+                }
             }
             instance = try options.builder(config, serial, logger)
         } catch let e as APIError {

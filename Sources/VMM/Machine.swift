@@ -85,6 +85,8 @@ public final class Machine: @unchecked Sendable {
     let vm: VirtualMachine
     let vcpus: [VCPU]
     let controller = MachineController()
+    /// Parks the vCPUs while paused (Machine+Lifecycle.swift).
+    let pauseGate = PauseGate()
     /// Decides a power-off by halt across all vCPUs (HaltTracker.swift).
     let haltTracker = HaltTracker()
     /// Parks the vCPUs while paused (Machine+Lifecycle.swift).
@@ -304,6 +306,7 @@ public final class Machine: @unchecked Sendable {
         controller.setControlThread(0)
         for r in runners { r.kickToStop() }
         for r in runners { r.join() }
+        pauseGate.detach()
         virtio.stop(logger: logger)
         pauseGate.detach()
         // Drain a wake signal that raced with the stop so it is not left pending.

@@ -240,7 +240,12 @@ struct VMMProcessTests {
         #expect(try c.send("GET", "/").json?["id"] as? String == "fc1")
         #expect(try c.send("PUT", "/boot-source", #"{"kernel_image_path": "\#(GuestSupport.ticker!)", "boot_args": "\#(GuestSupport.tickerArgs(ticks: 30))"}"#).status == 204)
         #expect(try c.send("PUT", "/machine-config", #"{"vcpu_count": 1, "mem_size_mib": 64}"#).status == 204)
-        #expect(try c.send("PUT", "/actions", #"{"action_type": "InstanceStart"}"#).status == 204)
+        // A drive: the Machine opens it as a virtio-blk disk (the ticker ignores it).
+        let disk = dir.file("disk.raw", contents: String(repeating: "\0", count: 1 << 20))
+        #expect(try c.send("PUT", "/drives/rootfs", #"{"drive_id": "rootfs", "path_on_host": "\#(disk)", "is_root_device": true}"#).status == 204)
+        #expect(try c.send("PUT", "/entropy", "{}").status == 204)
+        let start = try c.send("PUT", "/actions", #"{"action_type": "InstanceStart"}"#)
+        #expect(start.status == 204, "\(start.body)")
         #expect(Self.finish(p, seconds: 60) == 0)
         #expect(GuestSupport.ticks(in: out) == 30)
         #expect(!FileManager.default.fileExists(atPath: sock), "the socket is removed at exit")

@@ -205,17 +205,26 @@ struct ServerTests {
         #expect(config.payload == .kernel(path: f.kernel, initrd: initrd, cmdline: VMController.defaultBootArgs, modules: []))
     }
 
-    @Test("InstanceStart with a drive is refused with a clear message and the VM stays configurable")
-    func drivesRefused() throws {
+    @Test("drives become virtio-blk disks (root first, root= added) and entropy a virtio-rng device")
+    func drivesMapped() throws {
         let f = try FakeServerFixture()
         defer { f.shutdown() }
-        let d = f.dir.file("d.img", contents: "x")
-        #expect(try f.send("PUT", "/boot-source", #"{"kernel_image_path": "\#(f.kernel)"}"#).status == 204)
-        #expect(try f.send("PUT", "/drives/rootfs", #"{"drive_id": "rootfs", "path_on_host": "\#(d)", "is_root_device": true}"#).status == 204)
-        let r = try f.send("PUT", "/actions", #"{"action_type": "InstanceStart"}"#)
-        #expect(r.status == 400 && r.fault?.contains("drive rootfs") == true)
-        #expect(try f.send("GET", "/").json?["state"] as? String == "Not started")
-        #expect(f.built.withLock { $0.isEmpty })
+        let data = f.dir.file("data.img", contents: "x"), root = f.dir.file("root.img", contents: "x")
+        #expect(try f.send("PUT", "/boot-source", #"{"kernel_image_path": "\#(f.kernel)", "boot_args": "console=ttyS0"}"#).status == 204)
+        #expect(try f.send("PUT", "/drives/data", #"{"drive_id": "data", "path_on_host": "\#(data)", "is_root_device": false}"#).status == 204)
+        #expect(try f.send("PUT", "/drives/rootfs", #"{"drive_id": "rootfs", "path_on_host": "\#(root)", "is_root_device": true, "is_read_only": true}"#).status == 204)
+        #expect(try f.send("PUT", "/entropy", "{}").status == 204)
+        #expect(try f.send("PUT", "/actions", #"{"action_type": "InstanceStart"}"#).status == 204)
+        let config = try #require(f.built.withLock { $0.first }?.config)
+        #expect(config.disks.map(\.path) == [root, data])
+        #expect(config.disks.map(\.readOnly) == [true, false])
+        #expect(config.disks.first?.id == "rootfs")
+        #expect(config.rng)
+        guard case .kernel(_, _, let cmdline, _) = config.payload else { Issue.record("not a kernel payload"); return }
+        #expect(cmdline == "console=ttyS0 root=/dev/vda ro")
+        // At runtime a drive's backing file cannot change yet; its rate limiter can.
+        #expect(try f.send("PATCH", "/drives/data", #"{"drive_id": "data", "path_on_host": "\#(root)"}"#).fault?.contains("path_on_host") == true)
+        #expect(try f.send("PATCH", "/drives/data", #"{"drive_id": "data", "rate_limiter": {"ops": {"size": 5, "refill_time": 10}}}"#).status == 204)
     }
 
     @Test("metrics: FlushMetrics writes Firecracker-style JSON lines with deltas")
