@@ -338,7 +338,7 @@ public final class VMController: @unchecked Sendable {
                                                       cmdline: cmdline, modules: []))
         config.disks = drives.map { d in
             DiskSpec(path: d.pathOnHost ?? "", readOnly: d.isReadOnly ?? false, id: String(d.driveId.prefix(20)),
-                     backingFiles: false, cache: "writeback")
+                     backingFiles: false)
         }
         config.rng = r.entropy != nil
         config.memorySize = UInt64(r.machineConfig.memSizeMib) << 20
