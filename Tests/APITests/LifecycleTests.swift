@@ -129,6 +129,19 @@ struct LifecycleTests {
         #expect(f.exit == nil)
     }
 
+    @Test("InstanceStart with a kernel that does not load is a 400 and the VM stays configurable")
+    func badKernel() throws {
+        let f = try Fixture()
+        defer { f.shutdown() }
+        let junk = f.dir.file("junk.bin", contents: String(repeating: "junk", count: 100))
+        #expect(try f.send("PUT", "/boot-source", #"{"kernel_image_path": "\#(junk)"}"#).status == 204)
+        let r = try f.send("PUT", "/actions", #"{"action_type": "InstanceStart"}"#)
+        #expect(r.status == 400)
+        #expect(r.fault?.hasPrefix("Failed to start the microVM:") == true, "\(r.body)")
+        #expect(try f.send("GET", "/").json?["state"] as? String == "Not started")
+        #expect(try f.send("PUT", "/machine-config", #"{"vcpu_count": 1, "mem_size_mib": 32}"#).status == 204)
+    }
+
     @Test("SendCtrlAltDel reaches the guest's keyboard; the guest resets and the VM ends as a reset")
     func ctrlAltDel() throws {
         let f = try Fixture()

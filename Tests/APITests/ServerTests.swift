@@ -253,6 +253,19 @@ struct ServerTests {
         #expect((second["put_api_requests"] as? [String: Any])?["actions_count"] as? Int == 1)
     }
 
+    @Test("metrics are also written periodically")
+    func periodicMetrics() throws {
+        let path = NSTemporaryDirectory() + "swk-periodic-\(UInt32.random(in: 0...UInt32.max))"
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        let recorder = MetricsRecorder(instanceID: "p")
+        defer { recorder.close() }
+        try recorder.configure(MetricsConfig(metricsPath: path), interval: 0.05) { nil }
+        let lines = { ((try? String(contentsOfFile: path, encoding: .utf8)) ?? "").split(separator: "\n").count }
+        var waited = 0
+        while lines() < 2 && waited < 500 { usleep(10_000); waited += 1 }
+        #expect(lines() >= 2)
+    }
+
     @Test("the logger writes lines with level and origin to the configured file")
     func logger() throws {
         let f = try FakeServerFixture()
