@@ -10,7 +10,7 @@ import Virtio
 import Glibc
 #endif
 
-/// One `--disk path=F[,format=raw|qcow2][,readonly=on][,id=ID][,backing_files=on]`.
+/// One `--disk path=F[,format=raw|qcow2][,readonly=on][,id=ID][,backing_files=on][,cache=none|writeback]`.
 public struct DiskSpec: Codable, Sendable, Equatable {
     /// Image file.
     public var path: String
@@ -23,15 +23,19 @@ public struct DiskSpec: Codable, Sendable, Equatable {
     /// Allow opening the backing files named inside a qcow2 image (off by default: an image could
     /// name any host file).
     public var backingFiles: Bool
+    /// Host caching: "writeback" (page cache, the default) or "none" (O_DIRECT, raw images only).
+    public var cache: String
 
-    public init(path: String, format: String? = nil, readOnly: Bool = false, id: String? = nil, backingFiles: Bool = false) {
+    public init(path: String, format: String? = nil, readOnly: Bool = false, id: String? = nil, backingFiles: Bool = false,
+                cache: String = "writeback") {
         self.path = path; self.format = format; self.readOnly = readOnly; self.id = id; self.backingFiles = backingFiles
+        self.cache = cache
     }
 
     /// Keys accepted by `init(parsing:)`.
-    public static let keys = ["path", "format", "readonly", "id", "backing_files"]
+    public static let keys = ["path", "format", "readonly", "id", "backing_files", "cache"]
 
-    /// Parses `path=F[,format=raw|qcow2][,readonly=on|off][,id=ID][,backing_files=on|off]`.
+    /// Parses `path=F[,format=raw|qcow2][,readonly=on|off][,id=ID][,backing_files=on|off][,cache=none|writeback]`.
     public init(parsing text: String) throws {
         func bad(_ why: String) -> VMMError { .invalidValue(what: "--disk", value: text, reason: why) }
         func flag(_ key: String, _ v: String) throws -> Bool {
@@ -59,6 +63,9 @@ public struct DiskSpec: Codable, Sendable, Equatable {
                 spec.format = value
             case "readonly": spec.readOnly = try flag(key, value)
             case "backing_files": spec.backingFiles = try flag(key, value)
+            case "cache":
+                guard value == "none" || value == "writeback" else { throw bad("cache=\(value): expected none or writeback") }
+                spec.cache = value
             case "id":
                 guard !value.isEmpty, value.utf8.count <= VirtioBlock.idLength else {
                     throw bad("id=\(value): expected 1 to \(VirtioBlock.idLength) bytes")
@@ -69,6 +76,7 @@ public struct DiskSpec: Codable, Sendable, Equatable {
             }
         }
         guard let path else { throw bad("path=FILE is required") }
+        if spec.cache == "none", spec.format == "qcow2" { throw bad("cache=none needs a raw image") }
         spec.path = path
         self = spec
     }
@@ -167,9 +175,18 @@ extension Machine {
             let lock = try DiskLock(path: disk.path, exclusive: !disk.readOnly)
             let backend: any BlockBackend
             do {
-                var options = ImageOpenOptions(readOnly: disk.readOnly, allowBackingFiles: disk.backingFiles, format: disk.format)
-                options.unsafeNoSync = false
-                backend = try openDiskImage(path: disk.path, options: options)
+                if disk.cache == "none" {
+                    let format = try disk.format.flatMap(ImageFormat.init(rawValue:)) ?? probeImageFormat(path: disk.path)
+                    guard format == .raw else {
+                        throw VMMError.invalidValue(what: "--disk", value: disk.path, reason: "cache=none needs a raw image, this is \(format.rawValue)")
+                    }
+                    backend = try DirectRawBackend(path: disk.path, readOnly: disk.readOnly)
+                } else {
+                    let options = ImageOpenOptions(readOnly: disk.readOnly, allowBackingFiles: disk.backingFiles, format: disk.format)
+                    backend = try openDiskImage(path: disk.path, options: options)
+                }
+            } catch let e as VMMError {
+                throw e
             } catch {
                 var reason = "\(error)"
                 if !disk.backingFiles, reason.lowercased().contains("backing") {

@@ -60,7 +60,7 @@ struct RunCommand: ParsableCommand {
     var kernelEntry: String = "decompressed"
 
     @Option(name: .customLong("disk"),
-            help: "virtio-blk disk: path=FILE[,format=raw|qcow2][,readonly=on][,id=ID][,backing_files=on] (repeatable).")
+            help: "virtio-blk disk: path=FILE[,format=raw|qcow2][,readonly=on][,id=ID][,backing_files=on][,cache=none|writeback] (repeatable).")
     var disks: [String] = []
     @Flag(name: .customLong("rng"), help: "Add a virtio-rng device (entropy from the host's getrandom).")
     var rng = false
