@@ -89,8 +89,6 @@ public final class Machine: @unchecked Sendable {
     let pauseGate = PauseGate()
     /// Decides a power-off by halt across all vCPUs (HaltTracker.swift).
     let haltTracker = HaltTracker()
-    /// Parks the vCPUs while paused (Machine+Lifecycle.swift).
-    let pauseGate = PauseGate()
     /// PCI bus 0, its windows and MSI routing (Machine+PCI.swift).
     let pci: MachinePCI
     /// Virtio devices, their event loops and disks (Machine+Virtio.swift).
@@ -308,7 +306,6 @@ public final class Machine: @unchecked Sendable {
         for r in runners { r.join() }
         pauseGate.detach()
         virtio.stop(logger: logger)
-        pauseGate.detach()
         // Drain a wake signal that raced with the stop so it is not left pending.
         var zero = timespec(tv_sec: 0, tv_nsec: 0)
         while sigtimedwait(&waitSet, nil, &zero) > 0 {}
