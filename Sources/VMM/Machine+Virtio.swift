@@ -195,7 +195,9 @@ extension Machine {
                 throw VMMError.invalidValue(what: "--disk", value: disk.path, reason: reason)
             }
             let loop = try EventLoop(name: "virtio-blk\(i)")
-            let device = VirtioBlock(backend: backend, serial: disk.id ?? "swiftkvm-disk\(i)", log: log)
+            // O_DIRECT I/O has no lock in the backend: run up to 4 requests at once.
+            let device = VirtioBlock(backend: backend, serial: disk.id ?? "swiftkvm-disk\(i)",
+                                     ioThreads: disk.cache == "none" ? 4 : 0, log: log)
             let transport = try VirtioPCITransport(device: device, memory: memory, msiController: msiController,
                                                    eventLoop: loop, ioEvents: ioEvents, log: log)
             virtio.add(loop: loop, transport: transport, backend: backend, lock: lock)

@@ -1,5 +1,6 @@
 import DiskImage
 import GuestMemory
+import Foundation
 import Synchronization
 
 /// virtio-blk (virtio 1.x, section 5.2) on any `BlockBackend`.
@@ -8,8 +9,8 @@ import Synchronization
 /// GET_ID, DISCARD and WRITE_ZEROES (UNMAP punches holes where the backend can). Sector ranges are
 /// checked against the disk size; a read-only backend offers VIRTIO_BLK_F_RO and answers writes
 /// with IOERR; unknown request types get UNSUPP. The status byte must be the last device-writable
-/// byte of the chain.
-public final class VirtioBlock: VirtioDevice {
+/// byte of the chain. (Mutable state is guarded by `active`, a Mutex, and `inflight`, an NSCondition.)
+public final class VirtioBlock: VirtioDevice, @unchecked Sendable {
     /// Feature bits (section 5.2.3).
     public enum Feature {
         public static let sizeMax: UInt64 = 1 << 1
@@ -56,13 +57,23 @@ public final class VirtioBlock: VirtioDevice {
     let log: VirtioLog
     private let capacitySectors: UInt64
     private let active = Mutex<VirtioActivation?>(nil)
+    /// Threads running requests in parallel (nil: requests run on the event-loop thread).
+    private let workers: IOWorkerPool?
+    /// Requests handed to `workers`: their completions, and a generation that a reset bumps.
+    private let inflight = NSCondition()
+    private var inflightCount = 0           // guarded by inflight
+    private var generation: UInt64 = 0      // guarded by inflight
+    private var completions: [(head: UInt16, length: UInt32)] = [] // guarded by inflight
 
-    /// A block device on `backend`; `serial` (truncated to 20 bytes) answers GET_ID.
-    public init(backend: any BlockBackend, serial: String, log: VirtioLog = .discard) {
+    /// A block device on `backend`; `serial` (truncated to 20 bytes) answers GET_ID. With
+    /// `ioThreads` > 0, requests run on that many threads in parallel (for backends without an
+    /// internal lock, such as `DirectRawBackend`) and complete in any order.
+    public init(backend: any BlockBackend, serial: String, ioThreads: Int = 0, log: VirtioLog = .discard) {
         self.backend = backend
         self.serial = Array(serial.utf8.prefix(Self.idLength))
         self.log = log
         self.capacitySectors = backend.size / Self.sectorSize
+        self.workers = ioThreads > 0 ? IOWorkerPool(threads: ioThreads, name: "virtio-blk-io") : nil
     }
 
     public var deviceType: VirtioDeviceType { .block }
@@ -109,17 +120,68 @@ public final class VirtioBlock: VirtioDevice {
         active.withLock { $0 = activation }
     }
 
-    public func reset() { active.withLock { $0 = nil } }
+    public func reset() {
+        // Requests still running write guest memory: wait for them, and drop their completions.
+        inflight.lock()
+        generation &+= 1
+        while inflightCount > 0 { inflight.wait() }
+        completions = []
+        inflight.unlock()
+        active.withLock { $0 = nil }
+    }
+
+    public func shutdown() {
+        reset()
+        workers?.shutdown()
+    }
 
     public func processQueue(_ index: Int) throws(VirtioError) {
         let result: Result<Void, VirtioError> = active.withLock { a in
             guard let a, index == 0, let q = a.queues.first ?? nil else { return .success(()) }
             do throws(VirtioError) {
-                try q.serve(log: log, interrupt: a.interrupt) { chain in handle(chain, memory: a.memory) }
+                if let workers {
+                    try processAsync(q, a, workers)
+                } else {
+                    try q.serve(log: log, interrupt: a.interrupt) { chain in handle(chain, memory: a.memory) }
+                }
                 return .success(())
             } catch { return .failure(error) }
         }
         try result.get()
+    }
+
+    /// Returns finished requests to the ring, then hands new ones to the workers.
+    private func processAsync(_ q: Virtqueue, _ a: VirtioActivation, _ workers: IOWorkerPool) throws(VirtioError) {
+        inflight.lock()
+        let done = completions
+        completions = []
+        let gen = generation
+        inflight.unlock()
+        for c in done { q.addUsed(head: c.head, length: c.length) }
+        var added = !done.isEmpty
+        try q.drain { item in
+            switch item {
+            case .chain(let chain):
+                inflight.lock()
+                inflightCount += 1
+                inflight.unlock()
+                let memory = a.memory, schedule = a.schedule
+                workers.submit { [self] in
+                    let length = handle(chain, memory: memory)
+                    inflight.lock()
+                    if generation == gen { completions.append((chain.head, length)) }
+                    inflightCount -= 1
+                    inflight.broadcast()
+                    inflight.unlock()
+                    schedule(0)
+                }
+            case .malformed(let head, let error):
+                log.error("\(error)")
+                q.addUsed(head: head, length: 0)
+                added = true
+            }
+        }
+        if added && q.needsInterrupt() { a.interrupt.signalQueue(0) }
     }
 
     /// Executes one request chain; returns the used length (data written + status byte).

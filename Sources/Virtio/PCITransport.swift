@@ -419,7 +419,7 @@ public final class VirtioPCITransport: PCIDevice, @unchecked Sendable {
     /// Call after the event loop stopped.
     public func shutdown() {
         deviceLock.withLock {
-            if active { device.reset() }
+            device.shutdown()
             active = false
         }
     }

@@ -98,6 +98,13 @@ public protocol VirtioDevice: AnyObject, Sendable {
     func processQueue(_ index: Int) throws(VirtioError)
     /// Stops using the queues and returns to the initial state.
     func reset()
+    /// The VM is going away: reset and release threads or other resources.
+    func shutdown()
+}
+
+extension VirtioDevice {
+    /// Default: a reset.
+    public func shutdown() { reset() }
 }
 
 extension Virtqueue {
