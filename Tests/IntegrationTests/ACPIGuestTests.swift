@@ -35,6 +35,21 @@ struct ACPIGuestTests {
         #expect(r.status == 3, "exit status after a reset\n\(r.command)\n\(r.output)")
     }
 
+    @Test("smp: APs halted with interrupts off while the BSP keeps running are not a power-off")
+    func apsHaltedBSPRuns() throws {
+        let r = try runGuestProgram(programArguments("smp", cmdline: "cpus=4 linger=500") + ["--cpus", "4"])
+        expectPass(r, checks: ["all-aps-started", "bsp-alive"])
+    }
+
+    @Test("smp: every vCPU halted with interrupts off, or never started, is a power-off (status 0)",
+          arguments: ["cpus=4 haltall", "cpus=4 nostart haltall"])
+    func allHalted(cmdline: String) throws {
+        let r = try runGuestProgram(programArguments("smp", cmdline: cmdline) + ["--cpus", "4"])
+        #expect(r.output.contains("SMP-HALTALL"), "\(r.output)")
+        #expect(r.failLines.isEmpty, "\(r.output)")
+        #expect(r.status == 0, "exit status after a power-off by halt\n\(r.command)\n\(r.output)")
+    }
+
     @Test("--cpus outside 1...32 is a usage error naming the option and the limit", arguments: ["0", "999", "33", "two"])
     func badCPUCount(value: String) throws {
         let r = try ProcessRunner.runSwiftKVM(["run", "--kernel", GuestTestEnvironment.guestImage("acpi"), "--cpus", value],
