@@ -175,12 +175,13 @@ extension Machine {
             let lock = try DiskLock(path: disk.path, exclusive: !disk.readOnly)
             let backend: any BlockBackend
             do {
-                if disk.cache == "none" {
-                    let format = try disk.format.flatMap(ImageFormat.init(rawValue:)) ?? probeImageFormat(path: disk.path)
-                    guard format == .raw else {
-                        throw VMMError.invalidValue(what: "--disk", value: disk.path, reason: "cache=none needs a raw image, this is \(format.rawValue)")
-                    }
-                    backend = try DirectRawBackend(path: disk.path, readOnly: disk.readOnly)
+                let format = try disk.format.flatMap(ImageFormat.init(rawValue:)) ?? probeImageFormat(path: disk.path)
+                if disk.cache == "none", format != .raw {
+                    throw VMMError.invalidValue(what: "--disk", value: disk.path, reason: "cache=none needs a raw image, this is \(format.rawValue)")
+                }
+                if format == .raw {
+                    // Raw images: no backend-wide lock and one preadv/pwritev per request.
+                    backend = try RawFileBackend(path: disk.path, readOnly: disk.readOnly, direct: disk.cache == "none")
                 } else {
                     let options = ImageOpenOptions(readOnly: disk.readOnly, allowBackingFiles: disk.backingFiles, format: disk.format)
                     backend = try openDiskImage(path: disk.path, options: options)
@@ -195,9 +196,9 @@ extension Machine {
                 throw VMMError.invalidValue(what: "--disk", value: disk.path, reason: reason)
             }
             let loop = try EventLoop(name: "virtio-blk\(i)")
-            // O_DIRECT I/O has no lock in the backend: run up to 4 requests at once.
+            // Raw files have no lock in the backend: run up to 4 requests at once (qcow2 serializes).
             let device = VirtioBlock(backend: backend, serial: disk.id ?? "swiftkvm-disk\(i)",
-                                     ioThreads: disk.cache == "none" ? 4 : 0, log: log)
+                                     ioThreads: backend is RawFileBackend ? 4 : 0, log: log)
             let transport = try VirtioPCITransport(device: device, memory: memory, msiController: msiController,
                                                    eventLoop: loop, ioEvents: ioEvents, log: log)
             virtio.add(loop: loop, transport: transport, backend: backend, lock: lock)

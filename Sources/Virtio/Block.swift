@@ -67,7 +67,7 @@ public final class VirtioBlock: VirtioDevice, @unchecked Sendable {
 
     /// A block device on `backend`; `serial` (truncated to 20 bytes) answers GET_ID. With
     /// `ioThreads` > 0, requests run on that many threads in parallel (for backends without an
-    /// internal lock, such as `DirectRawBackend`) and complete in any order.
+    /// internal lock, such as `RawFileBackend`) and complete in any order.
     public init(backend: any BlockBackend, serial: String, ioThreads: Int = 0, log: VirtioLog = .discard) {
         self.backend = backend
         self.serial = Array(serial.utf8.prefix(Self.idLength))
@@ -209,9 +209,16 @@ public final class VirtioBlock: VirtioDevice, @unchecked Sendable {
                 try checkData(chain, sector: sector, bytes: n)
                 var writer = ChainWriter(memory: memory, chain: chain)
                 var pos = sector * Self.sectorSize
-                try writer.forEachSegment(Int(n)) { seg in
-                    try backend.read(into: seg, at: pos)
-                    pos += UInt64(seg.count)
+                if let vectored = backend as? any VectoredBlockBackend {
+                    // SAFETY: the slices point into guest RAM, which `memory` keeps mapped during the call.
+                    var segments: [UnsafeMutableRawBufferPointer] = []
+                    try writer.forEachSegment(Int(n)) { segments.append($0) }
+                    try vectored.read(into: segments, at: pos)
+                } else {
+                    try writer.forEachSegment(Int(n)) { seg in
+                        try backend.read(into: seg, at: pos)
+                        pos += UInt64(seg.count)
+                    }
                 }
                 written = n
             case RequestType.output:
@@ -222,9 +229,16 @@ public final class VirtioBlock: VirtioDevice, @unchecked Sendable {
                 let n = reader.remaining
                 try checkData(chain, sector: sector, bytes: n)
                 var pos = sector * Self.sectorSize
-                try reader.forEachSegment(Int(n)) { seg in
-                    try backend.write(UnsafeRawBufferPointer(seg), at: pos)
-                    pos += UInt64(seg.count)
+                if let vectored = backend as? any VectoredBlockBackend {
+                    // SAFETY: as for IN above.
+                    var segments: [UnsafeRawBufferPointer] = []
+                    try reader.forEachSegment(Int(n)) { segments.append(UnsafeRawBufferPointer($0)) }
+                    try vectored.write(segments, at: pos)
+                } else {
+                    try reader.forEachSegment(Int(n)) { seg in
+                        try backend.write(UnsafeRawBufferPointer(seg), at: pos)
+                        pos += UInt64(seg.count)
+                    }
                 }
             case RequestType.flush:
                 try backend.flush()
