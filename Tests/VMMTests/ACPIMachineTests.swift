@@ -1,5 +1,6 @@
 import Boot
 import Foundation
+import GuestMemory
 import Logging
 import Testing
 @testable import VMM
@@ -35,6 +36,31 @@ struct ACPIMachineTests {
     func haltWithUnstartedAP() throws {
         let m = try machine([0xfa, 0xf4], cpus: 2)   // cli ; hlt
         #expect(m.run(handleSignals: false) == .powerOff)
+    }
+
+    @Test("an ELF64 Linux kernel gets boot_params.acpi_rsdp_addr = 0xE0000 and the MP table too")
+    func linuxRSDP() throws {
+        // ELF64 header + one PT_LOAD of 0x100 bytes (hlt) at 0x1000000, entry there.
+        var elf = [UInt8](repeating: 0, count: 0x78)
+        elf.replaceSubrange(0..<8, with: [0x7f, 0x45, 0x4c, 0x46, 2, 1, 1, 0])
+        elf.putLE(UInt16(2), at: 16); elf.putLE(UInt16(62), at: 18); elf.putLE(UInt32(1), at: 20)
+        elf.putLE(UInt64(0x100_0000), at: 24); elf.putLE(UInt64(0x40), at: 32)
+        elf.putLE(UInt16(0x40), at: 52); elf.putLE(UInt16(0x38), at: 54); elf.putLE(UInt16(1), at: 56)
+        elf.putLE(UInt32(1), at: 0x40); elf.putLE(UInt32(7), at: 0x44); elf.putLE(UInt64(0x78), at: 0x48)
+        elf.putLE(UInt64(0x100_0000), at: 0x50); elf.putLE(UInt64(0x100_0000), at: 0x58)
+        elf.putLE(UInt64(0x100), at: 0x60); elf.putLE(UInt64(0x100), at: 0x68); elf.putLE(UInt64(0x1000), at: 0x70)
+        elf += [UInt8](repeating: 0xf4, count: 0x100)
+        let path = FileManager.default.temporaryDirectory.appendingPathComponent("vmm-acpi-elf-\(getpid())-\(UInt32.random(in: 0...UInt32.max))").path
+        try Data(elf).write(to: URL(fileURLWithPath: path))
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        var config = VMConfiguration(payload: .kernel(path: path, initrd: nil, cmdline: "", modules: []))
+        config.memorySize = 64 << 20
+        config.cpus = 2
+        let m = try Machine(config: config, serialOutput: CollectedOutput(), logger: Logger(label: "test"))
+        #expect(m.loaded.format == .elf64)
+        #expect(try m.memory.readLE(UInt64.self, at: BootLayout.zeroPageAddress + UInt64(ZeroPage.Offset.acpiRsdpAddr)) == 0xe0000)
+        #expect(try m.memory.read(at: 0xe0000, count: 8) == Array("RSD PTR ".utf8))
+        #expect(try m.memory.read(at: BootLayout.mpTableAddress, count: 4) == Array("_MP_".utf8))
     }
 
     @Test("the tables are written at 0xE0000 for a flat guest, and not over a flat image that covers them")
