@@ -296,4 +296,20 @@ struct VMMProcessTests {
         #expect(try c.send("PUT", "/actions", #"{"action_type": "SendCtrlAltDel"}"#).status == 204)
         #expect(Self.finish(q, seconds: 60) == 3)
     }
+
+    @Test("SIGTERM while the guest is paused stops it: status 143, socket removed",
+          .enabled(if: GuestSupport.hasKVM && GuestSupport.ticker != nil))
+    func sigtermWhilePaused() throws {
+        let dir = TempDir()
+        defer { dir.cleanup() }
+        let serial = dir.path + "/serial", sock = dir.path + "/api.sock"
+        let json = #"{"boot-source": {"kernel_image_path": "\#(GuestSupport.ticker!)", "boot_args": "\#(GuestSupport.tickerArgs(ticks: 0))"}, "serial": {"serial_out_path": "\#(serial)"}}"#
+        let p = try Self.launch(["vmm", "--api-sock", sock, "--config-file", dir.file("vm.json", contents: json)])
+        defer { if p.isRunning { kill(p.processIdentifier, SIGKILL); p.waitUntilExit() } }
+        #expect(GuestSupport.wait(seconds: 30) { GuestSupport.ticks(in: serial) >= 3 })
+        #expect(try UnixHTTPClient(path: sock).send("PATCH", "/vm", #"{"state": "Paused"}"#).status == 204)
+        kill(p.processIdentifier, SIGTERM)
+        #expect(Self.finish(p, seconds: 30) == 143)
+        #expect(!FileManager.default.fileExists(atPath: sock))
+    }
 }
