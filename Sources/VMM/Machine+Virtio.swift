@@ -196,9 +196,10 @@ extension Machine {
                 throw VMMError.invalidValue(what: "--disk", value: disk.path, reason: reason)
             }
             let loop = try EventLoop(name: "virtio-blk\(i)")
-            // Raw files have no lock in the backend: run up to 4 requests at once (qcow2 serializes).
-            let device = VirtioBlock(backend: backend, serial: disk.id ?? "swiftkvm-disk\(i)",
-                                     ioThreads: backend is RawFileBackend ? 4 : 0, log: log)
+            // Raw files have no lock in the backend: run requests in parallel (qcow2 serializes). With
+            // O_DIRECT every request waits for the device, so allow as many as a typical queue depth.
+            let threads = backend is RawFileBackend ? (disk.cache == "none" ? 8 : 4) : 0
+            let device = VirtioBlock(backend: backend, serial: disk.id ?? "swiftkvm-disk\(i)", ioThreads: threads, log: log)
             let transport = try VirtioPCITransport(device: device, memory: memory, msiController: msiController,
                                                    eventLoop: loop, ioEvents: ioEvents, log: log)
             virtio.add(loop: loop, transport: transport, backend: backend, lock: lock)
