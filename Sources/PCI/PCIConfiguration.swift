@@ -67,6 +67,12 @@ public enum PCIConfigRegister {
 /// configuration space, `bytes` its whole content (header included) after the write.
 public typealias PCICapabilityWriteHook = @Sendable (_ offset: Int, _ bytes: [UInt8]) -> Void
 
+/// Called (outside the configuration lock) when a guest read touches a capability: `offset` is
+/// the capability's offset, `bytes` its stored content (header included); returns the bytes the
+/// guest should see for this read (same length; e.g. virtio's PCI_CFG window filled from the
+/// BAR). Returned bytes are not stored.
+public typealias PCICapabilityReadHook = @Sendable (_ offset: Int, _ bytes: [UInt8]) -> [UInt8]
+
 /// Configuration space of one PCI function (header type 0).
 ///
 /// Models what the guest sees: IDs and class, command/status (status bits that are
@@ -85,6 +91,7 @@ public final class PCIConfiguration: Sendable {
         var offset: Int
         var length: Int
         var hook: PCICapabilityWriteHook?
+        var readHook: PCICapabilityReadHook?
     }
 
     struct State {
@@ -202,11 +209,11 @@ public final class PCIConfiguration: Sendable {
     /// Appends a capability whose body (the bytes after the 2-byte id/next header, i.e. from
     /// `cap + 2`) is `body`, links it into the list and returns its offset. `writableMask`
     /// (same length as `body`) makes bits guest-writable; `onWrite` runs after a guest write
-    /// touched the capability. Running out of the 192 bytes of capability space is a bug in
-    /// the device model (precondition).
+    /// touched the capability; `onRead` may replace what a guest read of it returns. Running
+    /// out of the 192 bytes of capability space is a bug in the device model (precondition).
     @discardableResult
     public func addCapability(id: UInt8, body: [UInt8], writableMask: [UInt8]? = nil,
-                              onWrite: PCICapabilityWriteHook? = nil) -> Int {
+                              onWrite: PCICapabilityWriteHook? = nil, onRead: PCICapabilityReadHook? = nil) -> Int {
         precondition(writableMask == nil || writableMask!.count == body.count, "capability mask length mismatch")
         return state.withLock { s in
             let offset = s.nextCapability
@@ -224,7 +231,7 @@ public final class PCIConfiguration: Sendable {
                 s.bytes[PCIConfigRegister.capabilitiesPointer] = UInt8(offset)
                 s.store16(PCIConfigRegister.status, s.read16(PCIConfigRegister.status) | PCIConfigRegister.statusCapabilities)
             }
-            s.capabilities.append(Capability(offset: offset, length: length, hook: onWrite))
+            s.capabilities.append(Capability(offset: offset, length: length, hook: onWrite, readHook: onRead))
             s.nextCapability = (offset + length + 3) & ~3
             return offset
         }
@@ -322,10 +329,26 @@ public final class PCIConfiguration: Sendable {
     /// A guest read of `data.count` bytes at `offset` (any width and alignment). Bytes at or
     /// beyond 256 (or negative offsets) read 0xff.
     public func read(offset: Int, data: UnsafeMutableRawBufferPointer) {
-        state.withLock { s in
+        // Capabilities with a read hook that this read touches: their hooks run outside the lock.
+        let hooked: [(PCICapabilityReadHook, Int, [UInt8])] = state.withLock { s in
             for i in 0..<data.count {
                 let (o, overflow) = offset.addingReportingOverflow(i)
                 data[i] = (!overflow && o >= 0 && o < PCIConfiguration.size) ? s.bytes[o] : 0xff
+            }
+            guard data.count > 0, s.capabilities.contains(where: { $0.readHook != nil }) else { return [] }
+            let end = offset.addingReportingOverflow(data.count)
+            let range = end.overflow ? offset..<Int.max : offset..<end.partialValue
+            return s.capabilities.compactMap { cap in
+                guard let hook = cap.readHook, range.overlaps(cap.offset..<(cap.offset + cap.length)) else { return nil }
+                return (hook, cap.offset, Array(s.bytes[cap.offset..<(cap.offset + cap.length)]))
+            }
+        }
+        for (hook, capOffset, stored) in hooked {
+            let shown = hook(capOffset, stored)
+            guard shown.count == stored.count else { continue } // a hook bug: keep the stored bytes
+            for i in 0..<data.count {
+                let (o, overflow) = offset.addingReportingOverflow(i)
+                if !overflow, o >= capOffset, o < capOffset + shown.count { data[i] = shown[o - capOffset] }
             }
         }
     }

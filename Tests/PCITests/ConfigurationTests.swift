@@ -239,3 +239,26 @@ struct INTxWiringTests {
         #expect(wire.log == [true, false])
     }
 }
+
+@Suite("Capability read hooks")
+struct CapabilityReadHookTests {
+    @Test("a read touching a capability with a read hook sees the hook's bytes; other reads and the stored bytes do not change")
+    func readHook() {
+        let c = TestDevice(bars: []).configuration
+        let plain = c.addCapability(id: 0x09, body: [1, 2])
+        let hooked = c.addCapability(id: 0x09, body: [0, 0, 0, 0, 0, 0], writableMask: [0xff, 0, 0, 0, 0, 0], onRead: { _, bytes in
+            // Shows the first body byte + 1 in the last four bytes (like a data window fed from a BAR).
+            var b = bytes
+            for i in 4..<8 { b[i] = bytes[2] &+ 1 }
+            return b
+        })
+        let wrong = c.addCapability(id: 0x09, body: [7], onRead: { _, _ in [0xde] }) // wrong length: ignored
+        cfgWrite(c, hooked + 2, 1, 0x41)
+        #expect(cfgRead(c, hooked + 4, 4) == 0x4242_4242)
+        #expect(cfgRead(c, hooked + 6, 4) & 0xffff == 0x4242) // partial overlap
+        #expect(cfgRead(c, hooked + 2, 1) == 0x41)
+        #expect(cfgRead(c, plain + 2, 2) == 0x0201)
+        #expect(cfgRead(c, wrong + 2, 1) == 7)
+        #expect(cfgRead(c, 0, 4) == 0x1234_1af4)
+    }
+}
