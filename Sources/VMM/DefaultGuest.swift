@@ -21,6 +21,13 @@ public enum DefaultGuest {
         "i8042.noaux", "i8042.nomux", "i8042.nopnp", "i8042.dumbkbd",
     ].joined(separator: " ")
 
+    /// The default command line, plus `swiftkvm.modules=1` when the machine has virtio devices: the
+    /// default initramfs then loads the virtio and ext4 modules (which costs minutes on PVM hosts, so
+    /// a machine without virtio devices skips it).
+    public static func cmdline(withVirtioDevices: Bool) -> String {
+        withVirtioDevices ? cmdline + " swiftkvm.modules=1" : cmdline
+    }
+
     /// Kernel file name inside the assets folder.
     public static let kernelName = "vmlinuz"
     /// Initramfs file name inside the assets folder.

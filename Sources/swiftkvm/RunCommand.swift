@@ -109,7 +109,8 @@ struct RunCommand: ParsableCommand {
                 }
                 payload = .kernel(path: dir + "/" + DefaultGuest.kernelName,
                                   initrd: initrd ?? dir + "/" + DefaultGuest.initrdName,
-                                  cmdline: cmdline ?? DefaultGuest.cmdline,
+                                  cmdline: cmdline ?? DefaultGuest.cmdline(
+                                      withVirtioDevices: !disks.isEmpty || rng || virtioConsole),
                                   modules: try modules.map(ModuleSpec.init(parsing:)))
             }
         }

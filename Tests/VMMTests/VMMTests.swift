@@ -124,6 +124,10 @@ struct ConfigurationTests {
         #expect(DefaultGuest.cmdline.contains("noxsave"))
         #expect(DefaultGuest.cmdline.contains("clearcpuid=popcnt"))
         #expect(!DefaultGuest.cmdline.contains("pci=off"))
+        // The initramfs loads the virtio/ext4 modules only when the machine has virtio devices.
+        #expect(!DefaultGuest.cmdline.contains("swiftkvm.modules"))
+        #expect(DefaultGuest.cmdline(withVirtioDevices: true) == DefaultGuest.cmdline + " swiftkvm.modules=1")
+        #expect(DefaultGuest.cmdline(withVirtioDevices: false) == DefaultGuest.cmdline)
     }
 
     @Test("the assets folder comes from SWIFTKVM_ASSETS or is found above the executable")
