@@ -440,13 +440,4 @@ static long run(void *arg) {
     return 0;
 }
 
-int main(void) {
-    rt_lapic_enable();
-    apic_id = (uint8_t)rt_lapic_id();
-    vmsi_install(VEC);
-    long r = rt_run_user(run, 0, 3);
-    if (r == RT_USER_FAULTED)
-        rt_fail("ring3", "driver faulted: %s error %lx at rip %lx", rt_exception_name(rt_user_fault_vector),
-                (uint64_t)rt_user_fault_error, (uint64_t)rt_user_fault_rip);
-    return 0;
-}
+int main(void) { return vdrv_main(run, VEC, &apic_id); }

@@ -361,3 +361,14 @@ int vmsi_wait(uint8_t vector, uint32_t seen, uint32_t timeout_ms) {
     }
     return 0;
 }
+
+int vdrv_main(long (*run)(void *), uint8_t vector, uint8_t *apic_id) {
+    rt_lapic_enable();
+    *apic_id = (uint8_t)rt_lapic_id();
+    vmsi_install(vector);
+    long r = rt_run_user(run, 0, 3);
+    if (r == RT_USER_FAULTED)
+        rt_fail("ring3", "driver faulted: %s error %lx at rip %lx", rt_exception_name(rt_user_fault_vector),
+                (uint64_t)rt_user_fault_error, (uint64_t)rt_user_fault_rip);
+    return 0;
+}

@@ -194,6 +194,9 @@ int vq_wait_used(struct vq *q, uint32_t timeout_ms);
 #define VMSI_COUNT 16
 extern volatile uint32_t vmsi_count[VMSI_COUNT];
 void vmsi_install(uint8_t vector);
+/* The common main() of a ring-3 driver program: enables the LAPIC, stores its ID in *apic_id, installs the
+ * counting handler for `vector`, runs `run` in ring 3 with IOPL 3 and reports a fault there as FAIL ring3. */
+int vdrv_main(long (*run)(void *), uint8_t vector, uint8_t *apic_id);
 /* Waits until vmsi_count[vector - VMSI_BASE] exceeds `seen` (IF must be on): 0, or -1 on timeout. */
 int vmsi_wait(uint8_t vector, uint32_t seen, uint32_t timeout_ms);
 
