@@ -34,21 +34,7 @@ public struct ChainReader {
         guard remaining >= left else {
             throw .badRequest(queue: chain.queue, head: chain.head, reason: "needs \(count) readable bytes, the chain has \(remaining) left")
         }
-        while left > 0 {
-            let b = chain.readable[buffer]
-            let n = min(left, UInt64(b.length) - offset)
-            if n > 0 {
-                let a = b.address + offset
-                do {
-                    try memory.withBytes(at: a, count: Int(n)) { try body($0) }
-                } catch let e as VirtioError { throw e } catch {
-                    throw .memory(queue: chain.queue, head: chain.head, address: a, length: n)
-                }
-            }
-            offset += n
-            left -= n
-            if offset == UInt64(b.length) { buffer += 1; offset = 0 }
-        }
+        try walkSegments(chain.readable, count: left, buffer: &buffer, offset: &offset, chain: chain, memory: memory, body)
     }
 }
 
@@ -59,8 +45,10 @@ public struct ChainWriter {
     let chain: DescriptorChain
     private var buffer = 0
     private var offset: UInt64 = 0
-    /// Bytes written so far.
-    public private(set) var written: UInt64 = 0
+    /// Bytes written so far (everything before the cursor).
+    public var written: UInt64 {
+        chain.writable.prefix(buffer).reduce(0) { $0 + UInt64($1.length) } + offset
+    }
 
     /// A writer positioned at the first writable byte.
     public init(memory: GuestMemory, chain: DescriptorChain) {
@@ -89,21 +77,29 @@ public struct ChainWriter {
         guard remaining >= left else {
             throw .badRequest(queue: chain.queue, head: chain.head, reason: "needs \(count) writable bytes, the chain has \(remaining) left")
         }
-        while left > 0 {
-            let b = chain.writable[buffer]
-            let n = min(left, UInt64(b.length) - offset)
-            if n > 0 {
-                let a = b.address + offset
-                do {
-                    try memory.withBytes(at: a, count: Int(n)) { try body($0) }
-                } catch let e as VirtioError { throw e } catch {
-                    throw .memory(queue: chain.queue, head: chain.head, address: a, length: n)
-                }
+        try walkSegments(chain.writable, count: left, buffer: &buffer, offset: &offset, chain: chain, memory: memory, body)
+    }
+}
+
+/// Hands `count` bytes of `buffers`, starting at the cursor (`buffer`, `offset`), to `body` as guest-memory
+/// slices and advances the cursor. The caller has checked that `count` bytes remain.
+private func walkSegments(_ buffers: [VirtioBuffer], count: UInt64, buffer: inout Int, offset: inout UInt64,
+                          chain: DescriptorChain, memory: GuestMemory,
+                          _ body: (UnsafeMutableRawBufferPointer) throws -> Void) throws(VirtioError) {
+    var left = count
+    while left > 0 {
+        let b = buffers[buffer]
+        let n = min(left, UInt64(b.length) - offset)
+        if n > 0 {
+            let a = b.address + offset
+            do {
+                try memory.withBytes(at: a, count: Int(n)) { try body($0) }
+            } catch let e as VirtioError { throw e } catch {
+                throw .memory(queue: chain.queue, head: chain.head, address: a, length: n)
             }
-            offset += n
-            left -= n
-            written += n
-            if offset == UInt64(b.length) { buffer += 1; offset = 0 }
         }
+        offset += n
+        left -= n
+        if offset == UInt64(b.length) { buffer += 1; offset = 0 }
     }
 }
