@@ -41,8 +41,15 @@ let package = Package(
             .product(name: "NIOHTTP1", package: "swift-nio"),
             .product(name: "Logging", package: "swift-log"),
         ]),
+        .target(name: "Manager", dependencies: [
+            "API", "VMM",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "NIOHTTP1", package: "swift-nio"),
+            .product(name: "Logging", package: "swift-log"),
+        ]),
         .executableTarget(name: "swiftkvm", dependencies: [
-            "VMM", "KVM", "Boot", "Devices", "GuestMemory", "DiskImage", "API",
+            "VMM", "KVM", "Boot", "Devices", "GuestMemory", "DiskImage", "API", "Manager",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
         ]),
@@ -56,6 +63,7 @@ let package = Package(
         .testTarget(name: "VirtioTests", dependencies: ["Virtio", "PCI", "Devices", "GuestMemory", "DiskImage"]),
         .testTarget(name: "VMMTests", dependencies: ["VMM"]),
         .testTarget(name: "APITests", dependencies: ["API", "VMM"]),
+        .testTarget(name: "ManagerTests", dependencies: ["Manager", "API", "VMM"]),
         .testTarget(name: "IntegrationTests", dependencies: ["VMM", "KVM", "Boot", "Devices", "GuestMemory", "DiskImage"]),
     ]
 )

@@ -1,0 +1,1 @@
+// ManagerTests are being written; this file goes when real tests land.
