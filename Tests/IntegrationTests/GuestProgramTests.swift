@@ -48,9 +48,7 @@ final class GuestTestProcess: @unchecked Sendable {
     private let process = Process()
     private let stdinPipe = Pipe()
     private let outputPipe = Pipe()
-    private let lock = NSLock()
-    private var buffer = Data()
-    private var ended = false
+    private var drainer: PipeDrainer?
 
     init(executable: String, arguments: [String], currentDirectory: URL? = nil) {
         process.executableURL = URL(fileURLWithPath: executable)
@@ -65,21 +63,13 @@ final class GuestTestProcess: @unchecked Sendable {
     var commandLine: String { ([process.executableURL?.path ?? "?"] + (process.arguments ?? [])).joined(separator: " ") }
 
     func start() throws {
-        outputPipe.fileHandleForReading.readabilityHandler = { [weak self] handle in
-            let chunk = handle.availableData
-            guard let self else { return }
-            self.lock.lock()
-            if chunk.isEmpty { self.ended = true } else { self.buffer.append(chunk) }
-            self.lock.unlock()
-        }
         try process.run()
+        drainer = PipeDrainer(outputPipe.fileHandleForReading)
     }
 
     /// Everything the child wrote so far, with carriage returns removed.
     var output: String {
-        lock.lock()
-        defer { lock.unlock() }
-        return String(decoding: buffer, as: UTF8.self).replacingOccurrences(of: "\r", with: "")
+        String(decoding: drainer?.bytes ?? Data(), as: UTF8.self).replacingOccurrences(of: "\r", with: "")
     }
 
     /// Output lines so far.
@@ -119,12 +109,7 @@ final class GuestTestProcess: @unchecked Sendable {
             return nil
         }
         // Drain what is left in the pipe.
-        let drainEnd = Date().addingTimeInterval(2)
-        while Date() < drainEnd {
-            lock.lock(); let done = ended; lock.unlock()
-            if done { break }
-            Thread.sleep(forTimeInterval: 0.01)
-        }
+        drainer?.waitForEnd(timeout: 2)
         return process.terminationStatus
     }
 
@@ -140,7 +125,6 @@ final class GuestTestProcess: @unchecked Sendable {
 
     deinit {
         if process.isRunning { kill() }
-        outputPipe.fileHandleForReading.readabilityHandler = nil
     }
 }
 

@@ -75,14 +75,12 @@ enum ProcessRunner {
         process.standardOutput = outPipe
         process.standardError = errPipe
 
-        let collected = Collected()
-        outPipe.fileHandleForReading.readabilityHandler = { h in collected.append(h.availableData, err: false) }
-        errPipe.fileHandleForReading.readabilityHandler = { h in collected.append(h.availableData, err: true) }
         let done = DispatchSemaphore(value: 0)
         process.terminationHandler = { _ in done.signal() }
         do { try process.run() } catch {
             throw LaunchError(description: "cannot start \(executable): \(error)")
         }
+        let out = PipeDrainer(outPipe.fileHandleForReading), err = PipeDrainer(errPipe.fileHandleForReading)
         if let input { stdinPipe.fileHandleForWriting.write(Data(input.utf8)) }
         try? stdinPipe.fileHandleForWriting.close()
         afterStart?(process)
@@ -96,29 +94,12 @@ enum ProcessRunner {
                 done.wait()
             }
         }
-        // Collect what is left in the pipes.
-        outPipe.fileHandleForReading.readabilityHandler = nil
-        errPipe.fileHandleForReading.readabilityHandler = nil
-        collected.append(outPipe.fileHandleForReading.readDataToEndOfFile(), err: false)
-        collected.append(errPipe.fileHandleForReading.readDataToEndOfFile(), err: true)
+        // Collect what is left in the pipes (bounded: a grandchild may still hold them open).
+        out.waitForEnd(timeout: 5)
+        err.waitForEnd(timeout: 5)
         let status = process.terminationReason == .uncaughtSignal ? 128 + process.terminationStatus : process.terminationStatus
-        let (out, err) = collected.texts
-        return Result(status: status, timedOut: timedOut, stdout: out, stderr: err)
-    }
-
-    /// Thread-safe output accumulator.
-    private final class Collected: @unchecked Sendable {
-        private let lock = NSLock()
-        private var out = Data(), err = Data()
-        func append(_ d: Data, err isErr: Bool) {
-            guard !d.isEmpty else { return }
-            lock.lock(); defer { lock.unlock() }
-            if isErr { err.append(d) } else { out.append(d) }
-        }
-        var texts: (String, String) {
-            lock.lock(); defer { lock.unlock() }
-            return (String(decoding: out, as: UTF8.self), String(decoding: err, as: UTF8.self))
-        }
+        return Result(status: status, timedOut: timedOut,
+                      stdout: String(decoding: out.bytes, as: UTF8.self), stderr: String(decoding: err.bytes, as: UTF8.self))
     }
 
     /// Writes `bytes` to a new temporary file and returns its path; remove it with `removeTemporary`.
