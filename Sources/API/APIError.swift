@@ -1,4 +1,7 @@
-import Foundation
+import FoundationEssentials
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// An API failure: the HTTP status and Firecracker's `{"fault_message": …}` text.
 ///

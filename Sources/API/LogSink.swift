@@ -1,4 +1,8 @@
-import Foundation
+import CKVM
+import FoundationEssentials
+#if canImport(Glibc)
+import Glibc
+#endif
 import Logging
 import Synchronization
 
@@ -97,7 +101,7 @@ public final class LogSink: Sendable {
         guard on else { return }
         var tag = "\(instanceID):\(Self.threadName())"
         if showLevel { tag += ":\(level.rawValue.uppercased())" }
-        if showOrigin { tag += ":\((file as NSString).lastPathComponent):\(line)" }
+        if showOrigin { tag += ":\(file.split(separator: "/").last.map(String.init) ?? file):\(line)" }
         let text = "\(Self.timestamp()) [\(tag)] \(message)\n"
         settings.withLock { _ in
             _ = text.withCString { p in Glibc.write(fd, p, strlen(p)) }
@@ -118,8 +122,9 @@ public final class LogSink: Sendable {
     }
 
     static func threadName() -> String {
-        if Thread.isMainThread { return "main" }
-        let name = Thread.current.name ?? ""
+        if ckvm_is_main_thread() != 0 { return "main" }
+        var buffer = [CChar](repeating: 0, count: 32)
+        let name = ckvm_get_thread_name(&buffer, UInt(buffer.count)) == 0 ? String(cString: buffer) : ""
         // Dispatch worker threads carry queue-internal names: they serve the API.
         return name.isEmpty || name.hasPrefix("-") || name.contains("qos") ? "api" : name
     }
@@ -130,8 +135,12 @@ public final class LogSink: Sendable {
         var t = ts.tv_sec
         var tmv = tm()
         gmtime_r(&t, &tmv)
-        return String(format: "%04d-%02d-%02dT%02d:%02d:%02d.%09ld", tmv.tm_year + 1900, tmv.tm_mon + 1, tmv.tm_mday,
-                      tmv.tm_hour, tmv.tm_min, tmv.tm_sec, ts.tv_nsec)
+        func pad(_ v: Int, _ width: Int) -> String {
+            let d = String(v)
+            return String(repeating: "0", count: max(0, width - d.count)) + d
+        }
+        return "\(pad(Int(tmv.tm_year) + 1900, 4))-\(pad(Int(tmv.tm_mon) + 1, 2))-\(pad(Int(tmv.tm_mday), 2))T"
+            + "\(pad(Int(tmv.tm_hour), 2)):\(pad(Int(tmv.tm_min), 2)):\(pad(Int(tmv.tm_sec), 2)).\(pad(ts.tv_nsec, 9))"
     }
 }
 

@@ -1,5 +1,8 @@
 import Dispatch
-import Foundation
+import FoundationEssentials
+#if canImport(Glibc)
+import Glibc
+#endif
 import Synchronization
 import VMM
 
@@ -23,7 +26,7 @@ public final class MetricsRecorder: @unchecked Sendable {
         var linesDropped: UInt64 = 0
     }
     private let state = Mutex(State())
-    private let timerLock = NSLock()
+    private let timerLock = Mutex(())
     private var timer: (any DispatchSourceTimer)?
     /// Process start to API ready, set once by the process (microseconds, wall and CPU).
     public let startupWallUs = Atomic<UInt64>(0)
@@ -110,7 +113,7 @@ public final class MetricsRecorder: @unchecked Sendable {
             s.fd = fd
             s.path = config.metricsPath
         }
-        timerLock.withLock { self.timer = timer }
+        timerLock.withLock { _ in self.timer = timer }
         timer?.resume()
     }
 
@@ -155,43 +158,62 @@ public final class MetricsRecorder: @unchecked Sendable {
                 s.counters["vmm"] = ["unhandled_io": m.unhandledIO, "unhandled_mmio": m.unhandledMMIO]
             }
         }
-        var object: [String: Any] = [:]
+        var object: [String: MetricValue] = [:]
         let timestampMs = UInt64(Date().timeIntervalSince1970 * 1000)
         state.withLock { s in
             for (group, values) in s.counters {
                 var out: [String: UInt64] = [:]
                 for (k, v) in values { out[k] = v &- (s.last[group]?[k] ?? 0) }
-                object[group] = out
+                object[group] = .counters(out)
             }
             s.last = s.counters
         }
-        var api = (object["api_server"] as? [String: UInt64]) ?? [:]
+        var api: [String: UInt64] = [:]
+        if case .counters(let c) = object["api_server"] { api = c }
         api["process_startup_time_us"] = startupWallUs.load(ordering: .relaxed)
         api["process_startup_time_cpu_us"] = startupCPUUs.load(ordering: .relaxed)
-        object["api_server"] = api
+        object["api_server"] = .counters(api)
         if let m = machine {
-            object["vcpu_time_us"] = Dictionary(uniqueKeysWithValues: m.vcpuTimeUs.map { (String($0.key), $0.value) })
+            object["vcpu_time_us"] = .counters(Dictionary(uniqueKeysWithValues: m.vcpuTimeUs.map { (String($0.key), $0.value) }))
         }
-        object["utc_timestamp_ms"] = timestampMs
-        if emitID.load(ordering: .relaxed) { object["id"] = instanceID }
+        object["utc_timestamp_ms"] = .number(timestampMs)
+        if emitID.load(ordering: .relaxed) { object["id"] = .text(instanceID) }
         let props = properties.withLock { $0 }
-        if !props.isEmpty { object["properties"] = props }
-        guard var data = try? JSONSerialization.data(withJSONObject: object, options: [.sortedKeys, .withoutEscapingSlashes]) else {
-            return nil
-        }
+        if !props.isEmpty { object["properties"] = .texts(props) }
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
+        guard var data = try? encoder.encode(object) else { return nil }
         data.append(0x0a)
         return data
     }
 
     /// Stops the periodic flush and closes the destination.
     public func close() {
-        timerLock.withLock {
+        timerLock.withLock { _ in
             timer?.cancel()
             timer = nil
         }
         state.withLock { s in
             if s.fd >= 0 { Glibc.close(s.fd) }
             s.fd = -1
+        }
+    }
+}
+
+/// One top-level value of a metrics line.
+enum MetricValue: Encodable, Equatable {
+    case counters([String: UInt64])
+    case number(UInt64)
+    case text(String)
+    case texts([String: String])
+
+    func encode(to encoder: any Encoder) throws {
+        var c = encoder.singleValueContainer()
+        switch self {
+        case .counters(let v): try c.encode(v)
+        case .number(let v): try c.encode(v)
+        case .text(let v): try c.encode(v)
+        case .texts(let v): try c.encode(v)
         }
     }
 }

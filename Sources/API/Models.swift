@@ -1,7 +1,10 @@
 // Request and response bodies of Firecracker's API (src/firecracker/swagger/firecracker.yaml),
 // as Codable DTOs. Decoding is strict: unknown fields, missing required fields and wrong types
 // are errors naming the field. Semantic checks (ranges, ids, files) are in `validate()`.
-import Foundation
+import FoundationEssentials
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// A token bucket of a rate limiter (`TokenBucket`). Accepted and echoed; not enforced yet.
 public struct TokenBucket: Codable, Sendable, Equatable {
@@ -454,7 +457,7 @@ struct AnyJSON: Decodable {
 enum ResourceID {
     static func check(_ id: String, field: String) throws(APIError) {
         guard !id.isEmpty else { throw .badRequest("The ID cannot be empty (\(field)).") }
-        guard id.utf8.count <= 64, id.unicodeScalars.allSatisfy({ $0.isASCII && ($0 == "_" || CharacterSet.alphanumerics.contains($0)) }) else {
+        guard id.utf8.count <= 64, id.unicodeScalars.allSatisfy({ $0.isASCII && ($0 == "_" || $0.properties.isAlphabetic || $0.properties.numericType != nil) }) else {
             throw .badRequest("Invalid \(field) '\(id)': API Resource IDs can only contain alphanumeric characters and underscores (at most 64).")
         }
     }

@@ -1,4 +1,7 @@
-import Foundation
+import FoundationEssentials
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// Any JSON object key (to list the keys a body really has).
 struct AnyKey: CodingKey {
@@ -85,7 +88,7 @@ enum StrictJSON {
     /// The dotted field path, e.g. `rate_limiter.bandwidth.size`.
     static func path(_ keys: [any CodingKey]) -> String {
         keys.map { $0.intValue.map { "[\($0)]" } ?? $0.stringValue }
-            .joined(separator: ".").replacingOccurrences(of: ".[", with: "[")
+            .joined(separator: ".").replacing(".[", with: "[")
     }
 
     /// A one-line description of a decoding error naming the field.
@@ -104,8 +107,7 @@ enum StrictJSON {
             let p = path(ctx.codingPath)
             if p.isEmpty {
                 var detail = ctx.debugDescription
-                if let underlying = ctx.underlyingError as NSError?,
-                   let d = underlying.userInfo[NSDebugDescriptionErrorKey] as? String { detail = d }
+                if let underlying = ctx.underlyingError { detail += " (\(underlying))" }
                 while detail.hasSuffix(".") { detail.removeLast() }
                 return "malformed JSON: \(detail)"
             }

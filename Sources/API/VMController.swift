@@ -1,5 +1,8 @@
 import Devices
-import Foundation
+import FoundationEssentials
+#if canImport(Glibc)
+import Glibc
+#endif
 import Logging
 import Synchronization
 import VMM
@@ -396,16 +399,21 @@ public final class VMController: @unchecked Sendable {
             s.instance = instance
             s.phase = .running
         }
-        let thread = Thread { [self] in
-            let exit = instance.runToCompletion()
-            state.withLock { $0.phase = .stopped(exit) }
-            logger.info("the guest stopped: \(exit)")
-            if metrics.isConfigured { metrics.flush(machine: instance.metrics) }
-            options.onExit(exit)
+        do {
+            try HostThread.start(name: "vmm", blockStopSignals: false, stackSize: 1 << 20) { [self] in
+                let exit = instance.runToCompletion()
+                state.withLock { $0.phase = .stopped(exit) }
+                logger.info("the guest stopped: \(exit)")
+                if metrics.isConfigured { metrics.flush(machine: instance.metrics) }
+                options.onExit(exit)
+            }
+        } catch {
+            state.withLock { s in
+                s.instance = nil
+                s.phase = .notStarted
+            }
+            throw .badRequest("Failed to start the microVM: \(error).")
         }
-        thread.name = "vmm"
-        thread.stackSize = 1 << 20
-        thread.start()
         logger.info("microVM started: \(config.cpus) vCPU(s), \(config.memorySize >> 20) MiB")
     }
 

@@ -1,4 +1,7 @@
-import Foundation
+import FoundationEssentials
+#if canImport(Glibc)
+import Glibc
+#endif
 import Logging
 import Synchronization
 import VMM
@@ -138,23 +141,27 @@ public enum VMMProcess {
 
     /// Reads and decodes a Firecracker config file; errors name the file and the field.
     public static func readConfigFile(_ path: String) throws(APIError) -> FullVMConfiguration {
-        guard let handle = FileHandle(forReadingAtPath: path) else {
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else {
             throw .badRequest("cannot read the config file \(path): \(String(cString: strerror(errno)))")
         }
-        defer { try? handle.close() }
-        let data: Data
-        do {
-            data = try handle.read(upToCount: maxConfigFileSize + 1) ?? Data()
-        } catch {
-            throw .badRequest("cannot read the config file \(path): \(error)")
+        defer { close(fd) }
+        var data: [UInt8] = []
+        var chunk = [UInt8](repeating: 0, count: 65536)
+        while data.count <= maxConfigFileSize {
+            let n = chunk.withUnsafeMutableBytes { read(fd, $0.baseAddress!, $0.count) }
+            if n < 0 && errno == EINTR { continue }
+            if n < 0 { throw .badRequest("cannot read the config file \(path): \(String(cString: strerror(errno)))") }
+            if n == 0 { break }
+            data += chunk[0..<n]
         }
         guard data.count <= maxConfigFileSize else {
             throw .badRequest("the config file \(path) is larger than \(maxConfigFileSize) bytes")
         }
         do {
-            return try StrictJSON.decode(FullVMConfiguration.self, from: Array(data))
+            return try StrictJSON.decode(FullVMConfiguration.self, from: data)
         } catch {
-            throw .badRequest("invalid config file \(path): \(error.message.replacingOccurrences(of: StrictJSON.prefix, with: ""))")
+            throw .badRequest("invalid config file \(path): \(error.message.replacing(StrictJSON.prefix, with: ""))")
         }
     }
 

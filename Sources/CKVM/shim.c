@@ -5,9 +5,11 @@
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
+#include <sys/syscall.h>
 
 int ckvm_ioctl_value(int fd, unsigned long request, unsigned long arg) {
     int r = ioctl(fd, request, arg);
@@ -62,6 +64,12 @@ int ckvm_set_thread_name(const char *name) {
     buf[15] = 0;
     return -pthread_setname_np(pthread_self(), buf);
 }
+
+int ckvm_get_thread_name(char *buf, unsigned long len) {
+    return -pthread_getname_np(pthread_self(), buf, len);
+}
+
+int ckvm_is_main_thread(void) { return getpid() == (pid_t)syscall(SYS_gettid); }
 
 void ckvm_fence(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 

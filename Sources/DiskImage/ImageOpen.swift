@@ -1,4 +1,7 @@
-import Foundation
+import FoundationEssentials
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// Disk image formats this module reads and writes.
 public enum ImageFormat: String, Sendable, CaseIterable {
@@ -137,7 +140,7 @@ extension Qcow2Image {
 
     /// Allocates every L2 table and data cluster (data reads as zero: the file is extended sparsely).
     func preallocateMetadata() throws {
-        try lock.withLock {
+        try lock.withLock { _ in
             var v: UInt64 = 0
             while v < virtualSize {
                 let l2off = try writableL2(for: v)

@@ -1,4 +1,8 @@
-import Foundation
+import FoundationEssentials
+#if canImport(Glibc)
+import Glibc
+#endif
+import Dispatch
 
 /// Allocation status of a guest range through a whole backing chain (as `qemu-img map` reports it).
 public struct MapEntry: Sendable, Equatable {
@@ -247,7 +251,7 @@ extension Qcow2Image {
 
     /// Changes the backing file recorded in the header without touching data (`rebase -u`).
     public func setBackingFile(_ name: String?, format: String?) throws {
-        try lock.withLock {
+        try lock.withLock { _ in
             try checkOpen()
             if file.readOnly { throw DiskImageError.invalid("\(path): image is open read-only") }
             try flushLocked()
@@ -259,7 +263,7 @@ extension Qcow2Image {
 
     /// Drops every cluster of this image (so everything reads from the backing image), as after `commit`.
     public func makeEmpty() throws {
-        try lock.withLock {
+        try lock.withLock { _ in
             try checkOpen()
             try checkWritable()
             var v: UInt64 = 0

@@ -36,7 +36,7 @@ extension Qcow2Image {
     /// Checks (and optionally repairs) the refcounts against every reference in the image: header, L1/L2 tables of
     /// the active state and of every snapshot, refcount structures and the snapshot table.
     public func check(repair: Qcow2RepairMode? = nil) throws -> Qcow2CheckResult {
-        try lock.withLock {
+        try lock.withLock { _ in
             try checkOpen()
             if repair != nil && file.readOnly { throw DiskImageError.invalid("\(path): repair needs a writable image") }
             var r = try checkLocked(repair: repair)

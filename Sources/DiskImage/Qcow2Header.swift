@@ -147,7 +147,7 @@ public struct Qcow2Header: Sendable, Equatable {
         }
         let magic = b.be32(0)
         guard magic == Qcow2Limits.QCOW_MAGIC else {
-            throw bad(String(format: "bad magic 0x%08x at offset 0 (expected 0x514649fb, \"QFI\\xfb\")", magic))
+            throw bad("bad magic 0x\(ImagePath.hex8(magic)) at offset 0 (expected 0x514649fb, \"QFI\\xfb\")")
         }
         version = b.be32(4)
         guard version == 2 || version == 3 else {

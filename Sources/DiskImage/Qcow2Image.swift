@@ -1,4 +1,8 @@
-import Foundation
+import FoundationEssentials
+#if canImport(Glibc)
+import Glibc
+#endif
+import Synchronization
 
 /// How an image (and its backing chain) is opened.
 public struct ImageOpenOptions: Sendable {
@@ -71,7 +75,7 @@ public final class Qcow2Image: BlockBackend, @unchecked Sendable {
     static let zeroFlag: UInt64 = 1
 
     let file: ImageFile
-    let lock = NSLock()
+    let lock = Mutex(())
     /// The parsed header (kept up to date with what is on disk after a flush).
     public internal(set) var header: Qcow2Header
     /// The backing image, if any.
@@ -106,7 +110,7 @@ public final class Qcow2Image: BlockBackend, @unchecked Sendable {
 
     /// The path the image was opened from.
     public var path: String { file.path }
-    public var size: UInt64 { lock.withLock { virtualSize } }
+    public var size: UInt64 { lock.withLock { _ in virtualSize } }
     public var isReadOnly: Bool { file.readOnly }
     /// Cluster size in bytes.
     public var clusterSize: UInt64 { cs }
@@ -168,9 +172,9 @@ public final class Qcow2Image: BlockBackend, @unchecked Sendable {
             guard options.allowBackingFiles else {
                 throw DiskImageError(.backingChain, "\(path): has backing file '\(name)' but opening backing files is not allowed")
             }
-            let full = name.hasPrefix("/") ? name : ((path as NSString).deletingLastPathComponent as NSString).appendingPathComponent(name)
-            let canonical = (full as NSString).resolvingSymlinksInPath
-            let me = ((path as NSString).resolvingSymlinksInPath)
+            let full = name.hasPrefix("/") ? name : ImagePath.directory(of: path) + "/" + name
+            let canonical = ImagePath.resolved(full)
+            let me = ImagePath.resolved(path)
             let visited = chain + [me]
             if visited.contains(canonical) {
                 throw DiskImageError(.backingChain, "\(path): backing chain cycle: '\(name)' is already in the chain \(visited)")
@@ -316,7 +320,7 @@ public final class Qcow2Image: BlockBackend, @unchecked Sendable {
     // MARK: - Reading
 
     public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
-        try lock.withLock {
+        try lock.withLock { _ in
             try checkOpen()
             try checkRange(offset, UInt64(buffer.count), "read", size: virtualSize)
             try readLocked(into: buffer, at: offset)
@@ -544,7 +548,7 @@ public final class Qcow2Image: BlockBackend, @unchecked Sendable {
     }
 
     public func write(_ data: UnsafeRawBufferPointer, at offset: UInt64) throws {
-        try lock.withLock {
+        try lock.withLock { _ in
             try checkOpen()
             try checkWritable()
             try checkRange(offset, UInt64(data.count), "write", size: virtualSize)
@@ -707,7 +711,7 @@ public final class Qcow2Image: BlockBackend, @unchecked Sendable {
     /// `compressCluster` returned nil (incompressible: stored uncompressed without trying again).
     public func writeCompressedCluster(_ data: UnsafeRawBufferPointer, at offset: UInt64, packed: [UInt8]? = nil,
                                        alreadyTried: Bool = false) throws {
-        try lock.withLock {
+        try lock.withLock { _ in
             try checkOpen()
             try checkWritable()
             guard offset % cs == 0, data.count == Int(cs) || offset + UInt64(data.count) == virtualSize else {
@@ -730,7 +734,7 @@ public final class Qcow2Image: BlockBackend, @unchecked Sendable {
     }
 
     func zeroOrDiscard(at offset: UInt64, length: UInt64, discard: Bool) throws {
-        try lock.withLock {
+        try lock.withLock { _ in
             try checkOpen()
             try checkWritable()
             try checkRange(offset, length, discard ? "discard" : "write-zeroes", size: virtualSize)
@@ -825,11 +829,11 @@ public final class Qcow2Image: BlockBackend, @unchecked Sendable {
     }
 
     public func flush() throws {
-        try lock.withLock { try flushLocked() }
+        try lock.withLock { _ in try flushLocked() }
     }
 
     public func close() throws {
-        try lock.withLock {
+        try lock.withLock { _ in
             if closed { return }
             if !file.readOnly {
                 try flushLocked()
@@ -844,7 +848,7 @@ public final class Qcow2Image: BlockBackend, @unchecked Sendable {
     // MARK: - Resize
 
     public func resize(to newSize: UInt64, allowShrink: Bool) throws {
-        try lock.withLock {
+        try lock.withLock { _ in
             try checkOpen()
             try checkWritable()
             guard newSize <= Qcow2Limits.maxImageSize else { throw DiskImageError.invalid("\(path): size \(newSize) exceeds the limit of \(Qcow2Limits.maxImageSize) bytes") }
@@ -916,7 +920,7 @@ public final class Qcow2Image: BlockBackend, @unchecked Sendable {
 
     /// Status of the range starting at `offset`, and how many bytes (≤ `maxLength`) share it.
     public func blockStatus(at offset: UInt64, maxLength: UInt64) throws -> (BlockStatus, UInt64) {
-        try lock.withLock {
+        try lock.withLock { _ in
             try checkOpen()
             var len: UInt64 = 0
             var first: BlockStatus?

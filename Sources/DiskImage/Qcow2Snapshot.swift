@@ -1,4 +1,7 @@
-import Foundation
+import FoundationEssentials
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// One internal snapshot from the qcow2 snapshot table.
 public struct Qcow2Snapshot: Sendable, Equatable {
@@ -92,7 +95,7 @@ extension Qcow2Image {
 
     /// The image's internal snapshots.
     public func snapshots() throws -> [Qcow2Snapshot] {
-        try lock.withLock { try readSnapshots().0 }
+        try lock.withLock { _ in try readSnapshots().0 }
     }
 
     func readL1(at off: UInt64, count: Int) throws -> [UInt64] {
@@ -184,7 +187,7 @@ extension Qcow2Image {
 
     /// Creates an internal snapshot of the current disk state named `name`.
     public func createSnapshot(name: String, date: UInt32 = UInt32(Date().timeIntervalSince1970)) throws {
-        try lock.withLock {
+        try lock.withLock { _ in
             try checkOpen()
             try checkWritable()
             guard !name.isEmpty, name.utf8.count < 65536 else { throw DiskImageError.invalid("\(path): invalid snapshot name") }
@@ -219,7 +222,7 @@ extension Qcow2Image {
 
     /// Deletes the snapshot with this name (or ID), releasing clusters only it referenced.
     public func deleteSnapshot(_ nameOrID: String) throws {
-        try lock.withLock {
+        try lock.withLock { _ in
             try checkOpen()
             try checkWritable()
             var snaps = try readSnapshots().0
@@ -241,7 +244,7 @@ extension Qcow2Image {
 
     /// Reverts the disk to the snapshot with this name (or ID).
     public func applySnapshot(_ nameOrID: String) throws {
-        try lock.withLock {
+        try lock.withLock { _ in
             try checkOpen()
             try checkWritable()
             let snaps = try readSnapshots().0

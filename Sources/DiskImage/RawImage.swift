@@ -1,15 +1,19 @@
-import Foundation
+import FoundationEssentials
+#if canImport(Glibc)
+import Glibc
+#endif
+import Synchronization
 
 /// A raw disk image: the file's bytes are the disk's bytes.
 public final class RawImage: BlockBackend, @unchecked Sendable {
     let file: ImageFile
-    private let lock = NSLock()
+    private let lock = Mutex(())
     private var currentSize: UInt64
     private var unsynced = false
 
     /// The path the image was opened from.
     public var path: String { file.path }
-    public var size: UInt64 { lock.withLock { currentSize } }
+    public var size: UInt64 { lock.withLock { _ in currentSize } }
     public var isReadOnly: Bool { file.readOnly }
 
     /// Opens an existing raw image. `unsafeNoSync` makes flush a no-op (qemu-img's cache=unsafe).
@@ -29,14 +33,14 @@ public final class RawImage: BlockBackend, @unchecked Sendable {
     }
 
     public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
-        try lock.withLock {
+        try lock.withLock { _ in
             try checkRange(offset, UInt64(buffer.count), "read", size: currentSize)
             try file.pread(buffer, at: offset)
         }
     }
 
     public func write(_ data: UnsafeRawBufferPointer, at offset: UInt64) throws {
-        try lock.withLock {
+        try lock.withLock { _ in
             if file.readOnly { throw DiskImageError.invalid("\(path): write to a read-only image") }
             try checkRange(offset, UInt64(data.count), "write", size: currentSize)
             try file.pwrite(data, at: offset)
@@ -45,7 +49,7 @@ public final class RawImage: BlockBackend, @unchecked Sendable {
     }
 
     public func flush() throws {
-        try lock.withLock {
+        try lock.withLock { _ in
             if unsynced { try file.datasync(); unsynced = false }
         }
     }
@@ -55,7 +59,7 @@ public final class RawImage: BlockBackend, @unchecked Sendable {
     }
 
     public func writeZeroes(at offset: UInt64, length: UInt64) throws {
-        try lock.withLock {
+        try lock.withLock { _ in
             if file.readOnly { throw DiskImageError.invalid("\(path): write to a read-only image") }
             try checkRange(offset, length, "write-zeroes", size: currentSize)
             unsynced = true
@@ -72,7 +76,7 @@ public final class RawImage: BlockBackend, @unchecked Sendable {
     }
 
     public func resize(to newSize: UInt64, allowShrink: Bool) throws {
-        try lock.withLock {
+        try lock.withLock { _ in
             if file.readOnly { throw DiskImageError.invalid("\(path): resize of a read-only image") }
             if newSize < currentSize && !allowShrink {
                 throw DiskImageError.invalid("\(path): shrinking from \(currentSize) to \(newSize) bytes requires --shrink")
@@ -84,7 +88,7 @@ public final class RawImage: BlockBackend, @unchecked Sendable {
     }
 
     public func close() throws {
-        try lock.withLock {
+        try lock.withLock { _ in
             if unsynced { try file.datasync() }
             file.close()
         }
@@ -92,7 +96,7 @@ public final class RawImage: BlockBackend, @unchecked Sendable {
 
     /// Whether `[offset, offset+length)` contains any allocated data on the host (SEEK_DATA), for sparse copies.
     public func hasData(at offset: UInt64, length: UInt64) -> Bool {
-        lock.withLock {
+        lock.withLock { _ in
             guard let d = file.nextData(from: offset) else { return false }
             return d < offset + length
         }

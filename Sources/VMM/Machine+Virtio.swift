@@ -141,12 +141,12 @@ final class MachineVirtio: Sendable {
     }
 
     /// Starts the device threads (before the vCPUs).
-    func start() {
+    func start() throws(HostThread.StartError) {
         let loops = state.withLock { s -> [EventLoop] in
             s.started = true
             return s.loops
         }
-        for l in loops { l.start() }
+        for l in loops { try l.start() }
     }
 
     /// Stops the device threads, then flushes and closes the disks and releases their locks (after

@@ -277,8 +277,10 @@ public final class Machine: @unchecked Sendable {
 
         let runners = vcpus.map { VCPURunner(machine: self, vcpu: $0) }
         pauseGate.attach(runners)
-        virtio.start()
-        for r in runners {
+        do { try virtio.start() } catch {
+            controller.stop(.vmmFailure("cannot start the virtio device threads: \(error)"))
+        }
+        for r in runners where !controller.stopRequested {
             do { try r.start() } catch {
                 controller.stop(.vmmFailure("cannot start vCPU \(r.vcpu.id) thread: \(error)"))
             }

@@ -1,6 +1,6 @@
 import DiskImage
 import GuestMemory
-import Foundation
+import Devices
 import Synchronization
 
 /// virtio-blk (virtio 1.x, section 5.2) on any `BlockBackend`.
@@ -9,7 +9,7 @@ import Synchronization
 /// GET_ID, DISCARD and WRITE_ZEROES (UNMAP punches holes where the backend can). Sector ranges are
 /// checked against the disk size; a read-only backend offers VIRTIO_BLK_F_RO and answers writes
 /// with IOERR; unknown request types get UNSUPP. The status byte must be the last device-writable
-/// byte of the chain. (Mutable state is guarded by `active`, a Mutex, and `inflight`, an NSCondition.)
+/// byte of the chain. (Mutable state is guarded by `active`, a Mutex, and `inflight`, a ConditionLock.)
 public final class VirtioBlock: VirtioDevice, @unchecked Sendable {
     /// Feature bits (section 5.2.3).
     public enum Feature {
@@ -60,7 +60,7 @@ public final class VirtioBlock: VirtioDevice, @unchecked Sendable {
     /// Threads running requests in parallel (nil: requests run on the event-loop thread).
     private let workers: IOWorkerPool?
     /// Requests handed to `workers`: their completions, and a generation that a reset bumps.
-    private let inflight = NSCondition()
+    private let inflight = ConditionLock()
     private var inflightCount = 0           // guarded by inflight
     private var generation: UInt64 = 0      // guarded by inflight
     private var completions: [(head: UInt16, length: UInt32)] = [] // guarded by inflight

@@ -1,6 +1,9 @@
 import CKVM
 import Devices
-import Foundation
+import Dispatch
+#if canImport(Glibc)
+import Glibc
+#endif
 import Synchronization
 
 /// One thread waiting with epoll on eventfds (queue notifications from ioeventfd, wake-ups) and
@@ -63,25 +66,23 @@ public final class EventLoop: Sendable {
     }
 
     /// Starts the loop thread (once).
-    public func start() {
+    public func start() throws(HostThread.StartError) {
         let go = state.withLock { s -> Bool in
             guard !s.running, !s.stopping else { return false }
             s.running = true
             return true
         }
         guard go else { return }
-        let t = Thread { [self] in
-            _ = ckvm_set_thread_name(String(name.prefix(15)))
-            // Devices must not receive the VMM's stop signals.
-            var set = sigset_t()
-            sigemptyset(&set)
-            sigaddset(&set, SIGINT)
-            sigaddset(&set, SIGTERM)
-            pthread_sigmask(SIG_BLOCK, &set, nil)
-            run()
-            finished.signal()
+        // Devices must not receive the VMM's stop signals (HostThread blocks them).
+        do {
+            try HostThread.start(name: name) { [self] in
+                run()
+                finished.signal()
+            }
+        } catch {
+            state.withLock { $0.running = false }
+            throw error
         }
-        t.start()
     }
 
     /// Stops the loop thread and waits for it to end. Safe to call more than once.

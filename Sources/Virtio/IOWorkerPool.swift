@@ -1,10 +1,9 @@
-import CKVM
-import Foundation
+import Devices
 
 /// A fixed set of threads running blocking jobs (disk I/O) in submission order, several at a time.
 /// `shutdown()` ends the threads once the queued jobs ran.
 public final class IOWorkerPool: @unchecked Sendable {
-    private let cond = NSCondition()
+    private let cond = ConditionLock()
     private var jobs: [@Sendable () -> Void] = []
     private var head = 0
     private var stopping = false
@@ -12,24 +11,26 @@ public final class IOWorkerPool: @unchecked Sendable {
 
     /// Starts `threads` threads named `name`.
     public init(threads: Int, name: String) {
-        alive = max(1, threads)
-        for _ in 0..<alive {
-            let t = Thread { [self] in
-                _ = ckvm_set_thread_name(String(name.prefix(15)))
-                var set = sigset_t()
-                sigemptyset(&set)
-                sigaddset(&set, SIGINT)
-                sigaddset(&set, SIGTERM)
-                pthread_sigmask(SIG_BLOCK, &set, nil)
-                work()
+        let wanted = max(1, threads)
+        alive = wanted
+        for _ in 0..<wanted {
+            do {
+                try HostThread.start(name: name) { [self] in work() }
+            } catch {
+                // Fewer threads; with none at all, `submit` runs jobs on the caller's thread.
+                cond.withLock { alive -= 1 }
             }
-            t.start()
         }
     }
 
     /// Queues `job`.
     public func submit(_ job: @escaping @Sendable () -> Void) {
         cond.lock()
+        guard alive > 0 else {
+            cond.unlock()
+            job()
+            return
+        }
         jobs.append(job)
         cond.signal()
         cond.unlock()

@@ -1,5 +1,4 @@
 import Devices
-import Foundation
 import GuestMemory
 import PCI
 import Synchronization
@@ -75,7 +74,7 @@ public final class VirtioPCITransport: PCIDevice, @unchecked Sendable {
     }
     private let state: Mutex<State>
     /// Serializes activate / reset / processQueue. Never taken while `state` is held.
-    private let deviceLock = NSLock()
+    private let deviceLock = ConditionLock()
     private var active = false // guarded by deviceLock
 
     /// Wraps `device` for PCI. `msiController` makes the MSI-X vectors; `ioEvents` (optional)

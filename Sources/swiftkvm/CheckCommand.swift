@@ -1,5 +1,8 @@
 import ArgumentParser
-import Foundation
+import FoundationEssentials
+#if canImport(Glibc)
+import Glibc
+#endif
 import VMM
 
 /// `swiftkvm check`: validates the host like `virt-host-validate` — /dev/kvm, API version,
@@ -35,7 +38,7 @@ struct CheckCommand: ParsableCommand {
             encoder.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
             var data = try encoder.encode(JSONReport(report))
             data.append(0x0a)
-            FileHandle.standardOutput.write(data)
+            writeText(String(decoding: data, as: UTF8.self), to: STDOUT_FILENO)
         }
         if !report.canRunGuests { throw ExitCode(1) }
     }

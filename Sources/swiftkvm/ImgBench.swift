@@ -1,6 +1,9 @@
 import ArgumentParser
 import DiskImage
-import Foundation
+import FoundationEssentials
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// `swiftkvm img bench`: qemu-img bench's write/read loop through the DiskImage library (synchronous, depth 1).
 struct ImgBench: ParsableCommand {
@@ -44,7 +47,7 @@ struct ImgBench: ParsableCommand {
             }
             try img.flush()
             try img.close()
-            if !quiet { print(String(format: "Run completed in %.3f seconds.", Date().timeIntervalSince(t0))) }
+            if !quiet { print(cFormat("Run completed in %.3f seconds.", Date().timeIntervalSince(t0))) }
         }
     }
 }

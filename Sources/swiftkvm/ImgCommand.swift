@@ -1,6 +1,9 @@
 import ArgumentParser
 import DiskImage
-import Foundation
+import FoundationEssentials
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// `swiftkvm img`: disk image tool with qemu-img's spelling.
 struct ImgCommand: ParsableCommand {
@@ -78,7 +81,9 @@ func applyCreateOptions(_ opts: [String], to o: inout Qcow2CreateOptions, preall
 
 /// Resolves a backing name the way it will be resolved when the image is opened: relative to the image's folder.
 func resolveBacking(_ name: String, relativeTo image: String) -> String {
-    name.hasPrefix("/") ? name : ((image as NSString).deletingLastPathComponent as NSString).appendingPathComponent(name)
+    guard !name.hasPrefix("/") else { return name }
+    guard let slash = image.lastIndex(of: "/") else { return name }
+    return (slash == image.startIndex ? "" : String(image[..<slash])) + "/" + name
 }
 
 /// Runs `body`, turning DiskImageError into "qemu-img: message" on stderr and exit code 1.
@@ -86,7 +91,7 @@ func imgRun(_ body: () throws -> Void) throws {
     do {
         try body()
     } catch let e as DiskImageError {
-        FileHandle.standardError.write(Data("swiftkvm img: \(e.message)\n".utf8))
+        writeText("swiftkvm img: \(e.message)\n", to: STDERR_FILENO)
         throw ExitCode(1)
     }
 }
@@ -190,21 +195,19 @@ func humanSize(_ v: UInt64) -> String {
     var i = 0
     while d >= 1024 && i < units.count - 1 { d /= 1024; i += 1 }
     if i == 0 { return "\(v) B" }
-    let s = String(format: "%.3g", d)
+    let s = cFormat("%.3g", d)
     return "\(s) \(units[i])"
 }
 
 func snapshotTable(_ snaps: [Qcow2Snapshot]) -> String {
     var out = "Snapshot list:\n"
     out += "ID        TAG               VM SIZE                DATE     VM CLOCK     ICOUNT\n"
-    let fmt = DateFormatter()
-    fmt.dateFormat = "yyyy-MM-dd HH:mm:ss"
     for s in snaps {
-        let date = fmt.string(from: Date(timeIntervalSince1970: TimeInterval(s.dateSeconds)))
+        let date = localDateTime(Int(s.dateSeconds))
         let secs = s.vmClockNanoseconds / 1_000_000_000
-        let clock = String(format: "%02d:%02d:%02d.%03d", secs / 3600, (secs / 60) % 60, secs % 60, (s.vmClockNanoseconds / 1_000_000) % 1000)
+        let clock = cFormat("%02llu:%02llu:%02llu.%03llu", secs / 3600, (secs / 60) % 60, secs % 60, (s.vmClockNanoseconds / 1_000_000) % 1000)
         let ic = s.icount.map { $0 == UInt64.max ? "" : String($0) } ?? ""
-        out += s.id.padding(toLength: 10, withPad: " ", startingAt: 0) + s.name.padding(toLength: 18, withPad: " ", startingAt: 0)
+        out += s.id.padded(to: 10) + s.name.padded(to: 18)
         out += String(repeating: " ", count: max(0, 7 - humanSize(s.vmStateSize).count)) + humanSize(s.vmStateSize)
         out += " \(date) \(clock) " + String(repeating: " ", count: max(0, 10 - ic.count)) + ic + "\n"
     }
@@ -284,14 +287,14 @@ struct ImgCheck: ParsableCommand {
         let result: Qcow2CheckResult
         do {
             if (try format ?? probeImageFormat(path: file).rawValue) != "qcow2" {
-                FileHandle.standardError.write(Data("swiftkvm img: This image format does not support checks\n".utf8))
+                writeText("swiftkvm img: This image format does not support checks\n", to: STDERR_FILENO)
                 throw ExitCode(63)
             }
             let img = try Qcow2Image(path: file, options: .init(readOnly: mode == nil, ignoreBackingFile: true))
             result = try img.check(repair: mode)
             try img.close()
         } catch let e as DiskImageError {
-            FileHandle.standardError.write(Data("swiftkvm img: Check failed: \(e.message)\n".utf8))
+            writeText("swiftkvm img: Check failed: \(e.message)\n", to: STDERR_FILENO)
             throw ExitCode(1)
         }
         if output == "json" {
@@ -322,7 +325,7 @@ struct ImgCheck: ParsableCommand {
                 if result.leaks > 0 { print("\n\(result.leaks) leaked clusters were found on the image.\nThis means waste of disk space, but no harm to data.") }
             }
             let t = Double(max(result.totalClusters, 1))
-            print(String(format: "%llu/%llu = %.2f%% allocated, %.2f%% fragmented, %.2f%% compressed clusters",
+            print(cFormat("%llu/%llu = %.2f%% allocated, %.2f%% fragmented, %.2f%% compressed clusters",
                          result.allocatedClusters, result.totalClusters, Double(result.allocatedClusters) * 100 / t,
                          Double(result.fragmentedClusters) * 100 / Double(max(result.allocatedClusters, 1)),
                          Double(result.compressedClusters) * 100 / Double(max(result.allocatedClusters, 1))))
@@ -341,7 +344,7 @@ final class ProgressPrinter {
         let pct = total == 0 ? 100 : Double(done) * 100 / Double(total)
         if pct - last >= 1 || done == total {
             last = pct
-            print(String(format: "    (%.2f/100%%)\r", pct), terminator: "")
+            print(cFormat("    (%.2f/100%%)\r", pct), terminator: "")
             fflush(nil)
         }
     }
@@ -500,7 +503,7 @@ struct ImgMap: ParsableCommand {
             } else {
                 print("Offset          Length          Mapped to       File")
                 for e in entries where e.data {
-                    print(String(format: "%#-16llx%#-16llx%#-16llx", e.start, e.length, e.offset ?? 0) + file)
+                    print(cFormat("%#-16llx%#-16llx%#-16llx", e.start, e.length, e.offset ?? 0) + file)
                 }
             }
             try img.close()
@@ -526,7 +529,7 @@ struct ImgCompare: ParsableCommand {
             if a.size != b.size { print("Warning: Image size mismatch!") }
             print("Images are identical.")
         } catch let e as DiskImageError {
-            FileHandle.standardError.write(Data("swiftkvm img: \(e.message)\n".utf8))
+            writeText("swiftkvm img: \(e.message)\n", to: STDERR_FILENO)
             throw ExitCode(2)
         }
     }

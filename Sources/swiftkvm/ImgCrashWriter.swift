@@ -1,6 +1,9 @@
 import ArgumentParser
 import DiskImage
-import Foundation
+import FoundationEssentials
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// Deterministic write plan shared by the crash writer and the tests that verify its output: write `i` goes to a
 /// distinct slot of 96 KiB at a pseudo-random offset inside the slot (crossing cluster boundaries), with a
@@ -38,10 +41,10 @@ struct ImgCrashWriter: ParsableCommand {
             try img.write(CrashPlan.pattern(i, length: len), at: off)
             if (i + 1) % flushEvery == 0 {
                 try img.flush()
-                FileHandle.standardOutput.write(Data("FLUSHED \(i + 1)\n".utf8))
+                writeText("FLUSHED \(i + 1)\n", to: STDOUT_FILENO)
             }
         }
         try img.close()
-        FileHandle.standardOutput.write(Data("DONE\n".utf8))
+        writeText("DONE\n", to: STDOUT_FILENO)
     }
 }

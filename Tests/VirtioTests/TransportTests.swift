@@ -109,7 +109,7 @@ struct TransportTests {
     func make(_ device: any VirtioDevice, memory: GuestMemory, log: VirtioLog = .discard) throws
         -> (VirtioPCITransport, PCIDriver, RecordingController, RecordingLine, EventLoop) {
         let loop = try EventLoop(name: "virtio-test")
-        loop.start()
+        try loop.start()
         let ctl = RecordingController()
         let t = try VirtioPCITransport(device: device, memory: memory, msiController: ctl, eventLoop: loop, ioEvents: nil, log: log)
         let line = RecordingLine()

@@ -85,6 +85,10 @@ int ckvm_pthread_kick(unsigned long thread);
 unsigned long ckvm_pthread_self(void);
 /// Sets the calling thread's name (at most 15 characters). Returns 0 or -errno.
 int ckvm_set_thread_name(const char *name);
+/// Copies the calling thread's name into buf (len >= 16). Returns 0 or -errno.
+int ckvm_get_thread_name(char *buf, unsigned long len);
+/// 1 on the process's main thread (its thread id is the process id), else 0.
+int ckvm_is_main_thread(void);
 /// Full memory barrier.
 void ckvm_fence(void);
 /// The host's time-stamp counter (rdtsc).
