@@ -1,3 +1,4 @@
+import Devices
 import FoundationEssentials
 #if canImport(Glibc)
 import Glibc
@@ -37,13 +38,7 @@ public enum VMMProcess {
     /// process exits from the guest's thread or the signal loop).
     public static func run(_ options: Options) -> Int32 {
         signal(SIGPIPE, SIG_IGN)
-        var stopSignals = sigset_t()
-        sigemptyset(&stopSignals)
-        sigaddset(&stopSignals, SIGINT)
-        sigaddset(&stopSignals, SIGTERM)
-        pthread_sigmask(SIG_BLOCK, &stopSignals, nil)
-        signal(SIGINT, SIG_DFL)
-        signal(SIGTERM, SIG_DFL)
+        var stopSignals = StopSignals.takeOver()
 
         guard !options.noAPI || options.configFile != nil else {
             fail("--no-api requires --config-file (without the API the VM must be configured by the file)")

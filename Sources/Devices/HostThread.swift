@@ -79,6 +79,17 @@ public enum StopSignals {
         var s = set
         pthread_sigmask(SIG_BLOCK, &s, nil)
     }
+
+    /// Prepares the process's main thread to wait for SIGINT/SIGTERM with `sigtimedwait`: blocks
+    /// them (every thread started afterwards inherits the mask) and restores their default
+    /// disposition, since an ignored signal is discarded rather than left pending (a parent may
+    /// have started us with them ignored). Returns the set to wait on.
+    public static func takeOver() -> sigset_t {
+        block()
+        signal(SIGINT, SIG_DFL)
+        signal(SIGTERM, SIG_DFL)
+        return set
+    }
 }
 
 /// A mutex with a condition variable (pthreads), for threads that wait for work or for

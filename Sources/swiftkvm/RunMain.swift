@@ -40,15 +40,7 @@ enum RunMain {
         signal(SIGPIPE, SIG_IGN)
         // SIGINT/SIGTERM are taken by the control thread (sigtimedwait); block them before any
         // other thread exists so that none of them dies of the default action.
-        var stopSignals = sigset_t()
-        sigemptyset(&stopSignals)
-        sigaddset(&stopSignals, SIGINT)
-        sigaddset(&stopSignals, SIGTERM)
-        pthread_sigmask(SIG_BLOCK, &stopSignals, nil)
-        // An ignored signal is discarded rather than left pending for sigtimedwait: a parent
-        // may have started us with SIGINT/SIGTERM ignored.
-        signal(SIGINT, SIG_DFL)
-        signal(SIGTERM, SIG_DFL)
+        _ = StopSignals.takeOver()
 
         guard let level = Logger.Level(rawValue: options.logLevel.lowercased()) else {
             fail("invalid --log-level '\(options.logLevel)': expected trace, debug, info, notice, warning, error or critical")
