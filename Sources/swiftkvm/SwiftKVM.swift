@@ -9,7 +9,7 @@ struct SwiftKVM: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "swiftkvm",
         abstract: "A virtualization stack on Linux KVM.",
-        subcommands: [RunCommand.self, CheckCommand.self, ImgCommand.self, VMMCommand.self]
+        subcommands: [RunCommand.self, CheckCommand.self, ImgCommand.self, VMMCommand.self, VMCommand.self, DaemonCommand.self]
     )
 
     /// Parses and runs the command. Usage errors (unknown options, bad values) print one line
