@@ -384,7 +384,8 @@ public final class VirtioBlock: VirtioDevice, @unchecked Sendable {
         return UInt32(truncatingIfNeeded: written + 1)
     }
 
-    private var serialString: String { String(decoding: serial, as: UTF8.self) }
+    /// The serial as text (for messages).
+    public var serialString: String { String(decoding: serial, as: UTF8.self) }
 
     /// Checks a data transfer: a whole number of sectors inside the disk.
     private func checkData(_ chain: DescriptorChain, sector: UInt64, bytes: UInt64, capacity: UInt64) throws {
