@@ -76,7 +76,7 @@ public enum ConsoleAttach {
             }
             raw = tcsetattr(input, TCSANOW, &t) == 0
             if raw {
-                let banner = "Connected to the console (escape character is ^], Ctrl + ])\r\n"
+                let banner = "Connected to the console (escape character is ^], Ctrl + ])\n"
                 _ = writeAll(STDERR_FILENO, Array(banner.utf8)[...])
             }
         }
