@@ -56,9 +56,14 @@ enum ProcessTools {
         return bytes.split(separator: 0, omittingEmptySubsequences: false).map { String(decoding: $0, as: UTF8.self) }
     }
 
-    /// Whether `pid` exists (a zombie counts as alive until reaped; `startTime` tells reuse).
+    /// Whether `pid` exists and is not a zombie (`startTime` tells a reused pid).
     static func isAlive(_ pid: pid_t) -> Bool {
-        kill(pid, 0) == 0 || errno == EPERM
+        guard pid > 0, kill(pid, 0) == 0 || errno == EPERM else { return false }
+        guard let bytes = try? AtomicFile.read("/proc/\(pid)/stat", limit: 8192) else { return false }
+        let text = String(decoding: bytes, as: UTF8.self)
+        guard let close = text.lastIndex(of: ")") else { return true }
+        let state = text[text.index(after: close)...].split(separator: " ").first
+        return state != "Z" && state != "X"
     }
 
     /// A decoded wait status.
