@@ -10,7 +10,7 @@ public struct VMEvent: Codable, Sendable, Equatable {
     /// The VM's name.
     public var vm: String
     /// `defined`, `undefined`, `starting`, `started`, `paused`, `resumed`, `shutting-down`,
-    /// `stopped`, `reattached`, `start-failed`, `autostart`.
+    /// `stopped`, `reattached`, `start-failed`.
     public var event: String
     /// Free text (exit reason, error).
     public var detail: String
