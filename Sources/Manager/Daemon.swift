@@ -52,6 +52,8 @@ public final class Daemon: @unchecked Sendable {
             t.start()
             autostartThread = t
         } catch {
+            manager?.shutdownManager()
+            manager = nil
             releaseLock()
             throw error
         }

@@ -24,12 +24,19 @@ public final class DaemonServer: @unchecked Sendable {
         self.version = version
     }
 
-    /// Binds the socket (a stale socket file is replaced: the caller holds the daemon lock).
+    /// Binds the socket (a stale socket is replaced: the caller holds the daemon lock; any other
+    /// file at the path is an error).
     public func start() throws(ManagerError) {
         guard socketPath.utf8.count < 108 else {
             throw ManagerError(.invalid, "the daemon socket path \(socketPath) is too long (\(socketPath.utf8.count) bytes, at most 107): use a shorter --state-dir or --socket")
         }
-        unlink(socketPath)
+        var st = stat()
+        if lstat(socketPath, &st) == 0 {
+            guard (st.st_mode & S_IFMT) == S_IFSOCK else {
+                throw ManagerError(.invalid, "the daemon socket path \(socketPath) exists and is not a socket")
+            }
+            unlink(socketPath) // stale: the caller holds the daemon lock
+        }
         let router = DaemonRouter(manager: manager, version: version)
         let bootstrap = ServerBootstrap(group: group)
             .serverChannelOption(ChannelOptions.backlog, value: 64)

@@ -88,6 +88,22 @@ struct DaemonGuestTests {
         #expect(try f.action("b", "shutdown").status == 200)
     }
 
+    @Test("a guest that powers off by itself leaves the VM shut off with reason poweroff, and it can start again")
+    func poweroff() throws {
+        let f = try DaemonFixture()
+        defer { f.cleanup() }
+        let def = ManagerSupport.tickerDefinition("po").replacingOccurrences(of: "ticks=0", with: "ticks=20")
+        _ = try f.call("POST", "/vms", def)
+        #expect(try f.action("po", "start").status == 200)
+        #expect(ManagerSupport.wait(seconds: 60) { (try? f.info("po").state) == .shutOff })
+        let info = try f.info("po")
+        #expect(info.lastExit?.reason == "poweroff" && info.lastExit?.status == 0)
+        #expect(ManagerSupport.ticks(in: info.serialLog) == 20)
+        #expect(try f.action("po", "start").status == 200)
+        #expect(ManagerSupport.wait(seconds: 60) { (try? f.info("po").state) == .shutOff })
+        #expect(ManagerSupport.ticks(in: info.serialLog) == 40, "the serial log is appended across runs")
+    }
+
     @Test("shutdown of a guest that ignores Ctrl+Alt+Del destroys it after the timeout")
     func shutdownTimeout() throws {
         let f = try DaemonFixture()

@@ -240,6 +240,24 @@ struct DaemonAPITests {
         #expect(e?.message == "another swiftkvm daemon (pid \(getpid())) uses \(f.dir.path)")
     }
 
+    @Test("a socket path over 107 bytes or a non-socket file at the path is refused, and the lock is released")
+    func badSocket() throws {
+        let dir = try TempDir()
+        defer { dir.cleanup() }
+        var options = Daemon.Options(stateDirectory: dir.path)
+        options.socketPath = dir.path + "/" + String(repeating: "s", count: 110)
+        let e = #expect(throws: ManagerError.self) { try Daemon(options: options).start() }
+        #expect(e?.message.contains("too long") == true)
+        options.socketPath = try dir.file("plain")
+        let p = #expect(throws: ManagerError.self) { try Daemon(options: options).start() }
+        #expect(p?.message.contains("is not a socket") == true)
+        #expect(FileManager.default.fileExists(atPath: dir.path + "/plain"), "the file is not removed")
+        options.socketPath = nil
+        let ok = Daemon(options: options)
+        try ok.start()
+        ok.stop()
+    }
+
     @Test("definitions survive a daemon restart; a bad file is skipped")
     func persistence() throws {
         let dir = try TempDir()
