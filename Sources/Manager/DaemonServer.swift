@@ -207,6 +207,11 @@ final class DaemonHTTPHandler: ChannelInboundHandler, @unchecked Sendable {
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         switch unwrapInboundIn(data) {
         case .head(let h):
+            guard subscription == nil else {
+                // A request after GET /events on the same connection: the stream owns it.
+                context.close(promise: nil)
+                return
+            }
             head = h
             body = []
             rejected = false
@@ -285,6 +290,11 @@ final class DaemonHTTPHandler: ChannelInboundHandler, @unchecked Sendable {
             let line = event.jsonLine
             channel.eventLoop.execute {
                 guard channel.isActive else { return }
+                // A client that stops reading is dropped rather than buffered without bound.
+                guard channel.isWritable else {
+                    channel.close(promise: nil)
+                    return
+                }
                 channel.writeAndFlush(HTTPServerResponsePart.body(.byteBuffer(channel.allocator.buffer(bytes: line))), promise: nil)
             }
         }
