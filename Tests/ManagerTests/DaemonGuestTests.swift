@@ -69,6 +69,32 @@ struct DaemonGuestTests {
         #expect(try f.call("DELETE", "/vms/d1").status == 204)
     }
 
+    @Test("concurrent starts of one VM: exactly one succeeds, the others get 409; one vmm runs")
+    func concurrentStart() throws {
+        let f = try DaemonFixture()
+        defer { f.cleanup() }
+        _ = try f.call("POST", "/vms", ManagerSupport.tickerDefinition("c"))
+        let statuses = Collected()
+        let group = DispatchGroup()
+        for _ in 0..<4 {
+            group.enter()
+            let client = f.client
+            Thread {
+                let r = try? client.request("PUT", "/vms/c/state", body: Array(#"{"action":"start"}"#.utf8))
+                statuses.add(String(r?.status ?? 0))
+                group.leave()
+            }.start()
+        }
+        #expect(group.wait(timeout: .now() + 60) == .success)
+        #expect(statuses.all.sorted() == ["200", "409", "409", "409"])
+        let pid = try #require(try f.info("c").pid)
+        let vmms = ((try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? []).compactMap(Int32.init).filter {
+            ProcessTools.commandLine(of: $0).contains(f.dir.path + "/run/c/api.sock")
+        }
+        #expect(vmms == [Int32(pid)])
+        #expect(try f.action("c", "destroy").status == 200)
+    }
+
     @Test("two VMs run at once, each with its own vmm and serial log")
     func twoVMs() throws {
         let f = try DaemonFixture()

@@ -178,6 +178,18 @@ struct DaemonAPITests {
         #expect(try f.call("GET", "/nothing/here").status == 404)
     }
 
+    @Test("a body over 1 MiB gets 413 and the daemon keeps serving")
+    func hugeBody() throws {
+        let f = try DaemonFixture()
+        defer { f.cleanup() }
+        let big = "{\"name\": \"a\", \"pad\": \"" + String(repeating: "x", count: DaemonServer.maxBodySize) + "\"}"
+        let r = try f.call("POST", "/vms", big)
+        #expect(r.status == 413)
+        #expect(r.faultMessage?.contains("larger than the limit") == true)
+        #expect(try f.call("GET", "/").status == 200)
+        #expect(try f.client.json("GET", "/vms?all=true", as: [VMInfo].self).isEmpty)
+    }
+
     @Test("actions that do not fit a shut-off VM get 409")
     func conflicts() throws {
         let f = try DaemonFixture()
