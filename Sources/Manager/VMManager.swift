@@ -271,10 +271,6 @@ public final class VMManager: @unchecked Sendable {
         return lock.withLock { info(r) }
     }
 
-    private func setShutOffIfNotRunning(_ r: Record) {
-        lock.withLock { if r.pid == nil { r.state = .shutOff; r.startedAt = nil } }
-    }
-
     private func launch(_ r: Record, _ def: VMDefinition) throws(ManagerError) {
         let name = def.name
         let config = try def.vmmConfig(assetsDirectory: assetsDirectory)
@@ -290,9 +286,10 @@ public final class VMManager: @unchecked Sendable {
                     "--metrics-path", paths.metricsFile(name)]
         let logPath = paths.vmmLog(name)
         let marker = "--- \(Timestamp.now()) swiftkvm daemon starts vm '\(name)': \(vmmExecutable) \(args.joined(separator: " "))\n"
-        if let fd = Optional(open(logPath, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0o644)), fd >= 0 {
-            _ = marker.withCString { write(fd, $0, strlen($0)) }
-            close(fd)
+        let logFD = open(logPath, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0o644)
+        if logFD >= 0 {
+            _ = marker.withCString { write(logFD, $0, strlen($0)) }
+            close(logFD)
         }
         let pid = try ProcessTools.spawn(vmmExecutable, args, logPath: logPath)
         let startTime = ProcessTools.startTime(of: pid) ?? 0
@@ -406,14 +403,13 @@ public final class VMManager: @unchecked Sendable {
             r.destroying = true
             return (pid, r.generation, r.startTime)
         }
-        // Never signal a reused pid.
-        if let startTime, ProcessTools.startTime(of: pid) != startTime, !ProcessTools.isAlive(pid) {
-            // already gone; the watcher reports it
-        } else {
-            kill(pid, SIGTERM)
+        // Never signal a reused pid: the process must still have the recorded start time.
+        func send(_ sig: Int32) {
+            if startTime == nil || ProcessTools.startTime(of: pid) == startTime { kill(pid, sig) }
         }
+        send(SIGTERM)
         if !waitStopped(r, generation: generation, seconds: options.destroyGrace) {
-            if startTime == nil || ProcessTools.startTime(of: pid) == startTime { kill(pid, SIGKILL) }
+            send(SIGKILL)
             if !waitStopped(r, generation: generation, seconds: 10) {
                 throw ManagerError(.host, "vm '\(name)': the vmm (pid \(pid)) did not exit after SIGKILL")
             }
