@@ -251,10 +251,11 @@ public final class VirtioBlock: VirtioDevice, @unchecked Sendable {
     }
 
     /// The data bytes a request moves, as the bandwidth bucket counts them: the buffer of IN and
-    /// OUT requests, 0 for the others (and for requests too short to have a header).
+    /// OUT requests, 0 for the others (and for requests too short to have a type; they fail).
     func dataBytes(_ chain: DescriptorChain, memory: GuestMemory) -> UInt64 {
-        guard let first = chain.readable.first, first.length >= 4,
-              let type: UInt32 = try? memory.readLE(at: first.address) else { return 0 }
+        // The type may straddle descriptors: read it as the request handler does.
+        var reader = ChainReader(memory: memory, chain: chain)
+        guard let bytes = try? reader.read(4), let type = bytes.getLE(UInt32.self, at: 0) else { return 0 }
         switch type {
         case RequestType.input: return chain.writableLength > 0 ? chain.writableLength - 1 : 0
         case RequestType.output: return chain.readableLength > 16 ? chain.readableLength - 16 : 0

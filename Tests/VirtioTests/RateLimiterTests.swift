@@ -248,6 +248,35 @@ struct RateLimitedDeviceTests {
         #expect(seconds(since: start) >= 0.29)                                // 3 more ops at 10/s
     }
 
+    @Test("the bandwidth bucket is charged the data bytes of reads and writes, even with a header split across descriptors")
+    func chargedBytes() throws {
+        let disk = try TempDisk(size: 64 << 10)
+        let dev = VirtioBlock(backend: try RawFileBackend(path: disk.path, readOnly: false, direct: false), serial: "c")
+        let memory = try makeMemory(size: 8 << 20)
+        let d = MockDriverQueue(memory: memory, size: 16)
+        let q = try d.deviceQueue()
+        func header(_ type: UInt32) -> [UInt8] {
+            var h = [UInt8](repeating: 0, count: 16)
+            h.putLE(type, at: 0)
+            return h
+        }
+        func chain() throws -> DescriptorChain {
+            guard case .chain(let c)? = try q.popAvailable() else { throw VirtioError.badRequest(queue: 0, head: 0, reason: "no chain") }
+            return c
+        }
+        let read = header(VirtioBlock.RequestType.input)
+        try d.addChain([(try d.alloc(2, fill: Array(read[0..<2])), 2, false), (try d.alloc(14, fill: Array(read[2...])), 14, false),
+                        (try d.alloc(4096), 4096, true), (try d.alloc(1), 1, true)])
+        #expect(dev.dataBytes(try chain(), memory: memory) == 4096)
+        try d.addChain([(try d.alloc(16, fill: header(VirtioBlock.RequestType.output)), 16, false),
+                        (try d.alloc(1024), 1024, false), (try d.alloc(1), 1, true)])
+        #expect(dev.dataBytes(try chain(), memory: memory) == 1024)
+        try d.addChain([(try d.alloc(16, fill: header(VirtioBlock.RequestType.flush)), 16, false), (try d.alloc(1), 1, true)])
+        #expect(dev.dataBytes(try chain(), memory: memory) == 0)
+        try d.addChain([(try d.alloc(2), 2, false), (try d.alloc(1), 1, true)])   // too short for a type
+        #expect(dev.dataBytes(try chain(), memory: memory) == 0)
+    }
+
     @Test("reset drops a held request; the device works again after re-activation")
     func resetDropsHeld() throws {
         let disk = try TempDisk(size: 64 << 10)
