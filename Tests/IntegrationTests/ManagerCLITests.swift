@@ -142,6 +142,34 @@ struct ManagerCLITests {
         #expect(parseList(try d.vm(["list", "--all"]).stdout)["t1"] == nil)
     }
 
+    @Test("vm console with pipes: typed lines reach the guest's UART, and the console ends by itself when the VM stops")
+    func consoleInput() throws {
+        let d = try MCDaemon()
+        defer { d.stop() }
+        let serial = try #require(MCSupport.serial)
+        let def = d.dir.file("ser.def.json", """
+            {"name": "ser", "boot-source": {"kernel_image_path": "\(serial)", "boot_args": "timeout=60000"}}
+            """)
+        #expect(try d.vm(["define", def]).status == 0)
+        #expect(try d.vm(["start", "ser"]).status == 0)
+        // Type only once the program waits for input (it drops earlier bytes): the serial log shows when.
+        let log = d.dir.path + "/logs/ser.serial.log"
+        #expect(MCSupport.wait(seconds: 60) {
+            ((try? String(contentsOfFile: log, encoding: .utf8)) ?? "").contains("SERIAL-READY-POLL")
+        }, "the serial program should start")
+        let console = try MCChild(try #require(MCSupport.swiftkvm), ["vm", "--socket", d.socket, "console", "ser"], stdinPipe: true)
+        defer { console.stop() }
+        usleep(200_000)
+        console.writeInput("typed-in-cli\n")
+        #expect(console.stdout.waitFor("echo-poll: typed-in-cli", timeout: 60), "\(console.stdout.text) \(console.stderr.text)")
+        #expect(console.stdout.waitFor("SERIAL-READY-IRQ", timeout: 60))
+        console.writeInput("second-line\n")
+        #expect(console.stdout.waitFor("echo-irq: second-line", timeout: 60), "\(console.stdout.text)")
+        // The program ends, the VM stops, the console socket closes: `vm console` exits without EOF on stdin.
+        #expect(console.wait(timeout: 60) == 0, "\(console.stderr.text)")
+        #expect(MCSupport.wait(seconds: 30) { parseList((try? d.vm(["list", "--all"]).stdout) ?? "")["ser"]?.state == "shut off" })
+    }
+
     @Test("vm events prints the events as JSON lines: --since replays, --count stops, a live stream sees started and stopped")
     func events() throws {
         let d = try MCDaemon()
