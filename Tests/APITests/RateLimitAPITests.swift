@@ -88,18 +88,20 @@ struct RateLimitAPITests {
     }
 }
 
-/// The virtio_blk guest program (guest/build/virtio_blk.elf), built once; nil when it cannot be.
+/// The virtio_blk and virtio_rng guest programs (guest/build/*.elf), built once; nil when they cannot be.
 enum VirtioBlkGuest {
-    static let image: String? = {
+    static func build(_ name: String) -> String? {
         let p = Process()
         p.executableURL = URL(fileURLWithPath: "/usr/bin/make")
-        p.arguments = ["-s", "-C", GuestSupport.packageRoot.appendingPathComponent("guest").path, "build/virtio_blk.elf"]
+        p.arguments = ["-s", "-C", GuestSupport.packageRoot.appendingPathComponent("guest").path, "build/\(name).elf"]
         p.standardOutput = FileHandle.nullDevice
         try? p.run()
         p.waitUntilExit()
-        let path = GuestSupport.packageRoot.appendingPathComponent("guest/build/virtio_blk.elf").path
+        let path = GuestSupport.packageRoot.appendingPathComponent("guest/build/\(name).elf").path
         return FileManager.default.fileExists(atPath: path) ? path : nil
-    }()
+    }
+    static let image: String? = build("virtio_blk")
+    static let rngImage: String? = build("virtio_rng")
 
     /// A disk of `bytes` bytes all set to `fill`.
     static func disk(_ dir: TempDir, _ name: String, bytes: Int, fill: UInt8) -> String {
@@ -151,6 +153,26 @@ struct RateLimitGuestTests {
         // 256 KiB come from the full bucket; the other 1792 KiB need 700 ms of refill (10% margin for
         // the TSC rate estimate; unthrottled, this read takes a few ms).
         #expect(seconds >= 0.63, "2 MiB at 2.56 MB/s took the guest only \(seconds) s\n\(out)")
+    }
+
+    @Test("virtio_rng reading 4 × 64 bytes through a 64-byte-per-second entropy limit takes at least 3 s (unlimited: well under 1 s)",
+          .enabled(if: VirtioBlkGuest.rngImage != nil))
+    func entropyLimit() throws {
+        let f = try Fixture()
+        defer { f.shutdown() }
+        let image = try #require(VirtioBlkGuest.rngImage)
+        #expect(try f.send("PUT", "/boot-source", #"{"kernel_image_path": "\#(image)", "boot_args": "reads=4 size=64"}"#).status == 204)
+        #expect(try f.send("PUT", "/machine-config", #"{"vcpu_count": 1, "mem_size_mib": 64}"#).status == 204)
+        #expect(try f.send("PUT", "/entropy", #"{"rate_limiter": {"bandwidth": {"size": 64, "refill_time": 1000}}}"#).status == 204)
+        let start = Date()
+        #expect(try f.send("PUT", "/actions", #"{"action_type": "InstanceStart"}"#).status == 204)
+        #expect(GuestSupport.wait(seconds: 60) { f.exit != nil }, "\(serial(f))")
+        let elapsed = Date().timeIntervalSince(start)
+        let out = serial(f)
+        #expect(out.contains("RESULT pass") && out.contains("fail 0"), "\(out)")
+        #expect(out.split(separator: "\n").filter { $0.hasPrefix("RNG ") }.count == 4, "\(out)")
+        // The first read comes from the full bucket, each of the other three waits 1 s.
+        #expect(elapsed >= 2.9, "4 reads at 64 B/s took only \(elapsed) s\n\(out)")
     }
 
     @Test("PATCH of the drive's rate limiter at run time releases a guest held by a 10 s-per-request ops limit")
