@@ -6,7 +6,9 @@ import FoundationEssentials
 import Glibc
 #endif
 
-/// A token bucket of a rate limiter (`TokenBucket`). Accepted and echoed; not enforced yet.
+/// A token bucket of a rate limiter (`TokenBucket`): `size` tokens refilled in `refill_time` ms,
+/// plus `one_time_burst` once. Enforced for drives and the entropy device; `PUT /serial`'s bucket
+/// and network interfaces' limiters are accepted and echoed, not enforced.
 public struct TokenBucket: Codable, Sendable, Equatable {
     public var size: Int64
     public var oneTimeBurst: Int64?
@@ -31,7 +33,7 @@ public struct TokenBucket: Codable, Sendable, Equatable {
     }
 }
 
-/// A rate limiter (`RateLimiter`): bandwidth and ops buckets. Accepted and echoed; not enforced yet.
+/// A rate limiter (`RateLimiter`): bandwidth (bytes) and ops buckets.
 public struct RateLimiter: Codable, Sendable, Equatable {
     public var bandwidth: TokenBucket?
     public var ops: TokenBucket?

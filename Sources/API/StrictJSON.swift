@@ -70,7 +70,7 @@ extension KeyedDecodingContainer {
 }
 
 /// JSON body decoding with Firecracker-style error messages naming the field.
-enum StrictJSON {
+public enum StrictJSON {
     /// Prefix of every body-decoding error (as Firecracker's).
     static let prefix = "An error occurred when deserializing the json body of a request: "
 
@@ -92,7 +92,7 @@ enum StrictJSON {
     }
 
     /// A one-line description of a decoding error naming the field.
-    static func describe(_ error: DecodingError) -> String {
+    public static func describe(_ error: DecodingError) -> String {
         switch error {
         case .keyNotFound(let key, let ctx):
             let full = path(ctx.codingPath + [key])

@@ -5,6 +5,7 @@ import Glibc
 #endif
 import Logging
 import Synchronization
+import Virtio
 import VMM
 
 /// A running guest as the controller sees it. `Machine` is one; tests may supply fakes.
@@ -21,6 +22,20 @@ public protocol VMInstance: AnyObject, Sendable {
     func sendCtrlAltDel() throws
     /// Live counters.
     var metrics: MachineMetrics { get }
+    /// Changes the rate limit of virtio-blk disk `index` (position in `VMConfiguration.disks`):
+    /// per bucket, nil keeps it, size or refill time 0 removes it, anything else replaces it.
+    func updateDiskRateLimit(index: Int, bandwidth: TokenBucketConfig?, ops: TokenBucketConfig?) throws
+    /// Swaps the backing file of virtio-blk disk `index` for `path`; on error the old one stays.
+    func replaceDiskImage(index: Int, path: String) throws
+}
+
+extension VMInstance {
+    public func updateDiskRateLimit(index: Int, bandwidth: TokenBucketConfig?, ops: TokenBucketConfig?) throws {
+        throw VMMError.setup("this guest cannot change disk rate limits")
+    }
+    public func replaceDiskImage(index: Int, path: String) throws {
+        throw VMMError.setup("this guest cannot replace disk images")
+    }
 }
 
 extension Machine: VMInstance {
@@ -101,6 +116,8 @@ public final class VMController: @unchecked Sendable {
         var phase: Phase = .notStarted
         var resources = Resources()
         var instance: (any VMInstance)?
+        /// Drive ids in the guest's disk order (set by InstanceStart).
+        var driveOrder: [String] = []
     }
 
     private let state = Mutex(State())
@@ -208,17 +225,7 @@ public final class VMController: @unchecked Sendable {
                 }
             }
         case .patchDrive(let u):
-            try requireRuntime()
-            try u.rateLimiter?.validate("rate_limiter")
-            try state.withLock { (s) throws(APIError) in
-                guard let i = s.resources.drives.firstIndex(where: { $0.driveId == u.driveId }) else {
-                    throw APIError.badRequest("Invalid drive_id '\(u.driveId)': no such drive.")
-                }
-                if let p = u.pathOnHost, p != s.resources.drives[i].pathOnHost {
-                    throw APIError.notSupportedYet("Changing the backing file of a running drive (path_on_host)")
-                }
-                if let r = u.rateLimiter { s.resources.drives[i].rateLimiter = r }
-            }
+            try updateDrive(u, on: try requireRuntime())
         case .putNetworkInterface(let n):
             try requirePreBoot()
             try n.validate()
@@ -292,6 +299,49 @@ public final class VMController: @unchecked Sendable {
         return .noContent
     }
 
+    /// `PATCH /drives/{id}` on a running guest: a new backing file (opened and swapped in
+    /// between requests; the guest is told the new capacity) and/or new rate-limiter buckets
+    /// (applied to the live device). Everything is checked first; a bad path changes nothing.
+    private func updateDrive(_ u: DriveUpdate, on vm: any VMInstance) throws(APIError) {
+        try u.rateLimiter?.validate("rate_limiter")
+        let (index, drive) = try state.withLock { (s) throws(APIError) -> (Int, DriveConfig) in
+            guard let d = s.resources.drives.first(where: { $0.driveId == u.driveId }),
+                  let i = s.driveOrder.firstIndex(of: u.driveId) else {
+                throw APIError.badRequest("Invalid drive_id '\(u.driveId)': no such drive.")
+            }
+            return (i, d)
+        }
+        if let path = u.pathOnHost {
+            try FileCheck.readableFile(path, what: "drive backing file", field: "path_on_host")
+            do {
+                try vm.replaceDiskImage(index: index, path: path)
+            } catch {
+                let reason: String
+                if case .invalidValue(_, _, let r) = error as? VMMError { reason = r } else { reason = "\(error)" }
+                throw .badRequest("Invalid path_on_host for drive \(u.driveId): cannot use \(path): \(reason). "
+                                  + "The drive keeps using \(drive.pathOnHost ?? "its current file").")
+            }
+            state.withLock { s in
+                if let i = s.resources.drives.firstIndex(where: { $0.driveId == u.driveId }) { s.resources.drives[i].pathOnHost = path }
+            }
+            logger.info("drive \(u.driveId) now uses \(path)")
+        }
+        if let r = u.rateLimiter {
+            do {
+                try vm.updateDiskRateLimit(index: index, bandwidth: r.bandwidth?.config, ops: r.ops?.config)
+            } catch {
+                throw .badRequest("Failed to update the rate limiter of drive \(u.driveId): \(error).")
+            }
+            state.withLock { s in
+                guard let i = s.resources.drives.firstIndex(where: { $0.driveId == u.driveId }) else { return }
+                var merged = s.resources.drives[i].rateLimiter ?? RateLimiter()
+                if let b = r.bandwidth { merged.bandwidth = b }
+                if let o = r.ops { merged.ops = o }
+                s.resources.drives[i].rateLimiter = merged
+            }
+        }
+    }
+
     private func requirePreBoot() throws(APIError) {
         guard phase == .notStarted else { throw .notSupportedAfterStart }
     }
@@ -331,8 +381,7 @@ public final class VMController: @unchecked Sendable {
             throw .badRequest("Cannot start the microVM without a kernel: configure it with PUT /boot-source first.")
         }
         var cmdline = boot.bootArgs ?? Self.defaultBootArgs
-        // As Firecracker: the root drive comes first (/dev/vda) and sets root= unless boot_args has one.
-        let drives = r.drives.filter(\.isRootDevice) + r.drives.filter { !$0.isRootDevice }
+        let drives = Self.guestDriveOrder(r.drives)
         if let root = drives.first, root.isRootDevice, !cmdline.split(separator: " ").contains(where: { $0.hasPrefix("root=") }) {
             let device = root.partuuid.map { "PARTUUID=\($0)" } ?? "/dev/vda"
             cmdline += " root=\(device) \(root.isReadOnly == true ? "ro" : "rw")"
@@ -341,9 +390,10 @@ public final class VMController: @unchecked Sendable {
                                                       cmdline: cmdline, modules: []))
         config.disks = drives.map { d in
             DiskSpec(path: d.pathOnHost ?? "", readOnly: d.isReadOnly ?? false, id: String(d.driveId.prefix(20)),
-                     backingFiles: false)
+                     backingFiles: false, rateLimit: d.rateLimiter?.config)
         }
         config.rng = r.entropy != nil
+        config.rngRateLimit = r.entropy?.rateLimiter?.config
         config.memorySize = UInt64(r.machineConfig.memSizeMib) << 20
         config.cpus = r.machineConfig.vcpuCount
         config.serial = r.serial?.serialOutPath.map { "file:" + $0 } ?? options.defaultSerial.description
@@ -354,6 +404,11 @@ public final class VMController: @unchecked Sendable {
             throw .badRequest("Invalid machine configuration: \(error).")
         }
         return config
+    }
+
+    /// As Firecracker: the root drive comes first (/dev/vda) and sets root= unless boot_args has one.
+    static func guestDriveOrder(_ drives: [DriveConfig]) -> [DriveConfig] {
+        drives.filter(\.isRootDevice) + drives.filter { !$0.isRootDevice }
     }
 
     static func isFIFO(_ path: String) -> Bool {
@@ -398,6 +453,7 @@ public final class VMController: @unchecked Sendable {
         state.withLock { s in
             s.instance = instance
             s.phase = .running
+            s.driveOrder = Self.guestDriveOrder(resources.drives).map(\.driveId)
         }
         do {
             try HostThread.start(name: "vmm", blockStopSignals: false, stackSize: 1 << 20) { [self] in
@@ -421,4 +477,17 @@ public final class VMController: @unchecked Sendable {
     public func stopGuest(_ exit: MachineExit) {
         state.withLock { $0.instance }?.stop(exit)
     }
+}
+
+extension TokenBucket {
+    /// The device-side bucket (validated values are not negative).
+    var config: TokenBucketConfig {
+        TokenBucketConfig(size: UInt64(max(0, size)), oneTimeBurst: UInt64(max(0, oneTimeBurst ?? 0)),
+                          refillTimeMs: UInt64(max(0, refillTime)))
+    }
+}
+
+extension RateLimiter {
+    /// The device-side rate limit.
+    var config: RateLimitConfig { RateLimitConfig(bandwidth: bandwidth?.config, ops: ops?.config) }
 }

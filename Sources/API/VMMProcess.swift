@@ -28,6 +28,13 @@ public enum VMMProcess {
         public var metricsPath: String?
         public var metricsInterval: Double = 60
         public var maxPayloadSize = APIServer.defaultMaxBodySize
+        /// `--console-sock`: serve the serial console on this Unix socket (`ConsoleServer`).
+        public var consoleSocket: String?
+        /// `--serial-log`: append serial output to this file instead of writing it to stdout.
+        public var serialLog: String?
+        /// Whether stdin feeds the serial input (as Firecracker's): nil = when stdin is open and
+        /// not /dev/null.
+        public var stdinInput: Bool?
         public init() {}
     }
 
@@ -68,18 +75,67 @@ public enum VMMProcess {
             }
         }
 
+        // The console socket and the serial log (SwiftKVM extensions, used by `swiftkvm daemon`).
+        let console: ConsoleServer?
+        do throws(APIError) {
+            console = try options.consoleSocket.map { p throws(APIError) in try ConsoleServer(path: p) }
+        } catch {
+            fail(error.message)
+            return 1
+        }
+        var openedLog: ConsoleOutput?
+        if let path = options.serialLog {
+            let fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o644)
+            guard fd >= 0 else {
+                fail("cannot open the serial log \(path) (--serial-log): \(String(cString: strerror(errno)))")
+                console?.stop()
+                return 1
+            }
+            openedLog = ConsoleOutput(fileDescriptor: fd, owning: true)
+        }
+        let serialLog = openedLog
+        let feedStdin = options.stdinInput ?? stdinIsLive()
+
         let exiting = Atomic<Bool>(false)
         let serverBox = Mutex<APIServer?>(nil)
         let metricsBox = Mutex<MetricsRecorder?>(nil)
+        let stdinBox = Mutex<ConsoleInput?>(nil)
         let terminate: @Sendable (Int32) -> Void = { code in
             guard !exiting.exchange(true, ordering: .sequentiallyConsistent) else { return }
             serverBox.withLock { $0 }?.stop()
+            console?.stop()
+            stdinBox.withLock { $0 }?.restore()
             metricsBox.withLock { $0 }?.close()
+            serialLog?.flush()
             exit(code)
         }
         var controllerOptions = VMController.Options()
         controllerOptions.instanceID = options.instanceID
         controllerOptions.metricsInterval = options.metricsInterval
+        if serialLog != nil { controllerOptions.defaultSerial = .none }
+        if console != nil || serialLog != nil || feedStdin {
+            let defaultBuilder = controllerOptions.builder
+            controllerOptions.builder = { config, serial, logger in
+                var sinks: [any SerialOutput] = [serial]
+                if let serialLog { sinks.append(serialLog) }
+                if let console { sinks.append(console) }
+                let output: any SerialOutput = sinks.count == 1 ? serial : TeeSerialOutput(sinks)
+                let instance = try defaultBuilder(config, output, logger)
+                guard let machine = instance as? Machine else { return instance }
+                console?.setInputHandler { machine.enqueueConsoleInput($0) }
+                if feedStdin {
+                    let reader = ConsoleInput(onInput: { machine.enqueueConsoleInput($0) },
+                                              onQuit: { machine.stop(.userQuit) })
+                    do {
+                        try reader.start()
+                        stdinBox.withLock { $0 = reader }
+                    } catch {
+                        logger.warning("stdin cannot feed the serial console: \(error)")
+                    }
+                }
+                return machine
+            }
+        }
         controllerOptions.onExit = { exit in
             switch exit {
             case .internalError(let m), .vmmFailure(let m): fail(m)
@@ -93,6 +149,7 @@ public enum VMMProcess {
         if let metricsPath = options.metricsPath {
             if case .failure(let e) = controller.handle(.putMetrics(MetricsConfig(metricsPath: metricsPath))) {
                 fail("--metrics-path: \(e.message)")
+                console?.stop()
                 return MachineExit.usageExitCode
             }
         }
@@ -102,10 +159,12 @@ public enum VMMProcess {
                 try server.start()
             } catch {
                 fail("\(error is APIError ? (error as! APIError).message : "\(error)")")
+                console?.stop()
                 return 1
             }
             serverBox.withLock { $0 = server }
         }
+        console?.start()
         controller.metrics.startupWallUs.store(processAgeUs(), ordering: .relaxed)
         controller.metrics.startupCPUUs.store(processCPUUs(), ordering: .relaxed)
         sink.makeLogger(label: "swiftkvm.vmm").info("API server ready on \(options.noAPI ? "(none)" : options.apiSocket)")
@@ -158,6 +217,18 @@ public enum VMMProcess {
         } catch {
             throw .badRequest("invalid config file \(path): \(error.message.replacing(StrictJSON.prefix, with: ""))")
         }
+    }
+
+    /// Whether stdin is worth reading as console input: open and not /dev/null (Firecracker reads
+    /// its stdin into the serial device; a closed pipe simply ends at EOF).
+    static func stdinIsLive() -> Bool {
+        var st = stat()
+        guard fstat(STDIN_FILENO, &st) == 0 else { return false }
+        if (st.st_mode & S_IFMT) == S_IFCHR {
+            var null = stat()
+            if stat("/dev/null", &null) == 0 && null.st_rdev == st.st_rdev { return false }
+        }
+        return true
     }
 
     static func fail(_ message: String) {

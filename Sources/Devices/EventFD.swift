@@ -34,6 +34,10 @@ public final class EventFD: @unchecked Sendable {
         self.fd = fd
     }
 
+    /// Takes ownership of `fd`, another descriptor whose 8-byte reads drain it (e.g. a timerfd),
+    /// so that event loops can watch it like an eventfd. It is closed on deinit.
+    public init(adopting fd: Int32) { self.fd = fd }
+
     deinit { close(fd) }
 
     /// Adds 1 to the counter, waking whoever polls the fd.

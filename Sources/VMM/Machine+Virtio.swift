@@ -25,11 +25,13 @@ public struct DiskSpec: Codable, Sendable, Equatable {
     public var backingFiles: Bool
     /// Host caching: "writeback" (page cache, the default) or "none" (O_DIRECT, raw images only).
     public var cache: String
+    /// Rate limit of the guest's requests (bandwidth in bytes, ops); nil: none.
+    public var rateLimit: RateLimitConfig?
 
     public init(path: String, format: String? = nil, readOnly: Bool = false, id: String? = nil, backingFiles: Bool = false,
-                cache: String = "writeback") {
+                cache: String = "writeback", rateLimit: RateLimitConfig? = nil) {
         self.path = path; self.format = format; self.readOnly = readOnly; self.id = id; self.backingFiles = backingFiles
-        self.cache = cache
+        self.cache = cache; self.rateLimit = rateLimit
     }
 
     /// Keys accepted by `init(parsing:)`.
@@ -112,31 +114,60 @@ final class DiskLock: Sendable {
         self.fd = fd
     }
     deinit { close(fd) }
+
+    /// Whether `path` names the locked file (same device and inode).
+    func isSameFile(_ path: String) -> Bool {
+        var a = stat(), b = stat()
+        return fstat(fd, &a) == 0 && stat(path, &b) == 0 && a.st_dev == b.st_dev && a.st_ino == b.st_ino
+    }
 }
 
-/// The machine's virtio devices: their PCI transports, event loops, disk backends and locks.
+/// The machine's virtio devices: their PCI transports, event loops, disks (device, backend and
+/// lock, by position in `VMConfiguration.disks`) and the console.
 final class MachineVirtio: Sendable {
+    /// One virtio-blk disk.
+    struct Disk {
+        var spec: DiskSpec
+        let device: VirtioBlock
+        var backend: any BlockBackend
+        var lock: DiskLock
+    }
     private struct State {
         var loops: [EventLoop] = []
         var transports: [VirtioPCITransport] = []
-        var backends: [any BlockBackend] = []
-        var locks: [DiskLock] = []
+        var disks: [Int: Disk] = [:]
         var console: VirtioConsole?
         var started = false
     }
     private let state = Mutex(State())
+    /// Serializes disk replacements (opening files happens outside `state`).
+    let replaceLock = Mutex(())
 
     /// The virtio console, when configured.
     var console: VirtioConsole? { state.withLock { $0.console } }
 
-    func add(loop: EventLoop? = nil, transport: VirtioPCITransport? = nil, backend: (any BlockBackend)? = nil,
-             lock: DiskLock? = nil, console: VirtioConsole? = nil) {
+    func add(loop: EventLoop? = nil, transport: VirtioPCITransport? = nil, disk: (index: Int, disk: Disk)? = nil,
+             console: VirtioConsole? = nil) {
         state.withLock { s in
             if let loop { s.loops.append(loop) }
             if let transport { s.transports.append(transport) }
-            if let backend { s.backends.append(backend) }
-            if let lock { s.locks.append(lock) }
+            if let disk { s.disks[disk.index] = disk.disk }
             if let console { s.console = console }
+        }
+    }
+
+    /// Disk `index` (its position in `VMConfiguration.disks`).
+    func disk(_ index: Int) -> Disk? { state.withLock { $0.disks[index] } }
+
+    /// Records that disk `index` now uses `backend` (opened from `spec`) under `lock`; returns false
+    /// when the machine stopped meanwhile (the caller then closes them).
+    func replaced(_ index: Int, spec: DiskSpec, backend: any BlockBackend, lock: DiskLock) -> Bool {
+        state.withLock { s in
+            guard s.disks[index] != nil else { return false }
+            s.disks[index]?.spec = spec
+            s.disks[index]?.backend = backend
+            s.disks[index]?.lock = lock
+            return true
         }
     }
 
@@ -153,8 +184,8 @@ final class MachineVirtio: Sendable {
     /// the vCPUs stopped; a restarted guest gets a new `Machine` that opens them again).
     func stop(logger: Logger) {
         let (loops, transports, backends) = state.withLock { s in
-            defer { s.backends = []; s.locks = [] }
-            return (s.loops, s.transports, s.backends)
+            defer { s.disks = [:] }
+            return (s.loops, s.transports, s.disks.values.map(\.backend))
         }
         for l in loops { l.stop() }
         for t in transports { t.shutdown() }
@@ -172,37 +203,18 @@ extension Machine {
         let log = VirtioLog { [logger] message in logger.warning("\(message)") }
         let ioEvents = KVMIOEventRegistry(vm: vm)
         for (i, disk) in config.disks.enumerated() {
-            let lock = try DiskLock(path: disk.path, exclusive: !disk.readOnly)
-            let backend: any BlockBackend
-            do {
-                let format = try disk.format.flatMap(ImageFormat.init(rawValue:)) ?? probeImageFormat(path: disk.path)
-                if disk.cache == "none", format != .raw {
-                    throw VMMError.invalidValue(what: "--disk", value: disk.path, reason: "cache=none needs a raw image, this is \(format.rawValue)")
-                }
-                if format == .raw {
-                    // Raw images: no backend-wide lock and one preadv/pwritev per request.
-                    backend = try RawFileBackend(path: disk.path, readOnly: disk.readOnly, direct: disk.cache == "none")
-                } else {
-                    let options = ImageOpenOptions(readOnly: disk.readOnly, allowBackingFiles: disk.backingFiles, format: disk.format)
-                    backend = try openDiskImage(path: disk.path, options: options)
-                }
-            } catch let e as VMMError {
-                throw e
-            } catch {
-                var reason = "\(error)"
-                if !disk.backingFiles, reason.lowercased().contains("backing") {
-                    reason += " (add backing_files=on to allow opening the backing file named inside the image)"
-                }
-                throw VMMError.invalidValue(what: "--disk", value: disk.path, reason: reason)
-            }
+            let (backend, lock) = try Self.openDisk(disk)
             let loop = try EventLoop(name: "virtio-blk\(i)")
             // Raw files have no lock in the backend: run requests in parallel (qcow2 serializes). With
             // O_DIRECT every request waits for the device, so allow as many as a typical queue depth.
             let threads = backend is RawFileBackend ? (disk.cache == "none" ? 8 : 4) : 0
-            let device = VirtioBlock(backend: backend, serial: disk.id ?? "swiftkvm-disk\(i)", ioThreads: threads, log: log)
+            let serial = disk.id ?? "swiftkvm-disk\(i)"
+            let device = VirtioBlock(backend: backend, serial: serial, ioThreads: threads, rateLimit: disk.rateLimit,
+                                     eventLoop: loop, log: log)
             let transport = try VirtioPCITransport(device: device, memory: memory, msiController: msiController,
                                                    eventLoop: loop, ioEvents: ioEvents, log: log)
-            virtio.add(loop: loop, transport: transport, backend: backend, lock: lock)
+            virtio.add(loop: loop, transport: transport,
+                       disk: (i, MachineVirtio.Disk(spec: disk, device: device, backend: backend, lock: lock)))
             let slot = try attachPCIDevice(transport).slot
             logger.info("virtio-blk \(disk.path) (\(backend.size) bytes\(disk.readOnly ? ", read-only" : "")) at PCI slot \(slot)")
         }
@@ -217,10 +229,74 @@ extension Machine {
             _ = try attachPCIDevice(transport)
         }
         if config.rng {
-            let transport = try VirtioPCITransport(device: VirtioEntropy(log: log), memory: memory, msiController: msiController,
+            let rng = VirtioEntropy(rateLimit: config.rngRateLimit, eventLoop: loop, log: log)
+            let transport = try VirtioPCITransport(device: rng, memory: memory, msiController: msiController,
                                                    eventLoop: loop, ioEvents: ioEvents, log: log)
             virtio.add(transport: transport)
             _ = try attachPCIDevice(transport)
+        }
+    }
+
+    /// Opens a disk image as `--disk` does: the advisory lock (exclusive when writable), then the
+    /// format (given or probed; cache=none only for raw) and the backend. Errors name the path.
+    static func openDisk(_ disk: DiskSpec, reusing existing: DiskLock? = nil) throws -> (any BlockBackend, DiskLock) {
+        let lock = try existing ?? DiskLock(path: disk.path, exclusive: !disk.readOnly)
+        do {
+            let format = try disk.format.flatMap(ImageFormat.init(rawValue:)) ?? probeImageFormat(path: disk.path)
+            if disk.cache == "none", format != .raw {
+                throw VMMError.invalidValue(what: "--disk", value: disk.path, reason: "cache=none needs a raw image, this is \(format.rawValue)")
+            }
+            if format == .raw {
+                // Raw images: no backend-wide lock and one preadv/pwritev per request.
+                return (try RawFileBackend(path: disk.path, readOnly: disk.readOnly, direct: disk.cache == "none"), lock)
+            }
+            let options = ImageOpenOptions(readOnly: disk.readOnly, allowBackingFiles: disk.backingFiles, format: disk.format)
+            return (try openDiskImage(path: disk.path, options: options), lock)
+        } catch let e as VMMError {
+            throw e
+        } catch {
+            var reason = "\(error)"
+            if !disk.backingFiles, reason.lowercased().contains("backing") {
+                reason += " (add backing_files=on to allow opening the backing file named inside the image)"
+            }
+            throw VMMError.invalidValue(what: "--disk", value: disk.path, reason: reason)
+        }
+    }
+
+    /// Changes the rate limit of running disk `index` (its position in `VMConfiguration.disks`): for each bucket, nil keeps it, a bucket
+    /// with size or refill time 0 removes it, any other replaces it by a full new one. A held
+    /// request is retried at once.
+    public func updateDiskRateLimit(index: Int, bandwidth: TokenBucketConfig?, ops: TokenBucketConfig?) throws {
+        guard let disk = virtio.disk(index) else {
+            throw VMMError.invalidValue(what: "disk", value: "\(index)", reason: "no such virtio-blk disk")
+        }
+        disk.device.updateRateLimit(bandwidth: RateLimiter.BucketUpdate(bandwidth), ops: RateLimiter.BucketUpdate(ops))
+    }
+
+    /// Replaces the backing file of running disk `index` by `path` (Firecracker's "update block
+    /// device path"): opened with the disk's read-only, format (probed when it was probed), cache
+    /// and lock rules; swapped in between requests; the guest sees the new capacity after a
+    /// configuration-change interrupt. The old image is flushed and closed, and its lock released.
+    /// On any error the old image stays in use.
+    public func replaceDiskImage(index: Int, path: String) throws {
+        try virtio.replaceLock.withLock { _ in
+            guard let disk = virtio.disk(index) else {
+                throw VMMError.invalidValue(what: "disk", value: "\(index)", reason: "no such virtio-blk disk")
+            }
+            var spec = disk.spec
+            spec.path = path
+            // The same file again (a re-open): its lock is already ours.
+            let (backend, lock) = try Self.openDisk(spec, reusing: disk.lock.isSameFile(path) ? disk.lock : nil)
+            guard let old = disk.device.replaceBackend(backend) else {
+                try? backend.close()
+                throw VMMError.invalidValue(what: "disk path", value: path, reason: "its read-only state differs from the disk's")
+            }
+            guard virtio.replaced(index, spec: spec, backend: backend, lock: lock) else {
+                try? backend.close()
+                throw VMMError.invalidValue(what: "disk path", value: path, reason: "the machine is stopping")
+            }
+            do { try old.close() } catch { logger.error("virtio-blk \(disk.device.serialString): flushing the replaced image \(disk.spec.path) failed: \(error)") }
+            logger.info("virtio-blk \(disk.device.serialString): backing file is now \(path) (\(backend.size) bytes)")
         }
     }
 

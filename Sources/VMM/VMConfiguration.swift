@@ -1,4 +1,5 @@
 import Boot
+import Virtio
 
 /// What to do when the guest resets (triple fault, i8042 reset pulse, KVM system event reset).
 public enum RebootPolicy: String, Codable, Sendable, CaseIterable {
@@ -106,6 +107,8 @@ public struct VMConfiguration: Codable, Sendable, Equatable {
     public var virtioConsole: Bool = false
     /// A virtio-rng device (`--rng`), after the console.
     public var rng: Bool = false
+    /// Rate limit of the virtio-rng device (bandwidth in bytes, ops); nil: none.
+    public var rngRateLimit: RateLimitConfig? = nil
 
     /// A configuration for `payload` with defaults for everything else.
     public init(payload: GuestPayload) { self.payload = payload }

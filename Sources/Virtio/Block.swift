@@ -10,6 +10,11 @@ import Synchronization
 /// checked against the disk size; a read-only backend offers VIRTIO_BLK_F_RO and answers writes
 /// with IOERR; unknown request types get UNSUPP. The status byte must be the last device-writable
 /// byte of the chain. (Mutable state is guarded by `active`, a Mutex, and `inflight`, a ConditionLock.)
+///
+/// A `RateLimiter` (bandwidth: the data bytes of IN and OUT requests; ops: every request) holds
+/// the queue when it runs out of tokens: the request that did not fit waits (in order) until a
+/// timer on the device's event loop resumes the queue. `replaceBackend` swaps the disk between
+/// requests (Firecracker's "update block device path") and signals a configuration change.
 public final class VirtioBlock: VirtioDevice, @unchecked Sendable {
     /// Feature bits (section 5.2.3).
     public enum Feature {
@@ -50,13 +55,23 @@ public final class VirtioBlock: VirtioDevice, @unchecked Sendable {
     /// Length of a GET_ID answer.
     public static let idLength = 20
 
-    /// The disk.
-    public let backend: any BlockBackend
+    /// The disk now in use.
+    public var backend: any BlockBackend { disk.withLock { $0.backend } }
     /// Serial number returned by GET_ID (at most 20 bytes).
     public let serial: [UInt8]
+    /// Limits requests (bandwidth and ops); updatable at run time.
+    public let rateLimiter: RateLimiter
     let log: VirtioLog
-    private let capacitySectors: UInt64
+    /// The backend and its size in sectors, swapped together by `replaceBackend`.
+    private struct Disk { var backend: any BlockBackend; var capacitySectors: UInt64 }
+    private let disk: Mutex<Disk>
+    private let readOnly: Bool
     private let active = Mutex<VirtioActivation?>(nil)
+    /// Resumes a queue held by the rate limiter.
+    private let throttleTimer: ThrottleTimer
+    /// The request popped from the ring that the rate limiter held back; it goes first next time.
+    /// Guarded by `active` (only touched inside `active.withLock`).
+    private var held: DescriptorChain?
     /// Threads running requests in parallel (nil: requests run on the event-loop thread).
     private let workers: IOWorkerPool?
     /// Requests handed to `workers`: their completions, and a generation that a reset bumps.
@@ -67,20 +82,62 @@ public final class VirtioBlock: VirtioDevice, @unchecked Sendable {
 
     /// A block device on `backend`; `serial` (truncated to 20 bytes) answers GET_ID. With
     /// `ioThreads` > 0, requests run on that many threads in parallel (for backends without an
-    /// internal lock, such as `RawFileBackend`) and complete in any order.
-    public init(backend: any BlockBackend, serial: String, ioThreads: Int = 0, log: VirtioLog = .discard) {
-        self.backend = backend
+    /// internal lock, such as `RawFileBackend`) and complete in any order. `rateLimit` limits
+    /// the requests; the timer that resumes a throttled queue runs on `eventLoop` (the loop that
+    /// processes this device's queue; nil: a dispatch timer).
+    public init(backend: any BlockBackend, serial: String, ioThreads: Int = 0, rateLimit: RateLimitConfig? = nil,
+                eventLoop: EventLoop? = nil, log: VirtioLog = .discard) {
+        self.disk = Mutex(Disk(backend: backend, capacitySectors: backend.size / Self.sectorSize))
+        self.readOnly = backend.isReadOnly
         self.serial = Array(serial.utf8.prefix(Self.idLength))
         self.log = log
-        self.capacitySectors = backend.size / Self.sectorSize
+        self.rateLimiter = RateLimiter(rateLimit ?? RateLimitConfig())
         self.workers = ioThreads > 0 ? IOWorkerPool(threads: ioThreads, name: "virtio-blk-io") : nil
+        self.throttleTimer = ThrottleTimer(loop: eventLoop, log: log)
+        throttleTimer.setAction { [weak self] in self?.resume() }
+    }
+
+    /// Capacity of the disk now in use, in 512-byte sectors.
+    public var capacitySectors: UInt64 { disk.withLock { $0.capacitySectors } }
+
+    /// Asks for the queue to be processed again (the throttle timer fired, or the limits changed).
+    public func resume() {
+        active.withLock { $0 }?.schedule(0)
+    }
+
+    /// Changes the rate limiter's buckets and lets a held request try again at once.
+    public func updateRateLimit(bandwidth: RateLimiter.BucketUpdate, ops: RateLimiter.BucketUpdate) {
+        rateLimiter.update(bandwidth: bandwidth, ops: ops)
+        resume()
+    }
+
+    /// Swaps in `newBackend` between requests: waits for the requests in flight on the old disk,
+    /// switches, updates the capacity in the configuration space and signals a configuration
+    /// change. Returns the old backend (the caller flushes and closes it). Refused (nil) when
+    /// the new backend's read-only state differs, since the driver negotiated VIRTIO_BLK_F_RO.
+    public func replaceBackend(_ newBackend: any BlockBackend) -> (any BlockBackend)? {
+        guard newBackend.isReadOnly == readOnly else { return nil }
+        let (old, activation) = active.withLock { a -> (any BlockBackend, VirtioActivation?) in
+            // Holding `active` keeps new requests from starting; wait for the running ones.
+            inflight.lock()
+            while inflightCount > 0 { inflight.wait() }
+            let old = disk.withLock { d -> any BlockBackend in
+                let old = d.backend
+                d = Disk(backend: newBackend, capacitySectors: newBackend.size / Self.sectorSize)
+                return old
+            }
+            inflight.unlock()
+            return (old, a)
+        }
+        activation?.interrupt.signalConfigChange()
+        return old
     }
 
     public var deviceType: VirtioDeviceType { .block }
 
     public var deviceFeatures: UInt64 {
         var f = Feature.sizeMax | Feature.segMax | Feature.blockSize | Feature.flush
-        if backend.isReadOnly { f |= Feature.readOnly } else { f |= Feature.discard | Feature.writeZeroes }
+        if readOnly { f |= Feature.readOnly } else { f |= Feature.discard | Feature.writeZeroes }
         return f
     }
 
@@ -91,7 +148,7 @@ public final class VirtioBlock: VirtioDevice, @unchecked Sendable {
     /// The configuration image (struct virtio_blk_config).
     var configBytes: [UInt8] {
         var c = [UInt8](repeating: 0, count: 60)
-        c.putLE(capacitySectors, at: 0)
+        c.putLE(disk.withLock { $0.capacitySectors }, at: 0)
         c.putLE(Self.sizeMax, at: 8)
         c.putLE(Self.segMax, at: 12)
         c.putLE(UInt32(Self.sectorSize), at: 20)      // blk_size
@@ -127,7 +184,10 @@ public final class VirtioBlock: VirtioDevice, @unchecked Sendable {
         while inflightCount > 0 { inflight.wait() }
         completions = []
         inflight.unlock()
-        active.withLock { $0 = nil }
+        active.withLock { a in
+            a = nil
+            held = nil
+        }
     }
 
     public func shutdown() {
@@ -142,12 +202,65 @@ public final class VirtioBlock: VirtioDevice, @unchecked Sendable {
                 if let workers {
                     try processAsync(q, a, workers)
                 } else {
-                    try q.serve(log: log, interrupt: a.interrupt) { chain in handle(chain, memory: a.memory) }
+                    let added = try pump(q, a) { chain in
+                        q.addUsed(head: chain.head, length: handle(chain, memory: a.memory))
+                        return true
+                    }
+                    if added && q.needsInterrupt() { a.interrupt.signalQueue(0) }
                 }
                 return .success(())
             } catch { return .failure(error) }
         }
         try result.get()
+    }
+
+    /// Takes requests from the ring (the held one first) while the rate limiter allows them and
+    /// hands each to `submit`, which returns whether it added a used entry. Malformed chains are
+    /// logged and returned. When the limiter says wait, the request is held and the timer armed:
+    /// the ring is left as it is, so no request is lost or reordered. Returns whether used
+    /// entries were added. Call inside `active.withLock`.
+    private func pump(_ q: Virtqueue, _ a: VirtioActivation, submit: (DescriptorChain) -> Bool) throws(VirtioError) -> Bool {
+        var added = false
+        repeat {
+            while true {
+                let item: AvailableItem
+                if let h = held {
+                    held = nil
+                    item = .chain(h)
+                } else if let next = try q.popAvailable() {
+                    item = next
+                } else {
+                    break
+                }
+                switch item {
+                case .chain(let chain):
+                    if case .throttled(let ns) = rateLimiter.consume(bytes: dataBytes(chain, memory: a.memory)) {
+                        held = chain
+                        throttleTimer.arm(afterNs: ns)
+                        return added
+                    }
+                    if submit(chain) { added = true }
+                case .malformed(let head, let error):
+                    log.error("\(error)")
+                    q.addUsed(head: head, length: 0)
+                    added = true
+                }
+            }
+        } while q.enableNotification()
+        return added
+    }
+
+    /// The data bytes a request moves, as the bandwidth bucket counts them: the buffer of IN and
+    /// OUT requests, 0 for the others (and for requests too short to have a type; they fail).
+    func dataBytes(_ chain: DescriptorChain, memory: GuestMemory) -> UInt64 {
+        // The type may straddle descriptors: read it as the request handler does.
+        var reader = ChainReader(memory: memory, chain: chain)
+        guard let bytes = try? reader.read(4), let type = bytes.getLE(UInt32.self, at: 0) else { return 0 }
+        switch type {
+        case RequestType.input: return chain.writableLength > 0 ? chain.writableLength - 1 : 0
+        case RequestType.output: return chain.readableLength > 16 ? chain.readableLength - 16 : 0
+        default: return 0
+        }
     }
 
     /// Returns finished requests to the ring, then hands new ones to the workers.
@@ -159,9 +272,7 @@ public final class VirtioBlock: VirtioDevice, @unchecked Sendable {
         inflight.unlock()
         for c in done { q.addUsed(head: c.head, length: c.length) }
         var added = !done.isEmpty
-        try q.drain { item in
-            switch item {
-            case .chain(let chain):
+        if try pump(q, a, submit: { chain in
                 inflight.lock()
                 inflightCount += 1
                 inflight.unlock()
@@ -175,17 +286,15 @@ public final class VirtioBlock: VirtioDevice, @unchecked Sendable {
                     inflight.unlock()
                     schedule(0)
                 }
-            case .malformed(let head, let error):
-                log.error("\(error)")
-                q.addUsed(head: head, length: 0)
-                added = true
-            }
-        }
+                return false
+        }) { added = true }
         if added && q.needsInterrupt() { a.interrupt.signalQueue(0) }
     }
 
     /// Executes one request chain; returns the used length (data written + status byte).
     func handle(_ chain: DescriptorChain, memory: GuestMemory) -> UInt32 {
+        let disk = self.disk.withLock { $0 }
+        let backend = disk.backend
         // The status byte is the chain's last writable byte.
         guard let last = chain.writable.last(where: { $0.length > 0 }) else {
             log.error("\(VirtioError.badRequest(queue: chain.queue, head: chain.head, reason: "virtio-blk request without a device-writable status byte"))")
@@ -206,7 +315,7 @@ public final class VirtioBlock: VirtioDevice, @unchecked Sendable {
                     throw BlockRequestError.status(Status.ioError, "read request with \(reader.remaining) device-readable data bytes (the data buffer must be device-writable)")
                 }
                 let n = dataWritable
-                try checkData(chain, sector: sector, bytes: n)
+                try checkData(chain, sector: sector, bytes: n, capacity: disk.capacitySectors)
                 var writer = ChainWriter(memory: memory, chain: chain)
                 var pos = sector * Self.sectorSize
                 if let vectored = backend as? any VectoredBlockBackend {
@@ -227,7 +336,7 @@ public final class VirtioBlock: VirtioDevice, @unchecked Sendable {
                     throw BlockRequestError.status(Status.ioError, "write request with \(dataWritable) device-writable data bytes (the data buffer must be device-readable)")
                 }
                 let n = reader.remaining
-                try checkData(chain, sector: sector, bytes: n)
+                try checkData(chain, sector: sector, bytes: n, capacity: disk.capacitySectors)
                 var pos = sector * Self.sectorSize
                 if let vectored = backend as? any VectoredBlockBackend {
                     // SAFETY: as for IN above.
@@ -251,7 +360,7 @@ public final class VirtioBlock: VirtioDevice, @unchecked Sendable {
                 written = UInt64(n)
             case RequestType.discard, RequestType.writeZeroes:
                 guard !backend.isReadOnly else { throw BlockRequestError.status(Status.ioError, "discard/write-zeroes on a read-only disk") }
-                try discardOrZero(type: type, reader: &reader, chain: chain)
+                try discardOrZero(type: type, reader: &reader, chain: chain, backend: backend, capacity: disk.capacitySectors)
             default:
                 throw BlockRequestError.status(Status.unsupported, "unsupported request type \(type)")
             }
@@ -276,24 +385,26 @@ public final class VirtioBlock: VirtioDevice, @unchecked Sendable {
         return UInt32(truncatingIfNeeded: written + 1)
     }
 
-    private var serialString: String { String(decoding: serial, as: UTF8.self) }
+    /// The serial as text (for messages).
+    public var serialString: String { String(decoding: serial, as: UTF8.self) }
 
     /// Checks a data transfer: a whole number of sectors inside the disk.
-    private func checkData(_ chain: DescriptorChain, sector: UInt64, bytes: UInt64) throws {
+    private func checkData(_ chain: DescriptorChain, sector: UInt64, bytes: UInt64, capacity: UInt64) throws {
         guard bytes % Self.sectorSize == 0 else {
             throw BlockRequestError.status(Status.ioError, "data length \(bytes) is not a multiple of 512")
         }
-        try checkRange(sector: sector, sectors: bytes / Self.sectorSize)
+        try checkRange(sector: sector, sectors: bytes / Self.sectorSize, capacity: capacity)
     }
 
-    private func checkRange(sector: UInt64, sectors: UInt64) throws {
+    private func checkRange(sector: UInt64, sectors: UInt64, capacity: UInt64) throws {
         let (end, o) = sector.addingReportingOverflow(sectors)
-        guard !o, end <= capacitySectors else {
-            throw BlockRequestError.status(Status.ioError, "sectors \(sector)+\(sectors) are past the end of the disk (\(capacitySectors) sectors)")
+        guard !o, end <= capacity else {
+            throw BlockRequestError.status(Status.ioError, "sectors \(sector)+\(sectors) are past the end of the disk (\(capacity) sectors)")
         }
     }
 
-    private func discardOrZero(type: UInt32, reader: inout ChainReader, chain: DescriptorChain) throws {
+    private func discardOrZero(type: UInt32, reader: inout ChainReader, chain: DescriptorChain,
+                               backend: any BlockBackend, capacity: UInt64) throws {
         let count = reader.remaining / 16
         guard count >= 1, reader.remaining % 16 == 0 else {
             throw BlockRequestError.status(Status.ioError, "discard/write-zeroes payload of \(reader.remaining) bytes is not whole 16-byte segments")
@@ -315,7 +426,7 @@ public final class VirtioBlock: VirtioDevice, @unchecked Sendable {
             if type == RequestType.writeZeroes, flags & ~1 != 0 {
                 throw BlockRequestError.status(Status.unsupported, "write-zeroes with unknown flags 0x\(String(flags, radix: 16))")
             }
-            try checkRange(sector: sector, sectors: n)
+            try checkRange(sector: sector, sectors: n, capacity: capacity)
             if n == 0 { continue }
             if type == RequestType.discard {
                 try backend.discard(at: sector * Self.sectorSize, length: n * Self.sectorSize)

@@ -9,17 +9,31 @@ private func c_getrandom(_ buf: UnsafeMutableRawPointer, _ len: Int, _ flags: UI
 
 /// virtio-rng (virtio 1.x, section 5.4): fills device-writable buffers with bytes from the host's
 /// `getrandom(2)`. One request is served with at most `maxBytesPerRequest` bytes.
-public final class VirtioEntropy: VirtioDevice {
+///
+/// A `RateLimiter` (bandwidth: the bytes handed out; ops: requests) holds the queue when it runs
+/// out of tokens; a timer on the device's event loop resumes it, in order.
+public final class VirtioEntropy: VirtioDevice, @unchecked Sendable {
     /// Queue size offered.
     public static let queueSize: UInt16 = 256
     /// Largest amount of entropy returned for one request.
     public static let maxBytesPerRequest = 64 << 10
 
     let log: VirtioLog
+    /// Limits the bytes and requests served.
+    public let rateLimiter: RateLimiter
     private let active = Mutex<VirtioActivation?>(nil)
+    private let throttleTimer: ThrottleTimer
+    /// The request the rate limiter held back (guarded by `active`).
+    private var held: DescriptorChain?
 
-    /// An entropy device; guest-caused errors go to `log`.
-    public init(log: VirtioLog = .discard) { self.log = log }
+    /// An entropy device limited by `rateLimit`, whose throttle timer runs on `eventLoop` (nil: a
+    /// dispatch timer); guest-caused errors go to `log`.
+    public init(rateLimit: RateLimitConfig? = nil, eventLoop: EventLoop? = nil, log: VirtioLog = .discard) {
+        self.log = log
+        rateLimiter = RateLimiter(rateLimit ?? RateLimitConfig())
+        throttleTimer = ThrottleTimer(loop: eventLoop, log: log)
+        throttleTimer.setAction { [weak self] in self?.active.withLock { $0 }?.schedule(0) }
+    }
 
     public var deviceType: VirtioDeviceType { .entropy }
     public var deviceFeatures: UInt64 { 0 }
@@ -32,22 +46,52 @@ public final class VirtioEntropy: VirtioDevice {
         active.withLock { $0 = activation }
     }
 
-    public func reset() { active.withLock { $0 = nil } }
+    public func reset() {
+        active.withLock { a in
+            a = nil
+            held = nil
+        }
+    }
 
     public func processQueue(_ index: Int) throws(VirtioError) {
         let result: Result<Void, VirtioError> = active.withLock { a in
             guard let a, index == 0, let q = a.queues.first ?? nil else { return .success(()) }
             do throws(VirtioError) {
-                try q.serve(log: log, interrupt: a.interrupt) { chain in
-                    let n = Int(min(chain.writableLength, UInt64(Self.maxBytesPerRequest)))
-                    var w = ChainWriter(memory: a.memory, chain: chain)
-                    do {
-                        try w.forEachSegment(n) { Self.fillRandom($0) }
-                    } catch {
-                        log.error("virtio-rng: \(error)")
+                var added = false
+                drain: repeat {
+                    while true {
+                        let item: AvailableItem
+                        if let h = held {
+                            held = nil
+                            item = .chain(h)
+                        } else if let next = try q.popAvailable() {
+                            item = next
+                        } else {
+                            break
+                        }
+                        switch item {
+                        case .chain(let chain):
+                            let n = Int(min(chain.writableLength, UInt64(Self.maxBytesPerRequest)))
+                            if case .throttled(let ns) = rateLimiter.consume(bytes: UInt64(n)) {
+                                held = chain
+                                throttleTimer.arm(afterNs: ns)
+                                break drain
+                            }
+                            var w = ChainWriter(memory: a.memory, chain: chain)
+                            do {
+                                try w.forEachSegment(n) { Self.fillRandom($0) }
+                            } catch {
+                                log.error("virtio-rng: \(error)")
+                            }
+                            q.addUsed(head: chain.head, length: UInt32(w.written))
+                        case .malformed(let head, let error):
+                            log.error("\(error)")
+                            q.addUsed(head: head, length: 0)
+                        }
+                        added = true
                     }
-                    return UInt32(w.written)
-                }
+                } while q.enableNotification()
+                if added && q.needsInterrupt() { a.interrupt.signalQueue(0) }
                 return .success(())
             } catch { return .failure(error) }
         }

@@ -13,7 +13,8 @@ struct VMMCommand: ParsableCommand {
         machine-config, drives, network-interfaces, logger, metrics…) to start at once. The process \
         exits when the guest stops, with the exit codes of `swiftkvm run` (0 power-off, 3 reset, \
         (v<<1)|1 debug-exit, 128+N after a signal); 2 for bad options or config file; 1 when the \
-        socket cannot be bound. A binary or symlink named `firecracker` behaves like `swiftkvm vmm`.
+        socket cannot be bound. The serial console is stdout and stdin (unless stdin is /dev/null), \
+        plus --console-sock clients and the --serial-log file. A binary or symlink named `firecracker` behaves like `swiftkvm vmm`.
         """)
 
     @Option(name: .customLong("api-sock"), help: "Path of the API Unix socket (must not exist).")
@@ -38,6 +39,10 @@ struct VMMCommand: ParsableCommand {
     var metricsInterval: Double = 60
     @Option(name: .customLong("http-api-max-payload-size"), help: "Largest API request body in bytes.")
     var maxPayloadSize: Int = APIServer.defaultMaxBodySize
+    @Option(name: .customLong("console-sock"), help: "Serve the serial console on this Unix socket (must not exist); clients get the output and type the input.")
+    var consoleSock: String?
+    @Option(name: .customLong("serial-log"), help: "Append the serial output to this file instead of stdout.")
+    var serialLog: String?
 
     // Accepted for compatibility with Firecracker tooling; they have no effect here.
     @Flag(name: .customLong("no-seccomp"), help: .hidden) var noSeccomp = false
@@ -76,6 +81,8 @@ struct VMMCommand: ParsableCommand {
         o.metricsPath = metricsPath
         o.metricsInterval = metricsInterval
         o.maxPayloadSize = maxPayloadSize
+        o.consoleSocket = consoleSock
+        o.serialLog = serialLog
         throw ExitCode(VMMProcess.run(o))
     }
 }

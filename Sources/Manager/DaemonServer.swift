@@ -1,0 +1,315 @@
+import Foundation
+import NIOCore
+import NIOHTTP1
+import NIOPosix
+
+/// The daemon's HTTP/1.1 API on its Unix socket (SwiftNIO; see the manager contract).
+///
+/// Requests are decoded by NIO's HTTP/1 server codec; bodies over `maxBodySize` get 413.
+/// Actions run on a concurrent dispatch queue (they block: a shutdown waits for the guest),
+/// never on the event loop. `GET /events` keeps the connection and streams NDJSON in chunks.
+public final class DaemonServer: @unchecked Sendable {
+    /// The largest request body (a definition).
+    public static let maxBodySize = 1 << 20
+
+    public let socketPath: String
+    let manager: VMManager
+    let version: String
+    private let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+    private var channel: (any Channel)?
+
+    public init(socketPath: String, manager: VMManager, version: String) {
+        self.socketPath = socketPath
+        self.manager = manager
+        self.version = version
+    }
+
+    /// Binds the socket (a stale socket is replaced: the caller holds the daemon lock; any other
+    /// file at the path is an error).
+    public func start() throws(ManagerError) {
+        guard socketPath.utf8.count < 108 else {
+            throw ManagerError(.invalid, "the daemon socket path \(socketPath) is too long (\(socketPath.utf8.count) bytes, at most 107): use a shorter --state-dir or --socket")
+        }
+        var st = stat()
+        if lstat(socketPath, &st) == 0 {
+            guard (st.st_mode & S_IFMT) == S_IFSOCK else {
+                throw ManagerError(.invalid, "the daemon socket path \(socketPath) exists and is not a socket")
+            }
+            unlink(socketPath) // stale: the caller holds the daemon lock
+        }
+        let router = DaemonRouter(manager: manager, version: version)
+        let bootstrap = ServerBootstrap(group: group)
+            .serverChannelOption(ChannelOptions.backlog, value: 64)
+            .childChannelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.configureHTTPServerPipeline(withErrorHandling: true)
+                    try channel.pipeline.syncOperations.addHandler(DaemonHTTPHandler(router: router))
+                }
+            }
+        do {
+            channel = try bootstrap.bind(unixDomainSocketPath: socketPath).wait()
+        } catch {
+            throw ManagerError(.host, "cannot bind the daemon socket \(socketPath): \(UnixHTTPClient.describe(error))")
+        }
+        chmod(socketPath, 0o660)
+    }
+
+    /// Closes the socket and every connection, removes the socket file.
+    public func stop() {
+        try? channel?.close().wait()
+        channel = nil
+        unlink(socketPath)
+        try? group.syncShutdownGracefully()
+    }
+}
+
+/// A reply: status and JSON body (empty for 204).
+struct DaemonReply: Sendable {
+    var status: Int
+    var body: [UInt8]
+
+    static func json<T: Encodable>(_ status: Int, _ value: T) -> DaemonReply {
+        let e = JSONEncoder()
+        e.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
+        return DaemonReply(status: status, body: Array((try? e.encode(value)) ?? Data()))
+    }
+
+    static func error(_ e: ManagerError) -> DaemonReply { fault(e.status, e.message) }
+
+    static func fault(_ status: Int, _ message: String) -> DaemonReply {
+        json(status, ["fault_message": message])
+    }
+}
+
+/// Maps requests to manager calls.
+struct DaemonRouter: Sendable {
+    let manager: VMManager
+    let version: String
+
+    /// A parsed request target: path segments and query items.
+    struct Target {
+        var segments: [String]
+        var query: [String: String]
+        init(_ uri: String) {
+            let parts = uri.split(separator: "?", maxSplits: 1, omittingEmptySubsequences: false)
+            segments = parts[0].split(separator: "/").map { String($0).removingPercentEncoding ?? String($0) }
+            query = [:]
+            if parts.count > 1 {
+                for item in parts[1].split(separator: "&") {
+                    let kv = item.split(separator: "=", maxSplits: 1)
+                    query[String(kv[0])] = kv.count > 1 ? String(kv[1]).removingPercentEncoding ?? String(kv[1]) : ""
+                }
+            }
+        }
+    }
+
+    /// Handles every request except `GET /events`.
+    func handle(method: String, uri: String, body: [UInt8]) -> DaemonReply {
+        let t = Target(uri)
+        do throws(ManagerError) {
+            switch (method, t.segments.count) {
+            case ("GET", 0):
+                return .json(200, DaemonInfo(version: version, pid: Int(getpid()), stateDir: manager.paths.root))
+            case ("GET", 1) where t.segments[0] == "vms":
+                let all = ["true", "1", ""].contains(t.query["all"] ?? "false")
+                return .json(200, manager.list(all: all))
+            case ("POST", 1) where t.segments[0] == "vms":
+                let (info, replaced) = try manager.define(body)
+                return .json(replaced ? 200 : 201, info)
+            case ("GET", 2) where t.segments[0] == "vms":
+                return .json(200, try manager.info(t.segments[1]))
+            case ("DELETE", 2) where t.segments[0] == "vms":
+                try manager.undefine(t.segments[1])
+                return DaemonReply(status: 204, body: [])
+            case ("PUT", 3) where t.segments[0] == "vms" && t.segments[2] == "state":
+                return try changeState(t.segments[1], body)
+            case ("PUT", 3) where t.segments[0] == "vms" && t.segments[2] == "autostart":
+                struct Body: Decodable { var autostart: Bool }
+                let b: Body = try decode(Body.self, body, keys: ["autostart"])
+                return .json(200, try manager.setAutostart(t.segments[1], b.autostart))
+            default:
+                if knownPath(t) {
+                    return .fault(405, "method \(method) is not allowed on \(t.segments.isEmpty ? "/" : "/" + t.segments.joined(separator: "/"))")
+                }
+                return .fault(404, "no such path: \(uri)")
+            }
+        } catch {
+            return .error(error)
+        }
+    }
+
+    func knownPath(_ t: Target) -> Bool {
+        switch t.segments.count {
+        case 0: return true
+        case 1: return t.segments[0] == "vms" || t.segments[0] == "events"
+        case 2: return t.segments[0] == "vms"
+        case 3: return t.segments[0] == "vms" && ["state", "autostart"].contains(t.segments[2])
+        default: return false
+        }
+    }
+
+    /// Decodes a small JSON body strictly: only `keys` allowed, errors name the key.
+    func decode<T: Decodable>(_ type: T.Type, _ body: [UInt8], keys: [String]) throws(ManagerError) -> T {
+        guard let object = try? JSONSerialization.jsonObject(with: Data(body)) as? [String: Any] else {
+            throw ManagerError(.invalid, "the request body must be a JSON object")
+        }
+        for k in object.keys.sorted() where !keys.contains(k) {
+            throw ManagerError(.invalid, "unknown key `\(k)` in the request body, expected one of \(keys.map { "`\($0)`" }.joined(separator: ", "))")
+        }
+        do {
+            return try JSONDecoder().decode(T.self, from: Data(body))
+        } catch let e as DecodingError {
+            throw ManagerError(.invalid, "invalid request body: " + API.StrictJSON.describe(e).replacingOccurrences(of: "field `", with: "key `"))
+        } catch {
+            throw ManagerError(.invalid, "invalid request body: \(error)")
+        }
+    }
+
+    func changeState(_ name: String, _ body: [UInt8]) throws(ManagerError) -> DaemonReply {
+        struct Body: Decodable {
+            var action: String
+            var timeout_s: Double?
+        }
+        let b: Body = try decode(Body.self, body, keys: ["action", "timeout_s"])
+        if let t = b.timeout_s, !(0...86_400).contains(t) {
+            throw ManagerError(.invalid, "key `timeout_s` must be from 0 to 86400 seconds, not \(t)")
+        }
+        let info: VMInfo
+        switch b.action {
+        case "start": info = try manager.start(name)
+        case "shutdown": info = try manager.shutdown(name, timeout: b.timeout_s)
+        case "destroy": info = try manager.destroy(name)
+        case "pause": info = try manager.pause(name)
+        case "resume": info = try manager.resume(name)
+        default:
+            throw ManagerError(.invalid, "unknown action `\(b.action)` (key `action`), expected one of `start`, `shutdown`, `destroy`, `pause`, `resume`")
+        }
+        return .json(200, info)
+    }
+}
+
+import API
+
+/// One connection: collects a request (bounded), dispatches it, replies; or streams events.
+final class DaemonHTTPHandler: ChannelInboundHandler, @unchecked Sendable {
+    typealias InboundIn = HTTPServerRequestPart
+    typealias OutboundOut = HTTPServerResponsePart
+
+    let router: DaemonRouter
+    private var head: HTTPRequestHead?
+    private var body: [UInt8] = []
+    private var rejected = false
+    private var subscription: UInt64?
+    private static let queue = DispatchQueue(label: "daemon-actions", attributes: .concurrent)
+
+    init(router: DaemonRouter) { self.router = router }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        switch unwrapInboundIn(data) {
+        case .head(let h):
+            guard subscription == nil else {
+                // A request after GET /events on the same connection: the stream owns it.
+                context.close(promise: nil)
+                return
+            }
+            head = h
+            body = []
+            rejected = false
+            if let n = h.headers.first(name: "content-length").flatMap({ Int($0) }), n > DaemonServer.maxBodySize {
+                reject(context: context, size: n)
+            }
+        case .body(let part):
+            guard !rejected else { return }
+            if body.count + part.readableBytes > DaemonServer.maxBodySize {
+                reject(context: context, size: body.count + part.readableBytes)
+                return
+            }
+            body += part.readableBytesView
+        case .end:
+            guard !rejected, let head else { return }
+            self.head = nil
+            let path = head.uri.split(separator: "?", maxSplits: 1).first.map(String.init) ?? head.uri
+            if head.method == .GET && (path == "/events" || path == "/events/") {
+                streamEvents(context: context, uri: head.uri)
+                return
+            }
+            let router = self.router, method = head.method.rawValue, uri = head.uri, bytes = body
+            let keepAlive = head.isKeepAlive
+            body = []
+            let promise = context.eventLoop.makePromise(of: DaemonReply.self)
+            Self.queue.async { promise.succeed(router.handle(method: method, uri: uri, body: bytes)) }
+            let bound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
+            promise.futureResult.whenSuccess { reply in
+                let (handler, context) = bound.value
+                handler.write(context: context, reply, keepAlive: keepAlive)
+            }
+        }
+    }
+
+    private func reject(context: ChannelHandlerContext, size: Int) {
+        rejected = true
+        write(context: context, .fault(413, "the request body (\(size) bytes) is larger than the limit of \(DaemonServer.maxBodySize) bytes"), keepAlive: false)
+    }
+
+    private func write(context: ChannelHandlerContext, _ reply: DaemonReply, keepAlive: Bool) {
+        var headers = HTTPHeaders()
+        headers.add(name: "Server", value: "swiftkvm-daemon")
+        if !reply.body.isEmpty { headers.add(name: "Content-Type", value: "application/json") }
+        headers.add(name: "Content-Length", value: String(reply.body.count))
+        if !keepAlive { headers.add(name: "Connection", value: "close") }
+        context.write(wrapOutboundOut(.head(HTTPResponseHead(version: .http1_1, status: HTTPResponseStatus(statusCode: reply.status), headers: headers))), promise: nil)
+        if !reply.body.isEmpty {
+            context.write(wrapOutboundOut(.body(.byteBuffer(context.channel.allocator.buffer(bytes: reply.body)))), promise: nil)
+        }
+        let p = context.eventLoop.makePromise(of: Void.self)
+        context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: p)
+        if !keepAlive {
+            let bound = NIOLoopBound(context, eventLoop: context.eventLoop)
+            p.futureResult.whenComplete { _ in bound.value.close(promise: nil) }
+        }
+    }
+
+    /// `GET /events[?since=SEQ]`: a chunked NDJSON stream until the client goes away.
+    private func streamEvents(context: ChannelHandlerContext, uri: String) {
+        let t = DaemonRouter.Target(uri)
+        var since: UInt64?
+        if let s = t.query["since"] {
+            guard let n = UInt64(s) else {
+                write(context: context, .fault(400, "invalid query `since`: '\(s)' is not a sequence number"), keepAlive: false)
+                return
+            }
+            since = n
+        }
+        var headers = HTTPHeaders()
+        headers.add(name: "Server", value: "swiftkvm-daemon")
+        headers.add(name: "Content-Type", value: "application/x-ndjson")
+        headers.add(name: "Transfer-Encoding", value: "chunked")
+        context.writeAndFlush(wrapOutboundOut(.head(HTTPResponseHead(version: .http1_1, status: .ok, headers: headers))), promise: nil)
+        let channel = context.channel
+        let send: @Sendable (VMEvent) -> Void = { event in
+            let line = event.jsonLine
+            channel.eventLoop.execute {
+                guard channel.isActive else { return }
+                // A client that stops reading is dropped rather than buffered without bound.
+                guard channel.isWritable else {
+                    channel.close(promise: nil)
+                    return
+                }
+                channel.writeAndFlush(HTTPServerResponsePart.body(.byteBuffer(channel.allocator.buffer(bytes: line))), promise: nil)
+            }
+        }
+        let (id, replay) = router.manager.events.subscribe(since: since, send)
+        subscription = id
+        for e in replay { send(e) }
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        if let subscription { router.manager.events.unsubscribe(subscription) }
+        subscription = nil
+        context.fireChannelInactive()
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        context.close(promise: nil)
+    }
+}

@@ -1,0 +1,501 @@
+import API
+import Foundation
+import Logging
+import VMM
+
+/// The manager's core (libvirt's role): VM definitions, one supervised `swiftkvm vmm` process per
+/// running VM, state changes and events. Thread-safe; its actions block (run them off the event
+/// loop). VMs keep running when the manager goes away; `start()` re-attaches to them.
+public final class VMManager: @unchecked Sendable {
+    /// Settings.
+    public struct Options: Sendable {
+        /// The state directory.
+        public var stateDirectory: String
+        /// The executable started as `EXE vmm …`: nil = the running executable (/proc/self/exe).
+        public var vmmExecutable: String?
+        /// The default guest's assets folder (nil: found from the vmm executable or $SWIFTKVM_ASSETS).
+        public var assetsDirectory: String?
+        /// Seconds to wait for a started vmm's API socket.
+        public var startTimeout: Double = 10
+        /// Seconds between SIGTERM and SIGKILL in destroy.
+        public var destroyGrace: Double = 3
+        public var logger = Logger(label: "swiftkvm.manager")
+
+        public init(stateDirectory: String) { self.stateDirectory = stateDirectory }
+    }
+
+    /// One VM: its definition and its runtime state. Guarded by `VMManager.lock`.
+    final class Record {
+        var definition: VMDefinition
+        var state: VMState = .shutOff
+        var pid: pid_t?
+        var startTime: UInt64?
+        var startedAt: Date?
+        var lastExit: VMExitInfo?
+        var destroying = false
+        /// Incremented per run, so a late exit notice of an old run changes nothing.
+        var generation: UInt64 = 0
+        /// Serializes start/shutdown/pause/resume of this VM.
+        let actionLock = NSLock()
+        init(definition: VMDefinition) { self.definition = definition }
+    }
+
+    public let options: Options
+    public let paths: StatePaths
+    public let store: DefinitionStore
+    public let events: EventLog
+    let vmmExecutable: String
+    let assetsDirectory: String?
+    private let lock = NSLock()
+    private var records: [String: Record] = [:]
+    private var stopped = false
+    var logger: Logger { options.logger }
+
+    public init(options: Options) throws(ManagerError) {
+        self.options = options
+        paths = StatePaths(root: options.stateDirectory)
+        store = DefinitionStore(directory: paths.vms)
+        for dir in [paths.root, paths.vms, paths.run, paths.logs] { try AtomicFile.makeDirectory(dir) }
+        events = EventLog(path: paths.events)
+        guard let exe = options.vmmExecutable ?? DefaultGuest.executablePath() else {
+            throw ManagerError(.host, "cannot find the swiftkvm executable (/proc/self/exe)")
+        }
+        vmmExecutable = exe
+        assetsDirectory = options.assetsDirectory
+            ?? DefaultGuest.assetsDirectory(environment: ProcessInfo.processInfo.environment, executablePath: exe)
+    }
+
+    // MARK: start-up
+
+    /// Loads the definitions (bad files are logged by name and skipped), re-attaches to VMs still
+    /// running, cleans stale runtime directories. Returns the errors of skipped files.
+    @discardableResult
+    public func load() -> [ManagerError] {
+        let (defs, errors) = store.loadAll()
+        for e in errors { logger.error("skipping a definition: \(e.message)") }
+        lock.lock()
+        for d in defs { records[d.name] = Record(definition: d) }
+        lock.unlock()
+        for d in defs { reattachOrClean(d.name) }
+        // Runtime directories of VMs that have no definition any more.
+        if let names = try? FileManager.default.contentsOfDirectory(atPath: paths.run) {
+            for n in names where lock.withLock({ records[n] == nil }) {
+                if let rs = readRunState(n), isOurVMM(rs, name: n) {
+                    logger.warning("vm '\(n)' has no definition but its vmm (pid \(rs.pid)) runs: leaving it alone")
+                    continue
+                }
+                try? FileManager.default.removeItem(atPath: paths.runDir(n))
+            }
+        }
+        return errors
+    }
+
+    /// Starts every autostart VM that is shut off (errors are logged and reported as events).
+    public func autostart() {
+        let names = lock.withLock { records.values.filter { $0.definition.autostart && $0.state == .shutOff }.map(\.definition.name) }
+        for name in names.sorted() {
+            do {
+                _ = try start(name)
+            } catch {
+                logger.error("autostart of vm '\(name)' failed: \(error.message)")
+            }
+        }
+    }
+
+    /// Stops watching (VMs keep running). Watch threads of re-attached VMs end.
+    public func shutdownManager() {
+        lock.withLock { stopped = true }
+    }
+
+    private func readRunState(_ name: String) -> RunState? {
+        guard let bytes = try? AtomicFile.read(paths.stateFile(name)) else { return nil }
+        return try? JSONDecoder().decode(RunState.self, from: Data(bytes))
+    }
+
+    /// The process of `rs` is alive, has the same start time, and is the vmm of this VM.
+    private func isOurVMM(_ rs: RunState, name: String) -> Bool {
+        guard rs.pid > 0, ProcessTools.isAlive(rs.pid), ProcessTools.startTime(of: rs.pid) == rs.startTime else { return false }
+        return ProcessTools.commandLine(of: rs.pid).contains(paths.apiSocket(name))
+    }
+
+    private func reattachOrClean(_ name: String) {
+        guard let rs = readRunState(name), isOurVMM(rs, name: name) else {
+            removeRuntimeFiles(name)
+            return
+        }
+        var state = VMState.running
+        if let r = try? UnixHTTPClient(socketPath: paths.apiSocket(name), timeout: 2).request("GET", "/"),
+           let o = try? JSONSerialization.jsonObject(with: Data(r.body)) as? [String: Any],
+           o["state"] as? String == "Paused" {
+            state = .paused
+        }
+        let generation: UInt64? = lock.withLock {
+            guard let rec = records[name] else { return nil }
+            rec.generation += 1
+            rec.state = state
+            rec.pid = rs.pid
+            rec.startTime = rs.startTime
+            rec.startedAt = ISO8601DateFormatter.fractional.date(from: rs.startedAt) ?? Date()
+            rec.destroying = false
+            return rec.generation
+        }
+        guard let generation else { return }
+        logger.info("re-attached to vm '\(name)' (pid \(rs.pid))")
+        events.emit(vm: name, "reattached", "pid \(rs.pid)")
+        let pid = rs.pid, startTime = rs.startTime
+        let thread = Thread { [weak self] in
+            let exited = ProcessTools.waitForeign(pid, startTime: startTime) { [weak self] in
+                guard let self else { return true }
+                return self.lock.withLock { self.stopped }
+            }
+            if exited { self?.processExited(name, generation: generation, exit: nil) }
+        }
+        thread.name = "watch \(name)"
+        thread.start()
+    }
+
+    private func removeRuntimeFiles(_ name: String) {
+        for p in [paths.apiSocket(name), paths.consoleSocket(name), paths.stateFile(name)] { unlink(p) }
+    }
+
+    // MARK: queries
+
+    /// The VM named `name`, or a 404 error.
+    private func record(_ name: String) throws(ManagerError) -> Record {
+        guard let r = lock.withLock({ records[name] }) else {
+            throw ManagerError(.notFound, "vm '\(name)' is not defined")
+        }
+        return r
+    }
+
+    private func info(_ r: Record) -> VMInfo {
+        let name = r.definition.name
+        return VMInfo(name: name, state: r.state, autostart: r.definition.autostart, pid: r.pid.map(Int.init),
+                      vcpus: r.definition.vcpus, memMib: r.definition.memMib,
+                      uptimeS: r.startedAt.map { (Date().timeIntervalSince($0) * 1000).rounded() / 1000 },
+                      apiSocket: paths.apiSocket(name), consoleSocket: paths.consoleSocket(name),
+                      serialLog: paths.serialLog(name), vmmLog: paths.vmmLog(name), lastExit: r.lastExit)
+    }
+
+    /// The VM's info (404 if undefined).
+    public func info(_ name: String) throws(ManagerError) -> VMInfo {
+        let r = try record(name)
+        return lock.withLock { info(r) }
+    }
+
+    /// All VMs sorted by name (`all`), or only those not shut off.
+    public func list(all: Bool) -> [VMInfo] {
+        lock.withLock {
+            records.values.filter { all || $0.state != .shutOff }.map { info($0) }.sorted { $0.name < $1.name }
+        }
+    }
+
+    // MARK: definitions
+
+    /// Defines (or replaces) a VM from definition JSON; returns its info and whether it replaced
+    /// an existing definition (takes effect at the next start).
+    public func define(_ bytes: [UInt8], source: String = "the request body") throws(ManagerError) -> (VMInfo, replaced: Bool) {
+        let def = try VMDefinition.parse(bytes, source: source)
+        try store.save(def)
+        let (result, replaced) = lock.withLock { () -> (VMInfo, Bool) in
+            if let r = records[def.name] {
+                r.definition = def
+                return (self.info(r), true)
+            }
+            let r = Record(definition: def)
+            records[def.name] = r
+            return (self.info(r), false)
+        }
+        events.emit(vm: def.name, "defined", replaced ? "replaced" : "")
+        return (result, replaced)
+    }
+
+    /// Removes a shut-off VM's definition (409 while it runs).
+    public func undefine(_ name: String) throws(ManagerError) {
+        let r = try record(name)
+        r.actionLock.lock()
+        defer { r.actionLock.unlock() }
+        let state = lock.withLock { r.state }
+        guard state == .shutOff else { throw ManagerError(.conflict, "vm '\(name)' is \(state.rawValue): shut it off before undefining it") }
+        try store.remove(name)
+        lock.withLock { records[name] = nil }
+        try? FileManager.default.removeItem(atPath: paths.runDir(name))
+        events.emit(vm: name, "undefined")
+    }
+
+    /// Sets the autostart flag (stored in the definition).
+    public func setAutostart(_ name: String, _ value: Bool) throws(ManagerError) -> VMInfo {
+        let r = try record(name)
+        var def = lock.withLock { r.definition }
+        def.autostart = value
+        try store.save(def)
+        return lock.withLock {
+            r.definition.autostart = value
+            return info(r)
+        }
+    }
+
+    // MARK: actions
+
+    private func conflict(_ name: String, _ state: VMState, _ action: String) -> ManagerError {
+        switch state {
+        case .shutOff: return ManagerError(.conflict, "vm '\(name)' is not running (cannot \(action) it)")
+        case .running where action == "start": return ManagerError(.conflict, "vm '\(name)' is already running")
+        case .paused where action == "pause": return ManagerError(.conflict, "vm '\(name)' is already paused")
+        default: return ManagerError(.conflict, "vm '\(name)' is \(state.rawValue) (cannot \(action) it)")
+        }
+    }
+
+    /// Starts a shut-off VM: writes run/NAME/config.json, spawns the vmm, waits for its API.
+    public func start(_ name: String) throws(ManagerError) -> VMInfo {
+        let r = try record(name)
+        r.actionLock.lock()
+        defer { r.actionLock.unlock() }
+        let def: VMDefinition = try lock.withLock { () throws(ManagerError) -> VMDefinition in
+            guard r.state == .shutOff else { throw conflict(name, r.state, "start") }
+            r.state = .starting
+            r.destroying = false
+            r.generation += 1
+            return r.definition
+        }
+        events.emit(vm: name, "starting")
+        do {
+            try launch(r, def)
+        } catch {
+            lock.withLock {
+                if r.pid == nil { r.state = .shutOff }
+            }
+            events.emit(vm: name, "start-failed", error.message)
+            throw error
+        }
+        return lock.withLock { info(r) }
+    }
+
+    private func launch(_ r: Record, _ def: VMDefinition) throws(ManagerError) {
+        let name = def.name
+        let config = try def.vmmConfig(assetsDirectory: assetsDirectory)
+        try AtomicFile.makeDirectory(paths.runDir(name))
+        try AtomicFile.makeDirectory(paths.logs)
+        removeRuntimeFiles(name)
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
+        guard let data = try? encoder.encode(config) else { throw ManagerError(.host, "cannot encode the config of vm '\(name)'") }
+        try AtomicFile.write(Array(data), to: paths.configFile(name))
+        let args = ["vmm", "--api-sock", paths.apiSocket(name), "--id", name, "--config-file", paths.configFile(name),
+                    "--console-sock", paths.consoleSocket(name), "--serial-log", paths.serialLog(name),
+                    "--metrics-path", paths.metricsFile(name)]
+        let logPath = paths.vmmLog(name)
+        let marker = "--- \(Timestamp.now()) swiftkvm daemon starts vm '\(name)': \(vmmExecutable) \(args.joined(separator: " "))\n"
+        let logFD = open(logPath, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0o644)
+        if logFD >= 0 {
+            _ = marker.withCString { write(logFD, $0, strlen($0)) }
+            close(logFD)
+        }
+        let pid = try ProcessTools.spawn(vmmExecutable, args, logPath: logPath)
+        let startTime = ProcessTools.startTime(of: pid) ?? 0
+        let now = Date()
+        let generation = lock.withLock { () -> UInt64 in
+            r.pid = pid
+            r.startTime = startTime
+            r.startedAt = now
+            return r.generation
+        }
+        let thread = Thread { [weak self] in
+            let exit = ProcessTools.waitChild(pid)
+            self?.processExited(name, generation: generation, exit: exit)
+        }
+        thread.name = "wait \(name)"
+        thread.start()
+        let rs = RunState(pid: pid, startTime: startTime, startedAt: Timestamp.string(now))
+        if let bytes = try? JSONEncoder().encode(rs) {
+            try? AtomicFile.write(Array(bytes), to: paths.stateFile(name))
+        }
+        logger.info("vm '\(name)': vmm pid \(pid) started")
+
+        // Wait for the API socket (the VM starts from its config file at once).
+        let deadline = Date().addingTimeInterval(options.startTimeout)
+        let client = UnixHTTPClient(socketPath: paths.apiSocket(name), timeout: 1)
+        while true {
+            let current = lock.withLock { (r.generation, r.pid) }
+            if current.0 != generation || current.1 == nil {
+                throw ManagerError(.host, "vm '\(name)': the vmm exited during start-up; \(logTail(name))")
+            }
+            if access(paths.apiSocket(name), F_OK) == 0, let reply = try? client.request("GET", "/"), reply.status == 200 {
+                break
+            }
+            if Date() > deadline {
+                _ = try? destroy(name, starting: true)
+                throw ManagerError(.timeout, "vm '\(name)': the vmm's API socket did not answer within \(options.startTimeout) s; \(logTail(name))")
+            }
+            usleep(20_000)
+        }
+        let started = lock.withLock { () -> Bool in
+            guard r.generation == generation, r.pid != nil else { return false }
+            r.state = .running
+            return true
+        }
+        guard started else { throw ManagerError(.host, "vm '\(name)': the vmm exited during start-up; \(logTail(name))") }
+        events.emit(vm: name, "started", "pid \(pid)")
+    }
+
+    /// The last lines of the VM's vmm log, for errors.
+    func logTail(_ name: String, lines: Int = 8) -> String {
+        guard let bytes = try? AtomicFile.read(paths.vmmLog(name), limit: 64 << 20) else { return "no vmm log" }
+        let tail = String(decoding: bytes.suffix(4096), as: UTF8.self).split(separator: "\n").suffix(lines)
+        return "last lines of \(paths.vmmLog(name)):\n" + tail.joined(separator: "\n")
+    }
+
+    /// Called once per run when its vmm is gone.
+    private func processExited(_ name: String, generation: UInt64, exit: ProcessTools.Exit?) {
+        let result: (VMExitInfo, Bool)? = lock.withLock {
+            guard let r = records[name], r.generation == generation, r.pid != nil else { return nil }
+            var reason = "unknown", status: Int? = nil
+            if let exit {
+                if let code = exit.code {
+                    status = Int(code)
+                    switch code {
+                    case 0: reason = "poweroff"
+                    case 3: reason = "reset"
+                    case 129...192: reason = "signal"
+                    default: reason = "crashed"
+                    }
+                } else if let sig = exit.signal {
+                    status = 128 + Int(sig)
+                    reason = "signal"
+                }
+            }
+            if r.destroying { reason = "destroyed" }
+            let info = VMExitInfo(reason: reason, status: status, at: Timestamp.now())
+            r.lastExit = info
+            r.state = .shutOff
+            r.pid = nil
+            r.startTime = nil
+            r.startedAt = nil
+            r.destroying = false
+            return (info, true)
+        }
+        guard let (info, _) = result else { return }
+        removeRuntimeFiles(name)
+        logger.info("vm '\(name)' stopped: \(info.reason) \(info.status.map(String.init) ?? "")")
+        events.emit(vm: name, "stopped", info.reason + (info.status.map { " (status \($0))" } ?? ""))
+    }
+
+    /// Waits until run `generation` of `r` is over; false on timeout.
+    private func waitStopped(_ r: Record, generation: UInt64, seconds: Double) -> Bool {
+        let deadline = Date().addingTimeInterval(seconds)
+        while Date() < deadline {
+            if lock.withLock({ r.generation != generation || r.pid == nil }) { return true }
+            usleep(10_000)
+        }
+        return lock.withLock { r.generation != generation || r.pid == nil }
+    }
+
+    /// Kills the vmm: SIGTERM, SIGKILL after `destroyGrace` seconds; returns when it is gone.
+    public func destroy(_ name: String) throws(ManagerError) -> VMInfo {
+        try destroy(name, starting: false)
+    }
+
+    private func destroy(_ name: String, starting: Bool) throws(ManagerError) -> VMInfo {
+        let r = try record(name)
+        let (pid, generation, startTime): (pid_t, UInt64, UInt64?) = try lock.withLock { () throws(ManagerError) in
+            guard let pid = r.pid, r.state != .shutOff else { throw conflict(name, r.state, "destroy") }
+            guard starting || r.state != .starting else { throw ManagerError(.conflict, "vm '\(name)' is starting (cannot destroy it yet)") }
+            r.destroying = true
+            return (pid, r.generation, r.startTime)
+        }
+        // Never signal a reused pid: the process must still have the recorded start time.
+        func send(_ sig: Int32) {
+            if startTime == nil || ProcessTools.startTime(of: pid) == startTime { kill(pid, sig) }
+        }
+        send(SIGTERM)
+        if !waitStopped(r, generation: generation, seconds: options.destroyGrace) {
+            send(SIGKILL)
+            if !waitStopped(r, generation: generation, seconds: 10) {
+                throw ManagerError(.host, "vm '\(name)': the vmm (pid \(pid)) did not exit after SIGKILL")
+            }
+        }
+        return lock.withLock { info(r) }
+    }
+
+    /// Sends Ctrl+Alt+Del, waits up to `timeout` (default: the definition's, else 30 s) for the
+    /// vmm to exit, then destroys it. Returns when the VM is shut off.
+    public func shutdown(_ name: String, timeout: Double? = nil) throws(ManagerError) -> VMInfo {
+        let r = try record(name)
+        r.actionLock.lock()
+        defer { r.actionLock.unlock() }
+        let (generation, limit) = try lock.withLock { () throws(ManagerError) -> (UInt64, Double) in
+            guard r.state == .running || r.state == .paused else { throw conflict(name, r.state, "shut down") }
+            r.state = .shuttingDown
+            return (r.generation, timeout ?? r.definition.shutdownTimeout ?? VMDefinition.defaultShutdownTimeout)
+        }
+        events.emit(vm: name, "shutting-down")
+        let client = UnixHTTPClient(socketPath: paths.apiSocket(name), timeout: 5)
+        do {
+            let reply = try client.request("PUT", "/actions", body: Array(#"{"action_type":"SendCtrlAltDel"}"#.utf8))
+            if reply.status != 204 {
+                logger.warning("vm '\(name)': SendCtrlAltDel answered \(reply.status) \(reply.faultMessage ?? reply.text)")
+            }
+        } catch {
+            logger.warning("vm '\(name)': SendCtrlAltDel failed: \(error)")
+        }
+        if !waitStopped(r, generation: generation, seconds: limit) {
+            logger.info("vm '\(name)' did not shut down within \(limit) s: destroying it")
+            _ = try? destroy(name, starting: true)
+        }
+        return lock.withLock { info(r) }
+    }
+
+    /// Pauses a running VM (`PATCH /vm {"state":"Paused"}`).
+    public func pause(_ name: String) throws(ManagerError) -> VMInfo {
+        try changeRunState(name, to: .paused)
+    }
+
+    /// Resumes a paused VM.
+    public func resume(_ name: String) throws(ManagerError) -> VMInfo {
+        try changeRunState(name, to: .running)
+    }
+
+    private func changeRunState(_ name: String, to target: VMState) throws(ManagerError) -> VMInfo {
+        let r = try record(name)
+        r.actionLock.lock()
+        defer { r.actionLock.unlock() }
+        let action = target == .paused ? "pause" : "resume"
+        try lock.withLock { () throws(ManagerError) in
+            let from: VMState = target == .paused ? .running : .paused
+            guard r.state == from else { throw conflict(name, r.state, action) }
+        }
+        let body = #"{"state":"\#(target == .paused ? "Paused" : "Resumed")"}"#
+        let reply: HTTPResponse
+        do {
+            reply = try UnixHTTPClient(socketPath: paths.apiSocket(name), timeout: 10).request("PATCH", "/vm", body: Array(body.utf8))
+        } catch {
+            throw ManagerError(.host, "vm '\(name)': \(action) failed: \(error)")
+        }
+        guard reply.status == 204 || reply.status == 200 else {
+            throw ManagerError(.host, "vm '\(name)': \(action) refused by the vmm (\(reply.status)): \(reply.faultMessage ?? reply.text)")
+        }
+        let result = lock.withLock { () -> VMInfo in
+            if r.pid != nil { r.state = target }
+            return self.info(r)
+        }
+        events.emit(vm: name, target == .paused ? "paused" : "resumed")
+        return result
+    }
+}
+
+extension ISO8601DateFormatter {
+    /// Parses and formats ISO 8601 with fractional seconds.
+    static var fractional: ISO8601DateFormatter {
+        let f = ISO8601DateFormatter()
+        f.formatOptions = [.withInternetDateTime, .withFractionalSeconds]
+        return f
+    }
+}
+
+extension NSLock {
+    func withLock<T, E: Error>(_ body: () throws(E) -> T) throws(E) -> T {
+        lock()
+        defer { unlock() }
+        return try body()
+    }
+}

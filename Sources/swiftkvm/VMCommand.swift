@@ -1,0 +1,250 @@
+import ArgumentParser
+import Foundation
+import Manager
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// `swiftkvm vm`: virsh-like verbs, a client of `swiftkvm daemon`.
+struct VMCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "vm",
+        abstract: "Manage VMs through the swiftkvm daemon (define, start, list, console…), as virsh does.",
+        discussion: """
+        The daemon socket is --socket, else $SWIFTKVM_SOCKET, else daemon.sock in the state \
+        directory ($SWIFTKVM_STATE_DIR, default /var/lib/swiftkvm). Errors print one line and exit \
+        with 1 (daemon not running, unknown VM, refused action); usage errors exit with 2.
+        """,
+        subcommands: [VMDefineCommand.self, VMUndefineCommand.self, VMListCommand.self, VMStartCommand.self, VMShutdownCommand.self, VMDestroyCommand.self,
+                      VMPauseCommand.self, VMResumeCommand.self, VMInfoCommand.self, VMConsoleCommand.self, VMAutostartCommand.self, VMEventsCommand.self]
+    )
+
+    @OptionGroup var options: VMSocketOptions
+}
+
+/// The `--socket` option every `vm` verb takes.
+struct VMSocketOptions: ParsableArguments {
+    @Option(name: .customLong("socket"), help: "The daemon's API socket (default: $SWIFTKVM_SOCKET or <state dir>/daemon.sock).")
+    var socket: String?
+
+    var client: VMClient { VMClient(socketPath: VMClient.socketPath(option: socket)) }
+}
+
+/// Runs `body`; a `ManagerError` prints `swiftkvm: error: …` and exits with status 1.
+func vmRun(_ body: () throws(ManagerError) -> Void) throws {
+    do {
+        try body()
+    } catch {
+        let line = "swiftkvm: error: \(error.message)\n"
+        _ = line.withCString { write(STDERR_FILENO, $0, strlen($0)) }
+        throw ExitCode(1)
+    }
+}
+
+/// Prints `text` to stdout at once (the CLI may be piped).
+func vmPrint(_ text: String) {
+    let line = text.hasSuffix("\n") ? text : text + "\n"
+    _ = line.withCString { write(STDOUT_FILENO, $0, strlen($0)) }
+}
+
+struct VMDefineCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "define",
+        abstract: "Define (or redefine) a VM from a JSON file: a Firecracker config plus \"name\", \"autostart\", \"shutdown_timeout_s\".")
+    @ParentCommand var parent: VMCommand
+    var options: VMSocketOptions { parent.options }
+    @Argument(help: "The definition file.") var file: String
+
+    func run() throws {
+        try vmRun { () throws(ManagerError) in
+            guard let data = FileManager.default.contents(atPath: file) else {
+                throw ManagerError(.invalid, "cannot read the definition file \(file): \(String(cString: strerror(errno)))")
+            }
+            guard data.count <= 1 << 20 else {
+                throw ManagerError(.invalid, "the definition file \(file) is larger than 1 MiB")
+            }
+            let (vm, replaced) = try options.client.define(Array(data))
+            vmPrint("VM '\(vm.name)' \(replaced ? "redefined" : "defined") from \(file)")
+        }
+    }
+}
+
+struct VMUndefineCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "undefine", abstract: "Remove a shut-off VM's definition.")
+    @ParentCommand var parent: VMCommand
+    var options: VMSocketOptions { parent.options }
+    @Argument(help: "The VM's name.") var name: String
+
+    func run() throws {
+        try vmRun { () throws(ManagerError) in
+            try options.client.undefine(name)
+            vmPrint("VM '\(name)' has been undefined")
+        }
+    }
+}
+
+struct VMListCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "list", abstract: "List running and paused VMs (--all: every defined VM).")
+    @ParentCommand var parent: VMCommand
+    var options: VMSocketOptions { parent.options }
+    @Flag(name: .long, help: "Also list the VMs that are shut off.") var all = false
+
+    func run() throws {
+        try vmRun { () throws(ManagerError) in
+            let vms = try options.client.list(all: all)
+            vmPrint(VMFormat.table(vms))
+        }
+    }
+}
+
+/// The shape of the verbs that change a VM's state.
+protocol VMStateVerb: ParsableCommand {
+    var options: VMSocketOptions { get }
+    var name: String { get }
+    static var action: String { get }
+    static var done: String { get }
+}
+
+extension VMStateVerb {
+    func change(timeoutS: Double? = nil) throws {
+        try vmRun { () throws(ManagerError) in
+            _ = try options.client.changeState(name, action: Self.action, timeoutS: timeoutS)
+            vmPrint("VM '\(name)' \(Self.done)")
+        }
+    }
+}
+
+struct VMStartCommand: VMStateVerb {
+    static let configuration = CommandConfiguration(commandName: "start", abstract: "Start a defined VM (its own swiftkvm vmm process).")
+    static let action = "start", done = "started"
+    @ParentCommand var parent: VMCommand
+    var options: VMSocketOptions { parent.options }
+    @Argument(help: "The VM's name.") var name: String
+    func run() throws { try change() }
+}
+
+struct VMShutdownCommand: VMStateVerb {
+    static let configuration = CommandConfiguration(
+        commandName: "shutdown",
+        abstract: "Ask the guest to shut down (Ctrl+Alt+Del); destroy it if it has not stopped after the timeout.")
+    static let action = "shutdown", done = "shut off"
+    @ParentCommand var parent: VMCommand
+    var options: VMSocketOptions { parent.options }
+    @Argument(help: "The VM's name.") var name: String
+    @Option(help: "Seconds to wait before destroying (default: the definition's shutdown_timeout_s, else 30).")
+    var timeout: Double?
+
+    func validate() throws {
+        if let timeout, !(timeout >= 0 && timeout.isFinite) {
+            throw ValidationError("invalid --timeout \(timeout): expected seconds >= 0")
+        }
+    }
+    func run() throws { try change(timeoutS: timeout) }
+}
+
+struct VMDestroyCommand: VMStateVerb {
+    static let configuration = CommandConfiguration(commandName: "destroy", abstract: "Stop a VM at once (SIGTERM, then SIGKILL).")
+    static let action = "destroy", done = "destroyed"
+    @ParentCommand var parent: VMCommand
+    var options: VMSocketOptions { parent.options }
+    @Argument(help: "The VM's name.") var name: String
+    func run() throws { try change() }
+}
+
+struct VMPauseCommand: VMStateVerb {
+    static let configuration = CommandConfiguration(commandName: "pause", abstract: "Pause a running VM's vCPUs.")
+    static let action = "pause", done = "paused"
+    @ParentCommand var parent: VMCommand
+    var options: VMSocketOptions { parent.options }
+    @Argument(help: "The VM's name.") var name: String
+    func run() throws { try change() }
+}
+
+struct VMResumeCommand: VMStateVerb {
+    static let configuration = CommandConfiguration(commandName: "resume", abstract: "Resume a paused VM.")
+    static let action = "resume", done = "resumed"
+    @ParentCommand var parent: VMCommand
+    var options: VMSocketOptions { parent.options }
+    @Argument(help: "The VM's name.") var name: String
+    func run() throws { try change() }
+}
+
+struct VMInfoCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "info", abstract: "Show a VM's state, process, sizes, sockets and logs.")
+    @ParentCommand var parent: VMCommand
+    var options: VMSocketOptions { parent.options }
+    @Argument(help: "The VM's name.") var name: String
+
+    func run() throws {
+        try vmRun { () throws(ManagerError) in
+            vmPrint(VMFormat.info(try options.client.info(name)))
+        }
+    }
+}
+
+struct VMConsoleCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "console",
+        abstract: "Attach to a running VM's serial console (Ctrl-] detaches; with pipes, stdin is sent until EOF).")
+    @ParentCommand var parent: VMCommand
+    var options: VMSocketOptions { parent.options }
+    @Argument(help: "The VM's name.") var name: String
+
+    func run() throws {
+        var fd: Int32 = -1
+        try vmRun { () throws(ManagerError) in
+            let vm = try options.client.info(name)
+            guard vm.isActive, let path = vm.consoleSocket else {
+                throw ManagerError(.conflict, "vm '\(name)' is not running (state: \(vm.state))")
+            }
+            fd = try ConsoleAttach.connect(socketPath: path, vm: name)
+        }
+        _ = ConsoleAttach.run(socket: fd)
+    }
+}
+
+struct VMAutostartCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "autostart", abstract: "Start the VM whenever the daemon starts (--disable: don't).")
+    @ParentCommand var parent: VMCommand
+    var options: VMSocketOptions { parent.options }
+    @Argument(help: "The VM's name.") var name: String
+    @Flag(name: .long, help: "Turn autostart off.") var disable = false
+
+    func run() throws {
+        try vmRun { () throws(ManagerError) in
+            _ = try options.client.setAutostart(name, !disable)
+            vmPrint("VM '\(name)' \(disable ? "unmarked as autostarted" : "marked as autostarted")")
+        }
+    }
+}
+
+struct VMEventsCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "events",
+        abstract: "Print the daemon's events (one JSON object a line) as they happen.")
+    @ParentCommand var parent: VMCommand
+    var options: VMSocketOptions { parent.options }
+    @Option(help: "Stop after this many events.") var count: Int?
+    @Option(help: "Stop after this many seconds.") var timeout: Double?
+    @Option(help: "First replay the stored events with a sequence number above this.") var since: Int?
+
+    func validate() throws {
+        if let count, count <= 0 { throw ValidationError("invalid --count \(count): expected a positive number") }
+        if let timeout, !(timeout > 0 && timeout.isFinite) { throw ValidationError("invalid --timeout \(timeout): expected seconds > 0") }
+        if let since, since < 0 { throw ValidationError("invalid --since \(since): expected a sequence number >= 0") }
+    }
+
+    func run() throws {
+        let limit = count
+        final class Counter: @unchecked Sendable { var seen = 0 }
+        let counter = Counter()
+        try vmRun { () throws(ManagerError) in
+            try options.client.events(since: since, duration: timeout) { line in
+                guard !line.isEmpty else { return true }
+                vmPrint(line)
+                counter.seen += 1
+                return limit.map { counter.seen < $0 } ?? true
+            }
+        }
+    }
+}

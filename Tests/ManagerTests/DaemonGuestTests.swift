@@ -1,0 +1,231 @@
+import Foundation
+import Testing
+@testable import Manager
+
+@Suite("Daemon with real VMs (ticker guests, /dev/kvm)", .serialized, .enabled(if: ManagerSupport.canRunGuests))
+struct DaemonGuestTests {
+    @Test("define, start, running with a pid, ticks in the serial log, pause stops them, resume, shutdown resets to shut off")
+    func lifecycle() throws {
+        let f = try DaemonFixture()
+        defer { f.cleanup() }
+        #expect(try f.call("POST", "/vms", ManagerSupport.tickerDefinition("t1")).status == 201)
+        let started = try f.action("t1", "start")
+        #expect(started.status == 200, "\(started.text)")
+        let running = try f.client.json("GET", "/vms", as: [VMInfo].self)
+        #expect(running.map(\.name) == ["t1"])
+        let info = try #require(running.first)
+        #expect(info.state == .running)
+        let pid = try #require(info.pid)
+        #expect(ProcessTools.isAlive(Int32(pid)))
+        #expect(ProcessTools.commandLine(of: Int32(pid)).contains(info.apiSocket))
+        #expect(FileManager.default.fileExists(atPath: info.consoleSocket))
+        #expect(FileManager.default.fileExists(atPath: f.dir.path + "/run/t1/state.json"))
+        #expect(FileManager.default.fileExists(atPath: f.dir.path + "/run/t1/config.json"))
+        #expect(ManagerSupport.wait(seconds: 30) { ManagerSupport.ticks(in: info.serialLog) >= 5 }, "the serial log should fill with ticks")
+
+        #expect(try f.action("t1", "pause").status == 200)
+        #expect(try f.info("t1").state == .paused)
+        let atPause = ManagerSupport.ticks(in: info.serialLog)
+        usleep(500_000)
+        #expect(ManagerSupport.ticks(in: info.serialLog) <= atPause + 1, "no tick while paused (one may be in flight)")
+        #expect(try f.action("t1", "pause").status == 409)
+        #expect(try f.action("t1", "resume").status == 200)
+        #expect(ManagerSupport.wait(seconds: 30) { ManagerSupport.ticks(in: info.serialLog) >= atPause + 5 }, "ticks resume")
+
+        let r = try f.action("t1", "shutdown")
+        #expect(r.status == 200, "\(r.text)")
+        let after = try JSONDecoder().decode(VMInfo.self, from: Data(r.body))
+        #expect(after.state == .shutOff)
+        #expect(after.pid == nil)
+        #expect(after.lastExit?.reason == "reset")
+        #expect(after.lastExit?.status == 3)
+        #expect((try? String(contentsOfFile: info.serialLog, encoding: .utf8))?.contains("CTRL-ALT-DEL") == true)
+        #expect(!FileManager.default.fileExists(atPath: info.apiSocket))
+        #expect(!FileManager.default.fileExists(atPath: f.dir.path + "/run/t1/state.json"))
+        #expect(ManagerSupport.wait(seconds: 5) { !ProcessTools.isAlive(Int32(pid)) })
+        let events = f.daemon.manager?.events.events(since: 0).map(\.event) ?? []
+        #expect(events == ["defined", "starting", "started", "paused", "resumed", "shutting-down", "stopped"])
+    }
+
+    @Test("start twice is 409, destroy kills the vmm (destroyed), a running VM cannot be undefined")
+    func destroy() throws {
+        let f = try DaemonFixture()
+        defer { f.cleanup() }
+        _ = try f.call("POST", "/vms", ManagerSupport.tickerDefinition("d1"))
+        #expect(try f.action("d1", "start").status == 200)
+        let again = try f.action("d1", "start")
+        #expect(again.status == 409)
+        #expect(again.faultMessage == "vm 'd1' is already running")
+        #expect(try f.action("d1", "resume").status == 409)
+        #expect(try f.call("DELETE", "/vms/d1").status == 409)
+        let pid = try #require(try f.info("d1").pid)
+        let r = try f.action("d1", "destroy")
+        #expect(r.status == 200)
+        let info = try JSONDecoder().decode(VMInfo.self, from: Data(r.body))
+        #expect(info.state == .shutOff)
+        #expect(info.lastExit?.reason == "destroyed")
+        #expect(!ProcessTools.isAlive(Int32(pid)))
+        #expect(try f.action("d1", "destroy").status == 409)
+        #expect(try f.call("DELETE", "/vms/d1").status == 204)
+    }
+
+    @Test("concurrent starts of one VM: exactly one succeeds, the others get 409; one vmm runs")
+    func concurrentStart() throws {
+        let f = try DaemonFixture()
+        defer { f.cleanup() }
+        _ = try f.call("POST", "/vms", ManagerSupport.tickerDefinition("c"))
+        let statuses = Collected()
+        let group = DispatchGroup()
+        for _ in 0..<4 {
+            group.enter()
+            let client = f.client
+            Thread {
+                let r = try? client.request("PUT", "/vms/c/state", body: Array(#"{"action":"start"}"#.utf8))
+                statuses.add(String(r?.status ?? 0))
+                group.leave()
+            }.start()
+        }
+        #expect(group.wait(timeout: .now() + 60) == .success)
+        #expect(statuses.all.sorted() == ["200", "409", "409", "409"])
+        let pid = try #require(try f.info("c").pid)
+        let vmms = ((try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? []).compactMap(Int32.init).filter {
+            ProcessTools.commandLine(of: $0).contains(f.dir.path + "/run/c/api.sock")
+        }
+        #expect(vmms == [Int32(pid)])
+        #expect(try f.action("c", "destroy").status == 200)
+    }
+
+    @Test("two VMs run at once, each with its own vmm and serial log")
+    func twoVMs() throws {
+        let f = try DaemonFixture()
+        defer { f.cleanup() }
+        for n in ["a", "b"] {
+            _ = try f.call("POST", "/vms", ManagerSupport.tickerDefinition(n))
+            #expect(try f.action(n, "start").status == 200)
+        }
+        let list = try f.client.json("GET", "/vms", as: [VMInfo].self)
+        #expect(list.map(\.name) == ["a", "b"])
+        #expect(Set(list.compactMap(\.pid)).count == 2)
+        for vm in list {
+            #expect(ManagerSupport.wait(seconds: 30) { ManagerSupport.ticks(in: vm.serialLog) >= 3 }, "\(vm.name) ticks")
+        }
+        #expect(try f.action("a", "destroy").status == 200)
+        #expect(try f.info("b").state == .running, "destroying one VM leaves the other running")
+        #expect(try f.action("b", "shutdown").status == 200)
+    }
+
+    @Test("a guest that powers off by itself leaves the VM shut off with reason poweroff, and it can start again")
+    func poweroff() throws {
+        let f = try DaemonFixture()
+        defer { f.cleanup() }
+        let def = ManagerSupport.tickerDefinition("po").replacingOccurrences(of: "ticks=0", with: "ticks=20")
+        _ = try f.call("POST", "/vms", def)
+        #expect(try f.action("po", "start").status == 200)
+        #expect(ManagerSupport.wait(seconds: 60) { (try? f.info("po").state) == .shutOff })
+        let info = try f.info("po")
+        #expect(info.lastExit?.reason == "poweroff" && info.lastExit?.status == 0)
+        #expect(ManagerSupport.ticks(in: info.serialLog) == 20)
+        #expect(try f.action("po", "start").status == 200)
+        #expect(ManagerSupport.wait(seconds: 60) { (try? f.info("po").state) == .shutOff })
+        #expect(ManagerSupport.ticks(in: info.serialLog) == 40, "the serial log is appended across runs")
+    }
+
+    @Test("shutdown of a guest that ignores Ctrl+Alt+Del destroys it after the timeout")
+    func shutdownTimeout() throws {
+        let f = try DaemonFixture()
+        defer { f.cleanup() }
+        _ = try f.call("POST", "/vms", ManagerSupport.tickerDefinition("p"))
+        #expect(try f.action("p", "start").status == 200)
+        #expect(try f.action("p", "pause").status == 200) // a paused guest cannot react
+        let r = try f.call("PUT", "/vms/p/state", #"{"action": "shutdown", "timeout_s": 1}"#)
+        #expect(r.status == 200)
+        let info = try JSONDecoder().decode(VMInfo.self, from: Data(r.body))
+        #expect(info.state == .shutOff)
+        #expect(info.lastExit?.reason == "destroyed")
+    }
+
+    /// `swiftkvm daemon` as a child process on `dir`; its output goes to dir/daemon.N.out.
+    final class DaemonProcess {
+        let pid: pid_t
+        let socket: String
+        init(binary: String, dir: String, run: Int) throws {
+            socket = dir + "/daemon.sock"
+            pid = try ProcessTools.spawn(binary, ["daemon", "--state-dir", dir], logPath: dir + "/daemon.\(run).out")
+        }
+        func waitReady() -> Bool {
+            ManagerSupport.wait(seconds: 20) {
+                (try? UnixHTTPClient(socketPath: socket, timeout: 1).request("GET", "/").status) == 200
+            }
+        }
+    }
+
+    @Test("a daemon killed with SIGKILL and restarted re-attaches to its running VM; autostart; SIGTERM leaves VMs running")
+    func restart() throws {
+        let binary = try #require(ManagerSupport.swiftkvm)
+        let dir = try TempDir()
+        var vmPIDs: [Int32] = []
+        var daemonPIDs: [pid_t] = []
+        defer {
+            for p in daemonPIDs where ProcessTools.isAlive(p) { kill(p, SIGKILL); _ = ProcessTools.waitChild(p) }
+            for p in vmPIDs { ManagerSupport.kill9(p) }
+            ManagerSupport.wait(seconds: 5) { vmPIDs.allSatisfy { !ProcessTools.isAlive($0) } }
+            dir.cleanup()
+        }
+        let first = try DaemonProcess(binary: binary, dir: dir.path, run: 1)
+        daemonPIDs.append(first.pid)
+        #expect(first.waitReady(), "the daemon should answer")
+        let client = UnixHTTPClient(socketPath: first.socket, timeout: 60)
+        #expect(try client.request("POST", "/vms", body: Array(ManagerSupport.tickerDefinition("keep").utf8)).status == 201)
+        #expect(try client.request("POST", "/vms", body: Array(ManagerSupport.tickerDefinition("auto", autostart: true).utf8)).status == 201)
+        #expect(try client.request("PUT", "/vms/keep/state", body: Array(#"{"action":"start"}"#.utf8)).status == 200)
+        let keep = try client.json("GET", "/vms/keep", as: VMInfo.self)
+        let keepPID = try #require(keep.pid)
+        vmPIDs.append(Int32(keepPID))
+
+        // A second daemon on the same directory is refused.
+        let rival = try ProcessTools.spawn(binary, ["daemon", "--state-dir", dir.path, "--socket", dir.path + "/rival.sock"], logPath: dir.path + "/rival.out")
+        #expect(ProcessTools.waitChild(rival) == ProcessTools.Exit(code: 1, signal: nil))
+        #expect((try? String(contentsOfFile: dir.path + "/rival.out", encoding: .utf8))?.contains("another swiftkvm daemon (pid \(first.pid)) uses \(dir.path)") == true)
+
+        kill(first.pid, SIGKILL)
+        _ = ProcessTools.waitChild(first.pid)
+        #expect(ProcessTools.isAlive(Int32(keepPID)), "the VM outlives its daemon")
+        let ticksBefore = ManagerSupport.ticks(in: keep.serialLog)
+        #expect(ManagerSupport.wait(seconds: 30) { ManagerSupport.ticks(in: keep.serialLog) > ticksBefore }, "and keeps running")
+
+        let second = try DaemonProcess(binary: binary, dir: dir.path, run: 2)
+        daemonPIDs.append(second.pid)
+        #expect(second.waitReady())
+        let again = try client.json("GET", "/vms/keep", as: VMInfo.self)
+        #expect(again.state == .running)
+        #expect(again.pid == keepPID, "re-attached to the same vmm")
+        // The autostart VM was started by the new daemon.
+        #expect(ManagerSupport.wait(seconds: 20) { (try? client.json("GET", "/vms/auto", as: VMInfo.self).state) == .running })
+        let auto = try client.json("GET", "/vms/auto", as: VMInfo.self)
+        if let p = auto.pid { vmPIDs.append(Int32(p)) }
+        #expect(auto.pid != nil)
+
+        // SIGTERM: the daemon exits 0, removes its socket, the VMs keep running.
+        kill(second.pid, SIGTERM)
+        #expect(ProcessTools.waitChild(second.pid) == ProcessTools.Exit(code: 0, signal: nil))
+        #expect(!FileManager.default.fileExists(atPath: second.socket))
+        #expect(ProcessTools.isAlive(Int32(keepPID)))
+
+        // A third daemon re-attaches and stops them: a re-attached VM's exit status is unknown.
+        let third = try DaemonProcess(binary: binary, dir: dir.path, run: 3)
+        daemonPIDs.append(third.pid)
+        #expect(third.waitReady())
+        let events = try String(contentsOfFile: dir.path + "/events.log", encoding: .utf8)
+        #expect(events.contains("\"reattached\""))
+        let stopped = try client.request("PUT", "/vms/keep/state", body: Array(#"{"action":"shutdown"}"#.utf8))
+        #expect(stopped.status == 200, "\(stopped.text)")
+        let info = try JSONDecoder().decode(VMInfo.self, from: Data(stopped.body))
+        #expect(info.state == .shutOff && info.lastExit?.reason == "unknown")
+        #expect(try client.request("PUT", "/vms/auto/state", body: Array(#"{"action":"destroy"}"#.utf8)).status == 200)
+        #expect(ManagerSupport.wait(seconds: 5) { vmPIDs.allSatisfy { !ProcessTools.isAlive($0) } })
+        let names = try client.json("GET", "/vms?all=true", as: [VMInfo].self).map(\.name)
+        #expect(names == ["auto", "keep"], "definitions survive restarts")
+        kill(third.pid, SIGTERM)
+        #expect(ProcessTools.waitChild(third.pid) == ProcessTools.Exit(code: 0, signal: nil))
+    }
+}

@@ -1,1 +1,0 @@
-// ManagerTests are being written; this file goes when real tests land.
