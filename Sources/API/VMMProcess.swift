@@ -103,6 +103,9 @@ public enum VMMProcess {
         let terminate: @Sendable (Int32) -> Void = { code in
             guard !exiting.exchange(true, ordering: .sequentiallyConsistent) else { return }
             serverBox.withLock { $0 }?.stop()
+            if let dropped = console?.droppedBytes, dropped > 0 {
+                sink.makeLogger(label: "swiftkvm.vmm").warning("console socket: \(dropped) bytes of serial output were dropped for clients that did not read")
+            }
             console?.stop()
             stdinBox.withLock { $0 }?.restore()
             metricsBox.withLock { $0 }?.close()

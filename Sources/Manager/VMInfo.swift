@@ -93,7 +93,9 @@ public struct DaemonInfo: Codable, Sendable, Equatable {
 
 /// The files of a state directory (see the manager contract).
 public struct StatePaths: Sendable {
+    /// The state directory.
     public let root: String
+    /// The paths under `root`.
     public init(root: String) { self.root = root }
     public var socket: String { root + "/daemon.sock" }
     public var lock: String { root + "/daemon.lock" }

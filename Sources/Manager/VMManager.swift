@@ -40,9 +40,13 @@ public final class VMManager: @unchecked Sendable {
         init(definition: VMDefinition) { self.definition = definition }
     }
 
+    /// The settings it was made with.
     public let options: Options
+    /// The state directory's files.
     public let paths: StatePaths
+    /// The definitions on disk.
     public let store: DefinitionStore
+    /// The event log (`GET /events`).
     public let events: EventLog
     let vmmExecutable: String
     let assetsDirectory: String?
