@@ -1,4 +1,8 @@
-import Foundation
+import FoundationEssentials
+#if canImport(Glibc)
+import Glibc
+#endif
+import Devices
 import Logging
 
 /// `swiftkvm daemon`: the lock, the manager and its API server together.
@@ -27,7 +31,6 @@ public final class Daemon: @unchecked Sendable {
     public private(set) var manager: VMManager?
     private var server: DaemonServer?
     private var lockFD: Int32 = -1
-    private var autostartThread: Thread?
 
     public init(options: Options) { self.options = options }
 
@@ -47,10 +50,11 @@ public final class Daemon: @unchecked Sendable {
             try server.start()
             self.server = server
             options.manager.logger.info("swiftkvm daemon (pid \(getpid())) listening on \(socketPath), state in \(paths.root)")
-            let t = Thread { manager.autostart() }
-            t.name = "autostart"
-            t.start()
-            autostartThread = t
+            do {
+                try HostThread.start(name: "autostart", blockStopSignals: false) { manager.autostart() }
+            } catch {
+                options.manager.logger.error("autostart skipped: \(error)")
+            }
         } catch {
             manager?.shutdownManager()
             manager = nil
@@ -75,7 +79,7 @@ public final class Daemon: @unchecked Sendable {
             var buf = [UInt8](repeating: 0, count: 32)
             let n = buf.withUnsafeMutableBytes { pread(fd, $0.baseAddress!, 31, 0) }
             close(fd)
-            let pid = n > 0 ? String(decoding: buf[0..<n], as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines) : "?"
+            let pid = n > 0 ? String(decoding: buf[0..<n].filter { $0 > 0x20 }, as: UTF8.self) : "?"
             if code == EWOULDBLOCK {
                 throw ManagerError(.conflict, "another swiftkvm daemon (pid \(pid)) uses \(paths.root)")
             }

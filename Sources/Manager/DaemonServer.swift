@@ -1,4 +1,8 @@
-import Foundation
+import FoundationEssentials
+#if canImport(Glibc)
+import Glibc
+#endif
+import Dispatch
 import NIOCore
 import NIOHTTP1
 import NIOPosix
@@ -150,7 +154,7 @@ struct DaemonRouter: Sendable {
 
     /// Decodes a small JSON body strictly: only `keys` allowed, errors name the key.
     func decode<T: Decodable>(_ type: T.Type, _ body: [UInt8], keys: [String]) throws(ManagerError) -> T {
-        guard let object = try? JSONSerialization.jsonObject(with: Data(body)) as? [String: Any] else {
+        guard let object = JSONValue.object(from: body) else {
             throw ManagerError(.invalid, "the request body must be a JSON object")
         }
         for k in object.keys.sorted() where !keys.contains(k) {
@@ -159,7 +163,7 @@ struct DaemonRouter: Sendable {
         do {
             return try JSONDecoder().decode(T.self, from: Data(body))
         } catch let e as DecodingError {
-            throw ManagerError(.invalid, "invalid request body: " + API.StrictJSON.describe(e).replacingOccurrences(of: "field `", with: "key `"))
+            throw ManagerError(.invalid, "invalid request body: " + API.StrictJSON.describe(e).replacing("field `", with: "key `"))
         } catch {
             throw ManagerError(.invalid, "invalid request body: \(error)")
         }

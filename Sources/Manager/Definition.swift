@@ -1,5 +1,8 @@
 import API
-import Foundation
+import FoundationEssentials
+#if canImport(Glibc)
+import Glibc
+#endif
 import VMM
 
 /// A VM definition (`swiftkvm vm define FILE`, `POST /vms`): a Firecracker config file plus the
@@ -49,17 +52,14 @@ public struct VMDefinition: Sendable, Equatable {
     public static func parse(_ bytes: [UInt8], source: String) throws(ManagerError) -> VMDefinition {
         func bad(_ text: String) -> ManagerError { ManagerError(.invalid, "invalid definition (\(source)): \(text)") }
         guard bytes.count <= maxSize else { throw bad("larger than \(maxSize) bytes") }
-        let object: [String: Any]
+        let object: [String: JSONValue]
         do {
-            guard let o = try JSONSerialization.jsonObject(with: Data(bytes)) as? [String: Any] else {
-                throw bad("expected a JSON object")
-            }
-            object = o
-        } catch let e as ManagerError {
-            throw e
+            object = try JSONDecoder().decode([String: JSONValue].self, from: Data(bytes))
+        } catch DecodingError.typeMismatch {
+            throw bad("expected a JSON object")
         } catch {
-            let detail = ((error as NSError).userInfo[NSDebugDescriptionErrorKey] as? String) ?? "\(error)"
-            throw bad("malformed JSON: \(detail)")
+            if let e = error as? DecodingError { throw bad(StrictJSON.describe(e)) }
+            throw bad("malformed JSON: \(error)")
         }
         struct Keys: Decodable {
             var name: String?
@@ -70,7 +70,7 @@ public struct VMDefinition: Sendable, Equatable {
         do {
             keys = try JSONDecoder().decode(Keys.self, from: Data(bytes))
         } catch let e as DecodingError {
-            throw bad(StrictJSON.describe(e).replacingOccurrences(of: "field `", with: "key `"))
+            throw bad(StrictJSON.describe(e).replacing("field `", with: "key `"))
         } catch {
             throw bad("\(error)")
         }
@@ -91,7 +91,7 @@ public struct VMDefinition: Sendable, Equatable {
         try checkPaths(rest, bad: bad)
         let config: FullVMConfiguration
         do {
-            let data = try JSONSerialization.data(withJSONObject: rest)
+            let data = try JSONEncoder().encode(rest)
             config = try JSONDecoder().decode(FullVMConfiguration.self, from: data)
         } catch let e as DecodingError {
             throw bad(StrictJSON.describe(e))
@@ -104,38 +104,38 @@ public struct VMDefinition: Sendable, Equatable {
     }
 
     /// Paths must be absolute and exist (before decoding, so the error names the key and path).
-    static func checkPaths(_ object: [String: Any], bad: (String) -> ManagerError) throws(ManagerError) {
-        func check(_ value: Any?, key: String) throws(ManagerError) {
-            guard let value, !(value is NSNull) else { return }
-            guard let path = value as? String else { return } // the type error comes from the decoder
+    static func checkPaths(_ object: [String: JSONValue], bad: (String) -> ManagerError) throws(ManagerError) {
+        func check(_ value: JSONValue?, key: String) throws(ManagerError) {
+            guard let path = value?.stringValue else { return } // a type error comes from the decoder
             guard path.hasPrefix("/") else { throw bad("key `\(key)`: the path '\(path)' must be absolute") }
             guard access(path, F_OK) == 0 else {
                 throw bad("key `\(key)`: \(path) does not exist (\(ManagerError.errnoText()))")
             }
         }
-        if let boot = object["boot-source"] as? [String: Any] {
+        if let boot = object["boot-source"]?.objectValue {
             try check(boot["kernel_image_path"], key: "boot-source.kernel_image_path")
             try check(boot["initrd_path"], key: "boot-source.initrd_path")
         }
-        if let drives = object["drives"] as? [Any] {
+        if let drives = object["drives"]?.arrayValue {
             for (i, d) in drives.enumerated() {
-                if let d = d as? [String: Any] { try check(d["path_on_host"], key: "drives[\(i)].path_on_host") }
+                if let d = d.objectValue { try check(d["path_on_host"], key: "drives[\(i)].path_on_host") }
             }
         }
     }
 
     /// The definition as normalized JSON (sorted keys, pretty), as stored in `vms/NAME.json`.
     public func normalizedJSON() -> [UInt8] {
-        var object: [String: Any] = ["name": name, "autostart": autostart]
-        if let shutdownTimeout { object["shutdown_timeout_s"] = shutdownTimeout }
-        if let data = try? JSONEncoder().encode(config),
-           let fc = try? JSONSerialization.jsonObject(with: data) as? [String: Any] {
-            for (k, v) in fc where !(v is NSNull) && !Self.refusedKeys.contains(k) {
-                if let list = v as? [Any], list.isEmpty { continue }
+        var object: [String: JSONValue] = ["name": .string(name), "autostart": .bool(autostart)]
+        if let shutdownTimeout { object["shutdown_timeout_s"] = .double(shutdownTimeout) }
+        if let data = try? JSONEncoder().encode(config), let fc = JSONValue.object(from: Array(data)) {
+            for (k, v) in fc where !v.isNull && !Self.refusedKeys.contains(k) {
+                if let list = v.arrayValue, list.isEmpty { continue }
                 object[k] = v
             }
         }
-        let data = (try? JSONSerialization.data(withJSONObject: object, options: [.sortedKeys, .prettyPrinted, .withoutEscapingSlashes])) ?? Data()
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys, .prettyPrinted, .withoutEscapingSlashes]
+        let data = (try? encoder.encode(object)) ?? Data()
         return Array(data) + [UInt8(ascii: "\n")]
     }
 

@@ -1,4 +1,7 @@
-import Foundation
+import FoundationEssentials
+#if canImport(Glibc)
+import Glibc
+#endif
 import Logging
 
 /// Durable small files: write a temp file in the same directory, fsync it, rename it over the
@@ -6,8 +9,10 @@ import Logging
 public enum AtomicFile {
     /// Writes `bytes` to `path` atomically (mode 0644).
     public static func write(_ bytes: [UInt8], to path: String) throws(ManagerError) {
-        let dir = (path as NSString).deletingLastPathComponent
-        let temp = "\(dir)/.\((path as NSString).lastPathComponent).tmp-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        let slash = path.lastIndex(of: "/")
+        let dir = slash.map { $0 == path.startIndex ? "/" : String(path[..<$0]) } ?? "."
+        let file = slash.map { String(path[path.index(after: $0)...]) } ?? path
+        let temp = "\(dir)/.\(file).tmp-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
         let fd = open(temp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o644)
         guard fd >= 0 else { throw ManagerError(.host, "cannot create \(temp): \(ManagerError.errnoText())") }
         var ok = false

@@ -1,4 +1,7 @@
-import Foundation
+import FoundationEssentials
+#if canImport(Glibc)
+import Glibc
+#endif
 import Synchronization
 
 /// One state change of a VM (`GET /events`, `DIR/events.log`).
@@ -31,10 +34,13 @@ public struct VMEvent: Codable, Sendable, Equatable {
 enum Timestamp {
     static func now() -> String { string(Date()) }
     static func string(_ date: Date) -> String {
-        let f = ISO8601DateFormatter()
-        f.formatOptions = [.withInternetDateTime, .withFractionalSeconds]
-        return f.string(from: date)
+        date.formatted(style)
     }
+    /// The date `text` (as written by `string`) names, if it parses.
+    static func date(_ text: String) -> Date? {
+        try? style.parse(text)
+    }
+    private static let style = Date.ISO8601FormatStyle(includingFractionalSeconds: true)
 }
 
 /// The event log: appends each event as a JSON line to a file, keeps the recent ones in memory

@@ -1,4 +1,7 @@
-import Foundation
+import FoundationEssentials
+#if canImport(Glibc)
+import Glibc
+#endif
 import NIOCore
 import NIOHTTP1
 import NIOPosix
@@ -28,8 +31,7 @@ public struct HTTPResponse: Sendable {
 
     /// The `fault_message` of a Firecracker-style error body, if it has one.
     public var faultMessage: String? {
-        guard let object = try? JSONSerialization.jsonObject(with: Data(body)) as? [String: Any] else { return nil }
-        return object["fault_message"] as? String
+        JSONValue.object(from: body)?["fault_message"]?.stringValue
     }
 }
 

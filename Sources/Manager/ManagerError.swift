@@ -1,4 +1,7 @@
-import Foundation
+import FoundationEssentials
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// A manager failure: what went wrong and where (the VM, the file, the key, the socket).
 ///

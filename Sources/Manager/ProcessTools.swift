@@ -1,4 +1,7 @@
-import Foundation
+import FoundationEssentials
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// Process helpers: posix_spawn of the vmm, /proc inspection, exit statuses, pidfds.
 enum ProcessTools {

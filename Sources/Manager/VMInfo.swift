@@ -1,4 +1,7 @@
-import Foundation
+import FoundationEssentials
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// A VM's state, with virsh's names (`"shut off"`…), used unchanged in JSON and by the CLI.
 public enum VMState: String, Codable, Sendable, CaseIterable {

@@ -1,5 +1,9 @@
 import API
-import Foundation
+import FoundationEssentials
+#if canImport(Glibc)
+import Glibc
+#endif
+import Devices
 import Logging
 import VMM
 
@@ -36,7 +40,7 @@ public final class VMManager: @unchecked Sendable {
         /// Incremented per run, so a late exit notice of an old run changes nothing.
         var generation: UInt64 = 0
         /// Serializes start/shutdown/pause/resume of this VM.
-        let actionLock = NSLock()
+        let actionLock = ConditionLock()
         init(definition: VMDefinition) { self.definition = definition }
     }
 
@@ -50,7 +54,7 @@ public final class VMManager: @unchecked Sendable {
     public let events: EventLog
     let vmmExecutable: String
     let assetsDirectory: String?
-    private let lock = NSLock()
+    private let lock = ConditionLock()
     private var records: [String: Record] = [:]
     private var stopped = false
     var logger: Logger { options.logger }
@@ -129,8 +133,7 @@ public final class VMManager: @unchecked Sendable {
         }
         var state = VMState.running
         if let r = try? UnixHTTPClient(socketPath: paths.apiSocket(name), timeout: 2).request("GET", "/"),
-           let o = try? JSONSerialization.jsonObject(with: Data(r.body)) as? [String: Any],
-           o["state"] as? String == "Paused" {
+           JSONValue.object(from: r.body)?["state"]?.stringValue == "Paused" {
             state = .paused
         }
         let generation: UInt64? = lock.withLock {
@@ -139,7 +142,7 @@ public final class VMManager: @unchecked Sendable {
             rec.state = state
             rec.pid = rs.pid
             rec.startTime = rs.startTime
-            rec.startedAt = ISO8601DateFormatter.fractional.date(from: rs.startedAt) ?? Date()
+            rec.startedAt = Timestamp.date(rs.startedAt) ?? Date()
             rec.destroying = false
             return rec.generation
         }
@@ -147,15 +150,17 @@ public final class VMManager: @unchecked Sendable {
         logger.info("re-attached to vm '\(name)' (pid \(rs.pid))")
         events.emit(vm: name, "reattached", "pid \(rs.pid)")
         let pid = rs.pid, startTime = rs.startTime
-        let thread = Thread { [weak self] in
-            let exited = ProcessTools.waitForeign(pid, startTime: startTime) { [weak self] in
-                guard let self else { return true }
-                return self.lock.withLock { self.stopped }
+        do {
+            try HostThread.start(name: "watch \(name)", blockStopSignals: false) { [weak self] in
+                let exited = ProcessTools.waitForeign(pid, startTime: startTime) { [weak self] in
+                    guard let self else { return true }
+                    return self.lock.withLock { self.stopped }
+                }
+                if exited { self?.processExited(name, generation: generation, exit: nil) }
             }
-            if exited { self?.processExited(name, generation: generation, exit: nil) }
+        } catch {
+            logger.error("vm '\(name)': \(error); its exit will not be noticed until the daemon restarts")
         }
-        thread.name = "watch \(name)"
-        thread.start()
     }
 
     private func removeRuntimeFiles(_ name: String) {
@@ -304,12 +309,14 @@ public final class VMManager: @unchecked Sendable {
             r.startedAt = now
             return r.generation
         }
-        let thread = Thread { [weak self] in
-            let exit = ProcessTools.waitChild(pid)
-            self?.processExited(name, generation: generation, exit: exit)
+        do {
+            try HostThread.start(name: "wait \(name)", blockStopSignals: false) { [weak self] in
+                let exit = ProcessTools.waitChild(pid)
+                self?.processExited(name, generation: generation, exit: exit)
+            }
+        } catch {
+            logger.error("vm '\(name)': \(error); its exit will not be noticed until the daemon restarts")
         }
-        thread.name = "wait \(name)"
-        thread.start()
         let rs = RunState(pid: pid, startTime: startTime, startedAt: Timestamp.string(now))
         if let bytes = try? JSONEncoder().encode(rs) {
             try? AtomicFile.write(Array(bytes), to: paths.stateFile(name))
@@ -487,19 +494,3 @@ public final class VMManager: @unchecked Sendable {
     }
 }
 
-extension ISO8601DateFormatter {
-    /// Parses and formats ISO 8601 with fractional seconds.
-    static var fractional: ISO8601DateFormatter {
-        let f = ISO8601DateFormatter()
-        f.formatOptions = [.withInternetDateTime, .withFractionalSeconds]
-        return f
-    }
-}
-
-extension NSLock {
-    func withLock<T, E: Error>(_ body: () throws(E) -> T) throws(E) -> T {
-        lock()
-        defer { unlock() }
-        return try body()
-    }
-}
