@@ -8,48 +8,48 @@
 /// a missing or bad value, `--no-api` without `--config-file` — so that ArgumentParser (the
 /// `VMMCommand` definition stays the authority) parses it and prints its usual help or error.
 public enum VMMArguments {
-    /// Options taking a value, by name (without the leading dashes).
-    static let valued: Set<String> = [
-        "api-sock", "id", "config-file", "log-path", "level", "metrics-path", "metrics-interval",
-        "http-api-max-payload-size", "console-sock", "serial-log",
-        // Accepted for compatibility with Firecracker tooling; no effect.
-        "seccomp-filter", "start-time-us", "start-time-cpu-us", "parent-cpu-time-us", "module",
-    ]
-    /// Flags.
-    static let flags: Set<String> = ["no-api", "show-level", "show-log-origin", "no-seccomp", "boot-timer"]
-
     /// The options for `arguments` (what follows `vmm`, or the `firecracker` binary name), or nil
-    /// when ArgumentParser should handle them.
-    public static func parse<C: Collection>(_ arguments: C) -> VMMProcess.Options? where C.Element == String {
+    /// when ArgumentParser should handle them. (Plain string switches: no sets or generics, whose
+    /// first use costs more than the parsing.)
+    public static func parse(_ arguments: ArraySlice<String>) -> VMMProcess.Options? {
         var o = VMMProcess.Options()
-        var values: [String: String] = [:]
-        var it = arguments.makeIterator()
-        while let arg = it.next() {
-            guard arg.hasPrefix("--"), arg.count > 2 else { return nil }
+        var seen: [String] = []
+        var i = arguments.startIndex
+        while i < arguments.endIndex {
+            let arg = arguments[i]
+            i += 1
+            guard arg.hasPrefix("--"), arg.utf8.count > 2 else { return nil }
             var name = String(arg.dropFirst(2))
-            var value: String?
+            var inline: String?
             if let eq = name.firstIndex(of: "=") {
-                value = String(name[name.index(after: eq)...])
+                inline = String(name[name.index(after: eq)...])
                 name = String(name[..<eq])
             }
-            if flags.contains(name) {
-                guard value == nil else { return nil }
-                switch name {
-                case "no-api": o.noAPI = true
-                case "show-level": o.showLevel = true
-                case "show-log-origin": o.showLogOrigin = true
-                default: break
-                }
+            switch name {
+            case "no-api", "show-level", "show-log-origin", "no-seccomp", "boot-timer":
+                guard inline == nil else { return nil }
+                if name == "no-api" { o.noAPI = true }
+                if name == "show-level" { o.showLevel = true }
+                if name == "show-log-origin" { o.showLogOrigin = true }
                 continue
+            case "api-sock", "id", "config-file", "log-path", "level", "metrics-path", "metrics-interval",
+                 "http-api-max-payload-size", "console-sock", "serial-log",
+                 // Accepted for compatibility with Firecracker tooling; no effect.
+                 "seccomp-filter", "start-time-us", "start-time-cpu-us", "parent-cpu-time-us", "module":
+                break
+            default:
+                return nil
             }
-            guard valued.contains(name) else { return nil }
-            if value == nil {
-                guard let next = it.next(), !next.hasPrefix("-") else { return nil }
-                value = next
+            guard !seen.contains(name) else { return nil }
+            seen.append(name)
+            let value: String
+            if let inline {
+                value = inline
+            } else {
+                guard i < arguments.endIndex, !arguments[i].hasPrefix("-") else { return nil }
+                value = arguments[i]
+                i += 1
             }
-            guard let value, values.updateValue(value, forKey: name) == nil else { return nil }
-        }
-        for (name, value) in values {
             switch name {
             case "api-sock": o.apiSocket = value
             case "id": o.instanceID = value
@@ -73,4 +73,7 @@ public enum VMMArguments {
         if o.noAPI && o.configFile == nil { return nil }
         return o
     }
+
+    /// `parse` over a whole array.
+    public static func parse(_ arguments: [String]) -> VMMProcess.Options? { parse(arguments[...]) }
 }

@@ -18,8 +18,8 @@ struct SwiftKVM: ParsableCommand {
     static func main() {
         // `swiftkvm vmm` / `firecracker` with the usual options: skip ArgumentParser's reflection
         // (a quarter of the start-up CPU time); anything else is parsed below as before.
-        let isFirecracker = CommandLine.arguments.first.map { $0.split(separator: "/").last == "firecracker" } ?? false
         let args = CommandLine.arguments
+        let isFirecracker = args.first.map { $0 == "firecracker" || $0.hasSuffix("/firecracker") } ?? false
         if isFirecracker || (args.count > 1 && args[1] == "vmm"),
            let options = VMMArguments.parse(args.dropFirst(isFirecracker ? 1 : 2)) {
             Glibc.exit(VMMProcess.run(options))
