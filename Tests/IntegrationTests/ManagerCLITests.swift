@@ -170,6 +170,28 @@ struct ManagerCLITests {
         #expect(MCSupport.wait(seconds: 30) { parseList((try? d.vm(["list", "--all"]).stdout) ?? "")["ser"]?.state == "shut off" })
     }
 
+    @Test("vm console on a terminal: raw mode, the output shows, Ctrl-] detaches and the terminal is restored")
+    func consoleTerminal() throws {
+        let d = try MCDaemon()
+        defer { d.stop() }
+        #expect(try d.vm(["define", try d.tickerDefinition("tty")]).status == 0)
+        #expect(try d.vm(["start", "tty"]).status == 0)
+        let pty = try MCPty()
+        defer { pty.close() }
+        let before = try #require(pty.localFlags())
+        #expect(before & tcflag_t(ICANON | ECHO) == tcflag_t(ICANON | ECHO), "a new pty starts in canonical mode")
+        let console = try MCChild(try #require(MCSupport.swiftkvm), ["vm", "--socket", d.socket, "console", "tty"],
+                                  terminal: pty.slavePath)
+        defer { console.stop() }
+        #expect(pty.reader.waitFor("escape character is ^]", timeout: 30), "\(pty.reader.text)")
+        #expect(MCSupport.wait(seconds: 30) { MCSupport.ticks(in: pty.reader.text) >= 3 }, "\(pty.reader.text.prefix(300))")
+        #expect(pty.localFlags().map { $0 & tcflag_t(ICANON | ECHO) } == 0, "raw mode while attached")
+        pty.type([0x1d])
+        #expect(console.wait(timeout: 30) == 0, "Ctrl-] ends vm console with status 0")
+        #expect(pty.localFlags() == before, "the terminal settings are restored")
+        #expect(parseList(try d.vm(["list"]).stdout)["tty"]?.state == "running", "detaching leaves the VM running")
+    }
+
     @Test("vm events prints the events as JSON lines: --since replays, --count stops, a live stream sees started and stopped")
     func events() throws {
         let d = try MCDaemon()

@@ -66,7 +66,8 @@ enum MCSupport {
 
     /// Number of "tick N" lines in `text`.
     static func ticks(in text: String) -> Int {
-        text.split(separator: "\n").filter { $0.hasPrefix("tick ") }.count
+        // Newlines of either kind ("\r\n" from a terminal is one Character).
+        text.split(whereSeparator: \.isNewline).filter { $0.hasPrefix("tick ") }.count
     }
 }
 
@@ -165,8 +166,9 @@ final class MCChild: @unchecked Sendable {
     private var status: Int32?
 
     /// Spawns `executable` with `arguments`; `environment` entries are added to the test's own.
+    /// With `terminal` (a pty's slave path), stdin, stdout and stderr are that terminal instead.
     init(_ executable: String, _ arguments: [String], stdinPipe: Bool = false,
-         environment: [String: String] = [:], stdoutFile: String? = nil) throws {
+         environment: [String: String] = [:], stdoutFile: String? = nil, terminal: String? = nil) throws {
         commandLine = ([executable] + arguments).joined(separator: " ")
         var outPipe: [Int32] = [-1, -1], errPipe: [Int32] = [-1, -1], inPipe: [Int32] = [-1, -1]
         guard pipe(&outPipe) == 0, pipe(&errPipe) == 0 else { throw SpawnError(description: "pipe: \(errno)") }
@@ -187,6 +189,11 @@ final class MCChild: @unchecked Sendable {
             posix_spawn_file_actions_adddup2(&actions, outPipe[1], 1)
         }
         posix_spawn_file_actions_adddup2(&actions, errPipe[1], 2)
+        if let terminal {
+            posix_spawn_file_actions_addopen(&actions, 0, terminal, O_RDWR, 0)
+            posix_spawn_file_actions_addopen(&actions, 1, terminal, O_RDWR, 0)
+            posix_spawn_file_actions_addopen(&actions, 2, terminal, O_RDWR, 0)
+        }
         for fd in [outPipe[0], outPipe[1], errPipe[0], errPipe[1], inPipe[0], inPipe[1]] where fd > 2 {
             posix_spawn_file_actions_addclose(&actions, fd)
         }
@@ -354,5 +361,51 @@ final class MCConsoleClient: @unchecked Sendable {
     func close() {
         shutdown(fd, Int32(SHUT_RDWR))
         Glibc.close(fd)
+    }
+}
+
+/// A pseudo-terminal pair for tests of terminal behaviour: the master side is read on a thread.
+final class MCPty: @unchecked Sendable {
+    let master: Int32
+    let slavePath: String
+    /// Kept open so that reading the master never fails with EIO while no child has the slave open.
+    let slave: Int32
+    let reader: MCReader
+
+    init() throws {
+        // posix_openpt/grantpt/unlockpt/ptsname do not import into Swift: the Linux ioctls they use.
+        let TIOCSPTLCK: UInt = 0x4004_5431, TIOCGPTN: UInt = 0x8004_5430   // _IOW/_IOR('T', 0x31/0x30, int)
+        let m = open("/dev/ptmx", O_RDWR | O_NOCTTY | O_CLOEXEC)
+        var unlock: Int32 = 0, number: UInt32 = 0
+        guard m >= 0, ioctl(m, TIOCSPTLCK, &unlock) == 0, ioctl(m, TIOCGPTN, &number) == 0 else {
+            let e = errno
+            if m >= 0 { Glibc.close(m) }
+            throw MCChild.SpawnError(description: "no pseudo-terminal: \(String(cString: strerror(e)))")
+        }
+        master = m
+        slavePath = "/dev/pts/\(number)"
+        slave = open(slavePath, O_RDWR | O_NOCTTY | O_CLOEXEC)
+        let dup = Glibc.dup(m)
+        _ = fcntl(dup, F_SETFD, FD_CLOEXEC)
+        reader = MCReader(fd: dup, name: "mc-pty")
+    }
+
+    /// Types `bytes` on the terminal.
+    func type(_ bytes: [UInt8]) {
+        _ = bytes.withUnsafeBytes { write(master, $0.baseAddress!, $0.count) }
+    }
+
+    /// The slave's current local-mode flags (ICANON, ECHO…).
+    func localFlags() -> tcflag_t? {
+        let fd = open(slavePath, O_RDWR | O_NOCTTY | O_CLOEXEC)
+        guard fd >= 0 else { return nil }
+        defer { Glibc.close(fd) }
+        var t = termios()
+        return tcgetattr(fd, &t) == 0 ? t.c_lflag : nil
+    }
+
+    func close() {
+        if slave >= 0 { Glibc.close(slave) }
+        Glibc.close(master)
     }
 }
