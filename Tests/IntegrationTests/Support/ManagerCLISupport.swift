@@ -42,12 +42,6 @@ enum MCSupport {
     /// Whether the end-to-end tests can run here.
     static var canRunGuests: Bool { hasKVM && swiftkvm != nil && ticker != nil }
 
-    /// Whether the binary has the `daemon` command (the manager's tests need it).
-    static let hasDaemon: Bool = {
-        guard let exe = swiftkvm else { return false }
-        return (try? MCChild.run(exe, ["daemon", "--help"], timeout: 30).status) == 0
-    }()
-
     static let tscKHz = TimeDilation.hostTSCkHz()
 
     /// Boot arguments of the ticker (ticks=0 runs until stopped).
