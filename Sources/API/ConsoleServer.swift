@@ -1,7 +1,7 @@
 // The vmm's serial console on a Unix socket (`swiftkvm vmm --console-sock PATH`), the socket
 // `swiftkvm vm console` attaches to.
 import Devices
-import Foundation
+import FoundationEssentials
 import Synchronization
 #if canImport(Glibc)
 import Glibc
@@ -37,7 +37,7 @@ public final class ConsoleServer: SerialOutput, Sendable {
         var wakeRead: Int32 = -1
         var wakeWrite: Int32 = -1
         var clients: [Client] = []
-        var thread: Thread?
+        var finished = false
         var running = false
         var dropped: UInt64 = 0
         var accepted: UInt64 = 0
@@ -111,17 +111,19 @@ public final class ConsoleServer: SerialOutput, Sendable {
     public var acceptedCount: UInt64 { state.withLock { $0.accepted } }
 
     /// Starts the serving thread. Calling it twice does nothing.
-    public func start() {
-        let thread: Thread? = state.withLock { s in
-            guard !s.running, s.listenFD >= 0 else { return nil }
+    public func start() throws(HostThread.StartError) {
+        let go: Bool = state.withLock { s in
+            guard !s.running, s.listenFD >= 0 else { return false }
             s.running = true
-            let t = Thread { [self] in serve() }
-            t.name = "console-sock"
-            t.stackSize = 256 << 10
-            s.thread = t
-            return t
+            return true
         }
-        thread?.start()
+        guard go else { return }
+        do {
+            try HostThread.start(name: "console-sock", stackSize: 256 << 10) { [self] in serve() }
+        } catch {
+            state.withLock { $0.running = false }
+            throw error
+        }
     }
 
     /// Sends `bytes` to every client without blocking; what a full socket does not take is
@@ -158,14 +160,14 @@ public final class ConsoleServer: SerialOutput, Sendable {
     /// Idempotent; safe from any thread (including at `exit`).
     public func stop() {
         guard !stopped.exchange(true, ordering: .sequentiallyConsistent) else { return }
-        let (thread, wakeWrite, running) = state.withLock { s in (s.thread, s.wakeWrite, s.running) }
+        let (wakeWrite, running) = state.withLock { s in (s.wakeWrite, s.running) }
         if bound.load(ordering: .sequentiallyConsistent) { unlink(path) }
         if running {
             var one: UInt8 = 0
             _ = Glibc.write(wakeWrite, &one, 1)
             // Wait briefly for the thread to close its descriptors (it owns them while running).
             var waited = 0
-            while thread?.isFinished == false && waited < 200 {
+            while !state.withLock({ $0.finished }) && waited < 200 {
                 usleep(5_000)
                 waited += 1
             }
@@ -187,7 +189,10 @@ public final class ConsoleServer: SerialOutput, Sendable {
 
     /// The serving loop: accept, read input, flush backlogs; ends when `stop()` is called.
     private func serve() {
-        defer { closeAll() }
+        defer {
+            closeAll()
+            state.withLock { $0.finished = true }
+        }
         var buf = [UInt8](repeating: 0, count: 4096)
         while !stopped.load(ordering: .sequentiallyConsistent) {
             var fds: [pollfd] = state.withLock { s in

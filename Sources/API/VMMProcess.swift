@@ -167,7 +167,12 @@ public enum VMMProcess {
             }
             serverBox.withLock { $0 = server }
         }
-        console?.start()
+        do { try console?.start() } catch {
+            fail("--console-sock: \(error)")
+            console?.stop()
+            serverBox.withLock { $0 }?.stop()
+            return 1
+        }
         controller.metrics.startupWallUs.store(processAgeUs(), ordering: .relaxed)
         controller.metrics.startupCPUUs.store(processCPUUs(), ordering: .relaxed)
         sink.makeLogger(label: "swiftkvm.vmm").info("API server ready on \(options.noAPI ? "(none)" : options.apiSocket)")

@@ -94,14 +94,29 @@ struct DaemonRouter: Sendable {
     struct Target {
         var segments: [String]
         var query: [String: String]
+        /// `text` with %XX escapes decoded; unchanged when an escape is malformed or the result is not UTF-8.
+        static func percentDecoded(_ text: String) -> String {
+            guard text.contains("%") else { return text }
+            var bytes: [UInt8] = []
+            var utf8 = text.utf8[...]
+            while let b = utf8.first {
+                utf8 = utf8.dropFirst()
+                guard b == UInt8(ascii: "%") else { bytes.append(b); continue }
+                guard utf8.count >= 2, let v = UInt8(String(decoding: utf8.prefix(2), as: UTF8.self), radix: 16) else { return text }
+                bytes.append(v)
+                utf8 = utf8.dropFirst(2)
+            }
+            return String(validating: bytes, as: UTF8.self) ?? text
+        }
+
         init(_ uri: String) {
             let parts = uri.split(separator: "?", maxSplits: 1, omittingEmptySubsequences: false)
-            segments = parts[0].split(separator: "/").map { String($0).removingPercentEncoding ?? String($0) }
+            segments = parts[0].split(separator: "/").map { Self.percentDecoded(String($0)) }
             query = [:]
             if parts.count > 1 {
                 for item in parts[1].split(separator: "&") {
                     let kv = item.split(separator: "=", maxSplits: 1)
-                    query[String(kv[0])] = kv.count > 1 ? String(kv[1]).removingPercentEncoding ?? String(kv[1]) : ""
+                    query[String(kv[0])] = kv.count > 1 ? Self.percentDecoded(String(kv[1])) : ""
                 }
             }
         }

@@ -62,7 +62,7 @@ public enum AtomicFile {
         do {
             try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
         } catch {
-            throw ManagerError(.host, "cannot create the directory \(path): \(error.localizedDescription)")
+            throw ManagerError(.host, "cannot create the directory \(path): \(error)")
         }
     }
 }

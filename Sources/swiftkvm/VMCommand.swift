@@ -1,5 +1,5 @@
 import ArgumentParser
-import Foundation
+import FoundationEssentials
 import Manager
 #if canImport(Glibc)
 import Glibc

@@ -58,7 +58,7 @@ struct ConsoleServerTests {
         defer { server.stop() }
         let received = Mutex<[UInt8]>([])
         server.setInputHandler { bytes in received.withLock { $0 += bytes } }
-        server.start()
+        try server.start()
         server.write(Array("before anyone\n".utf8))
         let a = try connectClient(path)
         defer { close(a) }
@@ -83,7 +83,7 @@ struct ConsoleServerTests {
         let path = dir.path + "/c.sock"
         let server = try ConsoleServer(path: path)
         defer { server.stop() }
-        server.start()
+        try server.start()
         let stuck = try connectClient(path, receiveBuffer: 4096)
         defer { close(stuck) }
         let reader = try connectClient(path)
@@ -133,7 +133,7 @@ struct ConsoleServerTests {
         #expect(throws: APIError.self) { _ = try ConsoleServer(path: long) }
         let path = dir.path + "/c.sock"
         let server = try ConsoleServer(path: path)
-        server.start()
+        try server.start()
         #expect(FileManager.default.fileExists(atPath: path))
         server.stop()
         #expect(!FileManager.default.fileExists(atPath: path))

@@ -1,5 +1,5 @@
 // `swiftkvm vm console NAME`: attaches the terminal (or pipes) to a VM's console socket.
-import Foundation
+import FoundationEssentials
 #if canImport(Glibc)
 import Glibc
 #endif

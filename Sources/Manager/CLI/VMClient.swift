@@ -1,6 +1,9 @@
 // The client side of `swiftkvm vm …`: talks to the daemon's HTTP API and formats its replies
 // the way virsh prints them.
-import Foundation
+import FoundationEssentials
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// A VM as the daemon reports it (`VMInfo` of the daemon API), decoded leniently: only `name` and
 /// `state` are required, so that a newer daemon with more fields still works with this client.
@@ -79,9 +82,18 @@ public struct VMClient: Sendable {
 
     /// `name` escaped for a request path (names are validated by the daemon).
     static func pathComponent(_ name: String) -> String {
-        var allowed = CharacterSet.alphanumerics
-        allowed.insert(charactersIn: "-._~")
-        return name.addingPercentEncoding(withAllowedCharacters: allowed) ?? name
+        var out = ""
+        for b in name.utf8 {
+            let unreserved = (b >= 0x30 && b <= 0x39) || (b >= 0x41 && b <= 0x5a) || (b >= 0x61 && b <= 0x7a)
+                || b == UInt8(ascii: "-") || b == UInt8(ascii: ".") || b == UInt8(ascii: "_") || b == UInt8(ascii: "~")
+            if unreserved {
+                out.unicodeScalars.append(Unicode.Scalar(b))
+            } else {
+                let hex = String(b, radix: 16, uppercase: true)
+                out += "%" + (hex.count == 1 ? "0" + hex : hex)
+            }
+        }
+        return out
     }
 
     /// Sends a request; decodes a 2xx reply's body with `decode`, or throws the daemon's fault.
@@ -96,7 +108,7 @@ public struct VMClient: Sendable {
             throw ManagerError(.transport, "\(method) \(path) on \(socketPath): \(error)")
         }
         guard (200..<300).contains(response.status) else {
-            let text = response.text.trimmingCharacters(in: .whitespacesAndNewlines)
+            let text = String(response.text.drop(while: \.isWhitespace).reversed().drop(while: \.isWhitespace).reversed())
             throw ManagerError(UnixHTTPClient.kind(forStatus: response.status),
                                response.faultMessage ?? "the daemon answered \(method) \(path) with HTTP \(response.status)\(text.isEmpty ? "" : ": \(text.prefix(300))")")
         }
@@ -111,7 +123,7 @@ public struct VMClient: Sendable {
     func connectionError(_ e: ManagerError) -> ManagerError {
         guard e.kind == .cannotConnect else { return e }
         var reason = e.message
-        if let r = reason.range(of: "cannot connect to \(socketPath): ") { reason = String(reason[r.upperBound...]) }
+        if let r = reason.firstRange(of: "cannot connect to \(socketPath): ") { reason = String(reason[r.upperBound...]) }
         return ManagerError(.cannotConnect, "cannot connect to the swiftkvm daemon at \(socketPath): \(reason) (start it with `swiftkvm daemon`)")
     }
 
@@ -142,9 +154,11 @@ public struct VMClient: Sendable {
     /// `PUT /vms/NAME/state` with `action` (start, shutdown, destroy, pause, resume); the reply
     /// comes once the change happened. `timeoutS` is shutdown's grace period.
     public func changeState(_ name: String, action: String, timeoutS: Double? = nil) throws(ManagerError) -> VMSummary {
-        var body: [String: Any] = ["action": action]
-        if let timeoutS { body["timeout_s"] = timeoutS }
-        let bytes = Array((try? JSONSerialization.data(withJSONObject: body)) ?? Data())
+        struct Body: Encodable {
+            var action: String
+            var timeout_s: Double?
+        }
+        let bytes = Array((try? JSONEncoder().encode(Body(action: action, timeout_s: timeoutS))) ?? Data())
         // Shutdown waits for the guest (then destroys it): allow its whole grace period.
         let deadline: TimeInterval = action == "shutdown" ? (timeoutS.map { $0 + 30 } ?? 3600) : 120
         return try call("PUT", "/vms/\(Self.pathComponent(name))/state", body: bytes, timeout: deadline, decode: Self.decodeVM)
@@ -177,6 +191,11 @@ public struct VMClient: Sendable {
 
 /// How `swiftkvm vm` prints what the daemon says (virsh's layouts).
 public enum VMFormat {
+    /// `text` padded with spaces on the right to `width` characters (longer text is kept whole).
+    static func pad(_ text: String, _ width: Int) -> String {
+        text.count >= width ? text : text + String(repeating: " ", count: width - text.count)
+    }
+
     /// `virsh list`: ` Id   Name   State`, a rule, one row per VM (Id = pid or `-`).
     public static func table(_ vms: [VMSummary]) -> String {
         let rows = vms.map { [$0.pid.map(String.init) ?? "-", $0.name, $0.state] }
@@ -186,7 +205,7 @@ public enum VMFormat {
         func line(_ cells: [String]) -> String {
             var s = ""
             for (i, c) in cells.enumerated() {
-                s += " " + (i == cells.count - 1 ? c : c.padding(toLength: widths[i] + 2, withPad: " ", startingAt: 0))
+                s += " " + (i == cells.count - 1 ? c : Self.pad(c, widths[i] + 2))
             }
             return s
         }
@@ -206,7 +225,7 @@ public enum VMFormat {
             ("Memory", vm.memMib.map { "\($0) MiB" } ?? "-"),
             ("Autostart", vm.autostart == true ? "enable" : "disable"),
         ]
-        if let up = vm.uptimeS { pairs.append(("Uptime", String(format: "%.1f s", up))) }
+        if let up = vm.uptimeS { pairs.append(("Uptime", "\((up * 10).rounded() / 10) s")) }
         if let s = vm.apiSocket { pairs.append(("API socket", s)) }
         if let s = vm.consoleSocket { pairs.append(("Console socket", s)) }
         if let s = vm.serialLog { pairs.append(("Serial log", s)) }
@@ -218,7 +237,7 @@ public enum VMFormat {
             pairs.append(("Last exit", text))
         }
         // virsh's fixed 16-column keys.
-        return pairs.map { ($0.0 + ":").padding(toLength: 16, withPad: " ", startingAt: 0) + $0.1 }
+        return pairs.map { Self.pad($0.0 + ":", 16) + $0.1 }
             .joined(separator: "\n") + "\n"
     }
 }
