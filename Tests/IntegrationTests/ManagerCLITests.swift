@@ -100,7 +100,7 @@ struct ManagerCLITests {
 
         r = try d.vm(["start", "t1"])
         #expect(r.status == 0, "\(r.stderr)")
-        #expect(r.stdout.contains("VM 't1' started"))
+        #expect(r.stdout.contains("VM 't1' started"), "stdout: \(r.stdout) stderr: \(r.stderr) timedOut: \(r.timedOut)")
         r = try d.vm(["list"])
         let row = parseList(r.stdout)["t1"]
         #expect(row?.state == "running", "\(r.stdout)")

@@ -136,7 +136,8 @@ struct DaemonGuestTests {
         defer { f.cleanup() }
         _ = try f.call("POST", "/vms", ManagerSupport.tickerDefinition("p"))
         #expect(try f.action("p", "start").status == 200)
-        #expect(try f.action("p", "pause").status == 200) // a paused guest cannot react
+        let paused = try f.action("p", "pause")
+        #expect(paused.status == 200, "pause: \(paused.status) \(paused.text)") // a paused guest cannot react
         let r = try f.call("PUT", "/vms/p/state", #"{"action": "shutdown", "timeout_s": 1}"#)
         #expect(r.status == 200)
         let info = try JSONDecoder().decode(VMInfo.self, from: Data(r.body))
