@@ -286,9 +286,21 @@ extension Machine {
             var spec = disk.spec
             spec.path = path
             // The same file again (a re-open): its lock is already ours.
-            let (backend, lock) = try Self.openDisk(spec, reusing: disk.lock.isSameFile(path) ? disk.lock : nil)
-            guard let old = disk.device.replaceBackend(backend) else {
-                try? backend.close()
+            let reuse = disk.lock.isSameFile(path) ? disk.lock : nil
+            var opened: (backend: any BlockBackend, lock: DiskLock)?
+            let replaced: (any BlockBackend)?
+            do {
+                replaced = try disk.device.replaceBackend {
+                    let o = try Self.openDisk(spec, reusing: reuse)
+                    opened = o
+                    return o.0
+                }
+            } catch let e as VMMError {
+                throw e
+            } catch {
+                throw VMMError.invalidValue(what: "disk path", value: path, reason: "\(error)")
+            }
+            guard let old = replaced, let (backend, lock) = opened else {
                 throw VMMError.invalidValue(what: "disk path", value: path, reason: "its read-only state differs from the disk's")
             }
             guard virtio.replaced(index, spec: spec, backend: backend, lock: lock) else {

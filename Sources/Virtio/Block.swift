@@ -111,23 +111,29 @@ public final class VirtioBlock: VirtioDevice, @unchecked Sendable {
         resume()
     }
 
-    /// Swaps in `newBackend` between requests: waits for the requests in flight on the old disk,
-    /// switches, updates the capacity in the configuration space and signals a configuration
-    /// change. Returns the old backend (the caller flushes and closes it). Refused (nil) when
-    /// the new backend's read-only state differs, since the driver negotiated VIRTIO_BLK_F_RO.
-    public func replaceBackend(_ newBackend: any BlockBackend) -> (any BlockBackend)? {
-        guard newBackend.isReadOnly == readOnly else { return nil }
-        let (old, activation) = active.withLock { a -> (any BlockBackend, VirtioActivation?) in
+    /// Swaps in a new backend between requests: waits for the requests in flight on the old disk
+    /// (new ones wait too), flushes it, calls `open` for the new one, switches, updates the
+    /// capacity in the configuration space and signals a configuration change. Flushing first
+    /// matters when `open` reopens the same image (a qcow2 image's cached metadata is written
+    /// before the new instance reads it). Returns the old backend (the caller closes it), or nil
+    /// when the new backend's read-only state differs (the driver negotiated VIRTIO_BLK_F_RO; the
+    /// new one is closed and the old one stays). Errors of the flush or of `open` are thrown and
+    /// leave the old backend in use.
+    public func replaceBackend(_ open: () throws -> any BlockBackend) throws -> (any BlockBackend)? {
+        let (old, activation): ((any BlockBackend)?, VirtioActivation?) = try active.withLock { a in
             // Holding `active` keeps new requests from starting; wait for the running ones.
             inflight.lock()
+            defer { inflight.unlock() }
             while inflightCount > 0 { inflight.wait() }
-            let old = disk.withLock { d -> any BlockBackend in
-                let old = d.backend
-                d = Disk(backend: newBackend, capacitySectors: newBackend.size / Self.sectorSize)
-                return old
+            let current = disk.withLock { $0.backend }
+            try current.flush()
+            let newBackend = try open()
+            guard newBackend.isReadOnly == readOnly else {
+                try? newBackend.close()
+                return (nil, nil)
             }
-            inflight.unlock()
-            return (old, a)
+            disk.withLock { $0 = Disk(backend: newBackend, capacitySectors: newBackend.size / Self.sectorSize) }
+            return (current, a)
         }
         activation?.interrupt.signalConfigChange()
         return old

@@ -193,7 +193,7 @@ struct RateLimitGuestTests {
         #expect(out.contains("BENCH seqread done ops=20 ") && out.contains(" errors=0"), "\(out)")
     }
 
-    @Test("PATCH path_on_host while the guest writes: a locked image is refused (400 naming it) and the old disk stays; a good one takes the later writes")
+    @Test("PATCH path_on_host while the guest writes: a locked image is refused (400 naming it) and the old disk stays; the same image reopens; a new one takes the later writes")
     func replaceImage() throws {
         let f = try Fixture()
         defer { f.shutdown() }
@@ -213,6 +213,9 @@ struct RateLimitGuestTests {
         var drives = try f.send("GET", "/vm/config").json?["drives"] as? [[String: Any]]
         #expect(drives?.first?["path_on_host"] as? String == a)
 
+        // The same image again is a re-open (its lock is already the VM's).
+        let same = try f.send("PATCH", "/drives/data", #"{"drive_id": "data", "path_on_host": "\#(a)"}"#)
+        #expect(same.status == 204, "\(same.body)")
         let ok = try f.send("PATCH", "/drives/data", #"{"drive_id": "data", "path_on_host": "\#(b)"}"#)
         #expect(ok.status == 204, "\(ok.body)")
         drives = try f.send("GET", "/vm/config").json?["drives"] as? [[String: Any]]

@@ -336,7 +336,7 @@ struct ReplaceBackendTests {
         #expect(try h.waitUsed(1).count == 1)
         #expect(try h.memory.read(at: r1.data, count: 4096) == Array(try a.contents()[0..<4096]))
 
-        let old = try #require(dev.replaceBackend(try RawFileBackend(path: b.path, readOnly: false, direct: false)))
+        let old = try #require(try dev.replaceBackend { try RawFileBackend(path: b.path, readOnly: false, direct: false) })
         try old.close()
         #expect(capacity() == 256)
         #expect(h.interrupt.configs.withLock { $0 } == 1)
@@ -347,12 +347,17 @@ struct ReplaceBackendTests {
         #expect(try h.memory.read(at: r2.data, count: 4096) == Array(bBytes[(200 * 512)..<(200 * 512 + 4096)]))
     }
 
-    @Test("a backend whose read-only state differs is refused and the old one stays")
+    @Test("a backend whose read-only state differs, or an open that fails, leaves the old one in use")
     func readOnlyMismatch() throws {
         let a = try TempDisk(size: 64 << 10)
         let b = try TempDisk(size: 128 << 10)
         let dev = VirtioBlock(backend: try RawFileBackend(path: a.path, readOnly: false, direct: false), serial: "ro")
-        #expect(dev.replaceBackend(try RawFileBackend(path: b.path, readOnly: true, direct: false)) == nil)
+        #expect(try dev.replaceBackend { try RawFileBackend(path: b.path, readOnly: true, direct: false) } == nil)
         #expect(dev.capacitySectors == 128)
+        // A failing open leaves the old backend in use.
+        struct OpenFailed: Error {}
+        #expect(throws: OpenFailed.self) { try dev.replaceBackend { throw OpenFailed() } }
+        #expect(dev.capacitySectors == 128)
+        #expect(dev.backend is RawFileBackend)
     }
 }
