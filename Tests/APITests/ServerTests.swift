@@ -222,7 +222,8 @@ struct ServerTests {
         #expect(config.rng)
         guard case .kernel(_, _, let cmdline, _) = config.payload else { Issue.record("not a kernel payload"); return }
         #expect(cmdline == "console=ttyS0 root=/dev/vda ro")
-        // At runtime a drive's backing file cannot change yet; its rate limiter can.
+        // At runtime the fake guest refuses a backing-file swap (the error names path_on_host); a real
+        // guest's swap is covered in RateLimitAPITests. The rate limiter changes live.
         #expect(try f.send("PATCH", "/drives/data", #"{"drive_id": "data", "path_on_host": "\#(root)"}"#).fault?.contains("path_on_host") == true)
         #expect(try f.send("PATCH", "/drives/data", #"{"drive_id": "data", "rate_limiter": {"ops": {"size": 5, "refill_time": 10}}}"#).status == 204)
     }
