@@ -71,7 +71,7 @@ public final class VirtioBlock: VirtioDevice, @unchecked Sendable {
     private let throttleTimer: ThrottleTimer
     /// The request popped from the ring that the rate limiter held back; it goes first next time.
     /// Guarded by `active` (only touched inside `active.withLock`).
-    private var held: DescriptorChain?
+    private let held = HeldRequest()
     /// Threads running requests in parallel (nil: requests run on the event-loop thread).
     private let workers: IOWorkerPool?
     /// Requests handed to `workers`: their completions, and a generation that a reset bumps.
@@ -192,7 +192,7 @@ public final class VirtioBlock: VirtioDevice, @unchecked Sendable {
         inflight.unlock()
         active.withLock { a in
             a = nil
-            held = nil
+            held.chain = nil
         }
     }
 
@@ -220,40 +220,11 @@ public final class VirtioBlock: VirtioDevice, @unchecked Sendable {
         try result.get()
     }
 
-    /// Takes requests from the ring (the held one first) while the rate limiter allows them and
-    /// hands each to `submit`, which returns whether it added a used entry. Malformed chains are
-    /// logged and returned. When the limiter says wait, the request is held and the timer armed:
-    /// the ring is left as it is, so no request is lost or reordered. Returns whether used
-    /// entries were added. Call inside `active.withLock`.
+    /// Takes requests from the ring (the held one first) while the rate limiter allows them; see
+    /// `Virtqueue.serve(throttledBy:…)`. Call inside `active.withLock`.
     private func pump(_ q: Virtqueue, _ a: VirtioActivation, submit: (DescriptorChain) -> Bool) throws(VirtioError) -> Bool {
-        var added = false
-        repeat {
-            while true {
-                let item: AvailableItem
-                if let h = held {
-                    held = nil
-                    item = .chain(h)
-                } else if let next = try q.popAvailable() {
-                    item = next
-                } else {
-                    break
-                }
-                switch item {
-                case .chain(let chain):
-                    if case .throttled(let ns) = rateLimiter.consume(bytes: dataBytes(chain, memory: a.memory)) {
-                        held = chain
-                        throttleTimer.arm(afterNs: ns)
-                        return added
-                    }
-                    if submit(chain) { added = true }
-                case .malformed(let head, let error):
-                    log.error("\(error)")
-                    q.addUsed(head: head, length: 0)
-                    added = true
-                }
-            }
-        } while q.enableNotification()
-        return added
+        try q.serve(throttledBy: rateLimiter, timer: throttleTimer, held: held, log: log,
+                    cost: { dataBytes($0, memory: a.memory) }, handle: submit)
     }
 
     /// The data bytes a request moves, as the bandwidth bucket counts them: the buffer of IN and

@@ -24,7 +24,7 @@ public final class VirtioEntropy: VirtioDevice, @unchecked Sendable {
     private let active = Mutex<VirtioActivation?>(nil)
     private let throttleTimer: ThrottleTimer
     /// The request the rate limiter held back (guarded by `active`).
-    private var held: DescriptorChain?
+    private let held = HeldRequest()
 
     /// An entropy device limited by `rateLimit`, whose throttle timer runs on `eventLoop` (nil: a
     /// dispatch timer); guest-caused errors go to `log`.
@@ -49,7 +49,7 @@ public final class VirtioEntropy: VirtioDevice, @unchecked Sendable {
     public func reset() {
         active.withLock { a in
             a = nil
-            held = nil
+            held.chain = nil
         }
     }
 
@@ -57,45 +57,27 @@ public final class VirtioEntropy: VirtioDevice, @unchecked Sendable {
         let result: Result<Void, VirtioError> = active.withLock { a in
             guard let a, index == 0, let q = a.queues.first ?? nil else { return .success(()) }
             do throws(VirtioError) {
-                var added = false
-                drain: repeat {
-                    while true {
-                        let item: AvailableItem
-                        if let h = held {
-                            held = nil
-                            item = .chain(h)
-                        } else if let next = try q.popAvailable() {
-                            item = next
-                        } else {
-                            break
-                        }
-                        switch item {
-                        case .chain(let chain):
-                            let n = Int(min(chain.writableLength, UInt64(Self.maxBytesPerRequest)))
-                            if case .throttled(let ns) = rateLimiter.consume(bytes: UInt64(n)) {
-                                held = chain
-                                throttleTimer.arm(afterNs: ns)
-                                break drain
-                            }
-                            var w = ChainWriter(memory: a.memory, chain: chain)
-                            do {
-                                try w.forEachSegment(n) { Self.fillRandom($0) }
-                            } catch {
-                                log.error("virtio-rng: \(error)")
-                            }
-                            q.addUsed(head: chain.head, length: UInt32(w.written))
-                        case .malformed(let head, let error):
-                            log.error("\(error)")
-                            q.addUsed(head: head, length: 0)
-                        }
-                        added = true
+                let added = try q.serve(throttledBy: rateLimiter, timer: throttleTimer, held: held, log: log,
+                                        cost: { UInt64(Self.requestLength($0)) }) { chain in
+                    var w = ChainWriter(memory: a.memory, chain: chain)
+                    do {
+                        try w.forEachSegment(Self.requestLength(chain)) { Self.fillRandom($0) }
+                    } catch {
+                        log.error("virtio-rng: \(error)")
                     }
-                } while q.enableNotification()
+                    q.addUsed(head: chain.head, length: UInt32(w.written))
+                    return true
+                }
                 if added && q.needsInterrupt() { a.interrupt.signalQueue(0) }
                 return .success(())
             } catch { return .failure(error) }
         }
         try result.get()
+    }
+
+    /// The bytes one request gets: its writable length, at most `maxBytesPerRequest`.
+    static func requestLength(_ chain: DescriptorChain) -> Int {
+        Int(min(chain.writableLength, UInt64(maxBytesPerRequest)))
     }
 
     /// Fills `buffer` from getrandom(2) (blocking only until the host pool is initialized).

@@ -294,3 +294,48 @@ private final class ActionBox: Sendable {
     func set(_ b: @escaping @Sendable () -> Void) { body.withLock { $0 = b } }
     func run() { body.withLock { $0 }?() }
 }
+
+/// The request a rate limiter held back: it goes first the next time its queue is served.
+/// Guarded by the owning device's lock.
+final class HeldRequest: @unchecked Sendable {
+    var chain: DescriptorChain?
+}
+
+extension Virtqueue {
+    /// Serves the queue under `limiter`: takes requests (the held one first) while the limiter
+    /// admits them, charging `cost(chain)` bytes and one op each, and hands each to `handle`,
+    /// which returns whether it added a used entry. Malformed chains are logged and returned with
+    /// length 0. When the limiter says wait, the request is held and `timer` armed: the ring is
+    /// left as it is, so no request is lost or reordered. Returns whether used entries were added.
+    func serve(throttledBy limiter: RateLimiter, timer: ThrottleTimer, held: HeldRequest, log: VirtioLog,
+               cost: (DescriptorChain) -> UInt64, handle: (DescriptorChain) -> Bool) throws(VirtioError) -> Bool {
+        var added = false
+        repeat {
+            while true {
+                let item: AvailableItem
+                if let h = held.chain {
+                    held.chain = nil
+                    item = .chain(h)
+                } else if let next = try popAvailable() {
+                    item = next
+                } else {
+                    break
+                }
+                switch item {
+                case .chain(let chain):
+                    if case .throttled(let ns) = limiter.consume(bytes: cost(chain)) {
+                        held.chain = chain
+                        timer.arm(afterNs: ns)
+                        return added
+                    }
+                    if handle(chain) { added = true }
+                case .malformed(let head, let error):
+                    log.error("\(error)")
+                    addUsed(head: head, length: 0)
+                    added = true
+                }
+            }
+        } while enableNotification()
+        return added
+    }
+}
