@@ -168,9 +168,10 @@ public enum BzImageLoader {
         case bzImage = "bzimage"
     }
 
-    /// Loads `bytes` (a bzImage) and returns the entry state and diagnostics.
+    /// Loads `bytes` (a bzImage) and returns the entry state and diagnostics. The decompressed entry
+    /// uses `cache` (by default the one the environment names) to skip decompressing a payload seen before.
     static func load(_ bytes: [UInt8], name: String, initrd: BootSource?, cmdline: String, memory: GuestMemory,
-                     options: BootOptions) throws -> LoadedKernel {
+                     options: BootOptions, cache: KernelCache? = KernelCache.fromEnvironment()) throws -> LoadedKernel {
         let what = "bzImage \(name)"
         let hdr = try SetupHeader(parsing: bytes, what: what)
         var result = LoadedKernel(format: .bzImage)
@@ -196,8 +197,15 @@ public enum BzImageLoader {
             result.compression = format
             let limit = Int(min(options.maxDecompressedSize, memory.totalSize + (16 << 20)))
             let loader = ELFStreamLoader(memory: memory, avoiding: boot, what: "\(what) decompressed kernel")
-            let total = try payload.withUnsafeBytes {
-                try Decompressor.decompress($0, format: format, limit: limit) { try loader.feed($0) }
+            // A decompressed-kernel cache entry, when valid, replaces the decompression (KernelCache);
+            // either way the bytes go through the same ELFStreamLoader.
+            let total = try payload.withUnsafeBytes { buf in
+                guard let cache, format != .uncompressed else {
+                    return try Decompressor.decompress(buf, format: format, limit: limit) { try loader.feed($0) }
+                }
+                let (total, outcome) = try cache.decompress(buf, format: format, limit: limit) { try loader.feed($0) }
+                result.notes.append(outcome.note)
+                return total
             }
             let (elf, ranges) = try loader.finish()
             result.notes.append("payload \(format.rawValue), \(payload.count) → \(total) bytes")
