@@ -82,79 +82,14 @@ struct MCTempDir {
     func remove() { try? FileManager.default.removeItem(atPath: path) }
 }
 
-/// Collects everything read from a descriptor on a plain thread (blocking `read(2)` until EOF).
-final class MCReader: @unchecked Sendable {
-    private let condition = NSCondition()
-    private var data: [UInt8] = []
-    private var ended = false
-
-    /// Starts reading `fd`, which the reader owns and closes at EOF.
-    init(fd: Int32, name: String = "mc-reader") {
-        let thread = Thread { [self] in
-            var buffer = [UInt8](repeating: 0, count: 65536)
-            while true {
-                let n = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress!, $0.count) }
-                if n > 0 {
-                    condition.lock()
-                    data.append(contentsOf: buffer[0..<n])
-                    condition.broadcast()
-                    condition.unlock()
-                    continue
-                }
-                if n < 0 && errno == EINTR { continue }
-                break
-            }
-            close(fd)
-            condition.lock()
-            ended = true
-            condition.broadcast()
-            condition.unlock()
-        }
-        thread.name = name
-        thread.start()
-    }
-
-    var text: String {
-        condition.lock(); defer { condition.unlock() }
-        return String(decoding: data, as: UTF8.self)
-    }
-    var isEnded: Bool {
-        condition.lock(); defer { condition.unlock() }
-        return ended
-    }
-
-    /// Waits until the text contains `needle` (true) or `timeout` passes / EOF comes first (false).
-    func waitFor(_ needle: String, timeout: Double) -> Bool {
-        let deadline = Date().addingTimeInterval(timeout)
-        condition.lock(); defer { condition.unlock() }
-        while !String(decoding: data, as: UTF8.self).contains(needle) {
-            if ended || !condition.wait(until: deadline) {
-                return String(decoding: data, as: UTF8.self).contains(needle)
-            }
-        }
-        return true
-    }
-
-    /// Waits for EOF at most `timeout` seconds.
-    @discardableResult
-    func waitForEnd(timeout: Double) -> Bool {
-        let deadline = Date().addingTimeInterval(timeout)
-        condition.lock(); defer { condition.unlock() }
-        while !ended {
-            if !condition.wait(until: deadline) { return ended }
-        }
-        return true
-    }
-}
-
-/// A child process started with `posix_spawn`: stdout and stderr captured by `MCReader`s, stdin a
+/// A child process started with `posix_spawn`: stdout and stderr captured by `PipeDrainer`s, stdin a
 /// pipe (`writeInput`, `closeInput`) or /dev/null. Killed only by its own PID.
 final class MCChild: @unchecked Sendable {
     struct SpawnError: Error, CustomStringConvertible { var description: String }
 
     let pid: pid_t
-    let stdout: MCReader
-    let stderr: MCReader
+    let stdout: PipeDrainer
+    let stderr: PipeDrainer
     let commandLine: String
     private var stdinFD: Int32
     private var status: Int32?
@@ -219,8 +154,8 @@ final class MCChild: @unchecked Sendable {
         }
         pid = child
         stdinFD = inPipe[1]
-        stdout = MCReader(fd: outPipe[0], name: "mc-stdout")
-        stderr = MCReader(fd: errPipe[0], name: "mc-stderr")
+        stdout = PipeDrainer(fd: outPipe[0], name: "mc-stdout")
+        stderr = PipeDrainer(fd: errPipe[0], name: "mc-stderr")
     }
 
     deinit {
@@ -313,7 +248,7 @@ final class MCChild: @unchecked Sendable {
 /// With `reading: false` it never reads (a stuck client).
 final class MCConsoleClient: @unchecked Sendable {
     let fd: Int32
-    let reader: MCReader?
+    let reader: PipeDrainer?
 
     init(path: String, reading: Bool = true, receiveBuffer: Int32? = nil) throws {
         let s = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
@@ -339,7 +274,7 @@ final class MCConsoleClient: @unchecked Sendable {
             let dup = Glibc.dup(s)
             _ = fcntl(dup, F_SETFD, FD_CLOEXEC)
             fd = s
-            reader = MCReader(fd: dup, name: "mc-console")
+            reader = PipeDrainer(fd: dup, name: "mc-console")
         } else {
             fd = s
             reader = nil
@@ -364,7 +299,7 @@ final class MCPty: @unchecked Sendable {
     let slavePath: String
     /// Kept open so that reading the master never fails with EIO while no child has the slave open.
     let slave: Int32
-    let reader: MCReader
+    let reader: PipeDrainer
 
     init() throws {
         // posix_openpt/grantpt/unlockpt/ptsname do not import into Swift: the Linux ioctls they use.
@@ -381,7 +316,7 @@ final class MCPty: @unchecked Sendable {
         slave = open(slavePath, O_RDWR | O_NOCTTY | O_CLOEXEC)
         let dup = Glibc.dup(m)
         _ = fcntl(dup, F_SETFD, FD_CLOEXEC)
-        reader = MCReader(fd: dup, name: "mc-pty")
+        reader = PipeDrainer(fd: dup, name: "mc-pty")
     }
 
     /// Types `bytes` on the terminal.
