@@ -253,7 +253,7 @@ public struct KernelCache: Sendable, Equatable {
         guard fstat(fd, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG else { return .failure(Mismatch("\(path) is not a regular file")) }
         let size = Int(st.st_size)
         guard size >= Header.size else { return .failure(Mismatch("entry is truncated (\(size) bytes)")) }
-        guard let p = mmap(nil, size, PROT_READ, MAP_PRIVATE, fd, 0), p != UnsafeMutableRawPointer(bitPattern: -1) else {
+        guard let p = mmap(nil, size, PROT_READ, MAP_PRIVATE | MAP_POPULATE, fd, 0), p != UnsafeMutableRawPointer(bitPattern: -1) else {
             return .failure(Mismatch("cannot map \(path): \(errnoText())"))
         }
         let whole = UnsafeRawBufferPointer(start: p, count: size)
@@ -266,7 +266,6 @@ public struct KernelCache: Sendable, Equatable {
             }
             guard length <= UInt64(limit) else { return fail("entry of \(length) bytes exceeds the limit of \(limit)") }
             _ = madvise(p, size, MADV_SEQUENTIAL)
-            _ = madvise(p, size, MADV_WILLNEED)
             guard KernelCache.crc32(UnsafeRawBufferPointer(rebasing: whole[Header.size...])) == crc else {
                 return fail("entry data checksum mismatch")
             }
