@@ -244,6 +244,11 @@ public struct KernelCache: Sendable, Equatable {
 
     /// Maps the entry at `path` read-only and validates it against `key` and `limit`.
     func lookup(_ key: Key, at path: String, limit: Int) -> Result<MappedEntry, Mismatch> {
+        // Only entries that nobody else could have written are trusted.
+        var dst = stat()
+        if stat(directory, &dst) == 0, dst.st_uid != geteuid() || dst.st_mode & 0o022 != 0 {
+            return .failure(Mismatch("\(directory) is not owned by this user or is writable by others"))
+        }
         let fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW)
         guard fd >= 0 else {
             return .failure(Mismatch(errno == ENOENT ? "no entry" : "cannot open \(path): \(errnoText())"))
@@ -251,6 +256,7 @@ public struct KernelCache: Sendable, Equatable {
         defer { close(fd) }
         var st = stat()
         guard fstat(fd, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG else { return .failure(Mismatch("\(path) is not a regular file")) }
+        guard st.st_uid == geteuid() else { return .failure(Mismatch("\(path) is not owned by this user")) }
         let size = Int(st.st_size)
         guard size >= Header.size else { return .failure(Mismatch("entry is truncated (\(size) bytes)")) }
         guard let p = mmap(nil, size, PROT_READ, MAP_PRIVATE | MAP_POPULATE, fd, 0), p != UnsafeMutableRawPointer(bitPattern: -1) else {

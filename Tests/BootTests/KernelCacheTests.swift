@@ -133,6 +133,13 @@ struct KernelCacheTests {
         let (k3, _) = try load(image, cache: KernelCache(directory: open, minimumPayload: 0))
         #expect(k3.notes.contains { $0.contains("writable by others") })
         #expect(dir.files("open").isEmpty)
+        // Nor is a valid entry planted there: it is not used.
+        try FileManager.default.removeItem(atPath: path)
+        _ = try load(image, cache: dir.cache)
+        try FileManager.default.copyItem(atPath: path, toPath: open + "/" + (path as NSString).lastPathComponent)
+        let (k4, mem4) = try load(image, cache: KernelCache(directory: open, minimumPayload: 0))
+        #expect(mem4 == plainMem && !k4.notes.contains { $0.hasPrefix("kernel cache hit") })
+        #expect(k4.notes.contains { $0.contains("\(open) is not owned by this user or is writable by others") })
     }
 
     @Test("SWIFTKVM_KERNEL_CACHE=off disables the cache and the location follows the environment")
