@@ -323,7 +323,8 @@ public final class VMManager: @unchecked Sendable {
         }
         logger.info("vm '\(name)': vmm pid \(pid) started")
 
-        // Wait for the API socket (the VM starts from its config file at once).
+        // Wait until the vmm's API reports the guest running: the socket answers as soon as it is
+        // bound, while the config file's steps up to InstanceStart are still being applied.
         let deadline = Date().addingTimeInterval(options.startTimeout)
         let client = UnixHTTPClient(socketPath: paths.apiSocket(name), timeout: 1)
         while true {
@@ -331,7 +332,8 @@ public final class VMManager: @unchecked Sendable {
             if current.0 != generation || current.1 == nil {
                 throw ManagerError(.host, "vm '\(name)': the vmm exited during start-up; \(logTail(name))")
             }
-            if access(paths.apiSocket(name), F_OK) == 0, let reply = try? client.request("GET", "/"), reply.status == 200 {
+            if access(paths.apiSocket(name), F_OK) == 0, let reply = try? client.request("GET", "/"), reply.status == 200,
+               let state = JSONValue.object(from: reply.body)?["state"]?.stringValue, state != "Not started" {
                 break
             }
             if Date() > deadline {
