@@ -63,6 +63,8 @@ struct VMDefineCommand: ParsableCommand {
             guard data.count <= 1 << 20 else {
                 throw ManagerError(.invalid, "the definition file \(file) is larger than 1 MiB")
             }
+            // Checked here first, so that errors name the file (the daemon checks it again).
+            _ = try VMDefinition.parse(Array(data), source: file)
             let (vm, replaced) = try options.client.define(Array(data))
             vmPrint("VM '\(vm.name)' \(replaced ? "redefined" : "defined") from \(file)")
         }
