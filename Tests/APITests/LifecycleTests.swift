@@ -12,17 +12,20 @@ enum GuestSupport {
         .deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
     static let hasKVM = FileManager.default.fileExists(atPath: "/dev/kvm")
 
-    /// guest/build/ticker.elf, built once with `make -C guest`; nil when it cannot be built.
-    static let ticker: String? = {
+    /// guest/build/NAME.elf, built with `make -C guest`; nil when it cannot be built.
+    static func guestProgram(_ name: String) -> String? {
         let p = Process()
         p.executableURL = URL(fileURLWithPath: "/usr/bin/make")
-        p.arguments = ["-s", "-C", packageRoot.appendingPathComponent("guest").path, "build/ticker.elf"]
+        p.arguments = ["-s", "-C", packageRoot.appendingPathComponent("guest").path, "build/\(name).elf"]
         p.standardOutput = FileHandle.nullDevice
         try? p.run()
         p.waitUntilExit()
-        let path = packageRoot.appendingPathComponent("guest/build/ticker.elf").path
+        let path = packageRoot.appendingPathComponent("guest/build/\(name).elf").path
         return FileManager.default.fileExists(atPath: path) ? path : nil
-    }()
+    }
+
+    /// guest/build/ticker.elf, built once; nil when it cannot be built.
+    static let ticker: String? = guestProgram("ticker")
 
     /// The swiftkvm executable next to the test bundle (same scratch path), or $SWIFTKVM_BIN.
     static let swiftkvm: String? = {

@@ -90,18 +90,8 @@ struct RateLimitAPITests {
 
 /// The virtio_blk and virtio_rng guest programs (guest/build/*.elf), built once; nil when they cannot be.
 enum VirtioBlkGuest {
-    static func build(_ name: String) -> String? {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: "/usr/bin/make")
-        p.arguments = ["-s", "-C", GuestSupport.packageRoot.appendingPathComponent("guest").path, "build/\(name).elf"]
-        p.standardOutput = FileHandle.nullDevice
-        try? p.run()
-        p.waitUntilExit()
-        let path = GuestSupport.packageRoot.appendingPathComponent("guest/build/\(name).elf").path
-        return FileManager.default.fileExists(atPath: path) ? path : nil
-    }
-    static let image: String? = build("virtio_blk")
-    static let rngImage: String? = build("virtio_rng")
+    static let image: String? = GuestSupport.guestProgram("virtio_blk")
+    static let rngImage: String? = GuestSupport.guestProgram("virtio_rng")
 
     /// A disk of `bytes` bytes all set to `fill`.
     static func disk(_ dir: TempDir, _ name: String, bytes: Int, fill: UInt8) -> String {

@@ -8,39 +8,20 @@ import Glibc
 /// processes spawned with `posix_spawn` whose output is read on plain threads with blocking
 /// `read(2)` (never `FileHandle.readabilityHandler`), console-socket clients and temp dirs.
 enum MCSupport {
-    static let packageRoot: URL = URL(fileURLWithPath: #filePath)
-        .deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
-    static let hasKVM = FileManager.default.fileExists(atPath: "/dev/kvm")
+    /// The swiftkvm binary the other integration tests use (`ProcessRunner.swiftkvmPath`).
+    static var swiftkvm: String? { GuestTestEnvironment.swiftkvmPath }
 
-    /// `$SWIFTKVM_BIN`, else the `swiftkvm` next to the running test binary (same scratch path).
-    static let swiftkvm: String? = {
-        let fm = FileManager.default
-        if let env = ProcessInfo.processInfo.environment["SWIFTKVM_BIN"], fm.isExecutableFile(atPath: env) { return env }
-        guard let exe = try? fm.destinationOfSymbolicLink(atPath: "/proc/self/exe") else { return nil }
-        var dir = URL(fileURLWithPath: exe).deletingLastPathComponent()
-        for _ in 0..<5 {
-            let c = dir.appendingPathComponent("swiftkvm").path
-            if fm.isExecutableFile(atPath: c) { return c }
-            dir = dir.deletingLastPathComponent()
-        }
-        return nil
-    }()
-
-    /// guest/build/NAME.elf, built with `make -C guest` once; nil when it cannot be built.
+    /// guest/build/NAME.elf once `make -C guest` ran (once per test run); nil when it cannot be built.
     static func guestProgram(_ name: String) -> String? {
-        let path = packageRoot.appendingPathComponent("guest/build/\(name).elf").path
-        buildLock.withLock {
-            _ = try? MCChild.run("/usr/bin/make", ["-s", "-C", packageRoot.appendingPathComponent("guest").path, "build/\(name).elf"],
-                                 timeout: 300)
-        }
+        guard GuestTestEnvironment.guestBuildError == nil else { return nil }
+        let path = GuestTestEnvironment.guestImage(name)
         return FileManager.default.fileExists(atPath: path) ? path : nil
     }
-    private static let buildLock = NSLock()
     static let ticker: String? = guestProgram("ticker")
     static let serial: String? = guestProgram("serial")
 
     /// Whether the end-to-end tests can run here.
-    static var canRunGuests: Bool { hasKVM && swiftkvm != nil && ticker != nil }
+    static var canRunGuests: Bool { GuestTestEnvironment.kvmAvailable && swiftkvm != nil && ticker != nil }
 
     static let tscKHz = TimeDilation.hostTSCkHz()
 
