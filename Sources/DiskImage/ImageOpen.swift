@@ -38,6 +38,12 @@ func openImage(path: String, options: ImageOpenOptions, chain: [String]) throws 
     }
 }
 
+/// Rounds a disk size up to a whole number of 512-byte sectors, as qemu-img does when it creates an image (qemu sees
+/// every image as whole sectors; a size it would read rounded down would hide the tail).
+public func roundUpToSector(_ size: UInt64) -> UInt64 {
+    size > UInt64.max - 511 ? size & ~511 : (size + 511) & ~511
+}
+
 /// Options for creating a qcow2 image (the `-o` options of `qemu-img create`).
 public struct Qcow2CreateOptions: Sendable {
     /// Virtual size in bytes.
@@ -81,6 +87,9 @@ extension Qcow2Image {
         if o.version == 2 && o.lazyRefcounts { throw DiskImageError.invalid("lazy_refcounts requires compat=1.1") }
         if o.version == 2 && o.compressionType != .zlib { throw DiskImageError.invalid("compression_type=zstd requires compat=1.1") }
         guard o.size <= Qcow2Limits.maxImageSize else { throw DiskImageError.invalid("size \(o.size) exceeds the limit of \(Qcow2Limits.maxImageSize) bytes") }
+        // qemu reads the size in 512-byte sectors: round up, as qemu-img create does, so no byte is cut off.
+        var o = o
+        o.size = roundUpToSector(o.size)
         let clusterBits = UInt32(cs.trailingZeroBitCount)
         let l2Entries = cs / 8
         let l1Entries = (o.size + l2Entries * cs - 1) / (l2Entries * cs)

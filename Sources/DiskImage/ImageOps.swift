@@ -287,9 +287,13 @@ extension Qcow2Image {
 }
 
 /// Writes every range allocated in `top` (its own data, not its backing's) into `top`'s backing image, which must
-/// have been opened writable as `base`; then empties `top` unless `emptyTop` is false.
+/// have been opened writable as `base`; then empties `top` unless `emptyTop` is false. A base smaller than `top` is
+/// grown to `top`'s size first (as qemu-img commit does), so no byte of `top` is dropped.
 public func commitImage(top: Qcow2Image, base: BlockBackend, emptyTop: Bool = true, progress: ((UInt64, UInt64) -> Void)? = nil) throws {
-    let size = min(top.size, base.size)
+    if base.size < top.size {
+        try base.resize(to: top.size, allowShrink: false)
+    }
+    let size = top.size
     var off: UInt64 = 0
     var buf = [UInt8](repeating: 0, count: 2 << 20)
     while off < size {

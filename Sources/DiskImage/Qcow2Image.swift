@@ -847,60 +847,73 @@ public final class Qcow2Image: BlockBackend, @unchecked Sendable {
 
     // MARK: - Resize
 
+    /// Changes the virtual size. `newSize` must be a multiple of 512 (qemu refuses others too). When the image grows
+    /// over a backing file that is longer than the old size, the new range is written as zeroes, as qemu does, so the
+    /// backing file's data beyond the old end never becomes visible.
     public func resize(to newSize: UInt64, allowShrink: Bool) throws {
-        try lock.withLock { _ in
-            try checkOpen()
-            try checkWritable()
-            guard newSize <= Qcow2Limits.maxImageSize else { throw DiskImageError.invalid("\(path): size \(newSize) exceeds the limit of \(Qcow2Limits.maxImageSize) bytes") }
-            if newSize < virtualSize {
-                guard allowShrink else { throw DiskImageError.invalid("\(path): shrinking from \(virtualSize) to \(newSize) bytes requires --shrink") }
-                // Drop every cluster wholly beyond the new end.
-                let firstDrop = (newSize + cs - 1) / cs * cs
-                var v = firstDrop
-                while v < virtualSize {
-                    if try l2Offset(for: v) != nil {
-                        let l2off = try writableL2(for: v)
-                        let idx = l2Index(v)
-                        try freeEntryLater(try loadL2(l2off).data[idx])
-                        try setL2Entry(l2off, idx, 0)
-                        v += cs
-                    } else {
-                        v = (v >> (clusterBits + l2Bits) + 1) << (clusterBits + l2Bits)
-                    }
+        let oldSize = try lock.withLock { _ in try resizeLocked(to: newSize, allowShrink: allowShrink) }
+        if newSize > oldSize, let b = backing, b.size > oldSize {
+            try writeZeroes(at: oldSize, length: min(newSize, b.size) - oldSize)
+            try flush()
+        }
+    }
+
+    /// Resizes the tables and the header; returns the old size.
+    private func resizeLocked(to newSize: UInt64, allowShrink: Bool) throws -> UInt64 {
+        try checkOpen()
+        try checkWritable()
+        guard newSize % 512 == 0 else { throw DiskImageError.invalid("\(path): the new size \(newSize) must be a multiple of 512") }
+        guard newSize <= Qcow2Limits.maxImageSize else { throw DiskImageError.invalid("\(path): size \(newSize) exceeds the limit of \(Qcow2Limits.maxImageSize) bytes") }
+        let oldSize = virtualSize
+        if newSize < virtualSize {
+            guard allowShrink else { throw DiskImageError.invalid("\(path): shrinking from \(virtualSize) to \(newSize) bytes requires --shrink") }
+            // Drop every cluster wholly beyond the new end.
+            let firstDrop = (newSize + cs - 1) / cs * cs
+            var v = firstDrop
+            while v < virtualSize {
+                if try l2Offset(for: v) != nil {
+                    let l2off = try writableL2(for: v)
+                    let idx = l2Index(v)
+                    try freeEntryLater(try loadL2(l2off).data[idx])
+                    try setL2Entry(l2off, idx, 0)
+                    v += cs
+                } else {
+                    v = (v >> (clusterBits + l2Bits) + 1) << (clusterBits + l2Bits)
                 }
             }
-            let bytesPerL1 = l2Entries * cs
-            let needed = Int((newSize + bytesPerL1 - 1) / bytesPerL1)
-            if needed > l1.count {
-                guard UInt64(needed) * 8 <= Qcow2Limits.maxL1Bytes else { throw DiskImageError.invalid("\(path): L1 table for \(newSize) bytes exceeds the limit") }
-                try flushLocked()
-                let clusters = (UInt64(needed) * 8 + cs - 1) / cs
-                let newOff = try allocateClusters(clusters)
-                var b = [UInt8](repeating: 0, count: Int(clusters * cs))
-                let newL1 = l1 + [UInt64](repeating: 0, count: needed - l1.count)
-                for (i, e) in newL1.enumerated() { b.putBE64(e, at: i * 8) }
-                try file.pwrite(b, at: newOff)
-                fileEnd = max(fileEnd, newOff + UInt64(b.count))
-                try flushLocked()  // refcounts of the new table
-                var h = [UInt8](repeating: 0, count: 12)
-                h.putBE32(UInt32(needed), at: 0)
-                h.putBE64(newOff, at: 4)
-                try file.pwrite(h, at: 36)
-                try file.datasync()
-                let oldClusters = (UInt64(l1.count) * 8 + cs - 1) / cs
-                if l1.count > 0 { for k in 0..<oldClusters { pendingFrees.append(header.l1TableOffset + k * cs) } }
-                header.l1TableOffset = newOff
-                header.l1Size = UInt32(needed)
-                l1 = newL1
-            }
-            try flushLocked()
-            var s = [UInt8](repeating: 0, count: 8)
-            s.putBE64(newSize, at: 0)
-            try file.pwrite(s, at: 24)
-            try file.datasync()
-            header.virtualSize = newSize
-            virtualSize = newSize
         }
+        let bytesPerL1 = l2Entries * cs
+        let needed = Int((newSize + bytesPerL1 - 1) / bytesPerL1)
+        if needed > l1.count {
+            guard UInt64(needed) * 8 <= Qcow2Limits.maxL1Bytes else { throw DiskImageError.invalid("\(path): L1 table for \(newSize) bytes exceeds the limit") }
+            try flushLocked()
+            let clusters = (UInt64(needed) * 8 + cs - 1) / cs
+            let newOff = try allocateClusters(clusters)
+            var b = [UInt8](repeating: 0, count: Int(clusters * cs))
+            let newL1 = l1 + [UInt64](repeating: 0, count: needed - l1.count)
+            for (i, e) in newL1.enumerated() { b.putBE64(e, at: i * 8) }
+            try file.pwrite(b, at: newOff)
+            fileEnd = max(fileEnd, newOff + UInt64(b.count))
+            try flushLocked()  // refcounts of the new table
+            var h = [UInt8](repeating: 0, count: 12)
+            h.putBE32(UInt32(needed), at: 0)
+            h.putBE64(newOff, at: 4)
+            try file.pwrite(h, at: 36)
+            try file.datasync()
+            let oldClusters = (UInt64(l1.count) * 8 + cs - 1) / cs
+            if l1.count > 0 { for k in 0..<oldClusters { pendingFrees.append(header.l1TableOffset + k * cs) } }
+            header.l1TableOffset = newOff
+            header.l1Size = UInt32(needed)
+            l1 = newL1
+        }
+        try flushLocked()
+        var s = [UInt8](repeating: 0, count: 8)
+        s.putBE64(newSize, at: 0)
+        try file.pwrite(s, at: 24)
+        try file.datasync()
+        header.virtualSize = newSize
+        virtualSize = newSize
+        return oldSize
     }
 
     /// Bytes allocated on the host file system for this image's file.

@@ -23,11 +23,12 @@ public final class RawImage: BlockBackend, @unchecked Sendable {
         currentSize = try file.fileSize()
     }
 
-    /// Creates (or truncates) a sparse raw image of `size` bytes.
+    /// Creates (or truncates) a sparse raw image of `size` bytes, rounded up to whole 512-byte sectors as qemu-img
+    /// does.
     @discardableResult
     public static func create(path: String, size: UInt64) throws -> RawImage {
         let f = try ImageFile(path: path, readOnly: false, create: true, truncate: true)
-        try f.truncate(to: size)
+        try f.truncate(to: roundUpToSector(size))
         f.close()
         return try RawImage(path: path)
     }

@@ -37,12 +37,18 @@ func parseImgSize(_ s: String) throws -> UInt64 {
         if o { throw ValidationError("size '\(s)' is too large") }
         return r
     }
-    if let d = Double(digits), d >= 0, d * Double(mult) < 1.8e19 { return UInt64(d * Double(mult)) }
+    // A decimal fraction ("1.5G") as qemu-img takes it; no exponents, signs, "inf" or "nan".
+    let isDecimal = !digits.isEmpty && digits.allSatisfy { $0.isASCII && ($0.isNumber || $0 == ".") } &&
+        digits.filter { $0 == "." }.count <= 1 && digits != "."
+    if isDecimal, let d = Double(digits), d * Double(mult) < 1.8e19 { return UInt64(d * Double(mult)) }
     throw ValidationError("invalid size '\(s)'")
 }
 
-/// Parses `-o key=value,key=value` options into create options.
-func applyCreateOptions(_ opts: [String], to o: inout Qcow2CreateOptions, preallocation: inout String) throws {
+/// Parses `-o key=value,key=value` options into create options. Returns whether the options set the size.
+@discardableResult
+func applyCreateOptions(_ opts: [String], to o: inout Qcow2CreateOptions, preallocation: inout String) throws -> Bool {
+    var sizeGiven = false
+    var refcountBitsGiven = false
     for group in opts {
         for item in group.split(separator: ",") {
             let kv = item.split(separator: "=", maxSplits: 1).map(String.init)
@@ -59,6 +65,7 @@ func applyCreateOptions(_ opts: [String], to o: inout Qcow2CreateOptions, preall
             case "refcount_bits":
                 guard let b = UInt32(value) else { throw ValidationError("invalid refcount_bits '\(value)'") }
                 o.refcountBits = b
+                refcountBitsGiven = true
             case "preallocation":
                 guard ["off", "metadata"].contains(value) else { throw ValidationError("preallocation '\(value)' is not supported (off or metadata)") }
                 preallocation = value
@@ -70,13 +77,16 @@ func applyCreateOptions(_ opts: [String], to o: inout Qcow2CreateOptions, preall
                 }
             case "backing_file": o.backingFile = value
             case "backing_fmt": o.backingFormat = value
-            case "size": o.size = try parseImgSize(value)
+            case "size":
+                o.size = try parseImgSize(value)
+                sizeGiven = true
             default: throw ValidationError("unsupported option '\(key)' for qcow2")
             }
         }
     }
-    if o.version == 2 && !opts.joined().contains("refcount_bits") { o.refcountBits = 16 }
+    if o.version == 2 && !refcountBitsGiven { o.refcountBits = 16 }
     o.preallocateMetadata = preallocation == "metadata"
+    return sizeGiven
 }
 
 /// Resolves a backing name the way it will be resolved when the image is opened: relative to the image's folder.
@@ -110,14 +120,17 @@ func createImage(path: String, format: String, size: UInt64?, backing: String?, 
         var prealloc = "off"
         o.backingFile = backing
         o.backingFormat = backingFormat
-        try applyCreateOptions(options, to: &o, preallocation: &prealloc)
+        let sizeOption = try applyCreateOptions(options, to: &o, preallocation: &prealloc)
         if let b = o.backingFile {
+            // As qemu-img 7: probing the backing file's format is refused (a raw file could pass for anything).
+            guard let bf = o.backingFormat else {
+                throw DiskImageError.invalid("\(path): Backing file specified without backing format (add -F qcow2 or -F raw)")
+            }
             let full = resolveBacking(b, relativeTo: path)
-            let bimg = try openDiskImage(path: full, options: .init(readOnly: true, format: o.backingFormat))
-            if o.backingFormat == nil { o.backingFormat = (bimg is Qcow2Image) ? "qcow2" : "raw" }
-            if size == nil && !options.joined().contains("size=") { o.size = bimg.size }
+            let bimg = try openDiskImage(path: full, options: .init(readOnly: true, format: bf))
+            if size == nil && !sizeOption { o.size = bimg.size }
             try bimg.close()
-        } else if size == nil && !options.joined().contains("size=") {
+        } else if size == nil && !sizeOption {
             throw ValidationError("a size is required")
         }
         try Qcow2Image.create(path: path, options: o)
@@ -466,8 +479,10 @@ struct ImgRebase: ParsableCommand {
     func run() throws {
         try imgRun {
             let name: String? = backing.isEmpty ? nil : backing
-            var fmt = backingFormat
-            if let n = name, fmt == nil, let f = try? probeImageFormat(path: resolveBacking(n, relativeTo: file)) { fmt = f.rawValue }
+            let fmt = backingFormat
+            if name != nil && fmt == nil {
+                throw DiskImageError.invalid("\(file): could not change the backing file to '\(backing)': backing format must be specified (-F qcow2 or -F raw)")
+            }
             if unsafe {
                 let img = try Qcow2Image(path: file, options: .init(readOnly: false, ignoreBackingFile: true))
                 try img.setBackingFile(name, format: fmt)

@@ -1,0 +1,200 @@
+import Foundation
+import Testing
+@testable import DiskImage
+
+/// Every write operation of `swiftkvm img` on backing chains whose images differ in size, and sizes that are not a
+/// multiple of 512, judged by qemu-img and qemu-io: no byte the guest could see may be lost or changed, and where
+/// qemu-img does the same operation the results must compare identical.
+@Suite("img write operations across chains of different sizes (judged by qemu-img)",
+       .enabled(if: Tools.interopEnabled, "qemu-img/qemu-io not installed (scripts/install-deps installs qemu-utils; CI=1 turns this into a failure)"))
+struct ChainSizeTests {
+    /// Runs `swiftkvm img ARGS…`.
+    @discardableResult
+    func img(_ args: String...) throws -> ToolResult {
+        try Tools.run(Tools.swiftkvm, ["img"] + args, name: "swiftkvm")
+    }
+
+    /// Expects a tool run to have succeeded, showing its output otherwise.
+    func expectOK(_ r: ToolResult, _ what: String, sourceLocation: SourceLocation = #_sourceLocation) {
+        #expect(r.status == 0, "\(what): exit \(r.status)\n\(r.stdout)\(r.stderr)", sourceLocation: sourceLocation)
+    }
+
+    func virtualSize(_ path: String) throws -> UInt64? {
+        let r = try Tools.qemuImg("info", "-U", "--output=json", path)
+        guard let obj = try JSONSerialization.jsonObject(with: Data(r.stdout.utf8)) as? [String: Any] else { return nil }
+        return (obj["virtual-size"] as? NSNumber)?.uint64Value
+    }
+
+    @Test("commit into a smaller base grows the base first (the issue's reproduction)", arguments: ["qcow2", "raw"])
+    func commitGrowsBase(baseFormat: String) throws {
+        let d = try TempDir()
+        let base = d.file("b.\(baseFormat)"), top = d.file("o.qcow2")
+        try Tools.qemuImg("create", "-q", "-f", baseFormat, base, "32M")
+        try Tools.qemuIO("-f", baseFormat, "-c", "write -P 1 0 32M", base)
+        expectOK(try img("create", "-q", "-f", "qcow2", "-b", "b.\(baseFormat)", "-F", baseFormat, top, "64M"), "create")
+        try Tools.qemuIO("-f", "qcow2", "-c", "write -P 2 40M 1M", "-c", "write -P 3 31M 2M", top)
+        try Tools.qemuImg("convert", "-O", "raw", top, d.file("expected.raw"))
+        expectOK(try img("commit", top), "commit")
+        #expect(try virtualSize(base) == 64 << 20)
+        #expect(try Tools.qemuImg("compare", "-f", baseFormat, "-F", "raw", base, d.file("expected.raw")).status == 0)
+        #expect(try Tools.qemuIO("-f", "qcow2", "-c", "read -P 2 40M 1M", top).stdout.contains("read 1048576/1048576"))
+        #expect(try Tools.qemuIO("-f", "qcow2", "-c", "read -P 0 41M 23M", top).stdout.contains("read 24117248/24117248"))
+        if baseFormat == "qcow2" { #expect(try Tools.qemuImg("check", base).status == 0) }
+        #expect(try Tools.qemuImg("check", top).status == 0)
+    }
+
+    @Test("commit into a larger base keeps the base's size and its data past the overlay's end")
+    func commitIntoLargerBase() throws {
+        let d = try TempDir()
+        let base = d.file("b.qcow2"), top = d.file("o.qcow2")
+        try Tools.qemuImg("create", "-q", "-f", "qcow2", base, "16M")
+        try Tools.qemuIO("-f", "qcow2", "-c", "write -P 1 0 16M", base)
+        try Tools.qemuImg("create", "-q", "-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2", top, "8M")
+        try Tools.qemuIO("-f", "qcow2", "-c", "write -P 2 7M 1M", "-c", "write -z 0 64k", top)
+        // What qemu-img commit makes of an identical copy is the judge.
+        try FileManager.default.copyItem(atPath: base, toPath: d.file("qb.qcow2"))
+        try Tools.qemuImg("create", "-q", "-f", "qcow2", "-b", "qb.qcow2", "-F", "qcow2", d.file("qo.qcow2"), "8M")
+        try Tools.qemuIO("-f", "qcow2", "-c", "write -P 2 7M 1M", "-c", "write -z 0 64k", d.file("qo.qcow2"))
+        expectOK(try img("commit", top), "commit")
+        expectOK(try Tools.qemuImg("commit", "-q", d.file("qo.qcow2")), "qemu-img commit")
+        #expect(try virtualSize(base) == 16 << 20)
+        let cmp = try Tools.qemuImg("compare", base, d.file("qb.qcow2"))
+        #expect(cmp.status == 0, "\(cmp.stdout)\(cmp.stderr)")
+        #expect(try Tools.qemuImg("check", base).status == 0)
+    }
+
+    @Test("safe rebase onto a smaller or larger backing file keeps every visible byte", arguments: [2 << 20, 16 << 20] as [UInt64])
+    func rebaseAcrossSizes(newBackingSize: UInt64) throws {
+        let d = try TempDir()
+        let top = d.file("o.qcow2")
+        try Tools.qemuImg("create", "-q", "-f", "qcow2", d.file("old.qcow2"), "4M")
+        try Tools.qemuIO("-f", "qcow2", "-c", "write -P 1 0 4M", d.file("old.qcow2"))
+        try Tools.qemuImg("create", "-q", "-f", "qcow2", "-b", "old.qcow2", "-F", "qcow2", top, "8M")
+        try Tools.qemuIO("-f", "qcow2", "-c", "write -P 2 3M 64k", "-c", "write -P 4 6M 64k", top)
+        try Tools.qemuImg("create", "-q", "-f", "raw", d.file("new.raw"), "\(newBackingSize)")
+        try Tools.qemuIO("-f", "raw", "-c", "write -P 3 0 \(newBackingSize)", d.file("new.raw"))
+        try Tools.qemuImg("convert", "-O", "raw", top, d.file("expected.raw"))
+        expectOK(try img("rebase", "-b", "new.raw", "-F", "raw", top), "rebase")
+        let cmp = try Tools.qemuImg("compare", "-F", "raw", top, d.file("expected.raw"))
+        #expect(cmp.status == 0, "\(cmp.stdout)\(cmp.stderr)")
+        #expect(try virtualSize(top) == 8 << 20)
+        #expect(try Tools.qemuImg("check", top).status == 0)
+    }
+
+    @Test("resize of an overlay over a longer backing file shows zeros in the new range, as qemu-img resize does")
+    func resizeOverLongerBacking() throws {
+        let d = try TempDir()
+        try Tools.qemuImg("create", "-q", "-f", "qcow2", d.file("b.qcow2"), "8M")
+        try Tools.qemuIO("-f", "qcow2", "-c", "write -P 1 0 8M", d.file("b.qcow2"))
+        for name in ["ours.qcow2", "qemu.qcow2"] {
+            try Tools.qemuImg("create", "-q", "-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2", d.file(name), "4M")
+            try Tools.qemuIO("-f", "qcow2", "-c", "write -P 2 1M 64k", d.file(name))
+        }
+        // Shrink to a size inside a cluster, then grow past the backing file's end.
+        expectOK(try img("resize", "--shrink", d.file("ours.qcow2"), "1000448"), "shrink")
+        expectOK(try img("resize", d.file("ours.qcow2"), "12M"), "grow")
+        expectOK(try Tools.qemuImg("resize", "-q", "--shrink", d.file("qemu.qcow2"), "1000448"), "qemu shrink")
+        expectOK(try Tools.qemuImg("resize", "-q", d.file("qemu.qcow2"), "12M"), "qemu grow")
+        #expect(try virtualSize(d.file("ours.qcow2")) == 12 << 20)
+        #expect(try Tools.qemuIO("-f", "qcow2", "-c", "read -P 0 1000448 11582464", d.file("ours.qcow2")).stdout.contains("read 11582464/11582464"))
+        let cmp = try Tools.qemuImg("compare", d.file("ours.qcow2"), d.file("qemu.qcow2"))
+        #expect(cmp.status == 0, "\(cmp.stdout)\(cmp.stderr)")
+        #expect(try Tools.qemuImg("check", d.file("ours.qcow2")).status == 0)
+    }
+
+    @Test("resize of a qcow2 image to a size that is not a multiple of 512 is refused, as by qemu-img")
+    func resizeUnaligned() throws {
+        let d = try TempDir()
+        try Tools.qemuImg("create", "-q", "-f", "qcow2", d.file("a.qcow2"), "1M")
+        let r = try img("resize", d.file("a.qcow2"), "1500000")
+        #expect(r.status == 1)
+        #expect(r.stderr.contains("multiple of 512"), "\(r.stderr)")
+        #expect(try Tools.qemuImg("resize", d.file("a.qcow2"), "1500000").status == 1)
+        #expect(try virtualSize(d.file("a.qcow2")) == 1 << 20)
+    }
+
+    @Test("convert of a 10,000,000-byte raw file keeps its tail in qemu's view")
+    func convertUnalignedRaw() throws {
+        let d = try TempDir()
+        var rng = SplitMix(seed: 10_000_000)
+        let bytes = (0..<10_000_000).map { _ in UInt8.random(in: 1...255, using: &rng) }
+        FileManager.default.createFile(atPath: d.file("src.raw"), contents: Data(bytes))
+        for fmt in ["qcow2", "raw"] {
+            let out = d.file("out.\(fmt)")
+            expectOK(try img("convert", "-f", "raw", "-O", fmt, d.file("src.raw"), out), "convert to \(fmt)")
+            #expect(try virtualSize(out) == 10_000_384)
+            let cmp = try Tools.qemuImg("compare", "-f", "raw", "-F", fmt, d.file("src.raw"), out)
+            #expect(cmp.status == 0, "\(fmt): \(cmp.stdout)\(cmp.stderr)")
+            #expect(try Tools.qemuIO("-f", fmt, "-c", "read -P 0 10000000 384", out).stdout.contains("read 384/384"))
+        }
+    }
+
+    @Test("convert of an overlay larger than its backing file equals qemu-img convert")
+    func convertLargerOverlay() throws {
+        let d = try TempDir()
+        try Tools.qemuImg("create", "-q", "-f", "qcow2", d.file("b.qcow2"), "2M")
+        try Tools.qemuIO("-f", "qcow2", "-c", "write -P 1 0 2M", d.file("b.qcow2"))
+        try Tools.qemuImg("create", "-q", "-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2", d.file("o.qcow2"), "6M")
+        try Tools.qemuIO("-f", "qcow2", "-c", "write -P 2 5M 512k", d.file("o.qcow2"))
+        try Tools.qemuImg("convert", "-O", "raw", d.file("o.qcow2"), d.file("expected.raw"))
+        expectOK(try img("convert", "-O", "qcow2", d.file("o.qcow2"), d.file("c.qcow2")), "convert")
+        #expect(try Tools.qemuImg("compare", "-F", "raw", d.file("c.qcow2"), d.file("expected.raw")).status == 0)
+        #expect(try virtualSize(d.file("c.qcow2")) == 6 << 20)
+    }
+
+    @Test("snapshot apply across a resize restores the snapshot's size and data, as qemu-img snapshot -a does")
+    func snapshotApplyAcrossResize() throws {
+        let d = try TempDir()
+        for name in ["ours.qcow2", "qemu.qcow2"] {
+            try Tools.qemuImg("create", "-q", "-f", "qcow2", d.file(name), "32M")
+            try Tools.qemuIO("-f", "qcow2", "-c", "write -P 1 0 32M", d.file(name))
+        }
+        expectOK(try img("snapshot", "-c", "s1", d.file("ours.qcow2")), "snapshot -c")
+        expectOK(try img("resize", d.file("ours.qcow2"), "64M"), "resize")
+        try Tools.qemuIO("-f", "qcow2", "-c", "write -P 2 40M 1M", "-c", "write -P 3 0 1M", d.file("ours.qcow2"))
+        expectOK(try img("snapshot", "-a", "s1", d.file("ours.qcow2")), "snapshot -a")
+        try Tools.qemuImg("snapshot", "-c", "s1", d.file("qemu.qcow2"))
+        try Tools.qemuImg("resize", "-q", d.file("qemu.qcow2"), "64M")
+        try Tools.qemuIO("-f", "qcow2", "-c", "write -P 2 40M 1M", "-c", "write -P 3 0 1M", d.file("qemu.qcow2"))
+        try Tools.qemuImg("snapshot", "-a", "s1", d.file("qemu.qcow2"))
+        #expect(try virtualSize(d.file("ours.qcow2")) == (try virtualSize(d.file("qemu.qcow2"))))
+        let cmp = try Tools.qemuImg("compare", d.file("ours.qcow2"), d.file("qemu.qcow2"))
+        #expect(cmp.status == 0, "\(cmp.stdout)\(cmp.stderr)")
+        #expect(try Tools.qemuIO("-f", "qcow2", "-c", "read -P 1 0 32M", d.file("ours.qcow2")).stdout.contains("read 33554432/33554432"))
+        #expect(try Tools.qemuImg("check", d.file("ours.qcow2")).status == 0)
+    }
+
+    @Test("create rounds sizes up to 512 bytes as qemu-img does", arguments: ["raw", "qcow2"])
+    func createRoundsUp(format: String) throws {
+        let d = try TempDir()
+        expectOK(try img("create", "-q", "-f", format, d.file("ours"), "1000"), "create")
+        expectOK(try Tools.qemuImg("create", "-q", "-f", format, d.file("qemu"), "1000"), "qemu-img create")
+        #expect(try virtualSize(d.file("ours")) == 1024)
+        #expect(try virtualSize(d.file("ours")) == (try virtualSize(d.file("qemu"))))
+    }
+
+    @Test("create with -b and no size takes the backing file's size; -b without -F is refused")
+    func createFromBacking() throws {
+        let d = try TempDir()
+        try Tools.qemuImg("create", "-q", "-f", "qcow2", d.file("base.qcow2"), "24M")
+        expectOK(try img("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", "-b", "base.qcow2", "-F", "qcow2", d.file("ov.qcow2")), "create")
+        #expect(try virtualSize(d.file("ov.qcow2")) == 24 << 20)
+        let check = try Tools.qemuImg("check", d.file("ov.qcow2"))
+        #expect(check.status == 0, "\(check.stdout)")
+        let noFormat = try img("create", "-q", "-f", "qcow2", "-b", "base.qcow2", d.file("nf.qcow2"))
+        #expect(noFormat.status == 1)
+        #expect(noFormat.stderr.contains("backing format"), "\(noFormat.stderr)")
+        #expect(!FileManager.default.fileExists(atPath: d.file("nf.qcow2")))
+        let rebase = try img("rebase", "-b", "base.qcow2", d.file("ov.qcow2"))
+        #expect(rebase.status == 1)
+        #expect(rebase.stderr.contains("backing format"), "\(rebase.stderr)")
+    }
+
+    @Test("sizes in scientific notation or with a sign are refused", arguments: ["1e6", "-5", "inf", "0x100", "1.5.3"])
+    func badSizes(size: String) throws {
+        let d = try TempDir()
+        let r = try img("create", "-q", "-f", "raw", d.file("x.raw"), size)
+        #expect(r.status != 0, "size '\(size)' was taken")
+        #expect(!FileManager.default.fileExists(atPath: d.file("x.raw")))
+    }
+}
