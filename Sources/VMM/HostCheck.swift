@@ -182,7 +182,7 @@ public enum HostCheck {
         "fwait emulation failure: skipped (RIP+1)",
         "int3 emulation failure: RIP+1 and #BP injected",
         "ud2 emulation failure: #UD injected",
-        "user-mode SYSCALL: LSTAR write filter + trampoline at 0xffffff8000000000 (PML4 511, PUD 0) → kernel entry at CPL0",
+        "user-mode SYSCALL: LSTAR read/write filter + trampoline at 0xffffff8000000000 (PML4 511, PUD 0) → kernel entry at CPL0",
     ]
 
     /// Runs every check. `runProbe` false skips the user-mode probe (reported as WARN).

@@ -30,6 +30,8 @@ struct RunCommand: ParsableCommand {
     var initrd: String?
     @Option(help: "Kernel command line (default for the default guest: the PVM-safe line).")
     var cmdline: String?
+    @Option(help: "Default guest's kernel, without --kernel: stock (Debian's, scripts/guest-assets) or lean (scripts/guest-kernel).")
+    var guest: String = "stock"
     @Option(help: "Guest RAM with K/M/G suffix (default 512M, 128M with --flat).")
     var memory: String?
     @Option(help: "Number of vCPUs.")
@@ -99,18 +101,25 @@ struct RunCommand: ParsableCommand {
             guard loadAddress == nil, entry == nil else {
                 throw VMMError.invalidConfiguration("--load-address and --entry need --flat")
             }
+            guard let guestKernel = DefaultGuest.Kernel(rawValue: guest) else {
+                throw VMMError.invalidValue(what: "--guest", value: guest, reason: "expected stock or lean")
+            }
             if let kernel {
+                guard guestKernel == .stock else {
+                    throw VMMError.invalidConfiguration("--guest and --kernel cannot be used together")
+                }
                 payload = .kernel(path: kernel, initrd: initrd, cmdline: cmdline ?? "",
                                   modules: try modules.map(ModuleSpec.init(parsing:)))
             } else {
                 guard let dir = DefaultGuest.assetsDirectory(environment: currentEnvironment(),
-                                                             executablePath: DefaultGuest.executablePath()) else {
-                    throw VMMError.invalidConfiguration("no --kernel or --flat given and the default guest is not built (run scripts/guest-assets, or set SWIFTKVM_ASSETS)")
+                                                             executablePath: DefaultGuest.executablePath(),
+                                                             kernel: guestKernel) else {
+                    throw VMMError.invalidConfiguration("no --kernel or --flat given and the default guest's \(guestKernel.rawValue) kernel is not built (run \(guestKernel.builder), or set SWIFTKVM_ASSETS)")
                 }
-                payload = .kernel(path: dir + "/" + DefaultGuest.kernelName,
+                payload = .kernel(path: dir + "/" + guestKernel.fileName,
                                   initrd: initrd ?? dir + "/" + DefaultGuest.initrdName,
                                   cmdline: cmdline ?? DefaultGuest.cmdline(
-                                      withVirtioDevices: !disks.isEmpty || rng || virtioConsole),
+                                      for: guestKernel, withVirtioDevices: !disks.isEmpty || rng || virtioConsole),
                                   modules: try modules.map(ModuleSpec.init(parsing:)))
             }
         }

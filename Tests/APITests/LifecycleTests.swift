@@ -65,7 +65,7 @@ enum GuestSupport {
 }
 
 @Suite("Lifecycle with a real guest over the API (/dev/kvm)", .serialized,
-       .enabled(if: GuestSupport.hasKVM && GuestSupport.ticker != nil))
+       .enabled(if: GuestSupport.hasKVM && GuestSupport.ticker != nil, "needs /dev/kvm and guest/build/ticker.elf"))
 struct LifecycleTests {
     /// A server whose controller builds real Machines; the serial console goes to a file.
     final class Fixture: @unchecked Sendable {
@@ -178,7 +178,7 @@ struct LifecycleTests {
     }
 }
 
-@Suite("swiftkvm vmm process", .serialized, .enabled(if: GuestSupport.swiftkvm != nil))
+@Suite("swiftkvm vmm process", .serialized, .enabled(if: GuestSupport.swiftkvm != nil, "needs the swiftkvm executable (swift build)"))
 struct VMMProcessTests {
     /// Runs swiftkvm (optionally under another argv[0]) and returns the process.
     static func launch(_ args: [String], executable: String? = nil, stdout: String? = nil) throws -> Process {
@@ -241,7 +241,7 @@ struct VMMProcessTests {
     }
 
     @Test("a binary named firecracker behaves as swiftkvm vmm; a full API lifecycle ends with the guest's power-off (status 0)",
-          .enabled(if: GuestSupport.hasKVM && GuestSupport.ticker != nil))
+          .enabled(if: GuestSupport.hasKVM && GuestSupport.ticker != nil, "needs /dev/kvm and guest/build/ticker.elf"))
     func firecrackerAlias() throws {
         let dir = TempDir()
         defer { dir.cleanup() }
@@ -268,7 +268,7 @@ struct VMMProcessTests {
     }
 
     @Test("--config-file --no-api starts the guest at once; SendCtrlAltDel over the API ends it as a reset (status 3)",
-          .enabled(if: GuestSupport.hasKVM && GuestSupport.ticker != nil))
+          .enabled(if: GuestSupport.hasKVM && GuestSupport.ticker != nil, "needs /dev/kvm and guest/build/ticker.elf"))
     func configFile() throws {
         let dir = TempDir()
         defer { dir.cleanup() }
@@ -301,7 +301,7 @@ struct VMMProcessTests {
     }
 
     @Test("SIGTERM while the guest is paused stops it: status 143, socket removed",
-          .enabled(if: GuestSupport.hasKVM && GuestSupport.ticker != nil))
+          .enabled(if: GuestSupport.hasKVM && GuestSupport.ticker != nil, "needs /dev/kvm and guest/build/ticker.elf"))
     func sigtermWhilePaused() throws {
         let dir = TempDir()
         defer { dir.cleanup() }

@@ -9,7 +9,7 @@ import VMM
 /// SWIFTKVM_SKIP_LINUX=1 skips it, as it skips the other Linux boot.
 @Suite("Linux boot through the API",
        .enabled(if: ProcessInfo.processInfo.environment["SWIFTKVM_SKIP_LINUX"] != "1", "SWIFTKVM_SKIP_LINUX=1"),
-       .enabled(if: GuestSupport.hasKVM, "no usable /dev/kvm"))
+       .enabled(if: GuestSupport.hasKVM, "needs /dev/kvm"))
 struct LinuxAPIBootTests {
     @Test("boot-source + machine-config + InstanceStart boot the default guest to 'Run /init'")
     func bootToInit() throws {

@@ -110,7 +110,7 @@ enum VirtioBlkGuest {
 }
 
 @Suite("Rate limiters and drive updates with the virtio_blk guest over the API (/dev/kvm)", .serialized,
-       .enabled(if: GuestSupport.hasKVM && VirtioBlkGuest.image != nil))
+       .enabled(if: GuestSupport.hasKVM && VirtioBlkGuest.image != nil, "needs /dev/kvm and guest/build/virtio_blk.elf"))
 struct RateLimitGuestTests {
     typealias Fixture = LifecycleTests.Fixture
 
@@ -146,7 +146,7 @@ struct RateLimitGuestTests {
     }
 
     @Test("virtio_rng reading 4 × 64 bytes through a 64-byte-per-second entropy limit takes at least 3 s (unlimited: well under 1 s)",
-          .enabled(if: VirtioBlkGuest.rngImage != nil))
+          .enabled(if: VirtioBlkGuest.rngImage != nil, "needs guest/build/virtio_rng.elf"))
     func entropyLimit() throws {
         let f = try Fixture()
         defer { f.shutdown() }

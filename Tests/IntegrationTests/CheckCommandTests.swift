@@ -4,9 +4,9 @@ import Testing
 private let kvmAvailable = FileManager.default.fileExists(atPath: "/dev/kvm")
 private let binaryAvailable = ProcessRunner.swiftkvmPath != nil
 
-@Suite("swiftkvm check", .enabled(if: binaryAvailable), .serialized)
+@Suite("swiftkvm check", .enabled(if: binaryAvailable, "needs the swiftkvm executable (swift build)"), .serialized)
 struct CheckCommandTests {
-    @Test("on this host check passes, runs the probe and names what it found", .enabled(if: kvmAvailable))
+    @Test("on this host check passes, runs the probe and names what it found", .enabled(if: kvmAvailable, "needs /dev/kvm"))
     func realHost() throws {
         let r = try ProcessRunner.runSwiftKVM(["check"], timeout: 120)
         #expect(!r.timedOut)
@@ -30,7 +30,7 @@ struct CheckCommandTests {
         }
     }
 
-    @Test("--output json gives the same verdict as a JSON document", .enabled(if: kvmAvailable))
+    @Test("--output json gives the same verdict as a JSON document", .enabled(if: kvmAvailable, "needs /dev/kvm"))
     func json() throws {
         let r = try ProcessRunner.runSwiftKVM(["check", "--output", "json"], timeout: 120)
         #expect(r.status == 0, "\(r.stderr)")

@@ -25,7 +25,7 @@ enum FlatPrograms {
     }
 }
 
-@Suite("Flat programs under swiftkvm run", .enabled(if: kvmAvailable && binaryAvailable), .serialized)
+@Suite("Flat programs under swiftkvm run", .enabled(if: kvmAvailable && binaryAvailable, "needs /dev/kvm and the swiftkvm executable"), .serialized)
 struct FlatProgramTests {
     func run(_ program: [UInt8], _ arguments: [String], timeout: TimeInterval = 60,
              afterStart: ((Process) -> Void)? = nil) throws -> ProcessRunner.Result {
@@ -96,7 +96,7 @@ struct FlatProgramTests {
     }
 
     @Test("an instruction the PVM host cannot emulate ends the run with status 4, logging RIP and bytes",
-          .enabled(if: FileManager.default.fileExists(atPath: "/sys/module/kvm_pvm")))
+          .enabled(if: FileManager.default.fileExists(atPath: "/sys/module/kvm_pvm"), "needs a PVM host (the instruction it feeds is emulated correctly by hardware KVM)"))
     func internalError() throws {
         // popcnt eax, eax in ring 0: rejected by the PVM host's emulator.
         let r = try run([0xf3, 0x0f, 0xb8, 0xc0, 0xf4], ["--load-address", "0x100000", "--mode", "long", "--memory", "8M"])
@@ -135,7 +135,7 @@ struct FlatProgramTests {
     }
 }
 
-@Suite("swiftkvm run rejects bad input with status 2 and one line", .enabled(if: binaryAvailable))
+@Suite("swiftkvm run rejects bad input with status 2 and one line", .enabled(if: binaryAvailable, "needs the swiftkvm executable (swift build)"))
 struct RunBadInputTests {
     /// A one-byte flat program (HLT), created per test instance and removed in deinit.
     final class FlatFile {
@@ -214,7 +214,7 @@ struct RunBadInputTests {
     }
 
     @Test("an initrd that is missing or too large for guest RAM", .enabled(if: FileManager.default.fileExists(
-        atPath: ProcessRunner.packageRoot.appendingPathComponent("assets/vmlinuz").path)))
+        atPath: ProcessRunner.packageRoot.appendingPathComponent("assets/vmlinuz").path), "needs assets/vmlinuz (scripts/guest-assets)"))
     func initrd() throws {
         let kernel = ProcessRunner.packageRoot.appendingPathComponent("assets/vmlinuz").path
         try expectUsageError(["run", "--kernel", kernel, "--initrd", "/nonexistent/initrd"], mentions: "/nonexistent/initrd")

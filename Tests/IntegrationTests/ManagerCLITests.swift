@@ -82,7 +82,7 @@ func parseList(_ text: String) -> [String: (id: String, state: String)] {
 }
 
 @Suite("swiftkvm vm through swiftkvm daemon, with ticker guests (/dev/kvm)", .serialized,
-       .enabled(if: MCSupport.canRunGuests))
+       .enabled(if: MCSupport.canRunGuests, "needs /dev/kvm, the swiftkvm executable and the guest programs"))
 struct ManagerCLITests {
     @Test("define → start → list shows running → console shows ticks → pause/resume → shutdown → list --all shows shut off → undefine")
     func lifecycle() throws {
@@ -280,7 +280,7 @@ struct ManagerCLITests {
     }
 }
 
-@Suite("swiftkvm vm without a daemon (no /dev/kvm needed)", .enabled(if: MCSupport.swiftkvm != nil))
+@Suite("swiftkvm vm without a daemon (no /dev/kvm needed)", .enabled(if: MCSupport.swiftkvm != nil, "needs the swiftkvm executable (swift build)"))
 struct ManagerCLIOfflineTests {
     @Test("no daemon: a clear error naming the socket and how to start the daemon, exit status 1")
     func noDaemon() throws {

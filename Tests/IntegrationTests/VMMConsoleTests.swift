@@ -7,7 +7,7 @@ import Glibc
 /// `swiftkvm vmm --console-sock PATH --serial-log PATH` and stdin as serial input, with real
 /// guest programs through the built binary.
 @Suite("swiftkvm vmm console socket and serial log (/dev/kvm)", .serialized,
-       .enabled(if: MCSupport.canRunGuests))
+       .enabled(if: MCSupport.canRunGuests, "needs /dev/kvm, the swiftkvm executable and the guest programs"))
 struct VMMConsoleTests {
     /// Starts `swiftkvm vmm` with a config file booting `kernel` with `bootArgs`.
     func startVMM(_ dir: MCTempDir, kernel: String, bootArgs: String, extra: [String] = [],

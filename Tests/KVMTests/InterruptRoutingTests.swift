@@ -18,7 +18,7 @@ struct GSIRouteTableTests {
     }
 }
 
-@Suite("GSI routing, irqfd and MSI injection on /dev/kvm", .enabled(if: hasKVM))
+@Suite("GSI routing, irqfd and MSI injection on /dev/kvm", .enabled(if: hasKVM, "needs /dev/kvm"))
 struct InterruptRoutingKVMTests {
     func vmWithIRQChip() throws -> VirtualMachine {
         let vm = try KVMSystem().createVM()

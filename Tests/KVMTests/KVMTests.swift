@@ -78,7 +78,7 @@ final class TinyRealModeVM {
     deinit { memory.deallocate() }
 }
 
-@Suite("KVM bindings on /dev/kvm", .enabled(if: hasKVM))
+@Suite("KVM bindings on /dev/kvm", .enabled(if: hasKVM, "needs /dev/kvm"))
 struct KVMDeviceTests {
     @Test("the API version is 12 and the core capabilities are present")
     func apiVersion() throws {

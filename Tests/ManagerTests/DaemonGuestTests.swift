@@ -2,7 +2,7 @@ import Foundation
 import Testing
 @testable import Manager
 
-@Suite("Daemon with real VMs (ticker guests, /dev/kvm)", .serialized, .enabled(if: ManagerSupport.canRunGuests))
+@Suite("Daemon with real VMs (ticker guests, /dev/kvm)", .serialized, .enabled(if: ManagerSupport.canRunGuests, "needs /dev/kvm, the swiftkvm executable and guest/build/ticker.elf"))
 struct DaemonGuestTests {
     @Test("define, start, running with a pid, ticks in the serial log, pause stops them, resume, shutdown resets to shut off")
     func lifecycle() throws {

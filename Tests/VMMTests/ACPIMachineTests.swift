@@ -5,7 +5,7 @@ import Logging
 import Testing
 @testable import VMM
 
-@Suite("ACPI in the Machine on /dev/kvm", .enabled(if: FileManager.default.fileExists(atPath: "/dev/kvm")), .serialized)
+@Suite("ACPI in the Machine on /dev/kvm", .enabled(if: FileManager.default.fileExists(atPath: "/dev/kvm"), "needs /dev/kvm"), .serialized)
 struct ACPIMachineTests {
     /// A Machine running the real-mode `program` loaded (and entered) at `load`; the file is removed before returning.
     func machine(_ program: [UInt8], load: UInt64 = 0x1000, cpus: Int = 1) throws -> Machine {

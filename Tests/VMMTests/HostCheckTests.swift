@@ -237,7 +237,7 @@ struct HostCheckTests {
     }
 }
 
-@Suite("User-mode probe on /dev/kvm", .enabled(if: FileManager.default.fileExists(atPath: "/dev/kvm")))
+@Suite("User-mode probe on /dev/kvm", .enabled(if: FileManager.default.fileExists(atPath: "/dev/kvm"), "needs /dev/kvm"))
 struct UserModeProbeKVMTests {
     @Test("the probe reaches ring 3 and, with the fix-up, the SYSCALL entry at CPL0")
     func probeRuns() {

@@ -19,7 +19,7 @@ final class StubPCIDevice: PCIDevice {
     }
 }
 
-@Suite("Machine PCI bus on /dev/kvm", .enabled(if: FileManager.default.fileExists(atPath: "/dev/kvm")), .serialized)
+@Suite("Machine PCI bus on /dev/kvm", .enabled(if: FileManager.default.fileExists(atPath: "/dev/kvm"), "needs /dev/kvm"), .serialized)
 struct MachinePCITests {
     func machine(_ program: [UInt8]) throws -> (Machine, String) {
         let path = FileManager.default.temporaryDirectory

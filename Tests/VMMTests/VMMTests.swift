@@ -322,7 +322,7 @@ final class CollectedOutput: SerialOutput, @unchecked Sendable {
     var text: String { lock.lock(); defer { lock.unlock() }; return String(decoding: bytes, as: UTF8.self) }
 }
 
-@Suite("Machine on /dev/kvm", .enabled(if: FileManager.default.fileExists(atPath: "/dev/kvm")), .serialized)
+@Suite("Machine on /dev/kvm", .enabled(if: FileManager.default.fileExists(atPath: "/dev/kvm"), "needs /dev/kvm"), .serialized)
 struct MachineTests {
     func machine(_ program: [UInt8], mode: FlatLoader.Mode = .real, load: UInt64 = 0x1000,
                  configure: (inout VMConfiguration) -> Void = { _ in }) throws -> (Machine, CollectedOutput, String) {

@@ -38,7 +38,7 @@ struct DiskSpecTests {
     }
 }
 
-@Suite("virtio devices in a Machine", .enabled(if: FileManager.default.fileExists(atPath: "/dev/kvm")), .serialized)
+@Suite("virtio devices in a Machine", .enabled(if: FileManager.default.fileExists(atPath: "/dev/kvm"), "needs /dev/kvm"), .serialized)
 struct VirtioMachineTests {
     final class Output: SerialOutput, @unchecked Sendable { func write(_ b: [UInt8]) {} }
 

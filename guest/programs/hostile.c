@@ -1,10 +1,11 @@
 /* hostile: a malicious virtio-blk driver. For each case it resets the device, sets up queue 0
  * (16 entries, INDIRECT_DESC negotiated when offered, no interrupts), publishes one malformed
  * request, and classifies what the device did within wait=MS (default 1000):
- *   clean:  IOERR/UNSUPP in the status byte, no used entry at all, or NEEDS_RESET in the device
- *           status;
- *   broken: the request completed with status OK, or the device wrote into a device-readable
- *           (read-only) buffer.
+ *   clean:  IOERR/UNSUPP in the status byte, a used entry of length 0 without a status, or
+ *           NEEDS_RESET in the device status: each of them tells the driver;
+ *   broken: the request completed with status OK, the device wrote into a device-readable
+ *           (read-only) buffer, or nothing happened within the wait (a dropped request hangs a
+ *           real driver, and nothing shows that the device saw it).
  * After every case the device is reset and a valid read must succeed (`recovered`), so the VMM
  * kept running and the device works again. Runs as multiboot (`.elf`) or as a flat long-mode
  * binary (`.bin`, no command line then: RAM assumed 128 MiB for the straddling case).
@@ -107,7 +108,7 @@ static void run_case(const char *name, void (*build)(void), volatile uint8_t *ro
     build();
     enum outcome o = observe(0xff);
     int wrote_ro = ro_check && *ro_check != ro_before;
-    int clean = (o == O_IOERR || o == O_UNSUPP || o == O_DROPPED || o == O_NEEDS_RESET || o == O_USED_NO_STATUS) && !wrote_ro;
+    int clean = (o == O_IOERR || o == O_UNSUPP || o == O_NEEDS_RESET || o == O_USED_NO_STATUS) && !wrote_ro;
     char why[40];
     int rec = recovered(why);
     rt_printf("HOSTILE %s %s%s\n", name, outcome_name[o], wrote_ro ? " wrote-read-only-buffer" : "");

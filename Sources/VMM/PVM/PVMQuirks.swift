@@ -36,13 +36,18 @@ public final class PVMQuirks: HostQuirks, @unchecked Sendable {
     }
 
     public func handleMSR(vcpu: VCPU, memory: GuestMemory, index: UInt32, write: UInt64?, logger: Logger) -> Bool {
-        guard let syscall, index == SyscallFixup.lstar, let value = write else { return false }
+        guard let syscall, index == SyscallFixup.lstar else { return false }
         do {
-            try syscall.handleLSTARWrite(vcpu: vcpu, memory: memory, value: value, logger: logger)
-            count("LSTAR write")
+            if let value = write {
+                try syscall.handleLSTARWrite(vcpu: vcpu, memory: memory, value: value, logger: logger)
+                count("LSTAR write")
+            } else {
+                try syscall.handleLSTARRead(vcpu: vcpu)
+                count("LSTAR read")
+            }
             return true
         } catch {
-            logger.error("pvm: LSTAR write fix-up failed: \(error)")
+            logger.error("pvm: LSTAR \(write == nil ? "read" : "write") fix-up failed: \(error)")
             return false
         }
     }

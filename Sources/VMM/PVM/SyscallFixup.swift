@@ -46,13 +46,13 @@ final class SyscallFixup: @unchecked Sendable {
         try pages.write(Self.trampolineCode, at: code)
     }
 
-    /// Registers the pages with KVM and routes guest LSTAR writes to user space.
+    /// Registers the pages with KVM and routes guest LSTAR reads and writes to user space.
     func configure(vm: VirtualMachine) throws {
         let region = pages.regions[0]
         try vm.setUserMemoryRegion(slot: Self.slot, guestPhys: region.start, size: region.size, host: region.host)
         try vm.enableCap(.x86UserSpaceMSR, args: [UInt64(KVM_MSR_EXIT_REASON_FILTER)])
         try vm.setMSRFilter(defaultDeny: false, ranges: [
-            MSRFilterRange(flags: UInt32(KVM_MSR_FILTER_WRITE), base: Self.lstar, count: 1, bitmap: [0]),
+            MSRFilterRange(flags: UInt32(KVM_MSR_FILTER_READ | KVM_MSR_FILTER_WRITE), base: Self.lstar, count: 1, bitmap: [0]),
         ])
     }
 
@@ -64,6 +64,18 @@ final class SyscallFixup: @unchecked Sendable {
         vcpu.completeMSR(error: false)
         try vcpu.setMSRs([(Self.lstar, Self.trampolineVA)])
         logger.debug("pvm: guest LSTAR 0x\(String(value, radix: 16)) → trampoline 0x\(String(Self.trampolineVA, radix: 16))")
+    }
+
+    /// A guest read of LSTAR: the value the guest wrote (the real LSTAR holds the trampoline), or the real value when
+    /// the guest has written none.
+    func handleLSTARRead(vcpu: VCPU) throws {
+        let value: UInt64
+        if let written = guestLSTAR.withLock({ $0 }) {
+            value = written
+        } else {
+            value = try vcpu.getMSRs([Self.lstar]).first?.value ?? 0
+        }
+        vcpu.completeMSR(value: value)
     }
 
     /// Links PUD 0 of PML4 slot 511 of the page tables at `cr3` to the trampoline tables.
