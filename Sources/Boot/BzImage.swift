@@ -203,8 +203,14 @@ public enum BzImageLoader {
                 guard let cache, format != .uncompressed else {
                     return try Decompressor.decompress(buf, format: format, limit: limit) { try loader.feed($0) }
                 }
-                let (total, outcome) = try cache.decompress(buf, format: format, limit: limit) { try loader.feed($0) }
+                var loadedFromFile: (mapped: Int, copied: Int)?
+                let (total, outcome) = try cache.decompress(buf, format: format, limit: limit, mapper: { fd, offset, data in
+                    loadedFromFile = try loader.load(mapping: fd, dataOffset: offset, data: data)
+                }, consumer: { try loader.feed($0) })
                 result.notes.append(outcome.note)
+                if let l = loadedFromFile {
+                    result.notes.append("kernel segments: \(l.mapped) bytes mapped copy-on-write from the cache entry, \(l.copied) copied")
+                }
                 return total
             }
             let (elf, ranges) = try loader.finish()

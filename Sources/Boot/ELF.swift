@@ -1,4 +1,7 @@
 import GuestMemory
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// A guest-physical range a loader filled, for diagnostics and overlap checks.
 public struct LoadRange: Sendable, Equatable, CustomStringConvertible {
@@ -270,6 +273,63 @@ final class ELFStreamLoader {
             }
         }
         position += n
+    }
+
+    /// Loads a whole decompressed kernel that sits in the file `fd` at `dataOffset` (page-aligned) and is mapped
+    /// at `data`: the headers are parsed and checked as in `feed`, then each segment's whole pages are mapped from
+    /// the file over guest RAM, private and copy-on-write (`MAP_PRIVATE | MAP_FIXED`), and only the partial pages
+    /// at its ends are copied. A segment whose file offset and guest address differ modulo the page size, or
+    /// whose pages cannot be mapped, is copied. Returns the bytes mapped and copied; `finish()` follows as after
+    /// `feed`.
+    @discardableResult
+    func load(mapping fd: Int32, dataOffset: Int, data: UnsafeRawBufferPointer) throws -> (mapped: Int, copied: Int) {
+        precondition(image == nil && position == 0, "load(mapping:) on a loader that was fed")
+        let head = Array(data.prefix(ELFStreamLoader.headerLimit))
+        prefix = head
+        guard let need = try headerNeed(), head.count >= need else {
+            throw BootError.invalidImage("\(what): decompressed data (\(data.count) bytes) is too short for the ELF headers")
+        }
+        prefix = []
+        let img = try ELFImage(parsing: head, bits: 64, machine: 62, what: what, streamed: true)
+        ranges = try img.checkPlacement(in: memory, avoiding: avoid, what: "kernel ELF")
+        image = img
+        let page = UInt64(max(4096, sysconf(Int32(_SC_PAGESIZE))))
+        var mapped = 0, copied = 0
+        func copy(_ dst: UInt64, _ src: UInt64, _ n: UInt64) throws {
+            guard n > 0 else { return }
+            try guarded("kernel ELF segment", at: dst) {
+                let p = try memory.translate(dst, count: n)
+                p.copyMemory(from: data.baseAddress! + Int(src), byteCount: Int(n))
+            }
+            copied += Int(n)
+        }
+        for (i, h) in img.loadSegments.enumerated() where h.filesz > 0 {
+            guard h.offset <= UInt64(data.count), h.filesz <= UInt64(data.count) - h.offset else {
+                throw BootError.invalidImage("\(what): ELF segment \(i) file data at \(hex(h.offset))+\(hex(h.filesz)) extends past the end of the decompressed data (\(data.count) bytes)")
+            }
+            let fileOffset = UInt64(dataOffset) + h.offset
+            guard fileOffset % page == h.paddr % page else {
+                try copy(h.paddr, h.offset, h.filesz)
+                continue
+            }
+            let end = h.paddr + h.filesz
+            let midStart = min((h.paddr + page - 1) / page * page, end)
+            let midEnd = max(midStart, end / page * page)
+            try copy(h.paddr, h.offset, midStart - h.paddr)
+            if midEnd > midStart {
+                let host = try memory.translate(midStart, count: midEnd - midStart)
+                let result = mmap(host, Int(midEnd - midStart), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_FIXED, fd,
+                                  off_t(fileOffset + (midStart - h.paddr)))
+                if result == host {
+                    mapped += Int(midEnd - midStart)
+                } else {
+                    try copy(midStart, h.offset + (midStart - h.paddr), midEnd - midStart)
+                }
+            }
+            try copy(midEnd, h.offset + (midEnd - h.paddr), end - midEnd)
+        }
+        position = UInt64(data.count)
+        return (mapped, copied)
     }
 
     /// Checks that every segment's file data arrived, zeroes the BSS parts, and returns the image

@@ -55,8 +55,10 @@ public struct KernelCache: Sendable, Equatable {
 
     /// What happened to the cache during one load.
     public enum Outcome: Sendable, Equatable {
-        /// The entry at this path was valid and was used.
-        case hit(String)
+        /// The entry at this path was valid and was used. `checksummed`: its data CRC was computed during this
+        /// load (the first use of this file); false when the same file (device, inode, size, modification time)
+        /// had been verified before.
+        case hit(String, checksummed: Bool)
         /// There was no usable entry (the reason says why); the payload was decompressed and a new
         /// entry written at this path.
         case stored(String, reason: String)
@@ -67,7 +69,7 @@ public struct KernelCache: Sendable, Equatable {
         /// One line for `LoadedKernel.notes`.
         public var note: String {
             switch self {
-            case .hit(let p): return "kernel cache hit: \(p)"
+            case .hit(let p, let c): return "kernel cache hit: \(p) (\(c ? "checksum verified" : "verified before, same file"))"
             case .stored(let p, let r): return "kernel cache miss (\(r)): wrote \(p)"
             case .bypassed(let r): return "kernel cache not used: \(r); decompressed without it"
             }
@@ -94,14 +96,15 @@ public struct KernelCache: Sendable, Equatable {
         }
     }
 
-    /// The fixed 64-byte header of an entry (little-endian):
+    /// The fixed 4096-byte header of an entry (little-endian):
     /// magic "SKVMKERN" (8), version (4), header size (4), compressed length (8), compressed CRC-32 (4),
     /// format code (4), decompressed length (8), decompressed CRC-32 (4), CRC-32 of bytes 0..<44 (4),
-    /// zero padding to 64.
+    /// zero padding to 4096. The padding puts the decompressed data on a page boundary, so a loader can
+    /// map the kernel's segments from the file instead of copying them (version 1 had a 64-byte header).
     struct Header: Equatable {
-        static let size = 64
+        static let size = 4096
         static let magic: [UInt8] = Array("SKVMKERN".utf8)
-        static let version: UInt32 = 1
+        static let version: UInt32 = 2
         var key: Key
         var decompressedLength: UInt64
         var decompressedCRC: UInt32
@@ -175,7 +178,12 @@ public struct KernelCache: Sendable, Equatable {
     /// bytes produced and what happened to the cache. Output never exceeds `limit` bytes either way.
     ///
     /// Errors thrown are those of decompression or of `consumer`, never of the cache.
+    ///
+    /// With `mapper`, a hit hands the whole entry to it instead of `consumer`: the entry's file descriptor, the
+    /// file offset of the decompressed data (page-aligned), and the mapped data, so the loader can map the
+    /// kernel's segments from the file copy-on-write (the descriptor is closed after `mapper` returns).
     public func decompress(_ payload: UnsafeRawBufferPointer, format: CompressionFormat, limit: Int,
+                           mapper: ((_ fd: Int32, _ dataOffset: Int, _ data: UnsafeRawBufferPointer) throws -> Void)? = nil,
                            consumer: @escaping (UnsafeRawBufferPointer) throws -> Void) throws -> (total: Int, outcome: Outcome) {
         guard payload.count >= minimumPayload else {
             let total = try Decompressor.decompress(payload, format: format, limit: limit, consumer: consumer)
@@ -187,16 +195,23 @@ public struct KernelCache: Sendable, Equatable {
         switch lookup(key, at: entryPath, limit: limit) {
         case .success(let entry):
             defer { entry.unmap() }
-            // Mark it recently used for `prune` (best effort).
-            _ = utimensat(AT_FDCWD, entryPath, nil, 0)
+            // Mark it recently used for `prune` (best effort) through its access time alone: the modification time
+            // is part of the verified marker's identity.
+            // UTIME_NOW and UTIME_OMIT (<sys/stat.h> macros that do not import).
+            var times = [timespec(tv_sec: 0, tv_nsec: (1 << 30) - 1), timespec(tv_sec: 0, tv_nsec: (1 << 30) - 2)]
+            _ = utimensat(AT_FDCWD, entryPath, &times, 0)
             let data = entry.data
-            var o = 0
-            while o < data.count {
-                let n = min(data.count - o, Decompressor.chunk * 8)
-                try consumer(UnsafeRawBufferPointer(rebasing: data[o..<o + n]))
-                o += n
+            if let mapper {
+                try mapper(entry.fd, Header.size, data)
+            } else {
+                var o = 0
+                while o < data.count {
+                    let n = min(data.count - o, Decompressor.chunk * 8)
+                    try consumer(UnsafeRawBufferPointer(rebasing: data[o..<o + n]))
+                    o += n
+                }
             }
-            return (data.count, .hit(entryPath))
+            return (data.count, .hit(entryPath, checksummed: entry.checksummed))
         case .failure(let m):
             reason = m.reason
         }
@@ -229,17 +244,63 @@ public struct KernelCache: Sendable, Equatable {
         } catch {
             return (total, .bypassed("\(error)"))
         }
+        // The writer checksummed what it wrote: the stored file counts as verified.
+        var st = stat()
+        if stat(entryPath, &st) == 0 { markVerified(entryPath, st) }
         prune(keeping: entryPath)
         return (total, .stored(entryPath, reason: reason))
     }
 
-    /// A mapped, validated entry.
+    /// A mapped, validated entry and its open file.
     struct MappedEntry {
         let base: UnsafeMutableRawPointer
         let length: Int
+        let fd: Int32
+        /// Whether the data checksum was computed for this use (else this file version was verified before).
+        let checksummed: Bool
         /// The decompressed bytes (after the header).
         var data: UnsafeRawBufferPointer { UnsafeRawBufferPointer(start: base + Header.size, count: length - Header.size) }
-        func unmap() { munmap(base, length) }
+        func unmap() { munmap(base, length); close(fd) }
+    }
+
+    /// What identifies one version of an entry file: a file rewritten in place gets a new modification time, a
+    /// replaced one a new inode. (Not the change time: marking an entry used sets its access time, which changes
+    /// it. Only this user can set a modification time back, and the directory is this user's alone.)
+    static func identity(_ st: stat) -> String {
+        "\(st.st_dev) \(st.st_ino) \(st.st_size) \(st.st_mtim.tv_sec).\(st.st_mtim.tv_nsec)"
+    }
+
+    /// The marker recording that the entry at `path` was verified: `.<entry name>.verified` beside it.
+    func verifiedMarker(for path: String) -> String {
+        let name = path[(path.lastIndex(of: "/").map { path.index(after: $0) } ?? path.startIndex)...]
+        return directory + "/." + name + ".verified"
+    }
+
+    /// Whether the marker says this very file (by `identity`) was verified before.
+    func wasVerified(_ path: String, _ st: stat) -> Bool {
+        let marker = verifiedMarker(for: path)
+        let fd = open(marker, O_RDONLY | O_CLOEXEC | O_NOFOLLOW)
+        guard fd >= 0 else { return false }
+        defer { close(fd) }
+        var mst = stat()
+        guard fstat(fd, &mst) == 0, (mst.st_mode & S_IFMT) == S_IFREG, mst.st_uid == geteuid(), mst.st_size < 512 else { return false }
+        var buf = [UInt8](repeating: 0, count: 512)
+        let n = read(fd, &buf, buf.count)
+        guard n > 0 else { return false }
+        return String(decoding: buf[0..<n], as: UTF8.self) == KernelCache.identity(st) + "\n"
+    }
+
+    /// Records that the file at `path` with status `st` was verified (best effort: a failure only costs a
+    /// checksum at the next use).
+    func markVerified(_ path: String, _ st: stat) {
+        let marker = verifiedMarker(for: path)
+        let temp = marker + ".tmp-\(getpid())"
+        let fd = open(temp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0o600)
+        guard fd >= 0 else { return }
+        let text = Array((KernelCache.identity(st) + "\n").utf8)
+        let ok = text.withUnsafeBytes { Glibc.write(fd, $0.baseAddress!, $0.count) } == text.count
+        close(fd)
+        if !ok || rename(temp, marker) != 0 { unlink(temp) }
     }
 
     /// Maps the entry at `path` read-only and validates it against `key` and `limit`.
@@ -253,17 +314,17 @@ public struct KernelCache: Sendable, Equatable {
         guard fd >= 0 else {
             return .failure(Mismatch(errno == ENOENT ? "no entry" : "cannot open \(path): \(errnoText())"))
         }
-        defer { close(fd) }
+        let failOpen = { (r: String) -> Result<MappedEntry, Mismatch> in close(fd); return .failure(Mismatch(r)) }
         var st = stat()
-        guard fstat(fd, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG else { return .failure(Mismatch("\(path) is not a regular file")) }
-        guard st.st_uid == geteuid() else { return .failure(Mismatch("\(path) is not owned by this user")) }
+        guard fstat(fd, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG else { return failOpen("\(path) is not a regular file") }
+        guard st.st_uid == geteuid() else { return failOpen("\(path) is not owned by this user") }
         let size = Int(st.st_size)
-        guard size >= Header.size else { return .failure(Mismatch("entry is truncated (\(size) bytes)")) }
-        guard let p = mmap(nil, size, PROT_READ, MAP_PRIVATE | MAP_POPULATE, fd, 0), p != UnsafeMutableRawPointer(bitPattern: -1) else {
-            return .failure(Mismatch("cannot map \(path): \(errnoText())"))
+        guard size >= Header.size else { return failOpen("entry is truncated (\(size) bytes)") }
+        guard let p = mmap(nil, size, PROT_READ, MAP_PRIVATE, fd, 0), p != UnsafeMutableRawPointer(bitPattern: -1) else {
+            return failOpen("cannot map \(path): \(errnoText())")
         }
         let whole = UnsafeRawBufferPointer(start: p, count: size)
-        let fail = { (r: String) -> Result<MappedEntry, Mismatch> in munmap(p, size); return .failure(Mismatch(r)) }
+        let fail = { (r: String) -> Result<MappedEntry, Mismatch> in munmap(p, size); close(fd); return .failure(Mismatch(r)) }
         switch Header.check(UnsafeRawBufferPointer(rebasing: whole[0..<Header.size]), key: key) {
         case .failure(let m): return fail("entry \(m.reason)")
         case .success(let (length, crc)):
@@ -271,16 +332,23 @@ public struct KernelCache: Sendable, Equatable {
                 return fail("entry has \(size - Header.size) bytes of data, its header says \(length)")
             }
             guard length <= UInt64(limit) else { return fail("entry of \(length) bytes exceeds the limit of \(limit)") }
+            // The data checksum once per file version: a later use of the same file (same inode, size and times)
+            // trusts the marker, so a warm start does not read the whole entry.
+            if wasVerified(path, st) {
+                return .success(MappedEntry(base: p, length: size, fd: fd, checksummed: false))
+            }
             _ = madvise(p, size, MADV_SEQUENTIAL)
             guard KernelCache.crc32(UnsafeRawBufferPointer(rebasing: whole[Header.size...])) == crc else {
                 return fail("entry data checksum mismatch")
             }
-            return .success(MappedEntry(base: p, length: size))
+            markVerified(path, st)
+            return .success(MappedEntry(base: p, length: size, fd: fd, checksummed: true))
         }
     }
 
-    /// Removes the least recently written entries beyond `maxEntries`, and temporary files of
-    /// interrupted writers older than an hour. Errors are ignored.
+    /// Removes the least recently used entries beyond `maxEntries` (by the later of their access and modification
+    /// times) with their verified markers, markers whose entry is gone, and temporary files of interrupted
+    /// writers older than an hour. Errors are ignored.
     func prune(keeping: String) {
         guard let d = opendir(directory) else { return }
         var entries: [(path: String, mtime: Int)] = []
@@ -290,9 +358,12 @@ public struct KernelCache: Sendable, Equatable {
             let p = directory + "/" + name
             var st = stat()
             guard lstat(p, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG else { continue }
-            if name.hasSuffix(".vmlinux") {
-                entries.append((p, st.st_mtim.tv_sec))
-            } else if name.hasPrefix(".tmp-"), now - st.st_mtim.tv_sec > 3600 {
+            if name.hasSuffix(".vmlinux") && !name.hasPrefix(".") {
+                entries.append((p, max(st.st_mtim.tv_sec, st.st_atim.tv_sec)))
+            } else if name.hasPrefix(".tmp-") || name.contains(".verified.tmp-"), now - st.st_mtim.tv_sec > 3600 {
+                unlink(p)
+            } else if name.hasPrefix("."), name.hasSuffix(".verified"),
+                      access(directory + "/" + name.dropFirst().dropLast(".verified".count), F_OK) != 0 {
                 unlink(p)
             }
         }
@@ -300,6 +371,7 @@ public struct KernelCache: Sendable, Equatable {
         guard entries.count > maxEntries else { return }
         for e in entries.sorted(by: { $0.mtime > $1.mtime }).dropFirst(maxEntries) where e.path != keeping {
             unlink(e.path)
+            unlink(verifiedMarker(for: e.path))
         }
     }
 }

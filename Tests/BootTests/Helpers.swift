@@ -15,7 +15,10 @@ struct TestSegment {
 }
 
 /// Builds a little-endian ELF64 (class 2) or ELF32 (class 1) executable.
-func makeELF(bits: Int = 64, machine: UInt16 = 62, type: UInt16 = 2, entry: UInt64, segments: [TestSegment]) -> [UInt8] {
+/// With `alignData`, each segment's file data starts at a file offset congruent to its physical address modulo
+/// 4096, as linkers lay out loadable segments (`makeELF` packs the data otherwise).
+func makeELF(bits: Int = 64, machine: UInt16 = 62, type: UInt16 = 2, entry: UInt64, segments: [TestSegment],
+             alignData: Bool = false) -> [UInt8] {
     let is64 = bits == 64
     let ehsize = is64 ? 64 : 52, phentsize = is64 ? 56 : 32
     var b = [UInt8](repeating: 0, count: ehsize)
@@ -25,7 +28,11 @@ func makeELF(bits: Int = 64, machine: UInt16 = 62, type: UInt16 = 2, entry: UInt
     let phoff = ehsize
     var dataOffset = phoff + phentsize * segments.count
     var offsets: [Int] = []
-    for s in segments { offsets.append(dataOffset); dataOffset += s.data.count }
+    for s in segments {
+        if alignData { dataOffset += Int((s.paddr &- UInt64(dataOffset)) & 0xfff) }
+        offsets.append(dataOffset)
+        dataOffset += s.data.count
+    }
     if is64 {
         b.putLE(entry, at: 24); b.putLE(UInt64(phoff), at: 32)
         b.putLE(UInt16(ehsize), at: 52); b.putLE(UInt16(phentsize), at: 54); b.putLE(UInt16(segments.count), at: 56)
@@ -46,7 +53,10 @@ func makeELF(bits: Int = 64, machine: UInt16 = 62, type: UInt16 = 2, entry: UInt
             b.putLE(UInt32(7), at: o + 24); b.putLE(UInt32(0x1000), at: o + 28)
         }
     }
-    for s in segments { b += s.data }
+    for (i, s) in segments.enumerated() {
+        b += [UInt8](repeating: 0, count: offsets[i] - b.count)
+        b += s.data
+    }
     return b
 }
 

@@ -14,8 +14,9 @@ private final class TempDir {
     deinit { try? FileManager.default.removeItem(atPath: root) }
     /// A cache in `root/kernels` (not created yet) that caches every payload size.
     var cache: KernelCache { KernelCache(directory: root + "/kernels", minimumPayload: 0) }
+    /// The files in `sub`, without the verified markers (`.<entry>.verified`).
     func files(_ sub: String = "kernels") -> [String] {
-        ((try? FileManager.default.contentsOfDirectory(atPath: root + "/" + sub)) ?? []).sorted()
+        ((try? FileManager.default.contentsOfDirectory(atPath: root + "/" + sub)) ?? []).filter { !$0.hasSuffix(".verified") }.sorted()
     }
 }
 
@@ -54,7 +55,7 @@ struct KernelCacheTests {
         #expect(first.notes.contains("kernel cache miss (no entry): wrote \(path)"))
         #expect(dir.files() == [(path as NSString).lastPathComponent])
         let (second, secondMem) = try load(image, cache: dir.cache)
-        #expect(second.notes.contains("kernel cache hit: \(path)"))
+        #expect(second.notes.contains { $0.hasPrefix("kernel cache hit: \(path) (") })
         #expect(firstMem == plainMem && secondMem == plainMem)
         #expect(first.entry == plain.entry && second.entry == plain.entry && second.entry.rip == 0x100_0040)
         #expect(second.ranges == plain.ranges)
@@ -65,6 +66,48 @@ struct KernelCacheTests {
         let dmode = try FileManager.default.attributesOfItem(atPath: dir.cache.directory)[.posixPermissions] as? Int
         let fmode = try FileManager.default.attributesOfItem(atPath: path)[.posixPermissions] as? Int
         #expect(dmode == 0o700 && fmode == 0o600)
+    }
+
+    @Test("a warm start maps the kernel's pages from the entry copy-on-write and checksums a file version only once")
+    func warmStartMapsAndTrusts() throws {
+        try #require(haveTool("gzip"))
+        let dir = try TempDir()
+        // A kernel whose segment data is page-aligned in the file, as in a real vmlinux: 64 KiB of text.
+        var text = [UInt8](repeating: 0x90, count: 0x10000)
+        for i in 0..<text.count { text[i] = UInt8(truncatingIfNeeded: i &* 7) }
+        text[0x40] = 0xf4
+        let elf = makeELF(entry: 0xffff_ffff_8100_0040, segments: [
+            TestSegment(paddr: 0x100_0000, vaddr: 0xffff_ffff_8100_0000, data: text, memsz: 0x12000),
+        ], alignData: true)
+        let image = try makeBzImage(payload: compress(elf, tool: "gzip", args: ["-c"]))
+        let (_, plainMem) = try load(image, cache: nil)
+        let path = try entryPath(image, dir.cache)
+        let (first, firstMem) = try load(image, cache: dir.cache)
+        #expect(first.notes.contains { $0.hasPrefix("kernel cache miss (no entry)") })
+        // The writer checksummed what it stored: the next start trusts the same file without reading it.
+        let (second, secondMem) = try load(image, cache: dir.cache)
+        #expect(second.notes.contains("kernel cache hit: \(path) (verified before, same file)"), "\(second.notes)")
+        #expect(second.notes.contains("kernel segments: 65536 bytes mapped copy-on-write from the cache entry, 0 copied"),
+                "\(second.notes)")
+        #expect(firstMem == plainMem && secondMem == plainMem)
+        // A guest write to a mapped page stays private: the entry is unchanged.
+        let mem = try makeMemory(64 << 20)
+        _ = try BzImageLoader.load(image, name: "test", initrd: nil, cmdline: "", memory: mem, options: BootOptions(), cache: dir.cache)
+        try mem.write([0xcc, 0xcc], at: 0x100_1000)
+        let entry = try [UInt8](Data(contentsOf: URL(fileURLWithPath: path)))
+        #expect(Array(entry[(KernelCache.Header.size + 0x1000 + 0x1000)..<(KernelCache.Header.size + 0x1000 + 0x1002)]) == Array(text[0x1000..<0x1002]))
+        // The entry rewritten in place (same inode, new modification time) is checksummed again.
+        var rewritten = entry
+        rewritten[KernelCache.Header.size + 0x3000] ^= 0xff
+        let fd = open(path, O_WRONLY)
+        try #require(fd >= 0)
+        _ = rewritten.withUnsafeBytes { pwrite(fd, $0.baseAddress!, $0.count, 0) }
+        close(fd)
+        let (third, thirdMem) = try load(image, cache: dir.cache)
+        #expect(third.notes.contains { $0.hasPrefix("kernel cache miss (entry data checksum mismatch)") }, "\(third.notes)")
+        #expect(thirdMem == plainMem)
+        let (fourth, _) = try load(image, cache: dir.cache)
+        #expect(fourth.notes.contains("kernel cache hit: \(path) (verified before, same file)"), "\(fourth.notes)")
     }
 
     /// The decompressed payload of `image` (gzip).
@@ -103,7 +146,7 @@ struct KernelCacheTests {
         let note = try #require(k.notes.first { $0.hasPrefix("kernel cache") })
         #expect(note.hasPrefix("kernel cache miss (") && note.contains(expected) && note.hasSuffix("wrote \(path)"))
         #expect(try [UInt8](Data(contentsOf: URL(fileURLWithPath: path))) == good)
-        #expect(try load(image, cache: dir.cache).0.notes.contains("kernel cache hit: \(path)"))
+        #expect(try load(image, cache: dir.cache).0.notes.contains { $0.hasPrefix("kernel cache hit: \(path) (") })
         #expect(!dir.files().contains { $0.hasPrefix(".tmp-") })
     }
 
@@ -207,6 +250,6 @@ struct KernelCacheTests {
         #expect(results.withLock { $0 } == [Bool](repeating: true, count: 6))
         let path = try entryPath(image, cache)
         #expect(dir.files() == [(path as NSString).lastPathComponent])
-        #expect(try load(image, cache: cache).0.notes.contains("kernel cache hit: \(path)"))
+        #expect(try load(image, cache: cache).0.notes.contains { $0.hasPrefix("kernel cache hit: \(path) (") })
     }
 }

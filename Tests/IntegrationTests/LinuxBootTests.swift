@@ -150,3 +150,27 @@ struct LinuxBootTests {
         Attachment.record(log, named: "linux-console.log")
     }
 }
+
+@Suite("The lean guest kernel's config fragment")
+struct LeanKernelConfigTests {
+    @Test("guest/kernel/lean.config applies to the packaged linux-source (scripts/guest-kernel --check)",
+          .timeLimit(.minutes(5)))
+    func fragmentApplies() throws {
+        let root = GuestTestEnvironment.repoRoot
+        let r = try ProcessRunner.run(root.appendingPathComponent("scripts/guest-kernel").path, ["--check"], timeout: 280)
+        #expect(r.status == 0, "scripts/guest-kernel --check: status \(r.status)\n\(r.stdout)\(r.stderr)")
+        #expect(r.stderr.contains("guest/kernel/lean.config applies to linux-source-6.1"), "\(r.stderr)")
+    }
+
+    @Test("the built lean kernel was made from the current fragment: assets/lean/config holds every fragment line")
+    func builtFromFragment() throws {
+        let root = GuestTestEnvironment.repoRoot
+        let built = root.appendingPathComponent("assets/lean/config").path
+        try #require(FileManager.default.fileExists(atPath: built), "assets/lean/config missing: run scripts/guest-kernel")
+        let config = Set(try String(contentsOfFile: built, encoding: .utf8).split(separator: "\n").map(String.init))
+        let fragment = try String(contentsOfFile: root.appendingPathComponent("guest/kernel/lean.config").path, encoding: .utf8)
+        for line in fragment.split(separator: "\n").map(String.init) where line.hasPrefix("CONFIG_") {
+            #expect(config.contains(line), "the built kernel lacks \(line)")
+        }
+    }
+}
