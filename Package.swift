@@ -48,6 +48,10 @@ let package = Package(
             .product(name: "NIOHTTP1", package: "swift-nio"),
             .product(name: "Logging", package: "swift-log"),
         ]),
+        // Test-only code: the crash writer's plan (shared with DiskImageTests) and a helper executable for
+        // commands the tests need and users do not.
+        .target(name: "SwiftKVMTestSupport"),
+        .executableTarget(name: "swiftkvm-test-helper", dependencies: ["SwiftKVMTestSupport", "DiskImage", "VMM"]),
         .executableTarget(name: "swiftkvm", dependencies: [
             "VMM", "KVM", "Boot", "Devices", "GuestMemory", "DiskImage", "API", "Manager",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
@@ -58,7 +62,7 @@ let package = Package(
         .testTarget(name: "KVMTests", dependencies: ["KVM", "CKVM"]),
         .testTarget(name: "BootTests", dependencies: ["Boot", "GuestMemory", "CKVM"]),
         .testTarget(name: "DevicesTests", dependencies: ["Devices", "GuestMemory"]),
-        .testTarget(name: "DiskImageTests", dependencies: ["DiskImage"]),
+        .testTarget(name: "DiskImageTests", dependencies: ["DiskImage", "SwiftKVMTestSupport"]),
         .testTarget(name: "PCITests", dependencies: ["PCI", "Devices"]),
         .testTarget(name: "VirtioTests", dependencies: ["Virtio", "PCI", "Devices", "GuestMemory", "DiskImage"]),
         .testTarget(name: "VMMTests", dependencies: ["VMM"]),

@@ -56,6 +56,27 @@ public enum VCPUExit {
         case .unknown(let r): return "unknown-\(r)"
         }
     }
+
+    /// The names of the exit kinds, indexed by `kindIndex` (`unknown` stands for every unknown reason).
+    public static let kindNames = ["io", "mmio", "hlt", "shutdown", "internal-error", "fail-entry", "system-event",
+                                   "rdmsr", "wrmsr", "interrupted", "unknown"]
+
+    /// A small index per exit kind, for counters that must not allocate (`kindNames[kindIndex]` names it).
+    public var kindIndex: Int {
+        switch self {
+        case .io: return 0
+        case .mmio: return 1
+        case .halt: return 2
+        case .shutdown: return 3
+        case .internalError: return 4
+        case .failEntry: return 5
+        case .systemEvent: return 6
+        case .x86RDMSR: return 7
+        case .x86WRMSR: return 8
+        case .interrupted: return 9
+        case .unknown: return 10
+        }
+    }
 }
 
 /// One virtual CPU: owns its fd and its mapped `kvm_run` (unmapped in deinit).

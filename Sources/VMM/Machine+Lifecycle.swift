@@ -54,11 +54,10 @@ final class PauseGate: @unchecked Sendable {
 
     /// vCPU side: blocks while the machine is paused and not stopping. Merges `counts` into the
     /// machine's statistics before parking (so metrics read while paused are complete).
-    func parkIfPaused(_ runner: VCPURunner, counts: inout [String: UInt64]) {
+    func parkIfPaused(_ runner: VCPURunner, counts: ExitCounts) {
         guard paused.load(ordering: .acquiring) else { return }
         let machine = runner.machine
-        machine.statistics.merge(counts)
-        counts.removeAll(keepingCapacity: true)
+        machine.statistics.merge(counts.take())
         recordCPUTime(vcpu: runner.vcpu.id)
         state.withLock { $0.parked += 1 }
         var ts = timespec(tv_sec: 0, tv_nsec: Self.parkPollNs)

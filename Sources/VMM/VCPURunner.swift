@@ -82,16 +82,16 @@ final class VCPURunner: @unchecked Sendable {
         sigaddset(&kickSet, ckvm_kick_signal())
         pthread_sigmask(SIG_UNBLOCK, &kickSet, nil)
         threadID.store(UInt(ckvm_pthread_self()), ordering: .sequentiallyConsistent)
-        var counts: [String: UInt64] = [:]
+        let counts = ExitCounts()
         defer {
             threadID.store(0, ordering: .sequentiallyConsistent)
-            machine.statistics.merge(counts)
+            machine.statistics.merge(counts.take())
             machine.pauseGate.recordCPUTime(vcpu: vcpu.id)
             machine.pauseGate.threadEnded()
         }
         let controller = machine.controller
         while !controller.stopRequested {
-            machine.pauseGate.parkIfPaused(self, counts: &counts)
+            machine.pauseGate.parkIfPaused(self, counts: counts)
             if controller.stopRequested { break }
             let exit: VCPUExit
             do {
@@ -100,17 +100,17 @@ final class VCPURunner: @unchecked Sendable {
                 controller.stop(.vmmFailure("\(error)"))
                 break
             }
-            counts[exit.name, default: 0] += 1
-            handle(exit, counts: &counts)
+            counts.record(exit)
+            handle(exit, counts: counts)
         }
     }
 
-    private func handle(_ exit: VCPUExit, counts: inout [String: UInt64]) {
+    private func handle(_ exit: VCPUExit, counts: ExitCounts) {
         let logger = machine.logger
         let controller = machine.controller
         switch exit {
         case .io(let port, let size, let direction, let count, let data):
-            guard [1, 2, 4].contains(size), count >= 1 else {
+            guard size == 1 || size == 2 || size == 4, count >= 1 else {
                 logger.debug("vCPU \(vcpu.id): ignoring I/O of size \(size) × \(count) at port 0x\(String(port, radix: 16))")
                 return
             }
@@ -146,8 +146,7 @@ final class VCPURunner: @unchecked Sendable {
             if machine.vcpus.count == 1, isHaltedForGood(mpStateKnown: true) { controller.stop(.powerOff) }
         case .interrupted:
             // Publish live counts for metrics (kicks come at least every ~100 ms).
-            machine.statistics.merge(counts)
-            counts.removeAll(keepingCapacity: true)
+            machine.statistics.merge(counts.take())
             machine.pauseGate.recordCPUTime(vcpu: vcpu.id)
             let round = haltCheck.exchange(0, ordering: .sequentiallyConsistent)
             if round != 0, machine.haltTracker.report(vcpu: vcpu.id, round: round, state: haltState()) {

@@ -25,11 +25,8 @@ struct CheckCommand: ParsableCommand {
     @Flag(name: .customLong("no-probe"), help: "Skip the user-mode probe guest.")
     var noProbe = false
 
-    @Option(name: .customLong("device"), help: ArgumentHelp("KVM device path.", visibility: .hidden))
-    var device: String = "/dev/kvm"
-
     func run() throws {
-        let report = HostCheck.evaluate(LiveHostFacts(devicePath: device), runProbe: !noProbe)
+        let report = HostCheck.evaluate(LiveHostFacts(), runProbe: !noProbe)
         switch format {
         case .text:
             print(report.text)

@@ -11,7 +11,7 @@ struct ImgCommand: ParsableCommand {
         commandName: "img",
         abstract: "Create, inspect, check and convert disk images (qemu-img compatible).",
         subcommands: [ImgCreate.self, ImgInfo.self, ImgCheck.self, ImgConvert.self, ImgResize.self, ImgSnapshot.self,
-                      ImgCommit.self, ImgRebase.self, ImgMap.self, ImgCompare.self, ImgBench.self, ImgCrashWriter.self]
+                      ImgCommit.self, ImgRebase.self, ImgMap.self, ImgCompare.self, ImgBench.self]
     )
 }
 

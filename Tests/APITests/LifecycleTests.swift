@@ -94,10 +94,10 @@ struct LifecycleTests {
         var ticks: Int { GuestSupport.ticks(in: serialPath) }
         var exit: MachineExit? { exits.withLock { $0.first } }
 
-        func startTicker(ticks: Int) throws {
+        func startTicker(ticks: Int, vcpus: Int = 1) throws {
             let kernel = try #require(GuestSupport.ticker)
             #expect(try send("PUT", "/boot-source", #"{"kernel_image_path": "\#(kernel)", "boot_args": "\#(GuestSupport.tickerArgs(ticks: ticks))"}"#).status == 204)
-            #expect(try send("PUT", "/machine-config", #"{"vcpu_count": 1, "mem_size_mib": 64}"#).status == 204)
+            #expect(try send("PUT", "/machine-config", #"{"vcpu_count": \#(vcpus), "mem_size_mib": 64}"#).status == 204)
             let r = try send("PUT", "/actions", #"{"action_type": "InstanceStart"}"#)
             #expect(r.status == 204, "InstanceStart: \(r.body)")
         }
@@ -110,11 +110,12 @@ struct LifecycleTests {
         }
     }
 
-    @Test("InstanceStart runs the guest; Pause really stops the vCPUs (no tick for 500 ms); Resume continues")
-    func pauseResume() throws {
+    @Test("InstanceStart runs the guest; Pause really stops the vCPUs (no tick for 500 ms); Resume continues; with 4 vCPUs the 3 APs the ticker never starts stay parked in KVM_RUN and still pause, resume and stop",
+          arguments: [1, 4])
+    func pauseResume(vcpus: Int) throws {
         let f = try Fixture()
         defer { f.shutdown() }
-        try f.startTicker(ticks: 0)
+        try f.startTicker(ticks: 0, vcpus: vcpus)
         #expect(GuestSupport.wait(seconds: 30) { f.ticks >= 5 }, "the ticker should print ticks")
         #expect(try f.send("PATCH", "/vm", #"{"state": "Paused"}"#).status == 204)
         #expect(try f.send("GET", "/").json?["state"] as? String == "Paused")
@@ -130,6 +131,11 @@ struct LifecycleTests {
         #expect(try f.send("PUT", "/machine-config", #"{"vcpu_count": 1, "mem_size_mib": 64}"#).status == 400)
         #expect(try f.send("PATCH", "/vm", #"{"state": "Resumed"}"#).status == 204)
         #expect(f.exit == nil)
+        // A stop while paused ends every vCPU thread (the parked ones and the APs that never ran).
+        #expect(try f.send("PATCH", "/vm", #"{"state": "Paused"}"#).status == 204)
+        f.controller.stopGuest(.userQuit)
+        #expect(GuestSupport.wait(seconds: 10) { f.exit != nil }, "the VM did not stop while paused with \(vcpus) vCPUs")
+        #expect(f.exit == .userQuit)
     }
 
     @Test("InstanceStart with a kernel that does not load is a 400 and the VM stays configurable")

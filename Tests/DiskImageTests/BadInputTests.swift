@@ -2,7 +2,7 @@ import Foundation
 import Testing
 @testable import DiskImage
 
-@Suite("bad input never crashes, hangs or over-allocates")
+@Suite("bad input never crashes, hangs or over-allocates", .timeLimit(.minutes(5)))
 struct BadInputTests {
     /// A small image with one written cluster; returns (path, L1 offset, L2 offset, data offset).
     func makeImage(_ d: TempDir, name: String = "x.qcow2") throws -> (String, UInt64, UInt64, UInt64) {

@@ -1,21 +1,7 @@
 import Foundation
 import Testing
 @testable import DiskImage
-
-/// The write plan of `swiftkvm img crash-writer` (kept in sync with Sources/swiftkvm/ImgCrashWriter.swift).
-enum CrashPlan {
-    static let slot: UInt64 = 96 << 10
-    static func write(_ i: Int, seed: UInt64) -> (offset: UInt64, length: Int) {
-        var x = seed &+ UInt64(i) &* 0x9E37_79B9_7F4A_7C15
-        x = (x ^ (x >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        x = (x ^ (x >> 27)) &* 0x94D0_49BB_1331_11EB
-        x ^= x >> 31
-        return (UInt64(i) * slot + x % (32 << 10), Int((x >> 20) % (64 << 10)) + 1)
-    }
-    static func pattern(_ i: Int, length: Int) -> [UInt8] {
-        (0..<length).map { UInt8(truncatingIfNeeded: $0 &* 7 &+ i &* 13) | 1 }
-    }
-}
+import SwiftKVMTestSupport
 
 @Suite("crash safety", .enabled(if: Tools.interopEnabled, "qemu-img not installed (CI=1 turns this into a failure)"))
 struct CrashTests {
@@ -24,7 +10,7 @@ struct CrashTests {
     func runAndKill(_ exe: String, image: String, seed: UInt64, rng: inout SplitMix) throws -> Int {
         let p = Process()
         p.executableURL = URL(fileURLWithPath: exe)
-        p.arguments = ["img", "crash-writer", "--seed", String(seed), "--count", "150", "--flush-every", "3", image]
+        p.arguments = ["crash-writer", "--seed", String(seed), "--count", "150", "--flush-every", "3", image]
         let out = Pipe()
         p.standardOutput = out
         p.standardError = FileHandle.nullDevice
@@ -57,7 +43,7 @@ struct CrashTests {
     @Test("a writer SIGKILLed at random moments leaves no corruption, only repairable leaks, and keeps flushed writes",
           arguments: [false, true])
     func killedWriter(lazyRefcounts: Bool) throws {
-        guard let exe = Tools.swiftkvm else { Issue.record("swiftkvm executable not built next to the tests (swift build)"); return }
+        guard let exe = Tools.testHelper else { Issue.record("swiftkvm-test-helper not built next to the tests (swift build)"); return }
         let d = try TempDir()
         var rng = SplitMix(seed: lazyRefcounts ? 77 : 78)
         for round in 0..<6 {

@@ -1,4 +1,5 @@
 import Foundation
+import Synchronization
 import Testing
 @testable import DiskImage
 
@@ -40,18 +41,25 @@ enum Tools {
     }
 
     /// The swiftkvm executable built next to the test bundle.
-    static var swiftkvm: String? {
+    static var swiftkvm: String? { builtExecutable("swiftkvm") }
+    /// The test helper executable (crash writer) built next to the test bundle.
+    static var testHelper: String? { builtExecutable("swiftkvm-test-helper") }
+
+    static func builtExecutable(_ name: String) -> String? {
         var dir = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent()
         for _ in 0..<3 {
-            let p = dir.appendingPathComponent("swiftkvm").path
+            let p = dir.appendingPathComponent(name).path
             if FileManager.default.isExecutableFile(atPath: p) { return p }
             dir = dir.deletingLastPathComponent()
         }
         return nil
     }
 
+    /// Runs `exe` with `args`. A run still going after `timeout` seconds is killed (SIGKILL, by its PID) and
+    /// recorded as a test failure: no tool may hang a test.
     @discardableResult
-    static func run(_ exe: String?, _ args: [String], name: String = "tool") throws -> ToolResult {
+    static func run(_ exe: String?, _ args: [String], name: String = "tool", timeout: TimeInterval = 300,
+                    sourceLocation: SourceLocation = #_sourceLocation) throws -> ToolResult {
         guard let exe else {
             Issue.record("\(name) is not installed: run scripts/install-deps (qemu-utils) or build swiftkvm")
             throw DiskImageError.invalid("\(name) missing")
@@ -62,11 +70,31 @@ enum Tools {
         let out = Pipe(), err = Pipe()
         p.standardOutput = out
         p.standardError = err
+        p.standardInput = FileHandle.nullDevice
         try p.run()
+        let pid = p.processIdentifier
+        let finished = DispatchSemaphore(value: 0)
+        let timedOut = Mutex(false)
+        let watchdog = Thread {
+            if finished.wait(timeout: .now() + timeout) == .timedOut {
+                timedOut.withLock { $0 = true }
+                kill(pid, SIGKILL)
+            }
+        }
+        watchdog.start()
+        let e = Mutex(Data())
+        let errReader = Thread { let d = err.fileHandleForReading.readDataToEndOfFile(); e.withLock { $0 = d } }
+        errReader.start()
         let o = out.fileHandleForReading.readDataToEndOfFile()
-        let e = err.fileHandleForReading.readDataToEndOfFile()
         p.waitUntilExit()
-        return ToolResult(status: p.terminationStatus, stdout: String(decoding: o, as: UTF8.self), stderr: String(decoding: e, as: UTF8.self))
+        finished.signal()
+        while errReader.isExecuting || !errReader.isFinished { usleep(1000) }
+        if timedOut.withLock({ $0 }) {
+            Issue.record("\(name) \(args.joined(separator: " ")) did not finish within \(Int(timeout)) s and was killed",
+                         sourceLocation: sourceLocation)
+        }
+        return ToolResult(status: p.terminationStatus, stdout: String(decoding: o, as: UTF8.self),
+                          stderr: String(decoding: e.withLock { $0 }, as: UTF8.self))
     }
 
     @discardableResult

@@ -43,9 +43,12 @@ struct CheckCommandTests {
         #expect(mode == "native" || mode == "pvm-fixup")
     }
 
-    @Test("a missing KVM device fails the check with exit status 1")
+    @Test("a missing KVM device fails the host check with exit status 1 (swiftkvm-test-helper check-device)")
     func missingDevice() throws {
-        let r = try ProcessRunner.runSwiftKVM(["check", "--device", "/nonexistent/kvm"], timeout: 60)
+        let swiftkvm = try #require(ProcessRunner.swiftkvmPath, "swiftkvm executable not found")
+        let helper = URL(fileURLWithPath: swiftkvm).deletingLastPathComponent().appendingPathComponent("swiftkvm-test-helper").path
+        try #require(FileManager.default.isExecutableFile(atPath: helper), "\(helper) not built (swift build)")
+        let r = try ProcessRunner.run(helper, ["check-device", "/nonexistent/kvm"], timeout: 60)
         #expect(r.status == 1, "\(r.stdout)\(r.stderr)")
         #expect(r.stdout.contains("SwiftKVM: Checking /nonexistent/kvm exists"))
         #expect(r.stdout.contains(": FAIL (not found"))

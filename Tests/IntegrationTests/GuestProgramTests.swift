@@ -338,6 +338,32 @@ struct GuestProgramTests {
         #expect(r.output.contains("ok all-aps-started: \(cpus - 1) of \(cpus - 1) APs"), "\(r.output)")
     }
 
+    @Test("exits: the VMM allocates nothing per exit (allocator calls counted with an LD_PRELOAD library over 200,000 exits)")
+    func noAllocationPerExit() throws {
+        let work = FileManager.default.temporaryDirectory.appendingPathComponent("swiftkvm-malloc-\(getpid())").path
+        try FileManager.default.createDirectory(atPath: work, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: work) }
+        let library = work + "/malloc_count.so"
+        let source = GuestTestEnvironment.repoRoot.appendingPathComponent("Tests/Tools/malloc_count.c").path
+        let cc = try ProcessRunner.run("/usr/bin/cc", ["-shared", "-fPIC", "-O2", "-o", library, source])
+        try #require(cc.status == 0, "cc: \(cc.stderr)")
+        let swiftkvm = try #require(GuestTestEnvironment.swiftkvmPath, "swiftkvm executable not found")
+        func allocations(writes n: Int) throws -> Int {
+            var env = ProcessInfo.processInfo.environment
+            env["LD_PRELOAD"] = library
+            let r = try ProcessRunner.run(swiftkvm, ["run"] + programArguments("exits", cmdline: "n=\(n)") + ["--memory", "128M"],
+                                          timeout: 300, environment: env)
+            let text = r.stdout + r.stderr
+            #expect(text.contains("BENCH mmio-writes done n=\(n) "), "\(text)")
+            let line = try #require(text.split(separator: "\n").last { $0.hasPrefix("MALLOC-COUNT ") }, "no count\n\(text)")
+            return try #require(Int(line.dropFirst("MALLOC-COUNT ".count)))
+        }
+        let few = try allocations(writes: 1000)
+        let many = try allocations(writes: 101_000)
+        // 200,000 more exits; a few allocations may come from the ~100 ms statistics merges and longer output.
+        #expect(many - few < 2000, "\(many - few) more allocator calls for 200,000 more exits (\(few) → \(many))")
+    }
+
     @Test("exits: port and MMIO writes from ring 3 all reach the VMM, and its exit counters agree with the guest's count")
     func exits() throws {
         let n: UInt64 = 20000

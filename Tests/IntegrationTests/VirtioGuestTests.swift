@@ -181,6 +181,27 @@ struct VirtioGuestTests {
         #expect(r.output.contains("echo: hello-console"), "\(r.output)")
     }
 
+    @Test("virtio_blk fill: a disk whose host file system fills up gives the guest IOERR; earlier data stays, the device and the VMM keep working")
+    func fullHostDisk() throws {
+        let swiftkvm = try #require(GuestTestEnvironment.swiftkvmPath, "swiftkvm executable not found")
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("swiftkvm-full-\(getpid())").path
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        // A 2 MiB tmpfs in a private mount namespace (gone with the process; the host's mounts are untouched)
+        // holding a sparse 16 MiB raw disk: the guest's writes hit ENOSPC after about 2 MiB.
+        let script = #"mount -t tmpfs -o size=2m swiftkvm-full "$1" && truncate -s 16M "$1/disk.raw" && shift && exec "$@""#
+        let child = GuestTestProcess(executable: "/usr/bin/unshare", arguments: [
+            "--mount", "--propagation", "private", "/bin/sh", "-c", script, "sh", dir, swiftkvm, "run",
+        ] + programArguments("virtio_blk", cmdline: "fill") + ["--memory", "64M", "--disk", "path=\(dir)/disk.raw"],
+            currentDirectory: GuestTestEnvironment.repoRoot)
+        try child.start()
+        let status = child.waitForExit(timeout: 180)
+        let r = GuestReport(status: status, output: child.output, command: child.commandLine)
+        expectPass(r, checks: ["blk0-setup", "fill-ioerr", "fill-read-after", "fill-rewrite", "fill-flush-reported"])
+        #expect(r.lines.contains { $0.hasPrefix("FILL wrote ") && $0.contains(", then IOERR at sector ") }, "\(r.output)")
+        #expect(r.output.contains("backend error") || r.output.contains("No space left"), "the VMM logs the host error\n\(r.output)")
+    }
+
     static let hostileCases = ["loop", "self-loop", "full-ring-loop", "longer-than-queue", "indirect-bad-length",
                                "indirect-zero-length", "indirect-loop", "indirect-next-out-of-table", "nested-indirect",
                                "indirect-outside-ram", "buffer-outside-ram", "buffer-straddles-ram-end",

@@ -64,11 +64,24 @@ struct InterruptRoutingKVMTests {
         #expect(throws: KVMError.self) { try vm.setGSIRouting([.irqchip(gsi: 0, chip: 2, pin: 99)]) }
     }
 
-    @Test("KVM_SIGNAL_MSI injects a message without a route")
+    @Test("KVM_SIGNAL_MSI delivers a message without a route: its vector shows in the target LAPIC's IRR")
     func signalMSI() throws {
         let vm = try vmWithIRQChip()
-        _ = try vm.createVCPU(id: 0)
-        // No vCPU has its LAPIC enabled by a guest yet: the call succeeds; delivery may be refused.
-        _ = try vm.signalMSI(address: 0xfee0_0000, data: 0x30)
+        let vcpu = try vm.createVCPU(id: 0)
+        let vector = 0x30
+        func irrBit(_ state: kvm_lapic_state) -> Bool {
+            // IRR: eight 32-bit registers at 0x200, 0x210, …; vector v is bit v % 32 of register v / 32.
+            withUnsafeBytes(of: state.regs) { $0.load(fromByteOffset: 0x200 + (vector / 32) * 0x10, as: UInt32.self) } &
+                (1 << UInt32(vector % 32)) != 0
+        }
+        // A software-disabled LAPIC (SVR bit 8 clear, as after reset) accepts no fixed interrupt.
+        #expect(try vm.signalMSI(address: 0xfee0_0000, data: UInt32(vector)) == false)
+        #expect(!irrBit(try vcpu.getLAPIC()))
+        // Enable it (SVR = 0x1ff: enabled, spurious vector 0xff); the message to APIC ID 0 is delivered.
+        var lapic = try vcpu.getLAPIC()
+        withUnsafeMutableBytes(of: &lapic.regs) { $0.storeBytes(of: UInt32(0x1ff), toByteOffset: 0xf0, as: UInt32.self) }
+        try vcpu.setLAPIC(lapic)
+        #expect(try vm.signalMSI(address: 0xfee0_0000, data: UInt32(vector)) == true)
+        #expect(irrBit(try vcpu.getLAPIC()), "vector 0x30 not pending in the LAPIC's IRR after KVM_SIGNAL_MSI")
     }
 }

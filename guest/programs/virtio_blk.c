@@ -22,7 +22,14 @@
  * Bench mode: bench=seqread|seqwrite|randread|randwrite size=BYTES (default 1 MiB for seq*,
  *   4 KiB for rand*) n=REQUESTS qd=DEPTH (default 8) span=SECTORS (default the capacity), on
  *   disk 0, polling the used ring in ring 3 with interrupts suppressed and one kick per batch.
- *   Prints `BENCH <kind> start …` and `BENCH <kind> done ops=… bytes=… tsc=… kicks=…`. */
+ *   Prints `BENCH <kind> start …` and `BENCH <kind> done ops=… bytes=… tsc=… kicks=…`.
+ *
+ * Fill mode: fill (on disk 0, whose host file sits on a file system smaller than the disk): writes the
+ *   W pattern in 64 KiB requests from sector 0 until a write fails. Checks: `fill-ioerr` (a write ended
+ *   with IOERR before the end of the disk, as a full host disk must report), `fill-read-after` (the
+ *   first 128 sectors, written before the failure, read back intact), `fill-rewrite` (overwriting
+ *   sector 0 in place still works: the device recovered) and `fill-flush-reported` (FLUSH completes
+ *   with OK or IOERR, never hangs). Prints `FILL wrote N sectors, then STATUS at sector S`. */
 #include "virtio.h"
 
 const char rt_program_name[] = "virtio_blk";
@@ -402,6 +409,36 @@ static void bench(const char *kind) {
     vq_enable_interrupts(&q);
 }
 
+/* ---------------------------------------------------------------- fill */
+static void fill_disk(void) {
+    enum { SECS = 128 };
+    uint8_t *buf = rt_alloc_pages_nozero(SECS * SECTOR / 4096);
+    if (!buf) { rt_fail("fill", "out of guest memory"); return; }
+    uint64_t cap = vdev_cfg64(&dev, 0);
+    uint64_t sector = 0;
+    int st = S_OK;
+    while (sector < cap) {
+        uint32_t n = (uint32_t)(cap - sector < SECS ? cap - sector : SECS);
+        fill(buf, sector, n, 1);
+        st = blk_sync(T_OUT, sector, buf, n * SECTOR, 0, 0);
+        if (st != S_OK) break;
+        sector += n;
+    }
+    rt_printf("FILL wrote %lu sectors, then %s at sector %lu of %lu\n", sector, st == S_OK ? "the end" : status_name(st),
+              sector, cap);
+    rt_check("fill-ioerr", st == S_IOERR && sector < cap, "a write at sector %lu of %lu ended with %s", sector, cap,
+             status_name(st));
+    if (sector >= SECS) {
+        read_check("fill-read-after", buf, 0, SECS, 1, 0);
+        fill(buf, 0, 1, 1);
+        expect_status("fill-rewrite", blk_sync(T_OUT, 0, buf, SECTOR, 0, 0), S_OK, "rewrite of sector 0");
+    } else {
+        rt_fail("fill-read-after", "only %lu sectors were written before the failure", sector);
+    }
+    int fst = blk_sync(T_FLUSH, 0, 0, 0, 0, 0);
+    rt_check("fill-flush-reported", fst == S_OK || fst == S_IOERR, "FLUSH after the failure: %s", status_name(fst));
+}
+
 static long run(void *arg) {
     (void)arg;
     uint64_t wanted = VIRTIO_BIT(VIRTIO_BLK_F_SIZE_MAX) | VIRTIO_BIT(VIRTIO_BLK_F_SEG_MAX) | VIRTIO_BIT(VIRTIO_BLK_F_RO) |
@@ -415,6 +452,14 @@ static long run(void *arg) {
         if (!rt_check("blk0-setup", !e, "%s: 00:%02x.%u features %lx", e ? e : "ready", dev.slot, dev.fn, dev.features))
             return 0;
         bench(kind);
+        vdev_reset(&dev);
+        return 0;
+    }
+    if (rt_cmdline_has("fill")) {
+        prefix[0] = 0;
+        const char *e = open_disk(0, wanted);
+        if (!rt_check("blk0-setup", !e, "%s", e ? e : "ready")) return 0;
+        fill_disk();
         vdev_reset(&dev);
         return 0;
     }
