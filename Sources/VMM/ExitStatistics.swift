@@ -4,12 +4,24 @@ import Synchronization
 /// Counts of vCPU exits by reason and of unhandled device accesses, merged from every vCPU thread.
 public final class ExitStatistics: Sendable {
     private let counts = Mutex<[String: UInt64]>([:])
+    private let dispatch = Mutex<(exits: UInt64, ns: UInt64)>((0, 0))
 
     public init() {}
 
     /// Adds a vCPU's local counts (called once when its thread ends, and by tests).
     public func merge(_ local: [String: UInt64]) {
         counts.withLock { c in for (k, v) in local { c[k, default: 0] += v } }
+    }
+
+    /// Adds a vCPU's user-space dispatch time: `ns` nanoseconds spent between `KVM_RUN` returning and the next
+    /// `KVM_RUN`, over `exits` exits.
+    func mergeDispatch(exits: UInt64, ns: UInt64) {
+        dispatch.withLock { $0.exits += exits; $0.ns += ns }
+    }
+
+    /// Mean user-space time per exit in nanoseconds (the VMM's own share of an exit), nil before any exit.
+    public var dispatchNsPerExit: Double? {
+        dispatch.withLock { $0.exits == 0 ? nil : Double($0.ns) / Double($0.exits) }
     }
 
     /// A snapshot of all counts.
@@ -27,6 +39,9 @@ public final class ExitStatistics: Sendable {
 final class ExitCounts {
     private let slots: UnsafeMutablePointer<UInt64>
     private var unknownReasons: [String: UInt64] = [:]
+    /// Time in user space between `KVM_RUN` returning and the next call, and the exits it covers.
+    var dispatchNs: UInt64 = 0
+    var dispatched: UInt64 = 0
 
     init() {
         slots = .allocate(capacity: VCPUExit.kindNames.count)

@@ -318,6 +318,9 @@ public final class Machine: @unchecked Sendable {
         statistics.merge(quirks.counters.reduce(into: [:]) { $0["fixup " + $1.key] = $1.value })
         statistics.merge(["unhandled io": ioBus.unhandledCount, "unhandled mmio": mmioBus.unhandledCount].filter { $0.value > 0 })
         logger.info("exits: \(statistics.summary)")
+        if let ns = statistics.dispatchNsPerExit {
+            logger.info("user-space time per exit: \(Int(ns.rounded())) ns (KVM_RUN return to the next call, mean)")
+        }
         logger.debug("stopped: \(exit)")
         return exit
     }

@@ -8,16 +8,15 @@ import VMM
 import Glibc
 #endif
 
-/// What the fake guests were asked to do with their disks (keyed by guest).
+/// What a fake guest was asked to do with its disks.
 enum FakeDiskCalls {
     struct Update: Equatable, Sendable { var index: Int; var bandwidth: TokenBucketConfig?; var ops: TokenBucketConfig? }
-    static let updates = Locked<[ObjectIdentifier: [Update]]>([:])
-    static func of(_ vm: FakeVM) -> [Update] { updates.withLock { $0[ObjectIdentifier(vm)] ?? [] } }
+    static func of(_ vm: FakeVM) -> [Update] { vm.diskUpdates.withLock { $0 } }
 }
 
 extension FakeVM {
     func updateDiskRateLimit(index: Int, bandwidth: TokenBucketConfig?, ops: TokenBucketConfig?) throws {
-        FakeDiskCalls.updates.withLock { $0[ObjectIdentifier(self), default: []].append(.init(index: index, bandwidth: bandwidth, ops: ops)) }
+        diskUpdates.withLock { $0.append(.init(index: index, bandwidth: bandwidth, ops: ops)) }
     }
     func replaceDiskImage(index: Int, path: String) throws {
         throw VMMError.invalidValue(what: "disk path", value: path, reason: "the fake guest has no disks")

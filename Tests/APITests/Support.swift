@@ -114,6 +114,9 @@ final class FakeVM: VMInstance, @unchecked Sendable {
     let counts = Mutex(Counts())
     private let exit = Mutex<MachineExit?>(nil)
     let config: VMConfiguration
+    /// Disk rate-limit updates this guest was asked for (RateLimitAPITests). Kept per object: a global keyed by
+    /// ObjectIdentifier mixed up guests when a freed one's address was reused in a parallel run.
+    let diskUpdates = Mutex<[FakeDiskCalls.Update]>([])
 
     init(config: VMConfiguration) { self.config = config }
 
