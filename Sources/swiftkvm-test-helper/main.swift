@@ -1,7 +1,8 @@
 // swiftkvm-test-helper: commands the test suite needs and users do not, kept out of the `swiftkvm` command.
 //   crash-writer [--seed S] [--count N] [--flush-every K] IMAGE
 //       writes CrashPlan into IMAGE, flushing every K writes and printing "FLUSHED n" once writes 0..<n are
-//       durable, then "DONE"; tests SIGKILL it at random moments.
+//       durable, then "DONE"; tests SIGKILL it at random moments. With WRITELOG_PATH set (the power-loss tests'
+//       write log, Tests/Tools/write_log.c), it also appends a marker record 'M' n there after each flush.
 //   check-device DEVICE
 //       runs `swiftkvm check`'s host evaluation against another KVM device path (without the probe guest) and
 //       prints its report; exit 1 when that device cannot run guests.
@@ -35,6 +36,18 @@ func number<T: FixedWidthInteger>(_ value: String?, for option: String, minimum:
     return n
 }
 
+/// Appends the record 'M' n (17 bytes, little-endian) to the write log named by WRITELOG_PATH, if any.
+func logMarker(_ n: UInt64) {
+    guard let path = getenv("WRITELOG_PATH") else { return }
+    let fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0o600)
+    guard fd >= 0 else { return }
+    defer { close(fd) }
+    var record = [UInt8](repeating: 0, count: 17)
+    record[0] = UInt8(ascii: "M")
+    for k in 0..<8 { record[1 + k] = UInt8(truncatingIfNeeded: n >> (8 * UInt64(k))) }
+    _ = record.withUnsafeBytes { write(fd, $0.baseAddress!, $0.count) }
+}
+
 func crashWriter(_ args: ArraySlice<String>) throws {
     var seed: UInt64 = 1, count = 200, flushEvery = 5
     var file: String?
@@ -56,6 +69,7 @@ func crashWriter(_ args: ArraySlice<String>) throws {
         if (i + 1) % flushEvery == 0 {
             try img.flush()
             emit("FLUSHED \(i + 1)")
+            logMarker(UInt64(i + 1))
         }
     }
     try img.close()
