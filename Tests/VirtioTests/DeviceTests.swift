@@ -114,6 +114,41 @@ struct BlockTests {
         #expect(h.interrupt.queueSignals.count == 3)
     }
 
+    /// A backend that counts flushes and the writes not yet flushed, over a raw file.
+    final class FlushCountingBackend: BlockBackend, @unchecked Sendable {
+        let inner: BlockBackend
+        let state = Mutex((flushes: 0, unflushedWrites: 0))
+        init(_ inner: BlockBackend) { self.inner = inner }
+        var size: UInt64 { inner.size }
+        var isReadOnly: Bool { inner.isReadOnly }
+        func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws { try inner.read(into: buffer, at: offset) }
+        func write(_ data: UnsafeRawBufferPointer, at offset: UInt64) throws {
+            try inner.write(data, at: offset)
+            state.withLock { $0.unflushedWrites += 1 }
+        }
+        func flush() throws {
+            try inner.flush()
+            state.withLock { $0.flushes += 1; $0.unflushedWrites = 0 }
+        }
+        func discard(at offset: UInt64, length: UInt64) throws { try inner.discard(at: offset, length: length) }
+        func writeZeroes(at offset: UInt64, length: UInt64) throws { try inner.writeZeroes(at: offset, length: length) }
+        func resize(to newSize: UInt64, allowShrink: Bool) throws { try inner.resize(to: newSize, allowShrink: allowShrink) }
+        func close() throws { try inner.close() }
+    }
+
+    @Test("FLUSH reaches the backend before the request completes: every write acknowledged before it is durable")
+    func flushReachesBackend() throws {
+        let disk = try TempDisk(size: 64 << 10)
+        let backend = FlushCountingBackend(try openDiskImage(path: disk.path, options: .init(readOnly: false, allowBackingFiles: false, format: "raw")))
+        let dev = VirtioBlock(backend: backend, serial: "disk0")
+        let h = try Harness(device: dev, queueCount: 1)
+        #expect(try request(dev, h, type: 1, sector: 4, out: [UInt8](repeating: 0x5a, count: 512)).status == 0)
+        #expect(backend.state.withLock { $0.unflushedWrites } == 1)
+        #expect(try request(dev, h, type: 4, sector: 0).status == 0)
+        let after = backend.state.withLock { $0 }
+        #expect(after.flushes == 1 && after.unflushedWrites == 0, "FLUSH completed without flushing the backend: \(after)")
+    }
+
     @Test("requests past the end, unaligned lengths and unknown types fail with IOERR/UNSUPP")
     func badRequests() throws {
         let disk = try TempDisk(size: 8192)
