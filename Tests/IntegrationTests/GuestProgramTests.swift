@@ -221,6 +221,34 @@ struct GuestProgramTests {
         #expect(r.output.contains("ok cmdline: \"") && r.output.contains("hello world"), "\(r.output)")
     }
 
+    @Test("multiboot --module: the guest finds each module's bytes (FNV-1a hash) and command line in its multiboot information")
+    func multibootModules() throws {
+        let work = FileManager.default.temporaryDirectory.appendingPathComponent("swiftkvm-modules-\(getpid())").path
+        try FileManager.default.createDirectory(atPath: work, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: work) }
+        let first = (0..<5000).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ 7) }, second = Array("second module\n".utf8)
+        try Data(first).write(to: URL(fileURLWithPath: work + "/one.bin"))
+        try Data(second).write(to: URL(fileURLWithPath: work + "/two.txt"))
+        func fnv(_ b: [UInt8]) -> String {
+            String(b.reduce(UInt32(2166136261)) { ($0 ^ UInt32($1)) &* 16777619 }, radix: 16)
+        }
+        let r = try runGuestProgram(programArguments("boot") + ["--module", work + "/one.bin,initrd one",
+                                                                 "--module", work + "/two.txt"])
+        expectPass(r, checks: ["multiboot-magic", "multiboot-info", "cmdline", "long-mode", "cpl0"])
+        let modules = r.lines.filter { $0.hasPrefix("MODULE ") }
+        #expect(modules.count == 2, "\(r.output)")
+        #expect(modules.first?.contains("fnv=\(fnv(first)) cmdline=\"initrd one\"") == true, "\(r.output)")
+        #expect(modules.last?.contains("fnv=\(fnv(second)) ") == true, "\(r.output)")
+        // Each module's length is what the host file holds.
+        for (line, bytes) in zip(modules, [first, second]) {
+            let field = { (name: String) -> UInt64? in
+                line.split(separator: " ").first { $0.hasPrefix(name + "=") }.flatMap { UInt64($0.dropFirst(name.count + 1), radix: 16) }
+            }
+            if let s = field("start"), let e = field("end") { #expect(e - s == UInt64(bytes.count), "\(line)") }
+            else { Issue.record("no start/end in \(line)") }
+        }
+    }
+
     @Test("debug-exit: a value v written to port 0xf4 ends swiftkvm with status (v << 1) | 1",
           arguments: [(0, Int32(1)), (7, Int32(15)), (0x2a, Int32(85))])
     func debugExit(value: Int, status: Int32) throws {

@@ -160,6 +160,70 @@ struct DaemonGuestTests {
         }
     }
 
+    @Test("a vmm that dies (SIGKILL from outside, as a crash) is reported stopped by signal 9, its runtime files go, and it starts again")
+    func vmmKilled() throws {
+        let f = try DaemonFixture()
+        defer { f.cleanup() }
+        #expect(try f.call("POST", "/vms", ManagerSupport.tickerDefinition("k1")).status == 201)
+        #expect(try f.action("k1", "start").status == 200)
+        let info = try f.info("k1")
+        let pid = try #require(info.pid)
+        kill(Int32(pid), SIGKILL)
+        #expect(ManagerSupport.wait(seconds: 10) { (try? f.info("k1").state) == .shutOff }, "the manager did not notice the dead vmm")
+        let after = try f.info("k1")
+        #expect(after.pid == nil)
+        #expect(after.lastExit?.reason == "signal" && after.lastExit?.status == 128 + 9, "\(String(describing: after.lastExit))")
+        #expect(!FileManager.default.fileExists(atPath: info.apiSocket))
+        #expect(!FileManager.default.fileExists(atPath: f.dir.path + "/run/k1/state.json"))
+        let events = f.daemon.manager?.events.events(since: 0).map(\.event) ?? []
+        #expect(events.suffix(1) == ["stopped"])
+        #expect(try f.action("k1", "start").status == 200, "a crashed VM starts again")
+        #expect(try f.info("k1").state == .running)
+    }
+
+    @Test("a restarted daemon neither re-attaches to nor signals a dead or reused vmm pid; it cleans the stale state")
+    func staleRunState() throws {
+        let binary = try #require(ManagerSupport.swiftkvm)
+        let dir = try TempDir()
+        var daemonPIDs: [pid_t] = []
+        // A process that is not a vmm, standing in for a pid the kernel gave to something else.
+        let bystander = try ProcessTools.spawn("/bin/sleep", ["60"], logPath: "/dev/null")
+        defer {
+            kill(bystander, SIGKILL); _ = ProcessTools.waitChild(bystander)
+            for p in daemonPIDs where ProcessTools.isAlive(p) { kill(p, SIGKILL); _ = ProcessTools.waitChild(p) }
+            dir.cleanup()
+        }
+        let first = try DaemonProcess(binary: binary, dir: dir.path, run: 1)
+        daemonPIDs.append(first.pid)
+        #expect(first.waitReady())
+        let client = UnixHTTPClient(socketPath: first.socket, timeout: 60)
+        for name in ["dead", "reused"] {
+            #expect(try client.request("POST", "/vms", body: Array(ManagerSupport.tickerDefinition(name).utf8)).status == 201)
+        }
+        kill(first.pid, SIGKILL)
+        _ = ProcessTools.waitChild(first.pid)
+        // State files as a daemon leaves them for running VMs: one whose vmm has died (a pid no process has),
+        // one whose pid now belongs to the bystander (its start time differs from the recorded one).
+        for (name, pid) in [("dead", Int32(0x3fff_fff0)), ("reused", bystander)] {
+            try FileManager.default.createDirectory(atPath: dir.path + "/run/\(name)", withIntermediateDirectories: true)
+            let state = #"{"pid": \#(pid), "start_time": 1, "started_at": "2026-12-06T00:00:00Z"}"#
+            try state.write(toFile: dir.path + "/run/\(name)/state.json", atomically: true, encoding: .utf8)
+        }
+        let second = try DaemonProcess(binary: binary, dir: dir.path, run: 2)
+        daemonPIDs.append(second.pid)
+        #expect(second.waitReady())
+        for name in ["dead", "reused"] {
+            let info = try client.json("GET", "/vms/\(name)", as: VMInfo.self)
+            #expect(info.state == .shutOff && info.pid == nil, "\(name): \(info.state) pid \(String(describing: info.pid))")
+            #expect(!FileManager.default.fileExists(atPath: dir.path + "/run/\(name)/state.json"), "\(name): stale state kept")
+        }
+        #expect(ProcessTools.isAlive(bystander), "the process that reused the pid was signalled")
+        let events = (try? String(contentsOfFile: dir.path + "/events.log", encoding: .utf8)) ?? ""
+        #expect(!events.contains("\"reattached\""))
+        kill(second.pid, SIGTERM)
+        #expect(ProcessTools.waitChild(second.pid) == ProcessTools.Exit(code: 0, signal: nil))
+    }
+
     @Test("a daemon killed with SIGKILL and restarted re-attaches to its running VM; autostart; SIGTERM leaves VMs running")
     func restart() throws {
         let binary = try #require(ManagerSupport.swiftkvm)

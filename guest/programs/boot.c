@@ -1,7 +1,9 @@
 /* boot: multiboot entry state and debug-exit codes.
  * Checks the multiboot magic and information (memory sizes, memory map, command line), that the
  * runtime reached 64-bit mode at CPL0. With "exit=N" on the command line it writes N to the
- * debug-exit port after the report instead of the pass/fail code (status (N << 1) | 1). */
+ * debug-exit port after the report instead of the pass/fail code (status (N << 1) | 1).
+ * Modules (multiboot flags bit 3): one line each, `MODULE i start=S end=E fnv=H cmdline="…"`, where H is
+ * the 32-bit FNV-1a hash of the module's bytes, so the host can check what the guest sees. */
 #include "rt.h"
 
 const char rt_program_name[] = "boot";
@@ -34,6 +36,16 @@ int main(void) {
             }
             if (mb->flags & 4) rt_okf("cmdline", "\"%s\"", rt_cmdline);
             else rt_printf("# no command line (flags bit 2 clear)\n");
+            if (mb->flags & 8) {
+                const uint32_t *mods = (const uint32_t *)(uintptr_t)mb->mods_addr;
+                for (uint32_t i = 0; i < mb->mods_count && i < 16; i++) {
+                    uint32_t start = mods[i * 4], end = mods[i * 4 + 1];
+                    const char *name = (const char *)(uintptr_t)mods[i * 4 + 2];
+                    uint32_t h = 2166136261u;
+                    for (uint32_t a = start; a < end; a++) h = (h ^ *(const volatile uint8_t *)(uintptr_t)a) * 16777619u;
+                    rt_printf("MODULE %u start=%x end=%x fnv=%x cmdline=\"%s\"\n", i, start, end, h, name ? name : "");
+                }
+            }
         }
     }
     uint64_t efer = rdmsr(MSR_EFER);
