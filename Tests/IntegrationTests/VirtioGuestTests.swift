@@ -181,6 +181,15 @@ struct VirtioGuestTests {
         #expect(r.output.contains("echo: hello-console"), "\(r.output)")
     }
 
+    @Test("virtio_blk movebar: a guest that moves the device's BAR kicks it at the new address; the old address no longer starts requests")
+    func movedBAR() throws {
+        let d0 = try PatternDisk.make()
+        defer { ProcessRunner.removeTemporary(d0) }
+        let r = try runGuestProgram(programArguments("virtio_blk", cmdline: "movebar") + ["--memory", "64M", "--disk", "path=\(d0)"])
+        expectPass(r, checks: ["blk0-setup", "before-move", "notify-bar", "moved", "moved-read", "old-address-dead",
+                               "kick-at-new-address", "moved-back", "moved-back-read"])
+    }
+
     @Test("virtio_blk fill: a disk whose host file system fills up gives the guest IOERR; earlier data stays, the device and the VMM keep working")
     func fullHostDisk() throws {
         let swiftkvm = try #require(GuestTestEnvironment.swiftkvmPath, "swiftkvm executable not found")

@@ -29,7 +29,12 @@
  *   with IOERR before the end of the disk, as a full host disk must report), `fill-read-after` (the
  *   first 128 sectors, written before the failure, read back intact), `fill-rewrite` (overwriting
  *   sector 0 in place still works: the device recovered) and `fill-flush-reported` (FLUSH completes
- *   with OK or IOERR, never hangs). Prints `FILL wrote N sectors, then STATUS at sector S`. */
+ *   with OK or IOERR, never hangs). Prints `FILL wrote N sectors, then STATUS at sector S`.
+ *
+ * BAR-move mode: movebar (disk 0, P pattern): reads through the device, moves the BAR holding its
+ *   notification structure to 0xD8000000 as an OS may, and checks `moved-read` (requests kicked at
+ *   the new address complete), `old-address-dead` (a kick written to the old address starts
+ *   nothing: the VMM dropped its ioeventfd there) and `moved-back-read` (after moving it back). */
 #include "virtio.h"
 
 const char rt_program_name[] = "virtio_blk";
@@ -439,6 +444,48 @@ static void fill_disk(void) {
     rt_check("fill-flush-reported", fst == S_OK || fst == S_IOERR, "FLUSH after the failure: %s", status_name(fst));
 }
 
+/* ---------------------------------------------------------------- BAR move */
+static void move_bar(void) {
+    uint8_t *buf = rt_alloc_pages(2);
+    if (!buf) { rt_fail("movebar", "out of guest memory"); return; }
+    read_check("before-move", buf, 0, 8, 0, 0);
+    int bar = -1;
+    for (int i = 0; i < 6; i++)
+        if (dev.bar[i] && dev.notify >= dev.bar[i] && dev.notify < dev.bar[i] + dev.bar_size[i]) bar = i;
+    if (!rt_check("notify-bar", bar >= 0, "notification structure at %lx in BAR %d", dev.notify, bar)) return;
+    uint64_t old = dev.bar[bar], to = 0xd8000000ull;
+    uint64_t old_notify = q.notify_addr;
+    const char *e = vdev_move_bar(&dev, bar, to);
+    if (!rt_check("moved", !e, "BAR %d %lx -> %lx: %s", bar, old, to, e ? e : "ok")) return;
+    q.notify_addr = q.notify_addr - old + to;
+    read_check("moved-read", buf, 8, 8, 0, 0);
+    /* A request kicked at the old address must not start. */
+    static struct slot *s;
+    if (!s) s = rt_alloc_pages(1);
+    s->hdr = (struct blk_hdr){ T_IN, 0, 16 };
+    s->status = 0xff;
+    struct vbuf b[3] = { { &s->hdr, sizeof s->hdr }, { buf, SECTOR }, { &s->status, 1 } };
+    int head = vq_add(&q, b, 1, 2);
+    rt_wmb();
+    q.avail->idx = q.avail_idx;
+    q.kicked_idx = q.avail_idx;
+    rt_mb();
+    mmio_write16(old_notify, q.index);
+    int started = !vq_wait_used(&q, 300);
+    rt_check("old-address-dead", !started, "a kick at the old notify address %lx %s", old_notify,
+             started ? "completed a request" : "did nothing");
+    /* The same request, kicked where the device is now. */
+    mmio_write16(q.notify_addr, q.index);
+    uint32_t len = 0;
+    int ok = !vq_wait_used(&q, 5000) && vq_get_used(&q, &len) == head && s->status == S_OK;
+    rt_check("kick-at-new-address", ok, "the pending request completed after a kick at %lx (status %u)", q.notify_addr,
+             s->status);
+    e = vdev_move_bar(&dev, bar, old);
+    if (!rt_check("moved-back", !e, "BAR %d back to %lx: %s", bar, old, e ? e : "ok")) return;
+    q.notify_addr = q.notify_addr - to + old;
+    read_check("moved-back-read", buf, 24, 8, 0, 0);
+}
+
 static long run(void *arg) {
     (void)arg;
     uint64_t wanted = VIRTIO_BIT(VIRTIO_BLK_F_SIZE_MAX) | VIRTIO_BIT(VIRTIO_BLK_F_SEG_MAX) | VIRTIO_BIT(VIRTIO_BLK_F_RO) |
@@ -452,6 +499,14 @@ static long run(void *arg) {
         if (!rt_check("blk0-setup", !e, "%s: 00:%02x.%u features %lx", e ? e : "ready", dev.slot, dev.fn, dev.features))
             return 0;
         bench(kind);
+        vdev_reset(&dev);
+        return 0;
+    }
+    if (rt_cmdline_has("movebar")) {
+        prefix[0] = 0;
+        const char *e = open_disk(0, wanted);
+        if (!rt_check("blk0-setup", !e, "%s", e ? e : "ready")) return 0;
+        move_bar();
         vdev_reset(&dev);
         return 0;
     }

@@ -101,6 +101,24 @@ const char *vdev_map(struct vdev *d) {
     return 0;
 }
 
+const char *vdev_move_bar(struct vdev *d, int bar, uint64_t addr) {
+    if (bar < 0 || bar > 5 || !d->bar[bar]) return "no such memory BAR";
+    if (addr & (d->bar_size[bar] - 1)) return "the new address is not aligned to the BAR's size";
+    uint8_t b = d->bus, s = d->slot, f = d->fn;
+    uint16_t cmd = rt_pci_read16(b, s, f, 0x04);
+    rt_pci_write16(b, s, f, 0x04, (uint16_t)(cmd & ~0x2u));        /* memory decode off while it moves */
+    uint32_t lo = rt_pci_read32(b, s, f, (uint8_t)(0x10 + 4 * bar));
+    rt_pci_write32(b, s, f, (uint8_t)(0x10 + 4 * bar), (uint32_t)addr | (lo & 0xf));
+    if ((lo & 0x6) == 0x4) rt_pci_write32(b, s, f, (uint8_t)(0x14 + 4 * bar), (uint32_t)(addr >> 32));
+    rt_pci_write16(b, s, f, 0x04, cmd);
+    uint64_t old = d->bar[bar], end = old + d->bar_size[bar];
+    uint64_t *ptrs[] = { &d->common, &d->notify, &d->isr, &d->devcfg, &d->msix_table, &d->msix_pba };
+    for (unsigned i = 0; i < sizeof ptrs / sizeof ptrs[0]; i++)
+        if (*ptrs[i] >= old && *ptrs[i] < end) *ptrs[i] = *ptrs[i] - old + addr;
+    d->bar[bar] = addr;
+    return 0;
+}
+
 /* ---------------------------------------------------------------- status, features */
 uint8_t vdev_status(struct vdev *d) { return mmio_read8(d->common + VCOMMON_STATUS); }
 void vdev_set_status(struct vdev *d, uint8_t s) { mmio_write8(d->common + VCOMMON_STATUS, s); }

@@ -124,6 +124,9 @@ int vdev_find(uint16_t type, int nth, struct vdev *d);
 /* Enables memory space and bus mastering, reads (and when unassigned or above 4 GiB, assigns
  * in the 0xC0000000 window) the BARs, walks the capabilities. */
 const char *vdev_map(struct vdev *d);
+/* Moves memory BAR `bar` to `addr` (decode off while its registers change) and updates the structure
+ * addresses that lie in it. Queues keep their notify address: move them by the same delta. */
+const char *vdev_move_bar(struct vdev *d, int bar, uint64_t addr);
 /* Resets (status 0, waits until it reads 0), sets ACKNOWLEDGE|DRIVER, negotiates VERSION_1 plus
  * `wanted` & the device's features, sets FEATURES_OK and checks it stuck. */
 const char *vdev_negotiate(struct vdev *d, uint64_t wanted);
