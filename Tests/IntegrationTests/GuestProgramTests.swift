@@ -221,6 +221,22 @@ struct GuestProgramTests {
         #expect(r.output.contains("ok cmdline: \"") && r.output.contains("hello world"), "\(r.output)")
     }
 
+    @Test("uart_smp: three vCPUs write to the UART at once while the host types a line: no byte is lost or doubled, and the line arrives")
+    func uartConcurrent() throws {
+        let count = 300
+        let r = try runGuestProgram(programArguments("uart_smp", cmdline: "count=\(count)") + ["--cpus", "4", "--memory", "64M"],
+                                    timeout: 180) { child in
+            if child.waitFor("UART-SMP-READY", timeout: 60) { child.send("typed-while-busy-42\n") }
+        }
+        expectPass(r, checks: ["aps-started", "input-line", "aps-done"])
+        #expect(r.lines.contains("echo-smp: typed-while-busy-42"), "\(r.output)")
+        #expect(r.output.contains("UART-SMP writers=3 count=\(count)"), "\(r.output)")
+        for marker in ["~", "^", "|"] {
+            let n = r.output.filter { String($0) == marker }.count
+            #expect(n == count, "marker \(marker): \(n) bytes, expected \(count)")
+        }
+    }
+
     @Test("multiboot --module: the guest finds each module's bytes (FNV-1a hash) and command line in its multiboot information")
     func multibootModules() throws {
         let work = FileManager.default.temporaryDirectory.appendingPathComponent("swiftkvm-modules-\(getpid())").path
