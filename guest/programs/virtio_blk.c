@@ -34,7 +34,14 @@
  * BAR-move mode: movebar (disk 0, P pattern): reads through the device, moves the BAR holding its
  *   notification structure to 0xD8000000 as an OS may, and checks `moved-read` (requests kicked at
  *   the new address complete), `old-address-dead` (a kick written to the old address starts
- *   nothing: the VMM dropped its ioeventfd there) and `moved-back-read` (after moving it back). */
+ *   nothing: the VMM dropped its ioeventfd there) and `moved-back-read` (after moving it back).
+ *
+ * Big-memory mode: bigmem (disk 0, P pattern; a guest with more than 3 GiB of RAM): checks
+ *   `two-regions` (the memory map has usable RAM up to the 3 GiB PCI hole and again from 4 GiB),
+ *   `cpu-access` (the last bytes below the hole and the first and last above it hold what the CPU
+ *   wrote), `dma-high` (a read into a buffer above 4 GiB), `dma-top` (a read into the last page of
+ *   RAM) and `dma-straddle-refused` (a read whose buffer runs from low RAM into the hole is not
+ *   completed with OK, and the RAM part of the buffer is untouched). */
 #include "virtio.h"
 
 const char rt_program_name[] = "virtio_blk";
@@ -486,6 +493,46 @@ static void move_bar(void) {
     read_check("moved-back-read", buf, 24, 8, 0, 0);
 }
 
+/* ---------------------------------------------------------------- big memory */
+static void big_memory(void) {
+    const struct mb_info *mb = rt_mbi;
+    uint64_t low_end = 0, high_start = 0, high_end = 0;
+    if (mb && (mb->flags & (1u << 6))) {
+        for (uint32_t off = 0; off + 24 <= mb->mmap_length;) {
+            const uint8_t *e = (const uint8_t *)(uintptr_t)(mb->mmap_addr + off);
+            uint64_t base = *(const uint64_t *)(e + 4), len = *(const uint64_t *)(e + 12);
+            if (*(const uint32_t *)(e + 20) == 1) {
+                if (base <= 0x100000 && base + len > 0x100000) low_end = base + len;
+                if (base >= (1ull << 32) && !high_start) { high_start = base; high_end = base + len; }
+            }
+            off += *(const uint32_t *)e + 4;
+        }
+    }
+    if (!rt_check("two-regions", low_end == 0xc0000000ull && high_start == (1ull << 32) && high_end > high_start,
+                  "usable RAM to %lx, then %lx-%lx", low_end, high_start, high_end))
+        return;
+    volatile uint64_t *below = (volatile uint64_t *)(uintptr_t)(low_end - 8);
+    volatile uint64_t *first = (volatile uint64_t *)(uintptr_t)high_start;
+    volatile uint64_t *last = (volatile uint64_t *)(uintptr_t)(high_end - 8);
+    *below = 0x1111222233334444ull;
+    *first = 0x5555666677778888ull;
+    *last = 0x9999aaaabbbbccccull;
+    rt_check("cpu-access", *below == 0x1111222233334444ull && *first == 0x5555666677778888ull &&
+                               *last == 0x9999aaaabbbbccccull, "%lx %lx %lx", *below, *first, *last);
+    uint8_t *high = (uint8_t *)(uintptr_t)(high_start + (64ull << 20));
+    read_check("dma-high", high, 0, 8, 0, 0);
+    uint8_t *top = (uint8_t *)(uintptr_t)(high_end - 4096);
+    read_check("dma-top", top, 8, 8, 0, 0);
+    /* 2 KiB below the hole and 2 KiB into it. */
+    uint8_t *straddle = (uint8_t *)(uintptr_t)(low_end - 2048);
+    memset(straddle, 0xab, 2048);
+    int st = blk_sync(T_IN, 0, straddle, 4096, 0, 0);
+    int untouched = 1;
+    for (int i = 0; i < 2048; i++) if (straddle[i] != 0xab) untouched = 0;
+    rt_check("dma-straddle-refused", st != S_OK && untouched, "a read into %lx+4096 across the hole: status %d (%s), RAM part %s",
+             (uint64_t)(uintptr_t)straddle, st, status_name(st), untouched ? "untouched" : "changed");
+}
+
 static long run(void *arg) {
     (void)arg;
     uint64_t wanted = VIRTIO_BIT(VIRTIO_BLK_F_SIZE_MAX) | VIRTIO_BIT(VIRTIO_BLK_F_SEG_MAX) | VIRTIO_BIT(VIRTIO_BLK_F_RO) |
@@ -499,6 +546,14 @@ static long run(void *arg) {
         if (!rt_check("blk0-setup", !e, "%s: 00:%02x.%u features %lx", e ? e : "ready", dev.slot, dev.fn, dev.features))
             return 0;
         bench(kind);
+        vdev_reset(&dev);
+        return 0;
+    }
+    if (rt_cmdline_has("bigmem")) {
+        prefix[0] = 0;
+        const char *e = open_disk(0, wanted);
+        if (!rt_check("blk0-setup", !e, "%s", e ? e : "ready")) return 0;
+        big_memory();
         vdev_reset(&dev);
         return 0;
     }

@@ -3,9 +3,10 @@
  * mode with static identity page tables, a flat 64-bit entry, interrupt stubs, user-mode glue
  * and the SYSCALL entry point.
  *
- * Memory map of every program: image linked at 0x100000 (1 MiB). The first 4 GiB are identity
+ * Memory map of every program: image linked at 0x100000 (1 MiB). The first 8 GiB are identity
  * mapped with 2 MiB pages, all user-accessible (test programs touch MMIO from ring 3);
- * 3-4 GiB (LAPIC, IOAPIC, PCI hole) is mapped uncached. PML4 slot 511 points to an empty PDPT.
+ * 3-4 GiB (LAPIC, IOAPIC, PCI hole) is mapped uncached; 4-8 GiB is RAM for guests with more than
+ * 3 GiB. PML4 slot 511 points to an empty PDPT.
  *
  * Entries:
  *   _start    (32-bit, multiboot: EAX = 0x2BADB002, EBX = multiboot info)  = ELF entry
@@ -328,8 +329,12 @@ pdpt:
     .quad pd + 0x1000 + 0x7
     .quad pd + 0x2000 + 0x7
     .quad pd + 0x3000 + 0x7
-    .fill 508, 8, 0
-pd:                                 /* 2048 x 2 MiB: present, writable, user, large */
+    .quad pd + 0x4000 + 0x7
+    .quad pd + 0x5000 + 0x7
+    .quad pd + 0x6000 + 0x7
+    .quad pd + 0x7000 + 0x7
+    .fill 504, 8, 0
+pd:                                 /* 4096 x 2 MiB: present, writable, user, large */
     .set i, 0
     .rept 1536
     .quad (i << 21) | 0x87
@@ -337,6 +342,10 @@ pd:                                 /* 2048 x 2 MiB: present, writable, user, la
     .endr
     .rept 512                       /* 3-4 GiB: also PCD | PWT */
     .quad (i << 21) | 0x9f
+    .set i, i + 1
+    .endr
+    .rept 2048                      /* 4-8 GiB: RAM above the PCI hole of guests with more than 3 GiB */
+    .quad (i << 21) | 0x87
     .set i, i + 1
     .endr
 
