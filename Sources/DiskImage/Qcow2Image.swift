@@ -907,13 +907,18 @@ public final class Qcow2Image: BlockBackend, @unchecked Sendable {
             l1 = newL1
         }
         try flushLocked()
+        try writeVirtualSize(newSize)
+        return oldSize
+    }
+
+    /// Writes the header's virtual size (offset 24), durably, and takes it over.
+    func writeVirtualSize(_ newSize: UInt64) throws {
         var s = [UInt8](repeating: 0, count: 8)
         s.putBE64(newSize, at: 0)
         try file.pwrite(s, at: 24)
         try file.datasync()
         header.virtualSize = newSize
         virtualSize = newSize
-        return oldSize
     }
 
     /// Bytes allocated on the host file system for this image's file.

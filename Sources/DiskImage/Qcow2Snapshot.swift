@@ -266,12 +266,7 @@ extension Qcow2Image {
             try fixCopiedFlags()
             try flushLocked()
             if let ds = s.diskSize, ds != virtualSize, ds <= UInt64(l1.count) * l2Entries * cs {
-                var b = [UInt8](repeating: 0, count: 8)
-                b.putBE64(ds, at: 0)
-                try file.pwrite(b, at: 24)
-                try file.datasync()
-                header.virtualSize = ds
-                virtualSize = ds
+                try writeVirtualSize(ds)
             }
         }
     }

@@ -181,20 +181,23 @@ struct VirtioGuestTests {
         #expect(r.output.contains("echo: hello-console"), "\(r.output)")
     }
 
-    @Test("virtio_blk bigmem: a 4.5 GiB guest has RAM below and above the PCI hole; the CPU and the device reach both, and a buffer across the hole is refused without touching RAM")
-    func bigMemory() throws {
+    /// Runs virtio_blk in one of its single-disk modes on a fresh pattern disk.
+    func runBlockMode(_ mode: String, memory: String) throws -> GuestReport {
         let d0 = try PatternDisk.make()
         defer { ProcessRunner.removeTemporary(d0) }
-        let r = try runGuestProgram(programArguments("virtio_blk", cmdline: "bigmem") + ["--memory", "4608M", "--disk", "path=\(d0)"])
+        return try runGuestProgram(programArguments("virtio_blk", cmdline: mode) + ["--memory", memory, "--disk", "path=\(d0)"])
+    }
+
+    @Test("virtio_blk bigmem: a 4.5 GiB guest has RAM below and above the PCI hole; the CPU and the device reach both, and a buffer across the hole is refused without touching RAM")
+    func bigMemory() throws {
+        let r = try runBlockMode("bigmem", memory: "4608M")
         expectPass(r, checks: ["blk0-setup", "two-regions", "cpu-access", "dma-high", "dma-top", "dma-straddle-refused"])
         #expect(r.output.contains("usable RAM to c0000000, then 100000000-160000000"), "\(r.output)")
     }
 
     @Test("virtio_blk movebar: a guest that moves the device's BAR kicks it at the new address; the old address no longer starts requests")
     func movedBAR() throws {
-        let d0 = try PatternDisk.make()
-        defer { ProcessRunner.removeTemporary(d0) }
-        let r = try runGuestProgram(programArguments("virtio_blk", cmdline: "movebar") + ["--memory", "64M", "--disk", "path=\(d0)"])
+        let r = try runBlockMode("movebar", memory: "64M")
         expectPass(r, checks: ["blk0-setup", "before-move", "notify-bar", "moved", "moved-read", "old-address-dead",
                                "kick-at-new-address", "moved-back", "moved-back-read"])
     }

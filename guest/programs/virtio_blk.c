@@ -549,27 +549,15 @@ static long run(void *arg) {
         vdev_reset(&dev);
         return 0;
     }
-    if (rt_cmdline_has("bigmem")) {
+    /* The single-disk modes: each runs on disk 0 and ends the program. */
+    static const struct { const char *word; void (*fn)(void); } modes[] = {
+        { "bigmem", big_memory }, { "movebar", move_bar }, { "fill", fill_disk },
+    };
+    for (unsigned m = 0; m < sizeof modes / sizeof modes[0]; m++) {
+        if (!rt_cmdline_has(modes[m].word)) continue;
         prefix[0] = 0;
         const char *e = open_disk(0, wanted);
-        if (!rt_check("blk0-setup", !e, "%s", e ? e : "ready")) return 0;
-        big_memory();
-        vdev_reset(&dev);
-        return 0;
-    }
-    if (rt_cmdline_has("movebar")) {
-        prefix[0] = 0;
-        const char *e = open_disk(0, wanted);
-        if (!rt_check("blk0-setup", !e, "%s", e ? e : "ready")) return 0;
-        move_bar();
-        vdev_reset(&dev);
-        return 0;
-    }
-    if (rt_cmdline_has("fill")) {
-        prefix[0] = 0;
-        const char *e = open_disk(0, wanted);
-        if (!rt_check("blk0-setup", !e, "%s", e ? e : "ready")) return 0;
-        fill_disk();
+        if (rt_check("blk0-setup", !e, "%s", e ? e : "ready")) modes[m].fn();
         vdev_reset(&dev);
         return 0;
     }
