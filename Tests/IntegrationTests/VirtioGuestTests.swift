@@ -181,6 +181,28 @@ struct VirtioGuestTests {
         #expect(r.output.contains("echo: hello-console"), "\(r.output)")
     }
 
+    @Test("virtio_blk fill: writes the host file rejects with EIO (a failing disk region) give the guest IOERR; the rest of the disk, rewrites and FLUSH keep working")
+    func failingHostDisk() throws {
+        let swiftkvm = try #require(GuestTestEnvironment.swiftkvmPath, "swiftkvm executable not found")
+        let d0 = try PatternDisk.make()
+        defer { ProcessRunner.removeTemporary(d0) }
+        let library = d0 + ".fail_io.so"
+        defer { ProcessRunner.removeTemporary(library) }
+        let source = GuestTestEnvironment.repoRoot.appendingPathComponent("Tests/Tools/fail_io.c").path
+        let cc = try ProcessRunner.run("/usr/bin/cc", ["-shared", "-fPIC", "-O2", "-o", library, source, "-ldl"])
+        try #require(cc.status == 0, "cc: \(cc.stderr)")
+        var env = ProcessInfo.processInfo.environment
+        env["LD_PRELOAD"] = library
+        env["FAILIO_TARGET"] = d0
+        env["FAILIO_FROM"] = "524288"       // writes reaching past 512 KiB fail with EIO
+        let r = try ProcessRunner.run(swiftkvm, ["run"] + programArguments("virtio_blk", cmdline: "fill") +
+                                      ["--memory", "64M", "--disk", "path=\(d0)"], timeout: 180, environment: env)
+        let report = GuestReport(status: r.status, output: r.stdout + r.stderr, command: "swiftkvm run virtio_blk fill (EIO past 512 KiB)")
+        expectPass(report, checks: ["blk0-setup", "fill-ioerr", "fill-read-after", "fill-rewrite", "fill-flush-reported"])
+        #expect(report.output.contains("FILL wrote 1024 sectors, then IOERR at sector 1024"), "\(report.output)")
+        #expect(report.output.contains("Input/output error"), "the VMM logs the host error\n\(report.output)")
+    }
+
     /// Runs virtio_blk in one of its single-disk modes on a fresh pattern disk.
     func runBlockMode(_ mode: String, memory: String) throws -> GuestReport {
         let d0 = try PatternDisk.make()
