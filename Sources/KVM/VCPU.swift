@@ -113,12 +113,12 @@ public final class VCPU: @unchecked Sendable {
     /// Set it from another thread, fence, then signal the vCPU thread to kick it.
     public var immediateExit: Bool {
         get {
-            // SAFETY: `run` is mapped for the object's lifetime; a byte load cannot tear.
-            runState.pointer(to: \.immediate_exit)!.withMemoryRebound(to: UInt8.self, capacity: 1) { $0.pointee != 0 }
+            // SAFETY: `run` is mapped for the object's lifetime. Atomic: other threads set it to kick the vCPU.
+            runState.pointer(to: \.immediate_exit)!.withMemoryRebound(to: UInt8.self, capacity: 1) { ckvm_load_u8($0) != 0 }
         }
         set {
             // SAFETY: as above; the kernel reads the byte at KVM_RUN entry.
-            runState.pointer(to: \.immediate_exit)!.withMemoryRebound(to: UInt8.self, capacity: 1) { $0.pointee = newValue ? 1 : 0 }
+            runState.pointer(to: \.immediate_exit)!.withMemoryRebound(to: UInt8.self, capacity: 1) { ckvm_store_u8($0, newValue ? 1 : 0) }
             ckvm_fence()
         }
     }

@@ -91,6 +91,9 @@ int ckvm_get_thread_name(char *buf, unsigned long len);
 int ckvm_is_main_thread(void);
 /// Full memory barrier.
 void ckvm_fence(void);
+/* Atomic byte access to memory shared with the kernel or another thread (kvm_run.immediate_exit). */
+static inline uint8_t ckvm_load_u8(const volatile uint8_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+static inline void ckvm_store_u8(volatile uint8_t *p, uint8_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
 /// The host's time-stamp counter (rdtsc).
 uint64_t ckvm_rdtsc(void);
 /// eventfd(2). Returns the fd or -errno.
