@@ -55,3 +55,43 @@ struct RealKernelTests {
         #expect(k.entry.rip == 0x100_0200 && k.compression == nil)
     }
 }
+
+/// The lean kernel as an LZ4 bzImage (scripts/guest-kernel builds assets/lean/bzImage).
+let leanBzImagePath: String? = {
+    let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+    let p = root.appendingPathComponent("assets/lean/bzImage").path
+    return FileManager.default.fileExists(atPath: p) ? p : nil
+}()
+
+@Suite("The lean kernel's bzImage (assets/lean/bzImage)",
+       .enabled(if: leanBzImagePath != nil, "no kernel at assets/lean/bzImage: run scripts/guest-kernel"))
+struct LeanBzImageTests {
+    @Test("a cache hit maps the real kernel's segments copy-on-write and leaves guest memory byte-identical to a load without the cache")
+    func mappedHitIsIdentical() throws {
+        let path = try #require(leanBzImagePath)
+        let image = try [UInt8](Data(contentsOf: URL(fileURLWithPath: path)))
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("lean-kcache-\(UUID().uuidString)").path
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let cache = KernelCache(directory: dir)
+        func load(_ cache: KernelCache?) throws -> (LoadedKernel, GuestMemory) {
+            let mem = try makeMemory(256 << 20)
+            let k = try BzImageLoader.load(image, name: "lean", initrd: nil, cmdline: "console=ttyS0", memory: mem,
+                                           options: BootOptions(), cache: cache)
+            return (k, mem)
+        }
+        let (plain, plainMem) = try load(nil)
+        let (miss, _) = try load(cache)
+        #expect(miss.compression == .lz4Legacy || miss.compression == .lz4Frame, "\(String(describing: miss.compression))")
+        #expect(miss.notes.contains { $0.hasPrefix("kernel cache miss") }, "\(miss.notes)")
+        let (hit, hitMem) = try load(cache)
+        #expect(hit.notes.contains { $0.hasPrefix("kernel cache hit: ") && $0.hasSuffix("(verified before, same file)") }, "\(hit.notes)")
+        let mapped = try #require(hit.notes.first { $0.hasPrefix("kernel segments: ") }, "\(hit.notes)")
+        let mappedBytes = Int(mapped.split(separator: " ")[2]) ?? 0
+        #expect(mappedBytes > 4 << 20, "most of the kernel should be mapped, not copied: \(mapped)")
+        #expect(hit.entry == plain.entry && hit.ranges == plain.ranges)
+        for r in plain.ranges {
+            #expect(try hitMem.read(at: r.start, count: Int(r.size)) == plainMem.read(at: r.start, count: Int(r.size)),
+                    "\(r.what) at 0x\(String(r.start, radix: 16)) differs between the mapped and the plain load")
+        }
+    }
+}

@@ -151,6 +151,37 @@ struct LinuxBootTests {
     }
 }
 
+@Suite("Linux: the lean kernel's bzImage entered at its own 64-bit entry (in-guest decompression)",
+       .enabled(if: GuestTestEnvironment.kvmAvailable, "needs /dev/kvm"),
+       .enabled(if: !LinuxBoot.skipRequested, "SWIFTKVM_SKIP_LINUX=1"))
+struct LinuxBzImageEntryTests {
+    @Test("--kernel-entry bzimage: the LZ4 bzImage decompresses itself in the guest and reaches the shell", .timeLimit(.minutes(15)))
+    func bzImageEntry() throws {
+        let root = GuestTestEnvironment.repoRoot
+        let kernel = root.appendingPathComponent("assets/lean/bzImage").path
+        try #require(FileManager.default.fileExists(atPath: kernel), "assets/lean/bzImage missing: run scripts/guest-kernel")
+        let swiftkvm = try #require(GuestTestEnvironment.swiftkvmPath, "swiftkvm executable not found")
+        let child = GuestTestProcess(executable: swiftkvm, arguments: [
+            "run", "--kernel", kernel, "--kernel-entry", "bzimage", "--initrd", root.appendingPathComponent("assets/initramfs.cpio").path,
+            "--cmdline", "console=ttyS0 reboot=k panic=-1 tsc=reliable noxsave mitigations=off rodata=off nosoftlockup clearcpuid=popcnt,fsgsbase,smap,erms,fsrm,aes,pclmulqdq,ssse3,sse4_1,sse4_2,sha_ni,gfni,vaes,vpclmulqdq",
+            "--memory", "256M", "--time-dilation", "10", "--serial", "stdio",
+        ], currentDirectory: root)
+        try child.start()
+        defer { child.kill() }
+        let ready = child.waitFor(LinuxBoot.readyMarker, timeout: LinuxBoot.bootTimeout)
+        var status: Int32?
+        if ready {
+            child.send("poweroff -f\n")
+            status = child.waitForExit(timeout: 180)
+        }
+        let tail = child.output.split(separator: "\n").suffix(40).joined(separator: "\n")
+        #expect(ready, "no \(LinuxBoot.readyMarker)\n\(tail)")
+        #expect(child.output.contains("Run /init as init process"), "\(tail)")
+        #expect(!child.output.contains("Kernel panic"), "\(tail)")
+        #expect(status == 0, "exit status after poweroff -f\n\(tail)")
+    }
+}
+
 @Suite("The lean guest kernel's config fragment")
 struct LeanKernelConfigTests {
     @Test("guest/kernel/lean.config applies to the packaged linux-source (scripts/guest-kernel --check)",
