@@ -80,7 +80,8 @@ func applyCreateOptions(_ opts: [String], to o: inout Qcow2CreateOptions, preall
             case "size":
                 o.size = try parseImgSize(value)
                 sizeGiven = true
-            default: throw ValidationError("unsupported option '\(key)' for qcow2")
+            default:
+                throw ValidationError("unsupported option '\(key)' for qcow2 (known: backing_file, backing_fmt, cluster_size, compat, compression_type, lazy_refcounts, preallocation, refcount_bits, size)")
             }
         }
     }
@@ -232,7 +233,9 @@ struct ImgInfo: ParsableCommand {
     @Option(name: .customShort("f")) var format: String?
     @Option(name: .customLong("output"), help: "human or json") var output = "human"
     @Flag(name: .customLong("backing-chain")) var backingChain = false
-    @Option(name: .customShort("U"), help: "Ignored (no locking).") var shareFlag: String?
+    @Flag(name: [.customShort("U"), .customLong("force-share")],
+          help: "Open read-only without taking locks (qemu-img's -U; swiftkvm img takes no image locks yet, so it changes nothing).")
+    var forceShare = false
     @Argument var file: String
 
     func run() throws {
@@ -284,7 +287,10 @@ struct ImgInfo: ParsableCommand {
 }
 
 struct ImgCheck: ParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "check", abstract: "Check (and repair) an image's consistency. Exit codes: 0 clean, 1 check failed, 2 corruptions, 3 leaks.")
+    static let configuration = CommandConfiguration(commandName: "check", abstract: "Check (and repair) an image's consistency. Exit codes: 0 clean, 1 check failed or bad usage, 2 corruptions, 3 leaks, 63 format without checks.")
+    @Flag(name: [.customShort("U"), .customLong("force-share")],
+          help: "Open read-only without taking locks (qemu-img's -U; swiftkvm img takes no image locks yet, so it changes nothing).")
+    var forceShare = false
     @Option(name: .customShort("f")) var format: String?
     @Option(name: .customShort("r"), help: "Repair: leaks or all.") var repair: String?
     @Option(name: .customLong("output")) var output = "human"
@@ -294,7 +300,10 @@ struct ImgCheck: ParsableCommand {
     func run() throws {
         var mode: Qcow2RepairMode?
         if let r = repair {
-            guard let m = Qcow2RepairMode(rawValue: r) else { throw ValidationError("-r must be 'leaks' or 'all'") }
+            guard let m = Qcow2RepairMode(rawValue: r) else {
+                writeText("swiftkvm img: -r must be 'leaks' or 'all', not '\(r)'\n", to: STDERR_FILENO)
+                throw ExitCode(1)
+            }
             mode = m
         }
         let result: Qcow2CheckResult
@@ -366,6 +375,9 @@ final class ProgressPrinter {
 
 struct ImgConvert: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "convert", abstract: "Convert an image to another format (sparse copy).")
+    @Flag(name: [.customShort("U"), .customLong("force-share")],
+          help: "Open read-only without taking locks (qemu-img's -U; swiftkvm img takes no image locks yet, so it changes nothing).")
+    var forceShare = false
     @Option(name: .customShort("f")) var sourceFormat: String?
     @Option(name: .customShort("O")) var outputFormat = "raw"
     @Flag(name: .customShort("c"), help: "Compress (qcow2 output).") var compress = false
@@ -500,6 +512,9 @@ struct ImgRebase: ParsableCommand {
 
 struct ImgMap: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "map", abstract: "Show the allocation map of an image.")
+    @Flag(name: [.customShort("U"), .customLong("force-share")],
+          help: "Open read-only without taking locks (qemu-img's -U; swiftkvm img takes no image locks yet, so it changes nothing).")
+    var forceShare = false
     @Option(name: .customShort("f")) var format: String?
     @Option(name: .customLong("output")) var output = "human"
     @Argument var file: String
@@ -528,6 +543,9 @@ struct ImgMap: ParsableCommand {
 
 struct ImgCompare: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "compare", abstract: "Compare the contents of two images. Exit 0 identical, 1 different, 2 error.")
+    @Flag(name: [.customShort("U"), .customLong("force-share")],
+          help: "Open read-only without taking locks (qemu-img's -U; swiftkvm img takes no image locks yet, so it changes nothing).")
+    var forceShare = false
     @Option(name: .customShort("f")) var format1: String?
     @Option(name: .customShort("F")) var format2: String?
     @Argument var first: String

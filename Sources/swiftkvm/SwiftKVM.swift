@@ -45,7 +45,8 @@ struct SwiftKVM: ParsableCommand {
             if exitCode(for: error) == .validationFailure {
                 let line = "swiftkvm: error: \(message(for: error))\n"
                 _ = line.withCString { write(2, $0, strlen($0)) }
-                Glibc.exit(2)
+                // `img check` keeps 2 for "corruptions found", as qemu-img does: its usage errors exit 1.
+                Glibc.exit(CommandLine.arguments.dropFirst().starts(with: ["img", "check"]) ? 1 : 2)
             }
             exit(withError: error)
         }

@@ -198,3 +198,40 @@ struct ChainSizeTests {
         #expect(!FileManager.default.fileExists(atPath: d.file("x.raw")))
     }
 }
+
+/// The command line as qemu-img users type it.
+@Suite("img command line like qemu-img's",
+       .enabled(if: Tools.interopEnabled, "qemu-img/qemu-io not installed (scripts/install-deps installs qemu-utils; CI=1 turns this into a failure)"))
+struct ImgCommandLineTests {
+    @Test("-U is a flag (info -U --output=json works), as in qemu-img")
+    func forceShare() throws {
+        let d = try TempDir()
+        try Tools.qemuImg("create", "-q", "-f", "qcow2", d.file("a.qcow2"), "1M")
+        for args in [["info", "-U", "--output=json"], ["check", "-U"], ["map", "-U"]] {
+            let r = try Tools.run(Tools.swiftkvm, ["img"] + args + [d.file("a.qcow2")], name: "swiftkvm")
+            #expect(r.status == 0, "img \(args): \(r.stderr)")
+        }
+        let info = try Tools.run(Tools.swiftkvm, ["img", "info", "-U", "--output=json", d.file("a.qcow2")], name: "swiftkvm")
+        #expect(info.stdout.contains("\"virtual-size\": 1048576"), "\(info.stdout)")
+    }
+
+    @Test("check's usage errors exit 1 as qemu-img's do, never 2 (which means corruptions)")
+    func checkUsageStatus() throws {
+        let d = try TempDir()
+        try Tools.qemuImg("create", "-q", "-f", "qcow2", d.file("a.qcow2"), "1M")
+        for args in [["-r", "bogus"], ["--no-such-option"]] {
+            let ours = try Tools.run(Tools.swiftkvm, ["img", "check"] + args + [d.file("a.qcow2")], name: "swiftkvm")
+            let theirs = try Tools.qemuImg(["check"] + args + [d.file("a.qcow2")])
+            #expect(ours.status == 1, "img check \(args): \(ours.status) \(ours.stderr)")
+            #expect(theirs.status == 1, "qemu-img check \(args): \(theirs.status)")
+        }
+    }
+
+    @Test("an unknown -o key names the keys that exist")
+    func unknownCreateOption() throws {
+        let d = try TempDir()
+        let r = try Tools.run(Tools.swiftkvm, ["img", "create", "-f", "qcow2", "-o", "clustersize=4096", d.file("x.qcow2"), "1M"], name: "swiftkvm")
+        #expect(r.status != 0)
+        #expect(r.stderr.contains("'clustersize'") && r.stderr.contains("cluster_size"), "\(r.stderr)")
+    }
+}

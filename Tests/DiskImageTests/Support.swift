@@ -100,6 +100,8 @@ enum Tools {
     @discardableResult
     static func qemuImg(_ args: String...) throws -> ToolResult { try run(qemuImg, args, name: "qemu-img") }
     @discardableResult
+    static func qemuImg(_ args: [String]) throws -> ToolResult { try run(qemuImg, args, name: "qemu-img") }
+    @discardableResult
     static func qemuIO(_ args: String...) throws -> ToolResult { try run(qemuIO, args, name: "qemu-io") }
 }
 
