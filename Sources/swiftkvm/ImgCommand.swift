@@ -10,9 +10,29 @@ struct ImgCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "img",
         abstract: "Create, inspect, check and convert disk images (qemu-img compatible).",
+        version: SwiftKVM.version + " (disk images as qemu-img 7.2 writes them)",
         subcommands: [ImgCreate.self, ImgInfo.self, ImgCheck.self, ImgConvert.self, ImgResize.self, ImgSnapshot.self,
-                      ImgCommit.self, ImgRebase.self, ImgMap.self, ImgCompare.self, ImgBench.self]
+                      ImgCommit.self, ImgRebase.self, ImgMap.self, ImgCompare.self, ImgBench.self, ImgHelp.self]
     )
+}
+
+/// `swiftkvm img help [SUBCOMMAND]`: the help of one subcommand, as `qemu-img help` users expect.
+struct ImgHelp: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "help", abstract: "Show the help of a subcommand.")
+    @Argument(help: "The subcommand (create, info, check, …).") var subcommand: String?
+
+    func run() throws {
+        let subs = ImgCommand.configuration.subcommands.filter { $0 != ImgHelp.self }
+        guard let name = subcommand else {
+            print(ImgCommand.helpMessage())
+            return
+        }
+        guard let sub = subs.first(where: { $0.configuration.commandName == name }) else {
+            let names = subs.compactMap { $0.configuration.commandName }.joined(separator: ", ")
+            throw ValidationError("unknown subcommand '\(name)' (known: \(names))")
+        }
+        print(ImgCommand.helpMessage(for: sub))
+    }
 }
 
 /// Parses a size with an optional k/M/G/T/P/E suffix (powers of 1024), as qemu-img does.

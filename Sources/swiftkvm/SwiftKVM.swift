@@ -7,9 +7,13 @@ import Glibc
 /// The `swiftkvm` command: a KVM virtual machine monitor, disk-image tool and manager.
 @main
 struct SwiftKVM: ParsableCommand {
+    /// The release this binary belongs to (`swiftkvm --version`, `swiftkvm img --version`).
+    static let version = "swiftkvm 0.6.0"
+
     static let configuration = CommandConfiguration(
         commandName: "swiftkvm",
         abstract: "A virtualization stack on Linux KVM.",
+        version: version,
         subcommands: [RunCommand.self, CheckCommand.self, ImgCommand.self, VMMCommand.self, VMCommand.self, DaemonCommand.self]
     )
 

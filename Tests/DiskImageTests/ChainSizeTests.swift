@@ -227,6 +227,16 @@ struct ImgCommandLineTests {
         }
     }
 
+    @Test("--version and img help SUBCOMMAND answer, as qemu-img --version and qemu-img help do")
+    func versionAndHelp() throws {
+        let v = try Tools.run(Tools.swiftkvm, ["img", "--version"], name: "swiftkvm")
+        #expect(v.status == 0 && v.stdout.hasPrefix("swiftkvm "), "\(v.stdout)\(v.stderr)")
+        let h = try Tools.run(Tools.swiftkvm, ["img", "help", "convert"], name: "swiftkvm")
+        #expect(h.status == 0 && h.stdout.contains("USAGE: img convert"), "\(h.stdout)\(h.stderr)")
+        let bad = try Tools.run(Tools.swiftkvm, ["img", "help", "nosuch"], name: "swiftkvm")
+        #expect(bad.status == 2 && bad.stderr.contains("unknown subcommand 'nosuch'"), "\(bad.stderr)")
+    }
+
     @Test("an unknown -o key names the keys that exist")
     func unknownCreateOption() throws {
         let d = try TempDir()
