@@ -551,9 +551,17 @@ struct ImgMap: ParsableCommand {
                 }
                 print("[" + lines.joined(separator: ",\n") + "]")
             } else {
+                // The file that really holds each extent: the image at the extent's depth in the backing chain.
+                var chain = [file]
+                var cur: BlockBackend = img
+                while let q = cur as? Qcow2Image, let b = q.backing, let p = q.backingPath {
+                    chain.append(p)
+                    cur = b
+                }
                 print("Offset          Length          Mapped to       File")
                 for e in entries where e.data {
-                    print(cFormat("%#-16llx%#-16llx%#-16llx", e.start, e.length, e.offset ?? 0) + file)
+                    let holder = e.depth < chain.count ? chain[e.depth] : file
+                    print(cFormat("%#-16llx%#-16llx%#-16llx", e.start, e.length, e.offset ?? 0) + holder)
                 }
             }
             try img.close()

@@ -237,6 +237,27 @@ struct ImgCommandLineTests {
         #expect(bad.status == 2 && bad.stderr.contains("unknown subcommand 'nosuch'"), "\(bad.stderr)")
     }
 
+    @Test("human map output names the file that holds each extent, as qemu-img map does")
+    func mapNamesHolder() throws {
+        let d = try TempDir()
+        try Tools.qemuImg("create", "-q", "-f", "qcow2", d.file("b.qcow2"), "4M")
+        try Tools.qemuIO("-f", "qcow2", "-c", "write -P 1 0 1M", d.file("b.qcow2"))
+        try Tools.qemuImg("create", "-q", "-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2", d.file("o.qcow2"))
+        try Tools.qemuIO("-f", "qcow2", "-c", "write -P 2 2M 512k", d.file("o.qcow2"))
+        let ours = try Tools.run(Tools.swiftkvm, ["img", "map", d.file("o.qcow2")], name: "swiftkvm")
+        let theirs = try Tools.qemuImg("map", d.file("o.qcow2"))
+        #expect(ours.status == 0, "\(ours.stderr)")
+        // The same rows (offset, length, file); host offsets may differ between the two tools' layouts.
+        func rows(_ text: String) -> [String] {
+            text.split(separator: "\n").dropFirst().map { line in
+                let f = line.split(separator: " ", omittingEmptySubsequences: true)
+                return "\(f[0]) \(f[1]) \(URL(fileURLWithPath: String(f.last!)).lastPathComponent)"
+            }
+        }
+        #expect(rows(ours.stdout) == rows(theirs.stdout), "ours:\n\(ours.stdout)\nqemu-img:\n\(theirs.stdout)")
+        #expect(rows(ours.stdout).contains { $0.hasSuffix(" b.qcow2") }, "\(ours.stdout)")
+    }
+
     @Test("an unknown -o key names the keys that exist")
     func unknownCreateOption() throws {
         let d = try TempDir()
