@@ -3,12 +3,17 @@ import GuestMemory
 import Testing
 @testable import Boot
 
+/// The path of `relative` (e.g. "assets/vmlinuz") in the package, if that file exists.
+func packageFile(_ relative: String) -> String? {
+    let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+    let p = root.appendingPathComponent(relative).path
+    return FileManager.default.fileExists(atPath: p) ? p : nil
+}
+
 /// The Debian kernel fetched by scripts/guest-assets (assets/vmlinuz), or $SWIFTKVM_TEST_KERNEL.
 let realKernelPath: String? = {
     if let p = ProcessInfo.processInfo.environment["SWIFTKVM_TEST_KERNEL"], FileManager.default.fileExists(atPath: p) { return p }
-    let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
-    let p = root.appendingPathComponent("assets/vmlinuz").path
-    return FileManager.default.fileExists(atPath: p) ? p : nil
+    return packageFile("assets/vmlinuz")
 }()
 
 @Suite("A real Debian kernel (assets/vmlinuz; skipped when scripts/guest-assets has not run)",
@@ -57,11 +62,7 @@ struct RealKernelTests {
 }
 
 /// The lean kernel as an LZ4 bzImage (scripts/guest-kernel builds assets/lean/bzImage).
-let leanBzImagePath: String? = {
-    let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
-    let p = root.appendingPathComponent("assets/lean/bzImage").path
-    return FileManager.default.fileExists(atPath: p) ? p : nil
-}()
+let leanBzImagePath = packageFile("assets/lean/bzImage")
 
 @Suite("The lean kernel's bzImage (assets/lean/bzImage)",
        .enabled(if: leanBzImagePath != nil, "no kernel at assets/lean/bzImage: run scripts/guest-kernel"))
