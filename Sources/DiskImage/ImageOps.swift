@@ -208,6 +208,29 @@ public func convertImage(from source: BlockBackend, to destination: BlockBackend
 
 /// Compares the guest-visible contents of two images. Returns nil when identical (over the common size, with the
 /// larger image's tail required to be zero), else the first differing offset.
+/// What `qemu-img compare -s` (strict) finds before looking at the data.
+public enum StrictMismatch: Sendable, Equatable {
+    /// The virtual sizes differ.
+    case size
+    /// From this offset the two chains disagree on whether a range is allocated, reads as zero, or is stored data.
+    case status(UInt64)
+}
+
+/// The first strict-mode difference between `a` and `b`, or nil when their sizes and allocation agree.
+public func strictMismatch(_ a: BlockBackend, _ b: BlockBackend) throws -> StrictMismatch? {
+    guard a.size == b.size else { return .size }
+    var off: UInt64 = 0
+    while off < a.size {
+        let sa = try chainStatus(a, at: off, maxLength: a.size - off)
+        let sb = try chainStatus(b, at: off, maxLength: b.size - off)
+        if sa.present != sb.present || sa.zero != sb.zero || sa.data != sb.data { return .status(off) }
+        let step = min(sa.length, sb.length)
+        guard step > 0 else { throw DiskImageError.invalid("compare made no progress at offset \(off)") }
+        off += step
+    }
+    return nil
+}
+
 public func compareImages(_ a: BlockBackend, _ b: BlockBackend) throws -> UInt64? {
     let common = min(a.size, b.size)
     let chunk = 1 << 20

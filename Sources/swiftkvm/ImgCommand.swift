@@ -576,6 +576,8 @@ struct ImgCompare: ParsableCommand {
     var forceShare = false
     @Option(name: .customShort("f")) var format1: String?
     @Option(name: .customShort("F")) var format2: String?
+    @Flag(name: .customShort("s"), help: "Strict: images of different sizes, or whose allocation differs, are different.")
+    var strict = false
     @Argument var first: String
     @Argument var second: String
 
@@ -583,6 +585,13 @@ struct ImgCompare: ParsableCommand {
         do {
             let a = try openDiskImage(path: first, options: .init(readOnly: true, format: format1))
             let b = try openDiskImage(path: second, options: .init(readOnly: true, format: format2))
+            if strict, let m = try strictMismatch(a, b) {
+                switch m {
+                case .size: print("Strict mode: Image size mismatch!")
+                case .status(let off): print("Strict mode: Offset \(off) block status mismatch!")
+                }
+                throw ExitCode(1)
+            }
             if let off = try compareImages(a, b) {
                 print("Content mismatch at offset \(off)!")
                 throw ExitCode(1)

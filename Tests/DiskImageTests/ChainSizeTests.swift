@@ -258,6 +258,24 @@ struct ImgCommandLineTests {
         #expect(rows(ours.stdout).contains { $0.hasSuffix(" b.qcow2") }, "\(ours.stdout)")
     }
 
+    @Test("compare -s: different sizes or allocation are a difference (exit 1), as in qemu-img; identical images still compare equal")
+    func strictCompare() throws {
+        let d = try TempDir()
+        try Tools.qemuImg("create", "-q", "-f", "qcow2", d.file("a.qcow2"), "1M")
+        try Tools.qemuImg("create", "-q", "-f", "qcow2", d.file("big.qcow2"), "2M")
+        try Tools.qemuImg("create", "-q", "-f", "qcow2", d.file("z.qcow2"), "1M")
+        try Tools.qemuIO("-f", "qcow2", "-c", "write -z 64k 64k", d.file("z.qcow2"))
+        for (other, strictStatus, plainStatus) in [("big.qcow2", Int32(1), Int32(0)), ("z.qcow2", 1, 0), ("a.qcow2", 0, 0)] {
+            let theirs = try Tools.qemuImg("compare", "-s", d.file("a.qcow2"), d.file(other))
+            let ours = try Tools.run(Tools.swiftkvm, ["img", "compare", "-s", d.file("a.qcow2"), d.file(other)], name: "swiftkvm")
+            #expect(theirs.status == strictStatus, "qemu-img compare -s a \(other): \(theirs.status)")
+            #expect(ours.status == theirs.status, "img compare -s a \(other): \(ours.status) \(ours.stdout)\(ours.stderr)")
+            #expect(ours.status == 0 || ours.stdout.hasPrefix("Strict mode: "), "\(ours.stdout)")
+            let plain = try Tools.run(Tools.swiftkvm, ["img", "compare", d.file("a.qcow2"), d.file(other)], name: "swiftkvm")
+            #expect(plain.status == plainStatus, "img compare a \(other): \(plain.status)")
+        }
+    }
+
     @Test("an unknown -o key names the keys that exist")
     func unknownCreateOption() throws {
         let d = try TempDir()
