@@ -185,6 +185,34 @@ final class ImageFile: @unchecked Sendable {
         }
     }
 
+    /// Allocates host space for `[offset, offset + length)` so later writes cannot fail for lack of it:
+    /// `zeroFill` false uses fallocate (qemu's preallocation=falloc), true writes zeroes over every hole in the
+    /// range (preallocation=full). Data already in the file is kept either way.
+    func preallocate(at offset: UInt64, length: UInt64, zeroFill: Bool) throws {
+        guard length > 0 else { return }
+        if !zeroFill {
+            if c_fallocate(fd, 0, off_t(offset), off_t(length)) != 0 {
+                throw fail("fallocate", offset, Int(clamping: length))
+            }
+            return
+        }
+        let end = offset + length
+        let zeros = [UInt8](repeating: 0, count: 1 << 20)
+        var pos = offset
+        while pos < end {
+            let hole = nextHole(from: pos)
+            guard hole < end else { break }
+            let dataAfter = nextData(from: hole).map { min($0, end) } ?? end
+            var p = hole
+            while p < dataAfter {
+                let n = Int(min(UInt64(zeros.count), dataAfter - p))
+                try zeros.withUnsafeBytes { try pwrite(UnsafeRawBufferPointer(rebasing: $0[0..<n]), at: p) }
+                p += UInt64(n)
+            }
+            pos = dataAfter
+        }
+    }
+
     /// Deallocates a range (reads back as zeroes). Returns false if the file system does not support it.
     @discardableResult
     func punchHole(at offset: UInt64, length: UInt64) throws -> Bool {

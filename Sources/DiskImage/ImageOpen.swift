@@ -44,6 +44,18 @@ public func roundUpToSector(_ size: UInt64) -> UInt64 {
     size > UInt64.max - 511 ? size & ~511 : (size + 511) & ~511
 }
 
+/// How much of a new image is allocated up front (qemu-img's `preallocation=`).
+public enum Preallocation: String, Sendable, CaseIterable {
+    /// Nothing beyond what the format needs.
+    case off
+    /// qcow2 only: every L2 table and data cluster is allocated in the image (the file stays sparse).
+    case metadata
+    /// As metadata for qcow2, then the whole file's host space is reserved with fallocate.
+    case falloc
+    /// As metadata for qcow2, then every hole of the file is written with zeroes.
+    case full
+}
+
 /// Options for creating a qcow2 image (the `-o` options of `qemu-img create`).
 public struct Qcow2CreateOptions: Sendable {
     /// Virtual size in bytes.
@@ -56,8 +68,13 @@ public struct Qcow2CreateOptions: Sendable {
     public var lazyRefcounts = false
     /// Refcount width: a power of two from 1 to 64 (16 for version 2).
     public var refcountBits: UInt32 = 16
-    /// Preallocate L2 tables and data clusters ("metadata").
-    public var preallocateMetadata = false
+    /// Preallocation: metadata allocates L2 tables and data clusters; falloc and full also reserve the host space.
+    public var preallocation: Preallocation = .off
+    /// Preallocate L2 tables and data clusters (`preallocation` other than off).
+    public var preallocateMetadata: Bool {
+        get { preallocation != .off }
+        set { preallocation = newValue ? (preallocation == .off ? .metadata : preallocation) : .off }
+    }
     /// Backing file name as stored in the image.
     public var backingFile: String?
     /// Backing file format stored in the backing-format extension.
@@ -144,6 +161,12 @@ extension Qcow2Image {
             let img = try Qcow2Image(path: path, options: .init(readOnly: false, allowBackingFiles: o.backingFile != nil))
             try img.preallocateMetadata()
             try img.close()
+        }
+        if o.preallocation == .falloc || o.preallocation == .full {
+            let f = try ImageFile(path: path, readOnly: false)
+            defer { f.close() }
+            try f.preallocate(at: 0, length: try f.fileSize(), zeroFill: o.preallocation == .full)
+            if o.syncOnCreate { try f.datasync() }
         }
     }
 

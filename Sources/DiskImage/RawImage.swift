@@ -25,10 +25,18 @@ public final class RawImage: BlockBackend, @unchecked Sendable {
 
     /// Creates (or truncates) a sparse raw image of `size` bytes, rounded up to whole 512-byte sectors as qemu-img
     /// does.
+    /// `preallocation` falloc reserves the host space, full writes zeroes (metadata is refused: raw has none).
     @discardableResult
-    public static func create(path: String, size: UInt64) throws -> RawImage {
+    public static func create(path: String, size: UInt64, preallocation: Preallocation = .off) throws -> RawImage {
+        guard preallocation != .metadata else {
+            throw DiskImageError.invalid("\(path): preallocation=metadata is for qcow2; raw takes off, falloc or full")
+        }
         let f = try ImageFile(path: path, readOnly: false, create: true, truncate: true)
         try f.truncate(to: roundUpToSector(size))
+        if preallocation != .off {
+            try f.preallocate(at: 0, length: roundUpToSector(size), zeroFill: preallocation == .full)
+            try f.datasync()
+        }
         f.close()
         return try RawImage(path: path)
     }

@@ -87,7 +87,9 @@ func applyCreateOptions(_ opts: [String], to o: inout Qcow2CreateOptions, preall
                 o.refcountBits = b
                 refcountBitsGiven = true
             case "preallocation":
-                guard ["off", "metadata"].contains(value) else { throw ValidationError("preallocation '\(value)' is not supported (off or metadata)") }
+                guard Preallocation(rawValue: value) != nil else {
+                    throw ValidationError("invalid preallocation '\(value)' (off, metadata, falloc or full)")
+                }
                 preallocation = value
             case "compression_type":
                 switch value {
@@ -106,7 +108,7 @@ func applyCreateOptions(_ opts: [String], to o: inout Qcow2CreateOptions, preall
         }
     }
     if o.version == 2 && !refcountBitsGiven { o.refcountBits = 16 }
-    o.preallocateMetadata = preallocation == "metadata"
+    o.preallocation = Preallocation(rawValue: preallocation) ?? .off
     return sizeGiven
 }
 
@@ -134,7 +136,15 @@ func createImage(path: String, format: String, size: UInt64?, backing: String?, 
     case "raw":
         if backing != nil { throw ValidationError("raw images cannot have a backing file") }
         guard let size else { throw ValidationError("a size is required") }
-        try RawImage.create(path: path, size: size).close()
+        var preallocation = Preallocation.off
+        for item in options.flatMap({ $0.split(separator: ",") }) {
+            let kv = item.split(separator: "=", maxSplits: 1).map(String.init)
+            guard kv[0] == "preallocation", kv.count == 2, let p = Preallocation(rawValue: kv[1]), p != .metadata else {
+                throw ValidationError("unsupported option '\(item)' for raw (known: preallocation=off|falloc|full)")
+            }
+            preallocation = p
+        }
+        try RawImage.create(path: path, size: size, preallocation: preallocation).close()
     case "qcow2":
         var o = Qcow2CreateOptions(size: size ?? 0)
         o.syncOnCreate = sync
@@ -165,7 +175,7 @@ struct ImgCreate: ParsableCommand {
     @Option(name: .customShort("f"), help: "Format: qcow2 or raw.") var format = "raw"
     @Option(name: .customShort("b"), help: "Backing file.") var backing: String?
     @Option(name: .customShort("F"), help: "Backing file format.") var backingFormat: String?
-    @Option(name: .customShort("o"), help: "Options: cluster_size, compat, lazy_refcounts, refcount_bits, preallocation, compression_type.") var options: [String] = []
+    @Option(name: .customShort("o"), help: "Options: cluster_size, compat, lazy_refcounts, refcount_bits, preallocation (off, metadata, falloc, full), compression_type; raw: preallocation (off, falloc, full).") var options: [String] = []
     @Flag(name: .customShort("q"), help: "Quiet.") var quiet = false
     @Argument(help: "Image file.") var file: String
     @Argument(help: "Size (k, M, G, T suffixes).") var size: String?

@@ -276,6 +276,32 @@ struct ImgCommandLineTests {
         }
     }
 
+    @Test("create -o preallocation=falloc|full reserves the host space like qemu-img's, reads as zeroes and checks clean",
+          arguments: ["raw:falloc", "raw:full", "qcow2:falloc", "qcow2:full", "qcow2:metadata"])
+    func preallocation(spec: String) throws {
+        let d = try TempDir()
+        let parts = spec.split(separator: ":").map(String.init)
+        let (format, mode) = (parts[0], parts[1])
+        let ours = d.file("ours.\(format)"), theirs = d.file("theirs.\(format)"), empty = d.file("empty.raw")
+        let r = try Tools.run(Tools.swiftkvm, ["img", "create", "-q", "-f", format, "-o", "preallocation=\(mode)", ours, "8M"], name: "swiftkvm")
+        #expect(r.status == 0, "\(r.stderr)")
+        try Tools.qemuImg("create", "-q", "-f", format, "-o", "preallocation=\(mode)", theirs, "8M")
+        try Tools.qemuImg("create", "-q", "-f", "raw", empty, "8M")
+        #expect(try Tools.qemuImg("compare", "-F", "raw", ours, empty).status == 0)
+        if format == "qcow2" { #expect(try Tools.qemuImg("check", ours).status == 0) }
+        func allocated(_ path: String) throws -> UInt64 {
+            let info = try Tools.qemuImg("info", "--output=json", path)
+            let obj = try JSONSerialization.jsonObject(with: Data(info.stdout.utf8)) as? [String: Any]
+            return (obj?["actual-size"] as? NSNumber)?.uint64Value ?? 0
+        }
+        let (a, b) = (try allocated(ours), try allocated(theirs))
+        if mode == "metadata" {
+            #expect(a < 8 << 20, "metadata preallocation keeps the file sparse: \(a) bytes")
+        } else {
+            #expect(a >= 8 << 20 && b >= 8 << 20, "host space reserved: ours \(a), qemu-img's \(b) bytes")
+        }
+    }
+
     @Test("an unknown -o key names the keys that exist")
     func unknownCreateOption() throws {
         let d = try TempDir()
