@@ -170,17 +170,37 @@ extension Qcow2Image {
         }
     }
 
-    /// Allocates every L2 table and data cluster (data reads as zero: the file is extended sparsely).
-    func preallocateMetadata() throws {
+    /// Preallocates the range from `offset` (rounded up to a cluster) to the end of the disk, as `qemu-img resize
+    /// --preallocation` does for the part a resize adds: metadata allocates its L2 tables and data clusters, and
+    /// falloc/full also reserve the host space they take in the file.
+    public func preallocate(from offset: UInt64, mode: Preallocation) throws {
+        guard mode != .off else { return }
+        let fileBefore = try file.fileSize()
+        try preallocateMetadata(from: offset)
+        if mode == .falloc || mode == .full {
+            let fileAfter = try file.fileSize()
+            if fileAfter > fileBefore {
+                try file.preallocate(at: fileBefore, length: fileAfter - fileBefore, zeroFill: mode == .full)
+                try file.datasync()
+            }
+        }
+    }
+
+    /// Allocates every L2 table and data cluster from `start` (rounded up to a cluster) on, for clusters that have
+    /// no entry yet (data reads as zero: the file is extended sparsely).
+    func preallocateMetadata(from start: UInt64 = 0) throws {
         try lock.withLock { _ in
-            var v: UInt64 = 0
+            var v = (start + cs - 1) / cs * cs
             while v < virtualSize {
                 let l2off = try writableL2(for: v)
                 let first = l2Index(v)
                 let count = Int(min(l2Entries - UInt64(first), (virtualSize - v + cs - 1) / cs))
-                let host = try allocateClusters(UInt64(count))
-                for k in 0..<count where try loadL2(l2off).data[first + k] == 0 {
-                    try setL2Entry(l2off, first + k, (host + UInt64(k) * cs) | Self.copiedFlag)
+                let missing = (0..<count).filter { (try? loadL2(l2off).data[first + $0]) == 0 }
+                if !missing.isEmpty {
+                    let host = try allocateClusters(UInt64(missing.count))
+                    for (n, k) in missing.enumerated() {
+                        try setL2Entry(l2off, first + k, (host + UInt64(n) * cs) | Self.copiedFlag)
+                    }
                 }
                 v += UInt64(count) * cs
             }

@@ -96,6 +96,20 @@ public final class RawImage: BlockBackend, @unchecked Sendable {
         }
     }
 
+    /// Reserves host space from `offset` to the end (falloc) or writes zeroes over its holes (full), as `qemu-img
+    /// resize --preallocation` does for the part a resize adds; metadata is refused (raw has none).
+    public func preallocate(from offset: UInt64, mode: Preallocation) throws {
+        guard mode != .off else { return }
+        guard mode != .metadata else {
+            throw DiskImageError.invalid("\(path): preallocation=metadata is for qcow2; raw takes off, falloc or full")
+        }
+        try lock.withLock { _ in
+            guard offset < currentSize else { return }
+            try file.preallocate(at: offset, length: currentSize - offset, zeroFill: mode == .full)
+            unsynced = true
+        }
+    }
+
     public func close() throws {
         try lock.withLock { _ in
             if unsynced { try file.datasync() }

@@ -440,6 +440,8 @@ struct ImgResize: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "resize", abstract: "Change the virtual size of an image.")
     @Option(name: .customShort("f")) var format: String?
     @Flag(name: .customLong("shrink")) var shrink = false
+    @Option(name: .customLong("preallocation"), help: "For the added part: off, metadata (qcow2), falloc or full.")
+    var preallocation = "off"
     @Argument var file: String
     @Argument var size: String
 
@@ -456,7 +458,16 @@ struct ImgResize: ParsableCommand {
             } else {
                 target = try parseImgSize(size)
             }
+            guard let mode = Preallocation(rawValue: preallocation) else {
+                throw ValidationError("invalid --preallocation '\(preallocation)' (off, metadata, falloc or full)")
+            }
+            let oldSize = img.size
+            if mode != .off && target < oldSize {
+                throw DiskImageError.invalid("\(file): --preallocation needs a size that grows the image")
+            }
             try img.resize(to: target, allowShrink: shrink)
+            if let q = img as? Qcow2Image { try q.preallocate(from: oldSize, mode: mode) }
+            if let r = img as? RawImage { try r.preallocate(from: oldSize, mode: mode) }
             try img.close()
             print("Image resized.")
         }

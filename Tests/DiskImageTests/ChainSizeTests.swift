@@ -19,11 +19,7 @@ struct ChainSizeTests {
         #expect(r.status == 0, "\(what): exit \(r.status)\n\(r.stdout)\(r.stderr)", sourceLocation: sourceLocation)
     }
 
-    func virtualSize(_ path: String) throws -> UInt64? {
-        let r = try Tools.qemuImg("info", "-U", "--output=json", path)
-        guard let obj = try JSONSerialization.jsonObject(with: Data(r.stdout.utf8)) as? [String: Any] else { return nil }
-        return (obj["virtual-size"] as? NSNumber)?.uint64Value
-    }
+    func virtualSize(_ path: String) throws -> UInt64? { try qemuVirtualSize(path) }
 
     @Test("commit into a smaller base grows the base first (the issue's reproduction)", arguments: ["qcow2", "raw"])
     func commitGrowsBase(baseFormat: String) throws {
@@ -302,6 +298,32 @@ struct ImgCommandLineTests {
         }
     }
 
+    @Test("resize --preallocation preallocates only the part the resize adds, as qemu-img resize does",
+          arguments: ["raw:falloc", "raw:full", "qcow2:metadata", "qcow2:falloc", "qcow2:full"])
+    func resizePreallocation(spec: String) throws {
+        let d = try TempDir()
+        let parts = spec.split(separator: ":").map(String.init)
+        let (format, mode) = (parts[0], parts[1])
+        let image = d.file("disk.\(format)")
+        try Tools.qemuImg("create", "-q", "-f", format, image, "4M")
+        try Tools.qemuIO("-f", format, "-c", "write -P 9 0 64k", image)
+        let r = try Tools.run(Tools.swiftkvm, ["img", "resize", "-f", format, "--preallocation=\(mode)", image, "12M"], name: "swiftkvm")
+        #expect(r.status == 0, "\(r.stderr)")
+        #expect(try qemuVirtualSize(image) == 12 << 20)
+        // The old data is intact, the added part reads as zeroes.
+        #expect(try Tools.qemuIO("-f", format, "-c", "read -P 9 0 64k", "-c", "read -P 0 4M 8M", image).stdout.contains("read 8388608/8388608"))
+        if format == "qcow2" {
+            #expect(try Tools.qemuImg("check", image).status == 0)
+            // Preallocated: the added 8 MiB is allocated in the image, the old unwritten part is not.
+            let map = try Tools.qemuImg("map", "--output=json", image).stdout
+            #expect(map.contains("\"start\": 4194304") && map.contains("\"data\": true"), "\(map)")
+        }
+        let info = try Tools.qemuImg("info", "--output=json", image)
+        let actual = ((try JSONSerialization.jsonObject(with: Data(info.stdout.utf8)) as? [String: Any])?["actual-size"] as? NSNumber)?.uint64Value ?? 0
+        if mode != "metadata" { #expect(actual >= 8 << 20, "the added part's host space is reserved: \(actual) bytes") }
+        #expect(actual < 12 << 20 + (1 << 20), "the old part was not preallocated too: \(actual) bytes")
+    }
+
     @Test("an unknown -o key names the keys that exist")
     func unknownCreateOption() throws {
         let d = try TempDir()
@@ -309,4 +331,11 @@ struct ImgCommandLineTests {
         #expect(r.status != 0)
         #expect(r.stderr.contains("'clustersize'") && r.stderr.contains("cluster_size"), "\(r.stderr)")
     }
+}
+
+/// The virtual size qemu-img reports for the image at `path`.
+func qemuVirtualSize(_ path: String) throws -> UInt64? {
+    let r = try Tools.qemuImg("info", "-U", "--output=json", path)
+    guard let obj = try JSONSerialization.jsonObject(with: Data(r.stdout.utf8)) as? [String: Any] else { return nil }
+    return (obj["virtual-size"] as? NSNumber)?.uint64Value
 }
