@@ -64,6 +64,34 @@ func parseImgSize(_ s: String) throws -> UInt64 {
     throw ValidationError("invalid size '\(s)'")
 }
 
+/// The `-o` options `swiftkvm img create` and `convert` take per format, with qemu-img's wording (`-o help`).
+let createOptionHelp: [String: [(String, String)]] = [
+    "qcow2": [
+        ("backing_file=<str>", "File name of a base image"),
+        ("backing_fmt=<str>", "Image format of the base image"),
+        ("cluster_size=<size>", "qcow2 cluster size"),
+        ("compat=<str>", "Compatibility level (v2 [0.10] or v3 [1.1])"),
+        ("compression_type=<str>", "Compression method used for image cluster compression (zlib, zstd)"),
+        ("lazy_refcounts=<bool (on/off)>", "Postpone refcount updates"),
+        ("preallocation=<str>", "Preallocation mode (allowed values: off, metadata, falloc, full)"),
+        ("refcount_bits=<num>", "Width of a reference count entry in bits"),
+        ("size=<size>", "Virtual disk size"),
+    ],
+    "raw": [
+        ("preallocation=<str>", "Preallocation mode (allowed values: off, falloc, full)"),
+        ("size=<size>", "Virtual disk size"),
+    ],
+]
+
+/// Whether `options` ask for the option list (`-o help` or `-o ?`); prints it for `format` when they do.
+func printedCreateOptionHelp(_ options: [String], format: String) throws -> Bool {
+    guard options.contains(where: { $0 == "help" || $0 == "?" }) else { return false }
+    guard let list = createOptionHelp[format] else { throw ValidationError("unknown format '\(format)' (qcow2 or raw)") }
+    print("Supported \(format) options:")
+    for (key, text) in list { print("  " + key.padded(to: 22) + " - " + text) }
+    return true
+}
+
 /// Parses `-o key=value,key=value` options into create options. Returns whether the options set the size.
 @discardableResult
 func applyCreateOptions(_ opts: [String], to o: inout Qcow2CreateOptions, preallocation: inout String) throws -> Bool {
@@ -177,10 +205,12 @@ struct ImgCreate: ParsableCommand {
     @Option(name: .customShort("F"), help: "Backing file format.") var backingFormat: String?
     @Option(name: .customShort("o"), help: "Options: cluster_size, compat, lazy_refcounts, refcount_bits, preallocation (off, metadata, falloc, full), compression_type; raw: preallocation (off, falloc, full).") var options: [String] = []
     @Flag(name: .customShort("q"), help: "Quiet.") var quiet = false
-    @Argument(help: "Image file.") var file: String
+    @Argument(help: "Image file (not needed with -o help).") var file: String?
     @Argument(help: "Size (k, M, G, T suffixes).") var size: String?
 
     func run() throws {
+        if try printedCreateOptionHelp(options, format: format) { return }
+        guard let file else { throw ValidationError("missing the image file") }
         try imgRun {
             let sz = try size.map(parseImgSize)
             try createImage(path: file, format: format, size: sz, backing: backing, backingFormat: backingFormat, options: options)

@@ -324,6 +324,21 @@ struct ImgCommandLineTests {
         #expect(actual < 12 << 20 + (1 << 20), "the old part was not preallocated too: \(actual) bytes")
     }
 
+    @Test("create -o help lists the options of the format, as qemu-img does")
+    func optionHelp() throws {
+        for format in ["qcow2", "raw"] {
+            let r = try Tools.run(Tools.swiftkvm, ["img", "create", "-f", format, "-o", "help"], name: "swiftkvm")
+            #expect(r.status == 0, "\(r.stderr)")
+            #expect(r.stdout.hasPrefix("Supported \(format) options:") && r.stdout.contains("preallocation=<str>"), "\(r.stdout)")
+            // Every key we list, qemu-img lists too (with a file name it adds the file protocol's, as preallocation).
+            let theirs = try Tools.qemuImg("create", "-f", format, "-o", "help", "/tmp/swiftkvm-option-help.\(format)").stdout
+            for line in r.stdout.split(separator: "\n").dropFirst() {
+                let key = line.trimmingCharacters(in: .whitespaces).split(separator: "=").first.map(String.init) ?? ""
+                #expect(theirs.contains("  \(key)="), "qemu-img does not list \(key) for \(format)")
+            }
+        }
+    }
+
     @Test("an unknown -o key names the keys that exist")
     func unknownCreateOption() throws {
         let d = try TempDir()
