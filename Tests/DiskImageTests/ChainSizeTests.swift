@@ -285,12 +285,7 @@ struct ImgCommandLineTests {
         try Tools.qemuImg("create", "-q", "-f", "raw", empty, "8M")
         #expect(try Tools.qemuImg("compare", "-F", "raw", ours, empty).status == 0)
         if format == "qcow2" { #expect(try Tools.qemuImg("check", ours).status == 0) }
-        func allocated(_ path: String) throws -> UInt64 {
-            let info = try Tools.qemuImg("info", "--output=json", path)
-            let obj = try JSONSerialization.jsonObject(with: Data(info.stdout.utf8)) as? [String: Any]
-            return (obj?["actual-size"] as? NSNumber)?.uint64Value ?? 0
-        }
-        let (a, b) = (try allocated(ours), try allocated(theirs))
+        let (a, b) = (try qemuActualSize(ours), try qemuActualSize(theirs))
         if mode == "metadata" {
             #expect(a < 8 << 20, "metadata preallocation keeps the file sparse: \(a) bytes")
         } else {
@@ -318,8 +313,7 @@ struct ImgCommandLineTests {
             let map = try Tools.qemuImg("map", "--output=json", image).stdout
             #expect(map.contains("\"start\": 4194304") && map.contains("\"data\": true"), "\(map)")
         }
-        let info = try Tools.qemuImg("info", "--output=json", image)
-        let actual = ((try JSONSerialization.jsonObject(with: Data(info.stdout.utf8)) as? [String: Any])?["actual-size"] as? NSNumber)?.uint64Value ?? 0
+        let actual = try qemuActualSize(image)
         if mode != "metadata" { #expect(actual >= 8 << 20, "the added part's host space is reserved: \(actual) bytes") }
         #expect(actual < 12 << 20 + (1 << 20), "the old part was not preallocated too: \(actual) bytes")
     }
@@ -348,9 +342,15 @@ struct ImgCommandLineTests {
     }
 }
 
-/// The virtual size qemu-img reports for the image at `path`.
-func qemuVirtualSize(_ path: String) throws -> UInt64? {
+/// A number from `qemu-img info --output=json` for the image at `path`.
+func qemuInfoNumber(_ path: String, _ key: String) throws -> UInt64? {
     let r = try Tools.qemuImg("info", "-U", "--output=json", path)
     guard let obj = try JSONSerialization.jsonObject(with: Data(r.stdout.utf8)) as? [String: Any] else { return nil }
-    return (obj["virtual-size"] as? NSNumber)?.uint64Value
+    return (obj[key] as? NSNumber)?.uint64Value
 }
+
+/// The virtual size qemu-img reports for the image at `path`.
+func qemuVirtualSize(_ path: String) throws -> UInt64? { try qemuInfoNumber(path, "virtual-size") }
+
+/// The host bytes qemu-img reports the image's file takes ("actual-size"), 0 when it reports none.
+func qemuActualSize(_ path: String) throws -> UInt64 { try qemuInfoNumber(path, "actual-size") ?? 0 }
