@@ -252,12 +252,26 @@ final class ELFStreamLoader {
             }
             return
         }
+        let head = try adoptHeaders()
+        try head.withUnsafeBytes { try dispatch($0) }
+    }
+
+    /// Parses the ELF headers in `prefix` (which holds at least `headerNeed()` bytes), checks the segments'
+    /// placement and makes them the image being loaded. Returns the prefix and empties it.
+    private func adoptHeaders() throws -> [UInt8] {
         let img = try ELFImage(parsing: prefix, bits: 64, machine: 62, what: what, streamed: true)
         ranges = try img.checkPlacement(in: memory, avoiding: avoid, what: "kernel ELF")
         image = img
         let head = prefix
         prefix = []
-        try head.withUnsafeBytes { try dispatch($0) }
+        return head
+    }
+
+    /// Copies `count` bytes from `source` to guest address `dst` (part of a kernel segment).
+    private func place(_ source: UnsafeRawPointer, at dst: UInt64, count: UInt64) throws {
+        try guarded("kernel ELF segment", at: dst) {
+            try memory.translate(dst, count: count).copyMemory(from: source, byteCount: Int(count))
+        }
     }
 
     private func dispatch(_ chunk: UnsafeRawBufferPointer) throws {
@@ -266,11 +280,7 @@ final class ELFStreamLoader {
         for h in image.loadSegments where h.filesz > 0 {
             let s = max(o, h.offset), e = min(o + n, h.offset + h.filesz)
             guard s < e else { continue }
-            let dst = h.paddr + (s - h.offset)
-            try guarded("kernel ELF segment", at: dst) {
-                let p = try memory.translate(dst, count: e - s)
-                p.copyMemory(from: chunk.baseAddress! + Int(s - o), byteCount: Int(e - s))
-            }
+            try place(chunk.baseAddress! + Int(s - o), at: h.paddr + (s - h.offset), count: e - s)
         }
         position += n
     }
@@ -284,26 +294,19 @@ final class ELFStreamLoader {
     @discardableResult
     func load(mapping fd: Int32, dataOffset: Int, data: UnsafeRawBufferPointer) throws -> (mapped: Int, copied: Int) {
         precondition(image == nil && position == 0, "load(mapping:) on a loader that was fed")
-        let head = Array(data.prefix(ELFStreamLoader.headerLimit))
-        prefix = head
-        guard let need = try headerNeed(), head.count >= need else {
+        prefix = Array(data.prefix(ELFStreamLoader.headerLimit))
+        guard let need = try headerNeed(), prefix.count >= need else {
             throw BootError.invalidImage("\(what): decompressed data (\(data.count) bytes) is too short for the ELF headers")
         }
-        prefix = []
-        let img = try ELFImage(parsing: head, bits: 64, machine: 62, what: what, streamed: true)
-        ranges = try img.checkPlacement(in: memory, avoiding: avoid, what: "kernel ELF")
-        image = img
+        _ = try adoptHeaders()
         let page = UInt64(max(4096, sysconf(Int32(_SC_PAGESIZE))))
         var mapped = 0, copied = 0
         func copy(_ dst: UInt64, _ src: UInt64, _ n: UInt64) throws {
             guard n > 0 else { return }
-            try guarded("kernel ELF segment", at: dst) {
-                let p = try memory.translate(dst, count: n)
-                p.copyMemory(from: data.baseAddress! + Int(src), byteCount: Int(n))
-            }
+            try place(data.baseAddress! + Int(src), at: dst, count: n)
             copied += Int(n)
         }
-        for (i, h) in img.loadSegments.enumerated() where h.filesz > 0 {
+        for (i, h) in image!.loadSegments.enumerated() where h.filesz > 0 {
             guard h.offset <= UInt64(data.count), h.filesz <= UInt64(data.count) - h.offset else {
                 throw BootError.invalidImage("\(what): ELF segment \(i) file data at \(hex(h.offset))+\(hex(h.filesz)) extends past the end of the decompressed data (\(data.count) bytes)")
             }

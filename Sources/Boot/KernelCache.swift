@@ -173,17 +173,17 @@ public struct KernelCache: Sendable, Equatable {
     /// The path of the entry for `key`.
     public func path(for key: Key) -> String { directory + "/" + key.fileName }
 
-    /// Produces the decompressed `payload` into `consumer` in order: from a valid cache entry when there
-    /// is one, else by decompressing (`Decompressor`) and writing a new entry. Returns the number of
-    /// bytes produced and what happened to the cache. Output never exceeds `limit` bytes either way.
+    /// Produces the decompressed `payload`: from a valid cache entry (through `mapper`) when there is one, else
+    /// by decompressing it (`Decompressor`) into `consumer`, in order, while writing a new entry. Returns the number
+    /// of bytes produced and what happened to the cache. Output never exceeds `limit` bytes either way.
     ///
-    /// Errors thrown are those of decompression or of `consumer`, never of the cache.
+    /// Errors thrown are those of decompression, `consumer` or `mapper`, never of the cache.
     ///
-    /// With `mapper`, a hit hands the whole entry to it instead of `consumer`: the entry's file descriptor, the
-    /// file offset of the decompressed data (page-aligned), and the mapped data, so the loader can map the
-    /// kernel's segments from the file copy-on-write (the descriptor is closed after `mapper` returns).
+    /// A hit hands the whole entry to `mapper` instead of `consumer`: the entry's file descriptor, the file offset
+    /// of the decompressed data (page-aligned), and the mapped data, so the loader can map the kernel's segments
+    /// from the file copy-on-write (the descriptor is closed after `mapper` returns).
     public func decompress(_ payload: UnsafeRawBufferPointer, format: CompressionFormat, limit: Int,
-                           mapper: ((_ fd: Int32, _ dataOffset: Int, _ data: UnsafeRawBufferPointer) throws -> Void)? = nil,
+                           mapper: (_ fd: Int32, _ dataOffset: Int, _ data: UnsafeRawBufferPointer) throws -> Void,
                            consumer: @escaping (UnsafeRawBufferPointer) throws -> Void) throws -> (total: Int, outcome: Outcome) {
         guard payload.count >= minimumPayload else {
             let total = try Decompressor.decompress(payload, format: format, limit: limit, consumer: consumer)
@@ -200,18 +200,8 @@ public struct KernelCache: Sendable, Equatable {
             // UTIME_NOW and UTIME_OMIT (<sys/stat.h> macros that do not import).
             var times = [timespec(tv_sec: 0, tv_nsec: (1 << 30) - 1), timespec(tv_sec: 0, tv_nsec: (1 << 30) - 2)]
             _ = utimensat(AT_FDCWD, entryPath, &times, 0)
-            let data = entry.data
-            if let mapper {
-                try mapper(entry.fd, Header.size, data)
-            } else {
-                var o = 0
-                while o < data.count {
-                    let n = min(data.count - o, Decompressor.chunk * 8)
-                    try consumer(UnsafeRawBufferPointer(rebasing: data[o..<o + n]))
-                    o += n
-                }
-            }
-            return (data.count, .hit(entryPath, checksummed: entry.checksummed))
+            try mapper(entry.fd, Header.size, entry.data)
+            return (entry.data.count, .hit(entryPath, checksummed: entry.checksummed))
         case .failure(let m):
             reason = m.reason
         }

@@ -40,21 +40,10 @@ public enum VCPUExit {
     /// Any other `KVM_EXIT_*` reason.
     case unknown(reason: UInt32)
 
-    /// A short, stable name for statistics and logs.
+    /// A short, stable name for statistics and logs (`unknown-N` for an unknown reason N).
     public var name: String {
-        switch self {
-        case .io: return "io"
-        case .mmio: return "mmio"
-        case .halt: return "hlt"
-        case .shutdown: return "shutdown"
-        case .internalError: return "internal-error"
-        case .failEntry: return "fail-entry"
-        case .systemEvent: return "system-event"
-        case .x86RDMSR: return "rdmsr"
-        case .x86WRMSR: return "wrmsr"
-        case .interrupted: return "interrupted"
-        case .unknown(let r): return "unknown-\(r)"
-        }
+        if case .unknown(let r) = self { return "unknown-\(r)" }
+        return Self.kindNames[kindIndex]
     }
 
     /// The names of the exit kinds, indexed by `kindIndex` (`unknown` stands for every unknown reason).
