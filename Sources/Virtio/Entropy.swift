@@ -1,3 +1,4 @@
+import Devices
 import GuestMemory
 import Synchronization
 #if canImport(Glibc)
