@@ -29,9 +29,11 @@ let package = Package(
         .target(name: "Devices", dependencies: ["GuestMemory", "CKVM"]),
         .target(name: "DiskImage", dependencies: ["CZlib", "CZstd"]),
         .target(name: "PCI", dependencies: ["Devices"]),
-        .target(name: "Virtio", dependencies: ["PCI", "Devices", "GuestMemory", "DiskImage"]),
+        .target(name: "CNet"),
+        .target(name: "Net", dependencies: ["CNet"]),
+        .target(name: "Virtio", dependencies: ["PCI", "Devices", "GuestMemory", "DiskImage", "Net"]),
         .target(name: "VMM", dependencies: [
-            "KVM", "GuestMemory", "Boot", "Devices", "PCI", "Virtio", "DiskImage",
+            "KVM", "GuestMemory", "Boot", "Devices", "PCI", "Virtio", "DiskImage", "Net",
             .product(name: "Logging", package: "swift-log"),
         ]),
         .target(name: "API", dependencies: [
@@ -64,7 +66,7 @@ let package = Package(
         .testTarget(name: "DevicesTests", dependencies: ["Devices", "GuestMemory"]),
         .testTarget(name: "DiskImageTests", dependencies: ["DiskImage", "SwiftKVMTestSupport"]),
         .testTarget(name: "PCITests", dependencies: ["PCI", "Devices"]),
-        .testTarget(name: "VirtioTests", dependencies: ["Virtio", "PCI", "Devices", "GuestMemory", "DiskImage"]),
+        .testTarget(name: "VirtioTests", dependencies: ["Virtio", "PCI", "Devices", "GuestMemory", "DiskImage", "Net"]),
         .testTarget(name: "VMMTests", dependencies: ["VMM"]),
         .testTarget(name: "APITests", dependencies: ["API", "VMM"]),
         .testTarget(name: "ManagerTests", dependencies: ["Manager", "API", "VMM"]),

@@ -3,6 +3,7 @@ import DiskImage
 import GuestMemory
 import KVM
 import Logging
+import Net
 import PCI
 import Synchronization
 import Virtio
@@ -132,10 +133,17 @@ final class MachineVirtio: Sendable {
         var backend: any BlockBackend
         var lock: DiskLock
     }
+    /// One virtio-net NIC.
+    struct NIC {
+        let id: String
+        let device: VirtioNet
+        let backend: any NetBackend
+    }
     private struct State {
         var loops: [EventLoop] = []
         var transports: [VirtioPCITransport] = []
         var disks: [Int: Disk] = [:]
+        var nics: [NIC] = []
         var console: VirtioConsole?
         var started = false
     }
@@ -147,14 +155,18 @@ final class MachineVirtio: Sendable {
     var console: VirtioConsole? { state.withLock { $0.console } }
 
     func add(loop: EventLoop? = nil, transport: VirtioPCITransport? = nil, disk: (index: Int, disk: Disk)? = nil,
-             console: VirtioConsole? = nil) {
+             nic: NIC? = nil, console: VirtioConsole? = nil) {
         state.withLock { s in
+            if let nic { s.nics.append(nic) }
             if let loop { s.loops.append(loop) }
             if let transport { s.transports.append(transport) }
             if let disk { s.disks[disk.index] = disk.disk }
             if let console { s.console = console }
         }
     }
+
+    /// The NICs, in `--net` order.
+    var nics: [NIC] { state.withLock { $0.nics } }
 
     /// Disk `index` (its position in `VMConfiguration.disks`).
     func disk(_ index: Int) -> Disk? { state.withLock { $0.disks[index] } }
@@ -183,12 +195,13 @@ final class MachineVirtio: Sendable {
     /// Stops the device threads, then flushes and closes the disks and releases their locks (after
     /// the vCPUs stopped; a restarted guest gets a new `Machine` that opens them again).
     func stop(logger: Logger) {
-        let (loops, transports, backends) = state.withLock { s in
-            defer { s.disks = [:] }
-            return (s.loops, s.transports, s.disks.values.map(\.backend))
+        let (loops, transports, backends, nics) = state.withLock { s in
+            defer { s.disks = [:]; s.nics = [] }
+            return (s.loops, s.transports, s.disks.values.map(\.backend), s.nics)
         }
         for l in loops { l.stop() }
         for t in transports { t.shutdown() }
+        for n in nics { n.backend.close() }
         for b in backends {
             do { try b.close() } catch { logger.error("virtio-blk: flush at exit failed: \(error)") }
         }
@@ -218,6 +231,23 @@ extension Machine {
             let slot = try attachPCIDevice(transport).slot
             logger.info("virtio-blk \(disk.path) (\(backend.size) bytes\(disk.readOnly ? ", read-only" : "")) at PCI slot \(slot)")
         }
+        for (i, nic) in config.nets.enumerated() {
+            let id = config.nicID(i), mac = config.nicMAC(i)
+            let backend = try Self.openNetBackend(nic, id: id)
+            do {
+                let loop = try EventLoop(name: "virtio-net\(i)")
+                let device = try VirtioNet(backend: backend, mac: mac, eventLoop: loop, rxRateLimit: nic.rxRateLimit,
+                                           txRateLimit: nic.txRateLimit, log: log)
+                let transport = try VirtioPCITransport(device: device, memory: memory, msiController: msiController,
+                                                       eventLoop: loop, ioEvents: ioEvents, log: log)
+                virtio.add(loop: loop, transport: transport, nic: MachineVirtio.NIC(id: id, device: device, backend: backend))
+                let slot = try attachPCIDevice(transport).slot
+                logger.info("virtio-net \(id) (\(NetSpec.formatMAC(mac))) on \(backend.label) at PCI slot \(slot)")
+            } catch {
+                backend.close()
+                throw error
+            }
+        }
         guard config.virtioConsole || config.rng else { return }
         let loop = try EventLoop(name: "virtio")
         virtio.add(loop: loop)
@@ -234,6 +264,21 @@ extension Machine {
                                                    eventLoop: loop, ioEvents: ioEvents, log: log)
             virtio.add(transport: transport)
             _ = try attachPCIDevice(transport)
+        }
+    }
+
+    /// Opens the backend of NIC `id`. Errors name the NIC and what was wrong.
+    static func openNetBackend(_ nic: NetSpec, id: String) throws -> any NetBackend {
+        do throws(NetError) {
+            switch nic.backend {
+            case .tap(let name): return try TapBackend(name: name)
+            case .fd(let fd): return try TapBackend(passedFD: fd)
+            case .bridge(let name): return try TapBackend.onBridge(name)
+            case .user:
+                throw NetError("user-mode networking (passt) is not available yet")
+            }
+        } catch {
+            throw VMMError.invalidValue(what: "--net", value: id, reason: error.description)
         }
     }
 

@@ -103,7 +103,11 @@ public struct VMConfiguration: Codable, Sendable, Equatable {
     public var pvmFixups: Bool? = nil
     /// virtio-blk disks (`--disk`), attached to PCI in this order from slot 1.
     public var disks: [DiskSpec] = []
-    /// A virtio-console (hvc0) device (`--virtio-console`), after the disks.
+    /// virtio-net NICs (`--net`), attached after the disks in this order.
+    public var nets: [NetSpec] = []
+    /// The VM's name: the seed of the NICs' derived MAC addresses.
+    public var name: String = "swiftkvm"
+    /// A virtio-console (hvc0) device (`--virtio-console`), after the NICs.
     public var virtioConsole: Bool = false
     /// A virtio-rng device (`--rng`), after the console.
     public var rng: Bool = false
@@ -141,6 +145,28 @@ public struct VMConfiguration: Codable, Sendable, Equatable {
             throw VMMError.invalidValue(what: "--kernel-entry", value: kernelEntry, reason: "expected decompressed or bzimage")
         }
         _ = try serialSpec()
+        var ids = Set<String>(), macs = Set<[UInt8]>()
+        for (i, nic) in nets.enumerated() {
+            let id = nicID(i)
+            guard ids.insert(id).inserted else {
+                throw VMMError.invalidValue(what: "--net", value: "id=\(id)", reason: "two NICs have this id")
+            }
+            let mac = nicMAC(i)
+            guard macs.insert(mac).inserted else {
+                throw VMMError.invalidValue(what: "--net", value: "mac=\(NetSpec.formatMAC(mac))", reason: "two NICs have this MAC address")
+            }
+            if case .user = nic.backend, nets.filter({ if case .user = $0.backend { true } else { false } }).count > 1 {
+                throw VMMError.invalidValue(what: "--net", value: "user", reason: "only one user-mode NIC is supported")
+            }
+        }
+    }
+
+    /// NIC `index`'s id: its own, or `netN`.
+    public func nicID(_ index: Int) -> String { nets[index].id ?? "net\(index)" }
+
+    /// NIC `index`'s MAC address: its own, or one derived from the VM name and the NIC id.
+    public func nicMAC(_ index: Int) -> [UInt8] {
+        nets[index].mac ?? NetSpec.derivedMAC(vmName: name, id: nicID(index))
     }
 
     /// The parsed `serial` value.

@@ -30,7 +30,7 @@ public struct ChainReader {
 
     /// Hands the next `count` readable bytes to `body` as guest-memory slices (zero copy).
     public mutating func forEachSegment(_ count: Int, _ body: (UnsafeMutableRawBufferPointer) throws -> Void) throws(VirtioError) {
-        var left = UInt64(count)
+        let left = UInt64(count)
         guard remaining >= left else {
             throw .badRequest(queue: chain.queue, head: chain.head, reason: "needs \(count) readable bytes, the chain has \(remaining) left")
         }
@@ -73,7 +73,7 @@ public struct ChainWriter {
     /// Hands the next `count` writable bytes to `body` as guest-memory slices (zero copy); they count
     /// as written.
     public mutating func forEachSegment(_ count: Int, _ body: (UnsafeMutableRawBufferPointer) throws -> Void) throws(VirtioError) {
-        var left = UInt64(count)
+        let left = UInt64(count)
         guard remaining >= left else {
             throw .badRequest(queue: chain.queue, head: chain.head, reason: "needs \(count) writable bytes, the chain has \(remaining) left")
         }

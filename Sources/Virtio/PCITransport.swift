@@ -94,6 +94,7 @@ public final class VirtioPCITransport: PCIDevice, @unchecked Sendable {
         notifyFDs = try sizes.map { _ in try EventFD() }
 
         let (cls, sub): (UInt8, UInt8) = switch device.deviceType {
+        case .net: (0x02, 0x00)
         case .block: (0x01, 0x00)
         case .console: (0x07, 0x80)
         case .entropy: (0xff, 0x00)

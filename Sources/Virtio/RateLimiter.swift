@@ -203,6 +203,19 @@ public final class RateLimiter: Sendable {
         }
     }
 
+    /// Charges `bytes` (and `ops`) that were already used, whatever the buckets hold: the budget
+    /// may go negative, which holds later requests back until it is refilled. For work whose size
+    /// is known only afterwards (a received frame).
+    public func charge(bytes: UInt64, ops: UInt64 = 0) {
+        let now = clock()
+        buckets.withLock { b in
+            b.bandwidth?.refill(now: now)
+            b.ops?.refill(now: now)
+            b.bandwidth?.take(bytes)
+            b.ops?.take(ops)
+        }
+    }
+
     /// Changes the buckets at run time; a new bucket starts full.
     public func update(bandwidth: BucketUpdate, ops: BucketUpdate) {
         let now = clock()

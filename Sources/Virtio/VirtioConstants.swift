@@ -1,5 +1,6 @@
 /// Virtio device types (virtio 1.x, section 5).
 public enum VirtioDeviceType: UInt16, Sendable, CaseIterable {
+    case net = 1
     case block = 2
     case console = 3
     case entropy = 4

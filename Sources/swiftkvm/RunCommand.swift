@@ -64,6 +64,13 @@ struct RunCommand: ParsableCommand {
     @Option(name: .customLong("disk"),
             help: "virtio-blk disk: path=FILE[,format=raw|qcow2][,readonly=on][,id=ID][,backing_files=on][,cache=none|writeback] (repeatable).")
     var disks: [String] = []
+
+    @Option(name: .customLong("net"),
+            help: "virtio-net NIC: tap=NAME | fd=N | bridge=BR | user[,hostfwd=tcp::HOSTPORT-:GUESTPORT], then [,mac=MAC][,id=ID] (repeatable).")
+    var nets: [String] = []
+
+    @Option(help: "VM name (seeds the NICs' MAC addresses when mac= is not given).")
+    var name: String = "swiftkvm"
     @Flag(name: .customLong("rng"), help: "Add a virtio-rng device (entropy from the host's getrandom).")
     var rng = false
     @Flag(name: .customLong("virtio-console"), help: "Add a virtio-console device (hvc0); host input goes to it and to the serial port.")
@@ -119,7 +126,7 @@ struct RunCommand: ParsableCommand {
                 payload = .kernel(path: dir + "/" + guestKernel.fileName,
                                   initrd: initrd ?? dir + "/" + DefaultGuest.initrdName,
                                   cmdline: cmdline ?? DefaultGuest.cmdline(
-                                      for: guestKernel, withVirtioDevices: !disks.isEmpty || rng || virtioConsole),
+                                      for: guestKernel, withVirtioDevices: !disks.isEmpty || !nets.isEmpty || rng || virtioConsole),
                                   modules: try modules.map(ModuleSpec.init(parsing:)))
             }
         }
@@ -147,6 +154,8 @@ struct RunCommand: ParsableCommand {
         config.showRegs = showRegs
         config.kernelEntry = kernelEntry
         config.disks = try disks.map(DiskSpec.init(parsing:))
+        config.nets = try nets.map(NetSpec.init(parsing:))
+        config.name = name
         config.rng = rng
         config.virtioConsole = virtioConsole
         if let factor = timeDilation {
