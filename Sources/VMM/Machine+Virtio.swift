@@ -274,8 +274,10 @@ extension Machine {
             case .tap(let name): return try TapBackend(name: name)
             case .fd(let fd): return try TapBackend(passedFD: fd)
             case .bridge(let name): return try TapBackend.onBridge(name)
-            case .user:
-                throw NetError("user-mode networking (passt) is not available yet")
+            case .user(let forwards):
+                return try PasstBackend(forwards: forwards.map {
+                    PasstBackend.Forward(udp: $0.proto == "udp", hostAddress: $0.hostAddress, hostPort: $0.hostPort, guestPort: $0.guestPort)
+                })
             }
         } catch {
             throw VMMError.invalidValue(what: "--net", value: id, reason: error.description)

@@ -130,6 +130,8 @@ public final class VirtioNet: VirtioDevice, @unchecked Sendable {
         var txHeld: DescriptorChain?
         var txBlocked = false
         var txThrottled = false
+        /// The backend closed its end (a passt process ended): nothing more to read.
+        var backendGone = false
         var watching: EventLoop.Readiness = []
         var mac: [UInt8]
         var filter = Filter()
@@ -266,10 +268,10 @@ public final class VirtioNet: VirtioDevice, @unchecked Sendable {
                     if s.txHeld != nil { try transmit(&s, a) }
                 }
                 if events.contains(.readable) || events.contains(.error) { try receive(&s, a) }
-                if events.contains(.hangUp) && !events.contains(.readable) {
-                    // The peer went away (a passt process ended): stop watching until a reset.
+                if events.contains(.hangUp) && !events.contains(.readable) && !s.backendGone {
+                    // The peer went away (a passt process ended): stop watching it.
                     log.error("virtio-net \(backend.label): the backend hung up")
-                    s.rxStarved = true
+                    s.backendGone = true
                     updateWatch(&s)
                 }
                 return .success(())
@@ -322,7 +324,7 @@ public final class VirtioNet: VirtioDevice, @unchecked Sendable {
     private func updateWatch(_ s: inout State) {
         var want: EventLoop.Readiness = []
         if s.active != nil {
-            if !s.rxStarved && !s.rxThrottled { want.insert(.readable) }
+            if !s.rxStarved && !s.rxThrottled && !s.backendGone { want.insert(.readable) }
             if s.txBlocked { want.insert(.writable) }
         }
         guard want != s.watching, let token = watch.withLock({ $0 }) else { return }
@@ -396,6 +398,11 @@ public final class VirtioNet: VirtioDevice, @unchecked Sendable {
                 if n >= 0 { n += Self.headerSize }
             }
             if n == -Int(EAGAIN) || n == 0 { return }
+            if n == -Int(EPIPE) || n == -Int(ECONNRESET) {
+                if !s.backendGone { log.error("virtio-net \(backend.label): the backend closed its end") }
+                s.backendGone = true
+                return
+            }
             if n < 0 {
                 s.counters.rxFails += 1
                 log.error("virtio-net \(backend.label): read failed: \(String(cString: strerror(Int32(-n))))")
@@ -424,6 +431,9 @@ public final class VirtioNet: VirtioDevice, @unchecked Sendable {
             s.counters.rxBytes += UInt64(n - Self.headerSize)
             added = true
         }
+        // A full batch: come back after the loop's other work (a backend may hold buffered frames
+        // while its fd is not readable).
+        a.schedule(0)
     }
 
     /// A receive chain's writable buffers as host iovecs, or nil when it cannot take a header

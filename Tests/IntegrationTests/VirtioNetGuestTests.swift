@@ -119,6 +119,31 @@ struct VirtioNetGuestTests {
                 && counter.output.contains(" gso_bad=0 "), "\(counter.output)")
     }
 
+    @Test("user-mode networking (--net user): passt answers ARP and relays ICMP echoes to a host in the next namespace",
+          .enabled(if: FileManager.default.isExecutableFile(atPath: "/usr/bin/passt"), "passt is not installed: run scripts/install-deps"))
+    func userMode() throws {
+        // The VM's namespace has a default route to 'outside' (passt needs one) and lets passt's
+        // unprivileged user open ping sockets.
+        let inside = try NetworkNamespace(tag: "user")
+        let outside = try NetworkNamespace(tag: "out")
+        defer { inside.remove(); outside.remove() }
+        try inside.link(to: outside, local: "a0", localAddress: "192.168.80.2/24", remote: "b0", remoteAddress: "192.168.80.1/24")
+        try inside.exec(["ip", "route", "add", "default", "via", "192.168.80.1"])
+        try inside.exec(["sysctl", "-qw", "net.ipv4.ping_group_range=0 2147483647"])
+        let swiftkvm = try #require(GuestTestEnvironment.swiftkvmPath)
+        let vm = try inside.spawn([swiftkvm, "run"] + programArguments("virtio_net", cmdline: "ip=192.168.80.2 peer=192.168.80.1 count=3")
+                                  + ["--memory", "64M", "--net", "user", "--log-level", "info"])
+        let status = vm.waitForExit(timeout: 120)
+        let r = GuestReport(status: status, output: vm.output, command: vm.commandLine)
+        expectPass(r, checks: ["net-config", "arp", "icmp"])
+        #expect(r.output.contains("on passt (pid "), "\(r.output)")
+        // The echoes reached 'outside' (its kernel answered them) and passt is gone with the VM.
+        let rx = try outside.exec(["cat", "/sys/class/net/b0/statistics/rx_packets"])
+        #expect((Int(rx.trimmingCharacters(in: .whitespacesAndNewlines)) ?? 0) >= 3, "b0 rx_packets: \(rx)")
+        let passt = (try? MCChild.run("/usr/bin/pgrep", ["-f", "passt --foreground --quiet --one-off --fd 3"]))?.stdout ?? ""
+        #expect(passt.isEmpty, "passt still runs: \(passt)")
+    }
+
     @Test("bad --net input: a missing TAP, a busy TAP, a missing bridge, a bad MAC, a duplicate id: exit 2, the error names it, nothing is created")
     func badInput() throws {
         let ns = try namespace("bad")
@@ -137,6 +162,8 @@ struct VirtioNetGuestTests {
         try fails(["--net", "tap=tap0,id=a", "--net", "bridge=br9,id=a"], mentioning: "two NICs have this id")
         try fails(["--net", "tap=tap0,colour=red"], mentioning: "unknown key 'colour'")
         try fails(["--net", "tap=lo"], mentioning: "'lo' is not a TAP")
+        try fails(["--net", "user,hostfwd=tcp::99999-:80"], mentioning: "hostfwd=tcp::99999-:80")
+        try fails(["--net", "user", "--net", "user"], mentioning: "only one user-mode NIC")
         // Busy: a running VM holds tap0.
         let first = try ns.spawn([swiftkvm, "run"] + programArguments("virtio_net", cmdline: "mode=serve timeout=60000")
                                  + ["--memory", "64M", "--net", "tap=tap0"])

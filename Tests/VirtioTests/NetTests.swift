@@ -373,6 +373,47 @@ struct NetTests {
     }
 }
 
+@Suite("network backends")
+struct NetBackendTests {
+    @Test("a missing passt is named with its Debian package")
+    func passtMissing() {
+        #expect(throws: NetError("passt is not installed: user-mode networking needs it (Debian package passt)")) {
+            _ = try PasstBackend(executable: "/nonexistent/passt")
+        }
+    }
+
+    @Test("passt's stream framing: frames arriving in pieces are handed over whole, sends carry a big-endian length")
+    func passtFraming() throws {
+        // A script stands in for passt: it echoes the stream on fd 3 back, so what we send is what we receive.
+        let fake = NSTemporaryDirectory() + "fake-passt-\(getpid()).sh"
+        try "#!/bin/sh\nexec cat <&3 >&3\n".write(toFile: fake, atomically: true, encoding: .utf8)
+        chmod(fake, 0o755)
+        defer { unlink(fake) }
+        let b = try PasstBackend(executable: fake)
+        defer { b.close() }
+        let frames: [[UInt8]] = [ethernetFrame(length: 60), ethernetFrame(length: 1514, seed: 7), ethernetFrame(length: 9000, seed: 1)]
+        for f in frames {
+            var copy = f
+            let n = copy.withUnsafeMutableBytes { p -> Int in
+                var v = [iovec(iov_base: p.baseAddress, iov_len: 10), iovec(iov_base: p.baseAddress! + 10, iov_len: f.count - 10)]
+                return v.withUnsafeMutableBufferPointer { b.send(UnsafeBufferPointer($0)) }
+            }
+            #expect(n == f.count)
+        }
+        var got: [[UInt8]] = []
+        let deadline = Date().addingTimeInterval(5)
+        var buf = [UInt8](repeating: 0, count: 70000)
+        while got.count < frames.count && Date() < deadline {
+            let n = buf.withUnsafeMutableBytes { p -> Int in
+                var v = [iovec(iov_base: p.baseAddress, iov_len: 100), iovec(iov_base: p.baseAddress! + 100, iov_len: p.count - 100)]
+                return v.withUnsafeMutableBufferPointer { b.receive(into: UnsafeBufferPointer($0)) }
+            }
+            if n > 0 { got.append(Array(buf[0..<n])) } else { usleep(10_000) }
+        }
+        #expect(got == frames)
+    }
+}
+
 extension UInt64 {
     func hasBit(_ bit: UInt64) -> Bool { self & bit != 0 }
 }
