@@ -280,7 +280,7 @@ extension Machine {
                 })
             }
         } catch {
-            throw VMMError.invalidValue(what: "--net", value: id, reason: error.description)
+            throw VMMError.invalidValue(what: "network interface", value: id, reason: error.description)
         }
     }
 
