@@ -47,6 +47,9 @@ public protocol NetBackend: AnyObject, Sendable {
     var hasVnetHeader: Bool { get }
     /// Offloads the backend can deliver (what the device may offer as GUEST_* features).
     var supportedOffloads: NetOffloads { get }
+    /// The largest frame (without header) the backend may deliver regardless of offloads, when it
+    /// has its own MTU (passt's is 65520); nil: 1518 bytes, or 65550 with segmentation offloads.
+    var maximumFrameSize: Int? { get }
     /// Tells the backend which offloads the guest accepts (TUNSETOFFLOAD).
     func setOffloads(_ offloads: NetOffloads) throws(NetError)
     /// Reads one frame (with its header when `hasVnetHeader`) into `iov`. Returns its length,
@@ -57,4 +60,8 @@ public protocol NetBackend: AnyObject, Sendable {
     func send(_ iov: UnsafeBufferPointer<iovec>) -> Int
     /// Releases the backend (closes the fd, stops helpers). Called once, after the event loop stopped.
     func close()
+}
+
+extension NetBackend {
+    public var maximumFrameSize: Int? { nil }
 }

@@ -27,6 +27,8 @@ public final class PasstBackend: NetBackend, @unchecked Sendable {
     public var label: String { "passt (pid \(pid))" }
     public var hasVnetHeader: Bool { false }
     public var supportedOffloads: NetOffloads { [] }
+    /// passt's MTU is 65520 (its DHCP tells the guest), so frames up to 64 KiB arrive.
+    public var maximumFrameSize: Int? { Self.maxFrame }
     /// The passt process.
     public let pid: pid_t
     private var input: [UInt8]
@@ -122,6 +124,11 @@ public final class PasstBackend: NetBackend, @unchecked Sendable {
             return -Int(EPROTO)
         }
         guard inputEnd - inputStart >= 4 + length else { return nil }
+        guard iov.reduce(0, { $0 + $1.iov_len }) >= length else {
+            // The guest has no room for it: drop the frame whole rather than hand over a part.
+            inputStart += 4 + length
+            return -Int(EMSGSIZE)
+        }
         var copied = 0
         input.withUnsafeBytes { src in
             for v in iov where copied < length {

@@ -212,6 +212,12 @@ public final class VirtioNet: VirtioDevice, @unchecked Sendable {
         return o
     }
 
+    /// The largest frame the backend may deliver with these guest offloads.
+    func maxFrame(_ offloads: NetOffloads) -> Int {
+        if let m = backend.maximumFrameSize { return m }
+        return offloads.isDisjoint(with: [.tso4, .tso6, .ufo]) ? Self.maxPlainFrame : Self.maxOffloadFrame
+    }
+
     public func activate(_ activation: VirtioActivation) throws(VirtioError) {
         let offloads = Self.guestOffloads(activation.features)
         if backend.hasVnetHeader {
@@ -221,7 +227,7 @@ public final class VirtioNet: VirtioDevice, @unchecked Sendable {
             s = State(mac: s.mac)
             s.active = activation
             s.mergeable = activation.features & Feature.mrgRxbuf != 0
-            s.maxFrame = offloads.isDisjoint(with: [.tso4, .tso6, .ufo]) ? Self.maxPlainFrame : Self.maxOffloadFrame
+            s.maxFrame = maxFrame(offloads)
             updateWatch(&s)
         }
     }
@@ -408,6 +414,11 @@ public final class VirtioNet: VirtioDevice, @unchecked Sendable {
                 if !s.backendGone { log.error("virtio-net \(backend.label): the backend closed its end") }
                 s.backendGone = true
                 return
+            }
+            if n == -Int(EMSGSIZE) {
+                // The backend dropped a frame too large for the guest's buffers.
+                s.counters.rxFails += 1
+                continue
             }
             if n < 0 {
                 s.counters.rxFails += 1
@@ -628,7 +639,7 @@ public final class VirtioNet: VirtioDevice, @unchecked Sendable {
                 log.error("virtio-net \(backend.label): \(error)")
                 return Control.err
             }
-            s.maxFrame = Self.guestOffloads(bits).isDisjoint(with: [.tso4, .tso6, .ufo]) ? Self.maxPlainFrame : Self.maxOffloadFrame
+            s.maxFrame = maxFrame(Self.guestOffloads(bits))
             return Control.ok
         default:
             return Control.err
