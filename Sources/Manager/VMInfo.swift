@@ -106,6 +106,12 @@ public struct StatePaths: Sendable {
     public var run: String { root + "/run" }
     public var logs: String { root + "/logs" }
     public var events: String { root + "/events.log" }
+    /// Network definitions (`networks/NAME.json`).
+    public var networks: String { root + "/networks" }
+    /// Running networks' state, nftables scripts and dnsmasq pid files.
+    public var netState: String { root + "/netstate" }
+    /// dnsmasq lease files (`dnsmasq/NAME.leases`), kept across network restarts.
+    public var dnsmasq: String { root + "/dnsmasq" }
     public func runDir(_ name: String) -> String { run + "/" + name }
     public func apiSocket(_ name: String) -> String { runDir(name) + "/api.sock" }
     public func consoleSocket(_ name: String) -> String { runDir(name) + "/console.sock" }
@@ -121,5 +127,7 @@ struct RunState: Codable, Equatable {
     var pid: Int32
     var startTime: UInt64
     var startedAt: String
-    enum CodingKeys: String, CodingKey { case pid, startTime = "start_time", startedAt = "started_at" }
+    /// The TAPs the daemon made for the VM's NICs.
+    var taps: [TapAttachment]? = nil
+    enum CodingKeys: String, CodingKey { case pid, startTime = "start_time", startedAt = "started_at", taps }
 }
