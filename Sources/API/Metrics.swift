@@ -4,6 +4,7 @@ import FoundationEssentials
 import Glibc
 #endif
 import Synchronization
+import Virtio
 import VMM
 
 /// Firecracker-style metrics: newline-delimited JSON objects written to `metrics_path` on
@@ -156,6 +157,14 @@ public final class MetricsRecorder: @unchecked Sendable {
                 s.counters["vcpu"] = vcpu
                 s.counters["uart"] = ["write_count": m.serialTransmittedBytes, "missed_read_count": m.serialDroppedInputBytes]
                 s.counters["vmm"] = ["unhandled_io": m.unhandledIO, "unhandled_mmio": m.unhandledMMIO]
+                // Firecracker's `net` group (the sum over NICs) and one `net_<iface_id>` group per NIC.
+                var total: [String: UInt64] = [:]
+                for (id, c) in m.nics {
+                    let values = Self.netMetrics(c)
+                    s.counters["net_" + id] = values
+                    for (k, v) in values { total[k, default: 0] += v }
+                }
+                if !m.nics.isEmpty { s.counters["net"] = total }
             }
         }
         var object: [String: MetricValue] = [:]
@@ -185,6 +194,16 @@ public final class MetricsRecorder: @unchecked Sendable {
         guard var data = try? encoder.encode(object) else { return nil }
         data.append(0x0a)
         return data
+    }
+
+    /// A NIC's counters under Firecracker's `NetDeviceMetrics` names.
+    static func netMetrics(_ c: NetCounters) -> [String: UInt64] {
+        ["rx_bytes_count": c.rxBytes, "rx_packets_count": c.rxPackets, "rx_fails": c.rxFails,
+         "rx_count": c.rxPackets, "tx_bytes_count": c.txBytes, "tx_packets_count": c.txPackets,
+         "tx_count": c.txPackets, "tx_fails": c.txFails, "tx_malformed_frames": c.txMalformedFrames,
+         "rx_rate_limiter_throttled": c.rxRateLimiterThrottled, "tx_rate_limiter_throttled": c.txRateLimiterThrottled,
+         "no_rx_avail_buffer": c.noRxAvailBuffer, "rx_filtered_frames": c.rxFiltered,
+         "rx_malformed_chains": c.rxMalformedChains, "rx_event_count": c.rxInterrupts, "tx_event_count": c.txInterrupts]
     }
 
     /// Stops the periodic flush and closes the destination.

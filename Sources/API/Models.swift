@@ -7,8 +7,8 @@ import Glibc
 #endif
 
 /// A token bucket of a rate limiter (`TokenBucket`): `size` tokens refilled in `refill_time` ms,
-/// plus `one_time_burst` once. Enforced for drives and the entropy device; `PUT /serial`'s bucket
-/// and network interfaces' limiters are accepted and echoed, not enforced.
+/// plus `one_time_burst` once. Enforced for drives, network interfaces and the entropy device; `PUT /serial`'s bucket
+/// is accepted and echoed, not enforced.
 public struct TokenBucket: Codable, Sendable, Equatable {
     public var size: Int64
     public var oneTimeBurst: Int64?
@@ -219,7 +219,9 @@ public struct DriveUpdate: Codable, Sendable, Equatable {
     }
 }
 
-/// `PUT /network-interfaces/{iface_id}` (`NetworkInterface`). Validated and stored; no device yet.
+/// `PUT /network-interfaces/{iface_id}` (`NetworkInterface`): a virtio-net NIC on the existing TAP
+/// `host_dev_name` (opened at InstanceStart), with `guest_mac` (else a MAC derived from the VM id
+/// and `iface_id`) and per-direction rate limiters (enforced; changed at run time by PATCH).
 public struct NetworkInterfaceConfig: Codable, Sendable, Equatable {
     public var ifaceId: String
     public var hostDevName: String

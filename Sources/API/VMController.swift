@@ -27,6 +27,9 @@ public protocol VMInstance: AnyObject, Sendable {
     func updateDiskRateLimit(index: Int, bandwidth: TokenBucketConfig?, ops: TokenBucketConfig?) throws
     /// Swaps the backing file of virtio-blk disk `index` for `path`; on error the old one stays.
     func replaceDiskImage(index: Int, path: String) throws
+    /// Changes the rate limits of virtio-net NIC `id` (nil buckets are kept).
+    func updateNetRateLimit(id: String, rx: (bandwidth: TokenBucketConfig?, ops: TokenBucketConfig?),
+                            tx: (bandwidth: TokenBucketConfig?, ops: TokenBucketConfig?)) throws
 }
 
 extension VMInstance {
@@ -35,6 +38,10 @@ extension VMInstance {
     }
     public func replaceDiskImage(index: Int, path: String) throws {
         throw VMMError.setup("this guest cannot replace disk images")
+    }
+    public func updateNetRateLimit(id: String, rx: (bandwidth: TokenBucketConfig?, ops: TokenBucketConfig?),
+                                   tx: (bandwidth: TokenBucketConfig?, ops: TokenBucketConfig?)) throws {
+        throw VMMError.setup("this guest cannot change network rate limits")
     }
 }
 
@@ -245,15 +252,29 @@ public final class VMController: @unchecked Sendable {
                 }
             }
         case .patchNetworkInterface(let u):
-            try requireRuntime()
+            let vm = try requireRuntime()
             try u.rxRateLimiter?.validate("rx_rate_limiter")
             try u.txRateLimiter?.validate("tx_rate_limiter")
-            try state.withLock { (s) throws(APIError) in
-                guard let i = s.resources.networkInterfaces.firstIndex(where: { $0.ifaceId == u.ifaceId }) else {
-                    throw APIError.badRequest("Invalid iface_id '\(u.ifaceId)': no such network interface.")
+            let known = state.withLock { s in s.resources.networkInterfaces.contains { $0.ifaceId == u.ifaceId } }
+            guard known else { throw APIError.badRequest("Invalid iface_id '\(u.ifaceId)': no such network interface.") }
+            do {
+                try vm.updateNetRateLimit(id: u.ifaceId,
+                                          rx: (u.rxRateLimiter?.bandwidth?.config, u.rxRateLimiter?.ops?.config),
+                                          tx: (u.txRateLimiter?.bandwidth?.config, u.txRateLimiter?.ops?.config))
+            } catch {
+                throw APIError.badRequest("Failed to update the rate limiters of network interface \(u.ifaceId): \(error).")
+            }
+            state.withLock { s in
+                guard let i = s.resources.networkInterfaces.firstIndex(where: { $0.ifaceId == u.ifaceId }) else { return }
+                func merge(_ old: RateLimiter?, _ new: RateLimiter?) -> RateLimiter? {
+                    guard let new else { return old }
+                    var m = old ?? RateLimiter()
+                    if let b = new.bandwidth { m.bandwidth = b }
+                    if let o = new.ops { m.ops = o }
+                    return m
                 }
-                if let r = u.rxRateLimiter { s.resources.networkInterfaces[i].rxRateLimiter = r }
-                if let r = u.txRateLimiter { s.resources.networkInterfaces[i].txRateLimiter = r }
+                s.resources.networkInterfaces[i].rxRateLimiter = merge(s.resources.networkInterfaces[i].rxRateLimiter, u.rxRateLimiter)
+                s.resources.networkInterfaces[i].txRateLimiter = merge(s.resources.networkInterfaces[i].txRateLimiter, u.txRateLimiter)
             }
         case .putLogger(let l):
             try requirePreBoot()
@@ -392,6 +413,11 @@ public final class VMController: @unchecked Sendable {
             DiskSpec(path: d.pathOnHost ?? "", readOnly: d.isReadOnly ?? false, id: String(d.driveId.prefix(20)),
                      backingFiles: false, rateLimit: d.rateLimiter?.config)
         }
+        config.nets = r.networkInterfaces.map { n in
+            NetSpec(backend: .tap(name: n.hostDevName), mac: n.guestMac.flatMap(NetSpec.parseMAC), id: n.ifaceId,
+                    rxRateLimit: n.rxRateLimiter?.config, txRateLimit: n.txRateLimiter?.config)
+        }
+        config.name = options.instanceID
         config.rng = r.entropy != nil
         config.rngRateLimit = r.entropy?.rateLimiter?.config
         config.memorySize = UInt64(r.machineConfig.memSizeMib) << 20
@@ -426,9 +452,6 @@ public final class VMController: @unchecked Sendable {
         try requirePreBoot()
         let resources = state.withLock { $0.resources }
         let config = try makeConfiguration(resources)
-        for n in resources.networkInterfaces {
-            logger.warning("network interface \(n.ifaceId) (\(n.hostDevName)) is configured but SwiftKVM has no network device yet: the guest gets no NIC")
-        }
         let instance: any VMInstance
         do {
             let serial: any SerialOutput

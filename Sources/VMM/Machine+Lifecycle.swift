@@ -1,6 +1,7 @@
 // Runtime control of a running Machine: pause/resume (vCPUs parked outside KVM_RUN),
 // Ctrl+Alt+Del through the i8042, and live metrics.
 import Devices
+import Virtio
 import KVM
 import Synchronization
 #if canImport(Glibc)
@@ -118,11 +119,14 @@ public struct MachineMetrics: Sendable, Equatable {
     /// Port-I/O and MMIO accesses that reached no device.
     public var unhandledIO: UInt64
     public var unhandledMMIO: UInt64
+    /// virtio-net counters by NIC id.
+    public var nics: [String: NetCounters]
 
     public init(exits: [String: UInt64], vcpuTimeUs: [UInt32: UInt64], serialTransmittedBytes: UInt64,
-                serialDroppedInputBytes: UInt64, unhandledIO: UInt64, unhandledMMIO: UInt64) {
+                serialDroppedInputBytes: UInt64, unhandledIO: UInt64, unhandledMMIO: UInt64, nics: [String: NetCounters] = [:]) {
         self.exits = exits; self.vcpuTimeUs = vcpuTimeUs; self.serialTransmittedBytes = serialTransmittedBytes
         self.serialDroppedInputBytes = serialDroppedInputBytes; self.unhandledIO = unhandledIO; self.unhandledMMIO = unhandledMMIO
+        self.nics = nics
     }
 }
 
@@ -159,6 +163,7 @@ extension Machine {
                        vcpuTimeUs: pauseGate.cpuTimeNs.mapValues { $0 / 1000 },
                        serialTransmittedBytes: serial.transmittedBytes,
                        serialDroppedInputBytes: serial.droppedInputBytes,
-                       unhandledIO: ioBus.unhandledCount, unhandledMMIO: mmioBus.unhandledCount)
+                       unhandledIO: ioBus.unhandledCount, unhandledMMIO: mmioBus.unhandledCount,
+                       nics: Dictionary(virtio.nics.map { ($0.id, $0.device.counters) }, uniquingKeysWith: { a, _ in a }))
     }
 }

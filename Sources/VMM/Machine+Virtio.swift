@@ -196,7 +196,7 @@ final class MachineVirtio: Sendable {
     /// the vCPUs stopped; a restarted guest gets a new `Machine` that opens them again).
     func stop(logger: Logger) {
         let (loops, transports, backends, nics) = state.withLock { s in
-            defer { s.disks = [:]; s.nics = [] }
+            defer { s.disks = [:] } // NICs stay listed: their final counters go to the metrics
             return (s.loops, s.transports, s.disks.values.map(\.backend), s.nics)
         }
         for l in loops { l.stop() }
@@ -280,7 +280,7 @@ extension Machine {
                 })
             }
         } catch {
-            throw VMMError.invalidValue(what: "--net", value: id, reason: error.description)
+            throw VMMError.invalidValue(what: "network interface", value: id, reason: error.description)
         }
     }
 
@@ -357,6 +357,20 @@ extension Machine {
             do { try old.close() } catch { logger.error("virtio-blk \(disk.device.serialString): flushing the replaced image \(disk.spec.path) failed: \(error)") }
             logger.info("virtio-blk \(disk.device.serialString): backing file is now \(path) (\(backend.size) bytes)")
         }
+    }
+
+    /// Changes the rate limits of running NIC `id` (Firecracker's PATCH /network-interfaces): for
+    /// each bucket of each direction, nil keeps it, size or refill time 0 removes it, any other
+    /// replaces it by a full new one.
+    public func updateNetRateLimit(id: String, rx: (bandwidth: TokenBucketConfig?, ops: TokenBucketConfig?),
+                                   tx: (bandwidth: TokenBucketConfig?, ops: TokenBucketConfig?)) throws {
+        guard let nic = virtio.nics.first(where: { $0.id == id }) else {
+            throw VMMError.invalidValue(what: "network interface", value: id, reason: "no such virtio-net NIC")
+        }
+        nic.device.rxRateLimiter.update(bandwidth: RateLimiter.BucketUpdate(rx.bandwidth), ops: RateLimiter.BucketUpdate(rx.ops))
+        nic.device.txRateLimiter.update(bandwidth: RateLimiter.BucketUpdate(tx.bandwidth), ops: RateLimiter.BucketUpdate(tx.ops))
+        // A direction held by its old limiter is retried at once.
+        nic.device.rateLimitsChanged()
     }
 
     /// Host console input: to the UART and, when there is one, to the virtio console (hvc0), so

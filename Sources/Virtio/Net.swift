@@ -257,6 +257,12 @@ public final class VirtioNet: VirtioDevice, @unchecked Sendable {
         }
     }
 
+    /// The rate limiters were changed: retry whatever they held back.
+    public func rateLimitsChanged() {
+        rxTimer.arm(afterNs: 1)
+        txTimer.arm(afterNs: 1)
+    }
+
     // MARK: Event-loop entry points
 
     private func backendReady(_ events: EventLoop.Readiness) {

@@ -144,6 +144,39 @@ struct VirtioNetGuestTests {
         #expect(passt.isEmpty, "passt still runs: \(passt)")
     }
 
+    @Test("Firecracker's config file: network-interfaces (host_dev_name, guest_mac) give the guest its NIC, and the metrics count its frames")
+    func firecrackerConfig() throws {
+        let ns = try namespace("fc")
+        defer { ns.remove() }
+        let swiftkvm = try #require(GuestTestEnvironment.swiftkvmPath)
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("swk-fc-net-\(getpid())").path
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let config = """
+            {"boot-source": {"kernel_image_path": "\(GuestTestEnvironment.guestImage("virtio_net"))", "boot_args": "count=3"},
+             "machine-config": {"vcpu_count": 1, "mem_size_mib": 64},
+             "network-interfaces": [{"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "06:00:ac:10:00:02"}]}
+            """
+        try config.write(toFile: dir + "/config.json", atomically: true, encoding: .utf8)
+        let vmm = try ns.spawn([swiftkvm, "vmm", "--no-api", "--config-file", dir + "/config.json",
+                                "--metrics-path", dir + "/metrics.ndjson", "--serial-log", dir + "/serial.log"])
+        let status = vmm.waitForExit(timeout: 120)
+        let serial = (try? String(contentsOfFile: dir + "/serial.log", encoding: .utf8)) ?? ""
+        let r = GuestReport(status: status, output: serial, command: vmm.commandLine)
+        #expect(serial.contains("# mac=06:00:ac:10:00:02"), "\(serial)\n\(vmm.output)")
+        #expect(r.okNames.isSuperset(of: ["net-config", "arp", "icmp"]), "\(serial)\n\(vmm.output)")
+        #expect(r.failLines.isEmpty, "\(serial)")
+        let metrics = (try? String(contentsOfFile: dir + "/metrics.ndjson", encoding: .utf8)) ?? ""
+        // The last line's deltas, summed over the file, count the ARP request and three echo requests.
+        var txPackets: UInt64 = 0
+        for line in metrics.split(separator: "\n") {
+            guard let obj = try? JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any],
+                  let net = obj["net_eth0"] as? [String: Any], let n = net["tx_packets_count"] as? NSNumber else { continue }
+            txPackets += n.uint64Value
+        }
+        #expect(txPackets >= 4, "metrics: \(metrics)")
+    }
+
     @Test("bad --net input: a missing TAP, a busy TAP, a missing bridge, a bad MAC, a duplicate id: exit 2, the error names it, nothing is created")
     func badInput() throws {
         let ns = try namespace("bad")
