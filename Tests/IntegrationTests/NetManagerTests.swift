@@ -332,4 +332,37 @@ struct NetManagerTests {
         #expect(MCSupport.wait(seconds: 5) { d.links().sorted() == ["lo", "swk-lab"] }, "the TAPs are removed with the VM: \(d.links())")
         #expect(try d.net(["stop", "lab"]).status == 0)
     }
+
+    @Test("end to end: the freestanding virtio_net guest, a VM of the daemon on a nat network, pings the network's gateway through its TAP and the bridge",
+          .enabled(if: MCSupport.canRunGuests && MCSupport.guestProgram("virtio_net") != nil, "needs /dev/kvm and guest/build/virtio_net.elf"))
+    func guestPingsGateway() throws {
+        let d = try NetDaemon(tag: "netping")
+        defer { d.stop() }
+        _ = try d.net(["define", d.file("lab.json", Self.natDefinition)])
+        #expect(try d.net(["start", "lab"]).status == 0)
+        let kernel = try #require(MCSupport.guestProgram("virtio_net"))
+        let def = d.file("pinger.json", """
+            {"name": "pinger", "nics": [{"network": "lab", "mac": "52:54:00:77:00:07"}],
+             "boot-source": {"kernel_image_path": "\(kernel)", "boot_args": "count=3 ip=10.77.0.50 peer=10.77.0.1"},
+             "machine-config": {"vcpu_count": 1, "mem_size_mib": 64}}
+            """)
+        #expect(try d.vm(["define", def]).status == 0)
+        let r = try d.vm(["start", "pinger"])
+        #expect(r.status == 0, "\(r.stderr)")
+        let stopped = MCSupport.wait(seconds: 120) {
+            parseList((try? d.vm(["list", "--all"]).stdout) ?? "")["pinger"]?.state == "shut off"
+        }
+        let serial = (try? String(contentsOfFile: d.dir.path + "/logs/pinger.serial.log", encoding: .utf8)) ?? ""
+        let vmmLog = (try? String(contentsOfFile: d.dir.path + "/logs/pinger.vmm.log", encoding: .utf8)) ?? ""
+        #expect(stopped, "the guest should finish its pings: \(serial)\n\(vmmLog)")
+        let report = GuestReport(status: nil, output: serial, command: "vm start pinger")
+        #expect(serial.contains("# mac=52:54:00:77:00:07"), "\(serial)")
+        #expect(report.okNames.isSuperset(of: ["net-config", "arp", "icmp"]) && report.failLines.isEmpty, "\(serial)\n\(vmmLog)")
+        // The bridge received the guest's ARP request and echo requests (its neighbour entry is
+        // flushed when the last port goes, so count frames instead).
+        let rx = ((try? d.ns.exec(["cat", "/sys/class/net/swk-lab/statistics/rx_packets"])) ?? "").trimmingCharacters(in: .whitespacesAndNewlines)
+        #expect((Int(rx) ?? 0) >= 4, "swk-lab rx_packets: \(rx)")
+        #expect(MCSupport.wait(seconds: 5) { d.links().sorted() == ["lo", "swk-lab"] }, "the TAP goes with the VM: \(d.links())")
+        #expect(try d.net(["stop", "lab"]).status == 0)
+    }
 }
