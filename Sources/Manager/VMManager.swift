@@ -203,7 +203,8 @@ public final class VMManager: @unchecked Sendable {
                       vcpus: r.definition.vcpus, memMib: r.definition.memMib,
                       uptimeS: r.startedAt.map { (Date().timeIntervalSince($0) * 1000).rounded() / 1000 },
                       apiSocket: paths.apiSocket(name), consoleSocket: paths.consoleSocket(name),
-                      serialLog: paths.serialLog(name), vmmLog: paths.vmmLog(name), lastExit: r.lastExit)
+                      serialLog: paths.serialLog(name), vmmLog: paths.vmmLog(name), lastExit: r.lastExit,
+                      nics: r.pid == nil ? [] : networks.taps(of: name))
     }
 
     /// The VM's info (404 if undefined).

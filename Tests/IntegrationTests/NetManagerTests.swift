@@ -324,6 +324,8 @@ struct NetManagerTests {
         for tap in taps { #expect(config.contains("\"host_dev_name\" : \"\(tap)\""), "\(config)") }
         #expect(config.contains("\"iface_id\" : \"net0\"") && config.contains("\"iface_id\" : \"second\"") && config.contains("52:54:00:00:00:07"), "\(config)")
         #expect(try d.info("lab")["VMs"] == "web")
+        let vmInfo = try d.vm(["info", "web"]).stdout
+        #expect(vmInfo.contains("NIC second:") && vmInfo.contains("52:54:00:00:00:07 on network lab (swk-lab), TAP \(taps[1])"), "\(vmInfo)")
         r = try d.net(["stop", "lab"])
         #expect(r.status == 1 && r.stderr.contains("network 'lab' is used by running vm 'web'"), "\(r.stderr)")
 
