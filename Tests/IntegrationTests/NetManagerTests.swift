@@ -367,4 +367,46 @@ struct NetManagerTests {
         #expect(MCSupport.wait(seconds: 5) { d.links().sorted() == ["lo", "swk-lab"] }, "the TAP goes with the VM: \(d.links())")
         #expect(try d.net(["stop", "lab"]).status == 0)
     }
+
+    @Test("VM TAPs across daemon restarts: a VM that outlives the daemon keeps its TAP (removed by a later destroy); the TAP of a VM that died meanwhile is removed at restart",
+          .enabled(if: MCSupport.canRunGuests, "needs /dev/kvm and the ticker guest"))
+    func vmTapsAcrossRestart() throws {
+        let d = try NetDaemon(tag: "netvmre")
+        defer { d.stop() }
+        _ = try d.net(["define", d.file("lab.json", Self.natDefinition)])
+        #expect(try d.net(["start", "lab"]).status == 0)
+        let kernel = try #require(MCSupport.ticker)
+        for name in ["stays", "dies"] {
+            let def = d.file("\(name).json", """
+                {"name": "\(name)", "nics": [{"network": "lab"}],
+                 "boot-source": {"kernel_image_path": "\(kernel)", "boot_args": "\(MCSupport.tickerArgs(ticks: 0))"},
+                 "machine-config": {"vcpu_count": 1, "mem_size_mib": 64}}
+                """)
+            #expect(try d.vm(["define", def]).status == 0)
+            let r = try d.vm(["start", name])
+            #expect(r.status == 0, "\(r.stderr)")
+        }
+        let stays = "swk" + String(format: "%08x", fnv32("stays")) + "n0", dies = "swk" + String(format: "%08x", fnv32("dies")) + "n0"
+        #expect(Set(d.links()).isSuperset(of: [stays, dies]), "\(d.links())")
+        let state = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: d.dir.path + "/run/dies/state.json"))) as? [String: Any]
+        let diesPID = try #require((state?["pid"] as? NSNumber)?.int32Value)
+        d.killDaemon()
+        kill(diesPID, SIGKILL) // our VM's vmm, by its PID
+        #expect(MCSupport.wait(seconds: 10) { kill(diesPID, 0) != 0 })
+        try d.startDaemon()
+        #expect(!d.links().contains(dies), "the dead VM's TAP is removed: \(d.links())")
+        #expect(d.links().contains(stays), "\(d.links())")
+        #expect(try d.info("lab")["VMs"] == "stays")
+        #expect(try d.net(["stop", "lab"]).stderr.contains("used by running vm 'stays'"))
+        #expect(try d.vm(["destroy", "stays"]).status == 0)
+        #expect(MCSupport.wait(seconds: 5) { !d.links().contains(stays) }, "\(d.links())")
+        #expect(try d.net(["stop", "lab"]).status == 0)
+    }
+}
+
+/// FNV-1a (32 bits), as the daemon names TAPs.
+private func fnv32(_ text: String) -> UInt32 {
+    var h: UInt32 = 0x811c_9dc5
+    for b in text.utf8 { h ^= UInt32(b); h = h &* 0x0100_0193 }
+    return h
 }
