@@ -232,3 +232,50 @@ struct VMNICTests {
         #expect(m.contains("the interface id 'eth0' is used twice"), "\(m)")
     }
 }
+
+/// The daemon's `/networks` API through an in-process daemon, on paths that change nothing on the
+/// host (no network is started here: NetManagerTests does that inside network namespaces).
+@Suite("Daemon networks API without a host network")
+struct DaemonNetworkAPITests {
+    @Test("empty lists; bad definitions get 400 naming the key; unknown networks 404; bad actions 400; wrong methods 405; nothing is stored")
+    func errors() throws {
+        let f = try DaemonFixture()
+        defer { f.cleanup() }
+        #expect(try f.client.json("GET", "/networks?all=true", as: [NetworkInfo].self).isEmpty)
+        let cases: [(String, String)] = [
+            (#"{"name": "n", "mode": "nat", "address": "10.0.0.1/24", "colour": 1}"#, "unknown key `colour`"),
+            (#"{"name": "n", "mode": "nat", "address": "10.0.0.1/99"}"#, "key `address`"),
+            (#"{"name": "n", "mode": "mesh", "address": "10.0.0.1/24"}"#, "key `mode`: unknown mode 'mesh'"),
+            (#"{"name": "n", "mode": "bridge", "bridge": "swkt-nobr"}"#, "the bridge 'swkt-nobr' does not exist on the host"),
+            ("{", "malformed JSON"),
+        ]
+        for (body, expected) in cases {
+            let r = try f.call("POST", "/networks", body)
+            #expect(r.status == 400 && r.faultMessage?.contains(expected) == true, "\(body): \(r.text)")
+        }
+        #expect(((try? FileManager.default.contentsOfDirectory(atPath: f.dir.path + "/networks")) ?? []).isEmpty)
+        let missing = try f.call("GET", "/networks/nope")
+        #expect(missing.status == 404 && missing.faultMessage == "network 'nope' is not defined")
+        #expect(try f.call("PUT", "/networks/nope/state", #"{"action": "start"}"#).status == 404)
+        #expect(try f.call("GET", "/networks/nope/leases").status == 404)
+        #expect(try f.call("DELETE", "/networks/nope").status == 404)
+        let bad = try f.call("PUT", "/networks/nope/state", #"{"action": "reboot"}"#)
+        #expect(bad.status == 400 && bad.faultMessage?.contains("`reboot`") == true, "\(bad.text)")
+        #expect(try f.call("PATCH", "/networks").status == 405)
+        #expect(try f.call("GET", "/networks/a/b/c").status == 404)
+    }
+
+    @Test("a VM whose NIC names an undefined network is refused at start (400) before anything is created, and stays shut off")
+    func vmOnUndefinedNetwork() throws {
+        let f = try DaemonFixture()
+        defer { f.cleanup() }
+        let kernel = f.dir.path + "/kernel.elf"
+        FileManager.default.createFile(atPath: kernel, contents: Data([0x7f]))
+        let def = #"{"name": "a", "nics": [{"network": "nope"}], "boot-source": {"kernel_image_path": "\#(kernel)"}}"#
+        #expect(try f.call("POST", "/vms", def).status == 201)
+        let r = try f.action("a", "start")
+        #expect(r.status == 400 && r.faultMessage?.contains("vm 'a': nics[0] uses network 'nope', which is not defined") == true, "\(r.text)")
+        #expect(try f.info("a").state == .shutOff)
+        #expect(!FileManager.default.fileExists(atPath: f.dir.path + "/run/a/state.json"))
+    }
+}
