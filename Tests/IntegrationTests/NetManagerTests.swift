@@ -162,8 +162,19 @@ struct NetManagerTests {
         r = try d.net(["define", d.file("lab2.json", #"{"name": "lab2", "mode": "isolated", "address": "10.77.0.129/25"}"#)])
         #expect(r.status == 1 && r.stderr.contains("overlaps the host's route '10.77.0.0/24") && r.stderr.contains("swk-lab"), "\(r.stderr)")
 
+        // Autostart and a redefinition while active (it takes effect at the next start).
+        r = try d.net(["autostart", "lab"])
+        #expect(r.status == 0 && r.stdout.contains("marked as autostarted"), "\(r.stdout)\(r.stderr)")
+        #expect(try d.info("lab")["Autostart"] == "yes")
+        #expect(try d.net(["autostart", "lab", "--disable"]).status == 0)
+        #expect(try d.info("lab")["Autostart"] == "no")
+        r = try d.net(["define", d.file("lab-b.json", Self.natDefinition.replacingOccurrences(of: "10.77.0.99", with: "10.77.0.50"))])
+        #expect(r.status == 0 && r.stdout.contains("redefined (takes effect at its next start)"), "\(r.stdout)\(r.stderr)")
+        #expect(try d.info("lab")["DHCP range"] == "10.77.0.10 - 10.77.0.99", "the running definition is shown")
+
         r = try d.net(["stop", "lab"])
         #expect(r.status == 0, "\(r.stderr)")
+        #expect(try d.info("lab")["DHCP range"] == "10.77.0.10 - 10.77.0.50", "the new definition once stopped")
         #expect(!d.links().contains("swk-lab"), "\(d.links())")
         #expect(!d.nftTables().contains("swiftkvm-lab"), "\(d.nftTables())")
         #expect(MCSupport.wait(seconds: 5) { d.dnsmasqProcesses().isEmpty }, "dnsmasq still runs: \(d.dnsmasqProcesses())")

@@ -59,7 +59,7 @@ public enum NetworkPlan {
     /// files; DHCP only with a range; no default route for isolated networks.
     public static func dnsmasqArguments(_ d: NetworkDefinition, pidFile: String, leaseFile: String) -> [String] {
         guard let address = d.address else { return [] }
-        var args = ["--conf-file=/dev/null", "--keep-in-foreground", "--log-facility=-", "--user=root",
+        var args = ["--conf-file=/dev/null", "--keep-in-foreground", "--log-facility=-",
                     "--strict-order", "--bind-interfaces", "--except-interface=lo", "--interface=\(d.bridge)",
                     "--listen-address=\(address.address)", "--pid-file=\(pidFile)"]
         if let r = d.dhcpRange {
