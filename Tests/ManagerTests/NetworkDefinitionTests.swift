@@ -69,6 +69,7 @@ struct NetworkDefinitionTests {
         (#"{"name": "n", "mode": "nat", "address": "10.0.0.1/24", "autostart": "yes"}"#, "key `autostart` must be true or false"),
         (#"{"name": "n", "mode": "nat", "address": "10.0.0.1/24", "bridge": "a/b"}"#, "key `bridge`: 'a/b' is not a valid interface name"),
         (#"{"name": "n", "mode": "nat", "address": "10.0.0.1/24", "bridge": "abcdefghijklmnop"}"#, "is not a valid interface name"),
+        (#"{"name": "n", "mode": "nat", "address": "10.0.0.1/24", "bridge": "br\"0"}"#, "is not a valid interface name"),
         (#"{"name": "n", "mode": "nat", "address": "10.0.0.1/24", "dhcp_range": {"start": "10.0.1.2", "end": "10.0.0.9"}}"#,
          "key `dhcp_range.start`: 10.0.1.2 is not a host address of the subnet 10.0.0.0/24"),
         (#"{"name": "n", "mode": "nat", "address": "10.0.0.1/24", "dhcp_range": {"start": "10.0.0.2", "end": "10.0.0.255"}}"#,

@@ -156,11 +156,15 @@ public struct NetworkDefinition: Sendable, Equatable {
     /// Whether the network needs `net.ipv4.ip_forward = 1`.
     public var needsForwarding: Bool { mode == .nat || mode == .routed }
 
-    /// Whether `name` is a valid interface name (1–15 bytes, no `/`, `:`, whitespace, not `.`/`..`).
+    /// Whether `name` is an interface name the daemon accepts: 1–15 bytes of `A-Z a-z 0-9 . _ -`, not
+    /// `.`/`..` (stricter than the kernel, so that a name is safe inside nftables rules and file names).
     public static func isValidInterfaceName(_ name: String) -> Bool {
         let b = Array(name.utf8)
         guard (1...15).contains(b.count), name != ".", name != ".." else { return false }
-        return b.allSatisfy { $0 > 0x20 && $0 < 0x7f && $0 != UInt8(ascii: "/") && $0 != UInt8(ascii: ":") }
+        return b.allSatisfy {
+            ($0 >= 0x30 && $0 <= 0x39) || ($0 >= 0x41 && $0 <= 0x5a) || ($0 >= 0x61 && $0 <= 0x7a)
+                || $0 == UInt8(ascii: ".") || $0 == UInt8(ascii: "_") || $0 == UInt8(ascii: "-")
+        }
     }
 
     /// FNV-1a (32 bits) of `text`: short stable ids for generated interface names.
@@ -222,7 +226,7 @@ public struct NetworkDefinition: Sendable, Equatable {
         }
         let bridgeText = try string("bridge", in: object)
         if let bridgeText, !isValidInterfaceName(bridgeText) {
-            throw bad("key `bridge`: '\(bridgeText)' is not a valid interface name (1 to 15 bytes without '/', ':' or spaces)")
+            throw bad("key `bridge`: '\(bridgeText)' is not a valid interface name (1 to 15 of A-Z a-z 0-9 . _ -)")
         }
         let addressText = try string("address", in: object)
         var rangeObject: [String: JSONValue]?

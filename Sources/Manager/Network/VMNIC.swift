@@ -78,7 +78,7 @@ public struct VMNIC: Sendable, Equatable {
                 attachment = .network(n)
             case (nil, let b?):
                 guard NetworkDefinition.isValidInterfaceName(b) else {
-                    throw bad("key `\(key).bridge`: '\(b)' is not a valid interface name (1 to 15 bytes without '/', ':' or spaces)")
+                    throw bad("key `\(key).bridge`: '\(b)' is not a valid interface name (1 to 15 of A-Z a-z 0-9 . _ -)")
                 }
                 attachment = .bridge(b)
             case (.some, .some): throw bad("key `\(key)`: give either `network` or `bridge`, not both")
