@@ -69,7 +69,7 @@ public final class VMManager: @unchecked Sendable {
         store = DefinitionStore(directory: paths.vms)
         for dir in [paths.root, paths.vms, paths.run, paths.logs] { try AtomicFile.makeDirectory(dir) }
         events = EventLog(path: paths.events)
-        networks = NetworkManager(paths: paths, tools: options.hostTools, logger: options.logger)
+        networks = NetworkManager(paths: paths, tools: options.hostTools, logger: options.logger, events: events)
         guard let exe = options.vmmExecutable ?? DefaultGuest.executablePath() else {
             throw ManagerError(.host, "cannot find the swiftkvm executable (/proc/self/exe)")
         }

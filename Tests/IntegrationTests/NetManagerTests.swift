@@ -186,6 +186,11 @@ struct NetManagerTests {
         r = try d.net(["undefine", "lab"])
         #expect(r.status == 0, "\(r.stderr)")
         #expect(!(try d.net(["list", "--all"]).stdout.contains("lab")))
+        // Network events join the daemon's event stream (`vm` empty, `network` set).
+        let events = try d.vm(["events", "--since", "0", "--timeout", "2"]).stdout
+        for e in ["defined", "started", "stopped", "undefined"] {
+            #expect(events.contains(#""event":"\#(e)","network":"lab""#), "\(e): \(events)")
+        }
     }
 
     @Test("forwarding that was on before stays on; isolated networks do not need it; routed ones get no masquerade")

@@ -108,7 +108,11 @@ public final class NetworkManager: @unchecked Sendable {
     private var attachments: [String: [TapAttachment]] = [:]
     private var stopped = false
 
-    public init(paths: StatePaths, tools: HostTools = HostTools(), logger: Logger) {
+    /// Where network events go (the daemon's event log), if anywhere.
+    let events: EventLog?
+
+    public init(paths: StatePaths, tools: HostTools = HostTools(), logger: Logger, events: EventLog? = nil) {
+        self.events = events
         self.paths = paths
         self.store = NetworkStore(directory: paths.networks)
         self.tools = tools
@@ -173,6 +177,7 @@ public final class NetworkManager: @unchecked Sendable {
                     r.dnsmasqStartTime = rt.dnsmasqStartTime
                 }
                 teardown(d.name, r)
+                events?.emit(network: d.name, "stopped", "its bridge \(running.bridge) was gone when the daemon started")
                 continue
             }
             lock.withLock {
@@ -201,6 +206,7 @@ public final class NetworkManager: @unchecked Sendable {
             }
             writeRuntime(d.name, r)
             logger.info("network '\(d.name)' is active (re-attached)")
+            events?.emit(network: d.name, "reattached", lock.withLock { r.dnsmasqPid.map { "dnsmasq pid \($0)" } ?? "" })
         }
         return errors
     }
@@ -282,7 +288,7 @@ public final class NetworkManager: @unchecked Sendable {
         let own = lock.withLock { records[def.name]?.running.map { Set([$0.bridge]) } ?? [] }
         try def.checkHost(routes: def.mode == .bridge ? [] : try hostRoutes(), bridgeExists: tools.isBridge, ignoringDevices: own, source: source)
         try store.save(def)
-        return lock.withLock { () -> (NetworkInfo, Bool) in
+        let result = lock.withLock { () -> (NetworkInfo, Bool) in
             if let r = records[def.name] {
                 r.definition = def
                 return (info(r), true)
@@ -291,6 +297,8 @@ public final class NetworkManager: @unchecked Sendable {
             records[def.name] = r
             return (info(r), false)
         }
+        events?.emit(network: def.name, "defined", result.1 ? "replaced" : "")
+        return result
     }
 
     private func hostRoutes() throws(ManagerError) -> [HostRoute] {
@@ -308,6 +316,7 @@ public final class NetworkManager: @unchecked Sendable {
             try store.remove(name)
             lock.withLock { records[name] = nil }
             unlink(leaseFile(name))
+            events?.emit(network: name, "undefined")
         }
     }
 
@@ -356,10 +365,12 @@ public final class NetworkManager: @unchecked Sendable {
             } catch {
                 logger.error("network '\(name)': start failed: \(error.message); removing what it added")
                 teardown(name, r)
+                events?.emit(network: name, "start-failed", error.message)
                 throw error
             }
             writeRuntime(name, r)
             logger.info("network '\(name)' started (\(def.mode.rawValue), bridge \(def.bridge))")
+            events?.emit(network: name, "started", "\(def.mode.rawValue), bridge \(def.bridge)")
         }
         return lock.withLock { info(r) }
     }
@@ -399,6 +410,7 @@ public final class NetworkManager: @unchecked Sendable {
             }
             teardown(name, r)
             logger.info("network '\(name)' stopped")
+            events?.emit(network: name, "stopped")
         }
         return lock.withLock { info(r) }
     }
@@ -550,6 +562,7 @@ public final class NetworkManager: @unchecked Sendable {
             do throws(ManagerError) {
                 try startDnsmasq(name, r, def)
                 writeRuntime(name, r)
+                events?.emit(network: name, "dnsmasq-restarted", "\(detail); pid \(lock.withLock { r.dnsmasqPid.map(String.init) ?? "?" })")
             } catch {
                 logger.error("network '\(name)': \(error.message)")
             }
