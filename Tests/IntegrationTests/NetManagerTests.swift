@@ -248,14 +248,18 @@ struct NetManagerTests {
         #expect(try d.net(["start", "nope"]).stderr.contains("network 'nope' is not defined"))
     }
 
-    @Test("dnsmasq missing: net start fails naming the Debian package and leaves nothing behind")
-    func dnsmasqMissing() throws {
-        let d = try NetDaemon(tag: "netmiss", environment: ["SWIFTKVM_DNSMASQ": "/nonexistent/dnsmasq"])
+    @Test("dnsmasq or nft missing: net start fails naming the Debian package and leaves nothing behind", arguments: [
+        ("SWIFTKVM_DNSMASQ", "/nonexistent/dnsmasq", "install the Debian package dnsmasq-base"),
+        ("SWIFTKVM_NFT", "/nonexistent/nft", "install the Debian package nftables"),
+    ])
+    func toolMissing(_ variable: String, _ path: String, _ expected: String) throws {
+        let d = try NetDaemon(tag: "netmiss", environment: [variable: path])
         defer { d.stop() }
         #expect(try d.net(["define", d.file("lab.json", Self.natDefinition)]).status == 0)
         let r = try d.net(["start", "lab"])
-        #expect(r.status == 1 && r.stderr.contains("dnsmasq-base"), "\(r.stderr)")
+        #expect(r.status == 1 && r.stderr.contains(path) && r.stderr.contains(expected), "\(r.stderr)")
         #expect(d.links().sorted() == ["lo"] && !d.nftTables().contains("swiftkvm") && d.ipForward() == "0")
+        #expect(try d.dnsmasqProcesses().isEmpty && d.info("lab")["Active"] == "no")
     }
 
     @Test("a DHCP client on the network's bridge gets a lease that net dhcp-leases lists")
