@@ -146,6 +146,8 @@ struct DaemonRouter: Sendable {
                 struct Body: Decodable { var autostart: Bool }
                 let b: Body = try decode(Body.self, body, keys: ["autostart"])
                 return .json(200, try manager.setAutostart(t.segments[1], b.autostart))
+            case (_, 1...3) where t.segments[0] == "networks":
+                return try handleNetwork(method: method, t, body)
             default:
                 if knownPath(t) {
                     return .fault(405, "method \(method) is not allowed on \(t.segments.isEmpty ? "/" : "/" + t.segments.joined(separator: "/"))")
@@ -160,10 +162,47 @@ struct DaemonRouter: Sendable {
     func knownPath(_ t: Target) -> Bool {
         switch t.segments.count {
         case 0: return true
-        case 1: return t.segments[0] == "vms" || t.segments[0] == "events"
+        case 1: return t.segments[0] == "vms" || t.segments[0] == "events" || t.segments[0] == "networks"
         case 2: return t.segments[0] == "vms"
         case 3: return t.segments[0] == "vms" && ["state", "autostart"].contains(t.segments[2])
         default: return false
+        }
+    }
+
+    /// `/networks…`: libvirt's net-* verbs.
+    func handleNetwork(method: String, _ t: Target, _ body: [UInt8]) throws(ManagerError) -> DaemonReply {
+        let nets = manager.networks
+        let s = t.segments
+        switch (method, s.count) {
+        case ("GET", 1):
+            let all = ["true", "1", ""].contains(t.query["all"] ?? "false")
+            return .json(200, nets.list(all: all))
+        case ("POST", 1):
+            let (info, replaced) = try nets.define(body)
+            return .json(replaced ? 200 : 201, info)
+        case ("GET", 2):
+            return .json(200, try nets.info(s[1]))
+        case ("DELETE", 2):
+            try nets.undefine(s[1])
+            return DaemonReply(status: 204, body: [])
+        case ("PUT", 3) where s[2] == "state":
+            struct Body: Decodable { var action: String }
+            let b: Body = try decode(Body.self, body, keys: ["action"])
+            switch b.action {
+            case "start": return .json(200, try nets.start(s[1]))
+            case "stop": return .json(200, try nets.stop(s[1]))
+            default: throw ManagerError(.invalid, "unknown action `\(b.action)` (key `action`), expected `start` or `stop`")
+            }
+        case ("PUT", 3) where s[2] == "autostart":
+            struct Body: Decodable { var autostart: Bool }
+            let b: Body = try decode(Body.self, body, keys: ["autostart"])
+            return .json(200, try nets.setAutostart(s[1], b.autostart))
+        case ("GET", 3) where s[2] == "leases":
+            return .json(200, try nets.leases(s[1]))
+        default:
+            let known = s.count <= 2 || ["state", "autostart", "leases"].contains(s[2])
+            let path = "/" + s.joined(separator: "/")
+            return known ? .fault(405, "method \(method) is not allowed on \(path)") : .fault(404, "no such path: \(path)")
         }
     }
 

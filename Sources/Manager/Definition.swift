@@ -21,9 +21,11 @@ public struct VMDefinition: Sendable, Equatable {
     public var shutdownTimeout: Double?
     /// The Firecracker part.
     public var config: FullVMConfiguration
+    /// NICs on swiftkvm networks or host bridges (key `nics`); the daemon creates their TAPs.
+    public var nics: [VMNIC]
 
     /// The manager's own keys.
-    public static let managerKeys = ["name", "autostart", "shutdown_timeout_s"]
+    public static let managerKeys = ["name", "autostart", "shutdown_timeout_s", "nics"]
     /// Keys refused in definitions because the manager sets them.
     public static let refusedKeys = ["logger", "metrics", "serial"]
     /// Default shutdown timeout in seconds.
@@ -31,7 +33,8 @@ public struct VMDefinition: Sendable, Equatable {
     /// The largest definition accepted.
     public static let maxSize = 1 << 20
 
-    public init(name: String, autostart: Bool = false, shutdownTimeout: Double? = nil, config: FullVMConfiguration) {
+    public init(name: String, autostart: Bool = false, shutdownTimeout: Double? = nil, config: FullVMConfiguration, nics: [VMNIC] = []) {
+        self.nics = nics
         self.name = name
         self.autostart = autostart
         self.shutdownTimeout = shutdownTimeout
@@ -100,7 +103,11 @@ public struct VMDefinition: Sendable, Equatable {
         } catch {
             throw bad("\(error)")
         }
-        return VMDefinition(name: name, autostart: autostart, shutdownTimeout: timeout, config: config)
+        var nics: [VMNIC] = []
+        if let list = object["nics"], !list.isNull {
+            nics = try VMNIC.parseList(list, taken: Set(config.networkInterfaces.map(\.ifaceId)), bad: bad)
+        }
+        return VMDefinition(name: name, autostart: autostart, shutdownTimeout: timeout, config: config, nics: nics)
     }
 
     /// Paths must be absolute and exist (before decoding, so the error names the key and path).
@@ -127,6 +134,7 @@ public struct VMDefinition: Sendable, Equatable {
     public func normalizedJSON() -> [UInt8] {
         var object: [String: JSONValue] = ["name": .string(name), "autostart": .bool(autostart)]
         if let shutdownTimeout { object["shutdown_timeout_s"] = .double(shutdownTimeout) }
+        if !nics.isEmpty { object["nics"] = .array(nics.map(\.json)) }
         if let data = try? JSONEncoder().encode(config), let fc = JSONValue.object(from: Array(data)) {
             for (k, v) in fc where !v.isNull && !Self.refusedKeys.contains(k) {
                 if let list = v.arrayValue, list.isEmpty { continue }

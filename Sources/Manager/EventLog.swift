@@ -4,22 +4,25 @@ import Glibc
 #endif
 import Synchronization
 
-/// One state change of a VM (`GET /events`, `DIR/events.log`).
+/// One state change of a VM or a network (`GET /events`, `DIR/events.log`).
 public struct VMEvent: Codable, Sendable, Equatable {
     /// Increasing sequence number (continues across daemon restarts).
     public var seq: UInt64
     /// ISO 8601 time.
     public var time: String
-    /// The VM's name.
+    /// The VM's name (empty for a network's event).
     public var vm: String
+    /// The network's name, for network events (`defined`, `undefined`, `started`, `stopped`,
+    /// `start-failed`, `reattached`, `dnsmasq-restarted`); absent for VM events.
+    public var network: String?
     /// `defined`, `undefined`, `starting`, `started`, `paused`, `resumed`, `shutting-down`,
     /// `stopped`, `reattached`, `start-failed`.
     public var event: String
     /// Free text (exit reason, error).
     public var detail: String
 
-    public init(seq: UInt64, time: String, vm: String, event: String, detail: String) {
-        self.seq = seq; self.time = time; self.vm = vm; self.event = event; self.detail = detail
+    public init(seq: UInt64, time: String, vm: String, network: String? = nil, event: String, detail: String) {
+        self.seq = seq; self.time = time; self.vm = vm; self.network = network; self.event = event; self.detail = detail
     }
 
     /// The event as one JSON line (with its newline).
@@ -82,9 +85,19 @@ public final class EventLog: Sendable {
     /// Records an event: appended to the file, then given to every subscriber.
     @discardableResult
     public func emit(vm: String, _ event: String, _ detail: String = "") -> VMEvent {
+        emit(vm: vm, network: nil, event, detail)
+    }
+
+    /// Records a network's event (`vm` is empty, `network` names it).
+    @discardableResult
+    public func emit(network: String, _ event: String, _ detail: String = "") -> VMEvent {
+        emit(vm: "", network: network, event, detail)
+    }
+
+    private func emit(vm: String, network: String?, _ event: String, _ detail: String) -> VMEvent {
         let (e, subscribers) = state.withLock { s -> (VMEvent, [@Sendable (VMEvent) -> Void]) in
             s.seq += 1
-            let e = VMEvent(seq: s.seq, time: Timestamp.now(), vm: vm, event: event, detail: detail)
+            let e = VMEvent(seq: s.seq, time: Timestamp.now(), vm: vm, network: network, event: event, detail: detail)
             s.recent.append(e)
             if s.recent.count > Self.memoryLimit { s.recent.removeFirst(s.recent.count - Self.memoryLimit) }
             // Appended under the lock so the file's order is the sequence order.

@@ -50,15 +50,19 @@ public struct VMInfo: Codable, Sendable, Equatable {
     public var serialLog: String
     public var vmmLog: String
     public var lastExit: VMExitInfo?
+    /// The TAPs of the VM's `nics` while it runs.
+    public var nics: [TapAttachment] = []
 
     enum CodingKeys: String, CodingKey {
         case name, state, autostart, pid, vcpus, memMib = "mem_mib", uptimeS = "uptime_s"
         case apiSocket = "api_socket", consoleSocket = "console_socket", serialLog = "serial_log"
-        case vmmLog = "vmm_log", lastExit = "last_exit"
+        case vmmLog = "vmm_log", lastExit = "last_exit", nics
     }
 
     public init(name: String, state: VMState, autostart: Bool, pid: Int?, vcpus: Int, memMib: Int, uptimeS: Double?,
-                apiSocket: String, consoleSocket: String, serialLog: String, vmmLog: String, lastExit: VMExitInfo?) {
+                apiSocket: String, consoleSocket: String, serialLog: String, vmmLog: String, lastExit: VMExitInfo?,
+                nics: [TapAttachment] = []) {
+        self.nics = nics
         self.name = name; self.state = state; self.autostart = autostart; self.pid = pid
         self.vcpus = vcpus; self.memMib = memMib; self.uptimeS = uptimeS
         self.apiSocket = apiSocket; self.consoleSocket = consoleSocket
@@ -79,6 +83,24 @@ public struct VMInfo: Codable, Sendable, Equatable {
         try c.encode(serialLog, forKey: .serialLog)
         try c.encode(vmmLog, forKey: .vmmLog)
         try c.encode(lastExit, forKey: .lastExit)
+        try c.encode(nics, forKey: .nics)
+    }
+
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        name = try c.decode(String.self, forKey: .name)
+        state = try c.decode(VMState.self, forKey: .state)
+        autostart = try c.decode(Bool.self, forKey: .autostart)
+        pid = try c.decodeIfPresent(Int.self, forKey: .pid)
+        vcpus = try c.decode(Int.self, forKey: .vcpus)
+        memMib = try c.decode(Int.self, forKey: .memMib)
+        uptimeS = try c.decodeIfPresent(Double.self, forKey: .uptimeS)
+        apiSocket = try c.decode(String.self, forKey: .apiSocket)
+        consoleSocket = try c.decode(String.self, forKey: .consoleSocket)
+        serialLog = try c.decode(String.self, forKey: .serialLog)
+        vmmLog = try c.decode(String.self, forKey: .vmmLog)
+        lastExit = try c.decodeIfPresent(VMExitInfo.self, forKey: .lastExit)
+        nics = try c.decodeIfPresent([TapAttachment].self, forKey: .nics) ?? []
     }
 }
 
@@ -106,6 +128,12 @@ public struct StatePaths: Sendable {
     public var run: String { root + "/run" }
     public var logs: String { root + "/logs" }
     public var events: String { root + "/events.log" }
+    /// Network definitions (`networks/NAME.json`).
+    public var networks: String { root + "/networks" }
+    /// Running networks' state, nftables scripts and dnsmasq pid files.
+    public var netState: String { root + "/netstate" }
+    /// dnsmasq lease files (`dnsmasq/NAME.leases`), kept across network restarts.
+    public var dnsmasq: String { root + "/dnsmasq" }
     public func runDir(_ name: String) -> String { run + "/" + name }
     public func apiSocket(_ name: String) -> String { runDir(name) + "/api.sock" }
     public func consoleSocket(_ name: String) -> String { runDir(name) + "/console.sock" }
@@ -121,5 +149,7 @@ struct RunState: Codable, Equatable {
     var pid: Int32
     var startTime: UInt64
     var startedAt: String
-    enum CodingKeys: String, CodingKey { case pid, startTime = "start_time", startedAt = "started_at" }
+    /// The TAPs the daemon made for the VM's NICs.
+    var taps: [TapAttachment]? = nil
+    enum CodingKeys: String, CodingKey { case pid, startTime = "start_time", startedAt = "started_at", taps }
 }

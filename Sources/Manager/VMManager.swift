@@ -24,6 +24,8 @@ public final class VMManager: @unchecked Sendable {
         /// Seconds between SIGTERM and SIGKILL in destroy.
         public var destroyGrace: Double = 3
         public var logger = Logger(label: "swiftkvm.manager")
+        /// The host programs networks use (`ip`, `nft`, `dnsmasq`).
+        public var hostTools = HostTools()
 
         public init(stateDirectory: String) { self.stateDirectory = stateDirectory }
     }
@@ -52,6 +54,8 @@ public final class VMManager: @unchecked Sendable {
     public let store: DefinitionStore
     /// The event log (`GET /events`).
     public let events: EventLog
+    /// The networks, and the TAPs of VM NICs.
+    public let networks: NetworkManager
     let vmmExecutable: String
     let assetsDirectory: String?
     private let lock = ConditionLock()
@@ -65,6 +69,7 @@ public final class VMManager: @unchecked Sendable {
         store = DefinitionStore(directory: paths.vms)
         for dir in [paths.root, paths.vms, paths.run, paths.logs] { try AtomicFile.makeDirectory(dir) }
         events = EventLog(path: paths.events)
+        networks = NetworkManager(paths: paths, tools: options.hostTools, logger: options.logger, events: events)
         guard let exe = options.vmmExecutable ?? DefaultGuest.executablePath() else {
             throw ManagerError(.host, "cannot find the swiftkvm executable (/proc/self/exe)")
         }
@@ -79,6 +84,8 @@ public final class VMManager: @unchecked Sendable {
     /// running, cleans stale runtime directories. Returns the errors of skipped files.
     @discardableResult
     public func load() -> [ManagerError] {
+        // Networks first: re-attached VMs' TAPs are recorded against them.
+        let netErrors = networks.load()
         let (defs, errors) = store.loadAll()
         for e in errors { logger.error("skipping a definition: \(e.message)") }
         lock.lock()
@@ -95,11 +102,13 @@ public final class VMManager: @unchecked Sendable {
                 try? FileManager.default.removeItem(atPath: paths.runDir(n))
             }
         }
-        return errors
+        return netErrors + errors
     }
 
-    /// Starts every autostart VM that is shut off (errors are logged and reported as events).
+    /// Starts every autostart network, then every autostart VM that is shut off (errors are
+    /// logged and reported as events).
     public func autostart() {
+        networks.autostart()
         let names = lock.withLock { records.values.filter { $0.definition.autostart && $0.state == .shutOff }.map(\.definition.name) }
         for name in names.sorted() {
             do {
@@ -112,6 +121,7 @@ public final class VMManager: @unchecked Sendable {
 
     /// Stops watching (VMs keep running). Watch threads of re-attached VMs end.
     public func shutdownManager() {
+        networks.shutdownManager()
         lock.withLock { stopped = true }
     }
 
@@ -126,11 +136,21 @@ public final class VMManager: @unchecked Sendable {
         return ProcessTools.commandLine(of: rs.pid).contains(paths.apiSocket(name))
     }
 
+    /// The TAP names VM `name` may have left behind: those of its definition's NICs and those
+    /// recorded in its state file.
+    private func possibleTaps(_ name: String, _ rs: RunState?) -> [String] {
+        let count = lock.withLock { records[name]?.definition.nics.count ?? 0 }
+        return (0..<count).map { VMNIC.tapName(vmName: name, index: $0) } + (rs?.taps ?? []).map(\.tap)
+    }
+
     private func reattachOrClean(_ name: String) {
-        guard let rs = readRunState(name), isOurVMM(rs, name: name) else {
+        let saved = readRunState(name)
+        guard let rs = saved, isOurVMM(rs, name: name) else {
+            networks.detach(vm: name, extra: possibleTaps(name, saved))
             removeRuntimeFiles(name)
             return
         }
+        networks.adopt(vm: name, rs.taps ?? [])
         var state = VMState.running
         if let r = try? UnixHTTPClient(socketPath: paths.apiSocket(name), timeout: 2).request("GET", "/"),
            JSONValue.object(from: r.body)?["state"]?.stringValue == "Paused" {
@@ -183,7 +203,8 @@ public final class VMManager: @unchecked Sendable {
                       vcpus: r.definition.vcpus, memMib: r.definition.memMib,
                       uptimeS: r.startedAt.map { (Date().timeIntervalSince($0) * 1000).rounded() / 1000 },
                       apiSocket: paths.apiSocket(name), consoleSocket: paths.consoleSocket(name),
-                      serialLog: paths.serialLog(name), vmmLog: paths.vmmLog(name), lastExit: r.lastExit)
+                      serialLog: paths.serialLog(name), vmmLog: paths.vmmLog(name), lastExit: r.lastExit,
+                      nics: r.pid == nil ? [] : networks.taps(of: name))
     }
 
     /// The VM's info (404 if undefined).
@@ -282,7 +303,13 @@ public final class VMManager: @unchecked Sendable {
 
     private func launch(_ r: Record, _ def: VMDefinition) throws(ManagerError) {
         let name = def.name
-        let config = try def.vmmConfig(assetsDirectory: assetsDirectory)
+        var config = try def.vmmConfig(assetsDirectory: assetsDirectory)
+        // TAPs for the NICs (a leftover of a crashed run is replaced); removed again when the
+        // vmm exits (processExited) or when the start fails before it was spawned.
+        let taps = try networks.attach(vm: name, nics: def.nics)
+        config.networkInterfaces += taps.map { NetworkInterfaceConfig(ifaceId: $0.ifaceId, hostDevName: $0.tap, guestMac: $0.mac) }
+        var spawned = false
+        defer { if !spawned { networks.detach(vm: name) } }
         try AtomicFile.makeDirectory(paths.runDir(name))
         try AtomicFile.makeDirectory(paths.logs)
         removeRuntimeFiles(name)
@@ -301,6 +328,7 @@ public final class VMManager: @unchecked Sendable {
             close(logFD)
         }
         let pid = try ProcessTools.spawn(vmmExecutable, args, logPath: logPath)
+        spawned = true
         let startTime = ProcessTools.startTime(of: pid) ?? 0
         let now = Date()
         let generation = lock.withLock { () -> UInt64 in
@@ -317,7 +345,7 @@ public final class VMManager: @unchecked Sendable {
         } catch {
             logger.error("vm '\(name)': \(error); its exit will not be noticed until the daemon restarts")
         }
-        let rs = RunState(pid: pid, startTime: startTime, startedAt: Timestamp.string(now))
+        let rs = RunState(pid: pid, startTime: startTime, startedAt: Timestamp.string(now), taps: taps.isEmpty ? nil : taps)
         if let bytes = try? JSONEncoder().encode(rs) {
             try? AtomicFile.write(Array(bytes), to: paths.stateFile(name))
         }
@@ -378,6 +406,8 @@ public final class VMManager: @unchecked Sendable {
                 }
             }
             if r.destroying { reason = "destroyed" }
+            // Under the lock, so that a new start of the VM cannot interleave with the removal.
+            networks.detach(vm: name)
             let info = VMExitInfo(reason: reason, status: status, at: Timestamp.now())
             r.lastExit = info
             r.state = .shutOff

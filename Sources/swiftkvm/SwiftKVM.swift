@@ -14,7 +14,7 @@ struct SwiftKVM: ParsableCommand {
         commandName: "swiftkvm",
         abstract: "A virtualization stack on Linux KVM.",
         version: version,
-        subcommands: [RunCommand.self, CheckCommand.self, ImgCommand.self, VMMCommand.self, VMCommand.self, DaemonCommand.self]
+        subcommands: [RunCommand.self, CheckCommand.self, ImgCommand.self, VMMCommand.self, VMCommand.self, NetCommand.self, DaemonCommand.self]
     )
 
     /// Parses and runs the command. Usage errors (unknown options, bad values) print one line

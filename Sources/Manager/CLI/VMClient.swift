@@ -28,8 +28,11 @@ public struct VMSummary: Decodable, Sendable, Equatable {
     public var serialLog: String?
     public var vmmLog: String?
     public var lastExit: LastExit?
+    /// The NICs' TAPs while the VM runs.
+    public var nics: [TapAttachment]?
 
     enum CodingKeys: String, CodingKey {
+        case nics
         case name, state, autostart, pid, vcpus
         case memMib = "mem_mib", uptimeS = "uptime_s", apiSocket = "api_socket"
         case consoleSocket = "console_socket", serialLog = "serial_log", vmmLog = "vmm_log"
@@ -235,6 +238,9 @@ public enum VMFormat {
             if let st = e.status { text += " (status \(st))" }
             if let at = e.at { text += " at \(at)" }
             pairs.append(("Last exit", text))
+        }
+        for n in vm.nics ?? [] {
+            pairs.append(("NIC \(n.ifaceId)", "\(n.mac) on \(n.network.map { "network \($0) (\(n.bridge))" } ?? "bridge \(n.bridge)"), TAP \(n.tap)"))
         }
         // virsh's fixed 16-column keys.
         return pairs.map { Self.pad($0.0 + ":", 16) + $0.1 }
