@@ -203,6 +203,8 @@ public final class VirtioVsock: VirtioDevice, @unchecked Sendable {
         /// Guest bytes waiting for the host socket (at most `bufferSize`), from `pendingStart`.
         var pending: [UInt8] = []
         var pendingStart = 0
+        /// Bytes at the front of `pending` that are not the guest's (the `OK <port>` line): not counted in fwd_cnt.
+        var pendingOwn = 0
         /// The host socket has data (or EOF) to read.
         var hostReadable = false
         /// The host socket reached EOF (SHUTDOWN sent to the guest).
@@ -695,7 +697,9 @@ public final class VirtioVsock: VirtioDevice, @unchecked Sendable {
                 return
             }
             c.pendingStart += n
-            c.fwdCnt &+= UInt32(n)
+            let own = min(n, c.pendingOwn)
+            c.pendingOwn -= own
+            c.fwdCnt &+= UInt32(n - own)
         }
         if c.pendingCount == 0 {
             c.pending.removeAll(keepingCapacity: c.pending.capacity <= 64 << 10)
@@ -810,8 +814,10 @@ public final class VirtioVsock: VirtioDevice, @unchecked Sendable {
             guard c.connecting else { reset(&s, key); return }
             c.connecting = false
             // The host learns its port before any guest byte.
-            c.pending = Array("OK \(key.local)\n".utf8) + c.pending[c.pendingStart...]
+            let ok = Array("OK \(key.local)\n".utf8)
+            c.pending = ok + c.pending[c.pendingStart...]
             c.pendingStart = 0
+            c.pendingOwn = ok.count
             s.counters.hostConnections += 1
             s.connections[key] = c
             flush(&s, key)
@@ -874,7 +880,7 @@ public final class VirtioVsock: VirtioDevice, @unchecked Sendable {
     /// rest buffered within the advertised credit.
     private func receivePayload(_ s: inout State, _ a: VirtioActivation, _ r: inout ChainReader, _ len: Int, _ key: Key) {
         guard var c = s.connections[key] else { return }
-        guard c.pendingCount + len <= Int(Self.bufferSize) else {
+        guard c.pendingCount - c.pendingOwn + len <= Int(Self.bufferSize) else {
             log.error("virtio-vsock: guest port \(key.peer) sent \(len) bytes with \(Int(Self.bufferSize) - c.pendingCount) of credit left")
             s.counters.creditViolations += 1
             reset(&s, key)

@@ -308,6 +308,10 @@ struct VsockTests {
         #expect(got.flatMap(\.payload) == Array("ping".utf8))
         try h.send(h.packet(Op.rw, guestPort: 52, hostPort: req.srcPort, len: 4), Array("pong".utf8))
         #expect(readExactly(fd, 4) == Array("pong".utf8))
+        // fwd_cnt counts the guest's bytes only, not the OK line.
+        try h.send(h.packet(Op.creditRequest, guestPort: 52, hostPort: req.srcPort))
+        got = try h.receive { $0.contains { $0.header.op == Op.creditUpdate } }
+        #expect(got.last { $0.header.op == Op.creditUpdate }?.header.fwdCnt == 4)
         Glibc.shutdown(fd, Int32(SHUT_WR))
         got = try h.receive { $0.contains { $0.header.op == Op.shutdown } }
         let sd = try #require(got.last?.header)
