@@ -253,6 +253,8 @@ public final class VirtioVsock: VirtioDevice, @unchecked Sendable {
         var nextLocalPort: UInt32 = VirtioVsock.firstLocalPort
         var listenWatch: EventLoop.Token?
         var listening = false
+        /// The request timer is pending (re-arming would postpone older deadlines).
+        var timerArmed = false
         var counters = VsockCounters()
         var closed = false
         var controlCount: Int { control.count - controlStart }
@@ -599,7 +601,10 @@ public final class VirtioVsock: VirtioDevice, @unchecked Sendable {
             let key = Key(local: local, peer: port)
             guard add(&s, key: key, fd: p.fd, connecting: true) else { close(p.fd); return .success(()) }
             enqueue(&s, VsockHeader(op: VsockHeader.Op.request), key: key)
-            requestTimer.arm(afterNs: requestTimeoutNs)
+            if !s.timerArmed {
+                s.timerArmed = true
+                requestTimer.arm(afterNs: requestTimeoutNs)
+            }
             do throws(VirtioError) { try fillRx(&s, a) } catch { return .failure(error) }
             return .success(())
         }
@@ -633,6 +638,7 @@ public final class VirtioVsock: VirtioDevice, @unchecked Sendable {
     /// Host-initiated requests the guest left unanswered: closed, with an RST to the guest.
     private func requestTimeouts() {
         let result: Result<Void, VirtioError> = state.withLock { s in
+            s.timerArmed = false
             guard let a = s.active else { return .success(()) }
             let now = Self.now()
             var next: UInt64?
@@ -645,7 +651,10 @@ public final class VirtioVsock: VirtioDevice, @unchecked Sendable {
                     next = min(next ?? .max, requestTimeoutNs - age)
                 }
             }
-            if let next { requestTimer.arm(afterNs: next) }
+            if let next {
+                s.timerArmed = true
+                requestTimer.arm(afterNs: next)
+            }
             do throws(VirtioError) { try fillRx(&s, a) } catch { return .failure(error) }
             return .success(())
         }
