@@ -251,3 +251,79 @@ struct VirtioVsockGuestTests {
         return UInt64((Double(mhz?.trimmingCharacters(in: .whitespaces) ?? "") ?? 0) * 1000)
     }
 }
+
+// One boot of the lean Linux guest with a vsock device: Linux's own virtio_vsock driver against the
+// device, driven from its shell with guest/tools/vsock.c (built static here and added to the default
+// initramfs as a second cpio archive, which the kernel unpacks after the first).
+@Suite("Linux: virtio-vsock between the guest's AF_VSOCK sockets and host Unix sockets", .serialized,
+       .enabled(if: GuestTestEnvironment.kvmAvailable, "needs /dev/kvm"),
+       .enabled(if: !LinuxBoot.skipRequested, "SWIFTKVM_SKIP_LINUX=1"))
+struct LinuxVsockTests {
+    @Test("host → guest CONNECT to a Linux listener and guest → host connect to <uds>_1025: 1 MiB echoed byte-exact each way; a port nobody serves is refused",
+          .timeLimit(.minutes(20)))
+    func echo() throws {
+        let root = GuestTestEnvironment.repoRoot
+        let kernel = root.appendingPathComponent("assets/lean/vmlinux").path
+        let initramfs = root.appendingPathComponent("assets/initramfs.cpio").path
+        try #require(FileManager.default.fileExists(atPath: kernel), "assets/lean/vmlinux missing: run scripts/guest-kernel")
+        try #require(FileManager.default.fileExists(atPath: initramfs), "assets/initramfs.cpio missing: run scripts/guest-assets")
+        let swiftkvm = try #require(GuestTestEnvironment.swiftkvmPath, "swiftkvm executable not found")
+        let work = "/tmp/vsk-linux-\(getpid())"
+        try FileManager.default.createDirectory(atPath: work + "/stage/bin", withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: work) }
+        let cc = try ProcessRunner.run("/usr/bin/gcc", ["-static", "-O2", "-o", work + "/stage/bin/vsock",
+                                                        root.appendingPathComponent("guest/tools/vsock.c").path])
+        try #require(cc.status == 0, "gcc -static guest/tools/vsock.c: \(cc.stderr)")
+        let pack = try ProcessRunner.run("/bin/sh", ["-c", "cd \(work)/stage && find bin | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet > \(work)/extra.cpio"])
+        try #require(pack.status == 0, "cpio: \(pack.stderr)")
+        var combined = try Data(contentsOf: URL(fileURLWithPath: initramfs))
+        combined.append(try Data(contentsOf: URL(fileURLWithPath: work + "/extra.cpio")))
+        try combined.write(to: URL(fileURLWithPath: work + "/initramfs.cpio"))
+
+        let uds = work + "/v.sock"
+        let server = try HostServer(path: uds + "_1025", echo: true)
+        defer { server.stop() }
+        let vm = NetChild(try MCChild(swiftkvm, ["run", "--guest", "lean", "--initrd", work + "/initramfs.cpio", "--memory", "256M",
+                                                 "--serial", "stdio", "--time-dilation", "10", "--vsock", "cid=9,uds=\(uds)"],
+                                      stdinPipe: true))
+        let ready = vm.waitFor(LinuxBoot.readyMarker, timeout: LinuxBoot.bootTimeout)
+        var okLine: String?
+        var hostEcho: [UInt8] = []
+        var listened = false, echoed = false, connected = false, refused = false
+        let data = vsockPattern(1 << 20)
+        if ready {
+            Thread.sleep(forTimeInterval: 2)
+            vm.send("vsock listen 1024 &\n")
+            listened = vm.waitFor("VSOCK-LISTENING 1024", timeout: 120)
+            if listened {
+                let fd = UnixSocket.connect(uds)
+                if fd >= 0 {
+                    _ = UnixSocket.writeAll(fd, Array("CONNECT 1024\n".utf8))
+                    okLine = UnixSocket.readLine(fd)
+                    let writer = Thread { _ = UnixSocket.writeAll(fd, data) }
+                    writer.start()
+                    hostEcho = UnixSocket.read(fd, data.count)
+                    close(fd)
+                }
+                echoed = vm.waitFor("VSOCK-ECHOED bytes=1048576 bad=0", timeout: 120)
+            }
+            vm.send("vsock connect 2 1025 1048576\n")
+            connected = vm.waitFor("VSOCK-CONNECTED bytes=1048576 bad=0 writer=0", timeout: 240)
+            vm.send("vsock connect 2 1999 1\n")
+            refused = vm.waitFor("VSOCK-ERROR connect", timeout: 120)
+            vm.send("poweroff -f\n")
+        }
+        let status = vm.waitForExit(timeout: ready ? 180 : 1)
+        let context = "\(vm.commandLine)\nexit status \(status.map(String.init) ?? "none (killed)")\n" + vm.lines.suffix(40).joined(separator: "\n")
+        #expect(ready, "no \(LinuxBoot.readyMarker)\n\(context)")
+        #expect(listened, "the guest's listener did not start\n\(context)")
+        #expect(okLine?.hasPrefix("OK ") == true, "CONNECT 1024 answered \(okLine ?? "nothing")\n\(context)")
+        #expect(hostEcho == data, "host → guest: \(hostEcho.count) bytes came back\n\(context)")
+        #expect(echoed, "the guest did not echo 1 MiB intact\n\(context)")
+        #expect(connected, "guest → host: the 1 MiB echo through <uds>_1025 did not come back intact\n\(context)")
+        #expect(server.bytes.first == 1 << 20, "the host echo server handled \(server.bytes)")
+        #expect(refused, "connecting to a port nobody serves did not fail\n\(context)")
+        #expect(status == 0, "exit status after poweroff\n\(context)")
+        #expect(access(uds, F_OK) != 0, "the listening socket is removed at exit")
+    }
+}
