@@ -418,4 +418,72 @@ struct VsockTests {
         d.shutdown()
         #expect(access(stale, F_OK) != 0)
     }
+
+    @Test("a host line that is not CONNECT <port> closes that host socket; a driver reset closes every connection")
+    func badConnectLineAndReset() throws {
+        let h = try VsockHarness()
+        let server = try unixListen(h.path + "_7002")
+        defer { close(server) }
+        try h.start()
+        try h.postRx(count: 16)
+        let bad = unixConnect(h.path)
+        try #require(bad >= 0)
+        defer { close(bad) }
+        writeAll(bad, Array("HELLO 52\n".utf8))
+        #expect(readExactly(bad, 1).isEmpty, "closed without an answer")
+        let long = unixConnect(h.path)
+        defer { close(long) }
+        writeAll(long, [UInt8](repeating: 0x41, count: 100))
+        #expect(readExactly(long, 1).isEmpty, "a line longer than 32 bytes without a newline is refused")
+        // One guest-initiated connection, then the driver resets: the host socket closes.
+        try h.send(h.packet(Op.request, guestPort: 50, hostPort: 7002))
+        #expect(try h.receive { $0.count >= 1 }.first?.header.op == Op.response)
+        let conn = accept(server, nil, nil)
+        defer { close(conn) }
+        #expect(h.device.connectionCount == 1)
+        h.device.reset()
+        #expect(h.device.connectionCount == 0)
+        #expect(readExactly(conn, 1).isEmpty, "the host sees EOF after the reset")
+        #expect(try h.received().isEmpty)
+    }
+
+    @Test("random packets (ops, ports, CIDs, lengths, chain shapes) never crash the device and keep its tables bounded")
+    func randomPackets() throws {
+        let h = try VsockHarness()
+        let server = try unixListen(h.path + "_3")
+        defer { close(server) }
+        var rng = FuzzTests.XorShift(state: 0x5eed_0f_5eed)
+        var fatal = 0
+        for _ in 0..<400 {
+            if Int.random(in: 0..<4, using: &rng) == 0 { try? h.postRx(count: Int.random(in: 1..<8, using: &rng), size: Int.random(in: 1..<200, using: &rng)) }
+            var hdr = h.packet(UInt16.random(in: 0..<9, using: &rng), guestPort: UInt32.random(in: 0..<4, using: &rng),
+                               hostPort: UInt32.random(in: 0..<5, using: &rng), len: 0,
+                               flags: UInt32.random(in: 0..<4, using: &rng), bufAlloc: UInt32.random(in: 0..<1000, using: &rng),
+                               fwdCnt: UInt32.random(in: 0..<1000, using: &rng))
+            if Int.random(in: 0..<8, using: &rng) == 0 { hdr.srcCID = UInt64.random(in: 0..<6, using: &rng) }
+            if Int.random(in: 0..<8, using: &rng) == 0 { hdr.type = UInt16.random(in: 0..<3, using: &rng) }
+            let payload = [UInt8](repeating: 0x33, count: Int.random(in: 0..<64, using: &rng))
+            hdr.len = Int.random(in: 0..<4, using: &rng) == 0 ? UInt32.random(in: 0..<100_000, using: &rng) : UInt32(payload.count)
+            var bytes = hdr.encode() + payload
+            if Int.random(in: 0..<10, using: &rng) == 0 { bytes = Array(bytes.prefix(Int.random(in: 0..<bytes.count, using: &rng))) }
+            // Split the packet at random points across 1-3 buffers (possibly empty ones).
+            var bufs: [(addr: UInt64, len: UInt32, writable: Bool)] = []
+            var rest = bytes[...]
+            for k in 0..<Int.random(in: 1...3, using: &rng) {
+                let take = k == 2 ? rest.count : Int.random(in: 0...rest.count, using: &rng)
+                let part = Array(rest.prefix(take))
+                rest = rest.dropFirst(take)
+                bufs.append((try h.tx.alloc(max(1, part.count), fill: part.isEmpty ? [0] : part), UInt32(part.count), false))
+            }
+            if !rest.isEmpty { bufs.append((try h.tx.alloc(rest.count, fill: Array(rest)), UInt32(rest.count), false)) }
+            try h.tx.addChain(bufs)
+            do { try h.device.processQueue(1) } catch { fatal += 1 }
+            _ = try h.rx.takeUsed()
+            _ = try h.tx.takeUsed()
+        }
+        #expect(fatal == 0)
+        #expect(h.device.connectionCount <= 20)
+        let c = h.device.counters
+        #expect(c.txMalformed + c.badCID + c.badType + c.unknownConnection > 50)
+    }
 }
