@@ -231,6 +231,8 @@ public final class VirtioVsock: VirtioDevice, @unchecked Sendable {
     struct PendingAccept {
         let fd: Int32
         var token: EventLoop.Token?
+        /// The line so far.
+        var line: [UInt8] = []
     }
 
     /// A control packet waiting for a receive buffer; credit fields are filled when it is sent.
@@ -569,22 +571,31 @@ public final class VirtioVsock: VirtioDevice, @unchecked Sendable {
     /// Reads `CONNECT <port>\n` from pending host socket `id`.
     private func connectLineReady(_ id: UInt64) {
         let result: Result<Void, VirtioError> = state.withLock { s in
-            guard let p = s.pendingAccepts[id], let a = s.active else { return .success(()) }
-            var buf = [UInt8](repeating: 0, count: 64)
-            let n = recv(p.fd, &buf, buf.count, Int32(MSG_PEEK))
-            if n < 0 && (errno == EAGAIN || errno == EINTR) { return .success(()) }
-            let line = n > 0 ? buf[0..<n].firstIndex(of: 0x0a) : nil
+            guard var p = s.pendingAccepts[id], let a = s.active else { return .success(()) }
             func discard() {
                 if let t = p.token { loop.remove(t) }
                 close(p.fd)
                 s.pendingAccepts[id] = nil
             }
-            guard let nl = line else {
-                // No complete line: wait for more, unless the peer is gone or the line is too long.
-                if n <= 0 || n >= 32 { discard() }
-                return .success(())
+            // Byte by byte up to the newline: what follows it is stream data for the guest, and bytes
+            // of an unfinished line must be consumed (a readable watch would fire again at once).
+            var complete = false
+            while !complete {
+                var b: UInt8 = 0
+                let n = recv(p.fd, &b, 1, 0)
+                if n < 0 && errno == EINTR { continue }
+                if n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK) {
+                    s.pendingAccepts[id] = p
+                    return .success(())
+                }
+                guard n == 1, p.line.count < 32 else {
+                    // The peer left, failed, or sent a line too long to be CONNECT <port>.
+                    discard()
+                    return .success(())
+                }
+                if b == 0x0a { complete = true } else { p.line.append(b) }
             }
-            _ = recv(p.fd, &buf, nl + 1, 0)
+            let buf = p.line, nl = p.line.count
             let text = String(decoding: buf[0..<nl], as: UTF8.self)
             let parts = text.split(separator: " ", omittingEmptySubsequences: false)
             guard parts.count == 2, parts[0] == "CONNECT", let port = UInt32(parts[1].trimmingSuffix("\r")) else {

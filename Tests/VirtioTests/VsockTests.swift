@@ -286,7 +286,7 @@ struct VsockTests {
         #expect(h.device.connectionCount == 0)
     }
 
-    @Test("host → guest: CONNECT <port> becomes a REQUEST; the RESPONSE gives the host OK <hostport>; an echo; host EOF becomes SHUTDOWN")
+    @Test("host → guest: CONNECT <port> (in pieces) becomes a REQUEST; the RESPONSE gives the host OK <hostport>; an echo; host EOF becomes SHUTDOWN")
     func hostInitiated() throws {
         let h = try VsockHarness()
         try h.start()
@@ -294,7 +294,10 @@ struct VsockTests {
         let fd = unixConnect(h.path)
         try #require(fd >= 0)
         defer { close(fd) }
-        writeAll(fd, Array("CONNECT 52\n".utf8))
+        // The line may arrive in pieces.
+        writeAll(fd, Array("CONN".utf8))
+        usleep(50_000)
+        writeAll(fd, Array("ECT 52\n".utf8))
         var got = try h.receive { $0.count >= 1 }
         let req = try #require(got.first?.header)
         #expect(req.op == Op.request && req.dstPort == 52 && req.srcCID == 2 && req.dstCID == 3)
