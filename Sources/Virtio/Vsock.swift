@@ -309,10 +309,9 @@ public final class VirtioVsock: VirtioDevice, @unchecked Sendable {
             guard st.st_mode & S_IFMT == S_IFSOCK else { throw VsockError("\(path) exists and is not a socket") }
             // A socket: in use when someone accepts on it, else left over from an earlier run.
             let probe = connectUnix(path)
-            if probe >= 0 {
-                close(probe)
-                throw VsockError("\(path) is in use: another process listens on it")
-            }
+            if probe >= 0 { close(probe) }
+            // Only a refused connection proves nobody listens (a full backlog says EAGAIN).
+            guard probe == -ECONNREFUSED else { throw VsockError("\(path) is in use: another process listens on it") }
             unlink(path)
         }
         let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_NONBLOCK.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
