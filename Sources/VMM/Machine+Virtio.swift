@@ -210,7 +210,7 @@ final class MachineVirtio: Sendable {
 
 extension Machine {
     /// Builds the configured virtio devices and attaches them to PCI in slot order: disks (in
-    /// `--disk` order), then the console, then the entropy device. Each disk gets its own
+    /// `--disk` order), the NICs, the vsock device, then the console, then the entropy device. Each disk gets its own
     /// event-loop thread (its I/O is synchronous); the console and rng share one.
     func setUpVirtio() throws {
         let log = VirtioLog { [logger] message in logger.warning("\(message)") }
@@ -247,6 +247,27 @@ extension Machine {
                 backend.close()
                 throw error
             }
+        }
+        if let spec = config.vsock {
+            let loop = try EventLoop(name: "virtio-vsock")
+            let device: VirtioVsock
+            do {
+                device = try VirtioVsock(guestCID: spec.guestCID, udsPath: spec.udsPath, eventLoop: loop, log: log)
+            } catch {
+                throw VMMError.invalidValue(what: "--vsock", value: "uds=\(spec.udsPath)", reason: error.description)
+            }
+            let transport: VirtioPCITransport
+            do {
+                transport = try VirtioPCITransport(device: device, memory: memory, msiController: msiController,
+                                                   eventLoop: loop, ioEvents: ioEvents, log: log)
+            } catch {
+                device.shutdown()
+                throw error
+            }
+            // Added before attaching: stop() then shuts the device down (removing its socket) on any later failure.
+            virtio.add(loop: loop, transport: transport)
+            let slot = try attachPCIDevice(transport).slot
+            logger.info("virtio-vsock cid \(spec.guestCID) on \(spec.udsPath) at PCI slot \(slot)")
         }
         guard config.virtioConsole || config.rng else { return }
         let loop = try EventLoop(name: "virtio")

@@ -107,7 +107,9 @@ public struct VMConfiguration: Codable, Sendable, Equatable {
     public var nets: [NetSpec] = []
     /// The VM's name: the seed of the NICs' derived MAC addresses.
     public var name: String = "swiftkvm"
-    /// A virtio-console (hvc0) device (`--virtio-console`), after the NICs.
+    /// A virtio-vsock device (`--vsock`), after the NICs.
+    public var vsock: VsockSpec? = nil
+    /// A virtio-console (hvc0) device (`--virtio-console`), after the vsock device.
     public var virtioConsole: Bool = false
     /// A virtio-rng device (`--rng`), after the console.
     public var rng: Bool = false
@@ -145,6 +147,7 @@ public struct VMConfiguration: Codable, Sendable, Equatable {
             throw VMMError.invalidValue(what: "--kernel-entry", value: kernelEntry, reason: "expected decompressed or bzimage")
         }
         _ = try serialSpec()
+        try vsock?.validate()
         var ids = Set<String>(), macs = Set<[UInt8]>()
         for (i, nic) in nets.enumerated() {
             let id = nicID(i)

@@ -69,6 +69,10 @@ struct RunCommand: ParsableCommand {
             help: "virtio-net NIC: tap=NAME | fd=N | bridge=BR | user[,hostfwd=tcp::HOSTPORT-:GUESTPORT], then [,mac=MAC][,id=ID] (repeatable).")
     var nets: [String] = []
 
+    @Option(name: .customLong("vsock"),
+            help: "virtio-vsock device: cid=N (3 or more),uds=PATH (host connects to PATH and sends 'CONNECT <port>'; the guest's connections to port P go to PATH_P).")
+    var vsock: String?
+
     @Option(help: "VM name (seeds the NICs' MAC addresses when mac= is not given).")
     var name: String = "swiftkvm"
     @Flag(name: .customLong("rng"), help: "Add a virtio-rng device (entropy from the host's getrandom).")
@@ -126,7 +130,7 @@ struct RunCommand: ParsableCommand {
                 payload = .kernel(path: dir + "/" + guestKernel.fileName,
                                   initrd: initrd ?? dir + "/" + DefaultGuest.initrdName,
                                   cmdline: cmdline ?? DefaultGuest.cmdline(
-                                      for: guestKernel, withVirtioDevices: !disks.isEmpty || !nets.isEmpty || rng || virtioConsole),
+                                      for: guestKernel, withVirtioDevices: !disks.isEmpty || !nets.isEmpty || vsock != nil || rng || virtioConsole),
                                   modules: try modules.map(ModuleSpec.init(parsing:)))
             }
         }
@@ -155,6 +159,7 @@ struct RunCommand: ParsableCommand {
         config.kernelEntry = kernelEntry
         config.disks = try disks.map(DiskSpec.init(parsing:))
         config.nets = try nets.map(NetSpec.init(parsing:))
+        config.vsock = try vsock.map(VsockSpec.init(parsing:))
         config.name = name
         config.rng = rng
         config.virtioConsole = virtioConsole
