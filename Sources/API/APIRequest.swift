@@ -15,6 +15,7 @@ public enum APIRequest: Sendable, Equatable {
     case putDrive(DriveConfig)
     case patchDrive(DriveUpdate)
     case putNetworkInterface(NetworkInterfaceConfig)
+    case putVsock(VsockConfig)
     case patchNetworkInterface(NetworkInterfaceUpdate)
     case action(InstanceActionInfo.ActionType)
     case patchVM(VMStateRequest.State)
@@ -43,6 +44,7 @@ public enum APIRequest: Sendable, Equatable {
         case .putMetrics: return "PUT /metrics"
         case .putEntropy: return "PUT /entropy"
         case .putSerial: return "PUT /serial"
+        case .putVsock: return "PUT /vsock"
         }
     }
 
@@ -50,7 +52,6 @@ public enum APIRequest: Sendable, Equatable {
     static let unsupportedResources: [String: String] = [
         "balloon": "The balloon device",
         "snapshot": "Snapshots",
-        "vsock": "The vsock device",
         "mmds": "The microVM metadata service (MMDS)",
         "cpu-config": "Custom CPU templates (cpu-config)",
         "hotplug": "Memory hotplug",
@@ -90,7 +91,7 @@ public enum APIRequest: Sendable, Equatable {
         }
         // PUT and PATCH need a body on every known path.
         let known: Set<String> = method == "PUT"
-            ? ["actions", "boot-source", "drives", "logger", "serial", "machine-config", "metrics", "network-interfaces", "entropy"]
+            ? ["actions", "boot-source", "drives", "logger", "serial", "machine-config", "metrics", "network-interfaces", "entropy", "vsock"]
             : ["drives", "machine-config", "network-interfaces", "vm"]
         guard known.contains(first) else { throw invalid }
         guard let body else { throw .badRequest("Empty \(method) request.") }
@@ -155,6 +156,9 @@ public enum APIRequest: Sendable, Equatable {
         case ("PUT", "entropy"):
             try single()
             return .putEntropy(try StrictJSON.decode(EntropyDeviceConfig.self, from: body))
+        case ("PUT", "vsock"):
+            try single()
+            return .putVsock(try StrictJSON.decode(VsockConfig.self, from: body))
         case ("PUT", "serial"):
             try single()
             return .putSerial(try StrictJSON.decode(SerialDeviceConfig.self, from: body))

@@ -65,6 +65,7 @@ public final class MetricsRecorder: @unchecked Sendable {
         case .putMetrics: (group, name) = ("put_api_requests", "metrics")
         case .putEntropy: (group, name) = ("put_api_requests", "entropy")
         case .putSerial: (group, name) = ("put_api_requests", "serial")
+        case .putVsock: (group, name) = ("put_api_requests", "vsock")
         }
         increment(group, name + "_count")
         if failed { increment(group, name + "_fails") }

@@ -365,6 +365,27 @@ public struct EntropyDeviceConfig: Codable, Sendable, Equatable {
     }
 }
 
+/// `PUT /vsock` (`Vsock`): a virtio-vsock device with CID `guest_cid` whose host side is the Unix
+/// socket `uds_path` (Firecracker's muxer: `CONNECT <port>` from the host, `<uds_path>_<port>` for
+/// connections from the guest). `vsock_id` is accepted and ignored, as Firecracker deprecated it.
+public struct VsockConfig: Codable, Sendable, Equatable {
+    public var vsockId: String?
+    public var guestCid: Int64
+    public var udsPath: String
+    enum CodingKeys: String, CodingKey, CaseIterable {
+        case vsockId = "vsock_id", guestCid = "guest_cid", udsPath = "uds_path"
+    }
+    public init(guestCid: Int64, udsPath: String) { self.guestCid = guestCid; self.udsPath = udsPath }
+    /// The same with `vsock_id` set.
+    public func with(id: String?) -> VsockConfig { var c = self; c.vsockId = id; return c }
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.strictContainer(keyedBy: CodingKeys.self)
+        vsockId = try c.decodeIfPresent(String.self, forKey: .vsockId)
+        guestCid = try c.decodeInteger(Int64.self, forKey: .guestCid)
+        udsPath = try c.decode(String.self, forKey: .udsPath)
+    }
+}
+
 /// `PUT /serial` (`SerialDevice`): where the guest's serial output goes (default: stdout).
 public struct SerialDeviceConfig: Codable, Sendable, Equatable {
     public var serialOutPath: String?
@@ -404,6 +425,7 @@ public struct FullVMConfiguration: Codable, Sendable, Equatable {
     public var metrics: MetricsConfig?
     public var entropy: EntropyDeviceConfig?
     public var serial: SerialDeviceConfig?
+    public var vsock: VsockConfig?
 
     enum CodingKeys: String, CodingKey, CaseIterable {
         case bootSource = "boot-source", machineConfig = "machine-config", drives
@@ -412,7 +434,7 @@ public struct FullVMConfiguration: Codable, Sendable, Equatable {
         case balloon, vsock, mmdsConfig = "mmds-config", cpuConfig = "cpu-config", pmem
         case memoryHotplug = "memory-hotplug"
     }
-    static let unsupported: [CodingKeys] = [.balloon, .vsock, .mmdsConfig, .cpuConfig, .pmem, .memoryHotplug]
+    static let unsupported: [CodingKeys] = [.balloon, .mmdsConfig, .cpuConfig, .pmem, .memoryHotplug]
 
     public init() { drives = []; networkInterfaces = [] }
 
@@ -432,6 +454,7 @@ public struct FullVMConfiguration: Codable, Sendable, Equatable {
         metrics = try c.decodeIfPresent(MetricsConfig.self, forKey: .metrics)
         entropy = try c.decodeIfPresent(EntropyDeviceConfig.self, forKey: .entropy)
         serial = try c.decodeIfPresent(SerialDeviceConfig.self, forKey: .serial)
+        vsock = try c.decodeIfPresent(VsockConfig.self, forKey: .vsock)
     }
 
     /// Encodes as Firecracker does: every section present, absent ones as null.
@@ -446,7 +469,7 @@ public struct FullVMConfiguration: Codable, Sendable, Equatable {
         try c.encode(metrics, forKey: .metrics)
         try c.encodeNil(forKey: .mmdsConfig)
         try c.encode(networkInterfaces, forKey: .networkInterfaces)
-        try c.encodeNil(forKey: .vsock)
+        try c.encode(vsock, forKey: .vsock)
         try c.encode(entropy, forKey: .entropy)
         try c.encode(serial, forKey: .serial)
     }

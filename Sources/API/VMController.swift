@@ -117,6 +117,7 @@ public final class VMController: @unchecked Sendable {
         var networkInterfaces: [NetworkInterfaceConfig] = []
         var entropy: EntropyDeviceConfig?
         var serial: SerialDeviceConfig?
+        var vsock: VsockConfig?
     }
 
     private struct State {
@@ -183,6 +184,7 @@ public final class VMController: @unchecked Sendable {
         steps += config.networkInterfaces.map { .putNetworkInterface($0) }
         if let e = config.entropy { steps.append(.putEntropy(e)) }
         if let s = config.serial { steps.append(.putSerial(s)) }
+        if let v = config.vsock { steps.append(.putVsock(v)) }
         steps.append(.action(.instanceStart))
         for step in steps {
             if case .failure(let e) = handle(step) {
@@ -286,6 +288,19 @@ public final class VMController: @unchecked Sendable {
             try requirePreBoot()
             try e.rateLimiter?.validate("rate_limiter")
             state.withLock { $0.resources.entropy = e }
+        case .putVsock(let v):
+            try requirePreBoot()
+            guard v.guestCid >= 3, v.guestCid <= 0xffff_fffe else {
+                throw .badRequest("Invalid guest_cid \(v.guestCid): must be 3 to 4294967294 (0, 1 and 2 are reserved; 2 is the host).")
+            }
+            do {
+                try VsockSpec(guestCID: UInt64(v.guestCid), udsPath: v.udsPath).validate()
+            } catch {
+                let reason: String
+                if case .invalidValue(_, _, let r) = error as? VMMError { reason = r } else { reason = "\(error)" }
+                throw .badRequest("Invalid uds_path '\(v.udsPath)': \(reason).")
+            }
+            state.withLock { $0.resources.vsock = v }
         case .putSerial(let s):
             try requirePreBoot()
             if let p = s.serialOutPath, p.isEmpty { throw .badRequest("Invalid serial_out_path: the path is empty.") }
@@ -391,6 +406,7 @@ public final class VMController: @unchecked Sendable {
         c.networkInterfaces = r.networkInterfaces
         c.entropy = r.entropy
         c.serial = r.serial
+        c.vsock = r.vsock
         c.logger = logSink.current
         c.metrics = metrics.current
         return c
@@ -418,6 +434,7 @@ public final class VMController: @unchecked Sendable {
                     rxRateLimit: n.rxRateLimiter?.config, txRateLimit: n.txRateLimiter?.config)
         }
         config.name = options.instanceID
+        config.vsock = r.vsock.map { VsockSpec(guestCID: UInt64($0.guestCid), udsPath: $0.udsPath, id: $0.vsockId) }
         config.rng = r.entropy != nil
         config.rngRateLimit = r.entropy?.rateLimiter?.config
         config.memorySize = UInt64(r.machineConfig.memSizeMib) << 20

@@ -84,10 +84,21 @@ struct ParsingTests {
     @Test("snapshot, balloon and other unimplemented endpoints say 'not supported yet'")
     func unsupported() {
         for (m, p) in [("PUT", "/snapshot/create"), ("PUT", "/snapshot/load"), ("GET", "/balloon"), ("PATCH", "/balloon"),
-                       ("GET", "/balloon/statistics"), ("PUT", "/vsock"), ("PUT", "/mmds"), ("PUT", "/cpu-config")] {
+                       ("GET", "/balloon/statistics"), ("PUT", "/mmds"), ("PUT", "/cpu-config")] {
             let e = fault(m, p, m == "GET" ? nil : "{}")
             #expect(e?.status == 400)
             #expect(e?.message.contains("not supported yet") == true, "\(m) \(p): \(String(describing: e))")
+        }
+    }
+
+    @Test("PUT /vsock: parsed strictly; a reserved CID or a path that is not a socket is a 400 naming the field")
+    func vsock() {
+        #expect(fault("PUT", "/vsock", #"{"guest_cid": 3}"#)?.status == 400)
+        #expect(fault("PUT", "/vsock/x", #"{"guest_cid": 3, "uds_path": "/tmp/v.sock"}"#)?.status == 400)
+        if case .putVsock(let v)? = try? APIRequest.parse(method: "PUT", uri: "/vsock", body: Array(#"{"guest_cid": 7, "uds_path": "/tmp/v.sock"}"#.utf8)) {
+            #expect(v.guestCid == 7 && v.udsPath == "/tmp/v.sock")
+        } else {
+            Issue.record("PUT /vsock did not parse")
         }
     }
 
@@ -103,9 +114,15 @@ struct ParsingTests {
         let c = try JSONDecoder().decode(FullVMConfiguration.self, from: Data(json.utf8))
         #expect(c.machineConfig?.vcpuCount == 2)
         #expect(c.networkInterfaces.first?.hostDevName == "tap0")
+        // vsock: guest_cid and uds_path are required, unknown fields refused.
         #expect(throws: DecodingError.self) {
             try JSONDecoder().decode(FullVMConfiguration.self, from: Data(#"{"vsock": {"guest_cid": 3}}"#.utf8))
         }
+        #expect(throws: DecodingError.self) {
+            try JSONDecoder().decode(FullVMConfiguration.self, from: Data(#"{"vsock": {"guest_cid": 3, "uds_path": "/v", "x": 1}}"#.utf8))
+        }
+        let v = try JSONDecoder().decode(FullVMConfiguration.self, from: Data(#"{"vsock": {"vsock_id": "v", "guest_cid": 3, "uds_path": "/tmp/v.sock"}}"#.utf8))
+        #expect(v.vsock == VsockConfig(guestCid: 3, udsPath: "/tmp/v.sock").with(id: "v"))
         #expect(throws: DecodingError.self) {
             try JSONDecoder().decode(FullVMConfiguration.self, from: Data(#"{"boot_source": {}}"#.utf8))
         }

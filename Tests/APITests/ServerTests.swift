@@ -41,6 +41,20 @@ struct ServerTests {
         #expect(full.keys.contains("balloon") && full["balloon"] is NSNull)
     }
 
+    @Test("PUT /vsock is stored and reported; a reserved CID or a path that is not a socket is a 400 naming the field")
+    func vsock() throws {
+        let f = try FakeServerFixture()
+        defer { f.shutdown() }
+        let notSocket = f.dir.file("plain", contents: "x")
+        let two = try f.send("PUT", "/vsock", #"{"guest_cid": 2, "uds_path": "\#(f.dir.path)/v.sock"}"#)
+        #expect(two.status == 400 && two.body.contains("guest_cid"), "\(two.body)")
+        let file = try f.send("PUT", "/vsock", #"{"guest_cid": 3, "uds_path": "\#(notSocket)"}"#)
+        #expect(file.status == 400 && file.body.contains("uds_path") && file.body.contains("not a socket"), "\(file.body)")
+        #expect(try f.send("PUT", "/vsock", #"{"guest_cid": 3, "uds_path": "\#(f.dir.path)/v.sock"}"#).status == 204)
+        let full = try #require(try f.send("GET", "/vm/config").json)
+        #expect((full["vsock"] as? [String: Any])?["guest_cid"] as? Int == 3)
+    }
+
     @Test("bad requests get 400 with a fault_message naming the field, and change nothing")
     func badRequestsChangeNothing() throws {
         let f = try FakeServerFixture()
