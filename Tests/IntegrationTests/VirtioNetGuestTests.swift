@@ -110,7 +110,8 @@ struct VirtioNetGuestTests {
         let line = r.lines.first { $0.hasPrefix("ok rx:") } ?? ""
         let lost = Int(line.split(separator: " ").first { $0.hasPrefix("lost=") }?.dropFirst(5) ?? "") ?? -1
         #expect(line.contains("0 bad payloads, 0 out of order"), "\(r.output)")
-        #expect(lost >= 0 && lost == dropped() - before, "lost \(lost) frames, the TAP dropped \(dropped() - before)\n\(r.output)")
+        // (tx_dropped also counts the STOP frames and the host's own IPv6 chatter sent after the guest ended.)
+        #expect(lost >= 0 && lost <= dropped() - before, "lost \(lost) frames, the TAP dropped only \(dropped() - before)\n\(r.output)")
         #expect(lost < 2000, "most frames lost: \(r.output)")
     }
 
