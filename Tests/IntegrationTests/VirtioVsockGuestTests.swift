@@ -184,6 +184,43 @@ struct VirtioVsockGuestTests {
         #expect(access(uds, F_OK) != 0, "the listening socket is removed at exit")
     }
 
+    @Test("Firecracker's config file: a vsock section (guest_cid, uds_path) gives the guest its device; echoes both ways")
+    func firecrackerConfig() throws {
+        let dir = socketDirectory()
+        defer { removeDirectory(dir) }
+        let uds = dir + "/v.sock"
+        let server = try HostServer(path: uds + "_1025", echo: true)
+        defer { server.stop() }
+        let config = """
+            {"boot-source": {"kernel_image_path": "\(GuestTestEnvironment.guestImage("virtio_vsock"))",
+                             "boot_args": "cid=7 port=1024 hostport=1025 refused=1999 n=65536"},
+             "machine-config": {"vcpu_count": 1, "mem_size_mib": 64},
+             "vsock": {"guest_cid": 7, "uds_path": "\(uds)"}}
+            """
+        try config.write(toFile: dir + "/config.json", atomically: true, encoding: .utf8)
+        let swiftkvm = try #require(GuestTestEnvironment.swiftkvmPath, "swiftkvm executable not found")
+        let child = NetChild(try MCChild(swiftkvm, ["vmm", "--no-api", "--config-file", dir + "/config.json"]))
+        let data = vsockPattern(65536)
+        var echoed: [UInt8] = []
+        if child.waitFor("VSOCK-READY listen 1024", timeout: 60) {
+            let r = UnixSocket.connect(uds)
+            _ = UnixSocket.writeAll(r, Array("CONNECT 999\n".utf8))
+            _ = UnixSocket.readLine(r)
+            close(r)
+            let fd = UnixSocket.connect(uds)
+            try #require(fd >= 0, "connect to \(uds)")
+            _ = UnixSocket.writeAll(fd, Array("CONNECT 1024\n".utf8))
+            #expect(UnixSocket.readLine(fd)?.hasPrefix("OK ") == true)
+            _ = UnixSocket.writeAll(fd, data)
+            echoed = UnixSocket.read(fd, data.count)
+            close(fd)
+        }
+        let r = finish(child)
+        #expect(echoed == data, "host → guest echo through the config file's device\n\(r.output)")
+        #expect(r.okNames.isSuperset(of: ["vsock-config", "listen-echo", "connect-echo"]), "\(r.output)")
+        #expect(server.bytes == [65536], "the host echo server handled \(server.bytes)")
+    }
+
     @Test("bench modes: 64 KiB writes guest → host and host → guest report MB/s, and connection set-up latency")
     func bench() throws {
         let dir = socketDirectory()
