@@ -131,6 +131,29 @@ struct VirtioNetGuestTests {
                 && counter.output.contains(" gso_bad=0 "), "\(counter.output)")
     }
 
+    @Test("two VMs on one bridge with no uplink (an isolated network) reach each other: one answers, the other pings it")
+    func twoVMsOnABridge() throws {
+        let ns = try NetworkNamespace(tag: "iso")
+        defer { ns.remove() }
+        try ns.addBridge("br0")
+        let swiftkvm = try #require(GuestTestEnvironment.swiftkvmPath)
+        let server = try ns.spawn([swiftkvm, "run"] + programArguments("virtio_net", cmdline: "mode=serve ip=10.9.0.20 timeout=60000")
+                                  + ["--memory", "64M", "--net", "bridge=br0", "--name", "vm-a", "--log-level", "info"])
+        defer { server.kill() }
+        #expect(server.waitFor("NET-READY", timeout: 60), "\(server.output)")
+        let client = try ns.spawn([swiftkvm, "run"] + programArguments("virtio_net", cmdline: "ip=10.9.0.21 peer=10.9.0.20 count=5")
+                                  + ["--memory", "64M", "--net", "bridge=br0", "--name", "vm-b"])
+        let status = client.waitForExit(timeout: 120)
+        let r = GuestReport(status: status, output: client.output, command: client.commandLine)
+        expectPass(r, checks: ["net-config", "arp", "icmp"])
+        // The peer's MAC in the ARP answer is the server VM's derived MAC.
+        let serverMAC = NetSpec.formatMAC(NetSpec.derivedMAC(vmName: "vm-a", id: "net0"))
+        #expect(r.output.contains("10.9.0.20 is at \(serverMAC)"), "\(r.output)")
+        _ = try? ns.exec(["/usr/bin/python3", Self.netinject, "stop", "br0", "--repeat", "3"])
+        #expect(server.waitForExit(timeout: 30) == 33, "\(server.output)")
+        #expect(server.output.contains("echoes=5"), "\(server.output)")
+    }
+
     @Test("user-mode networking (--net user): passt answers ARP and relays ICMP echoes to a host in the next namespace",
           .enabled(if: FileManager.default.isExecutableFile(atPath: "/usr/bin/passt"), "passt is not installed: run scripts/install-deps"))
     func userMode() throws {
