@@ -682,17 +682,18 @@ public final class VirtioNet: VirtioDevice, @unchecked Sendable {
         }
     }
 
-    /// Stores a little-endian u16 at byte `offset` of the iovecs.
+    /// Stores a little-endian u16 at byte `offset` of the iovecs (the two bytes may straddle two iovecs).
     static func store16(_ value: UInt16, at offset: Int, in iov: UnsafeBufferPointer<iovec>) {
-        let bytes = [UInt8(value & 0xff), UInt8(value >> 8)]
         var pos = 0, k = 0
         for v in iov {
-            for j in 0..<v.iov_len where pos + j >= offset && k < 2 {
-                v.iov_base!.storeBytes(of: bytes[k], toByteOffset: j, as: UInt8.self)
+            // Byte offset + k lies in this iovec: write it, and the next one if it is here too.
+            while k < 2 && offset + k < pos + v.iov_len {
+                v.iov_base!.storeBytes(of: UInt8(truncatingIfNeeded: value >> (8 * UInt16(k))),
+                                       toByteOffset: offset + k - pos, as: UInt8.self)
                 k += 1
             }
-            pos += v.iov_len
             if k == 2 { return }
+            pos += v.iov_len
         }
     }
 
