@@ -361,6 +361,8 @@ public final class VirtioNet: VirtioDevice, @unchecked Sendable {
             updateWatch(&s)
         }
         let needed = Self.headerSize + s.maxFrame
+        // Looked up once per batch (a lock round trip), not per frame.
+        let limited = rxRateLimiter.isLimiting
         for _ in 0..<Self.batch {
             // Enough room for a largest frame: one chain without MRG_RXBUF, else as many as it takes.
             while s.mergeable ? s.rxSpace < needed : s.rxChains.isEmpty {
@@ -390,7 +392,7 @@ public final class VirtioNet: VirtioDevice, @unchecked Sendable {
                 s.rxStarved = true
                 return
             }
-            if rxRateLimiter.isLimiting, case .throttled(let ns) = rxRateLimiter.consume(bytes: 1, ops: 1) {
+            if limited, case .throttled(let ns) = rxRateLimiter.consume(bytes: 1, ops: 1) {
                 s.counters.rxRateLimiterThrottled += 1
                 s.rxThrottled = true
                 rxTimer.arm(afterNs: ns)
@@ -425,7 +427,7 @@ public final class VirtioNet: VirtioDevice, @unchecked Sendable {
                 log.error("virtio-net \(backend.label): read failed: \(String(cString: strerror(Int32(-n))))")
                 return
             }
-            if rxRateLimiter.isLimiting { rxRateLimiter.charge(bytes: UInt64(n - Self.headerSize - 1)) }
+            if limited { rxRateLimiter.charge(bytes: UInt64(n - Self.headerSize - 1)) }
             guard n >= Self.headerSize + 14 else { s.counters.rxFails += 1; continue }
             guard accepts(s, destination: s.iov, offset: Self.headerSize) else { s.counters.rxFiltered += 1; continue }
             // Chains used: as many as the frame filled.
@@ -498,6 +500,7 @@ public final class VirtioNet: VirtioDevice, @unchecked Sendable {
             updateWatch(&s)
         }
         let maxChain = UInt64(Self.headerSize + Self.maxOffloadFrame)
+        let limited = txRateLimiter.isLimiting
         for count in 0...Self.batch {
             if count == Self.batch {
                 // Let the loop serve the receive side and other devices, then continue.
@@ -531,7 +534,7 @@ public final class VirtioNet: VirtioDevice, @unchecked Sendable {
                 added = true
                 continue
             }
-            if txRateLimiter.isLimiting, case .throttled(let ns) = txRateLimiter.consume(bytes: length - UInt64(Self.headerSize)) {
+            if limited, case .throttled(let ns) = txRateLimiter.consume(bytes: length - UInt64(Self.headerSize)) {
                 s.counters.txRateLimiterThrottled += 1
                 s.txHeld = chain
                 s.txThrottled = true
