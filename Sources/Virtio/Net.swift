@@ -429,7 +429,11 @@ public final class VirtioNet: VirtioDevice, @unchecked Sendable {
             }
             if limited { rxRateLimiter.charge(bytes: UInt64(n - Self.headerSize - 1)) }
             guard n >= Self.headerSize + 14 else { s.counters.rxFails += 1; continue }
-            guard accepts(s, destination: s.iov, offset: Self.headerSize) else { s.counters.rxFiltered += 1; continue }
+            // (The filter is read in place: passing the whole State would retain each of its arrays per frame.)
+            guard s.filter.promiscuous || accepts(s.filter, mac: s.mac, destination: s.iov, offset: Self.headerSize) else {
+                s.counters.rxFiltered += 1
+                continue
+            }
             // Chains used: as many as the frame filled.
             var used = 0, left = n
             while left > 0 && used < s.rxChains.count {
@@ -473,8 +477,7 @@ public final class VirtioNet: VirtioDevice, @unchecked Sendable {
     }
 
     /// Whether the filter lets a frame with this destination MAC (at `offset` of the iovecs) in.
-    private func accepts(_ s: State, destination iov: [iovec], offset: Int) -> Bool {
-        let f = s.filter
+    private func accepts(_ f: Filter, mac: [UInt8], destination iov: [iovec], offset: Int) -> Bool {
         if f.promiscuous { return true }
         var dst = [UInt8](repeating: 0, count: 6)
         iov.withUnsafeBufferPointer { Self.copyOut(&dst, at: offset, from: $0) }
@@ -484,7 +487,7 @@ public final class VirtioNet: VirtioDevice, @unchecked Sendable {
             return f.allMulticast || f.multicast.contains(dst)
         }
         if f.noUnicast { return false }
-        return f.allUnicast || dst == s.mac || f.unicast.contains(dst)
+        return f.allUnicast || dst == mac || f.unicast.contains(dst)
     }
 
     // MARK: Transmit
