@@ -54,16 +54,7 @@ public struct VMDefinition: Sendable, Equatable {
     /// Parses a definition; `source` (a file name or "the request body") starts every error.
     public static func parse(_ bytes: [UInt8], source: String) throws(ManagerError) -> VMDefinition {
         func bad(_ text: String) -> ManagerError { ManagerError(.invalid, "invalid definition (\(source)): \(text)") }
-        guard bytes.count <= maxSize else { throw bad("larger than \(maxSize) bytes") }
-        let object: [String: JSONValue]
-        do {
-            object = try JSONDecoder().decode([String: JSONValue].self, from: Data(bytes))
-        } catch DecodingError.typeMismatch {
-            throw bad("expected a JSON object")
-        } catch {
-            if let e = error as? DecodingError { throw bad(StrictJSON.describe(e)) }
-            throw bad("malformed JSON: \(error)")
-        }
+        let object = try JSONValue.definitionObject(bytes, maxSize: maxSize, bad: bad)
         struct Keys: Decodable {
             var name: String?
             var autostart: Bool?

@@ -1,3 +1,4 @@
+import API
 import FoundationEssentials
 
 /// Any JSON value, decoded and encoded with Codable (the manager splits a definition into its
@@ -51,5 +52,22 @@ public enum JSONValue: Codable, Sendable, Equatable {
     /// Decodes a JSON object's members (nil when `bytes` is not valid JSON or not an object).
     public static func object(from bytes: [UInt8]) -> [String: JSONValue]? {
         try? JSONDecoder().decode([String: JSONValue].self, from: Data(bytes))
+    }
+}
+
+extension JSONValue {
+    /// The top level of a definition file (VM or network): a JSON object of at most `maxSize` bytes.
+    /// Failures go through `bad`, which adds the definition kind and its source.
+    static func definitionObject(_ bytes: [UInt8], maxSize: Int,
+                                 bad: (String) -> ManagerError) throws(ManagerError) -> [String: JSONValue] {
+        guard bytes.count <= maxSize else { throw bad("larger than \(maxSize) bytes") }
+        do {
+            return try JSONDecoder().decode([String: JSONValue].self, from: Data(bytes))
+        } catch DecodingError.typeMismatch {
+            throw bad("expected a JSON object")
+        } catch {
+            if let e = error as? DecodingError { throw bad(StrictJSON.describe(e)) }
+            throw bad("malformed JSON: \(error)")
+        }
     }
 }

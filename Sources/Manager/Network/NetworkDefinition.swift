@@ -193,16 +193,7 @@ public struct NetworkDefinition: Sendable, Equatable {
     /// Parses a definition; `source` (a file name or "the request body") starts every error.
     public static func parse(_ bytes: [UInt8], source: String) throws(ManagerError) -> NetworkDefinition {
         func bad(_ text: String) -> ManagerError { ManagerError(.invalid, "invalid network definition (\(source)): \(text)") }
-        guard bytes.count <= maxSize else { throw bad("larger than \(maxSize) bytes") }
-        let object: [String: JSONValue]
-        do {
-            object = try JSONDecoder().decode([String: JSONValue].self, from: Data(bytes))
-        } catch DecodingError.typeMismatch {
-            throw bad("expected a JSON object")
-        } catch {
-            if let e = error as? DecodingError { throw bad(StrictJSON.describe(e)) }
-            throw bad("malformed JSON: \(error)")
-        }
+        let object = try JSONValue.definitionObject(bytes, maxSize: maxSize, bad: bad)
         for k in object.keys.sorted() where !keys.contains(k) {
             throw bad("unknown key `\(k)`, expected one of \(keys.map { "`\($0)`" }.joined(separator: ", "))")
         }
