@@ -166,26 +166,6 @@ static int parse_mac(const char *s, uint8_t out[6]) {
     return *s ? -1 : 0;
 }
 
-static uint64_t tsc_khz(void) {
-    uint64_t k = rt_cmdline_uint("tsc_khz", 0);
-    if (k) return k;
-    uint32_t r[4];
-    cpuid(1, 0, r);
-    if (r[2] & (1u << 31)) {                        /* hypervisor present */
-        cpuid(0x40000000, 0, r);
-        if (r[0] >= 0x40000010 && r[0] < 0x40000100) {
-            cpuid(0x40000010, 0, r);
-            if (r[0]) return r[0];
-        }
-    }
-    cpuid(0, 0, r);
-    if (r[0] >= 0x15) {
-        cpuid(0x15, 0, r);
-        if (r[0] && r[1] && r[2]) return (uint64_t)r[2] * r[1] / r[0] / 1000;
-    }
-    return 0;
-}
-
 static void device_error(const char *what) { if (!dev_error) dev_error = what; }
 
 /* ---------------------------------------------------------------- receive */
@@ -601,7 +581,7 @@ static void mode_rx(void) {
 
 /* ---------------------------------------------------------------- benchmarks */
 static void print_rate(const char *kind, uint64_t frames, uint64_t bytes, uint64_t tsc) {
-    uint64_t khz = tsc_khz();
+    uint64_t khz = rt_tsc_khz();
     if (!khz || !tsc) return;
     uint64_t us = tsc * 1000 / khz;
     if (!us) return;
@@ -710,7 +690,7 @@ static void bench_tx(void) {
         cpu_pause();
     }
     uint64_t t1 = rdtsc();
-    uint64_t khz = tsc_khz();
+    uint64_t khz = rt_tsc_khz();
     uint64_t bytes = done * size;
     if (khz)
         rt_printf("BENCH tx done frames=%lu bytes=%lu tsc=%lu kicks=%lu errors=%lu tsc_khz=%lu\n", done, bytes, t1 - t0,
@@ -780,7 +760,7 @@ static void bench_rx(void) {
         if (batch) vq_kick(&rxq);
         end = rt_deadline(timeout);
     }
-    uint64_t tsc = t_last - t_first, khz = tsc_khz();
+    uint64_t tsc = t_last - t_first, khz = rt_tsc_khz();
     if (khz)
         rt_printf("BENCH rx done frames=%lu bytes=%lu tsc=%lu lost=%lu tsc_khz=%lu\n", frames, bytes, tsc, lost, khz);
     else

@@ -86,26 +86,6 @@ static struct { uint64_t rx_packets, tx_packets, rsts_in, bad_packets, refused_r
 static inline uint8_t pattern(uint64_t i) { return (uint8_t)(i * 7 + (i >> 8)); }   /* period 64 KiB */
 static void device_error(const char *what) { if (!dev_error) dev_error = what; }
 
-static uint64_t tsc_khz(void) {
-    uint64_t k = rt_cmdline_uint("tsc_khz", 0);
-    if (k) return k;
-    uint32_t r[4];
-    cpuid(1, 0, r);
-    if (r[2] & (1u << 31)) {
-        cpuid(0x40000000, 0, r);
-        if (r[0] >= 0x40000010 && r[0] < 0x40000100) {
-            cpuid(0x40000010, 0, r);
-            if (r[0]) return r[0];
-        }
-    }
-    cpuid(0, 0, r);
-    if (r[0] >= 0x15) {
-        cpuid(0x15, 0, r);
-        if (r[0] && r[1] && r[2]) return (uint64_t)r[2] * r[1] / r[0] / 1000;
-    }
-    return 0;
-}
-
 /* ---------------------------------------------------------------- transmit */
 static inline uint8_t *tx_slot(int head) { return txmem + (uint64_t)head * TX_SLOT; }
 
@@ -450,7 +430,7 @@ static void mode_connect(void) {
 }
 
 static void print_rate(const char *kind, uint64_t bytes, uint64_t tsc) {
-    uint64_t khz = tsc_khz();
+    uint64_t khz = rt_tsc_khz();
     if (!khz || !tsc) return;
     uint64_t us = tsc * 1000 / khz;
     if (us) rt_printf("# %s: %lu MB/s (%lu bytes in %lu us)\n", kind, bytes / us, bytes, us);
@@ -474,7 +454,7 @@ static void bench_tx(void) {
     }
     uint64_t t1 = rdtsc();
     vs_close(5000);
-    uint64_t khz = tsc_khz();
+    uint64_t khz = rt_tsc_khz();
     rt_printf("BENCH tx done bytes=%lu tsc=%lu", c.sent, t1 - t0);
     if (khz) rt_printf(" tsc_khz=%lu", khz);
     rt_printf("\n");
@@ -493,7 +473,7 @@ static void bench_rx(void) {
     wait_for(peer_done, timeout);
     uint64_t t1 = rdtsc();
     if (c.state == C_OPEN) { send_pkt(OP_RST, 0, c.lport, c.pport, 0, 0, 0); c.state = C_CLOSED; }
-    uint64_t khz = tsc_khz(), tsc = c.t_first ? t1 - c.t_first : 0;
+    uint64_t khz = rt_tsc_khz(), tsc = c.t_first ? t1 - c.t_first : 0;
     rt_printf("BENCH rx done bytes=%lu tsc=%lu", c.received, tsc);
     if (khz) rt_printf(" tsc_khz=%lu", khz);
     rt_printf("\n");
@@ -515,7 +495,7 @@ static void bench_connect(void) {
         if (!vs_close(5000)) break;
         done++;
     }
-    uint64_t khz = tsc_khz();
+    uint64_t khz = rt_tsc_khz();
     rt_printf("BENCH connect done n=%u tsc=%lu worst=%lu", done, total, worst);
     if (khz) rt_printf(" tsc_khz=%lu", khz);
     rt_printf("\n");

@@ -514,3 +514,23 @@ void rt_start(uint32_t magic, uint32_t info) {
     main();
     rt_finish();
 }
+
+uint64_t rt_tsc_khz(void) {
+    uint64_t k = rt_cmdline_uint("tsc_khz", 0);
+    if (k) return k;
+    uint32_t r[4];
+    cpuid(1, 0, r);
+    if (r[2] & (1u << 31)) {                        /* hypervisor present */
+        cpuid(0x40000000, 0, r);
+        if (r[0] >= 0x40000010 && r[0] < 0x40000100) {
+            cpuid(0x40000010, 0, r);
+            if (r[0]) return r[0];
+        }
+    }
+    cpuid(0, 0, r);
+    if (r[0] >= 0x15) {
+        cpuid(0x15, 0, r);
+        if (r[0] && r[1] && r[2]) return (uint64_t)r[2] * r[1] / r[0] / 1000;
+    }
+    return 0;
+}

@@ -146,6 +146,9 @@ extern const char *rt_cmdline;           /* "" when none */
 /* Value of "key=N" (decimal or 0x hex) in the command line, or def. */
 uint64_t rt_cmdline_uint(const char *key, uint64_t def);
 int rt_cmdline_has(const char *word);
+/* The TSC rate in kHz: tsc_khz=N on the command line, else CPUID 0x40000010 (hypervisor timing leaf),
+ * else CPUID 0x15; 0 when none says. Unprivileged (usable in ring 3). */
+uint64_t rt_tsc_khz(void);
 /* Copies the value of "key=VALUE" (up to the next space, at most max-1 bytes, NUL-terminated)
  * into buf; returns its length, or -1 when the key is absent. */
 int rt_cmdline_str(const char *key, char *buf, size_t max);
