@@ -48,8 +48,8 @@ struct VirtioNetGuestTests {
         let chained = try run(ns, cmdline: "count=3 size=1472 rxbuf=256 nomrg noevent")
         expectPass(chained, checks: ["net-config", "arp", "icmp", "net-rx-headers"])
         // The host kernel counted the guest's frames on tap0 (ARP and 10 echo requests at least).
-        let rx = try ns.exec(["cat", "/sys/class/net/tap0/statistics/rx_packets"])
-        #expect((Int(rx.trimmingCharacters(in: .whitespacesAndNewlines)) ?? 0) >= 13, "tap0 rx_packets: \(rx)")
+        let rx = ns.statistic("tap0", "rx_packets")
+        #expect((rx ?? 0) >= 13, "tap0 rx_packets: \(String(describing: rx))")
     }
 
     @Test("the MAC address: given with mac=, else derived from the VM name and NIC id, stable across runs")
@@ -94,9 +94,7 @@ struct VirtioNetGuestTests {
         let ns = try namespace("rx")
         defer { ns.remove() }
         try ns.exec(["ip", "link", "set", "tap0", "txqueuelen", "10000"])
-        func dropped() -> Int {
-            Int(((try? ns.exec(["cat", "/sys/class/net/tap0/statistics/tx_dropped"])) ?? "").trimmingCharacters(in: .whitespacesAndNewlines)) ?? -1
-        }
+        func dropped() -> Int { ns.statistic("tap0", "tx_dropped") ?? -1 }
         let before = dropped()
         var sent = ""
         let r = try run(ns, cmdline: "mode=rx n=3000 rxbuf=512") { child in
@@ -173,8 +171,8 @@ struct VirtioNetGuestTests {
         expectPass(r, checks: ["net-config", "arp", "icmp"])
         #expect(r.output.contains("on passt (pid "), "\(r.output)")
         // The echoes reached 'outside' (its kernel answered them) and passt is gone with the VM.
-        let rx = try outside.exec(["cat", "/sys/class/net/b0/statistics/rx_packets"])
-        #expect((Int(rx.trimmingCharacters(in: .whitespacesAndNewlines)) ?? 0) >= 3, "b0 rx_packets: \(rx)")
+        let rx = outside.statistic("b0", "rx_packets")
+        #expect((rx ?? 0) >= 3, "b0 rx_packets: \(String(describing: rx))")
         // passt (its pid from the VMM's log) ended with the VM.
         if let at = r.output.range(of: "on passt (pid "), let pid = Int32(r.output[at.upperBound...].prefix { $0.isNumber }) {
             let comm = (try? String(contentsOfFile: "/proc/\(pid)/comm", encoding: .utf8)) ?? ""

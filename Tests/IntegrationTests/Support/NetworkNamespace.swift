@@ -52,6 +52,12 @@ final class NetworkNamespace: @unchecked Sendable {
         return p
     }
 
+    /// Interface counter `name` (e.g. rx_packets, tx_dropped) of `iface` in this namespace, from
+    /// /sys/class/net/IFACE/statistics; nil when it cannot be read.
+    func statistic(_ iface: String, _ name: String) -> Int? {
+        Int(((try? exec(["cat", "/sys/class/net/\(iface)/statistics/\(name)"])) ?? "").trimmingCharacters(in: .whitespacesAndNewlines))
+    }
+
     /// A TAP `tap` with `address` (CIDR) on it, up.
     func addTap(_ tap: String, address: String? = nil) throws {
         try exec(["ip", "tuntap", "add", "dev", tap, "mode", "tap"])
