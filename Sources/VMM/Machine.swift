@@ -118,11 +118,13 @@ public final class Machine: @unchecked Sendable {
         for (slot, region) in memory.regions.enumerated() {
             try vm.setUserMemoryRegion(slot: UInt32(slot), guestPhys: region.start, size: region.size, host: region.host)
         }
+        // The host quirks' memory slots before the irqchip: once KVM has an in-kernel irqchip, each new
+        // slot costs 4–9 ms here (measured with strace -T), against 0.1 ms before it.
+        try self.quirks.configure(vm: vm, logger: logger)
         do { try vm.setTSSAddress(Self.tssAddress) } catch { logger.debug("\(error)") }
         do { try vm.setIdentityMapAddress(Self.identityMapAddress) } catch { logger.debug("\(error)") }
         try vm.createIRQChip()
         try vm.createPIT2()
-        try self.quirks.configure(vm: vm, logger: logger)
 
         // Devices.
         serial = Serial16550(interrupt: KVMInterruptLine(vm: vm, gsi: Serial16550.defaultIRQ), output: serialOutput)
