@@ -20,6 +20,13 @@ public final class DaemonServer: @unchecked Sendable {
     let manager: VMManager
     let version: String
     private let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+    /// Where requests run: they block (a start waits for its vmm, a shutdown for the guest), so on
+    /// real threads, as many as libvirtd's default `max_workers`. (A Dispatch concurrent queue
+    /// runs only about as many blocking items as there are cores: with 5 starts at once on 2
+    /// cores, 2 of them waited for the first ones to finish.)
+    private let workers = NIOThreadPool(numberOfThreads: DaemonServer.workerCount)
+    /// Requests handled at once; more wait in order.
+    public static let workerCount = 20
     private var channel: (any Channel)?
 
     public init(socketPath: String, manager: VMManager, version: String) {
@@ -42,12 +49,14 @@ public final class DaemonServer: @unchecked Sendable {
             unlink(socketPath) // stale: the caller holds the daemon lock
         }
         let router = DaemonRouter(manager: manager, version: version)
+        let workers = self.workers
+        workers.start()
         let bootstrap = ServerBootstrap(group: group)
             .serverChannelOption(ChannelOptions.backlog, value: 64)
             .childChannelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
                     try channel.pipeline.syncOperations.configureHTTPServerPipeline(withErrorHandling: true)
-                    try channel.pipeline.syncOperations.addHandler(DaemonHTTPHandler(router: router))
+                    try channel.pipeline.syncOperations.addHandler(DaemonHTTPHandler(router: router, workers: workers))
                 }
             }
         do {
@@ -64,6 +73,8 @@ public final class DaemonServer: @unchecked Sendable {
         channel = nil
         unlink(socketPath)
         try? group.syncShutdownGracefully()
+        // Not waited for: a request still running (a start waiting for its vmm) must not hold up the stop.
+        workers.shutdownGracefully { _ in }
     }
 }
 
@@ -258,9 +269,12 @@ final class DaemonHTTPHandler: ChannelInboundHandler, @unchecked Sendable {
     private var body: [UInt8] = []
     private var rejected = false
     private var subscription: UInt64?
-    private static let queue = DispatchQueue(label: "daemon-actions", attributes: .concurrent)
+    private let workers: NIOThreadPool
 
-    init(router: DaemonRouter) { self.router = router }
+    init(router: DaemonRouter, workers: NIOThreadPool) {
+        self.router = router
+        self.workers = workers
+    }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         switch unwrapInboundIn(data) {
@@ -294,10 +308,11 @@ final class DaemonHTTPHandler: ChannelInboundHandler, @unchecked Sendable {
             let router = self.router, method = head.method.rawValue, uri = head.uri, bytes = body
             let keepAlive = head.isKeepAlive
             body = []
-            let promise = context.eventLoop.makePromise(of: DaemonReply.self)
-            Self.queue.async { promise.succeed(router.handle(method: method, uri: uri, body: bytes)) }
+            let reply = workers.runIfActive(eventLoop: context.eventLoop) {
+                router.handle(method: method, uri: uri, body: bytes)
+            }
             let bound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
-            promise.futureResult.whenSuccess { reply in
+            reply.whenSuccess { reply in
                 let (handler, context) = bound.value
                 handler.write(context: context, reply, keepAlive: keepAlive)
             }
