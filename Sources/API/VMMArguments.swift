@@ -33,7 +33,7 @@ public enum VMMArguments {
                 if name == "show-log-origin" { o.showLogOrigin = true }
                 continue
             case "api-sock", "id", "config-file", "log-path", "level", "metrics-path", "metrics-interval",
-                 "http-api-max-payload-size", "console-sock", "serial-log",
+                 "http-api-max-payload-size", "console-sock", "serial-log", "ready-fd",
                  // Accepted for compatibility with Firecracker tooling; no effect.
                  "seccomp-filter", "start-time-us", "start-time-cpu-us", "parent-cpu-time-us", "module":
                 break
@@ -67,6 +67,9 @@ public enum VMMArguments {
                 o.maxPayloadSize = v
             case "console-sock": o.consoleSocket = value
             case "serial-log": o.serialLog = value
+            case "ready-fd":
+                guard let v = Int32(value), v >= 3 else { return nil }
+                o.readyFD = v
             default: break // compatibility options without effect
             }
         }

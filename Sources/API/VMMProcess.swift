@@ -32,6 +32,10 @@ public enum VMMProcess {
         public var consoleSocket: String?
         /// `--serial-log`: append serial output to this file instead of writing it to stdout.
         public var serialLog: String?
+        /// `--ready-fd`: an inherited descriptor that gets `ready\n` and is closed once the API is
+        /// up and the config file's VM (if any) has started. A supervisor waiting on it sees EOF
+        /// without the line when the process exits before that.
+        public var readyFD: Int32?
         /// Whether stdin feeds the serial input (as Firecracker's): nil = when stdin is open and
         /// not /dev/null.
         public var stdinInput: Bool?
@@ -46,6 +50,8 @@ public enum VMMProcess {
     public static func run(_ options: Options) -> Int32 {
         signal(SIGPIPE, SIG_IGN)
         var stopSignals = StopSignals.takeOver()
+        // The ready descriptor is the supervisor's alone: children (passt) must not keep it open.
+        if let fd = options.readyFD { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
 
         guard !options.noAPI || options.configFile != nil else {
             fail("--no-api requires --config-file (without the API the VM must be configured by the file)")
@@ -184,6 +190,11 @@ public enum VMMProcess {
                 fail(error.message)
                 terminate(MachineExit.usageExitCode)
             }
+        }
+        if let fd = options.readyFD {
+            // A closed or invalid descriptor is the supervisor's problem, not the guest's: ignored.
+            _ = "ready\n".withCString { write(fd, $0, 6) }
+            close(fd)
         }
 
         // Signal loop: SIGINT/SIGTERM stop the guest, or the process before InstanceStart.

@@ -10,15 +10,17 @@ enum ProcessTools {
 
     /// Starts `executable` with `arguments` in a new session: stdin /dev/null, stdout and stderr
     /// appended to `logPath`, default signal handling and an empty signal mask; other file
-    /// descriptors are closed. Returns the pid.
-    static func spawn(_ executable: String, _ arguments: [String], logPath: String) throws(ManagerError) -> pid_t {
+    /// descriptors are closed, except `passing`, which the child gets as descriptor 3. Returns the pid.
+    static func spawn(_ executable: String, _ arguments: [String], logPath: String,
+                      passing: Int32? = nil) throws(ManagerError) -> pid_t {
         var actions = posix_spawn_file_actions_t()
         posix_spawn_file_actions_init(&actions)
         defer { posix_spawn_file_actions_destroy(&actions) }
         posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
         posix_spawn_file_actions_addopen(&actions, 1, logPath, O_WRONLY | O_APPEND | O_CREAT, 0o644)
         posix_spawn_file_actions_adddup2(&actions, 1, 2)
-        if let closeFrom = addCloseFrom { _ = closeFrom(&actions, 3) }
+        if let passing { posix_spawn_file_actions_adddup2(&actions, passing, 3) }
+        if let closeFrom = addCloseFrom { _ = closeFrom(&actions, passing == nil ? 3 : 4) }
 
         var attr = posix_spawnattr_t()
         posix_spawnattr_init(&attr)

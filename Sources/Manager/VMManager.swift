@@ -319,7 +319,7 @@ public final class VMManager: @unchecked Sendable {
         try AtomicFile.write(Array(data), to: paths.configFile(name))
         let args = ["vmm", "--api-sock", paths.apiSocket(name), "--id", name, "--config-file", paths.configFile(name),
                     "--console-sock", paths.consoleSocket(name), "--serial-log", paths.serialLog(name),
-                    "--metrics-path", paths.metricsFile(name)]
+                    "--metrics-path", paths.metricsFile(name), "--ready-fd", "3"]
         let logPath = paths.vmmLog(name)
         let marker = "--- \(Timestamp.now()) swiftkvm daemon starts vm '\(name)': \(vmmExecutable) \(args.joined(separator: " "))\n"
         let logFD = open(logPath, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0o644)
@@ -327,7 +327,21 @@ public final class VMManager: @unchecked Sendable {
             _ = marker.withCString { write(logFD, $0, strlen($0)) }
             close(logFD)
         }
-        let pid = try ProcessTools.spawn(vmmExecutable, args, logPath: logPath)
+        // The vmm writes "ready" to this pipe once its API is up and the guest started; EOF
+        // without it means the vmm exited first.
+        var ready: [Int32] = [-1, -1]
+        guard pipe(&ready) == 0, fcntl(ready[0], F_SETFD, FD_CLOEXEC) == 0, fcntl(ready[1], F_SETFD, FD_CLOEXEC) == 0 else {
+            throw ManagerError(.host, "vm '\(name)': cannot create the start-up pipe: \(ManagerError.errnoText(errno))")
+        }
+        defer { close(ready[0]) }
+        let pid: pid_t
+        do {
+            pid = try ProcessTools.spawn(vmmExecutable, args, logPath: logPath, passing: ready[1])
+            close(ready[1])
+        } catch {
+            close(ready[1])
+            throw error
+        }
         spawned = true
         let startTime = ProcessTools.startTime(of: pid) ?? 0
         let now = Date()
@@ -351,24 +365,16 @@ public final class VMManager: @unchecked Sendable {
         }
         logger.info("vm '\(name)': vmm pid \(pid) started")
 
-        // Wait until the vmm's API reports the guest running: the socket answers as soon as it is
-        // bound, while the config file's steps up to InstanceStart are still being applied.
-        let deadline = Date().addingTimeInterval(options.startTimeout)
-        let client = UnixHTTPClient(socketPath: paths.apiSocket(name), timeout: 1)
-        while true {
-            let current = lock.withLock { (r.generation, r.pid) }
-            if current.0 != generation || current.1 == nil {
-                throw ManagerError(.host, "vm '\(name)': the vmm exited during start-up; \(logTail(name))")
-            }
-            if access(paths.apiSocket(name), F_OK) == 0, let reply = try? client.request("GET", "/"), reply.status == 200,
-               let state = JSONValue.object(from: reply.body)?["state"]?.stringValue, state != "Not started" {
-                break
-            }
-            if Date() > deadline {
-                _ = try? destroy(name, starting: true)
-                throw ManagerError(.timeout, "vm '\(name)': the vmm's API socket did not answer within \(options.startTimeout) s; \(logTail(name))")
-            }
-            usleep(20_000)
+        // Wait until the vmm reports its API up and the guest started (the config file's steps up
+        // to InstanceStart applied).
+        switch Self.awaitReady(fd: ready[0], timeout: options.startTimeout) {
+        case .ready:
+            break
+        case .exited:
+            throw ManagerError(.host, "vm '\(name)': the vmm exited during start-up; \(logTail(name))")
+        case .timedOut:
+            _ = try? destroy(name, starting: true)
+            throw ManagerError(.timeout, "vm '\(name)': the vmm did not report its API and guest started within \(options.startTimeout) s; \(logTail(name))")
         }
         let started = lock.withLock { () -> Bool in
             guard r.generation == generation, r.pid != nil else { return false }
@@ -377,6 +383,28 @@ public final class VMManager: @unchecked Sendable {
         }
         guard started else { throw ManagerError(.host, "vm '\(name)': the vmm exited during start-up; \(logTail(name))") }
         events.emit(vm: name, "started", "pid \(pid)")
+    }
+
+    enum StartOutcome: Equatable { case ready, exited, timedOut }
+
+    /// Reads the vmm's start-up pipe until its `ready` line, EOF (the vmm is gone) or `timeout`.
+    static func awaitReady(fd: Int32, timeout: Double) -> StartOutcome {
+        let deadline = Date().addingTimeInterval(timeout)
+        var line: [UInt8] = []
+        while true {
+            let left = deadline.timeIntervalSinceNow
+            guard left > 0 else { return .timedOut }
+            var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+            let r = poll(&p, 1, Int32(min(left * 1000, 60_000)) + 1)
+            if r < 0 && errno == EINTR { continue }
+            guard r > 0 else { continue }
+            var buf = [UInt8](repeating: 0, count: 64)
+            let n = read(fd, &buf, buf.count)
+            if n < 0 && (errno == EINTR || errno == EAGAIN) { continue }
+            guard n > 0 else { return .exited }
+            line += buf[..<n]
+            if line.count >= 6 { return line.starts(with: Array("ready\n".utf8)) ? .ready : .exited }
+        }
     }
 
     /// The last lines of the VM's vmm log, for errors.

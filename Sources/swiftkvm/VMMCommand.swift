@@ -43,6 +43,8 @@ struct VMMCommand: ParsableCommand {
     var consoleSock: String?
     @Option(name: .customLong("serial-log"), help: "Append the serial output to this file instead of stdout.")
     var serialLog: String?
+    @Option(name: .customLong("ready-fd"), help: "Write \"ready\" and a newline to this inherited file descriptor, then close it, once the API is up and the --config-file VM has started (for supervisors such as `swiftkvm daemon`).")
+    var readyFD: Int32?
 
     // Accepted for compatibility with Firecracker tooling; they have no effect here.
     @Flag(name: .customLong("no-seccomp"), help: .hidden) var noSeccomp = false
@@ -62,6 +64,9 @@ struct VMMCommand: ParsableCommand {
         }
         guard metricsInterval >= 0, metricsInterval.isFinite else {
             throw ValidationError("invalid --metrics-interval \(metricsInterval): expected seconds >= 0")
+        }
+        if let readyFD, readyFD < 3 {
+            throw ValidationError("invalid --ready-fd \(readyFD): expected an inherited descriptor >= 3")
         }
         guard maxPayloadSize > 0 else {
             throw ValidationError("invalid --http-api-max-payload-size \(maxPayloadSize): must be positive")
@@ -83,6 +88,7 @@ struct VMMCommand: ParsableCommand {
         o.maxPayloadSize = maxPayloadSize
         o.consoleSocket = consoleSock
         o.serialLog = serialLog
+        o.readyFD = readyFD
         throw ExitCode(VMMProcess.run(o))
     }
 }

@@ -12,7 +12,7 @@ struct VMMArgumentsTests {
         #expect(o.metricsInterval == 60)
         #expect(o.maxPayloadSize == APIServer.defaultMaxBodySize)
         #expect(!o.noAPI && o.configFile == nil && o.logPath == nil && o.level == nil && !o.showLevel && !o.showLogOrigin)
-        #expect(o.metricsPath == nil && o.consoleSocket == nil && o.serialLog == nil)
+        #expect(o.metricsPath == nil && o.consoleSocket == nil && o.serialLog == nil && o.readyFD == nil)
     }
 
     @Test("every option is recognised, as --name value and --name=value; Firecracker's no-op options are accepted")
@@ -21,7 +21,7 @@ struct VMMArgumentsTests {
             "--api-sock", "/tmp/a.sock", "--id=vm1", "--config-file", "/tmp/c.json", "--no-api", "--log-path", "/tmp/log",
             "--level", "Debug", "--show-level", "--show-log-origin", "--metrics-path=/tmp/m", "--metrics-interval", "2.5",
             "--http-api-max-payload-size", "4096", "--console-sock", "/tmp/con.sock", "--serial-log", "/tmp/serial",
-            "--no-seccomp", "--seccomp-filter", "f.bpf", "--boot-timer", "--start-time-us", "1", "--start-time-cpu-us", "2",
+            "--ready-fd", "3", "--no-seccomp", "--seccomp-filter", "f.bpf", "--boot-timer", "--start-time-us", "1", "--start-time-cpu-us", "2",
             "--parent-cpu-time-us", "3", "--module", "x",
         ]))
         #expect(o.apiSocket == "/tmp/a.sock")
@@ -36,12 +36,13 @@ struct VMMArgumentsTests {
         #expect(o.maxPayloadSize == 4096)
         #expect(o.consoleSocket == "/tmp/con.sock")
         #expect(o.serialLog == "/tmp/serial")
+        #expect(o.readyFD == 3)
     }
 
     @Test("help, unknown options, bad or missing values and --no-api alone are left to ArgumentParser",
           arguments: [["--help"], ["-h"], ["help"], ["--bogus"], ["--api-sock"], ["--api-sock", "--id", "x"], ["--level", "Loud"],
                       ["--metrics-interval", "-1"], ["--metrics-interval", "nan"], ["--http-api-max-payload-size", "0"],
-                      ["--no-api"], ["--no-api=yes", "--config-file", "c"], ["--id", "a", "--id", "b"], ["stray"], ["--"],
+                      ["--ready-fd", "2"], ["--ready-fd", "x"], ["--no-api"], ["--no-api=yes", "--config-file", "c"], ["--id", "a", "--id", "b"], ["stray"], ["--"],
                       ["--version"], ["--generate-completion-script", "bash"]])
     func fallback(args: [String]) {
         #expect(VMMArguments.parse(args) == nil)
