@@ -17,19 +17,29 @@ public enum BootSource: Sendable, Equatable {
     }
 
     /// The whole content. Files larger than `limit` are refused with an error naming the path.
-    public func readAll(limit: UInt64) throws -> [UInt8] {
+    public func readAll(limit: UInt64) throws -> [UInt8] { try readAllWithIdentity(limit: limit).bytes }
+
+    /// The whole content and, for a file that did not change while it was read, its identity (for
+    /// `KernelCache`'s memo of the payload's key).
+    func readAllWithIdentity(limit: UInt64) throws -> (bytes: [UInt8], identity: KernelCache.SourceIdentity?) {
         switch self {
         case .bytes(let b, let n):
             guard UInt64(b.count) <= limit else { throw BootError.doesNotFit("\(n) is \(sizeText(UInt64(b.count))), larger than \(sizeText(limit))") }
-            return b
+            return (b, nil)
         case .path(let p):
             return try BootFile.open(p) { fd, size in
                 guard size <= limit else {
                     throw BootError.doesNotFit("\(p) is \(sizeText(size)), larger than \(sizeText(limit)) of guest RAM")
                 }
-                var out = [UInt8](repeating: 0, count: Int(size))
-                try out.withUnsafeMutableBytes { try BootFile.readFully(fd, into: $0, path: p) }
-                return out
+                var before = stat(), after = stat()
+                _ = fstat(fd, &before)
+                // Read into uninitialized storage: zero-filling megabytes first would only be overwritten.
+                let out = try [UInt8](unsafeUninitializedCapacity: Int(size)) { buf, count in
+                    try BootFile.readFully(fd, into: UnsafeMutableRawBufferPointer(buf), path: p)
+                    count = Int(size)
+                }
+                let unchanged = fstat(fd, &after) == 0 && KernelCache.SourceIdentity(before) == KernelCache.SourceIdentity(after)
+                return (out, unchanged ? KernelCache.SourceIdentity(after) : nil)
             }
         }
     }

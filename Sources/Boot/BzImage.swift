@@ -171,7 +171,8 @@ public enum BzImageLoader {
     /// Loads `bytes` (a bzImage) and returns the entry state and diagnostics. The decompressed entry
     /// uses `cache` (by default the one the environment names) to skip decompressing a payload seen before.
     static func load(_ bytes: [UInt8], name: String, initrd: BootSource?, cmdline: String, memory: GuestMemory,
-                     options: BootOptions, cache: KernelCache? = KernelCache.fromEnvironment()) throws -> LoadedKernel {
+                     options: BootOptions, cache: KernelCache? = KernelCache.fromEnvironment(),
+                     source: KernelCache.SourceIdentity? = nil) throws -> LoadedKernel {
         let what = "bzImage \(name)"
         let hdr = try SetupHeader(parsing: bytes, what: what)
         var result = LoadedKernel(format: .bzImage)
@@ -204,7 +205,7 @@ public enum BzImageLoader {
                     return try Decompressor.decompress(buf, format: format, limit: limit) { try loader.feed($0) }
                 }
                 var loadedFromFile: (mapped: Int, copied: Int)?
-                let (total, outcome) = try cache.decompress(buf, format: format, limit: limit, mapper: { fd, offset, data in
+                let (total, outcome) = try cache.decompress(buf, format: format, limit: limit, source: source, mapper: { fd, offset, data in
                     loadedFromFile = try loader.load(mapping: fd, dataOffset: offset, data: data)
                 }, consumer: { try loader.feed($0) })
                 result.notes.append(outcome.note)

@@ -76,6 +76,26 @@ public struct KernelCache: Sendable, Equatable {
         }
     }
 
+    /// One version of the file a payload came from: device, inode, size, modification and change times
+    /// (a change time cannot be set back, so a rewritten file never matches an older identity).
+    public struct SourceIdentity: Sendable, Equatable {
+        /// `dev ino size mtime ctime`.
+        public var text: String
+        /// Device and inode, which name the source's memo.
+        var device: UInt64, inode: UInt64
+        /// Whether the file was last changed long enough ago that a change within the same timestamp tick
+        /// can no longer follow unseen (as git treats "racily clean" files); only such versions are memoized.
+        public var settled: Bool
+
+        /// The identity of the file with status `st`, `now` being the current time.
+        public init(_ st: stat, now: time_t = time(nil)) {
+            text = "\(st.st_dev) \(st.st_ino) \(st.st_size) \(st.st_mtim.tv_sec).\(st.st_mtim.tv_nsec) \(st.st_ctim.tv_sec).\(st.st_ctim.tv_nsec)"
+            device = UInt64(st.st_dev)
+            inode = UInt64(st.st_ino)
+            settled = now - max(st.st_mtim.tv_sec, st.st_ctim.tv_sec) >= 2
+        }
+    }
+
     /// The key of an entry: the compressed payload's length, CRC-32 and format.
     public struct Key: Sendable, Equatable {
         public var compressedLength: UInt64
@@ -86,6 +106,12 @@ public struct KernelCache: Sendable, Equatable {
         public init(payload: UnsafeRawBufferPointer, format: CompressionFormat) {
             compressedLength = UInt64(payload.count)
             compressedCRC = KernelCache.crc32(payload)
+            self.format = format
+        }
+
+        init(compressedLength: UInt64, compressedCRC: UInt32, format: CompressionFormat) {
+            self.compressedLength = compressedLength
+            self.compressedCRC = compressedCRC
             self.format = format
         }
 
@@ -182,14 +208,24 @@ public struct KernelCache: Sendable, Equatable {
     /// A hit hands the whole entry to `mapper` instead of `consumer`: the entry's file descriptor, the file offset
     /// of the decompressed data (page-aligned), and the mapped data, so the loader can map the kernel's segments
     /// from the file copy-on-write (the descriptor is closed after `mapper` returns).
+    ///
+    /// `source`, the identity of the file the payload was read from, lets a later load of the same file version
+    /// take the key from a memo instead of checksumming the payload again.
     public func decompress(_ payload: UnsafeRawBufferPointer, format: CompressionFormat, limit: Int,
+                           source: SourceIdentity? = nil,
                            mapper: (_ fd: Int32, _ dataOffset: Int, _ data: UnsafeRawBufferPointer) throws -> Void,
                            consumer: @escaping (UnsafeRawBufferPointer) throws -> Void) throws -> (total: Int, outcome: Outcome) {
         guard payload.count >= minimumPayload else {
             let total = try Decompressor.decompress(payload, format: format, limit: limit, consumer: consumer)
             return (total, .bypassed("payload of \(payload.count) bytes is below the \(minimumPayload)-byte minimum"))
         }
-        let key = Key(payload: payload, format: format)
+        let key: Key
+        if let source, let memo = memoizedKey(source, length: payload.count, format: format) {
+            key = memo
+        } else {
+            key = Key(payload: payload, format: format)
+            if let source, source.settled { memoize(key, for: source) }
+        }
         let entryPath = path(for: key)
         var reason = "no entry"
         switch lookup(key, at: entryPath, limit: limit) {
@@ -268,36 +304,78 @@ public struct KernelCache: Sendable, Equatable {
 
     /// Whether the marker says this very file (by `identity`) was verified before.
     func wasVerified(_ path: String, _ st: stat) -> Bool {
-        let marker = verifiedMarker(for: path)
-        let fd = open(marker, O_RDONLY | O_CLOEXEC | O_NOFOLLOW)
-        guard fd >= 0 else { return false }
-        defer { close(fd) }
-        var mst = stat()
-        guard fstat(fd, &mst) == 0, (mst.st_mode & S_IFMT) == S_IFREG, mst.st_uid == geteuid(), mst.st_size < 512 else { return false }
-        var buf = [UInt8](repeating: 0, count: 512)
-        let n = read(fd, &buf, buf.count)
-        guard n > 0 else { return false }
-        return String(decoding: buf[0..<n], as: UTF8.self) == KernelCache.identity(st) + "\n"
+        readSmallFile(verifiedMarker(for: path)) == KernelCache.identity(st) + "\n"
     }
 
     /// Records that the file at `path` with status `st` was verified (best effort: a failure only costs a
     /// checksum at the next use).
     func markVerified(_ path: String, _ st: stat) {
-        let marker = verifiedMarker(for: path)
-        let temp = marker + ".tmp-\(getpid())"
+        writeSmallFile(verifiedMarker(for: path), KernelCache.identity(st) + "\n")
+    }
+
+    /// Whether the directory could have been written by someone else (then nothing in it is trusted).
+    var directoryIsShared: Bool {
+        var dst = stat()
+        return stat(directory, &dst) == 0 && (dst.st_uid != geteuid() || dst.st_mode & 0o022 != 0)
+    }
+
+    /// The memo of the key of a source file's payload: `.source-<dev>-<inode>`.
+    func sourceMemo(_ source: SourceIdentity) -> String { directory + "/.source-\(source.device)-\(source.inode)" }
+
+    /// The key recorded for this very version of the source file, if its length and format still agree.
+    func memoizedKey(_ source: SourceIdentity, length: Int, format: CompressionFormat) -> Key? {
+        guard !directoryIsShared, let text = readSmallFile(sourceMemo(source)) else { return nil }
+        let prefix = source.text + " "
+        guard text.hasPrefix(prefix), text.hasSuffix("\n") else { return nil }
+        let fields = text.dropFirst(prefix.count).dropLast().split(separator: " ")
+        guard fields.count == 3, fields[0] == format.rawValue, UInt64(fields[1]) == UInt64(length),
+              let crc = UInt32(fields[2], radix: 16) else { return nil }
+        return Key(compressedLength: UInt64(length), compressedCRC: crc, format: format)
+    }
+
+    /// Whether the source memo at `path` names an entry that exists (else `prune` removes it).
+    func sourceMemoHasEntry(_ path: String) -> Bool {
+        guard let text = readSmallFile(path) else { return false }
+        let f = text.dropLast().split(separator: " ").suffix(3)
+        guard f.count == 3, let format = CompressionFormat(rawValue: String(f[f.startIndex])),
+              let length = UInt64(f[f.startIndex + 1]), let crc = UInt32(f[f.startIndex + 2], radix: 16) else { return false }
+        return access(self.path(for: Key(compressedLength: length, compressedCRC: crc, format: format)), F_OK) == 0
+    }
+
+    /// Records `key` for this version of the source file (best effort: a failure costs a checksum next time).
+    func memoize(_ key: Key, for source: SourceIdentity) {
+        guard !directoryIsShared, (try? EntryWriter.makeDirectory(directory)) != nil else { return }
+        writeSmallFile(sourceMemo(source), "\(source.text) \(key.format.rawValue) \(key.compressedLength) \(String(key.compressedCRC, radix: 16))\n")
+    }
+
+    /// The content of a small regular file of this user's (not a symlink), or nil.
+    func readSmallFile(_ path: String) -> String? {
+        let fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW)
+        guard fd >= 0 else { return nil }
+        defer { close(fd) }
+        var st = stat()
+        guard fstat(fd, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG, st.st_uid == geteuid(), st.st_size < 512 else { return nil }
+        var buf = [UInt8](repeating: 0, count: 512)
+        let n = read(fd, &buf, buf.count)
+        guard n > 0 else { return nil }
+        return String(decoding: buf[0..<n], as: UTF8.self)
+    }
+
+    /// Replaces `path` with `text` through a temporary file and a rename (best effort).
+    func writeSmallFile(_ path: String, _ text: String) {
+        let temp = path + ".tmp-\(getpid())"
         let fd = open(temp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0o600)
         guard fd >= 0 else { return }
-        let text = Array((KernelCache.identity(st) + "\n").utf8)
-        let ok = text.withUnsafeBytes { Glibc.write(fd, $0.baseAddress!, $0.count) } == text.count
+        let bytes = Array(text.utf8)
+        let ok = bytes.withUnsafeBytes { Glibc.write(fd, $0.baseAddress!, $0.count) } == bytes.count
         close(fd)
-        if !ok || rename(temp, marker) != 0 { unlink(temp) }
+        if !ok || rename(temp, path) != 0 { unlink(temp) }
     }
 
     /// Maps the entry at `path` read-only and validates it against `key` and `limit`.
     func lookup(_ key: Key, at path: String, limit: Int) -> Result<MappedEntry, Mismatch> {
         // Only entries that nobody else could have written are trusted.
-        var dst = stat()
-        if stat(directory, &dst) == 0, dst.st_uid != geteuid() || dst.st_mode & 0o022 != 0 {
+        if directoryIsShared {
             return .failure(Mismatch("\(directory) is not owned by this user or is writable by others"))
         }
         let fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW)
@@ -350,10 +428,12 @@ public struct KernelCache: Sendable, Equatable {
             guard lstat(p, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG else { continue }
             if name.hasSuffix(".vmlinux") && !name.hasPrefix(".") {
                 entries.append((p, max(st.st_mtim.tv_sec, st.st_atim.tv_sec)))
-            } else if name.hasPrefix(".tmp-") || name.contains(".verified.tmp-"), now - st.st_mtim.tv_sec > 3600 {
+            } else if name.hasPrefix(".tmp-") || name.contains(".verified.tmp-") || name.contains(".tmp-"), now - st.st_mtim.tv_sec > 3600 {
                 unlink(p)
             } else if name.hasPrefix("."), name.hasSuffix(".verified"),
                       access(directory + "/" + name.dropFirst().dropLast(".verified".count), F_OK) != 0 {
+                unlink(p)
+            } else if name.hasPrefix(".source-"), !name.contains(".tmp-"), !sourceMemoHasEntry(p) {
                 unlink(p)
             }
         }

@@ -90,10 +90,11 @@ public enum KernelLoader {
             return try ELFKernelLoader.load(kernel, prefix: prefix, fileSize: size, initrd: initrd, cmdline: cmdline,
                                             memory: memory, options: options)
         }
-        let bytes = UInt64(prefix.count) == size ? prefix : try kernel.readAll(limit: memory.totalSize)
+        let (bytes, identity) = UInt64(prefix.count) == size ? (prefix, nil) : try kernel.readAllWithIdentity(limit: memory.totalSize)
         switch format {
         case .bzImage:
-            return try BzImageLoader.load(bytes, name: kernel.name, initrd: initrd, cmdline: cmdline, memory: memory, options: options)
+            return try BzImageLoader.load(bytes, name: kernel.name, initrd: initrd, cmdline: cmdline, memory: memory, options: options,
+                                          source: identity)
         case .multiboot:
             if initrd != nil {
                 throw BootError.unsupported("\(kernel.name) is a multiboot kernel: pass extra files as modules, not as an initrd")

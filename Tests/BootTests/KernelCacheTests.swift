@@ -110,6 +110,53 @@ struct KernelCacheTests {
         #expect(fourth.notes.contains("kernel cache hit: \(path) (verified before, same file)"), "\(fourth.notes)")
     }
 
+    @Test("the key of a settled source file's payload is memoized: the same file version skips the checksum, another version, a fresh file or a bad memo computes it")
+    func sourceMemo() throws {
+        try #require(haveTool("gzip"))
+        let dir = try TempDir()
+        let image = try kernel()
+        let file = dir.root + "/bzImage"
+        try Data(image).write(to: URL(fileURLWithPath: file))
+        var st = stat()
+        try #require(stat(file, &st) == 0)
+        let settled = KernelCache.SourceIdentity(st, now: st.st_ctim.tv_sec + 10)
+        let fresh = KernelCache.SourceIdentity(st, now: st.st_ctim.tv_sec)
+        #expect(settled.settled && !fresh.settled)
+        let path = try entryPath(image, dir.cache)
+        func load(_ source: KernelCache.SourceIdentity) throws -> LoadedKernel {
+            try BzImageLoader.load(image, name: "test", initrd: nil, cmdline: "", memory: makeMemory(64 << 20),
+                                   options: BootOptions(), cache: dir.cache, source: source)
+        }
+        // A file changed moments ago is not memoized (a change within the same timestamp tick could follow).
+        _ = try load(fresh)
+        #expect(!FileManager.default.fileExists(atPath: dir.cache.sourceMemo(fresh)))
+        // A settled one is, with its identity and the key.
+        _ = try load(settled)
+        let memo = try String(contentsOfFile: dir.cache.sourceMemo(settled), encoding: .utf8)
+        let h = try SetupHeader(parsing: image)
+        let start = h.setupSize + Int(h.payloadOffset)
+        let key = Array(image[start..<start + Int(h.payloadLength)]).withUnsafeBytes { KernelCache.Key(payload: $0, format: .gzip) }
+        #expect(memo == settled.text + " gzip \(h.payloadLength) \(String(key.compressedCRC, radix: 16))\n")
+        // The memo is what the next load of that version uses: a memo naming another CRC sends it to
+        // another (missing) entry, which proves the payload was not checksummed.
+        let fields = memo.dropLast().split(separator: " ")
+        let forged = fields.dropLast().joined(separator: " ") + " 1234abcd\n"
+        try Data(forged.utf8).write(to: URL(fileURLWithPath: dir.cache.sourceMemo(settled)))
+        let viaMemo = try load(settled)
+        #expect(viaMemo.notes.contains { $0.hasPrefix("kernel cache miss (no entry): wrote ") && $0.contains("-1234abcd.vmlinux") }, "\(viaMemo.notes)")
+        // Another version of the file (a new change time) computes the real key and hits the real entry.
+        var changed = st
+        changed.st_ctim.tv_sec += 1
+        let other = try load(KernelCache.SourceIdentity(changed, now: changed.st_ctim.tv_sec + 10))
+        #expect(other.notes.contains { $0.hasPrefix("kernel cache hit: \(path) (") }, "\(other.notes)")
+        // A memo that does not parse is ignored.
+        for junk in ["", "garbage\n", settled.text + " gzip notanumber zz\n", settled.text + " xz 1 1\n"] {
+            try Data(junk.utf8).write(to: URL(fileURLWithPath: dir.cache.sourceMemo(settled)))
+            let k = try load(settled)
+            #expect(k.notes.contains { $0.hasPrefix("kernel cache hit: \(path) (") }, "memo \(junk.debugDescription): \(k.notes)")
+        }
+    }
+
     /// The decompressed payload of `image` (gzip).
     func makeVmlinuxFrom(_ image: [UInt8]) throws -> [UInt8] {
         let h = try SetupHeader(parsing: image)
