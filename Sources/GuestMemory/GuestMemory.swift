@@ -170,7 +170,9 @@ public final class GuestMemory: @unchecked Sendable {
 
 /// Little-endian encoding helpers for building guest-visible structures in byte arrays.
 extension Array where Element == UInt8 {
-    /// Stores `value` little-endian at `offset`, growing the array if needed.
+    /// Stores `value` little-endian at `offset`, growing the array if needed. (Inlinable, like
+    /// `getLE`: unspecialized generic code across modules cost a loader scan milliseconds.)
+    @inlinable
     public mutating func putLE<T: FixedWidthInteger>(_ value: T, at offset: Int) {
         let n = MemoryLayout<T>.size
         if count < offset + n { append(contentsOf: repeatElement(0, count: offset + n - count)) }
@@ -179,11 +181,10 @@ extension Array where Element == UInt8 {
     }
 
     /// Loads a little-endian integer at `offset`, or nil if the array is too short.
+    @inlinable
     public func getLE<T: FixedWidthInteger>(_: T.Type = T.self, at offset: Int) -> T? {
         let n = MemoryLayout<T>.size
         guard offset >= 0, offset <= count - n else { return nil }
-        var v: T = 0
-        for i in 0..<n { v |= T(truncatingIfNeeded: self[offset + i]) << (8 * i) }
-        return v
+        return withUnsafeBytes { T(littleEndian: $0.loadUnaligned(fromByteOffset: offset, as: T.self)) }
     }
 }
