@@ -68,7 +68,7 @@ extension Machine {
     /// that do not virtualize the bit refuse the write, which is only logged.
     func setUpAMDHWCR() {
         guard let vendor = try? kvm.supportedCPUID().first(where: { $0.function == 0 }), vendor.ebx == 0x6874_7541 else { return }
-        for vcpu in vcpus {
+        for vcpu in vcpuManager.vcpus {
             do {
                 let current = try vcpu.getMSRs([Self.amdHWCR]).first?.value ?? 0
                 try vcpu.setMSRs([(Self.amdHWCR, current | Self.tscFreqSel)])

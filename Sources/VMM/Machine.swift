@@ -83,12 +83,9 @@ public final class Machine: @unchecked Sendable {
 
     let kvm: KVMSystem
     let vm: VirtualMachine
-    let vcpus: [VCPU]
+    /// The vCPUs, their threads, pause and halt checks (VCPUManager.swift).
+    let vcpuManager: VCPUManager
     let controller = MachineController()
-    /// Parks the vCPUs while paused (Machine+Lifecycle.swift).
-    let pauseGate = PauseGate()
-    /// Decides a power-off by halt across all vCPUs (HaltTracker.swift).
-    let haltTracker = HaltTracker()
     /// PCI bus 0, its windows and MSI routing (Machine+PCI.swift).
     let pci: MachinePCI
     /// Virtio devices, their event loops and disks (Machine+Virtio.swift).
@@ -151,25 +148,9 @@ public final class Machine: @unchecked Sendable {
             try ioBus.insert(SinkDevice(name: r.name, readValue: r.readValue), base: r.base, length: r.length)
         }
 
-        // vCPUs.
-        let supported = try kvm.supportedCPUID()
-        var cpus: [VCPU] = []
-        for id in 0..<config.cpus {
-            let vcpu = try vm.createVCPU(id: UInt32(id))
-            var cpuid = CPUIDFilter.filter(supported, apicID: UInt32(id), cpuCount: config.cpus,
-                                           hideCX16: self.quirks.hidesCX16, masks: config.cpuidMasks)
-            cpuid = self.quirks.filterCPUID(cpuid)
-            try vcpu.setCPUID(cpuid)
-            try Self.setUpMSRs(vcpu, logger: logger)
-            try Self.setUpLAPIC(vcpu)
-            try Self.setUpFPU(vcpu)
-            if id == 0 {
-                try vcpu.setSregs(EntryConversion.sregs(loaded.entry, base: try vcpu.getSregs()))
-                try vcpu.setRegs(EntryConversion.regs(loaded.entry))
-            }
-            cpus.append(vcpu)
-        }
-        vcpus = cpus
+        vcpuManager = try VCPUManager(vm: vm, count: config.cpus, supportedCPUID: try kvm.supportedCPUID(),
+                                      quirks: self.quirks, cpuidMasks: config.cpuidMasks, entry: loaded.entry,
+                                      logger: logger)
         try setUpVirtio()
         try setUpACPI()
     }
@@ -216,44 +197,6 @@ public final class Machine: @unchecked Sendable {
         return out
     }
 
-    /// MSRs at reset: fast strings on, SYSENTER/SYSCALL MSRs and the TSC zero.
-    static func setUpMSRs(_ vcpu: VCPU, logger: Logger) throws {
-        let msrs: [(index: UInt32, value: UInt64)] = [
-            (0x1a0, 1),          // IA32_MISC_ENABLE: fast strings
-            (0x174, 0), (0x175, 0), (0x176, 0), // IA32_SYSENTER_CS/ESP/EIP
-            (0xc000_0081, 0), (0xc000_0082, 0), (0xc000_0083, 0), (0xc000_0084, 0), // STAR, LSTAR, CSTAR, SFMASK
-            (0xc000_0102, 0),    // KERNEL_GS_BASE
-            (0x10, 0),           // IA32_TSC
-        ]
-        for m in msrs {
-            do { try vcpu.setMSRs([m]) } catch { logger.debug("MSR 0x\(String(m.index, radix: 16)) not set: \(error)") }
-        }
-    }
-
-    /// LAPIC LVT0 = ExtINT, LVT1 = NMI (so the PIC reaches the BSP, as on a PC).
-    static func setUpLAPIC(_ vcpu: VCPU) throws {
-        var lapic = try vcpu.getLAPIC()
-        withUnsafeMutableBytes(of: &lapic.regs) { raw in
-            func update(_ offset: Int, mode: UInt32) {
-                var v = raw.loadUnaligned(fromByteOffset: offset, as: UInt32.self)
-                v = (v & ~0x700) | (mode << 8)
-                v &= ~(1 << 16) // unmasked
-                raw.storeBytes(of: v, toByteOffset: offset, as: UInt32.self)
-            }
-            update(0x350, mode: 7) // LVT0: ExtINT
-            update(0x360, mode: 4) // LVT1: NMI
-        }
-        try vcpu.setLAPIC(lapic)
-    }
-
-    /// x87 control word 0x37f and MXCSR 0x1f80, as after a reset.
-    static func setUpFPU(_ vcpu: VCPU) throws {
-        var fpu = kvm_fpu()
-        fpu.fcw = 0x37f
-        fpu.mxcsr = 0x1f80
-        try vcpu.setFPU(fpu)
-    }
-
     // MARK: Running
 
     /// Asks the machine to stop with `exit` (from any thread, e.g. the console's Ctrl-A x).
@@ -277,15 +220,14 @@ public final class Machine: @unchecked Sendable {
         defer { pthread_sigmask(SIG_SETMASK, &oldMask, nil) }
         controller.setControlThread(UInt(ckvm_pthread_self()))
 
-        let runners = vcpus.map { VCPURunner(machine: self, vcpu: $0) }
-        pauseGate.attach(runners)
         do { try virtio.start() } catch {
             controller.stop(.vmmFailure("cannot start the virtio device threads: \(error)"))
         }
-        for r in runners where !controller.stopRequested {
-            do { try r.start() } catch {
-                controller.stop(.vmmFailure("cannot start vCPU \(r.vcpu.id) thread: \(error)"))
-            }
+        if !controller.stopRequested {
+            vcpuManager.start(context: ExitContext(ioBus: ioBus, mmioBus: mmioBus, memory: memory, quirks: quirks,
+                                                   controller: controller, statistics: statistics,
+                                                   haltTracker: vcpuManager.haltTracker, logger: logger,
+                                                   vcpuCount: vcpuManager.vcpus.count))
         }
 
         // Control loop: wait for a stop request or a signal; between them, ask vCPUs to check
@@ -300,15 +242,12 @@ public final class Machine: @unchecked Sendable {
                 break
             }
             if sig < 0 && errno == EAGAIN {
-                let round = haltTracker.beginRound(vcpuCount: runners.count)
-                for r in runners { r.requestHaltCheck(round: round) }
+                vcpuManager.requestHaltChecks()
                 interval = min(interval * 2, 100_000_000)
             }
         }
         controller.setControlThread(0)
-        for r in runners { r.kickToStop() }
-        for r in runners { r.join() }
-        pauseGate.detach()
+        vcpuManager.stopAndJoin()
         virtio.stop(logger: logger)
         // Drain a wake signal that raced with the stop so it is not left pending.
         var zero = timespec(tv_sec: 0, tv_nsec: 0)
@@ -328,7 +267,5 @@ public final class Machine: @unchecked Sendable {
     }
 
     /// Register dumps of every vCPU (for `--show-regs`), read after `run()` returned.
-    public func registerDump() -> String {
-        vcpus.map { RegisterDump.format(vcpu: $0) }.joined(separator: "\n")
-    }
+    public func registerDump() -> String { vcpuManager.registerDump() }
 }

@@ -8,7 +8,8 @@ import Glibc
 
 /// Runs one vCPU on its own pthread ("vcpu N") and handles its exits synchronously.
 final class VCPURunner: @unchecked Sendable {
-    let machine: Machine
+    let context: ExitContext
+    let gate: PauseGate
     let vcpu: VCPU
     private var thread: pthread_t?
     private let threadID = Atomic<UInt>(0)
@@ -17,8 +18,9 @@ final class VCPURunner: @unchecked Sendable {
     /// Stack size of vCPU threads.
     static let stackSize = 1 << 20
 
-    init(machine: Machine, vcpu: VCPU) {
-        self.machine = machine
+    init(context: ExitContext, gate: PauseGate, vcpu: VCPU) {
+        self.context = context
+        self.gate = gate
         self.vcpu = vcpu
     }
 
@@ -85,14 +87,16 @@ final class VCPURunner: @unchecked Sendable {
         let counts = ExitCounts()
         defer {
             threadID.store(0, ordering: .sequentiallyConsistent)
-            machine.statistics.merge(counts.take())
-            machine.statistics.mergeDispatch(exits: counts.dispatched, ns: counts.dispatchNs)
-            machine.pauseGate.recordCPUTime(vcpu: vcpu.id)
-            machine.pauseGate.threadEnded()
+            context.statistics.merge(counts.take())
+            context.statistics.mergeDispatch(exits: counts.dispatched, ns: counts.dispatchNs)
+            gate.recordCPUTime(vcpu: vcpu.id)
+            gate.threadEnded()
         }
-        let controller = machine.controller
+        let controller = context.controller
+        let statistics = context.statistics
         while !controller.stopRequested {
-            machine.pauseGate.parkIfPaused(self, counts: counts)
+            gate.parkIfPaused(vcpu: vcpu, stopRequested: { controller.stopRequested },
+                              beforePark: { statistics.merge(counts.take()) })
             if controller.stopRequested { break }
             let exit: VCPUExit
             do {
@@ -112,8 +116,8 @@ final class VCPURunner: @unchecked Sendable {
     }
 
     private func handle(_ exit: VCPUExit, counts: ExitCounts) {
-        let logger = machine.logger
-        let controller = machine.controller
+        let logger = context.logger
+        let controller = context.controller
         switch exit {
         case .io(let port, let size, let direction, let count, let data):
             guard size == 1 || size == 2 || size == 4, count >= 1 else {
@@ -124,9 +128,9 @@ final class VCPURunner: @unchecked Sendable {
                 let p = data + i * size
                 let handled: Bool
                 if direction == .out {
-                    handled = machine.ioBus.write(address: UInt64(port), data: UnsafeRawBufferPointer(start: p, count: size))
+                    handled = context.ioBus.write(address: UInt64(port), data: UnsafeRawBufferPointer(start: p, count: size))
                 } else {
-                    handled = machine.ioBus.read(address: UInt64(port), data: UnsafeMutableRawBufferPointer(start: p, count: size))
+                    handled = context.ioBus.read(address: UInt64(port), data: UnsafeMutableRawBufferPointer(start: p, count: size))
                 }
                 if !handled {
                     logger.debug("unhandled port \(direction == .out ? "write" : "read") at 0x\(String(port, radix: 16)) size \(size)")
@@ -134,28 +138,28 @@ final class VCPURunner: @unchecked Sendable {
             }
         case .mmio(let address, let data, let length, let isWrite):
             guard length > 0 else { return }
-            if machine.mmioBus.find(address) == nil,
-               machine.quirks.handleMMIO(vcpu: vcpu, memory: machine.memory, address: address, isWrite: isWrite, logger: logger) {
+            if context.mmioBus.find(address) == nil,
+               context.quirks.handleMMIO(vcpu: vcpu, memory: context.memory, address: address, isWrite: isWrite, logger: logger) {
                 return
             }
             let handled: Bool
             if isWrite {
-                handled = machine.mmioBus.write(address: address, data: UnsafeRawBufferPointer(start: data, count: length))
+                handled = context.mmioBus.write(address: address, data: UnsafeRawBufferPointer(start: data, count: length))
             } else {
-                handled = machine.mmioBus.read(address: address, data: UnsafeMutableRawBufferPointer(start: data, count: length))
+                handled = context.mmioBus.read(address: address, data: UnsafeMutableRawBufferPointer(start: data, count: length))
             }
             if !handled {
                 logger.debug("unhandled MMIO \(isWrite ? "write" : "read") at 0x\(String(address, radix: 16)) size \(length)")
             }
         case .halt:
             // Only without an in-kernel LAPIC; with several vCPUs the halt tracker decides.
-            if machine.vcpus.count == 1, isHaltedForGood(mpStateKnown: true) { controller.stop(.powerOff) }
+            if context.vcpuCount == 1, isHaltedForGood(mpStateKnown: true) { controller.stop(.powerOff) }
         case .interrupted:
             // Publish live counts for metrics (kicks come at least every ~100 ms).
-            machine.statistics.merge(counts.take())
-            machine.pauseGate.recordCPUTime(vcpu: vcpu.id)
+            context.statistics.merge(counts.take())
+            gate.recordCPUTime(vcpu: vcpu.id)
             let round = haltCheck.exchange(0, ordering: .sequentiallyConsistent)
-            if round != 0, machine.haltTracker.report(vcpu: vcpu.id, round: round, state: haltState()) {
+            if round != 0, context.haltTracker.report(vcpu: vcpu.id, round: round, state: haltState()) {
                 logger.debug("every vCPU halted with interrupts disabled or never started: power-off")
                 controller.stop(.powerOff)
             }
@@ -170,7 +174,7 @@ final class VCPURunner: @unchecked Sendable {
             default: logger.debug("vCPU \(vcpu.id): ignoring system event \(type)")
             }
         case .internalError(let suberror, let data):
-            if machine.quirks.handleInternalError(vcpu: vcpu, memory: machine.memory, suberror: suberror, data: data, logger: logger) {
+            if context.quirks.handleInternalError(vcpu: vcpu, memory: context.memory, suberror: suberror, data: data, logger: logger) {
                 return
             }
             let message = describeFailure("KVM internal error (suberror \(suberror))", suberror: suberror, data: data)
@@ -181,12 +185,12 @@ final class VCPURunner: @unchecked Sendable {
             logger.debug("\(message)")
             controller.stop(.internalError(message))
         case .x86RDMSR(let index, _):
-            if !machine.quirks.handleMSR(vcpu: vcpu, memory: machine.memory, index: index, write: nil, logger: logger) {
+            if !context.quirks.handleMSR(vcpu: vcpu, memory: context.memory, index: index, write: nil, logger: logger) {
                 logger.debug("rdmsr 0x\(String(index, radix: 16)) refused (#GP)")
                 vcpu.completeMSR(error: true)
             }
         case .x86WRMSR(let index, let value, _):
-            if !machine.quirks.handleMSR(vcpu: vcpu, memory: machine.memory, index: index, write: value, logger: logger) {
+            if !context.quirks.handleMSR(vcpu: vcpu, memory: context.memory, index: index, write: value, logger: logger) {
                 logger.debug("wrmsr 0x\(String(index, radix: 16)) refused (#GP)")
                 vcpu.completeMSR(error: true)
             }
@@ -220,7 +224,7 @@ final class VCPURunner: @unchecked Sendable {
     /// "what on vCPU n at RIP 0x…: instruction bytes …" with the bytes from the exit data or guest memory.
     private func describeFailure(_ what: String, suberror: UInt32?, data: [UInt64]) -> String {
         var s = "\(what) on vCPU \(vcpu.id)"
-        let fetched = InstructionBytes.atRIP(vcpu: vcpu, memory: machine.memory)
+        let fetched = InstructionBytes.atRIP(vcpu: vcpu, memory: context.memory)
         if let rip = fetched?.rip { s += " at RIP 0x\(String(rip, radix: 16))" }
         let bytes = suberror.flatMap { InstructionBytes.fromExitData(suberror: $0, data: data) } ?? fetched?.bytes ?? []
         s += bytes.isEmpty ? ": instruction bytes unavailable" : ": instruction bytes \(InstructionBytes.hex(bytes))"
