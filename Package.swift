@@ -33,7 +33,7 @@ let package = Package(
         .target(name: "Net", dependencies: ["CNet"]),
         .target(name: "Virtio", dependencies: ["PCI", "Devices", "GuestMemory", "DiskImage", "Net"]),
         .target(name: "VMM", dependencies: [
-            "KVM", "GuestMemory", "Boot", "Devices", "PCI", "Virtio", "DiskImage", "Net",
+            "KVM", "GuestMemory", "Boot", "Devices", "PCI", "Virtio", "DiskImage", "Net", "CZlib",
             .product(name: "Logging", package: "swift-log"),
         ]),
         .target(name: "API", dependencies: [

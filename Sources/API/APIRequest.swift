@@ -16,6 +16,8 @@ public enum APIRequest: Sendable, Equatable {
     case patchDrive(DriveUpdate)
     case putNetworkInterface(NetworkInterfaceConfig)
     case putVsock(VsockConfig)
+    case putSnapshotCreate(SnapshotCreateParams)
+    case putSnapshotLoad(SnapshotLoadParams)
     case patchNetworkInterface(NetworkInterfaceUpdate)
     case action(InstanceActionInfo.ActionType)
     case patchVM(VMStateRequest.State)
@@ -45,13 +47,14 @@ public enum APIRequest: Sendable, Equatable {
         case .putEntropy: return "PUT /entropy"
         case .putSerial: return "PUT /serial"
         case .putVsock: return "PUT /vsock"
+        case .putSnapshotCreate: return "PUT /snapshot/create"
+        case .putSnapshotLoad: return "PUT /snapshot/load"
         }
     }
 
     /// Firecracker endpoints SwiftKVM does not implement yet (first path segment).
     static let unsupportedResources: [String: String] = [
         "balloon": "The balloon device",
-        "snapshot": "Snapshots",
         "mmds": "The microVM metadata service (MMDS)",
         "cpu-config": "Custom CPU templates (cpu-config)",
         "hotplug": "Memory hotplug",
@@ -91,7 +94,7 @@ public enum APIRequest: Sendable, Equatable {
         }
         // PUT and PATCH need a body on every known path.
         let known: Set<String> = method == "PUT"
-            ? ["actions", "boot-source", "drives", "logger", "serial", "machine-config", "metrics", "network-interfaces", "entropy", "vsock"]
+            ? ["actions", "boot-source", "drives", "logger", "serial", "machine-config", "metrics", "network-interfaces", "entropy", "vsock", "snapshot"]
             : ["drives", "machine-config", "network-interfaces", "vm"]
         guard known.contains(first) else { throw invalid }
         guard let body else { throw .badRequest("Empty \(method) request.") }
@@ -159,6 +162,12 @@ public enum APIRequest: Sendable, Equatable {
         case ("PUT", "vsock"):
             try single()
             return .putVsock(try StrictJSON.decode(VsockConfig.self, from: body))
+        case ("PUT", "snapshot"):
+            switch tokens {
+            case ["snapshot", "create"]: return .putSnapshotCreate(try StrictJSON.decode(SnapshotCreateParams.self, from: body))
+            case ["snapshot", "load"]: return .putSnapshotLoad(try StrictJSON.decode(SnapshotLoadParams.self, from: body))
+            default: throw invalid
+            }
         case ("PUT", "serial"):
             try single()
             return .putSerial(try StrictJSON.decode(SerialDeviceConfig.self, from: body))

@@ -66,6 +66,8 @@ public final class MetricsRecorder: @unchecked Sendable {
         case .putEntropy: (group, name) = ("put_api_requests", "entropy")
         case .putSerial: (group, name) = ("put_api_requests", "serial")
         case .putVsock: (group, name) = ("put_api_requests", "vsock")
+        case .putSnapshotCreate: (group, name) = ("put_api_requests", "create_snapshot")
+        case .putSnapshotLoad: (group, name) = ("put_api_requests", "load_snapshot")
         }
         increment(group, name + "_count")
         if failed { increment(group, name + "_fails") }

@@ -506,3 +506,62 @@ enum FileCheck {
         }
     }
 }
+
+/// `PUT /snapshot/create` (`SnapshotCreateParams`): the VM must be paused.
+public struct SnapshotCreateParams: Codable, Sendable, Equatable {
+    public var snapshotType: String?
+    public var snapshotPath: String
+    public var memFilePath: String
+    enum CodingKeys: String, CodingKey, CaseIterable {
+        case snapshotType = "snapshot_type", snapshotPath = "snapshot_path", memFilePath = "mem_file_path"
+    }
+    public init(snapshotPath: String, memFilePath: String, snapshotType: String? = nil) {
+        self.snapshotPath = snapshotPath; self.memFilePath = memFilePath; self.snapshotType = snapshotType
+    }
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.strictContainer(keyedBy: CodingKeys.self)
+        snapshotType = try c.decodeIfPresent(String.self, forKey: .snapshotType)
+        snapshotPath = try c.decode(String.self, forKey: .snapshotPath)
+        memFilePath = try c.decode(String.self, forKey: .memFilePath)
+    }
+}
+
+/// `mem_backend` of `PUT /snapshot/load`: where guest memory comes from.
+public struct MemoryBackend: Codable, Sendable, Equatable {
+    public var backendType: String
+    public var backendPath: String
+    enum CodingKeys: String, CodingKey, CaseIterable { case backendType = "backend_type", backendPath = "backend_path" }
+    public init(backendType: String, backendPath: String) { self.backendType = backendType; self.backendPath = backendPath }
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.strictContainer(keyedBy: CodingKeys.self)
+        backendType = try c.decode(String.self, forKey: .backendType)
+        backendPath = try c.decode(String.self, forKey: .backendPath)
+    }
+}
+
+/// `PUT /snapshot/load` (`SnapshotLoadParams`): only before anything was configured.
+public struct SnapshotLoadParams: Codable, Sendable, Equatable {
+    public var snapshotPath: String
+    /// Deprecated in Firecracker in favour of `mem_backend`; exactly one of the two is given.
+    public var memFilePath: String?
+    public var memBackend: MemoryBackend?
+    public var enableDiffSnapshots: Bool?
+    public var trackDirtyPages: Bool?
+    public var resumeVM: Bool?
+    enum CodingKeys: String, CodingKey, CaseIterable {
+        case snapshotPath = "snapshot_path", memFilePath = "mem_file_path", memBackend = "mem_backend"
+        case enableDiffSnapshots = "enable_diff_snapshots", trackDirtyPages = "track_dirty_pages", resumeVM = "resume_vm"
+    }
+    public init(snapshotPath: String, memBackend: MemoryBackend?, resumeVM: Bool? = nil) {
+        self.snapshotPath = snapshotPath; self.memBackend = memBackend; self.resumeVM = resumeVM
+    }
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.strictContainer(keyedBy: CodingKeys.self)
+        snapshotPath = try c.decode(String.self, forKey: .snapshotPath)
+        memFilePath = try c.decodeIfPresent(String.self, forKey: .memFilePath)
+        memBackend = try c.decodeIfPresent(MemoryBackend.self, forKey: .memBackend)
+        enableDiffSnapshots = try c.decodeIfPresent(Bool.self, forKey: .enableDiffSnapshots)
+        trackDirtyPages = try c.decodeIfPresent(Bool.self, forKey: .trackDirtyPages)
+        resumeVM = try c.decodeIfPresent(Bool.self, forKey: .resumeVM)
+    }
+}

@@ -22,6 +22,11 @@ public protocol VMInstance: AnyObject, Sendable {
     func sendCtrlAltDel() throws
     /// Live counters.
     var metrics: MachineMetrics { get }
+    /// Writes a full snapshot of the paused guest (state file and memory file).
+    func saveSnapshot(statePath: String, memoryPath: String) throws
+    /// Keeps the vCPUs parked from the start (call before `runToCompletion`), as for a snapshot
+    /// loaded without `resume_vm`.
+    func startPaused()
     /// Changes the rate limit of virtio-blk disk `index` (position in `VMConfiguration.disks`):
     /// per bucket, nil keeps it, size or refill time 0 removes it, anything else replaces it.
     func updateDiskRateLimit(index: Int, bandwidth: TokenBucketConfig?, ops: TokenBucketConfig?) throws
@@ -33,6 +38,10 @@ public protocol VMInstance: AnyObject, Sendable {
 }
 
 extension VMInstance {
+    public func saveSnapshot(statePath: String, memoryPath: String) throws {
+        throw VMMError.setup("this guest cannot be snapshotted")
+    }
+    public func startPaused() {}
     public func updateDiskRateLimit(index: Int, bandwidth: TokenBucketConfig?, ops: TokenBucketConfig?) throws {
         throw VMMError.setup("this guest cannot change disk rate limits")
     }
@@ -49,8 +58,9 @@ extension Machine: VMInstance {
     public func runToCompletion() -> MachineExit { run(handleSignals: false) }
 }
 
-/// Builds a guest from a configuration (the default builds a `Machine`).
-public typealias VMBuilder = @Sendable (VMConfiguration, any SerialOutput, Logger) throws -> any VMInstance
+/// Builds a guest from a configuration, or from a snapshot when the last argument is set (the
+/// default builds a `Machine`).
+public typealias VMBuilder = @Sendable (VMConfiguration, any SerialOutput, Logger, MachineRestore?) throws -> any VMInstance
 
 /// A successful API response: the status and the JSON body (empty for 204).
 public struct APIResponse: Sendable, Equatable {
@@ -83,8 +93,8 @@ public final class VMController: @unchecked Sendable {
         /// Serial output when no `PUT /serial` path is set.
         public var defaultSerial: SerialSpec = .stdio
         /// Builds the guest.
-        public var builder: VMBuilder = { config, serial, logger in
-            try Machine(config: config, serialOutput: serial, logger: logger)
+        public var builder: VMBuilder = { config, serial, logger, restoring in
+            try Machine(config: config, serialOutput: serial, logger: logger, restoring: restoring)
         }
         /// Called on the guest's thread after it stopped (the `vmm` process exits here).
         public var onExit: @Sendable (MachineExit) -> Void = { _ in }
@@ -320,6 +330,42 @@ public final class VMController: @unchecked Sendable {
             guard metrics.flush(machine: currentMachineMetrics) else {
                 throw APIError(status: 400, "Failed to write metrics to \(metrics.path ?? "?"): the destination is full or unwritable.")
             }
+        case .putSnapshotCreate(let p):
+            let vm = try requireRuntime()
+            guard phase == .paused else { throw .badRequest("Cannot create a snapshot: the microVM is not paused (PATCH /vm {\"state\": \"Paused\"} first).") }
+            if let t = p.snapshotType, t != "Full" {
+                guard t == "Diff" else { throw .badRequest("Invalid snapshot_type '\(t)': expected Full or Diff.") }
+                throw .notSupportedYet("Diff snapshots (snapshot_type Diff)")
+            }
+            guard !p.snapshotPath.isEmpty, !p.memFilePath.isEmpty else { throw .badRequest("snapshot_path and mem_file_path must not be empty.") }
+            do { try vm.saveSnapshot(statePath: p.snapshotPath, memoryPath: p.memFilePath) } catch {
+                throw .badRequest("Cannot create the snapshot: \(error).")
+            }
+            logger.info("snapshot created: \(p.snapshotPath), memory \(p.memFilePath)")
+        case .putSnapshotLoad(let p):
+            try requirePreBoot()
+            let r = state.withLock { $0.resources }
+            guard r.bootSource == nil, r.drives.isEmpty, r.networkInterfaces.isEmpty, r.vsock == nil, r.entropy == nil,
+                  r.machineConfig == MachineConfig.default else {
+                throw .badRequest("Loading a microVM snapshot is not allowed after configuring boot-specific resources.")
+            }
+            let memoryPath: String
+            switch (p.memFilePath, p.memBackend) {
+            case (let path?, nil): memoryPath = path
+            case (nil, let backend?):
+                guard backend.backendType == "File" else {
+                    if backend.backendType == "Uffd" { throw .notSupportedYet("mem_backend of type Uffd") }
+                    throw .badRequest("Invalid mem_backend backend_type '\(backend.backendType)': expected File or Uffd.")
+                }
+                memoryPath = backend.backendPath
+            default:
+                throw .badRequest("Give exactly one of mem_file_path and mem_backend.")
+            }
+            if p.trackDirtyPages == true || p.enableDiffSnapshots == true { throw .notSupportedYet("dirty page tracking (track_dirty_pages)") }
+            let snapshot: MachineSnapshot
+            do { snapshot = try SnapshotFile.read(p.snapshotPath) } catch { throw .badRequest("Cannot load the snapshot: \(error).") }
+            try startInstance(restoring: MachineRestore(snapshot: snapshot, memoryPath: memoryPath), paused: p.resumeVM != true)
+            logger.info("snapshot loaded: \(p.snapshotPath)\(p.resumeVM == true ? ", resumed" : ", paused")")
         case .patchVM(.paused):
             let vm = try requireRuntime()
             if phase == .paused { return .noContent }
@@ -465,10 +511,17 @@ public final class VMController: @unchecked Sendable {
         return UInt64(pages) * UInt64(size)
     }
 
-    private func startInstance() throws(APIError) {
+    private func startInstance(restoring: MachineRestore? = nil, paused: Bool = false) throws(APIError) {
         try requirePreBoot()
         let resources = state.withLock { $0.resources }
-        let config = try makeConfiguration(resources)
+        var config: VMConfiguration
+        if let restoring {
+            // The snapshot's machine, with this process's serial output.
+            config = restoring.snapshot.config
+            config.serial = resources.serial?.serialOutPath.map { "file:" + $0 } ?? options.defaultSerial.description
+        } else {
+            config = try makeConfiguration(resources)
+        }
         let instance: any VMInstance
         do {
             let serial: any SerialOutput
@@ -484,15 +537,16 @@ public final class VMController: @unchecked Sendable {
                     throw APIError.badRequest("Invalid serial_out_path: \(error).")
                 }
             }
-            instance = try options.builder(config, serial, logger)
+            instance = try options.builder(config, serial, logger, restoring)
         } catch let e as APIError {
             throw e
         } catch {
             throw .badRequest("Failed to start the microVM: \(error).")
         }
+        if paused { instance.startPaused() }
         state.withLock { s in
             s.instance = instance
-            s.phase = .running
+            s.phase = paused ? .paused : .running
             s.driveOrder = Self.guestDriveOrder(resources.drives).map(\.driveId)
         }
         do {

@@ -124,12 +124,12 @@ public enum VMMProcess {
         if serialLog != nil { controllerOptions.defaultSerial = .none }
         if console != nil || serialLog != nil || feedStdin {
             let defaultBuilder = controllerOptions.builder
-            controllerOptions.builder = { config, serial, logger in
+            controllerOptions.builder = { config, serial, logger, restoring in
                 var sinks: [any SerialOutput] = [serial]
                 if let serialLog { sinks.append(serialLog) }
                 if let console { sinks.append(console) }
                 let output: any SerialOutput = sinks.count == 1 ? serial : TeeSerialOutput(sinks)
-                let instance = try defaultBuilder(config, output, logger)
+                let instance = try defaultBuilder(config, output, logger, restoring)
                 guard let machine = instance as? Machine else { return instance }
                 console?.setInputHandler { machine.enqueueConsoleInput($0) }
                 if feedStdin {

@@ -62,6 +62,14 @@ public struct LoadedKernel: Sendable {
         self.entry = .longMode(entry: 0)
     }
 
+    /// What stands for the loaded kernel of a machine restored from a snapshot: nothing was loaded
+    /// (guest memory and the CPU state come from the snapshot).
+    public static func restoredFromSnapshot() -> LoadedKernel {
+        var k = LoadedKernel(format: .flat)
+        k.notes = ["restored from a snapshot"]
+        return k
+    }
+
     /// One line per fact, for logs.
     public var summary: [String] {
         var s = ["format \(format.rawValue)"]

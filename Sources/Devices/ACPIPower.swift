@@ -34,7 +34,8 @@ public final class ACPIPower: BusDevice, Sendable {
     static let enableBits: UInt16 = 0x0400 | 0x0200 | 0x0100 | 0x0020 | 0x0001
     static let wakeStatus: UInt16 = 0x8000
 
-    private struct State {
+    /// PM1 status, enable and control (also the saved state).
+    public struct State: Codable, Sendable {
         var status: UInt16 = 0
         var enable: UInt16 = 0
         var control: UInt16 = ACPIPower.sciEnable
@@ -114,4 +115,10 @@ public final class ACPIPower: BusDevice, Sendable {
 
     /// The PM1 enable register (for tests and diagnostics).
     public var pm1Enable: UInt16 { state.withLock { $0.enable } }
+}
+
+extension ACPIPower: StatefulDevice {
+    public static let stateVersion: UInt32 = 1
+    public func saveState() -> State { state.withLock { $0 } }
+    public func restoreState(_ saved: State) throws(DeviceStateError) { state.withLock { $0 = saved } }
 }

@@ -29,7 +29,8 @@ public final class CMOSRTC: BusDevice, Sendable {
     static let bSET: UInt8 = 0x80, bDM: UInt8 = 0x04, b24h: UInt8 = 0x02
     static let timeIndices: Set<Int> = [0x00, 0x02, 0x04, 0x06, 0x07, 0x08, 0x09, 0x32]
 
-    struct State: Sendable {
+    /// The index register and CMOS bytes (also its saved state).
+    public struct State: Codable, Sendable {
         var index = 0
         var nmiDisabled = false
         var cmos = [UInt8](repeating: 0, count: 128)
@@ -209,5 +210,17 @@ public final class CMOSRTC: BusDevice, Sendable {
         tm.tm_year = dec(cmos[century]) * 100 + dec(cmos[0x09]) - 1900
         let t = timegm(&tm)
         return t == -1 ? nil : Int64(t)
+    }
+}
+
+extension CMOSRTC: StatefulDevice {
+    public static let stateVersion: UInt32 = 1
+
+    public func saveState() -> State { state.withLock { $0 } }
+
+    public func restoreState(_ saved: State) throws(DeviceStateError) {
+        guard saved.cmos.count == 128 else { throw DeviceStateError("rtc: \(saved.cmos.count) CMOS bytes, expected 128") }
+        guard (0..<128).contains(saved.index) else { throw DeviceStateError("rtc: index \(saved.index) out of range") }
+        state.withLock { $0 = saved }
     }
 }

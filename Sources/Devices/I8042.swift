@@ -39,9 +39,10 @@ public final class I8042: BusDevice, Sendable {
     static let ctrKbdInt: UInt8 = 0x01, ctrAuxInt: UInt8 = 0x02, ctrSys: UInt8 = 0x04
     static let ctrKbdDis: UInt8 = 0x10, ctrAuxDis: UInt8 = 0x20, ctrXlate: UInt8 = 0x40
 
-    enum Source: UInt8, Sendable { case controller, keyboard, aux }
+    enum Source: UInt8, Sendable, Codable { case controller, keyboard, aux }
 
-    struct State: Sendable {
+    /// The controller's registers and output queue (also its saved state).
+    public struct State: Sendable {
         var commandByte: UInt8 = I8042.ctrKbdInt | I8042.ctrSys | I8042.ctrXlate
         var outputPort: UInt8 = 0x03              // bit 0: not in reset; bit 1: A20 enabled
         var lastWasCommand = false
@@ -268,5 +269,66 @@ public final class I8042: BusDevice, Sendable {
         let aux = head?.source == .aux && s.commandByte & Self.ctrAuxInt != 0
         if kbd != s.kbdLevel { s.kbdLevel = kbd; keyboardInterrupt.set(level: kbd) }
         if aux != s.auxLevel { s.auxLevel = aux; auxInterrupt.set(level: aux) }
+    }
+}
+
+extension I8042.State: Codable {
+    private enum CodingKeys: String, CodingKey {
+        case commandByte, outputPort, lastWasCommand, pendingCommand, keyboardPendingCommand, queueBytes, queueSources
+        case portB, refreshToggle, kbdLevel, auxLevel, dataRead, unknownCommands
+    }
+
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        self.init()
+        commandByte = try c.decode(UInt8.self, forKey: .commandByte)
+        outputPort = try c.decode(UInt8.self, forKey: .outputPort)
+        lastWasCommand = try c.decode(Bool.self, forKey: .lastWasCommand)
+        pendingCommand = try c.decodeIfPresent(UInt8.self, forKey: .pendingCommand)
+        keyboardPendingCommand = try c.decodeIfPresent(UInt8.self, forKey: .keyboardPendingCommand)
+        let bytes = try c.decode([UInt8].self, forKey: .queueBytes)
+        let sources = try c.decode([I8042.Source].self, forKey: .queueSources)
+        guard bytes.count == sources.count, bytes.count <= 16 else {
+            throw DecodingError.dataCorruptedError(forKey: .queueBytes, in: c,
+                                                   debugDescription: "\(bytes.count) queued bytes with \(sources.count) sources (at most 16)")
+        }
+        queue = zip(bytes, sources).map { ($0, $1) }
+        portB = try c.decode(UInt8.self, forKey: .portB)
+        refreshToggle = try c.decode(Bool.self, forKey: .refreshToggle)
+        kbdLevel = try c.decode(Bool.self, forKey: .kbdLevel)
+        auxLevel = try c.decode(Bool.self, forKey: .auxLevel)
+        dataRead = try c.decode(Bool.self, forKey: .dataRead)
+        unknownCommands = try c.decode(UInt64.self, forKey: .unknownCommands)
+    }
+
+    public func encode(to encoder: any Encoder) throws {
+        var c = encoder.container(keyedBy: CodingKeys.self)
+        try c.encode(commandByte, forKey: .commandByte)
+        try c.encode(outputPort, forKey: .outputPort)
+        try c.encode(lastWasCommand, forKey: .lastWasCommand)
+        try c.encodeIfPresent(pendingCommand, forKey: .pendingCommand)
+        try c.encodeIfPresent(keyboardPendingCommand, forKey: .keyboardPendingCommand)
+        try c.encode(queue.map(\.byte), forKey: .queueBytes)
+        try c.encode(queue.map(\.source), forKey: .queueSources)
+        try c.encode(portB, forKey: .portB)
+        try c.encode(refreshToggle, forKey: .refreshToggle)
+        try c.encode(kbdLevel, forKey: .kbdLevel)
+        try c.encode(auxLevel, forKey: .auxLevel)
+        try c.encode(dataRead, forKey: .dataRead)
+        try c.encode(unknownCommands, forKey: .unknownCommands)
+    }
+}
+
+extension I8042: StatefulDevice {
+    public static let stateVersion: UInt32 = 1
+
+    public func saveState() -> State { state.withLock { $0 } }
+
+    public func restoreState(_ saved: State) throws(DeviceStateError) {
+        state.withLock { s in
+            s = saved
+            keyboardInterrupt.set(level: s.kbdLevel)
+            auxInterrupt.set(level: s.auxLevel)
+        }
     }
 }

@@ -78,7 +78,8 @@ public final class Serial16550: BusDevice, Sendable {
     static let iirTimeout: UInt8 = 0x0C, iirTHRE: UInt8 = 0x02, iirModem: UInt8 = 0x00
     static let iirFIFOEnabled: UInt8 = 0xC0
 
-    struct State: Sendable {
+    /// The UART's registers, FIFOs and host input buffer (also its saved state).
+    public struct State: Codable, Sendable {
         var ier: UInt8 = 0
         var lcr: UInt8 = 0
         var mcr: UInt8 = 0
@@ -310,6 +311,26 @@ public final class Serial16550: BusDevice, Sendable {
         if level != s.pinLevel {
             s.pinLevel = level
             interrupt.set(level: level)
+        }
+    }
+}
+
+extension Serial16550: StatefulDevice {
+    public static let stateVersion: UInt32 = 1
+
+    public func saveState() -> State { state.withLock { $0 } }
+
+    public func restoreState(_ saved: State) throws(DeviceStateError) {
+        guard [1, 4, 8, 14].contains(saved.triggerLevel) else { throw DeviceStateError("serial: trigger level \(saved.triggerLevel) is not 1, 4, 8 or 14") }
+        guard saved.rx.capacity == Self.fifoSize, saved.rxFromHost.capacity == Self.fifoSize else {
+            throw DeviceStateError("serial: receive FIFO capacity \(saved.rx.capacity) is not \(Self.fifoSize)")
+        }
+        guard saved.rxFromHost.count == saved.rx.count else {
+            throw DeviceStateError("serial: \(saved.rx.count) received bytes but \(saved.rxFromHost.count) origin marks")
+        }
+        state.withLock { s in
+            s = saved
+            interrupt.set(level: s.pinLevel)
         }
     }
 }

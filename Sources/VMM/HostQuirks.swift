@@ -22,6 +22,10 @@ public protocol HostQuirks: Sendable {
     func handleMMIO(vcpu: VCPU, memory: GuestMemory, address: UInt64, isWrite: Bool, logger: Logger) -> Bool
     /// Fix-up counters by name, for the exit statistics.
     var counters: [String: UInt64] { get }
+    /// State a snapshot must carry (e.g. the guest's LSTAR behind the PVM SYSCALL fix-up).
+    var savedState: [String: UInt64] { get }
+    /// Puts back `savedState` of a snapshot.
+    func restore(_ state: [String: UInt64])
 }
 
 extension HostQuirks {
@@ -32,6 +36,8 @@ extension HostQuirks {
     public func handleMSR(vcpu: VCPU, memory: GuestMemory, index: UInt32, write: UInt64?, logger: Logger) -> Bool { false }
     public func handleMMIO(vcpu: VCPU, memory: GuestMemory, address: UInt64, isWrite: Bool, logger: Logger) -> Bool { false }
     public var counters: [String: UInt64] { [:] }
+    public var savedState: [String: UInt64] { [:] }
+    public func restore(_ state: [String: UInt64]) {}
 }
 
 /// A hardware KVM host: no fix-ups.

@@ -52,8 +52,9 @@ extension Machine {
             }
         }
         setUpAMDHWCR()
-        try ioBus.insert(ACPIPower(control: controller, s5SleepType: ACPIPorts.s5SleepType, resetValue: ACPIPorts.resetValue),
-                         base: UInt64(ACPIPorts.base), length: UInt64(ACPIPorts.length))
+        let pm = ACPIPower(control: controller, s5SleepType: ACPIPorts.s5SleepType, resetValue: ACPIPorts.resetValue)
+        try ioBus.insert(pm, base: UInt64(ACPIPorts.base), length: UInt64(ACPIPorts.length))
+        devices.register(pm, id: "acpi-pm")
     }
 }
 

@@ -50,6 +50,10 @@ extension Machine {
     /// Lets paused vCPUs run again (no effect when not paused).
     public func resume() { vcpuManager.resume() }
 
+    /// Keeps the vCPUs parked from the start: `run()` starts their threads paused, and `resume()`
+    /// lets them go (a snapshot loaded without `resume_vm`).
+    public func startPaused() { vcpuManager.gate.presetPaused() }
+
     /// Presses Ctrl+Alt+Del on the PS/2 keyboard (as Firecracker's SendCtrlAltDel): a Linux guest
     /// with the i8042 driver reboots (which ends the VMM as a reset). Throws when there is no i8042.
     public func sendCtrlAltDel() throws {

@@ -228,6 +228,7 @@ extension Machine {
                                                    eventLoop: loop, ioEvents: ioEvents, log: log)
             virtio.add(loop: loop, transport: transport,
                        disk: (i, MachineVirtio.Disk(spec: disk, device: device, backend: backend, lock: lock)))
+            devices.markUnsupported("virtio-blk\(i)")
             let slot = try attachPCIDevice(transport).slot
             logger.info("virtio-blk \(disk.path) (\(backend.size) bytes\(disk.readOnly ? ", read-only" : "")) at PCI slot \(slot)")
         }
@@ -241,6 +242,7 @@ extension Machine {
                 let transport = try VirtioPCITransport(device: device, memory: memory, msiController: msiController,
                                                        eventLoop: loop, ioEvents: ioEvents, log: log)
                 virtio.add(loop: loop, transport: transport, nic: MachineVirtio.NIC(id: id, device: device, backend: backend))
+                devices.markUnsupported("virtio-net \(id)")
                 let slot = try attachPCIDevice(transport).slot
                 logger.info("virtio-net \(id) (\(NetSpec.formatMAC(mac))) on \(backend.label) at PCI slot \(slot)")
             } catch {
@@ -266,6 +268,7 @@ extension Machine {
             }
             // Added before attaching: stop() then shuts the device down (removing its socket) on any later failure.
             virtio.add(loop: loop, transport: transport)
+            devices.markUnsupported("virtio-vsock")
             let slot = try attachPCIDevice(transport).slot
             logger.info("virtio-vsock cid \(spec.guestCID) on \(spec.udsPath) at PCI slot \(slot)")
         }
@@ -277,6 +280,7 @@ extension Machine {
             let transport = try VirtioPCITransport(device: console, memory: memory, msiController: msiController,
                                                    eventLoop: loop, ioEvents: ioEvents, log: log)
             virtio.add(transport: transport, console: console)
+            devices.markUnsupported("virtio-console")
             _ = try attachPCIDevice(transport)
         }
         if config.rng {
@@ -284,6 +288,7 @@ extension Machine {
             let transport = try VirtioPCITransport(device: rng, memory: memory, msiController: msiController,
                                                    eventLoop: loop, ioEvents: ioEvents, log: log)
             virtio.add(transport: transport)
+            devices.markUnsupported("virtio-rng")
             _ = try attachPCIDevice(transport)
         }
     }

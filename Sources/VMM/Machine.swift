@@ -90,13 +90,18 @@ public final class Machine: @unchecked Sendable {
     let pci: MachinePCI
     /// Virtio devices, their event loops and disks (Machine+Virtio.swift).
     let virtio = MachineVirtio()
+    /// The stateful devices by id, for snapshots (Snapshot.swift).
+    let devices = DeviceManager()
     let logger: Logger
     let serialOutput: any SerialOutput
 
     /// Builds the machine. Errors in user input (files, sizes) are `BootError`/`VMMError`; KVM
     /// failures are `KVMError`.
+    ///
+    /// With `restoring`, the machine is built from the snapshot's configuration and takes its
+    /// guest memory, vCPU, in-kernel and device state from it instead of loading a guest.
     public init(config: VMConfiguration, serialOutput: any SerialOutput, logger: Logger,
-                quirks: (any HostQuirks)? = nil) throws {
+                quirks: (any HostQuirks)? = nil, restoring: MachineRestore? = nil) throws {
         self.config = config
         self.logger = logger
         self.serialOutput = serialOutput
@@ -106,7 +111,17 @@ public final class Machine: @unchecked Sendable {
 
         // Guest RAM and the guest image first: bad input is reported before KVM is touched.
         memory = try GuestMemory.allocate(size: config.memorySize)
-        loaded = try Self.load(config: config, memory: memory)
+        if let restoring {
+            guard memory.totalSize == restoring.snapshot.memorySize else {
+                throw VMMError.invalidConfiguration("snapshot: guest RAM of \(restoring.snapshot.memorySize) bytes, this machine has \(memory.totalSize)")
+            }
+            guard restoring.snapshot.vcpus.count == config.cpus else {
+                throw VMMError.invalidConfiguration("snapshot: \(restoring.snapshot.vcpus.count) vCPUs, this machine has \(config.cpus)")
+            }
+            loaded = .restoredFromSnapshot()
+        } else {
+            loaded = try Self.load(config: config, memory: memory)
+        }
         for line in loaded.summary { logger.debug("boot: \(line)") }
 
         kvm = try KVMSystem()
@@ -126,13 +141,16 @@ public final class Machine: @unchecked Sendable {
         // Devices.
         serial = Serial16550(interrupt: KVMInterruptLine(vm: vm, gsi: Serial16550.defaultIRQ), output: serialOutput)
         try ioBus.insert(serial, base: Serial16550.defaultBase, length: Serial16550.portCount)
+        devices.register(serial, id: "serial0")
         let i8042 = I8042(keyboardInterrupt: KVMInterruptLine(vm: vm, gsi: I8042.keyboardIRQ),
                           auxInterrupt: KVMInterruptLine(vm: vm, gsi: I8042.auxIRQ), control: controller)
         try ioBus.insert(i8042, base: I8042.defaultBase, length: I8042.portCount)
+        devices.register(i8042, id: "i8042")
         let rtc = CMOSRTC()
         let below = memory.regions.filter { $0.start < GuestMemory.pciHoleEnd }.reduce(0) { $0 + $1.size }
         rtc.setMemorySize(belowFourGiB: below, aboveFourGiB: memory.totalSize - below)
         try ioBus.insert(rtc, base: CMOSRTC.defaultBase, length: CMOSRTC.portCount)
+        devices.register(rtc, id: "rtc")
         pci = try MachinePCI(vm: vm, ioBus: ioBus, mmioBus: mmioBus, logger: logger)
         if let port = config.debugExitPort {
             do {
@@ -153,6 +171,7 @@ public final class Machine: @unchecked Sendable {
                                       logger: logger)
         try setUpVirtio()
         try setUpACPI()
+        if let restoring { try restore(restoring) }
     }
 
     /// Loads the configured guest into memory.

@@ -169,6 +169,14 @@ final class PauseGate: @unchecked Sendable {
 
     var isPaused: Bool { paused.load(ordering: .acquiring) }
 
+    /// Pauses before any vCPU thread runs: they park before their first KVM_RUN.
+    func presetPaused() {
+        cond.withLock {
+            pausedFlag = true
+            paused.store(true, ordering: .releasing)
+        }
+    }
+
     /// Called once the vCPU runners exist.
     func attach(_ list: [VCPURunner]) {
         cond.withLock { runners = list; parked = 0; ended = 0; stopping = false }

@@ -174,7 +174,7 @@ final class FakeServerFixture: @unchecked Sendable {
         options.metricsInterval = 0
         options.defaultSerial = .none
         let built = self.built, exits = self.exits
-        options.builder = { config, _, _ in
+        options.builder = { config, _, _, _ in
             let vm = FakeVM(config: config)
             built.withLock { $0.append(vm) }
             return vm

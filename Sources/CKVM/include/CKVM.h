@@ -62,6 +62,15 @@ static const unsigned long CKVM_INTERRUPT = KVM_INTERRUPT;
 static const unsigned long CKVM_NMI = KVM_NMI;
 static const unsigned long CKVM_SET_GUEST_DEBUG = KVM_SET_GUEST_DEBUG;
 static const unsigned long CKVM_GET_TSC_KHZ = KVM_GET_TSC_KHZ;
+static const unsigned long CKVM_GET_XSAVE = KVM_GET_XSAVE;
+static const unsigned long CKVM_SET_XSAVE = KVM_SET_XSAVE;
+static const unsigned long CKVM_GET_XCRS = KVM_GET_XCRS;
+static const unsigned long CKVM_SET_XCRS = KVM_SET_XCRS;
+static const unsigned long CKVM_GET_DEBUGREGS = KVM_GET_DEBUGREGS;
+static const unsigned long CKVM_SET_DEBUGREGS = KVM_SET_DEBUGREGS;
+static const unsigned long CKVM_GET_PIT2 = KVM_GET_PIT2;
+static const unsigned long CKVM_SET_PIT2 = KVM_SET_PIT2;
+static const unsigned long CKVM_SET_TSC_KHZ = KVM_SET_TSC_KHZ;
 
 /// ioctl(2) with an integer argument. Returns the result or -errno.
 int ckvm_ioctl_value(int fd, unsigned long request, unsigned long arg);

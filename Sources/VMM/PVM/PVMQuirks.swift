@@ -52,6 +52,15 @@ public final class PVMQuirks: HostQuirks, @unchecked Sendable {
         }
     }
 
+    public var savedState: [String: UInt64] {
+        guard let lstar = syscall?.writtenLSTAR else { return [:] }
+        return ["guest LSTAR": lstar]
+    }
+
+    public func restore(_ state: [String: UInt64]) {
+        if let lstar = state["guest LSTAR"] { syscall?.restoreLSTAR(lstar) }
+    }
+
     public func handleMMIO(vcpu: VCPU, memory: GuestMemory, address: UInt64, isWrite: Bool, logger: Logger) -> Bool {
         guard let syscall, syscall.isTrampolineExit(address: address, isWrite: isWrite) else { return false }
         do {

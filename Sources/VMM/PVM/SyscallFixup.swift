@@ -56,6 +56,13 @@ final class SyscallFixup: @unchecked Sendable {
         ])
     }
 
+    /// The LSTAR the guest wrote (the real one holds the trampoline), if it wrote one.
+    var writtenLSTAR: UInt64? { guestLSTAR.withLock { $0 } }
+
+    /// Puts back the guest's LSTAR of a snapshot (the trampoline mapping is in the restored guest
+    /// memory, and the real LSTAR comes back with the vCPU's MSRs).
+    func restoreLSTAR(_ value: UInt64) { guestLSTAR.withLock { $0 = value } }
+
     /// A guest write to LSTAR: remember it, map the trampoline, point the real LSTAR at it.
     func handleLSTARWrite(vcpu: VCPU, memory: GuestMemory, value: UInt64, logger: Logger) throws {
         guestLSTAR.withLock { $0 = value }

@@ -1,0 +1,152 @@
+import Foundation
+import Testing
+@testable import API
+@testable import VMM
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Firecracker's snapshot API with real guests: the ticker program is snapshotted while it runs
+/// and loaded into another VM, which must print the very next tick.
+@Suite("Snapshots over the API with a real guest (/dev/kvm)", .serialized,
+       .enabled(if: GuestSupport.hasKVM && GuestSupport.ticker != nil, "needs /dev/kvm and guest/build/ticker.elf"))
+struct SnapshotTests {
+    typealias Fixture = LifecycleTests.Fixture
+
+    /// The tick numbers printed to `path`, in order.
+    static func tickNumbers(_ path: String) -> [Int] {
+        guard let text = try? String(contentsOfFile: path, encoding: .utf8) else { return [] }
+        return text.split(separator: "\n").compactMap { $0.hasPrefix("tick ") ? Int($0.dropFirst(5)) : nil }
+    }
+
+    /// Runs the ticker until it printed at least `ticks`, pauses it and snapshots it into `dir`.
+    /// Returns the last tick printed before the pause.
+    static func snapshotRunningTicker(_ f: Fixture, into dir: TempDir, ticks: Int = 10) throws -> Int {
+        try f.startTicker(ticks: 0)
+        #expect(GuestSupport.wait(seconds: 30) { f.ticks >= ticks }, "the ticker should print ticks")
+        #expect(try f.send("PATCH", "/vm", #"{"state": "Paused"}"#).status == 204)
+        let r = try f.send("PUT", "/snapshot/create",
+                           #"{"snapshot_type": "Full", "snapshot_path": "\#(dir.path)/vm.snap", "mem_file_path": "\#(dir.path)/vm.mem"}"#)
+        #expect(r.status == 204, "snapshot/create: \(r.body)")
+        return try #require(tickNumbers(f.serialPath).last)
+    }
+
+    @Test("a ticker snapshotted while it runs continues in a new VM with the next tick, no gap and no repeat; a snapshot of the loaded, never resumed VM is byte-identical")
+    func continuesAfterLoad() throws {
+        let dir = TempDir()
+        defer { dir.cleanup() }
+        let first = try Fixture()
+        let last = try Self.snapshotRunningTicker(first, into: dir)
+        first.shutdown()
+        #expect(FileManager.default.fileExists(atPath: dir.path + "/vm.snap"))
+        let memSize = (try? FileManager.default.attributesOfItem(atPath: dir.path + "/vm.mem")[.size] as? Int) ?? 0
+        #expect(memSize == 64 << 20, "the memory file holds the whole 64 MiB of guest RAM")
+
+        // Loaded paused: nothing runs, and its own snapshot equals the one it came from.
+        let paused = try Fixture()
+        var r = try paused.send("PUT", "/snapshot/load",
+                                #"{"snapshot_path": "\#(dir.path)/vm.snap", "mem_backend": {"backend_type": "File", "backend_path": "\#(dir.path)/vm.mem"}}"#)
+        #expect(r.status == 204, "snapshot/load: \(r.body)")
+        #expect(try paused.send("GET", "/").json?["state"] as? String == "Paused")
+        usleep(300_000)
+        #expect(paused.ticks == 0, "a VM loaded without resume_vm must not run")
+        r = try paused.send("PUT", "/snapshot/create", #"{"snapshot_path": "\#(dir.path)/again.snap", "mem_file_path": "\#(dir.path)/again.mem"}"#)
+        #expect(r.status == 204, "\(r.body)")
+        let a = try SnapshotFile.read(dir.path + "/vm.snap"), b = try SnapshotFile.read(dir.path + "/again.snap")
+        // The TSC (MSR 0x10) keeps counting while a VM exists, paused or not; the rest is equal.
+        func withoutTSC(_ v: [VCPUState]) -> [VCPUState] { v.map { var s = $0; s.msrs.removeAll { $0.index == 0x10 }; return s } }
+        #expect(withoutTSC(a.vcpus) == withoutTSC(b.vcpus), "vCPU state round trip")
+        #expect(a.vcpus[0].msrs.contains { $0.index == 0x10 }, "the TSC is saved")
+        #expect(a.devices == b.devices, "device state round trip")
+        #expect(a.vm.picMaster == b.vm.picMaster && a.vm.picSlave == b.vm.picSlave && a.vm.ioapic == b.vm.ioapic)
+        #expect(FileManager.default.contentsEqual(atPath: dir.path + "/vm.mem", andPath: dir.path + "/again.mem"),
+                "guest memory round trip")
+        // Resumed, it prints the tick after the last one before the snapshot.
+        #expect(try paused.send("PATCH", "/vm", #"{"state": "Resumed"}"#).status == 204)
+        #expect(GuestSupport.wait(seconds: 30) { paused.ticks >= 5 })
+        paused.shutdown()
+
+        // Loaded with resume_vm: runs at once.
+        let second = try Fixture()
+        defer { second.shutdown() }
+        r = try second.send("PUT", "/snapshot/load",
+                            #"{"snapshot_path": "\#(dir.path)/vm.snap", "mem_backend": {"backend_type": "File", "backend_path": "\#(dir.path)/vm.mem"}, "resume_vm": true}"#)
+        #expect(r.status == 204, "snapshot/load: \(r.body)")
+        #expect(try second.send("GET", "/").json?["state"] as? String == "Running")
+        #expect(GuestSupport.wait(seconds: 30) { second.ticks >= 10 }, "the restored ticker should keep printing")
+        let after = Self.tickNumbers(second.serialPath)
+        #expect(after.first == last + 1, "the first tick after the load is \(after.first ?? -1), expected \(last + 1)")
+        #expect(zip(after, after.dropFirst()).allSatisfy { $1 == $0 + 1 }, "ticks after the load: \(after.prefix(20))")
+    }
+
+    @Test("bad snapshot requests and files are 400s naming the problem, and leave the VM as it was")
+    func badInput() throws {
+        let dir = TempDir()
+        defer { dir.cleanup() }
+        let f = try Fixture()
+        // create before start, and while running.
+        var r = try f.send("PUT", "/snapshot/create", #"{"snapshot_path": "\#(dir.path)/x.snap", "mem_file_path": "\#(dir.path)/x.mem"}"#)
+        #expect(r.status == 400)
+        try f.startTicker(ticks: 0)
+        #expect(GuestSupport.wait(seconds: 30) { f.ticks >= 3 })
+        r = try f.send("PUT", "/snapshot/create", #"{"snapshot_path": "\#(dir.path)/x.snap", "mem_file_path": "\#(dir.path)/x.mem"}"#)
+        #expect(r.status == 400 && r.fault?.contains("not paused") == true, "\(r.body)")
+        #expect(try f.send("PATCH", "/vm", #"{"state": "Paused"}"#).status == 204)
+        r = try f.send("PUT", "/snapshot/create", #"{"snapshot_type": "Diff", "snapshot_path": "\#(dir.path)/x.snap", "mem_file_path": "\#(dir.path)/x.mem"}"#)
+        #expect(r.status == 400 && r.fault?.contains("Diff") == true, "\(r.body)")
+        r = try f.send("PUT", "/snapshot/create", #"{"snapshot_path": "\#(dir.path)/no/such/dir/x.snap", "mem_file_path": "\#(dir.path)/no/such/dir/x.mem"}"#)
+        #expect(r.status == 400 && r.fault?.contains("no/such/dir") == true, "\(r.body)")
+        r = try f.send("PUT", "/snapshot/create", #"{"snapshot_path": "\#(dir.path)/vm.snap", "mem_file_path": "\#(dir.path)/vm.mem"}"#)
+        #expect(r.status == 204, "\(r.body)")
+        f.shutdown()
+
+        let good = try [UInt8](Data(contentsOf: URL(fileURLWithPath: dir.path + "/vm.snap")))
+        var flipped = good
+        flipped[flipped.count / 2] ^= 0x20
+        var wrongVersion = good
+        wrongVersion[8] = 99
+        let cases: [(name: String, bytes: [UInt8], memory: String, expect: String)] = [
+            ("truncated", Array(good.prefix(good.count - 100)), "vm.mem", "truncated"),
+            ("flipped", flipped, "vm.mem", "checksum"),
+            ("version", wrongVersion, "vm.mem", "version 99"),
+            ("not a snapshot", Array("{\"hello\": 1}".utf8), "vm.mem", "SKVMSNAP"),
+            ("short memory", good, "short.mem", "bytes"),
+        ]
+        _ = dir.file("short.mem", contents: "tiny")
+        for c in cases {
+            let path = dir.path + "/\(c.name.replacingOccurrences(of: " ", with: "-")).snap"
+            try Data(c.bytes).write(to: URL(fileURLWithPath: path))
+            let g = try Fixture()
+            defer { g.shutdown() }
+            let r = try g.send("PUT", "/snapshot/load",
+                               #"{"snapshot_path": "\#(path)", "mem_backend": {"backend_type": "File", "backend_path": "\#(dir.path)/\#(c.memory)"}}"#)
+            #expect(r.status == 400 && r.fault?.contains(c.expect) == true, "\(c.name): \(r.body)")
+            #expect(try g.send("GET", "/").json?["state"] as? String == "Not started", "\(c.name): nothing half-restored")
+        }
+        // Loading after configuring the boot source, with both memory fields, or from userfaultfd.
+        let g = try Fixture()
+        defer { g.shutdown() }
+        r = try g.send("PUT", "/snapshot/load", #"{"snapshot_path": "\#(dir.path)/vm.snap", "mem_file_path": "\#(dir.path)/vm.mem", "mem_backend": {"backend_type": "File", "backend_path": "\#(dir.path)/vm.mem"}}"#)
+        #expect(r.status == 400 && r.fault?.contains("exactly one") == true, "\(r.body)")
+        r = try g.send("PUT", "/snapshot/load", #"{"snapshot_path": "\#(dir.path)/vm.snap", "mem_backend": {"backend_type": "Uffd", "backend_path": "/tmp/uffd.sock"}}"#)
+        #expect(r.status == 400 && r.fault?.contains("Uffd") == true, "\(r.body)")
+        #expect(try g.send("PUT", "/boot-source", #"{"kernel_image_path": "\#(GuestSupport.ticker!)"}"#).status == 204)
+        r = try g.send("PUT", "/snapshot/load", #"{"snapshot_path": "\#(dir.path)/vm.snap", "mem_backend": {"backend_type": "File", "backend_path": "\#(dir.path)/vm.mem"}}"#)
+        #expect(r.status == 400 && r.fault?.contains("boot-specific resources") == true, "\(r.body)")
+    }
+
+    @Test("a VM with a device whose state cannot be saved yet (virtio-rng) refuses the snapshot, naming it, and writes nothing")
+    func unsupportedDevice() throws {
+        let dir = TempDir()
+        defer { dir.cleanup() }
+        let f = try Fixture()
+        defer { f.shutdown() }
+        #expect(try f.send("PUT", "/entropy", "{}").status == 204)
+        try f.startTicker(ticks: 0)
+        #expect(GuestSupport.wait(seconds: 30) { f.ticks >= 3 })
+        #expect(try f.send("PATCH", "/vm", #"{"state": "Paused"}"#).status == 204)
+        let r = try f.send("PUT", "/snapshot/create", #"{"snapshot_path": "\#(dir.path)/x.snap", "mem_file_path": "\#(dir.path)/x.mem"}"#)
+        #expect(r.status == 400 && r.fault?.contains("virtio-rng") == true, "\(r.body)")
+        #expect(!FileManager.default.fileExists(atPath: dir.path + "/x.snap") && !FileManager.default.fileExists(atPath: dir.path + "/x.mem"))
+    }
+}
