@@ -392,3 +392,34 @@ public final class PCIConfiguration: Sendable {
         }
     }
 }
+
+extension PCIConfiguration {
+    /// A configuration space as saved in a snapshot: its 256 bytes and the INTx level.
+    public struct SavedConfig: Codable, Sendable, Equatable {
+        public var bytes: [UInt8]
+        public var intxLevel: Bool
+    }
+
+    /// The current configuration bytes and INTx level.
+    public func savedConfig() -> SavedConfig {
+        state.withLock { SavedConfig(bytes: $0.bytes, intxLevel: $0.intxLevel) }
+    }
+
+    /// Puts saved configuration bytes back. The read-only bytes (identity, capability layout, BAR
+    /// size bits) must equal this device's: a saved state of another device is refused.
+    public func restoreConfig(_ saved: SavedConfig, device: String) throws(DeviceStateError) {
+        try state.withLock { (s: inout State) throws(DeviceStateError) in
+            guard saved.bytes.count == Self.size else {
+                throw DeviceStateError("\(device): \(saved.bytes.count) configuration bytes, expected \(Self.size)")
+            }
+            for i in 0..<Self.size where s.writable[i] | s.writeOneToClear[i] != 0xff {
+                let fixed = ~(s.writable[i] | s.writeOneToClear[i])
+                guard saved.bytes[i] & fixed == s.bytes[i] & fixed else {
+                    throw DeviceStateError("\(device): read-only configuration byte 0x\(String(i, radix: 16)) differs (saved 0x\(String(saved.bytes[i], radix: 16)), device 0x\(String(s.bytes[i], radix: 16)))")
+                }
+            }
+            s.bytes = saved.bytes
+            s.intxLevel = saved.intxLevel
+        }
+    }
+}

@@ -358,3 +358,18 @@ public final class PCIBARWindow: BusDevice {
         }
     }
 }
+
+extension PCIConfigMechanism1: StatefulDevice {
+    public static let stateVersion: UInt32 = 1
+    /// The latched CONFIG_ADDRESS.
+    public func saveState() -> UInt32 { addressRegister }
+    public func restoreState(_ saved: UInt32) throws(DeviceStateError) { address.withLock { $0 = saved } }
+}
+
+extension PCIHostBridge: StatefulDevice {
+    public static let stateVersion: UInt32 = 1
+    public func saveState() -> PCIConfiguration.SavedConfig { configuration.savedConfig() }
+    public func restoreState(_ saved: PCIConfiguration.SavedConfig) throws(DeviceStateError) {
+        try configuration.restoreConfig(saved, device: "PCI host bridge")
+    }
+}

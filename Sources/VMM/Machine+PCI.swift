@@ -24,6 +24,8 @@ final class MachinePCI: Sendable {
     static func intxGSI(slot: Int) -> UInt32 { UInt32(16 + ((slot - 1) % 8)) }
 
     let root = PCIRoot()
+    /// Ports 0xCF8–0xCFF (its address latch is saved in snapshots).
+    let mechanism1: PCIConfigMechanism1
     let msi: KVMMSIController
     private let vm: VirtualMachine
     private let logger: Logger
@@ -35,8 +37,9 @@ final class MachinePCI: Sendable {
         self.vm = vm
         self.logger = logger
         msi = KVMMSIController(vm: vm, logger: logger)
+        mechanism1 = PCIConfigMechanism1(root: root)
         intxLines = (16..<24).map { SharedInterruptLine(wire: KVMInterruptLine(vm: vm, gsi: UInt32($0))) }
-        try ioBus.insert(PCIConfigMechanism1(root: root), base: PCIConfigMechanism1.base, length: PCIConfigMechanism1.portCount)
+        try ioBus.insert(mechanism1, base: PCIConfigMechanism1.base, length: PCIConfigMechanism1.portCount)
         try mmioBus.insert(PCIECAM(root: root), base: Self.ecamBase, length: PCIECAM.busSize)
         try mmioBus.insert(PCIBARWindow(root: root, space: .memory, base: Self.mmioWindowBase),
                            base: Self.mmioWindowBase, length: Self.mmioWindowSize)

@@ -152,6 +152,8 @@ public final class Machine: @unchecked Sendable {
         try ioBus.insert(rtc, base: CMOSRTC.defaultBase, length: CMOSRTC.portCount)
         devices.register(rtc, id: "rtc")
         pci = try MachinePCI(vm: vm, ioBus: ioBus, mmioBus: mmioBus, logger: logger)
+        devices.register(pci.mechanism1, id: "pci-config-address")
+        devices.register(pci.root.hostBridge, id: "pci-host-bridge")
         if let port = config.debugExitPort {
             do {
                 try ioBus.insert(DebugExit(control: controller), base: UInt64(port), length: 1)
