@@ -90,6 +90,12 @@ public final class ImageLock: @unchecked Sendable {
         }
     }
 
+    /// Changes the locks to those of a file of `format` opened for `request` (see `update(permissions:unshared:)`).
+    public func update(for request: ImageLockRequest, format: ImageFormat) throws {
+        let (p, u) = request.fileLocks(format: format)
+        try update(permissions: p, unshared: u)
+    }
+
     /// Releases every lock (closing the lock's file description); later calls do nothing.
     public func release() {
         state.withLock { s in
@@ -232,4 +238,10 @@ public func lockImageChain(path: String, format: ImageFormat? = nil, request: Im
         request = request.backing
     }
     return locks
+}
+
+extension Array where Element == ImageLock {
+    /// Releases every lock in the array (call it where the locks must end: a lock not used after its last mention
+    /// may be deinitialized, and so released, early).
+    public func releaseAll() { forEach { $0.release() } }
 }
