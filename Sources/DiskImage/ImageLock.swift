@@ -146,6 +146,29 @@ public final class ImageLock: @unchecked Sendable {
         }
     }
 
+    /// The bytes of `path` that anyone on this host holds an OFD lock on (from /proc/locks): what `qemu-img`, QEMU
+    /// or SwiftKVM holds there, for diagnostics and tests. Empty when the file or /proc/locks cannot be read.
+    public static func heldBytes(path: String) -> Set<Int> {
+        var st = stat()
+        guard stat(path, &st) == 0, let f = fopen("/proc/locks", "r") else { return [] }
+        defer { fclose(f) }
+        var bytes = Set<Int>()
+        var line: UnsafeMutablePointer<CChar>?
+        var cap = 0
+        defer { free(line) }
+        let dev = UInt64(st.st_dev)
+        let major = (dev >> 8) & 0xfff | (dev >> 32) & ~0xfff, minor = dev & 0xff | (dev >> 12) & ~0xff
+        let id = String(major, radix: 16).leftPadded(2) + ":" + String(minor, radix: 16).leftPadded(2) + ":\(st.st_ino)"
+        // "1: OFDLCK ADVISORY  READ -1 fe:00:1234 100 101"
+        while getline(&line, &cap, f) > 0, let line {
+            let fields = String(cString: line).split(whereSeparator: { $0 == " " || $0 == "\n" })
+            guard fields.count >= 8, fields[1] == "OFDLCK", fields[5] == Substring(id),
+                  let a = Int(fields[6]), let b = Int(fields[7]), a <= b else { continue }
+            bytes.formUnion(a...b)
+        }
+        return bytes
+    }
+
     // <fcntl.h> defines these only with _GNU_SOURCE.
     static let F_OFD_GETLK: Int32 = 36
     static let F_OFD_SETLK: Int32 = 37
@@ -238,6 +261,10 @@ public func lockImageChain(path: String, format: ImageFormat? = nil, request: Im
         request = request.backing
     }
     return locks
+}
+
+private extension String {
+    func leftPadded(_ n: Int) -> String { String(repeating: "0", count: max(0, n - count)) + self }
 }
 
 extension Array where Element == ImageLock {

@@ -5,21 +5,8 @@ import Testing
 import Glibc
 #endif
 
-/// The OFD lock bytes held on `path` by anyone, from /proc/locks (start..end ranges expanded).
-func lockedBytes(_ path: String) throws -> Set<Int> {
-    var st = stat()
-    guard stat(path, &st) == 0 else { return [] }
-    let text = try String(contentsOfFile: "/proc/locks", encoding: .utf8)
-    var bytes = Set<Int>()
-    for line in text.split(separator: "\n") {
-        let f = line.split(separator: " ", omittingEmptySubsequences: true)
-        // "1: OFDLCK ADVISORY READ -1 08:01:1234 100 101"
-        guard f.count >= 8, f[1] == "OFDLCK", f[5].split(separator: ":").last == Substring("\(st.st_ino)"),
-              let a = Int(f[6]), let b = Int(f[7]) else { continue }
-        bytes.formUnion(a...b)
-    }
-    return bytes
-}
+/// The OFD lock bytes anyone holds on `path`.
+func lockedBytes(_ path: String) throws -> Set<Int> { ImageLock.heldBytes(path: path) }
 
 @Suite("Image locking (qemu's protocol, in one process: separate file descriptions conflict as processes do)")
 struct ImageLockTests {
