@@ -177,6 +177,8 @@ func createImage(path: String, format: String, size: UInt64?, backing: String?, 
                  options: [String], sync: Bool = true) throws {
     guard format == "raw" || format == "qcow2" else { throw ValidationError("unknown format '\(format)' (qcow2 or raw)") }
     // As qemu-img: the file is locked for writing before it is truncated, so an image in use is never overwritten.
+    // A file the lock created is removed again when the image cannot be made.
+    let existed = access(path, F_OK) == 0
     let lock: ImageLock
     do {
         lock = try ImageLock(path: path, permissions: [.write, .resize], unshared: .resize, create: true)
@@ -184,6 +186,18 @@ func createImage(path: String, format: String, size: UInt64?, backing: String?, 
         throw DiskImageError(.locked, "\(path): \(e.message)")
     }
     defer { lock.release() }
+    do {
+        try createUnlocked(path: path, format: format, size: size, backing: backing, backingFormat: backingFormat,
+                           options: options, sync: sync)
+    } catch {
+        if !existed { unlink(path) }
+        throw error
+    }
+}
+
+/// `createImage` once the file is locked.
+private func createUnlocked(path: String, format: String, size: UInt64?, backing: String?, backingFormat: String?,
+                            options: [String], sync: Bool) throws {
     switch format {
     case "raw":
         if backing != nil { throw ValidationError("raw images cannot have a backing file") }
