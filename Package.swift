@@ -68,7 +68,7 @@ let package = Package(
         .testTarget(name: "PCITests", dependencies: ["PCI", "Devices"]),
         .testTarget(name: "VirtioTests", dependencies: ["Virtio", "PCI", "Devices", "GuestMemory", "DiskImage", "Net"]),
         .testTarget(name: "VMMTests", dependencies: ["VMM"]),
-        .testTarget(name: "APITests", dependencies: ["API", "VMM"]),
+        .testTarget(name: "APITests", dependencies: ["API", "VMM", "DiskImage"]),
         .testTarget(name: "ManagerTests", dependencies: ["Manager", "API", "VMM"]),
         .testTarget(name: "IntegrationTests", dependencies: ["VMM", "KVM", "Boot", "Devices", "GuestMemory", "DiskImage"]),
     ]

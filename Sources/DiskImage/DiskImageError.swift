@@ -13,6 +13,8 @@ public struct DiskImageError: Error, CustomStringConvertible, Sendable, Equatabl
         case invalidArgument
         /// A backing chain is cyclic, too deep, or backing files are not allowed.
         case backingChain
+        /// Another holder's image lock (qemu's locking protocol, `ImageLock`) conflicts with the one asked for.
+        case locked
     }
 
     /// The category of the error.

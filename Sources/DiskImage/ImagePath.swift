@@ -11,6 +11,12 @@ enum ImagePath {
         return slash == path.startIndex ? "/" : String(path[..<slash])
     }
 
+    /// Where the backing file `name` stored in the image at `path` is: absolute, or relative to the image's folder
+    /// (spelled as qemu spells it: `name` alone for an image in the working directory).
+    static func backing(_ name: String, of path: String) -> String {
+        name.hasPrefix("/") || !path.contains("/") ? name : directory(of: path) + "/" + name
+    }
+
     /// `path` with symbolic links and `.`/`..` resolved (realpath); `path` itself when it does not exist.
     static func resolved(_ path: String) -> String {
         guard let p = realpath(path, nil) else { return path }

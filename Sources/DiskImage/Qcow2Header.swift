@@ -365,3 +365,16 @@ public struct Qcow2Header: Sendable, Equatable {
         return t
     }()
 }
+
+extension Qcow2Header {
+    /// Reads the header of the qcow2 image at `path` and returns its backing file name and format, or nil when it
+    /// has none.
+    static func backingFile(of path: String) throws -> (name: String, format: String?)? {
+        let f = try ImageFile(path: path, readOnly: true)
+        defer { f.close() }
+        let size = try f.fileSize()
+        let h = try Qcow2Header(bytes: try f.pread(at: 0, count: Int(min(size, UInt64(Qcow2Limits.maxHeaderExtensionBytes)))),
+                                path: path, fileSize: size)
+        return h.backingFile.map { ($0, h.backingFormat) }
+    }
+}

@@ -172,7 +172,7 @@ public final class Qcow2Image: BlockBackend, @unchecked Sendable {
             guard options.allowBackingFiles else {
                 throw DiskImageError(.backingChain, "\(path): has backing file '\(name)' but opening backing files is not allowed")
             }
-            let full = name.hasPrefix("/") ? name : ImagePath.directory(of: path) + "/" + name
+            let full = ImagePath.backing(name, of: path)
             let canonical = ImagePath.resolved(full)
             let me = ImagePath.resolved(path)
             let visited = chain + [me]

@@ -96,30 +96,25 @@ struct KVMIOEventRegistry: IOEventRegistry {
     }
 }
 
-/// An advisory lock on a disk image held while the VM runs (exclusive when writable, shared when
-/// read-only), so two VMs cannot write one image.
+/// The image locks of a disk held while the VM runs: the image and (with `backing_files=on`) its backing chain,
+/// locked as QEMU locks a virtio-blk drive of a running guest (`ImageLockRequest.guestDisk`), so that neither
+/// another VM nor qemu-img, qemu-io or QEMU can write what the guest uses. Released when the disk is closed.
 final class DiskLock: Sendable {
-    let fd: Int32
-    init(path: String, exclusive: Bool) throws {
-        let fd = open(path, O_RDONLY | O_CLOEXEC)
-        guard fd >= 0 else {
-            throw VMMError.invalidValue(what: "--disk", value: path, reason: "cannot open: \(String(cString: strerror(errno)))")
+    let locks: [ImageLock]
+    init(_ disk: DiskSpec) throws {
+        do {
+            locks = try lockImageChain(path: disk.path, format: disk.format.flatMap(ImageFormat.init(rawValue:)),
+                                       request: .guestDisk(readOnly: disk.readOnly), followBacking: disk.backingFiles)
+        } catch {
+            throw VMMError.invalidValue(what: "--disk", value: disk.path, reason: "\(error)")
         }
-        if flock(fd, (exclusive ? LOCK_EX : LOCK_SH) | LOCK_NB) != 0 {
-            let e = errno
-            close(fd)
-            throw VMMError.invalidValue(what: "--disk", value: path,
-                                        reason: e == EWOULDBLOCK ? "the image is locked: in use by another VM, or given twice"
-                                                                 : "cannot lock: \(String(cString: strerror(e)))")
-        }
-        self.fd = fd
     }
-    deinit { close(fd) }
+    deinit { locks.releaseAll() }
 
-    /// Whether `path` names the locked file (same device and inode).
+    /// Whether `path` names the locked image (same device and inode).
     func isSameFile(_ path: String) -> Bool {
         var a = stat(), b = stat()
-        return fstat(fd, &a) == 0 && stat(path, &b) == 0 && a.st_dev == b.st_dev && a.st_ino == b.st_ino
+        return !locks.isEmpty && stat(locks[0].path, &a) == 0 && stat(path, &b) == 0 && a.st_dev == b.st_dev && a.st_ino == b.st_ino
     }
 }
 
@@ -310,10 +305,10 @@ extension Machine {
         }
     }
 
-    /// Opens a disk image as `--disk` does: the advisory lock (exclusive when writable), then the
+    /// Opens a disk image as `--disk` does: the image locks (`DiskLock`), then the
     /// format (given or probed; cache=none only for raw) and the backend. Errors name the path.
     static func openDisk(_ disk: DiskSpec, reusing existing: DiskLock? = nil) throws -> (any BlockBackend, DiskLock) {
-        let lock = try existing ?? DiskLock(path: disk.path, exclusive: !disk.readOnly)
+        let lock = try existing ?? DiskLock(disk)
         do {
             let format = try disk.format.flatMap(ImageFormat.init(rawValue:)) ?? probeImageFormat(path: disk.path)
             if disk.cache == "none", format != .raw {

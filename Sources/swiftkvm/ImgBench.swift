@@ -18,10 +18,14 @@ struct ImgBench: ParsableCommand {
     @Option(name: .customShort("t"), help: "Cache mode (ignored: always writeback with a final flush).") var cache: String?
     @Option(name: .customShort("d"), help: "Queue depth (ignored: 1).") var depth: Int?
     @Flag(name: .customShort("q")) var quiet = false
+    @Flag(name: [.customShort("U"), .customLong("force-share")], help: forceShareHelp) var forceShare = false
     @Argument var file: String
 
     func run() throws {
         try imgRun {
+            if write && forceShare { throw forceShareWriteError(file) }
+            let locks = try lockImage(file, format: format, write ? .write : .read(forceShare: forceShare))
+            defer { locks.releaseAll() }
             let img = try openDiskImage(path: file, options: .init(readOnly: !write, format: format))
             let len = Int(try parseImgSize(size))
             let stride = try step.map(parseImgSize) ?? UInt64(len)

@@ -147,6 +147,21 @@ func resolveBacking(_ name: String, relativeTo image: String) -> String {
     return (slash == image.startIndex ? "" : String(image[..<slash])) + "/" + name
 }
 
+/// The help of `-U`/`--force-share`.
+let forceShareHelp: ArgumentHelp = "Force share: open read-only without keeping writers out (qemu-img's -U); refused for writes."
+
+/// Takes the image locks qemu-img takes on `path` and, with `followBacking`, its backing chain (see `ImageLock`);
+/// release them with `releaseAll()` when the command is done.
+func lockImage(_ path: String, format: String?, _ request: ImageLockRequest, followBacking: Bool = true) throws -> [ImageLock] {
+    try lockImageChain(path: path, format: format.flatMap(ImageFormat.init(rawValue:)), request: request,
+                       followBacking: followBacking)
+}
+
+/// qemu-img's refusal of `-U` for a command that writes the image.
+func forceShareWriteError(_ path: String) -> DiskImageError {
+    DiskImageError.invalid("Could not open '\(path)': force-share=on can only be used with read-only images")
+}
+
 /// Runs `body`, turning DiskImageError into "qemu-img: message" on stderr and exit code 1.
 func imgRun(_ body: () throws -> Void) throws {
     do {
@@ -160,6 +175,29 @@ func imgRun(_ body: () throws -> Void) throws {
 /// Creates an image of the given format. Shared by create and convert.
 func createImage(path: String, format: String, size: UInt64?, backing: String?, backingFormat: String?,
                  options: [String], sync: Bool = true) throws {
+    guard format == "raw" || format == "qcow2" else { throw ValidationError("unknown format '\(format)' (qcow2 or raw)") }
+    // As qemu-img: the file is locked for writing before it is truncated, so an image in use is never overwritten.
+    // A file the lock created is removed again when the image cannot be made.
+    let existed = access(path, F_OK) == 0
+    let lock: ImageLock
+    do {
+        lock = try ImageLock(path: path, permissions: [.write, .resize], unshared: .resize, create: true)
+    } catch let e as DiskImageError where e.kind == .locked {
+        throw DiskImageError(.locked, "\(path): \(e.message)")
+    }
+    defer { lock.release() }
+    do {
+        try createUnlocked(path: path, format: format, size: size, backing: backing, backingFormat: backingFormat,
+                           options: options, sync: sync)
+    } catch {
+        if !existed { unlink(path) }
+        throw error
+    }
+}
+
+/// `createImage` once the file is locked.
+private func createUnlocked(path: String, format: String, size: UInt64?, backing: String?, backingFormat: String?,
+                            options: [String], sync: Bool) throws {
     switch format {
     case "raw":
         if backing != nil { throw ValidationError("raw images cannot have a backing file") }
@@ -294,12 +332,14 @@ struct ImgInfo: ParsableCommand {
     @Option(name: .customLong("output"), help: "human or json") var output = "human"
     @Flag(name: .customLong("backing-chain")) var backingChain = false
     @Flag(name: [.customShort("U"), .customLong("force-share")],
-          help: "Open read-only without taking locks (qemu-img's -U; swiftkvm img takes no image locks yet, so it changes nothing).")
+          help: forceShareHelp)
     var forceShare = false
     @Argument var file: String
 
     func run() throws {
         try imgRun {
+            let locks = try lockImage(file, format: format, .info(forceShare: forceShare), followBacking: backingChain)
+            defer { locks.releaseAll() }
             let img = try openDiskImage(path: file, options: .init(readOnly: true, format: format))
             defer { try? img.close() }
             var chain: [(BlockBackend, String)] = [(img, file)]
@@ -349,7 +389,7 @@ struct ImgInfo: ParsableCommand {
 struct ImgCheck: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "check", abstract: "Check (and repair) an image's consistency. Exit codes: 0 clean, 1 check failed or bad usage, 2 corruptions, 3 leaks, 63 format without checks.")
     @Flag(name: [.customShort("U"), .customLong("force-share")],
-          help: "Open read-only without taking locks (qemu-img's -U; swiftkvm img takes no image locks yet, so it changes nothing).")
+          help: forceShareHelp)
     var forceShare = false
     @Option(name: .customShort("f")) var format: String?
     @Option(name: .customShort("r"), help: "Repair: leaks or all.") var repair: String?
@@ -372,11 +412,16 @@ struct ImgCheck: ParsableCommand {
                 writeText("swiftkvm img: This image format does not support checks\n", to: STDERR_FILENO)
                 throw ExitCode(63)
             }
+            if mode != nil && forceShare { throw forceShareWriteError(file) }
+            let locks = try lockImage(file, format: format, mode == nil ? .read(forceShare: forceShare) : .write)
+            defer { locks.releaseAll() }
             let img = try Qcow2Image(path: file, options: .init(readOnly: mode == nil, ignoreBackingFile: true))
             result = try img.check(repair: mode)
             try img.close()
         } catch let e as DiskImageError {
-            writeText("swiftkvm img: Check failed: \(e.message)\n", to: STDERR_FILENO)
+            // Errors before the check (a lock held elsewhere, -U with -r) are worded as qemu-img words them.
+            let opening = e.kind == .locked || e.message.hasPrefix("Could not open")
+            writeText("swiftkvm img: \(opening ? "" : "Check failed: ")\(e.message)\n", to: STDERR_FILENO)
             throw ExitCode(1)
         }
         if output == "json" {
@@ -436,7 +481,7 @@ final class ProgressPrinter {
 struct ImgConvert: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "convert", abstract: "Convert an image to another format (sparse copy).")
     @Flag(name: [.customShort("U"), .customLong("force-share")],
-          help: "Open read-only without taking locks (qemu-img's -U; swiftkvm img takes no image locks yet, so it changes nothing).")
+          help: forceShareHelp)
     var forceShare = false
     @Option(name: .customShort("f")) var sourceFormat: String?
     @Option(name: .customShort("O")) var outputFormat = "raw"
@@ -451,9 +496,13 @@ struct ImgConvert: ParsableCommand {
 
     func run() throws {
         try imgRun {
+            let srcLocks = try lockImage(source, format: sourceFormat, .convertSource(forceShare: forceShare))
+            defer { srcLocks.releaseAll() }
             let src = try openDiskImage(path: source, options: .init(readOnly: true, format: sourceFormat))
             try createImage(path: destination, format: outputFormat, size: src.size, backing: backing,
                             backingFormat: backingFormat, options: options, sync: cache != "unsafe")
+            let dstLocks = try lockImage(destination, format: outputFormat, .write, followBacking: false)
+            defer { dstLocks.releaseAll() }
             var dopts = ImageOpenOptions(readOnly: false, format: outputFormat)
             dopts.unsafeNoSync = cache == "unsafe"
             let dst = try openDiskImage(path: destination, options: dopts)
@@ -477,6 +526,8 @@ struct ImgResize: ParsableCommand {
 
     func run() throws {
         try imgRun {
+            let locks = try lockImage(file, format: format, .write)
+            defer { locks.releaseAll() }
             let img = try openDiskImage(path: file, options: .init(readOnly: false, format: format))
             var target: UInt64
             if size.hasPrefix("+") {
@@ -510,11 +561,15 @@ struct ImgSnapshot: ParsableCommand {
     @Option(name: .customShort("c")) var create: String?
     @Option(name: .customShort("a")) var apply: String?
     @Option(name: .customShort("d")) var delete: String?
+    @Flag(name: [.customShort("U"), .customLong("force-share")], help: forceShareHelp) var forceShare = false
     @Argument var file: String
 
     func run() throws {
         try imgRun {
             let writable = create != nil || apply != nil || delete != nil
+            if writable && forceShare { throw forceShareWriteError(file) }
+            let locks = try lockImage(file, format: "qcow2", writable ? .write : .read(forceShare: forceShare))
+            defer { locks.releaseAll() }
             let img = try Qcow2Image(path: file, options: .init(readOnly: !writable))
             if let n = create { try img.createSnapshot(name: n) }
             if let n = apply { try img.applySnapshot(n) }
@@ -537,8 +592,15 @@ struct ImgCommit: ParsableCommand {
 
     func run() throws {
         try imgRun {
+            let locks = try lockImage(file, format: "qcow2", .write)
+            defer { locks.releaseAll() }
             let top = try Qcow2Image(path: file, options: .init(readOnly: false))
             guard let bpath = top.backingPath else { throw DiskImageError.invalid("\(file) has no backing file to commit to") }
+            // As qemu-img: the base's read lock (taken with the chain) becomes a write lock.
+            if locks.count > 1 {
+                let bfmt = try top.header.backingFormat.flatMap(ImageFormat.init(rawValue:)) ?? probeImageFormat(path: bpath)
+                try locks[1].update(for: .write, format: bfmt)
+            }
             let base = try openDiskImage(path: bpath, options: .init(readOnly: false, format: top.header.backingFormat))
             let p = progress ? ProgressPrinter() : nil
             try commitImage(top: top, base: base, emptyTop: !keep, progress: p.map { pp in { pp.update($0, $1) } })
@@ -557,10 +619,17 @@ struct ImgRebase: ParsableCommand {
     @Option(name: .customShort("b")) var backing: String
     @Option(name: .customShort("F")) var backingFormat: String?
     @Flag(name: .customShort("p")) var progress = false
+    @Flag(name: [.customShort("U"), .customLong("force-share")],
+          help: "Open the backing files (old and new) without keeping writers out (qemu-img's -U); the image is locked for writing.")
+    var forceShare = false
     @Argument var file: String
 
     func run() throws {
         try imgRun {
+            // The image is locked for writing; its backing chain (not opened by -u) and the new backing file for
+            // reading, or with -U force-shared, as qemu-img does.
+            var locks = try lockImage(file, format: "qcow2", .write, followBacking: !unsafe && !forceShare)
+            defer { locks.releaseAll() }
             let name: String? = backing.isEmpty ? nil : backing
             let fmt = backingFormat
             if name != nil && fmt == nil {
@@ -573,6 +642,12 @@ struct ImgRebase: ParsableCommand {
                 return
             }
             let img = try Qcow2Image(path: file, options: .init(readOnly: false))
+            if forceShare, let old = img.backingPath {
+                locks += try lockImage(old, format: img.header.backingFormat, .read(forceShare: true))
+            }
+            if let name {
+                locks += try lockImage(resolveBacking(name, relativeTo: file), format: fmt, .read(forceShare: forceShare))
+            }
             let nb = try name.map { try openDiskImage(path: resolveBacking($0, relativeTo: file), options: .init(readOnly: true, format: fmt)) }
             try rebaseImage(img, newBacking: nb, name: name, format: fmt)
             try nb?.close()
@@ -584,7 +659,7 @@ struct ImgRebase: ParsableCommand {
 struct ImgMap: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "map", abstract: "Show the allocation map of an image.")
     @Flag(name: [.customShort("U"), .customLong("force-share")],
-          help: "Open read-only without taking locks (qemu-img's -U; swiftkvm img takes no image locks yet, so it changes nothing).")
+          help: forceShareHelp)
     var forceShare = false
     @Option(name: .customShort("f")) var format: String?
     @Option(name: .customLong("output")) var output = "human"
@@ -592,6 +667,8 @@ struct ImgMap: ParsableCommand {
 
     func run() throws {
         try imgRun {
+            let locks = try lockImage(file, format: format, .read(forceShare: forceShare))
+            defer { locks.releaseAll() }
             let img = try openDiskImage(path: file, options: .init(readOnly: true, format: format))
             let entries = try mapImage(img)
             if output == "json" {
@@ -623,7 +700,7 @@ struct ImgMap: ParsableCommand {
 struct ImgCompare: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "compare", abstract: "Compare the contents of two images. Exit 0 identical, 1 different, 2 error.")
     @Flag(name: [.customShort("U"), .customLong("force-share")],
-          help: "Open read-only without taking locks (qemu-img's -U; swiftkvm img takes no image locks yet, so it changes nothing).")
+          help: forceShareHelp)
     var forceShare = false
     @Option(name: .customShort("f")) var format1: String?
     @Option(name: .customShort("F")) var format2: String?
@@ -634,6 +711,9 @@ struct ImgCompare: ParsableCommand {
 
     func run() throws {
         do {
+            let locks = try lockImage(first, format: format1, .read(forceShare: forceShare))
+                + lockImage(second, format: format2, .read(forceShare: forceShare))
+            defer { locks.releaseAll() }
             let a = try openDiskImage(path: first, options: .init(readOnly: true, format: format1))
             let b = try openDiskImage(path: second, options: .init(readOnly: true, format: format2))
             if strict, let m = try strictMismatch(a, b) {

@@ -2,6 +2,7 @@ import Foundation
 import Synchronization
 import Testing
 @testable import API
+import DiskImage
 import Virtio
 import VMM
 #if canImport(Glibc)
@@ -193,12 +194,13 @@ struct RateLimitGuestTests {
         try start(f, bench: "bench=seqwrite size=4096 n=20 qd=1", disk: a, limiter: #"{"ops": {"size": 1, "refill_time": 200}}"#)
         #expect(GuestSupport.wait(seconds: 60) { serial(f).contains("BENCH seqwrite start") }, "\(serial(f))")
 
-        let fd = open(locked, O_RDONLY | O_CLOEXEC)
-        #expect(fd >= 0 && flock(fd, LOCK_EX | LOCK_NB) == 0)
+        // Another holder writes it, as qemu-io does (QEMU's lock bytes: consistent read and write).
+        let holder = try ImageLock(path: locked, permissions: [.consistentRead, .write], unshared: [])
         let refused = try f.send("PATCH", "/drives/data", #"{"drive_id": "data", "path_on_host": "\#(locked)"}"#)
-        close(fd)
-        #expect(refused.status == 400 && refused.fault?.contains(locked) == true && refused.fault?.contains("locked") == true,
-                "\(refused.body)")
+        holder.release()
+        #expect(refused.status == 400 && refused.fault?.contains(locked) == true
+                && refused.fault?.contains("Is another process using the image") == true, "\(refused.body)")
+        #expect(ImageLock.heldBytes(path: a) == [100, 101, 201], "the old disk keeps its locks")
         var drives = try f.send("GET", "/vm/config").json?["drives"] as? [[String: Any]]
         #expect(drives?.first?["path_on_host"] as? String == a)
 
@@ -207,6 +209,8 @@ struct RateLimitGuestTests {
         #expect(same.status == 204, "\(same.body)")
         let ok = try f.send("PATCH", "/drives/data", #"{"drive_id": "data", "path_on_host": "\#(b)"}"#)
         #expect(ok.status == 204, "\(ok.body)")
+        #expect(ImageLock.heldBytes(path: b) == [100, 101, 201], "the new file is locked as QEMU locks a writable raw drive")
+        #expect(ImageLock.heldBytes(path: a).isEmpty, "the old one is released")
         drives = try f.send("GET", "/vm/config").json?["drives"] as? [[String: Any]]
         #expect(drives?.first?["path_on_host"] as? String == b)
         #expect(GuestSupport.wait(seconds: 60) { f.exit != nil }, "\(serial(f))")

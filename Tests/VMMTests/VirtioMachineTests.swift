@@ -86,7 +86,7 @@ struct VirtioMachineTests {
         }
         let twice = error([DiskSpec(path: a), DiskSpec(path: a)])
         #expect(twice?.isUsageError == true)
-        #expect(twice?.description.contains("locked") == true)
+        #expect(twice?.description.contains(#"Failed to get "write" lock"#) == true, "\(String(describing: twice))")
         let missing = error([DiskSpec(path: a + ".missing")])
         #expect(missing?.description.contains(".missing") == true)
         let qcow = error([DiskSpec(path: a, format: "qcow2")])
