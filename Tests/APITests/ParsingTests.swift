@@ -81,9 +81,28 @@ struct ParsingTests {
         #expect(fault("PATCH", "/network-interfaces/eth0", #"{"iface_id": "eth1"}"#)?.message.contains("does not match") == true)
     }
 
-    @Test("snapshot, balloon and other unimplemented endpoints say 'not supported yet'")
+    @Test("snapshot requests are parsed strictly: required fields, unknown fields and paths are 400s naming them")
+    func snapshot() {
+        #expect(fault("PUT", "/snapshot/create", "{}")?.message.contains("snapshot_path") == true)
+        #expect(fault("PUT", "/snapshot/create", #"{"snapshot_path": "/s", "mem_file_path": "/m", "version": "1.0"}"#)?
+            .message.contains("version") == true)
+        #expect(fault("PUT", "/snapshot/load", #"{"mem_backend": {"backend_type": "File", "backend_path": "/m"}}"#)?
+            .message.contains("snapshot_path") == true)
+        #expect(fault("PUT", "/snapshot/load", #"{"snapshot_path": "/s", "mem_backend": {"backend_type": "File"}}"#)?
+            .message.contains("backend_path") == true)
+        #expect(fault("PUT", "/snapshot/other", #"{"snapshot_path": "/s"}"#)?.status == 400)
+        #expect(fault("PUT", "/snapshot", #"{"snapshot_path": "/s"}"#)?.status == 400)
+        if case .putSnapshotLoad(let p)? = try? APIRequest.parse(method: "PUT", uri: "/snapshot/load", body: Array(
+            #"{"snapshot_path": "/s", "mem_backend": {"backend_type": "File", "backend_path": "/m"}, "resume_vm": true}"#.utf8)) {
+            #expect(p.snapshotPath == "/s" && p.memBackend?.backendPath == "/m" && p.resumeVM == true)
+        } else {
+            Issue.record("PUT /snapshot/load did not parse")
+        }
+    }
+
+    @Test("balloon and other unimplemented endpoints say 'not supported yet'")
     func unsupported() {
-        for (m, p) in [("PUT", "/snapshot/create"), ("PUT", "/snapshot/load"), ("GET", "/balloon"), ("PATCH", "/balloon"),
+        for (m, p) in [("GET", "/balloon"), ("PATCH", "/balloon"),
                        ("GET", "/balloon/statistics"), ("PUT", "/mmds"), ("PUT", "/cpu-config")] {
             let e = fault(m, p, m == "GET" ? nil : "{}")
             #expect(e?.status == 400)
