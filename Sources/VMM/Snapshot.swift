@@ -179,12 +179,20 @@ enum SnapshotIO {
             }
             var offset: UInt64 = 0
             let block = 64 << 10
+            let page = Int(sysconf(Int32(_SC_PAGESIZE)))
             for region in memory.regions {
+                // Pages the guest never touched are not resident (mincore): they read as zero, so
+                // they are skipped without reading them (which would map them).
+                var resident = [UInt8](repeating: 1, count: (Int(region.size) + page - 1) / page)
+                if mincore(region.host, Int(region.size), &resident) != 0 { resident = resident.map { _ in 1 } }
                 var o = 0
                 while o < Int(region.size) {
                     let n = min(block, Int(region.size) - o)
-                    let chunk = UnsafeRawBufferPointer(start: region.host + o, count: n)
-                    if !isZero(chunk) { try writeFully(fd, chunk, at: offset + UInt64(o), what: what, path: path) }
+                    let first = o / page, last = (o + n - 1) / page
+                    if resident[first...last].contains(where: { $0 & 1 != 0 }) {
+                        let chunk = UnsafeRawBufferPointer(start: region.host + o, count: n)
+                        if !isZero(chunk) { try writeFully(fd, chunk, at: offset + UInt64(o), what: what, path: path) }
+                    }
                     o += n
                 }
                 offset += region.size
