@@ -22,11 +22,13 @@ let package = Package(
         .systemLibrary(name: "CZstd", providers: [.apt(["libzstd-dev"])]),
         .systemLibrary(name: "CLZMA", providers: [.apt(["liblzma-dev"])]),
         .systemLibrary(name: "CLZ4", providers: [.apt(["liblz4-dev"])]),
+        // seccomp-BPF filters for the VMM's threads (Debian's libseccomp-dev).
+        .systemLibrary(name: "CSeccomp", providers: [.apt(["libseccomp-dev"])]),
 
         .target(name: "GuestMemory"),
         .target(name: "KVM", dependencies: ["CKVM"]),
         .target(name: "Boot", dependencies: ["GuestMemory", "CZlib", "CZstd", "CLZMA", "CLZ4"]),
-        .target(name: "Devices", dependencies: ["GuestMemory", "CKVM"]),
+        .target(name: "Devices", dependencies: ["GuestMemory", "CKVM", "CSeccomp"]),
         .target(name: "DiskImage", dependencies: ["CZlib", "CZstd"]),
         .target(name: "PCI", dependencies: ["Devices"]),
         .target(name: "CNet"),

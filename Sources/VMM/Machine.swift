@@ -282,11 +282,14 @@ public final class Machine: @unchecked Sendable {
         do { try virtio.start() } catch {
             controller.stop(.vmmFailure("cannot start the virtio device threads: \(error)"))
         }
+        let launch = StartGate() // vCPUs wait here, confined, until this thread is confined too
         for r in runners where !controller.stopRequested {
-            do { try r.start() } catch {
+            do { try r.start(gate: launch) } catch {
                 controller.stop(.vmmFailure("cannot start vCPU \(r.vcpu.id) thread: \(error)"))
             }
         }
+        Seccomp.confineCurrentThread(.vmm)
+        launch.open()
 
         // Control loop: wait for a stop request or a signal; between them, ask vCPUs to check
         // whether they are halted for good (power-off without ACPI is a halt with IF=0).
