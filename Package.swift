@@ -55,7 +55,7 @@ let package = Package(
         // Test-only code: the crash writer's plan (shared with DiskImageTests) and a helper executable for
         // commands the tests need and users do not.
         .target(name: "SwiftKVMTestSupport"),
-        .executableTarget(name: "swiftkvm-test-helper", dependencies: ["SwiftKVMTestSupport", "DiskImage", "VMM"]),
+        .executableTarget(name: "swiftkvm-test-helper", dependencies: ["SwiftKVMTestSupport", "DiskImage", "VMM", "API", "Devices"]),
         .executableTarget(name: "swiftkvm", dependencies: [
             "VMM", "KVM", "Boot", "Devices", "GuestMemory", "DiskImage", "API", "Manager",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),

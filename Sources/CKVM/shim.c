@@ -159,6 +159,13 @@ static void ckvm_sigsys_handler(int sig, siginfo_t *info, void *context) {
         ckvm_append(line, sizeof line, &len, ckvm_syscall_names[nr]);
         ckvm_append(line, sizeof line, &len, ")");
     }
+    ucontext_t *uc = (ucontext_t *)context;
+    greg_t *r = uc->uc_mcontext.gregs;
+    ckvm_append(line, sizeof line, &len, " [args ");
+    ckvm_append_long(line, sizeof line, &len, (long)r[REG_RDI]);
+    ckvm_append(line, sizeof line, &len, ", ");
+    ckvm_append_long(line, sizeof line, &len, (long)r[REG_RSI]);
+    ckvm_append(line, sizeof line, &len, ", ...]");
     ckvm_append(line, sizeof line, &len, " on a '");
     ckvm_append(line, sizeof line, &len, ckvm_thread_kind[0] ? ckvm_thread_kind : "unknown");
     ckvm_append(line, sizeof line, &len, "' thread (tid ");
@@ -171,8 +178,6 @@ static void ckvm_sigsys_handler(int sig, siginfo_t *info, void *context) {
        filter forbids it, issuing the forbidden call again traps again, and a forced SIGSYS with the default
        disposition kills as well. exit_group is the last resort. */
     syscall(SYS_tgkill, ckvm_process_id, ckvm_thread_tid ? ckvm_thread_tid : syscall(SYS_gettid), sig);
-    ucontext_t *uc = (ucontext_t *)context;
-    greg_t *r = uc->uc_mcontext.gregs;
     syscall(nr, r[REG_RDI], r[REG_RSI], r[REG_RDX], r[REG_R10], r[REG_R8], r[REG_R9]);
     _exit(128 + SIGSYS);
 }

@@ -162,6 +162,9 @@ public enum Seccomp {
             }
         }
         _ = ckvm_install_sigsys_reporter()
+        // Load the time zone now: the first log line's timestamp would otherwise open /etc/localtime on
+        // whichever (confined) thread logs first.
+        tzset()
         compiled.withLock { c in
             for old in c.contexts.values { seccomp_release(UnsafeMutableRawPointer(old)) }
             c.contexts = contexts

@@ -18,15 +18,22 @@ public enum SeccompPolicy {
         ["brk", "mmap", "munmap", "mremap", "madvise", "mprotect", "futex", "sched_yield", "getpid", "gettid",
          "tgkill", "rt_sigprocmask", "rt_sigreturn", "exit", "exit_group", "clock_gettime", "clock_nanosleep",
          "nanosleep", "getrandom", "write", "writev"].map { R($0) }
+            + [R("prctl", [arg(0, 15) /* PR_SET_NAME */]), R("prctl", [arg(0, 16) /* PR_GET_NAME */])]
     }
+
+    /// TUNSETOFFLOAD (`_IOW('T', 208, unsigned int)`): virtio-net applies the offloads the guest's driver
+    /// negotiated to the TAP when the driver writes its features (on a vCPU) or resets the device.
+    static let tunSetOffload: UInt = 0x4004_54d0
 
     /// vCPU threads: KVM_RUN and the exits handled on them.
     static var vcpu: [R] {
         common
             + ioctls([CKVM_RUN, CKVM_GET_REGS, CKVM_SET_REGS, CKVM_GET_SREGS, CKVM_SET_SREGS, CKVM_GET_MP_STATE,
                       CKVM_GET_VCPU_EVENTS, CKVM_SET_VCPU_EVENTS, CKVM_IRQ_LINE, CKVM_IRQ_LINE_STATUS,
-                      CKVM_SIGNAL_MSI, CKVM_GET_MSRS, CKVM_SET_MSRS])
-            + ["read", "pread64", "pwrite64", "fsync", "fdatasync", "sendto", "sendmsg", "recvfrom"].map { R($0) }
+                      CKVM_SIGNAL_MSI, CKVM_GET_MSRS, CKVM_SET_MSRS, CKVM_IOEVENTFD, CKVM_IRQFD,
+                      CKVM_SET_GSI_ROUTING, tunSetOffload])
+            + ["read", "pread64", "pwrite64", "fsync", "fdatasync", "sendto", "sendmsg", "recvfrom", "epoll_ctl",
+               "eventfd2", "close"].map { R($0) }
     }
 
     /// Device threads: a virtio event loop (epoll over ioeventfds, backends) or a disk I/O worker.
@@ -36,7 +43,7 @@ public enum SeccompPolicy {
             + fcntls([F_GETFL, F_SETFL, F_GETFD, F_SETFD])
             + ["epoll_wait", "epoll_pwait", "epoll_ctl", "read", "readv", "pread64", "preadv", "pwrite64", "pwritev",
                "fsync", "fdatasync", "fallocate", "lseek", "close", "fstat", "newfstatat", "recvfrom", "recvmsg",
-               "sendto", "sendmsg", "accept4", "connect", "shutdown", "getsockopt", "setsockopt"].map { R($0) }
+               "sendto", "sendmsg", "accept", "accept4", "connect", "poll", "ppoll", "timerfd_settime", "timerfd_gettime", "shutdown", "getsockopt", "setsockopt"].map { R($0) }
             + [R("socket", [arg(0, UInt64(AF_UNIX))])]
     }
 
@@ -44,7 +51,7 @@ public enum SeccompPolicy {
     static var api: [R] {
         common
             + fcntls([F_GETFL, F_SETFL, F_GETFD, F_SETFD])
-            + ["epoll_wait", "epoll_pwait", "epoll_ctl", "read", "readv", "accept4", "close", "recvfrom", "recvmsg",
+            + ["epoll_wait", "epoll_pwait", "epoll_ctl", "read", "readv", "accept", "accept4", "close", "unlink", "recvfrom", "recvmsg",
                "sendto", "sendmsg", "shutdown", "getsockopt", "setsockopt", "getsockname", "getpeername", "bind",
                "listen", "fstat", "newfstatat", "eventfd2", "timerfd_settime"].map { R($0) }
     }
@@ -53,7 +60,7 @@ public enum SeccompPolicy {
     static var console: [R] {
         common
             + fcntls([F_GETFL, F_SETFL, F_GETFD, F_SETFD])
-            + ["read", "poll", "ppoll", "accept4", "close", "recvfrom", "sendto", "sendmsg", "shutdown", "ioctl"]
+            + ["read", "poll", "ppoll", "accept", "accept4", "close", "recvfrom", "sendto", "sendmsg", "shutdown", "ioctl"]
                 .map { R($0) }
     }
 
@@ -61,11 +68,12 @@ public enum SeccompPolicy {
     /// disks and metrics, runtime API actions.
     static var vmm: [R] {
         common
-            + ioctls([CKVM_IRQ_LINE, CKVM_SIGNAL_MSI, CKVM_GET_REGS, CKVM_GET_SREGS, CKVM_GET_MP_STATE])
+            + ioctls([CKVM_IRQ_LINE, CKVM_SIGNAL_MSI, CKVM_GET_REGS, CKVM_GET_SREGS, CKVM_GET_MP_STATE, tunSetOffload])
             + fcntls([F_GETFL, F_SETFL, F_GETFD, F_SETFD])
             + ["rt_sigtimedwait", "rt_sigaction", "read", "close", "fsync", "fdatasync", "flock", "unlink", "openat",
                "fstat", "newfstatat", "lseek", "pread64", "pwrite64", "epoll_ctl", "shutdown", "sendto", "recvfrom",
-               "ftruncate", "getrusage", "munlock"].map { R($0) }
+               "ftruncate", "getrusage", "munlock", "wait4"].map { R($0) }
+            + [R("kill", [arg(1, UInt64(SIGTERM))])]
     }
 
     /// The built-in filters.
