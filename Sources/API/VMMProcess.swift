@@ -119,7 +119,7 @@ public enum VMMProcess {
         let stdinBox = Mutex<ConsoleInput?>(nil)
         let terminate: @Sendable (Int32) -> Void = { code in
             guard !exiting.exchange(true, ordering: .sequentiallyConsistent) else { return }
-            serverBox.withLock { $0 }?.stop()
+            serverBox.withLock { $0 }?.stop(exiting: true)
             if let dropped = console?.droppedBytes, dropped > 0 {
                 sink.makeLogger(label: "swiftkvm.vmm").warning("console socket: \(dropped) bytes of serial output were dropped for clients that did not read")
             }

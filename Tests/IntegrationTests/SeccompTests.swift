@@ -62,7 +62,7 @@ struct SeccompTests {
             }
             vm.stop()
             #expect(vm.poll() == 143, "SIGTERM ends the VM with 143 (no SIGSYS on the way out): \(vm.stderr.text)")
-            #expect(!vm.stderr.text.contains("seccomp"), vm.stderr.text)
+            #expect(!vm.stderr.text.contains("seccomp"), "\(vm.stderr.text)")
         }
     }
 
@@ -93,13 +93,13 @@ struct SeccompTests {
         let ticker = try #require(MCSupport.ticker)
         #expect(call("PUT", "/boot-source", #"{"kernel_image_path": "\#(ticker)", "boot_args": "\#(MCSupport.tickerArgs(ticks: 0))"}"#) == "204")
         #expect(call("PUT", "/drives/d0", #"{"drive_id": "d0", "path_on_host": "\#(disk)", "is_root_device": false, "is_read_only": false}"#) == "204")
-        #expect(call("PUT", "/actions", #"{"action_type": "InstanceStart"}"#) == "204", vmm.stderr.text)
+        #expect(call("PUT", "/actions", #"{"action_type": "InstanceStart"}"#) == "204", "\(vmm.stderr.text)")
         let client = try MCConsoleClient(path: sock)
         defer { client.close() }
         #expect(MCSupport.wait(seconds: 60) { MCSupport.ticks(in: client.reader!.text) >= 20 }, "ticks on the console socket: \(vmm.stderr.text)")
         // A runtime request on the confined API and controller threads, and a metrics flush on its thread.
-        #expect(call("PATCH", "/vm", #"{"state": "Paused"}"#) == "204", vmm.stderr.text)
-        #expect(call("PATCH", "/vm", #"{"state": "Resumed"}"#) == "204", vmm.stderr.text)
+        #expect(call("PATCH", "/vm", #"{"state": "Paused"}"#) == "204", "\(vmm.stderr.text)")
+        #expect(call("PATCH", "/vm", #"{"state": "Resumed"}"#) == "204", "\(vmm.stderr.text)")
         #expect(MCSupport.wait(seconds: 10) { ((try? String(contentsOfFile: metrics, encoding: .utf8)) ?? "").contains("utc_timestamp_ms") })
         let threads = Self.threads(of: vmm.pid)
         let names = Set(threads.map(\.name))
@@ -112,7 +112,7 @@ struct SeccompTests {
         #expect(vmm.poll() == nil, "the VMM keeps running: \(vmm.stderr.text)")
         vmm.stop()
         #expect(vmm.poll() == 143, "SIGTERM ends the VMM with 143: \(vmm.stderr.text)")
-        #expect(!vmm.stderr.text.contains("forbidden syscall"), vmm.stderr.text)
+        #expect(!vmm.stderr.text.contains("forbidden syscall"), "\(vmm.stderr.text)")
     }
 
     @Test("a forbidden syscall on a thread of each kind kills the process with SIGSYS and a report naming the syscall and the kind",
@@ -121,8 +121,8 @@ struct SeccompTests {
         let helper = try #require(Self.helper, "swiftkvm-test-helper is built next to swiftkvm (swift build)")
         let r = try MCChild.run(helper, ["seccomp-violation", kind], timeout: 30)
         #expect(r.status == 128 + SIGSYS, "status \(r.status): \(r.stderr)")
-        #expect(r.stderr.contains("forbidden syscall 41 (socket)"), r.stderr)
-        #expect(r.stderr.contains("on a '\(kind)' thread"), r.stderr)
+        #expect(r.stderr.contains("forbidden syscall 41 (socket)"), "\(r.stderr)")
+        #expect(r.stderr.contains("on a '\(kind)' thread"), "\(r.stderr)")
         #expect(!r.stdout.contains("socket returned"), "the call never ran")
     }
 
@@ -137,7 +137,7 @@ struct SeccompTests {
         #expect(vm.stdout.waitFor("TICKER-START", timeout: 60), "the guest started: \(vm.stderr.text)")
         #expect(Self.threads(of: vm.pid).allSatisfy { $0.mode == 2 })
         vm.stop()
-        #expect(vm.poll() == 143, vm.stderr.text)
+        #expect(vm.poll() == 143, "\(vm.stderr.text)")
 
         let partial = try MCChild.run(helper, ["seccomp-export", "--without", "ioctl@vcpu"], timeout: 30)
         let bad = dir.file("no-ioctl.json", partial.stdout)
@@ -146,7 +146,7 @@ struct SeccompTests {
         let dying = try startRun(dir2, extra: ["--seccomp-filter", bad])
         let status = dying.wait(timeout: 60)
         #expect(status == 128 + SIGSYS, "status \(String(describing: status)): \(dying.stderr.text)")
-        #expect(dying.stderr.text.contains("forbidden syscall 16 (ioctl)") && dying.stderr.text.contains("'vcpu' thread"), dying.stderr.text)
+        #expect(dying.stderr.text.contains("forbidden syscall 16 (ioctl)") && dying.stderr.text.contains("'vcpu' thread"), "\(dying.stderr.text)")
     }
 
     @Test("a bad --seccomp-filter file exits 2 naming the file and the problem, for run and vmm",
