@@ -13,7 +13,7 @@ import Virtio
 /// Requests are parsed by NIO's HTTP/1 decoder; bodies are limited to `maxBodySize` bytes
 /// (Firecracker's default 51200): a larger body gets 413 and the connection is closed. Parsing
 /// into an `APIRequest` happens on the event loop; the controller runs on a dedicated serial
-/// queue ("api-vmm"), never on the event loop. Malformed HTTP gets NIO's 400 and a close.
+/// thread ("api-vmm"), never on the event loop. Malformed HTTP gets NIO's 400 and a close.
 public final class APIServer: @unchecked Sendable {
     /// Firecracker's default API payload limit.
     public static let defaultMaxBodySize = 51_200
