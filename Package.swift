@@ -22,11 +22,13 @@ let package = Package(
         .systemLibrary(name: "CZstd", providers: [.apt(["libzstd-dev"])]),
         .systemLibrary(name: "CLZMA", providers: [.apt(["liblzma-dev"])]),
         .systemLibrary(name: "CLZ4", providers: [.apt(["liblz4-dev"])]),
+        // seccomp-BPF filters for the VMM's threads (Debian's libseccomp-dev).
+        .systemLibrary(name: "CSeccomp", providers: [.apt(["libseccomp-dev"])]),
 
         .target(name: "GuestMemory"),
         .target(name: "KVM", dependencies: ["CKVM"]),
         .target(name: "Boot", dependencies: ["GuestMemory", "CZlib", "CZstd", "CLZMA", "CLZ4"]),
-        .target(name: "Devices", dependencies: ["GuestMemory", "CKVM"]),
+        .target(name: "Devices", dependencies: ["GuestMemory", "CKVM", "CSeccomp"]),
         .target(name: "DiskImage", dependencies: ["CZlib", "CZstd"]),
         .target(name: "PCI", dependencies: ["Devices"]),
         .target(name: "CNet"),
@@ -53,7 +55,7 @@ let package = Package(
         // Test-only code: the crash writer's plan (shared with DiskImageTests) and a helper executable for
         // commands the tests need and users do not.
         .target(name: "SwiftKVMTestSupport"),
-        .executableTarget(name: "swiftkvm-test-helper", dependencies: ["SwiftKVMTestSupport", "DiskImage", "VMM"]),
+        .executableTarget(name: "swiftkvm-test-helper", dependencies: ["SwiftKVMTestSupport", "DiskImage", "VMM", "API", "Devices"]),
         .executableTarget(name: "swiftkvm", dependencies: [
             "VMM", "KVM", "Boot", "Devices", "GuestMemory", "DiskImage", "API", "Manager",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),

@@ -1,4 +1,4 @@
-import Dispatch
+import Devices
 import FoundationEssentials
 #if canImport(Glibc)
 import Glibc
@@ -6,13 +6,14 @@ import Glibc
 import NIOCore
 import NIOHTTP1
 import NIOPosix
+import Virtio
 
 /// The HTTP/1.1 API server on a Unix socket (SwiftNIO), as Firecracker's `--api-sock`.
 ///
 /// Requests are parsed by NIO's HTTP/1 decoder; bodies are limited to `maxBodySize` bytes
 /// (Firecracker's default 51200): a larger body gets 413 and the connection is closed. Parsing
 /// into an `APIRequest` happens on the event loop; the controller runs on a dedicated serial
-/// queue ("api-vmm"), never on the event loop. Malformed HTTP gets NIO's 400 and a close.
+/// thread ("api-vmm"), never on the event loop. Malformed HTTP gets NIO's 400 and a close.
 public final class APIServer: @unchecked Sendable {
     /// Firecracker's default API payload limit.
     public static let defaultMaxBodySize = 51_200
@@ -22,7 +23,9 @@ public final class APIServer: @unchecked Sendable {
     public let maxBodySize: Int
     private let group: MultiThreadedEventLoopGroup
     private var channel: (any Channel)?
-    private let queue = DispatchQueue(label: "api-vmm")
+    /// The controller's thread ("api-vmm"): started here, by the still unconfined main thread, so that it
+    /// can build the machine at InstanceStart; it confines itself as a `vmm` thread once the guest started.
+    private let queue = IOWorkerPool(threads: 1, name: "api-vmm", kind: nil)
 
     public init(socketPath: String, controller: VMController, maxBodySize: Int = defaultMaxBodySize) {
         self.socketPath = socketPath
@@ -43,6 +46,11 @@ public final class APIServer: @unchecked Sendable {
         }
         let controller = self.controller, maxBody = maxBodySize, queue = self.queue
         let bootstrap = ServerBootstrap(group: group)
+            // The event loop confines itself (seccomp `api` filter) before it binds and accepts anything.
+            .serverChannelInitializer { channel in
+                Seccomp.confineCurrentThread(.api)
+                return channel.eventLoop.makeSucceededVoidFuture()
+            }
             .serverChannelOption(ChannelOptions.backlog, value: 64)
             .childChannelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
@@ -58,12 +66,14 @@ public final class APIServer: @unchecked Sendable {
         }
     }
 
-    /// Closes the socket, removes its path and stops the event loop.
-    public func stop() {
+    /// Closes the socket, removes its path and stops the event loop. With `exiting` (the process exits next) the
+    /// event loop is left running: NIO's graceful shutdown calls back through a Dispatch thread that the API
+    /// thread's seccomp filter does not allow it to create.
+    public func stop(exiting: Bool = false) {
         try? channel?.close().wait()
         channel = nil
         unlink(socketPath)
-        try? group.syncShutdownGracefully()
+        if !exiting { try? group.syncShutdownGracefully() }
     }
 }
 
@@ -74,12 +84,12 @@ final class APIHTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
 
     let controller: VMController
     let maxBodySize: Int
-    let queue: DispatchQueue
+    let queue: IOWorkerPool
     private var head: HTTPRequestHead?
     private var body: ByteBuffer?
     private var rejected = false
 
-    init(controller: VMController, maxBodySize: Int, queue: DispatchQueue) {
+    init(controller: VMController, maxBodySize: Int, queue: IOWorkerPool) {
         self.controller = controller
         self.maxBodySize = maxBodySize
         self.queue = queue
@@ -130,7 +140,7 @@ final class APIHTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         }
         let promise = context.eventLoop.makePromise(of: Result<APIResponse, APIError>.self)
         let controller = self.controller
-        queue.async { promise.succeed(controller.handle(request)) }
+        queue.submit { promise.succeed(controller.handle(request)) }
         let bound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
         promise.futureResult.whenSuccess { result in
             let (handler, context) = bound.value

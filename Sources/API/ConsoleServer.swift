@@ -119,7 +119,7 @@ public final class ConsoleServer: SerialOutput, Sendable {
         }
         guard go else { return }
         do {
-            try HostThread.start(name: "console-sock", stackSize: 256 << 10) { [self] in serve() }
+            try HostThread.start(name: "console-sock", kind: .console, stackSize: 256 << 10) { [self] in serve() }
         } catch {
             state.withLock { $0.running = false }
             throw error

@@ -1,4 +1,4 @@
-import Dispatch
+import Devices
 import FoundationEssentials
 #if canImport(Glibc)
 import Glibc
@@ -28,7 +28,7 @@ public final class MetricsRecorder: @unchecked Sendable {
     }
     private let state = Mutex(State())
     private let timerLock = Mutex(())
-    private var timer: (any DispatchSourceTimer)?
+    private var timer: PeriodicTask?
     /// Process start to API ready, set once by the process (microseconds, wall and CPU).
     public let startupWallUs = Atomic<UInt64>(0)
     public let startupCPUUs = Atomic<UInt64>(0)
@@ -106,19 +106,18 @@ public final class MetricsRecorder: @unchecked Sendable {
         }
         emitID.store(config.emitId ?? false, ordering: .relaxed)
         properties.withLock { $0 = config.properties ?? [:] }
-        var timer: (any DispatchSourceTimer)?
+        var timer: PeriodicTask?
         if interval > 0 {
-            let t = DispatchSource.makeTimerSource(queue: DispatchQueue(label: "metrics"))
-            t.schedule(deadline: .now() + interval, repeating: interval)
-            t.setEventHandler { [weak self] in _ = self?.flush(machine: machine()) }
-            timer = t
+            timer = PeriodicTask(name: "metrics", interval: interval) { [weak self] in _ = self?.flush(machine: machine()) }
         }
         state.withLock { s in
             s.fd = fd
             s.path = config.metricsPath
         }
         timerLock.withLock { _ in self.timer = timer }
-        timer?.resume()
+        do { try timer?.start() } catch {
+            throw .badRequest("Cannot start the metrics timer: \(error).")
+        }
     }
 
     /// The current metrics configuration (for `GET /vm/config`).

@@ -565,6 +565,9 @@ public final class VMController: @unchecked Sendable {
             throw .badRequest("Failed to start the microVM: \(error).")
         }
         logger.info("microVM started: \(config.cpus) vCPU(s), \(config.memorySize >> 20) MiB")
+        // The machine is built: from now on this thread (the API's controller, or the main thread with
+        // --config-file) only drives it, confined as a `vmm` thread.
+        Seccomp.confineCurrentThread(.vmm)
     }
 
     /// Asks a running guest to stop (SIGTERM in the `vmm` process); no effect before start.

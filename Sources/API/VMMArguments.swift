@@ -31,11 +31,12 @@ public enum VMMArguments {
                 if name == "no-api" { o.noAPI = true }
                 if name == "show-level" { o.showLevel = true }
                 if name == "show-log-origin" { o.showLogOrigin = true }
+                if name == "no-seccomp" { o.noSeccomp = true }
                 continue
             case "api-sock", "id", "config-file", "log-path", "level", "metrics-path", "metrics-interval",
-                 "http-api-max-payload-size", "console-sock", "serial-log", "ready-fd",
+                 "http-api-max-payload-size", "console-sock", "serial-log", "ready-fd", "seccomp-filter",
                  // Accepted for compatibility with Firecracker tooling; no effect.
-                 "seccomp-filter", "start-time-us", "start-time-cpu-us", "parent-cpu-time-us", "module":
+                 "start-time-us", "start-time-cpu-us", "parent-cpu-time-us", "module":
                 break
             default:
                 return nil
@@ -67,6 +68,7 @@ public enum VMMArguments {
                 o.maxPayloadSize = v
             case "console-sock": o.consoleSocket = value
             case "serial-log": o.serialLog = value
+            case "seccomp-filter": o.seccompFilter = value
             case "ready-fd":
                 guard let v = Int32(value), v >= 3 else { return nil }
                 o.readyFD = v

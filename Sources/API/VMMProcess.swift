@@ -39,6 +39,10 @@ public enum VMMProcess {
         /// Whether stdin feeds the serial input (as Firecracker's): nil = when stdin is open and
         /// not /dev/null.
         public var stdinInput: Bool?
+        /// `--no-seccomp`: no seccomp filters.
+        public var noSeccomp = false
+        /// `--seccomp-filter`: filters from this file (`SeccompFile`) instead of the built-in ones.
+        public var seccompFilter: String?
         public init() {}
     }
 
@@ -59,6 +63,13 @@ public enum VMMProcess {
         }
         guard options.maxPayloadSize > 0 else {
             fail("invalid --http-api-max-payload-size \(options.maxPayloadSize): must be positive")
+            return MachineExit.usageExitCode
+        }
+        // Seccomp: each thread confines itself as it starts (docs/SECCOMP.md); a bad filter file is a usage error.
+        do throws(SeccompError) {
+            try SeccompFile.enable(disabled: options.noSeccomp, filterFile: options.seccompFilter)
+        } catch {
+            fail(error.description)
             return MachineExit.usageExitCode
         }
         let sink = LogSink(instanceID: options.instanceID)
@@ -108,7 +119,7 @@ public enum VMMProcess {
         let stdinBox = Mutex<ConsoleInput?>(nil)
         let terminate: @Sendable (Int32) -> Void = { code in
             guard !exiting.exchange(true, ordering: .sequentiallyConsistent) else { return }
-            serverBox.withLock { $0 }?.stop()
+            serverBox.withLock { $0 }?.stop(exiting: true)
             if let dropped = console?.droppedBytes, dropped > 0 {
                 sink.makeLogger(label: "swiftkvm.vmm").warning("console socket: \(dropped) bytes of serial output were dropped for clients that did not read")
             }
@@ -198,6 +209,7 @@ public enum VMMProcess {
         }
 
         // Signal loop: SIGINT/SIGTERM stop the guest, or the process before InstanceStart.
+        Seccomp.confineCurrentThread(.vmm)
         while true {
             var info = siginfo_t()
             var ts = timespec(tv_sec: 1, tv_nsec: 0)

@@ -126,7 +126,7 @@ public final class EventLoop: Sendable {
         guard go else { return }
         // Devices must not receive the VMM's stop signals (HostThread blocks them).
         do {
-            try HostThread.start(name: name) { [self] in
+            try HostThread.start(name: name, kind: .device) { [self] in
                 run()
                 finished.signal()
             }

@@ -1,4 +1,5 @@
 import CKVM
+import Synchronization
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -25,10 +26,14 @@ public enum HostThread {
     private final class Start {
         let name: String
         let blockStopSignals: Bool
+        let kind: ThreadKind?
+        let gate: StartGate?
         let body: () -> Void
-        init(name: String, blockStopSignals: Bool, body: @escaping () -> Void) {
+        init(name: String, blockStopSignals: Bool, kind: ThreadKind?, gate: StartGate?, body: @escaping () -> Void) {
             self.name = name
             self.blockStopSignals = blockStopSignals
+            self.kind = kind
+            self.gate = gate
             self.body = body
         }
     }
@@ -37,14 +42,19 @@ public enum HostThread {
     /// `blockStopSignals` (the default) SIGINT and SIGTERM are blocked on it, so they reach the
     /// thread that waits for them (the VMM's main thread) instead of a device thread.
     /// `stackSize` 0 keeps the default size.
+    ///
+    /// With a `kind`, the thread installs that kind's seccomp filter (`Seccomp.confineCurrentThread`) before
+    /// anything else, so `body` runs confined; with a `gate` it then waits for the gate to open (the control
+    /// thread opens it once its own filter is installed: no guest code runs before every filter is in place).
     @discardableResult
-    public static func start(name: String, blockStopSignals: Bool = true, stackSize: Int = 0,
+    public static func start(name: String, kind: ThreadKind? = nil, gate: StartGate? = nil,
+                             blockStopSignals: Bool = true, stackSize: Int = 0,
                              _ body: @escaping @Sendable () -> Void) throws(StartError) -> Handle {
         var attr = pthread_attr_t()
         pthread_attr_init(&attr)
         defer { pthread_attr_destroy(&attr) }
         if stackSize > 0 { pthread_attr_setstacksize(&attr, stackSize) }
-        let box = Unmanaged.passRetained(Start(name: name, blockStopSignals: blockStopSignals, body: body)).toOpaque()
+        let box = Unmanaged.passRetained(Start(name: name, blockStopSignals: blockStopSignals, kind: kind, gate: gate, body: body)).toOpaque()
         var tid = pthread_t()
         let rc = pthread_create(&tid, &attr, { arg in
             guard let arg else { return nil }
@@ -52,6 +62,8 @@ public enum HostThread {
             let start = Unmanaged<HostThread.Start>.fromOpaque(arg).takeRetainedValue()
             _ = ckvm_set_thread_name(String(start.name.utf8.prefix(15)) ?? "swiftkvm")
             if start.blockStopSignals { StopSignals.block() }
+            if let kind = start.kind { Seccomp.confineCurrentThread(kind) }
+            start.gate?.wait()
             start.body()
             return nil
         }, box)
@@ -61,6 +73,52 @@ public enum HostThread {
         }
         return Handle(thread: tid)
     }
+}
+
+/// A one-shot gate threads wait at before their body runs (`HostThread.start(gate:)`): closed until `open()`.
+public final class StartGate: Sendable {
+    private let lock = ConditionLock()
+    private let isOpen = Atomic<Bool>(false)
+    public init() {}
+    /// Lets every waiting and later thread through.
+    public func open() {
+        lock.withLock { isOpen.store(true, ordering: .releasing); lock.broadcast() }
+    }
+    /// Waits until the gate is open.
+    public func wait() {
+        guard !isOpen.load(ordering: .acquiring) else { return }
+        lock.withLock { while !isOpen.load(ordering: .acquiring) { lock.wait() } }
+    }
+}
+
+/// A job run every `interval` seconds on its own thread (a `vmm`-kind thread under seccomp), until `cancel()`.
+public final class PeriodicTask: @unchecked Sendable {
+    private let lock = ConditionLock()
+    private var cancelled = false
+    private let name: String
+    private let interval: Double
+    private let job: @Sendable () -> Void
+
+    public init(name: String, interval: Double, _ job: @escaping @Sendable () -> Void) {
+        self.name = name
+        self.interval = interval
+        self.job = job
+    }
+
+    /// Starts the thread (the first run is `interval` seconds from now).
+    public func start() throws(HostThread.StartError) {
+        try HostThread.start(name: name, kind: .vmm) { [self] in
+            while lock.withLock({ () -> Bool in
+                if !cancelled { _ = lock.wait(seconds: interval) }
+                return !cancelled
+            }) {
+                job()
+            }
+        }
+    }
+
+    /// Stops the runs (a run in progress finishes).
+    public func cancel() { lock.withLock { cancelled = true; lock.broadcast() } }
 }
 
 /// SIGINT and SIGTERM, which stop a VM: blocked on every thread but the one that waits for them.

@@ -282,6 +282,7 @@ public final class ConsoleInput: Sendable {
                 #if canImport(CKVM)
                 _ = ckvm_set_thread_name("console")
                 #endif
+                Seccomp.confineCurrentThread(.console)
                 ctx.run()
                 return nil
             }, box)

@@ -244,12 +244,16 @@ public final class Machine: @unchecked Sendable {
         do { try virtio.start() } catch {
             controller.stop(.vmmFailure("cannot start the virtio device threads: \(error)"))
         }
+        let launch = StartGate() // vCPUs wait here, confined, until this thread is confined too
         if !controller.stopRequested {
             vcpuManager.start(context: ExitContext(ioBus: ioBus, mmioBus: mmioBus, memory: memory, quirks: quirks,
                                                    controller: controller, statistics: statistics,
                                                    haltTracker: vcpuManager.haltTracker, logger: logger,
-                                                   vcpuCount: vcpuManager.vcpus.count))
+                                                   vcpuCount: vcpuManager.vcpus.count),
+                              gate: launch)
         }
+        Seccomp.confineCurrentThread(.vmm)
+        launch.open()
 
         // Control loop: wait for a stop request or a signal; between them, ask vCPUs to check
         // whether they are halted for good (power-off without ACPI is a halt with IF=0).

@@ -64,14 +64,15 @@ final class VCPUManager: @unchecked Sendable {
         vcpus = cpus
     }
 
-    /// Starts one thread per vCPU. A thread that cannot start stops the machine through the
-    /// context's controller (the threads already started then end on their own).
-    func start(context: ExitContext) {
+    /// Starts one thread per vCPU; each installs its seccomp filter and waits at `launch` before
+    /// its first KVM_RUN. A thread that cannot start stops the machine through the context's
+    /// controller (the threads already started then end on their own).
+    func start(context: ExitContext, gate launch: StartGate) {
         let list = vcpus.map { VCPURunner(context: context, gate: gate, vcpu: $0) }
         runners.withLock { $0 = list }
         gate.attach(list)
         for r in list where !context.controller.stopRequested {
-            do { try r.start() } catch {
+            do { try r.start(gate: launch) } catch {
                 context.controller.stop(.vmmFailure("cannot start vCPU \(r.vcpu.id) thread: \(error)"))
             }
         }

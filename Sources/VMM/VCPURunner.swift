@@ -11,7 +11,7 @@ final class VCPURunner: @unchecked Sendable {
     let context: ExitContext
     let gate: PauseGate
     let vcpu: VCPU
-    private var thread: pthread_t?
+    private var thread: HostThread.Handle?
     private let threadID = Atomic<UInt>(0)
     /// The halt-check round requested by the control thread (0: none).
     private let haltCheck = Atomic<UInt64>(0)
@@ -24,31 +24,20 @@ final class VCPURunner: @unchecked Sendable {
         self.vcpu = vcpu
     }
 
-    /// Starts the thread.
-    func start() throws {
-        var attr = pthread_attr_t()
-        pthread_attr_init(&attr)
-        defer { pthread_attr_destroy(&attr) }
-        pthread_attr_setstacksize(&attr, Self.stackSize)
-        let box = Unmanaged.passRetained(self).toOpaque()
-        var tid = pthread_t()
-        let rc = pthread_create(&tid, &attr, { arg in
-            guard let arg else { return nil }
-            // SAFETY: `arg` is the runner retained by `start()`; this takes that reference back.
-            let runner = Unmanaged<VCPURunner>.fromOpaque(arg).takeRetainedValue()
-            runner.body()
-            return nil
-        }, box)
-        guard rc == 0 else {
-            Unmanaged<VCPURunner>.fromOpaque(box).release()
-            throw VMMError.setup("pthread_create for vCPU \(vcpu.id) failed: \(String(cString: strerror(rc)))")
+    /// Starts the thread, which installs the vCPU seccomp filter and then waits at `gate` before its
+    /// first KVM_RUN.
+    func start(gate launch: StartGate) throws {
+        do {
+            thread = try HostThread.start(name: "vcpu \(vcpu.id)", kind: .vcpu, gate: launch, blockStopSignals: false,
+                                          stackSize: Self.stackSize) { [self] in body() }
+        } catch {
+            throw VMMError.setup("pthread_create for vCPU \(vcpu.id) failed: \(String(cString: strerror(error.code)))")
         }
-        thread = tid
     }
 
     /// Waits for the thread to end.
     func join() {
-        if let t = thread { pthread_join(t, nil) }
+        thread?.join()
         thread = nil
     }
 

@@ -9,13 +9,13 @@ public final class IOWorkerPool: @unchecked Sendable {
     private var stopping = false
     private var alive: Int
 
-    /// Starts `threads` threads named `name`.
-    public init(threads: Int, name: String) {
+    /// Starts `threads` threads named `name`, confined as `kind` threads (nil: they confine themselves).
+    public init(threads: Int, name: String, kind: ThreadKind? = .device) {
         let wanted = max(1, threads)
         alive = wanted
         for _ in 0..<wanted {
             do {
-                try HostThread.start(name: name) { [self] in work() }
+                try HostThread.start(name: name, kind: kind) { [self] in work() }
             } catch {
                 // Fewer threads; with none at all, `submit` runs jobs on the caller's thread.
                 cond.withLock { alive -= 1 }

@@ -6,6 +6,13 @@
 //   check-device DEVICE
 //       runs `swiftkvm check`'s host evaluation against another KVM device path (without the probe guest) and
 //       prints its report; exit 1 when that device cannot run guests.
+//   seccomp-violation KIND
+//       turns on the built-in seccomp filters, starts a KIND thread (HostThread.start(kind:)) that calls
+//       socket(AF_INET, SOCK_STREAM), which no filter allows: the process must die of SIGSYS with a report.
+//   seccomp-export [--without SYSCALL@KIND]
+//       prints the built-in filters as a --seccomp-filter JSON file, optionally without one syscall of one kind.
+import API
+import Devices
 import DiskImage
 import SwiftKVMTestSupport
 import VMM
@@ -76,6 +83,63 @@ func crashWriter(_ args: ArraySlice<String>) throws {
     emit("DONE")
 }
 
+func seccompViolation(_ kindName: String?) throws {
+    guard let kindName, let kind = ThreadKind(rawValue: kindName) else { fail("seccomp-violation needs a thread kind") }
+    try SeccompFile.enable(disabled: false, filterFile: nil)
+    let done = StartGate()
+    try HostThread.start(name: "violation", kind: kind) {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        emit("socket returned \(fd)") // only reached when the filter allowed it
+        done.open()
+    }
+    done.wait()
+    exit(0)
+}
+
+func seccompExport(_ args: ArraySlice<String>) {
+    var filters = SeccompPolicy.builtIn
+    if args.first == "--without", let spec = args.dropFirst().first {
+        let parts = spec.split(separator: "@").map(String.init)
+        guard parts.count == 2, let kind = ThreadKind(rawValue: parts[1]) else { fail("--without needs SYSCALL@KIND") }
+        filters[kind]?.rules.removeAll { $0.syscall == parts[0] }
+    }
+    func action(_ a: SeccompAction) -> String {
+        switch a {
+        case .allow: return "\"allow\""
+        case .trap: return "\"trap\""
+        case .log: return "\"log\""
+        case .killThread: return "\"kill_thread\""
+        case .killProcess: return "\"kill_process\""
+        case .errno(let e): return "{\"errno\": \(e)}"
+        case .trace(let t): return "{\"trace\": \(t)}"
+        }
+    }
+    func op(_ o: SeccompCondition.Operator) -> String {
+        switch o {
+        case .eq: return "\"eq\""
+        case .ne: return "\"ne\""
+        case .lt: return "\"lt\""
+        case .le: return "\"le\""
+        case .gt: return "\"gt\""
+        case .ge: return "\"ge\""
+        case .maskedEq(let m): return "{\"masked_eq\": \(m)}"
+        }
+    }
+    let kinds = ThreadKind.allCases.map { kind -> String in
+        let f = filters[kind]!
+        let rules = f.rules.map { r -> String in
+            let args = r.conditions.map {
+                "{\"index\": \($0.index), \"type\": \"\($0.dword ? "dword" : "qword")\", \"op\": \(op($0.op)), \"val\": \($0.value)}"
+            }
+            return args.isEmpty ? "{\"syscall\": \"\(r.syscall)\"}"
+                : "{\"syscall\": \"\(r.syscall)\", \"args\": [\(args.joined(separator: ", "))]}"
+        }
+        return "  \"\(kind.rawValue)\": {\"default_action\": \(action(f.defaultAction)), \"filter_action\": \(action(f.filterAction)),\n"
+            + "    \"filter\": [\n      " + rules.joined(separator: ",\n      ") + "]}"
+    }
+    emit("{\n" + kinds.joined(separator: ",\n") + "\n}")
+}
+
 let arguments = CommandLine.arguments.dropFirst()
 do {
     switch arguments.first {
@@ -86,8 +150,12 @@ do {
         let report = HostCheck.evaluate(LiveHostFacts(devicePath: device), runProbe: false)
         emit(report.text)
         exit(report.canRunGuests ? 0 : 1)
+    case "seccomp-violation":
+        try seccompViolation(arguments.dropFirst().first)
+    case "seccomp-export":
+        seccompExport(arguments.dropFirst())
     default:
-        fail("usage: swiftkvm-test-helper crash-writer [--seed S] [--count N] [--flush-every K] IMAGE | check-device DEVICE")
+        fail("usage: swiftkvm-test-helper seccomp-violation KIND | seccomp-export [--without SYSCALL@KIND] | crash-writer [--seed S] [--count N] [--flush-every K] IMAGE | check-device DEVICE")
     }
 } catch {
     fail("\(error)", status: 1)

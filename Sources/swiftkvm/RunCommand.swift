@@ -52,6 +52,10 @@ struct RunCommand: ParsableCommand {
     var serial: String = "stdio"
     @Option(name: .customLong("debug-exit-port"), help: "isa-debug-exit port (hex or decimal), or 'none'.")
     var debugExitPort: String = "0xf4"
+    @Flag(name: .customLong("no-seccomp"), help: "Run without the seccomp filters (docs/SECCOMP.md).")
+    var noSeccomp = false
+    @Option(name: .customLong("seccomp-filter"), help: "Load the seccomp filters from this JSON file (Firecracker's seccompiler format, one filter per thread kind: vmm, api, vcpu, device, console) instead of the built-in ones.")
+    var seccompFilter: String?
     @Option(name: .customLong("on-reboot"), help: "On guest reset: exit (code 3) or restart.")
     var onReboot: String = "exit"
     @Option(name: .customLong("cpuid-mask"), help: "Hide CPUID bits: leaf[.subleaf].reg=mask (repeatable).")

@@ -1,3 +1,4 @@
+import API
 import Boot
 import Devices
 import GuestMemory
@@ -61,6 +62,16 @@ enum RunMain {
         } catch {
             fail("\(error)")
             return isUsageError(error) ? MachineExit.usageExitCode : 1
+        }
+
+        // Seccomp: every thread confines itself as it starts. With --on-reboot restart the main thread rebuilds
+        // the machine after a reset, which its filter would forbid: it stays unconfined (docs/SECCOMP.md).
+        do {
+            try SeccompFile.enable(disabled: options.noSeccomp, filterFile: options.seccompFilter,
+                                   exempt: config.onReboot == .restart ? [.vmm] : [])
+        } catch {
+            fail(error.description)
+            return MachineExit.usageExitCode
         }
 
         let current = Mutex<Machine?>(nil)

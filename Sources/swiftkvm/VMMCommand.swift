@@ -46,9 +46,12 @@ struct VMMCommand: ParsableCommand {
     @Option(name: .customLong("ready-fd"), help: "Write \"ready\" and a newline to this inherited file descriptor, then close it, once the API is up and the --config-file VM has started (for supervisors such as `swiftkvm daemon`).")
     var readyFD: Int32?
 
+    @Flag(name: .customLong("no-seccomp"), help: "Run without the seccomp filters (docs/SECCOMP.md).")
+    var noSeccomp = false
+    @Option(name: .customLong("seccomp-filter"), help: "Load the seccomp filters from this JSON file (Firecracker's seccompiler format, one filter per thread kind: vmm, api, vcpu, device, console) instead of the built-in ones.")
+    var seccompFilter: String?
+
     // Accepted for compatibility with Firecracker tooling; they have no effect here.
-    @Flag(name: .customLong("no-seccomp"), help: .hidden) var noSeccomp = false
-    @Option(name: .customLong("seccomp-filter"), help: .hidden) var seccompFilter: String?
     @Flag(name: .customLong("boot-timer"), help: .hidden) var bootTimer = false
     @Option(name: .customLong("start-time-us"), help: .hidden) var startTimeUs: String?
     @Option(name: .customLong("start-time-cpu-us"), help: .hidden) var startTimeCPUUs: String?
@@ -89,6 +92,8 @@ struct VMMCommand: ParsableCommand {
         o.consoleSocket = consoleSock
         o.serialLog = serialLog
         o.readyFD = readyFD
+        o.noSeccomp = noSeccomp
+        o.seccompFilter = seccompFilter
         throw ExitCode(VMMProcess.run(o))
     }
 }

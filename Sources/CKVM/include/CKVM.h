@@ -128,3 +128,14 @@ uint64_t *ckvm_run_internal_data(struct kvm_run *run);
 uint64_t *ckvm_run_system_event_data(struct kvm_run *run);
 
 #endif
+
+// MARK: seccomp violation report (SIGSYS)
+/// Installs the SIGSYS handler that reports a seccomp violation (SCMP_ACT_TRAP) and kills the process: it writes
+/// one line to stderr naming the syscall (number and name), the thread kind and the thread id, using only
+/// async-signal-safe calls, then re-raises SIGSYS with the default disposition (the process dies of SIGSYS).
+/// Returns 0 or -errno.
+int ckvm_install_sigsys_reporter(void);
+/// Records syscall `nr`'s name for the report (copied, at most 31 bytes; `nr` < 1024). Call before any filter.
+void ckvm_sigsys_set_syscall_name(int nr, const char *name);
+/// Records the calling thread's kind (copied, at most 15 bytes) and thread id for the report.
+void ckvm_sigsys_set_thread_kind(const char *kind);
