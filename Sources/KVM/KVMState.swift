@@ -23,45 +23,38 @@ public enum KVMBlob {
     }
 }
 
+
+/// `KVM_GET_*` of a struct: a zeroed `T` filled by the kernel.
+func ioctlGet<T>(_ fd: Int32, _ request: UInt, _ zero: T, _ name: String) throws -> T {
+    var v = zero
+    try ioctlStruct(fd, request, &v, name)
+    return v
+}
+
+/// `KVM_SET_*` of a struct.
+func ioctlSet<T>(_ fd: Int32, _ request: UInt, _ value: T, _ name: String) throws {
+    var v = value
+    try ioctlStruct(fd, request, &v, name)
+}
+
 extension VCPU {
     /// `KVM_GET_XSAVE` (the 4 KiB legacy XSAVE area: x87, SSE, AVX state).
-    public func getXSAVE() throws -> kvm_xsave {
-        var x = kvm_xsave()
-        try ioctlStruct(fd, CKVM_GET_XSAVE, &x, "KVM_GET_XSAVE")
-        return x
-    }
+    public func getXSAVE() throws -> kvm_xsave { try ioctlGet(fd, CKVM_GET_XSAVE, kvm_xsave(), "KVM_GET_XSAVE") }
 
     /// `KVM_SET_XSAVE`.
-    public func setXSAVE(_ xsave: kvm_xsave) throws {
-        var x = xsave
-        try ioctlStruct(fd, CKVM_SET_XSAVE, &x, "KVM_SET_XSAVE")
-    }
+    public func setXSAVE(_ xsave: kvm_xsave) throws { try ioctlSet(fd, CKVM_SET_XSAVE, xsave, "KVM_SET_XSAVE") }
 
     /// `KVM_GET_XCRS` (XCR0).
-    public func getXCRS() throws -> kvm_xcrs {
-        var x = kvm_xcrs()
-        try ioctlStruct(fd, CKVM_GET_XCRS, &x, "KVM_GET_XCRS")
-        return x
-    }
+    public func getXCRS() throws -> kvm_xcrs { try ioctlGet(fd, CKVM_GET_XCRS, kvm_xcrs(), "KVM_GET_XCRS") }
 
     /// `KVM_SET_XCRS`.
-    public func setXCRS(_ xcrs: kvm_xcrs) throws {
-        var x = xcrs
-        try ioctlStruct(fd, CKVM_SET_XCRS, &x, "KVM_SET_XCRS")
-    }
+    public func setXCRS(_ xcrs: kvm_xcrs) throws { try ioctlSet(fd, CKVM_SET_XCRS, xcrs, "KVM_SET_XCRS") }
 
     /// `KVM_GET_DEBUGREGS` (DR0–3, DR6, DR7).
-    public func getDebugRegs() throws -> kvm_debugregs {
-        var d = kvm_debugregs()
-        try ioctlStruct(fd, CKVM_GET_DEBUGREGS, &d, "KVM_GET_DEBUGREGS")
-        return d
-    }
+    public func getDebugRegs() throws -> kvm_debugregs { try ioctlGet(fd, CKVM_GET_DEBUGREGS, kvm_debugregs(), "KVM_GET_DEBUGREGS") }
 
     /// `KVM_SET_DEBUGREGS`.
-    public func setDebugRegs(_ regs: kvm_debugregs) throws {
-        var d = regs
-        try ioctlStruct(fd, CKVM_SET_DEBUGREGS, &d, "KVM_SET_DEBUGREGS")
-    }
+    public func setDebugRegs(_ regs: kvm_debugregs) throws { try ioctlSet(fd, CKVM_SET_DEBUGREGS, regs, "KVM_SET_DEBUGREGS") }
 
     /// `KVM_GET_TSC_KHZ`: the vCPU's TSC rate.
     public func tscKHz() throws -> UInt32 {
@@ -84,30 +77,16 @@ extension VirtualMachine {
     }
 
     /// `KVM_SET_IRQCHIP` (the chip is the one named inside `chip`).
-    public func setIRQChip(_ chip: kvm_irqchip) throws {
-        var c = chip
-        try ioctlStruct(fd, CKVM_SET_IRQCHIP, &c, "KVM_SET_IRQCHIP(\(c.chip_id))")
-    }
+    public func setIRQChip(_ chip: kvm_irqchip) throws { try ioctlSet(fd, CKVM_SET_IRQCHIP, chip, "KVM_SET_IRQCHIP(\(chip.chip_id))") }
 
     /// `KVM_GET_PIT2`.
-    public func getPIT2() throws -> kvm_pit_state2 {
-        var p = kvm_pit_state2()
-        try ioctlStruct(fd, CKVM_GET_PIT2, &p, "KVM_GET_PIT2")
-        return p
-    }
+    public func getPIT2() throws -> kvm_pit_state2 { try ioctlGet(fd, CKVM_GET_PIT2, kvm_pit_state2(), "KVM_GET_PIT2") }
 
     /// `KVM_SET_PIT2`.
-    public func setPIT2(_ state: kvm_pit_state2) throws {
-        var p = state
-        try ioctlStruct(fd, CKVM_SET_PIT2, &p, "KVM_SET_PIT2")
-    }
+    public func setPIT2(_ state: kvm_pit_state2) throws { try ioctlSet(fd, CKVM_SET_PIT2, state, "KVM_SET_PIT2") }
 
     /// `KVM_GET_CLOCK` (kvmclock's base).
-    public func getClock() throws -> kvm_clock_data {
-        var c = kvm_clock_data()
-        try ioctlStruct(fd, CKVM_GET_CLOCK, &c, "KVM_GET_CLOCK")
-        return c
-    }
+    public func getClock() throws -> kvm_clock_data { try ioctlGet(fd, CKVM_GET_CLOCK, kvm_clock_data(), "KVM_GET_CLOCK") }
 
     /// `KVM_SET_CLOCK` (only the clock value and the flags KVM accepts back are used).
     public func setClock(_ clock: kvm_clock_data) throws {

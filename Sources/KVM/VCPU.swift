@@ -171,43 +171,22 @@ public final class VCPU: @unchecked Sendable {
     // MARK: State
 
     /// `KVM_GET_REGS`.
-    public func getRegs() throws -> kvm_regs {
-        var r = kvm_regs()
-        try ioctlStruct(fd, CKVM_GET_REGS, &r, "KVM_GET_REGS")
-        return r
-    }
+    public func getRegs() throws -> kvm_regs { try ioctlGet(fd, CKVM_GET_REGS, kvm_regs(), "KVM_GET_REGS") }
 
     /// `KVM_SET_REGS`.
-    public func setRegs(_ regs: kvm_regs) throws {
-        var r = regs
-        try ioctlStruct(fd, CKVM_SET_REGS, &r, "KVM_SET_REGS")
-    }
+    public func setRegs(_ regs: kvm_regs) throws { try ioctlSet(fd, CKVM_SET_REGS, regs, "KVM_SET_REGS") }
 
     /// `KVM_GET_SREGS`.
-    public func getSregs() throws -> kvm_sregs {
-        var s = kvm_sregs()
-        try ioctlStruct(fd, CKVM_GET_SREGS, &s, "KVM_GET_SREGS")
-        return s
-    }
+    public func getSregs() throws -> kvm_sregs { try ioctlGet(fd, CKVM_GET_SREGS, kvm_sregs(), "KVM_GET_SREGS") }
 
     /// `KVM_SET_SREGS`.
-    public func setSregs(_ sregs: kvm_sregs) throws {
-        var s = sregs
-        try ioctlStruct(fd, CKVM_SET_SREGS, &s, "KVM_SET_SREGS")
-    }
+    public func setSregs(_ sregs: kvm_sregs) throws { try ioctlSet(fd, CKVM_SET_SREGS, sregs, "KVM_SET_SREGS") }
 
     /// `KVM_GET_FPU`.
-    public func getFPU() throws -> kvm_fpu {
-        var f = kvm_fpu()
-        try ioctlStruct(fd, CKVM_GET_FPU, &f, "KVM_GET_FPU")
-        return f
-    }
+    public func getFPU() throws -> kvm_fpu { try ioctlGet(fd, CKVM_GET_FPU, kvm_fpu(), "KVM_GET_FPU") }
 
     /// `KVM_SET_FPU`.
-    public func setFPU(_ fpu: kvm_fpu) throws {
-        var f = fpu
-        try ioctlStruct(fd, CKVM_SET_FPU, &f, "KVM_SET_FPU")
-    }
+    public func setFPU(_ fpu: kvm_fpu) throws { try ioctlSet(fd, CKVM_SET_FPU, fpu, "KVM_SET_FPU") }
 
     /// `KVM_SET_CPUID2` with `entries`.
     public func setCPUID(_ entries: [kvm_cpuid_entry2]) throws {
@@ -267,17 +246,10 @@ public final class VCPU: @unchecked Sendable {
     }
 
     /// `KVM_GET_LAPIC`.
-    public func getLAPIC() throws -> kvm_lapic_state {
-        var s = kvm_lapic_state()
-        try ioctlStruct(fd, CKVM_GET_LAPIC, &s, "KVM_GET_LAPIC")
-        return s
-    }
+    public func getLAPIC() throws -> kvm_lapic_state { try ioctlGet(fd, CKVM_GET_LAPIC, kvm_lapic_state(), "KVM_GET_LAPIC") }
 
     /// `KVM_SET_LAPIC`.
-    public func setLAPIC(_ state: kvm_lapic_state) throws {
-        var s = state
-        try ioctlStruct(fd, CKVM_SET_LAPIC, &s, "KVM_SET_LAPIC")
-    }
+    public func setLAPIC(_ state: kvm_lapic_state) throws { try ioctlSet(fd, CKVM_SET_LAPIC, state, "KVM_SET_LAPIC") }
 
     /// `KVM_GET_MP_STATE` (`KVM_MP_STATE_RUNNABLE` 0, `_HALTED` 3, …).
     public func getMPState() throws -> UInt32 {
@@ -293,17 +265,10 @@ public final class VCPU: @unchecked Sendable {
     }
 
     /// `KVM_GET_VCPU_EVENTS`.
-    public func getVCPUEvents() throws -> kvm_vcpu_events {
-        var e = kvm_vcpu_events()
-        try ioctlStruct(fd, CKVM_GET_VCPU_EVENTS, &e, "KVM_GET_VCPU_EVENTS")
-        return e
-    }
+    public func getVCPUEvents() throws -> kvm_vcpu_events { try ioctlGet(fd, CKVM_GET_VCPU_EVENTS, kvm_vcpu_events(), "KVM_GET_VCPU_EVENTS") }
 
     /// `KVM_SET_VCPU_EVENTS`.
-    public func setVCPUEvents(_ events: kvm_vcpu_events) throws {
-        var e = events
-        try ioctlStruct(fd, CKVM_SET_VCPU_EVENTS, &e, "KVM_SET_VCPU_EVENTS")
-    }
+    public func setVCPUEvents(_ events: kvm_vcpu_events) throws { try ioctlSet(fd, CKVM_SET_VCPU_EVENTS, events, "KVM_SET_VCPU_EVENTS") }
 
     /// Injects exception `vector` (with an optional error code) at the next entry, as an already
     /// injected event (`exception.injected = 1`), which every KVM accepts without

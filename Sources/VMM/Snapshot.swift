@@ -136,15 +136,16 @@ enum SnapshotIO {
         return out
     }
 
-    /// Writes `bytes` to `path` through a temporary file, fsync and rename.
-    static func writeAtomically(_ bytes: [UInt8], to path: String, what: String) throws {
+    /// Writes `path` through a temporary file beside it: `body` fills the file, which is then
+    /// fsynced and renamed over `path`. On any error the temporary file is removed.
+    static func replace(_ path: String, what: String, _ body: (Int32) throws -> Void) throws {
         let temp = path + ".tmp-\(getpid())"
         let fd = open(temp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
         guard fd >= 0 else { throw fail(what, path, String(cString: strerror(errno))) }
         var ok = false
         defer { if !ok { unlink(temp) } }
         do {
-            try writeFully(fd, bytes.withUnsafeBytes { $0 }, at: 0, what: what, path: path)
+            try body(fd)
             guard fsync(fd) == 0 else { throw fail(what, path, "fsync: \(String(cString: strerror(errno)))") }
         } catch {
             close(fd)
@@ -153,6 +154,11 @@ enum SnapshotIO {
         close(fd)
         guard rename(temp, path) == 0 else { throw fail(what, path, "rename: \(String(cString: strerror(errno)))") }
         ok = true
+    }
+
+    /// Writes `bytes` to `path` through a temporary file, fsync and rename.
+    static func writeAtomically(_ bytes: [UInt8], to path: String, what: String) throws {
+        try replace(path, what: what) { fd in try writeFully(fd, bytes.withUnsafeBytes { $0 }, at: 0, what: what, path: path) }
     }
 
     static func writeFully(_ fd: Int32, _ buffer: UnsafeRawBufferPointer, at offset: UInt64, what: String, path: String) throws {
@@ -168,12 +174,7 @@ enum SnapshotIO {
     /// Writes guest RAM to `path`, region after region; all-zero 64 KiB blocks are left as holes.
     static func writeMemory(_ memory: GuestMemory, to path: String) throws {
         let what = "memory file"
-        let temp = path + ".tmp-\(getpid())"
-        let fd = open(temp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
-        guard fd >= 0 else { throw fail(what, path, String(cString: strerror(errno))) }
-        var ok = false
-        defer { if !ok { unlink(temp) } }
-        do {
+        try replace(path, what: what) { fd in
             guard ftruncate(fd, off_t(memory.totalSize)) == 0 else {
                 throw fail(what, path, "cannot size it to \(memory.totalSize) bytes: \(String(cString: strerror(errno)))")
             }
@@ -197,14 +198,7 @@ enum SnapshotIO {
                 }
                 offset += region.size
             }
-            guard fsync(fd) == 0 else { throw fail(what, path, "fsync: \(String(cString: strerror(errno)))") }
-        } catch {
-            close(fd)
-            throw error
         }
-        close(fd)
-        guard rename(temp, path) == 0 else { throw fail(what, path, "rename: \(String(cString: strerror(errno)))") }
-        ok = true
     }
 
     static func isZero(_ bytes: UnsafeRawBufferPointer) -> Bool {
