@@ -122,7 +122,6 @@ public struct MachineConfig: Codable, Sendable, Equatable {
         if smt { throw .notSupportedYet("machine-config smt = true (SMT topology)") }
         if let t = cpuTemplate, t != "None" { throw .notSupportedYet("machine-config cpu_template \(t)") }
         if trackDirtyPages { throw .notSupportedYet("machine-config track_dirty_pages = true (needs snapshots)") }
-        if hugePages != "None" { throw .notSupportedYet("machine-config huge_pages \(hugePages)") }
     }
 }
 
@@ -527,7 +526,7 @@ public struct SnapshotCreateParams: Codable, Sendable, Equatable {
 }
 
 /// `mem_backend` of `PUT /snapshot/load`: where guest memory comes from.
-public struct MemoryBackend: Codable, Sendable, Equatable {
+public struct SnapshotMemoryBackend: Codable, Sendable, Equatable {
     public var backendType: String
     public var backendPath: String
     enum CodingKeys: String, CodingKey, CaseIterable { case backendType = "backend_type", backendPath = "backend_path" }
@@ -544,7 +543,7 @@ public struct SnapshotLoadParams: Codable, Sendable, Equatable {
     public var snapshotPath: String
     /// Deprecated in Firecracker in favour of `mem_backend`; exactly one of the two is given.
     public var memFilePath: String?
-    public var memBackend: MemoryBackend?
+    public var memBackend: SnapshotMemoryBackend?
     public var enableDiffSnapshots: Bool?
     public var trackDirtyPages: Bool?
     public var resumeVM: Bool?
@@ -552,14 +551,14 @@ public struct SnapshotLoadParams: Codable, Sendable, Equatable {
         case snapshotPath = "snapshot_path", memFilePath = "mem_file_path", memBackend = "mem_backend"
         case enableDiffSnapshots = "enable_diff_snapshots", trackDirtyPages = "track_dirty_pages", resumeVM = "resume_vm"
     }
-    public init(snapshotPath: String, memBackend: MemoryBackend?, resumeVM: Bool? = nil) {
+    public init(snapshotPath: String, memBackend: SnapshotMemoryBackend?, resumeVM: Bool? = nil) {
         self.snapshotPath = snapshotPath; self.memBackend = memBackend; self.resumeVM = resumeVM
     }
     public init(from decoder: any Decoder) throws {
         let c = try decoder.strictContainer(keyedBy: CodingKeys.self)
         snapshotPath = try c.decode(String.self, forKey: .snapshotPath)
         memFilePath = try c.decodeIfPresent(String.self, forKey: .memFilePath)
-        memBackend = try c.decodeIfPresent(MemoryBackend.self, forKey: .memBackend)
+        memBackend = try c.decodeIfPresent(SnapshotMemoryBackend.self, forKey: .memBackend)
         enableDiffSnapshots = try c.decodeIfPresent(Bool.self, forKey: .enableDiffSnapshots)
         trackDirtyPages = try c.decodeIfPresent(Bool.self, forKey: .trackDirtyPages)
         resumeVM = try c.decodeIfPresent(Bool.self, forKey: .resumeVM)

@@ -7,6 +7,7 @@ import Logging
 import Synchronization
 import Virtio
 import VMM
+import GuestMemory
 
 /// A running guest as the controller sees it. `Machine` is one; tests may supply fakes.
 public protocol VMInstance: AnyObject, Sendable {
@@ -484,6 +485,11 @@ public final class VMController: @unchecked Sendable {
         config.rng = r.entropy != nil
         config.rngRateLimit = r.entropy?.rateLimiter?.config
         config.memorySize = UInt64(r.machineConfig.memSizeMib) << 20
+        switch r.machineConfig.hugePages {
+        case "2M": config.memoryBackend = MemoryBackend(hugePages: .hugetlbfs)
+        case "Transparent": config.memoryBackend = MemoryBackend(hugePages: .transparent)
+        default: break
+        }
         config.cpus = r.machineConfig.vcpuCount
         config.serial = r.serial?.serialOutPath.map { "file:" + $0 } ?? options.defaultSerial.description
         config.onReboot = .exit

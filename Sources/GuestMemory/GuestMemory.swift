@@ -22,6 +22,8 @@ public enum GuestMemoryError: Error, Equatable, CustomStringConvertible {
     case overlappingRegions(UInt64, UInt64)
     case invalidSize(UInt64)
     case mmapFailed(size: UInt64, errno: Int32)
+    /// The memory backend could not be set up (`what` names it and why).
+    case backend(String)
 
     public var description: String {
         switch self {
@@ -33,6 +35,8 @@ public enum GuestMemoryError: Error, Equatable, CustomStringConvertible {
             return "invalid guest memory size \(s) bytes"
         case .mmapFailed(let s, let e):
             return "mmap of \(s) bytes of guest memory failed: \(String(cString: strerror(e)))"
+        case .backend(let why):
+            return why
         }
     }
 }
@@ -52,6 +56,30 @@ public final class GuestRegion: @unchecked Sendable {
         guard size > 0, size % 4096 == 0, size <= (1 << 46) else { throw GuestMemoryError.invalidSize(size) }
         guard start.addingReportingOverflow(size).overflow == false else { throw GuestMemoryError.invalidSize(size) }
         let p = mmap(nil, Int(size), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+        guard let p, p != MAP_FAILED else { throw GuestMemoryError.mmapFailed(size: size, errno: errno) }
+        self.start = start
+        self.size = size
+        self.host = p
+        self.ownsMapping = true
+    }
+
+    /// Maps `size` bytes of `fd` from `offset` shared, with `flags` added (MAP_HUGETLB…): guest RAM
+    /// backed by a memfd or a file.
+    init(start: UInt64, size: UInt64, fd: Int32, offset: UInt64) throws {
+        guard size > 0, size % 4096 == 0, size <= (1 << 46) else { throw GuestMemoryError.invalidSize(size) }
+        let p = mmap(nil, Int(size), PROT_READ | PROT_WRITE, MAP_SHARED, fd, off_t(offset))
+        guard let p, p != MAP_FAILED else { throw GuestMemoryError.mmapFailed(size: size, errno: errno) }
+        self.start = start
+        self.size = size
+        self.host = p
+        self.ownsMapping = true
+    }
+
+    /// Maps anonymous memory with `extraFlags` (MAP_HUGETLB), reserved at once (no MAP_NORESERVE:
+    /// huge pages that are not there must fail here, not as a SIGBUS when the guest touches them).
+    init(start: UInt64, size: UInt64, extraFlags: Int32) throws {
+        guard size > 0, size % 4096 == 0, size <= (1 << 46) else { throw GuestMemoryError.invalidSize(size) }
+        let p = mmap(nil, Int(size), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | extraFlags, -1, 0)
         guard let p, p != MAP_FAILED else { throw GuestMemoryError.mmapFailed(size: size, errno: errno) }
         self.start = start
         self.size = size
@@ -106,6 +134,92 @@ public final class GuestMemory: @unchecked Sendable {
     /// Allocates `size` bytes of RAM laid out as on a PC: below 3 GiB, and the rest above 4 GiB.
     public static func allocate(size: UInt64) throws -> GuestMemory {
         try GuestMemory(regions: layout(ramSize: size).map { try GuestRegion(start: $0.start, size: $0.size) })
+    }
+
+    /// Allocates `size` bytes of RAM as `allocate(size:)`, from `backend`.
+    public static func allocate(size: UInt64, backend: MemoryBackend) throws -> GuestMemory {
+        let ranges = try layout(ramSize: size)
+        let huge = backend.hugePages == .hugetlbfs
+        let regions: [GuestRegion]
+        do {
+            switch backend.kind {
+            case .anonymous:
+                regions = try ranges.map {
+                    try huge ? GuestRegion(start: $0.start, size: $0.size, extraFlags: MAP_HUGETLB)
+                             : GuestRegion(start: $0.start, size: $0.size)
+                }
+            case .memfd, .file:
+                let fd = try backend.kind == .memfd ? memfd(huge: huge, size: size) : try openFile(backend.path ?? "", size: size)
+                defer { close(fd) }
+                var offset: UInt64 = 0
+                regions = try ranges.map { r in
+                    defer { offset += r.size }
+                    return try GuestRegion(start: r.start, size: r.size, fd: fd, offset: offset)
+                }
+            }
+        } catch GuestMemoryError.mmapFailed(let n, let e) where huge {
+            throw GuestMemoryError.backend("cannot map \(n) bytes of guest RAM in huge pages (\(String(cString: strerror(e)))): reserve them first (vm.nr_hugepages is \(hugePagesReserved()))")
+        }
+        for r in regions {
+            if backend.mergeable { _ = madvise(r.host, Int(r.size), MADV_MERGEABLE) }
+            if backend.hugePages == .transparent { _ = madvise(r.host, Int(r.size), MADV_HUGEPAGE) }
+        }
+        return try GuestMemory(regions: regions)
+    }
+
+    /// /proc/sys/vm/nr_hugepages, for messages.
+    static func hugePagesReserved() -> String {
+        let fd = open("/proc/sys/vm/nr_hugepages", O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return "unknown" }
+        defer { close(fd) }
+        var buf = [UInt8](repeating: 0, count: 32)
+        let n = Glibc.read(fd, &buf, buf.count)
+        guard n > 0 else { return "unknown" }
+        return String(decoding: buf[0..<n], as: UTF8.self).split(separator: "\n").first.map(String.init) ?? "unknown"
+    }
+
+    private typealias MemfdCreate = @convention(c) (UnsafePointer<CChar>, UInt32) -> Int32
+    /// glibc's memfd_create (declared only with _GNU_SOURCE, so not imported).
+    private static let memfdCreate: MemfdCreate? = {
+        guard let sym = dlsym(UnsafeMutableRawPointer(bitPattern: 0), "memfd_create") else { return nil }
+        return unsafeBitCast(sym, to: MemfdCreate.self)
+    }()
+
+    private static func memfd(huge: Bool, size: UInt64) throws -> Int32 {
+        let cloexec: UInt32 = 0x1, hugetlb: UInt32 = 0x4 // MFD_CLOEXEC, MFD_HUGETLB
+        guard let create = memfdCreate else { throw GuestMemoryError.backend("memfd_create is not available in this C library") }
+        let fd = create("swiftkvm-guest-ram", cloexec | (huge ? hugetlb : 0))
+        guard fd >= 0 else { throw GuestMemoryError.backend("memfd_create for guest RAM failed: \(String(cString: strerror(errno)))") }
+        guard ftruncate(fd, off_t(size)) == 0 else {
+            let e = errno
+            close(fd)
+            throw GuestMemoryError.backend("cannot size the guest RAM memfd to \(size) bytes: \(String(cString: strerror(e)))"
+                                           + (huge ? " (huge pages reserved: \(hugePagesReserved()))" : ""))
+        }
+        return fd
+    }
+
+    /// Opens (or creates) the backing file. An existing file must be a regular file and empty or
+    /// already `size` bytes: a larger or different file is refused rather than overwritten.
+    private static func openFile(_ path: String, size: UInt64) throws -> Int32 {
+        guard !path.isEmpty else { throw GuestMemoryError.backend("the memory backend file path is empty") }
+        let fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0o600)
+        guard fd >= 0 else { throw GuestMemoryError.backend("cannot open the memory backend file \(path): \(String(cString: strerror(errno)))") }
+        var st = stat()
+        guard fstat(fd, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG else {
+            close(fd)
+            throw GuestMemoryError.backend("the memory backend file \(path) is not a regular file")
+        }
+        guard st.st_size == 0 || UInt64(st.st_size) == size else {
+            close(fd)
+            throw GuestMemoryError.backend("the memory backend file \(path) holds \(st.st_size) bytes, not the guest's \(size): refusing to reuse it")
+        }
+        guard ftruncate(fd, off_t(size)) == 0 else {
+            let e = errno
+            close(fd)
+            throw GuestMemoryError.backend("cannot size the memory backend file \(path) to \(size) bytes: \(String(cString: strerror(e)))")
+        }
+        return fd
     }
 
     /// The guest-physical ranges used for `ramSize` bytes of RAM (the PCI hole split).
@@ -186,5 +300,33 @@ extension Array where Element == UInt8 {
         let n = MemoryLayout<T>.size
         guard offset >= 0, offset <= count - n else { return nil }
         return withUnsafeBytes { T(littleEndian: $0.loadUnaligned(fromByteOffset: offset, as: T.self)) }
+    }
+}
+
+/// How guest RAM is backed (`swiftkvm run --memory-backend`, `--memory …,ksm=on,hugepages=…`).
+public struct MemoryBackend: Codable, Sendable, Equatable {
+    public enum Kind: String, Codable, Sendable, CaseIterable {
+        /// Private anonymous memory (the default).
+        case anonymous
+        /// A memfd, mapped shared (another process can be handed the fd).
+        case memfd
+        /// A file, mapped shared (`path`): guest RAM lives in it, e.g. on /dev/shm or hugetlbfs.
+        case file
+    }
+    public enum HugePages: String, Codable, Sendable, CaseIterable {
+        case none
+        /// Transparent huge pages (`MADV_HUGEPAGE`).
+        case transparent
+        /// hugetlbfs pages (`MAP_HUGETLB` / `MFD_HUGETLB`): they must be reserved (vm.nr_hugepages).
+        case hugetlbfs
+    }
+    public var kind: Kind
+    public var path: String?
+    /// `MADV_MERGEABLE`: the kernel's KSM may share identical pages between guests.
+    public var mergeable: Bool
+    public var hugePages: HugePages
+
+    public init(kind: Kind = .anonymous, path: String? = nil, mergeable: Bool = false, hugePages: HugePages = .none) {
+        self.kind = kind; self.path = path; self.mergeable = mergeable; self.hugePages = hugePages
     }
 }

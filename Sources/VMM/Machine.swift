@@ -110,7 +110,8 @@ public final class Machine: @unchecked Sendable {
         self.quirks = quirks ?? (usePVM ? PVMQuirks() : NoHostQuirks())
 
         // Guest RAM and the guest image first: bad input is reported before KVM is touched.
-        memory = try GuestMemory.allocate(size: config.memorySize)
+        memory = try config.memoryBackend.map { try GuestMemory.allocate(size: config.memorySize, backend: $0) }
+            ?? GuestMemory.allocate(size: config.memorySize)
         if let restoring {
             guard memory.totalSize == restoring.snapshot.memorySize else {
                 throw VMMError.invalidConfiguration("snapshot: guest RAM of \(restoring.snapshot.memorySize) bytes, this machine has \(memory.totalSize)")

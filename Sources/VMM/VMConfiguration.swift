@@ -1,3 +1,4 @@
+import GuestMemory
 import Boot
 import Virtio
 
@@ -83,6 +84,8 @@ public enum GuestPayload: Codable, Sendable, Equatable {
 public struct VMConfiguration: Codable, Sendable, Equatable {
     /// Guest RAM in bytes.
     public var memorySize: UInt64 = 512 << 20
+    /// How guest RAM is backed (nil: private anonymous memory).
+    public var memoryBackend: MemoryBackend?
     /// Number of vCPUs.
     public var cpus: Int = 1
     /// The guest to boot.

@@ -32,8 +32,10 @@ struct RunCommand: ParsableCommand {
     var cmdline: String?
     @Option(help: "Default guest's kernel, without --kernel: stock (Debian's, scripts/guest-assets) or lean (scripts/guest-kernel).")
     var guest: String = "stock"
-    @Option(help: "Guest RAM with K/M/G suffix (default 512M, 128M with --flat).")
+    @Option(help: "Guest RAM with K/M/G suffix (default 512M, 128M with --flat), then [,ksm=on][,hugepages=off|thp|hugetlbfs].")
     var memory: String?
+    @Option(name: .customLong("memory-backend"), help: "Guest RAM backing: anon (default), memfd, or file=PATH (created, or reused when empty or of the guest's size; mapped shared).")
+    var memoryBackend: String?
     @Option(help: "Number of vCPUs.")
     var cpus: String = "1"
     @Option(help: "Flat binary to run (needs --load-address; runs until HLT).")
@@ -140,7 +142,12 @@ struct RunCommand: ParsableCommand {
         }
         var config = VMConfiguration(payload: payload)
         if let memory {
-            config.memorySize = try SizeParser.parseSize(memory, what: "--memory")
+            let (size, options) = try MemoryBackendSpec.parse(memory: memory, backend: memoryBackend)
+            config.memorySize = size
+            config.memoryBackend = options
+        } else if let memoryBackend {
+            config.memoryBackend = try MemoryBackendSpec.parse(memory: nil, backend: memoryBackend).backend
+            if flat != nil { config.memorySize = 128 << 20 }
         } else if flat != nil {
             config.memorySize = 128 << 20
         }
