@@ -138,6 +138,26 @@ struct LifecycleTests {
         #expect(f.exit == .userQuit)
     }
 
+    @Test("machine-config huge_pages: Transparent runs the guest; 2M without reserved huge pages is a 400 naming them, and the VM stays configurable")
+    func hugePages() throws {
+        let f = try Fixture()
+        defer { f.shutdown() }
+        let kernel = try #require(GuestSupport.ticker)
+        #expect(try f.send("PUT", "/boot-source", #"{"kernel_image_path": "\#(kernel)", "boot_args": "\#(GuestSupport.tickerArgs(ticks: 0))"}"#).status == 204)
+        let reserved = Int(FileHandle(forReadingAtPath: "/proc/sys/vm/nr_hugepages").map {
+            String(decoding: $0.readDataToEndOfFile(), as: UTF8.self) }?.trimmingCharacters(in: .whitespacesAndNewlines) ?? "0") ?? 0
+        if reserved < 32 {
+            #expect(try f.send("PUT", "/machine-config", #"{"vcpu_count": 1, "mem_size_mib": 64, "huge_pages": "2M"}"#).status == 204)
+            let r = try f.send("PUT", "/actions", #"{"action_type": "InstanceStart"}"#)
+            #expect(r.status == 400 && r.fault?.contains("huge pages") == true, "\(r.body)")
+            #expect(try f.send("GET", "/").json?["state"] as? String == "Not started")
+        }
+        #expect(try f.send("PUT", "/machine-config", #"{"vcpu_count": 1, "mem_size_mib": 64, "huge_pages": "Transparent"}"#).status == 204)
+        let r = try f.send("PUT", "/actions", #"{"action_type": "InstanceStart"}"#)
+        #expect(r.status == 204, "\(r.body)")
+        #expect(GuestSupport.wait(seconds: 30) { f.ticks >= 3 })
+    }
+
     @Test("InstanceStart with a kernel that does not load is a 400 and the VM stays configurable")
     func badKernel() throws {
         let f = try Fixture()
