@@ -13,10 +13,13 @@ import Glibc
 struct SnapshotTests {
     typealias Fixture = LifecycleTests.Fixture
 
-    /// The tick numbers printed to `path`, in order.
+    /// The tick numbers of the complete lines printed to `path`, in order (a line still being
+    /// written, "tick 2" of "tick 20", is left out).
     static func tickNumbers(_ path: String) -> [Int] {
         guard let text = try? String(contentsOfFile: path, encoding: .utf8) else { return [] }
-        return text.split(separator: "\n").compactMap { $0.hasPrefix("tick ") ? Int($0.dropFirst(5)) : nil }
+        var lines = text.split(separator: "\n", omittingEmptySubsequences: false)
+        lines.removeLast() // after the last newline: empty, or a line not finished yet
+        return lines.compactMap { $0.hasPrefix("tick ") ? Int($0.dropFirst(5)) : nil }
     }
 
     /// Runs the ticker until it printed at least `ticks`, pauses it and snapshots it into `dir`.
@@ -79,7 +82,8 @@ struct SnapshotTests {
         // together must read as one sequence.
         let before = (try? String(contentsOfFile: dir.path + "/first.serial", encoding: .utf8)) ?? ""
         let afterText = (try? String(contentsOfFile: second.serialPath, encoding: .utf8)) ?? ""
-        let all = (before + afterText).split(separator: "\n").compactMap { $0.hasPrefix("tick ") ? Int($0.dropFirst(5)) : nil }
+        let all = (before + afterText).split(separator: "\n", omittingEmptySubsequences: false).dropLast()
+            .compactMap { $0.hasPrefix("tick ") ? Int($0.dropFirst(5)) : nil }
         let after = Self.tickNumbers(second.serialPath)
         #expect(all.count > last && all.first == 1, "\(all.prefix(30))")
         #expect(zip(all, all.dropFirst()).allSatisfy { $1 == $0 + 1 }, "ticks across the snapshot: \(all.prefix(60))")
@@ -156,5 +160,66 @@ struct SnapshotTests {
         let r = try f.send("PUT", "/snapshot/create", #"{"snapshot_path": "\#(dir.path)/x.snap", "mem_file_path": "\#(dir.path)/x.mem"}"#)
         #expect(r.status == 400 && r.fault?.contains("virtio-rng") == true, "\(r.body)")
         #expect(!FileManager.default.fileExists(atPath: dir.path + "/x.snap") && !FileManager.default.fileExists(atPath: dir.path + "/x.mem"))
+    }
+}
+
+/// Clones: one snapshot loaded by ten `swiftkvm vmm` processes at once.
+@Suite("Snapshot clones in separate vmm processes (/dev/kvm)", .serialized,
+       .enabled(if: GuestSupport.hasKVM && GuestSupport.ticker != nil && GuestSupport.swiftkvm != nil,
+                "needs /dev/kvm, guest/build/ticker.elf and the swiftkvm executable"))
+struct SnapshotCloneTests {
+    /// The guest-RAM mappings of `pid` that come from `path`, and their Shared_Clean kB.
+    static func sharedKB(pid: Int32, path: String) -> (mappings: Int, sharedKB: Int) {
+        let text = FileHandle(forReadingAtPath: "/proc/\(pid)/smaps").map { String(decoding: $0.readDataToEndOfFile(), as: UTF8.self) } ?? ""
+        var mappings = 0, shared = 0, inside = false
+        for line in text.split(separator: "\n") {
+            if let dash = line.firstIndex(of: "-"), line[..<dash].allSatisfy(\.isHexDigit) {
+                inside = line.hasSuffix(path)
+                if inside { mappings += 1 }
+            } else if inside, line.hasPrefix("Shared_Clean:") {
+                shared += Int(line.split(separator: " ").dropFirst().first ?? "0") ?? 0
+            }
+        }
+        return (mappings, shared)
+    }
+
+    @Test("ten clones of one running ticker load at once, each continues the sequence, and they share the memory file's pages")
+    func tenClones() throws {
+        let dir = TempDir()
+        defer { dir.cleanup() }
+        let f = try LifecycleTests.Fixture()
+        let last = try SnapshotTests.snapshotRunningTicker(f, into: dir)
+        f.shutdown()
+        var clones: [(Process, String, String)] = []
+        defer { for (p, _, _) in clones where p.isRunning { p.terminate(); p.waitUntilExit() } }
+        for i in 0..<10 {
+            let sock = "/tmp/swk-clone-\(getpid())-\(i).sock", out = dir.path + "/clone\(i).out"
+            clones.append((try VMMProcessTests.launch(["vmm", "--api-sock", sock, "--id", "clone\(i)"], stdout: out), sock, out))
+        }
+        for (_, sock, _) in clones {
+            #expect(GuestSupport.wait(seconds: 10) { FileManager.default.fileExists(atPath: sock) })
+        }
+        // All ten loads in flight together.
+        let group = DispatchGroup()
+        let statuses = Locked<[Int]>([])
+        for (_, sock, _) in clones {
+            DispatchQueue.global().async(group: group) {
+                let r = try? UnixHTTPClient(path: sock).send("PUT", "/snapshot/load",
+                    #"{"snapshot_path": "\#(dir.path)/vm.snap", "mem_backend": {"backend_type": "File", "backend_path": "\#(dir.path)/vm.mem"}, "resume_vm": true}"#)
+                statuses.withLock { $0.append(r?.status ?? -1) }
+            }
+        }
+        group.wait()
+        #expect(statuses.withLock { $0 } == Array(repeating: 204, count: 10))
+        for (_, _, out) in clones {
+            #expect(GuestSupport.wait(seconds: 30) { SnapshotTests.tickNumbers(out).count >= 5 }, "\(out) keeps ticking")
+            let after = SnapshotTests.tickNumbers(out)
+            #expect(after.first.map { $0 == last + 1 || $0 == last + 2 } == true && zip(after, after.dropFirst()).allSatisfy { $1 == $0 + 1 },
+                    "\(out): \(after.prefix(10)) after \(last)")
+        }
+        // Guest RAM is the memory file mapped copy-on-write: its clean pages are shared between the clones.
+        let usage = Self.sharedKB(pid: clones[0].0.processIdentifier, path: dir.path + "/vm.mem")
+        #expect(usage.mappings >= 1, "the memory file is mapped")
+        #expect(usage.sharedKB > 0, "pages of the memory file are shared with the other clones")
     }
 }
