@@ -10,6 +10,12 @@ public struct CgroupMount: Equatable, Sendable {
     /// The v1 mount options (the controllers among them); empty for v2.
     public var options: [String]
 
+    public init(path: String, version: Int, options: [String]) {
+        self.path = path
+        self.version = version
+        self.options = options
+    }
+
     /// The cgroup mounts in the text of /proc/mounts (octal escapes such as `\040` in paths decoded).
     public static func parse(mounts text: String) -> [CgroupMount] {
         text.split(separator: "\n").compactMap { line in

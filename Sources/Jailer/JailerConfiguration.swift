@@ -39,6 +39,11 @@ public struct ResourceLimit: Equatable, Sendable {
     public var resource: Resource
     public var value: UInt64
 
+    public init(resource: Resource, value: UInt64) {
+        self.resource = resource
+        self.value = value
+    }
+
     /// Firecracker's jailer bounds `no-file` to 2048 when no limit is given.
     public static let defaultLimits = [ResourceLimit(resource: .noFile, value: 2048)]
 }

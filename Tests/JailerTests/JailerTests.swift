@@ -71,31 +71,38 @@ struct JailerTests {
         }
     }
 
-    @Test("each bad option is a usage error naming it (exit 2)", arguments: [
-        ("--id", { (a: inout JailerArguments) in a.id = "bad/id" }),
-        ("--id", { (a: inout JailerArguments) in a.id = nil }),
-        ("--exec-file", { (a: inout JailerArguments) in a.execFile = "/nonexistent/firecracker" }),
-        ("--exec-file", { (a: inout JailerArguments) in a.execFile = "/tmp" }),
-        ("--uid", { (a: inout JailerArguments) in a.uid = "root" }),
-        ("--uid", { (a: inout JailerArguments) in a.uid = "-1" }),
-        ("--gid", { (a: inout JailerArguments) in a.gid = "1.5" }),
-        ("--chroot-base-dir", { (a: inout JailerArguments) in a.chrootBaseDir = "relative/dir" }),
-        ("--chroot-base-dir", { (a: inout JailerArguments) in a.chrootBaseDir = "/srv/../etc" }),
-        ("--netns", { (a: inout JailerArguments) in a.netns = "/var/run/netns/does-not-exist-jailer" }),
-        ("--cgroup-version", { (a: inout JailerArguments) in a.cgroupVersion = "3" }),
-        ("--cgroup", { (a: inout JailerArguments) in a.cgroups = ["pids.max"] }),
-        ("--cgroup", { (a: inout JailerArguments) in a.cgroups = ["max=10"] }),
-        ("--cgroup", { (a: inout JailerArguments) in a.cgroups = ["../x.y=1"] }),
-        ("--parent-cgroup", { (a: inout JailerArguments) in a.parentCgroup = "/abs" }),
-        ("--parent-cgroup", { (a: inout JailerArguments) in a.parentCgroup = "a/../../b" }),
-        ("--resource-limit", { (a: inout JailerArguments) in a.resourceLimits = ["stack=10"] }),
-        ("--resource-limit", { (a: inout JailerArguments) in a.resourceLimits = ["fsize=lots"] }),
-        ("--resource-limit", { (a: inout JailerArguments) in a.resourceLimits = ["fsize"] }),
-    ] as [(String, @Sendable (inout JailerArguments) -> Void)])
-    func badOptions(option: String, change: @Sendable (inout JailerArguments) -> Void) {
+    /// (the option that must be named, the field changed, its value; nil removes it)
+    static let badCases: [(String, String, String?)] = [
+        ("--id", "id", "bad/id"), ("--id", "id", nil),
+        ("--exec-file", "execFile", "/nonexistent/firecracker"), ("--exec-file", "execFile", "/tmp"),
+        ("--uid", "uid", "root"), ("--uid", "uid", "-1"), ("--gid", "gid", "1.5"),
+        ("--chroot-base-dir", "chrootBaseDir", "relative/dir"), ("--chroot-base-dir", "chrootBaseDir", "/srv/../etc"),
+        ("--netns", "netns", "/var/run/netns/does-not-exist-jailer"),
+        ("--cgroup-version", "cgroupVersion", "3"),
+        ("--cgroup", "cgroups", "pids.max"), ("--cgroup", "cgroups", "max=10"), ("--cgroup", "cgroups", "../x.y=1"),
+        ("--parent-cgroup", "parentCgroup", "/abs"), ("--parent-cgroup", "parentCgroup", "a/../../b"),
+        ("--resource-limit", "resourceLimits", "stack=10"), ("--resource-limit", "resourceLimits", "fsize=lots"),
+        ("--resource-limit", "resourceLimits", "fsize"),
+    ]
+
+    @Test("each bad option is a usage error naming it (exit 2)", arguments: 0..<badCases.count)
+    func badOptions(index: Int) {
+        let (option, field, value) = Self.badCases[index]
         let t = Temp()
         var a = Self.arguments(t.file("firecracker", "x", mode: 0o755))
-        change(&a)
+        switch field {
+        case "id": a.id = value
+        case "execFile": a.execFile = value
+        case "uid": a.uid = value
+        case "gid": a.gid = value
+        case "chrootBaseDir": a.chrootBaseDir = value ?? ""
+        case "netns": a.netns = value
+        case "cgroupVersion": a.cgroupVersion = value ?? ""
+        case "cgroups": a.cgroups = [value ?? ""]
+        case "parentCgroup": a.parentCgroup = value
+        case "resourceLimits": a.resourceLimits = [value ?? ""]
+        default: Issue.record("unknown field \(field)")
+        }
         do {
             _ = try JailerConfiguration.validate(a)
             Issue.record("accepted a bad \(option)")
