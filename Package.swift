@@ -32,6 +32,9 @@ let package = Package(
         .target(name: "DiskImage", dependencies: ["CZlib", "CZstd"]),
         .target(name: "PCI", dependencies: ["Devices"]),
         .target(name: "CNet"),
+        // The jailer (`swiftkvm jailer`): its system calls in a C shim, the logic in a library.
+        .target(name: "CJail"),
+        .target(name: "Jailer", dependencies: ["CJail"]),
         .target(name: "Net", dependencies: ["CNet"]),
         .target(name: "Virtio", dependencies: ["PCI", "Devices", "GuestMemory", "DiskImage", "Net"]),
         .target(name: "VMM", dependencies: [
@@ -57,7 +60,7 @@ let package = Package(
         .target(name: "SwiftKVMTestSupport"),
         .executableTarget(name: "swiftkvm-test-helper", dependencies: ["SwiftKVMTestSupport", "DiskImage", "VMM", "API", "Devices"]),
         .executableTarget(name: "swiftkvm", dependencies: [
-            "VMM", "KVM", "Boot", "Devices", "GuestMemory", "DiskImage", "API", "Manager",
+            "VMM", "KVM", "Boot", "Devices", "GuestMemory", "DiskImage", "API", "Manager", "Jailer",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
         ]),
@@ -71,6 +74,7 @@ let package = Package(
         .testTarget(name: "VirtioTests", dependencies: ["Virtio", "PCI", "Devices", "GuestMemory", "DiskImage", "Net"]),
         .testTarget(name: "VMMTests", dependencies: ["VMM"]),
         .testTarget(name: "APITests", dependencies: ["API", "VMM", "DiskImage"]),
+        .testTarget(name: "JailerTests", dependencies: ["Jailer"]),
         .testTarget(name: "ManagerTests", dependencies: ["Manager", "API", "VMM"]),
         .testTarget(name: "IntegrationTests", dependencies: ["VMM", "KVM", "Boot", "Devices", "GuestMemory", "DiskImage"]),
     ]

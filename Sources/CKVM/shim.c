@@ -196,3 +196,22 @@ int ckvm_install_sigsys_reporter(void) {
     pthread_sigmask(SIG_UNBLOCK, &set, NULL);
     return 0;
 }
+
+#include <cpuid.h>
+int ckvm_host_cpuid_has_hw_virt(void) {
+    unsigned a, b, c, d;
+    if (__get_cpuid(1, &a, &b, &c, &d) && (c & (1u << 5))) return 1;
+    if (__get_cpuid(0x80000001, &a, &b, &c, &d) && (c & (1u << 2))) return 1;
+    return 0;
+}
+
+static int ckvm_saved_argc;
+static char **ckvm_saved_argv;
+/* glibc calls the executable's constructors with (argc, argv, envp). */
+__attribute__((constructor)) static void ckvm_save_arguments(int argc, char **argv, char **envp) {
+    (void)envp;
+    ckvm_saved_argc = argc;
+    ckvm_saved_argv = argv;
+}
+int ckvm_argc(void) { return ckvm_saved_argc; }
+char **ckvm_argv(void) { return ckvm_saved_argv; }

@@ -1,4 +1,5 @@
 import API
+import CKVM
 import ArgumentParser
 #if canImport(Glibc)
 import Glibc
@@ -14,7 +15,7 @@ struct SwiftKVM: ParsableCommand {
         commandName: "swiftkvm",
         abstract: "A virtualization stack on Linux KVM.",
         version: version,
-        subcommands: [RunCommand.self, CheckCommand.self, ImgCommand.self, VMMCommand.self, VMCommand.self, NetCommand.self, DaemonCommand.self]
+        subcommands: [RunCommand.self, CheckCommand.self, ImgCommand.self, VMMCommand.self, VMCommand.self, NetCommand.self, DaemonCommand.self, JailerCommand.self]
     )
 
     /// Parses and runs the command. Usage errors (unknown options, bad values) print one line
@@ -22,37 +23,52 @@ struct SwiftKVM: ParsableCommand {
     static func main() {
         // `swiftkvm vmm` / `firecracker` with the usual options: skip ArgumentParser's reflection
         // (a quarter of the start-up CPU time); anything else is parsed below as before.
-        let args = CommandLine.arguments
+        let args = arguments
         let isFirecracker = args.first.map { $0 == "firecracker" || $0.hasSuffix("/firecracker") } ?? false
         if isFirecracker || (args.count > 1 && args[1] == "vmm"),
            let options = VMMArguments.parse(args.dropFirst(isFirecracker ? 1 : 2)) {
             Glibc.exit(VMMProcess.run(options))
         }
         // Installed as (or symlinked to) `firecracker`: behave as `swiftkvm vmm`.
-        if isFirecracker {
-            do {
-                var command = try VMMCommand.parseAsRoot(Array(CommandLine.arguments.dropFirst()))
-                try command.run()
-            } catch {
-                if VMMCommand.exitCode(for: error) == .validationFailure {
-                    let line = "firecracker: error: \(VMMCommand.message(for: error))\n"
-                    _ = line.withCString { write(2, $0, strlen($0)) }
-                    Glibc.exit(2)
-                }
-                VMMCommand.exit(withError: error)
-            }
-        }
+        if isFirecracker { runAlone(VMMCommand.self, as: "firecracker", args) }
+        // Installed as (or symlinked to) `jailer`: behave as `swiftkvm jailer`.
+        if args.first.map({ $0 == "jailer" || $0.hasSuffix("/jailer") }) ?? false { runAlone(JailerCommand.self, as: "jailer", args) }
         do {
-            var command = try parseAsRoot()
+            var command = try parseAsRoot(Array(args.dropFirst()))
             try command.run()
         } catch {
             if exitCode(for: error) == .validationFailure {
                 let line = "swiftkvm: error: \(message(for: error))\n"
                 _ = line.withCString { write(2, $0, strlen($0)) }
                 // `img check` keeps 2 for "corruptions found", as qemu-img does: its usage errors exit 1.
-                Glibc.exit(CommandLine.arguments.dropFirst().starts(with: ["img", "check"]) ? 1 : 2)
+                Glibc.exit(args.dropFirst().starts(with: ["img", "check"]) ? 1 : 2)
             }
             exit(withError: error)
+        }
+    }
+
+    /// The program's arguments. Swift's `CommandLine.arguments` reads /proc/self/cmdline on Linux, so a process
+    /// in a jail without /proc (a jailed `swiftkvm vmm`) would see none: then glibc's argv is used.
+    static var arguments: [String] {
+        let fromSwift = CommandLine.arguments
+        guard fromSwift.isEmpty, ckvm_argc() > 0, let argv = ckvm_argv() else { return fromSwift }
+        return (0..<Int(ckvm_argc())).compactMap { argv[$0].map { String(cString: $0) } }
+    }
+
+    /// Runs `command` as the whole program (the binary was installed under its name): a usage error
+    /// prints one line prefixed with `name` and exits 2.
+    static func runAlone<C: ParsableCommand>(_ command: C.Type, as name: String, _ args: [String]) -> Never {
+        do {
+            var parsed = try C.parseAsRoot(Array(args.dropFirst()))
+            try parsed.run()
+            Glibc.exit(0)
+        } catch {
+            if C.exitCode(for: error) == .validationFailure {
+                let line = "\(name): error: \(C.message(for: error))\n"
+                _ = line.withCString { write(2, $0, strlen($0)) }
+                Glibc.exit(2)
+            }
+            C.exit(withError: error)
         }
     }
 }

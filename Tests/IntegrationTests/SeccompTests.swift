@@ -79,17 +79,7 @@ struct SeccompTests {
         defer { vmm.stop() }
         #expect(MCSupport.wait(seconds: 20) { FileManager.default.fileExists(atPath: api) }, "API socket: \(vmm.stderr.text)")
         // Configure and start through the API (the controller thread builds the machine, then confines itself).
-        func call(_ method: String, _ path: String, _ body: String) -> String {
-            let p = Process()
-            p.executableURL = URL(fileURLWithPath: "/usr/bin/curl")
-            p.arguments = ["-s", "-o", "/dev/null", "-w", "%{http_code}", "--unix-socket", api, "-X", method,
-                           "http://localhost" + path, "-H", "Content-Type: application/json", "-d", body]
-            let out = Pipe()
-            p.standardOutput = out
-            try? p.run()
-            p.waitUntilExit()
-            return String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        }
+        func call(_ method: String, _ path: String, _ body: String) -> String { MCSupport.apiCall(api, method, path, body) }
         let ticker = try #require(MCSupport.ticker)
         #expect(call("PUT", "/boot-source", #"{"kernel_image_path": "\#(ticker)", "boot_args": "\#(MCSupport.tickerArgs(ticks: 0))"}"#) == "204")
         #expect(call("PUT", "/drives/d0", #"{"drive_id": "d0", "path_on_host": "\#(disk)", "is_root_device": false, "is_read_only": false}"#) == "204")

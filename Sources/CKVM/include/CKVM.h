@@ -139,3 +139,14 @@ int ckvm_install_sigsys_reporter(void);
 void ckvm_sigsys_set_syscall_name(int nr, const char *name);
 /// Records the calling thread's kind (copied, at most 15 bytes) and thread id for the report.
 void ckvm_sigsys_set_thread_kind(const char *kind);
+
+// MARK: host CPU
+/// Whether the host CPU reports hardware virtualization in CPUID (VMX: leaf 1 ECX bit 5; SVM: leaf
+/// 0x80000001 ECX bit 2). For hosts where /proc/cpuinfo cannot be read (a jailed vmm). 1 or 0.
+int ckvm_host_cpuid_has_hw_virt(void);
+
+// MARK: process arguments
+/// argc and argv as glibc passed them to the program's constructors. Swift's `CommandLine.arguments` reads
+/// /proc/self/cmdline on Linux, which a process in a jail without /proc does not have (it sees no arguments).
+int ckvm_argc(void);
+char **ckvm_argv(void);

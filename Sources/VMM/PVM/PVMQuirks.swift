@@ -1,3 +1,4 @@
+import CKVM
 import GuestMemory
 import KVM
 import Logging
@@ -74,10 +75,11 @@ public final class PVMQuirks: HostQuirks, @unchecked Sendable {
     }
 
     /// Whether /dev/kvm on this host is PVM: the `kvm_pvm` module is loaded, or the CPU has
-    /// neither the `vmx` nor the `svm` flag.
+    /// neither the `vmx` nor the `svm` flag. Where neither /sys nor /proc is there (a vmm in the
+    /// jailer's chroot), CPUID answers the second question.
     public static func detect(sysModule: String = "/sys/module/kvm_pvm", cpuinfo: String = "/proc/cpuinfo") -> Bool {
         if access(sysModule, F_OK) == 0 { return true }
-        guard let text = readSmallFile(cpuinfo) else { return false }
+        guard let text = readSmallFile(cpuinfo) else { return ckvm_host_cpuid_has_hw_virt() == 0 }
         guard let flags = text.split(separator: "\n").first(where: { $0.hasPrefix("flags") }) else { return false }
         let words = Set(flags.split(separator: " ").map(String.init))
         return !words.contains("vmx") && !words.contains("svm")

@@ -39,6 +39,14 @@ enum MCSupport {
         return condition()
     }
 
+    /// One request to a Firecracker API socket through curl: the HTTP status ("204"…), "000" when it failed.
+    static func apiCall(_ socket: String, _ method: String, _ path: String, _ body: String) -> String {
+        let r = try? MCChild.run("/usr/bin/curl", ["-s", "-o", "/dev/null", "-w", "%{http_code}", "--unix-socket", socket,
+                                                   "-X", method, "http://localhost" + path, "-H", "Content-Type: application/json",
+                                                   "-d", body], timeout: 30)
+        return r?.stdout ?? "000"
+    }
+
     /// Number of "tick N" lines in `text`.
     static func ticks(in text: String) -> Int {
         // Newlines of either kind ("\r\n" from a terminal is one Character).
