@@ -85,7 +85,14 @@ final class VCPURunner: @unchecked Sendable {
         let statistics = context.statistics
         while !controller.stopRequested {
             gate.parkIfPaused(vcpu: vcpu, stopRequested: { controller.stopRequested },
-                              beforePark: { statistics.merge(counts.take()) })
+                              beforePark: { [vcpu] in
+                                  statistics.merge(counts.take())
+                                  // Let KVM finish an I/O or MMIO exit just handled (it completes the
+                                  // instruction on the next KVM_RUN): with immediate_exit set, that
+                                  // KVM_RUN completes it and returns at once, so the state a snapshot
+                                  // reads while parked has no half-done instruction.
+                                  _ = try? vcpu.run()
+                              })
             if controller.stopRequested { break }
             let exit: VCPUExit
             do {
