@@ -52,34 +52,26 @@ public final class GuestRegion: @unchecked Sendable {
     private let ownsMapping: Bool
 
     /// Maps `size` bytes of anonymous, zeroed, MAP_NORESERVE memory for guest RAM at `start`.
-    public init(start: UInt64, size: UInt64) throws {
-        guard size > 0, size % 4096 == 0, size <= (1 << 46) else { throw GuestMemoryError.invalidSize(size) }
-        guard start.addingReportingOverflow(size).overflow == false else { throw GuestMemoryError.invalidSize(size) }
-        let p = mmap(nil, Int(size), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
-        guard let p, p != MAP_FAILED else { throw GuestMemoryError.mmapFailed(size: size, errno: errno) }
-        self.start = start
-        self.size = size
-        self.host = p
-        self.ownsMapping = true
+    public convenience init(start: UInt64, size: UInt64) throws {
+        try self.init(start: start, size: size, flags: MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, fd: -1, offset: 0)
     }
 
-    /// Maps `size` bytes of `fd` from `offset` shared, with `flags` added (MAP_HUGETLB…): guest RAM
-    /// backed by a memfd or a file.
-    init(start: UInt64, size: UInt64, fd: Int32, offset: UInt64) throws {
-        guard size > 0, size % 4096 == 0, size <= (1 << 46) else { throw GuestMemoryError.invalidSize(size) }
-        let p = mmap(nil, Int(size), PROT_READ | PROT_WRITE, MAP_SHARED, fd, off_t(offset))
-        guard let p, p != MAP_FAILED else { throw GuestMemoryError.mmapFailed(size: size, errno: errno) }
-        self.start = start
-        self.size = size
-        self.host = p
-        self.ownsMapping = true
+    /// Maps `size` bytes of `fd` from `offset` shared: guest RAM backed by a memfd or a file.
+    convenience init(start: UInt64, size: UInt64, fd: Int32, offset: UInt64) throws {
+        try self.init(start: start, size: size, flags: MAP_SHARED, fd: fd, offset: offset)
     }
 
     /// Maps anonymous memory with `extraFlags` (MAP_HUGETLB), reserved at once (no MAP_NORESERVE:
     /// huge pages that are not there must fail here, not as a SIGBUS when the guest touches them).
-    init(start: UInt64, size: UInt64, extraFlags: Int32) throws {
+    convenience init(start: UInt64, size: UInt64, extraFlags: Int32) throws {
+        try self.init(start: start, size: size, flags: MAP_PRIVATE | MAP_ANONYMOUS | extraFlags, fd: -1, offset: 0)
+    }
+
+    /// One `mmap` of `size` bytes with `flags` (of `fd` at `offset`, or anonymous with fd -1).
+    private init(start: UInt64, size: UInt64, flags: Int32, fd: Int32, offset: UInt64) throws {
         guard size > 0, size % 4096 == 0, size <= (1 << 46) else { throw GuestMemoryError.invalidSize(size) }
-        let p = mmap(nil, Int(size), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | extraFlags, -1, 0)
+        guard start.addingReportingOverflow(size).overflow == false else { throw GuestMemoryError.invalidSize(size) }
+        let p = mmap(nil, Int(size), PROT_READ | PROT_WRITE, flags, fd, off_t(offset))
         guard let p, p != MAP_FAILED else { throw GuestMemoryError.mmapFailed(size: size, errno: errno) }
         self.start = start
         self.size = size
