@@ -90,7 +90,10 @@ final class VCPURunner: @unchecked Sendable {
                                   // Let KVM finish an I/O or MMIO exit just handled (it completes the
                                   // instruction on the next KVM_RUN): with immediate_exit set, that
                                   // KVM_RUN completes it and returns at once, so the state a snapshot
-                                  // reads while parked has no half-done instruction.
+                                  // reads while parked has no half-done instruction. (Set here too: a
+                                  // VM started paused was never kicked, and must not run a guest
+                                  // instruction.)
+                                  vcpu.immediateExit = true
                                   _ = try? vcpu.run()
                               })
             if controller.stopRequested { break }
