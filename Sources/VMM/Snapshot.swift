@@ -329,17 +329,19 @@ extension VCPUManager {
                 }
                 return value
             }
-            // Order as QEMU's kvm_arch_put_registers: sregs (mode) before regs, MSRs before events and the LAPIC.
+            // Mode (sregs) before regs; the LAPIC before the MSRs: KVM ignores a write of IA32_TSC_DEADLINE
+            // unless the LAPIC timer is already in TSC-deadline mode, and setting the LAPIC afterwards
+            // would disarm it (a restored Linux then waits for a timer that never fires).
             if let x = try blob(s.xsave, kvm_xsave(), "xsave") { try v.setXSAVE(x) }
             if let x = try blob(s.xcrs, kvm_xcrs(), "xcrs") { try v.setXCRS(x) }
             if let x = try blob(s.sregs, kvm_sregs(), "sregs") { try v.setSregs(x) }
             if let x = try blob(s.regs, kvm_regs(), "regs") { try v.setRegs(x) }
+            if let x = try blob(s.lapic, kvm_lapic_state(), "lapic") { try v.setLAPIC(x) }
             for m in s.msrs {
-                // An MSR this host's KVM refuses is skipped: it is logged by the caller's summary.
+                // An MSR this host's KVM refuses is skipped.
                 try? v.setMSRs([(m.index, m.value)])
             }
             try v.setMPState(s.mpState)
-            if let x = try blob(s.lapic, kvm_lapic_state(), "lapic") { try v.setLAPIC(x) }
             if let x = try blob(s.events, kvm_vcpu_events(), "events") { try v.setVCPUEvents(x) }
             if let x = try blob(s.debugRegs, kvm_debugregs(), "debugregs") { try v.setDebugRegs(x) }
         }
