@@ -50,13 +50,8 @@ public struct DiskSpec: Codable, Sendable, Equatable {
         }
         var path: String?
         var spec = DiskSpec(path: "")
-        var seen = Set<String>()
-        for item in text.split(separator: ",", omittingEmptySubsequences: false) {
-            guard let eq = item.firstIndex(of: "=") else {
-                throw bad("'\(item)' is not key=value (keys: \(Self.keys.joined(separator: ", ")))")
-            }
-            let key = String(item[..<eq]), value = String(item[item.index(after: eq)...])
-            guard seen.insert(key).inserted else { throw bad("key '\(key)' given twice") }
+        for (key, value) in try OptionItems.pairs(text.split(separator: ",", omittingEmptySubsequences: false),
+                                                  keys: Self.keys, bad: bad) {
             switch key {
             case "path":
                 guard !value.isEmpty else { throw bad("path is empty") }

@@ -11,12 +11,8 @@ public enum MemoryBackendSpec {
         if let memory {
             let parts = memory.split(separator: ",", omittingEmptySubsequences: false).map(String.init)
             size = try SizeParser.parseSize(parts[0], what: "--memory")
-            var seen = Set<String>()
-            for item in parts.dropFirst() {
-                func bad(_ why: String) -> VMMError { .invalidValue(what: "--memory", value: memory, reason: why) }
-                guard let eq = item.firstIndex(of: "=") else { throw bad("'\(item)' is not key=value (keys: ksm, hugepages)") }
-                let key = String(item[..<eq]), value = String(item[item.index(after: eq)...])
-                guard seen.insert(key).inserted else { throw bad("key '\(key)' given twice") }
+            func bad(_ why: String) -> VMMError { .invalidValue(what: "--memory", value: memory, reason: why) }
+            for (key, value) in try OptionItems.pairs(parts.dropFirst(), keys: ["ksm", "hugepages"], bad: bad) {
                 switch key {
                 case "ksm":
                     guard ["on", "off"].contains(value) else { throw bad("ksm=\(value): expected on or off") }

@@ -75,11 +75,7 @@ public struct NetSpec: Codable, Sendable, Equatable {
             throw bad("'\(first)' is not a backend: expected tap=NAME, fd=N, bridge=BR or user")
         }
         var spec = NetSpec(backend: backend)
-        var seen = Set<String>()
-        for item in items {
-            let (key, v) = Self.split(item)
-            guard let v else { throw bad("'\(item)' is not key=value (keys: \(Self.keys.joined(separator: ", ")))") }
-            guard key == "hostfwd" || seen.insert(key).inserted else { throw bad("key '\(key)' given twice") }
+        for (key, v) in try OptionItems.pairs(items, keys: Self.keys, repeatable: ["hostfwd"], bad: bad) {
             switch key {
             case "mac":
                 guard let mac = Self.parseMAC(v) else { throw bad("mac=\(v): expected six hex bytes such as 52:54:00:12:34:56") }

@@ -25,13 +25,8 @@ public struct VsockSpec: Codable, Sendable, Equatable {
     public init(parsing text: String) throws {
         func bad(_ why: String) -> VMMError { .invalidValue(what: "--vsock", value: text, reason: why) }
         var cid: UInt64?, path: String?, id: String?
-        var seen = Set<String>()
-        for item in text.split(separator: ",", omittingEmptySubsequences: false) {
-            guard let eq = item.firstIndex(of: "=") else {
-                throw bad("'\(item)' is not key=value (keys: \(Self.keys.joined(separator: ", ")))")
-            }
-            let key = String(item[..<eq]), value = String(item[item.index(after: eq)...])
-            guard seen.insert(key).inserted else { throw bad("key '\(key)' given twice") }
+        for (key, value) in try OptionItems.pairs(text.split(separator: ",", omittingEmptySubsequences: false),
+                                                  keys: Self.keys, bad: bad) {
             switch key {
             case "cid":
                 guard let v = UInt64(value) else { throw bad("cid=\(value): expected a number from 3 to 4294967294") }
