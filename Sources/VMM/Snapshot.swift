@@ -394,6 +394,9 @@ extension Machine {
     /// paused or has devices whose state cannot be saved yet.
     public func saveSnapshot(statePath: String, memoryPath: String) throws {
         guard isPaused else { throw VMMError.invalidConfiguration("a snapshot needs a paused machine") }
+        // Device threads stand still while their state and guest memory are read.
+        virtio.quiesce()
+        defer { virtio.resumeAfterSnapshot() }
         let snapshot = MachineSnapshot(config: config, memorySize: memory.totalSize,
                                        vcpus: try vcpuManager.saveStates(msrIndices: try kvm.msrIndexList()),
                                        vm: try vm.saveKernelState(), devices: try devices.save(),
@@ -406,11 +409,14 @@ extension Machine {
 
     /// Puts the snapshot's state into this freshly built machine (from init).
     func restore(_ r: MachineRestore) throws {
+        // Memory first: a live virtio device restores onto rings in guest RAM.
+        try SnapshotIO.mapMemory(r.memoryPath, over: memory)
         try vm.restoreKernelState(r.snapshot.vm)
         try vcpuManager.restoreStates(r.snapshot.vcpus)
         try devices.restore(r.snapshot.devices)
+        // BARs the guest moved: map them where the restored configuration spaces say.
+        for d in pci.root.devices { pci.root.refresh(slot: d.slot) }
         quirks.restore(r.snapshot.quirks)
-        try SnapshotIO.mapMemory(r.memoryPath, over: memory)
         logger.info("restored: \(r.snapshot.vcpus.count) vCPUs, \(r.snapshot.devices.count) devices, memory mapped from \(r.memoryPath)")
     }
 }
