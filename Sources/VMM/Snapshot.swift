@@ -377,6 +377,30 @@ extension VirtualMachine {
     }
 }
 
+/// A snapshot directory, as `swiftkvm vm save` writes it and `swiftkvm run --restore` and
+/// `swiftkvm vm restore` read it: the state file `snapshot` and the guest memory file `memory`.
+public struct SnapshotDirectory: Sendable {
+    public let path: String
+    public init(_ path: String) { self.path = path }
+    /// The state file (SnapshotFile).
+    public var statePath: String { path + "/snapshot" }
+    /// The guest memory file (mapped copy-on-write by a restore).
+    public var memoryPath: String { path + "/memory" }
+
+    /// Reads the state file and checks that the memory file is there: what `Machine(…restoring:)` needs.
+    public func load() throws -> MachineRestore {
+        var st = stat()
+        guard stat(path, &st) == 0, (st.st_mode & S_IFMT) == S_IFDIR else {
+            throw VMMError.invalidValue(what: "snapshot directory", value: path, reason: "not a directory")
+        }
+        let snapshot = try SnapshotFile.read(statePath)
+        guard access(memoryPath, R_OK) == 0 else {
+            throw VMMError.invalidValue(what: "snapshot directory", value: path, reason: "no readable memory file 'memory' in it")
+        }
+        return MachineRestore(snapshot: snapshot, memoryPath: memoryPath)
+    }
+}
+
 /// A snapshot to build a machine from (`Machine.init(…restoring:)`).
 public struct MachineRestore: Sendable {
     public var snapshot: MachineSnapshot

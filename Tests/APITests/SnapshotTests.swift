@@ -289,4 +289,35 @@ struct SnapshotCloneTests {
         #expect(usage.mappings >= 1, "the memory file is mapped")
         #expect(usage.sharedKB > 0, "pages of the memory file are shared with the other clones")
     }
+    @Test("swiftkvm run --restore DIR continues a ticker snapshotted over the API, printing to its own --serial; machine options with --restore, a missing directory and a corrupt state file are usage errors (exit 2) naming the problem")
+    func runRestore() throws {
+        let dir = TempDir()
+        defer { dir.cleanup() }
+        let f = try LifecycleTests.Fixture()
+        let last = try SnapshotTests.snapshotRunningTicker(f, into: dir)
+        f.shutdown()
+        let snap = dir.path + "/snapdir"
+        try FileManager.default.createDirectory(atPath: snap, withIntermediateDirectories: true)
+        try FileManager.default.moveItem(atPath: dir.path + "/vm.snap", toPath: snap + "/snapshot")
+        try FileManager.default.moveItem(atPath: dir.path + "/vm.mem", toPath: snap + "/memory")
+        let out = dir.path + "/run.out"
+        let p = try VMMProcessTests.launch(["run", "--restore", snap, "--serial", "file:" + out])
+        #expect(GuestSupport.wait(seconds: 30) { SnapshotTests.tickNumbers(out).count >= 5 }, "the restored ticker prints to the new serial file")
+        kill(p.processIdentifier, SIGTERM)
+        #expect(VMMProcessTests.finish(p) == 143)
+        let ticks = SnapshotTests.tickNumbers(out)
+        #expect(ticks.first == last + 1 && zip(ticks, ticks.dropFirst()).allSatisfy { $1 == $0 + 1 }, "\(ticks.prefix(10)) after \(last)")
+
+        func usage(_ args: [String]) throws -> String {
+            let q = try VMMProcessTests.launch(args)
+            let status = VMMProcessTests.finish(q)
+            let err = String(decoding: (q.standardError as? Pipe)?.fileHandleForReading.readDataToEndOfFile() ?? Data(), as: UTF8.self)
+            #expect(status == 2, "\(args): \(err)")
+            return err
+        }
+        #expect(try usage(["run", "--restore", snap, "--cpus", "2", "--kernel", "/x"]).contains("--kernel, --cpus cannot be combined"))
+        #expect(try usage(["run", "--restore", dir.path + "/none"]).contains("not a directory"))
+        try Data("junk".utf8).write(to: URL(fileURLWithPath: snap + "/snapshot"))
+        #expect(try usage(["run", "--restore", snap]).contains("no SKVMSNAP header"))
+    }
 }
