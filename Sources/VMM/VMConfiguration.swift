@@ -118,6 +118,9 @@ public struct VMConfiguration: Codable, Sendable, Equatable {
     public var rng: Bool = false
     /// Rate limit of the virtio-rng device (bandwidth in bytes, ops); nil: none.
     public var rngRateLimit: RateLimitConfig? = nil
+    /// Log the pages the guest and the devices write, for Diff snapshots (Firecracker's
+    /// `track_dirty_pages`); nil or false: off.
+    public var trackDirtyPages: Bool? = nil
 
     /// A configuration for `payload` with defaults for everything else.
     public init(payload: GuestPayload) { self.payload = payload }
