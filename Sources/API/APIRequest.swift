@@ -18,6 +18,7 @@ public enum APIRequest: Sendable, Equatable {
     case putVsock(VsockConfig)
     case putSnapshotCreate(SnapshotCreateParams)
     case putSnapshotLoad(SnapshotLoadParams)
+    case putMigrate(MigrateParams)
     case patchNetworkInterface(NetworkInterfaceUpdate)
     case action(InstanceActionInfo.ActionType)
     case patchVM(VMStateRequest.State)
@@ -49,6 +50,7 @@ public enum APIRequest: Sendable, Equatable {
         case .putVsock: return "PUT /vsock"
         case .putSnapshotCreate: return "PUT /snapshot/create"
         case .putSnapshotLoad: return "PUT /snapshot/load"
+        case .putMigrate: return "PUT /migrate"
         }
     }
 
@@ -94,7 +96,7 @@ public enum APIRequest: Sendable, Equatable {
         }
         // PUT and PATCH need a body on every known path.
         let known: Set<String> = method == "PUT"
-            ? ["actions", "boot-source", "drives", "logger", "serial", "machine-config", "metrics", "network-interfaces", "entropy", "vsock", "snapshot"]
+            ? ["actions", "boot-source", "drives", "logger", "serial", "machine-config", "metrics", "network-interfaces", "entropy", "vsock", "snapshot", "migrate"]
             : ["drives", "machine-config", "network-interfaces", "vm"]
         guard known.contains(first) else { throw invalid }
         guard let body else { throw .badRequest("Empty \(method) request.") }
@@ -171,6 +173,9 @@ public enum APIRequest: Sendable, Equatable {
         case ("PUT", "serial"):
             try single()
             return .putSerial(try StrictJSON.decode(SerialDeviceConfig.self, from: body))
+        case ("PUT", "migrate"):
+            try single()
+            return .putMigrate(try StrictJSON.decode(MigrateParams.self, from: body))
         default:
             throw invalid
         }

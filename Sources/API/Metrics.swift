@@ -68,6 +68,7 @@ public final class MetricsRecorder: @unchecked Sendable {
         case .putVsock: (group, name) = ("put_api_requests", "vsock")
         case .putSnapshotCreate: (group, name) = ("put_api_requests", "create_snapshot")
         case .putSnapshotLoad: (group, name) = ("put_api_requests", "load_snapshot")
+        case .putMigrate: (group, name) = ("put_api_requests", "migrate")
         }
         increment(group, name + "_count")
         if failed { increment(group, name + "_fails") }

@@ -524,6 +524,21 @@ public struct SnapshotCreateParams: Codable, Sendable, Equatable {
     }
 }
 
+/// `PUT /migrate` (a SwiftKVM extension): live-migrate the running VM to a `swiftkvm vmm --incoming`
+/// at `destination` (`unix:PATH` or `tcp:HOST:PORT`), with at most `max_downtime_ms` (default 300) of
+/// pause for the last pass.
+public struct MigrateParams: Codable, Sendable, Equatable {
+    public var destination: String
+    public var maxDowntimeMs: Int?
+    enum CodingKeys: String, CodingKey, CaseIterable { case destination, maxDowntimeMs = "max_downtime_ms" }
+    public init(destination: String, maxDowntimeMs: Int? = nil) { self.destination = destination; self.maxDowntimeMs = maxDowntimeMs }
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.strictContainer(keyedBy: CodingKeys.self)
+        destination = try c.decode(String.self, forKey: .destination)
+        maxDowntimeMs = try c.decodeIfPresent(Int.self, forKey: .maxDowntimeMs)
+    }
+}
+
 /// `mem_backend` of `PUT /snapshot/load`: where guest memory comes from.
 public struct SnapshotMemoryBackend: Codable, Sendable, Equatable {
     public var backendType: String

@@ -26,6 +26,8 @@ public protocol VMInstance: AnyObject, Sendable {
     /// Writes a snapshot of the paused guest (state file and memory file): Full, or with `diff`
     /// only the pages written since the previous snapshot.
     func saveSnapshot(statePath: String, memoryPath: String, diff: Bool) throws
+    /// Live-migrates the guest to `endpoint` (see `Machine.migrate`).
+    func migrate(to endpoint: MigrationEndpoint, maxDowntimeMs: Int, progress: (String) -> Void) throws -> MigrationReport
     /// Keeps the vCPUs parked from the start (call before `runToCompletion`), as for a snapshot
     /// loaded without `resume_vm`.
     func startPaused()
@@ -44,6 +46,9 @@ extension VMInstance {
         throw VMMError.setup("this guest cannot be snapshotted")
     }
     public func startPaused() {}
+    public func migrate(to endpoint: MigrationEndpoint, maxDowntimeMs: Int, progress: (String) -> Void) throws -> MigrationReport {
+        throw VMMError.setup("this guest cannot be migrated")
+    }
     public func updateDiskRateLimit(index: Int, bandwidth: TokenBucketConfig?, ops: TokenBucketConfig?) throws {
         throw VMMError.setup("this guest cannot change disk rate limits")
     }
@@ -346,6 +351,22 @@ public final class VMController: @unchecked Sendable {
                 throw .badRequest("Cannot create the snapshot: \(error).")
             }
             logger.info("snapshot created (\(diff ? "Diff" : "Full")): \(p.snapshotPath), memory \(p.memFilePath)")
+        case .putMigrate(let p):
+            let vm = try requireRuntime()
+            let endpoint: MigrationEndpoint
+            do { endpoint = try MigrationEndpoint(parsing: p.destination) } catch { throw .badRequest("Invalid destination: \(error).") }
+            let downtime = p.maxDowntimeMs ?? 300
+            guard (1...60_000).contains(downtime) else { throw .badRequest("Invalid max_downtime_ms \(downtime): expected 1 to 60000.") }
+            let report: MigrationReport
+            do {
+                report = try vm.migrate(to: endpoint, maxDowntimeMs: downtime) { [logger] line in logger.info("migration: \(line)") }
+            } catch {
+                throw .badRequest("Migration to \(endpoint) failed: \(error).")
+            }
+            logger.info("migration to \(endpoint) done: \(report.passes) passes, \(report.bytesSent >> 20) MiB, downtime \(Int(report.downtimeMs)) ms")
+            // The guest runs on the target now (`swiftkvm vmm` lets this answer go out before it exits).
+            vm.stop(.migrated(endpoint.description))
+            return .json(report)
         case .putSnapshotLoad(let p):
             try requirePreBoot()
             let r = state.withLock { $0.resources }
@@ -582,6 +603,14 @@ public final class VMController: @unchecked Sendable {
     }
 
     /// Asks a running guest to stop (SIGTERM in the `vmm` process); no effect before start.
+    /// `swiftkvm vmm --incoming`: builds the machine of a received migration, paused.
+    public func startIncoming(_ restore: MachineRestore) throws(APIError) {
+        try requestLock.withLock { _ throws(APIError) in try startInstance(restoring: restore, paused: true) }
+    }
+
+    /// Lets a machine built by `startIncoming` run.
+    public func resumeIncoming() { _ = handle(.patchVM(.resumed)) }
+
     public func stopGuest(_ exit: MachineExit) {
         state.withLock { $0.instance }?.stop(exit)
     }

@@ -1,3 +1,4 @@
+import VMM
 /// A fast path for the command line of `swiftkvm vmm` (and `firecracker`).
 ///
 /// swift-argument-parser builds its model of a command by reflecting over every option before it
@@ -34,7 +35,7 @@ public enum VMMArguments {
                 if name == "no-seccomp" { o.noSeccomp = true }
                 continue
             case "api-sock", "id", "config-file", "log-path", "level", "metrics-path", "metrics-interval",
-                 "http-api-max-payload-size", "console-sock", "serial-log", "ready-fd", "seccomp-filter",
+                 "http-api-max-payload-size", "console-sock", "serial-log", "ready-fd", "seccomp-filter", "incoming",
                  // Accepted for compatibility with Firecracker tooling; no effect.
                  "start-time-us", "start-time-cpu-us", "parent-cpu-time-us", "module":
                 break
@@ -69,6 +70,9 @@ public enum VMMArguments {
             case "console-sock": o.consoleSocket = value
             case "serial-log": o.serialLog = value
             case "seccomp-filter": o.seccompFilter = value
+            case "incoming":
+                guard let e = try? MigrationEndpoint(parsing: value) else { return nil }
+                o.incoming = e
             case "ready-fd":
                 guard let v = Int32(value), v >= 3 else { return nil }
                 o.readyFD = v

@@ -43,6 +43,8 @@ public enum VMMProcess {
         public var noSeccomp = false
         /// `--seccomp-filter`: filters from this file (`SeccompFile`) instead of the built-in ones.
         public var seccompFilter: String?
+        /// `--incoming`: receive a live migration here (the guest comes from the source's stream).
+        public var incoming: MigrationEndpoint?
         public init() {}
     }
 
@@ -159,6 +161,8 @@ public enum VMMProcess {
         controllerOptions.onExit = { exit in
             switch exit {
             case .internalError(let m), .vmmFailure(let m): fail(m)
+            // The guest left by PUT /migrate, whose answer is still on its way to the client.
+            case .migrated: usleep(300_000)
             default: break
             }
             terminate(exit.exitCode)
@@ -202,12 +206,47 @@ public enum VMMProcess {
                 terminate(MachineExit.usageExitCode)
             }
         }
+        if let incoming = options.incoming {
+            // Listening before anything waits for this process; receiving on a thread of its own
+            // (unconfined: it builds the machine), so that the signal loop below still answers SIGTERM.
+            let logger = sink.makeLogger(label: "swiftkvm.vmm")
+            do {
+                let listener = try IncomingMigration.listen(on: incoming)
+                logger.info("migration: waiting for the source on \(incoming)")
+                try HostThread.start(name: "incoming") {
+                    let m: IncomingMigration
+                    do { m = try IncomingMigration.receive(listener: listener, endpoint: incoming, logger: logger) } catch {
+                        fail("\(error)")
+                        terminate(1)
+                        return
+                    }
+                    do throws(APIError) { try controller.startIncoming(m.restore) } catch {
+                        m.refuse(error.message)
+                        fail(error.message)
+                        terminate(1)
+                        return
+                    }
+                    guard m.confirmReady() else {
+                        // The source keeps (or resumed) its guest: this copy must not run.
+                        fail("the migration source did not tell this side to run the guest; stopping")
+                        controller.stopGuest(.vmmFailure("migration not confirmed by the source"))
+                        return
+                    }
+                    controller.resumeIncoming()
+                    m.reportRunning()
+                    logger.info("migration: the guest runs here")
+                }
+            } catch {
+                fail("\(error)")
+                terminate(1)
+            }
+        }
+
         if let fd = options.readyFD {
             // A closed or invalid descriptor is the supervisor's problem, not the guest's: ignored.
             _ = "ready\n".withCString { write(fd, $0, 6) }
             close(fd)
         }
-
         // Signal loop: SIGINT/SIGTERM stop the guest, or the process before InstanceStart.
         Seccomp.confineCurrentThread(.vmm)
         while true {

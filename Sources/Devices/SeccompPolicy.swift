@@ -66,9 +66,11 @@ public enum SeccompPolicy {
 
     /// What `PUT /snapshot/create` reads on the controller thread of a paused VM: the vCPUs' extended state and
     /// MSRs, the in-kernel irqchip, PIT and clock, and the MSR list of /dev/kvm.
+    /// A Diff snapshot and a migration also read the dirty-page log, and a migration turns it on and off.
     static let snapshotIoctls: [UInt] = [CKVM_GET_XSAVE, CKVM_GET_XCRS, CKVM_GET_DEBUGREGS, CKVM_GET_LAPIC,
                                          CKVM_GET_VCPU_EVENTS, CKVM_GET_MSRS, CKVM_GET_MSR_INDEX_LIST,
-                                         CKVM_GET_IRQCHIP, CKVM_GET_PIT2, CKVM_GET_CLOCK]
+                                         CKVM_GET_IRQCHIP, CKVM_GET_PIT2, CKVM_GET_CLOCK,
+                                         CKVM_GET_DIRTY_LOG, CKVM_SET_USER_MEMORY_REGION]
 
     /// The main and control threads: the control loop (signals, vCPU kicks), stopping devices, flushing
     /// disks and metrics, runtime API actions.
@@ -81,6 +83,9 @@ public enum SeccompPolicy {
                "fstat", "newfstatat", "lseek", "pread64", "pwrite64", "epoll_ctl", "shutdown", "sendto", "recvfrom",
                "ftruncate", "getrusage", "munlock", "wait4", "rename", "renameat", "renameat2", "mincore"].map { R($0) }
             + [R("kill", [arg(1, UInt64(SIGTERM))])]
+            // PUT /migrate: the stream to the target (Unix or TCP socket; getaddrinfo of a host name).
+            + ["connect", "setsockopt", "getsockopt", "getsockname", "getpeername", "poll", "ppoll", "recvmsg", "sendmsg", "bind"].map { R($0) }
+            + [AF_UNIX, AF_INET, AF_INET6].map { R("socket", [arg(0, UInt64($0))]) }
     }
 
     /// The built-in filters.

@@ -27,6 +27,12 @@ public final class DirtyPageLog: Sendable {
         enabled.store(true, ordering: .releasing)
     }
 
+    /// Stops logging.
+    public func disable() {
+        enabled.store(false, ordering: .releasing)
+        _ = take()
+    }
+
     /// Records that `count` bytes at `gpa` were written (parts outside RAM are ignored).
     public func mark(_ gpa: UInt64, count: UInt64) {
         guard count > 0, isEnabled else { return }

@@ -180,6 +180,9 @@ public final class GuestMemory: @unchecked Sendable {
         return unsafeBitCast(sym, to: MemfdCreate.self)
     }()
 
+    /// A close-on-exec memfd of `size` bytes (guest RAM received by a migration).
+    public static func makeMemfd(size: UInt64) throws -> Int32 { try memfd(huge: false, size: size) }
+
     private static func memfd(huge: Bool, size: UInt64) throws -> Int32 {
         let cloexec: UInt32 = 0x1, hugetlb: UInt32 = 0x4 // MFD_CLOEXEC, MFD_HUGETLB
         guard let create = memfdCreate else { throw GuestMemoryError.backend("memfd_create is not available in this C library") }

@@ -6,7 +6,7 @@ import Glibc
 ///
 /// | exit code | meaning |
 /// |---|---|
-/// | 0 | guest power-off: a vCPU halted with interrupts disabled and nothing pending (a flat program's HLT), a KVM shutdown system event, or Ctrl-A x |
+/// | 0 | live migration done (the guest runs elsewhere), or guest power-off: a vCPU halted with interrupts disabled and nothing pending (a flat program's HLT), a KVM shutdown system event, or Ctrl-A x |
 /// | 1 | VMM failure while running (an unexpected KVM error) |
 /// | 2 | bad usage or input (CLI values, files, kernel that does not fit) — reported before the VM runs |
 /// | 3 | guest reset or triple fault with `--on-reboot exit` |
@@ -21,6 +21,8 @@ public enum MachineExit: Equatable, Sendable, CustomStringConvertible {
     case signal(Int32)
     case userQuit
     case vmmFailure(String)
+    /// The guest moved to another VMM (live migration): this one stops.
+    case migrated(String)
 
     /// Exit code for bad usage or input.
     public static let usageExitCode: Int32 = 2
@@ -28,7 +30,7 @@ public enum MachineExit: Equatable, Sendable, CustomStringConvertible {
     /// The process exit code.
     public var exitCode: Int32 {
         switch self {
-        case .powerOff, .userQuit: return 0
+        case .powerOff, .userQuit, .migrated: return 0
         case .vmmFailure: return 1
         case .reset: return 3
         case .internalError: return 4
@@ -46,6 +48,7 @@ public enum MachineExit: Equatable, Sendable, CustomStringConvertible {
         case .signal(let s): return "stopped by signal \(s)"
         case .userQuit: return "quit from the console"
         case .vmmFailure(let s): return "VMM failure: \(s)"
+        case .migrated(let to): return "migrated to \(to)"
         }
     }
 }

@@ -95,6 +95,8 @@ public final class Machine: @unchecked Sendable {
     /// Whether a Diff snapshot has a base: a Full snapshot was taken, or the machine was restored,
     /// since dirty logging started (Snapshot.swift).
     let dirtyBaseline = Atomic<Bool>(false)
+    /// Whether the RAM slots log dirty pages now (tracking, or a migration in progress).
+    let dirtyLogging = Atomic<Bool>(false)
     let logger: Logger
     let serialOutput: any SerialOutput
 
@@ -137,6 +139,7 @@ public final class Machine: @unchecked Sendable {
                                        flags: logDirty ? VirtualMachine.logDirtyPages : 0)
         }
         if logDirty { memory.dirtyLog.enable() }
+        dirtyLogging.store(logDirty, ordering: .relaxed)
         // A restored machine's base for Diff snapshots is the memory file it was loaded from.
         dirtyBaseline.store(restoring != nil, ordering: .relaxed)
         // The host quirks' memory slots before the irqchip: once KVM has an in-kernel irqchip, each new

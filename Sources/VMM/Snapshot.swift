@@ -290,6 +290,22 @@ public enum SnapshotIO {
         return true
     }
 
+    /// Maps guest RAM received into `fd` over the machine's RAM, shared (the memfd is the RAM from
+    /// then on); closes `fd` (the mappings keep the memory).
+    static func mapShared(fd: Int32, over memory: GuestMemory, what: String) throws {
+        defer { close(fd) }
+        var st = stat()
+        guard fstat(fd, &st) == 0, UInt64(st.st_size) == memory.totalSize else {
+            throw fail("received memory", what, "\(st.st_size) bytes, the machine's guest RAM is \(memory.totalSize) bytes")
+        }
+        var offset: UInt64 = 0
+        for region in memory.regions {
+            let p = mmap(region.host, Int(region.size), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd, off_t(offset))
+            guard p == region.host else { throw fail("received memory", what, "cannot map it: \(String(cString: strerror(errno)))") }
+            offset += region.size
+        }
+    }
+
     /// Maps the memory file over guest RAM copy-on-write (`MAP_PRIVATE | MAP_FIXED`): pages load
     /// lazily, and machines restored from one file share its unmodified pages.
     static func mapMemory(_ path: String, over memory: GuestMemory) throws {
@@ -486,11 +502,14 @@ public struct SnapshotDirectory: Sendable {
 /// A snapshot to build a machine from (`Machine.init(…restoring:)`).
 public struct MachineRestore: Sendable {
     public var snapshot: MachineSnapshot
-    /// The guest memory file written with the snapshot.
+    /// The guest memory file written with the snapshot (mapped copy-on-write).
     public var memoryPath: String
-    public init(snapshot: MachineSnapshot, memoryPath: String) {
+    /// Instead: guest RAM already in this memfd (a migration's), mapped shared; the machine owns it.
+    public var memoryFD: Int32?
+    public init(snapshot: MachineSnapshot, memoryPath: String, memoryFD: Int32? = nil) {
         self.snapshot = snapshot
         self.memoryPath = memoryPath
+        self.memoryFD = memoryFD
     }
 }
 
@@ -517,10 +536,7 @@ extension Machine {
         // Device threads stand still while their state and guest memory are read.
         virtio.quiesce()
         defer { virtio.resumeAfterSnapshot() }
-        var snapshot = MachineSnapshot(config: config, memorySize: memory.totalSize,
-                                       vcpus: try vcpuManager.saveStates(msrIndices: try kvm.msrIndexList()),
-                                       vm: try vm.saveKernelState(), devices: try devices.save(),
-                                       quirks: quirks.savedState)
+        var snapshot = try captureState()
         // The pages written since the previous snapshot: taking them starts the next interval. If this
         // snapshot then fails, a Diff must not follow it (its pages would be missing).
         let dirty = tracksDirtyPages ? try dirtyPages() : nil
@@ -535,6 +551,13 @@ extension Machine {
         if tracksDirtyPages { dirtyBaseline.store(true, ordering: .releasing) }
         let held = snapshot.diffRanges.map { $0.reduce(0) { $0 + $1.length } } ?? memory.totalSize
         logger.info("snapshot (\(diff ? "Diff" : "Full")): \(snapshot.vcpus.count) vCPUs, \(snapshot.devices.count) devices, \(bytes.count) bytes of state to \(statePath), \(held) of \(memory.totalSize) bytes of memory to \(memoryPath)")
+    }
+
+    /// Everything but memory, of a paused machine whose devices are quiesced.
+    func captureState() throws -> MachineSnapshot {
+        MachineSnapshot(config: config, memorySize: memory.totalSize,
+                        vcpus: try vcpuManager.saveStates(msrIndices: try kvm.msrIndexList()),
+                        vm: try vm.saveKernelState(), devices: try devices.save(), quirks: quirks.savedState)
     }
 
     /// Per RAM region, the pages written since the last call: KVM's log of guest writes ORed with
@@ -554,7 +577,11 @@ extension Machine {
     /// Puts the snapshot's state into this freshly built machine (from init).
     func restore(_ r: MachineRestore) throws {
         // Memory first: a live virtio device restores onto rings in guest RAM.
-        try SnapshotIO.mapMemory(r.memoryPath, over: memory)
+        if let fd = r.memoryFD {
+            try SnapshotIO.mapShared(fd: fd, over: memory, what: r.memoryPath)
+        } else {
+            try SnapshotIO.mapMemory(r.memoryPath, over: memory)
+        }
         try vm.restoreKernelState(r.snapshot.vm)
         try vcpuManager.restoreStates(r.snapshot.vcpus)
         try devices.restore(r.snapshot.devices)

@@ -46,6 +46,9 @@ struct VMMCommand: ParsableCommand {
     @Option(name: .customLong("ready-fd"), help: "Write \"ready\" and a newline to this inherited file descriptor, then close it, once the API is up and the --config-file VM has started (for supervisors such as `swiftkvm daemon`).")
     var readyFD: Int32?
 
+    @Option(help: "Receive a live migration: listen on unix:PATH or tcp:HOST:PORT for one source (`PUT /migrate` on its API, or `swiftkvm vm migrate`), build the guest from its stream and run it once the source hands over.")
+    var incoming: String?
+
     @Flag(name: .customLong("no-seccomp"), help: "Run without the seccomp filters (docs/SECCOMP.md).")
     var noSeccomp = false
     @Option(name: .customLong("seccomp-filter"), help: "Load the seccomp filters from this JSON file (Firecracker's seccompiler format, one filter per thread kind: vmm, api, vcpu, device, console) instead of the built-in ones.")
@@ -71,6 +74,10 @@ struct VMMCommand: ParsableCommand {
         if let readyFD, readyFD < 3 {
             throw ValidationError("invalid --ready-fd \(readyFD): expected an inherited descriptor >= 3")
         }
+        if let incoming {
+            do { _ = try MigrationEndpoint(parsing: incoming) } catch { throw ValidationError("\(error)") }
+            if configFile != nil { throw ValidationError("--incoming and --config-file cannot be used together: the guest comes from the migration") }
+        }
         guard maxPayloadSize > 0 else {
             throw ValidationError("invalid --http-api-max-payload-size \(maxPayloadSize): must be positive")
         }
@@ -94,6 +101,7 @@ struct VMMCommand: ParsableCommand {
         o.readyFD = readyFD
         o.noSeccomp = noSeccomp
         o.seccompFilter = seccompFilter
+        o.incoming = try incoming.map { try MigrationEndpoint(parsing: $0) }
         throw ExitCode(VMMProcess.run(o))
     }
 }

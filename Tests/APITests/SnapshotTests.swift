@@ -16,7 +16,12 @@ struct SnapshotTests {
     /// The tick numbers of the complete lines printed to `path`, in order (a line still being
     /// written, "tick 2" of "tick 20", is left out).
     static func tickNumbers(_ path: String) -> [Int] {
-        guard let text = try? String(contentsOfFile: path, encoding: .utf8) else { return [] }
+        tickNumbers(path: path, text: nil)
+    }
+
+    /// The same for `text` (when given) instead of the file at `path`.
+    static func tickNumbers(path: String?, text given: String?) -> [Int] {
+        guard let text = given ?? path.flatMap({ try? String(contentsOfFile: $0, encoding: .utf8) }) else { return [] }
         var lines = text.split(separator: "\n", omittingEmptySubsequences: false)
         lines.removeLast() // after the last newline: empty, or a line not finished yet
         return lines.compactMap { $0.hasPrefix("tick ") ? Int($0.dropFirst(5)) : nil }
