@@ -26,7 +26,7 @@ extension Machine {
 
     /// Writes the ACPI tables into the BIOS area, points a Linux zero page at the RSDP, writes
     /// the MP table for multiboot guests too, and puts the PM device (`ACPIPower`) on the port
-    /// bus at `ACPIPorts.base`. Called at the end of `init`, after every device is attached.
+    /// bus at `ACPIPorts.base`; fw_cfg gets the same tables as files (`setUpFirmwareConfig`). Called at the end of `init`, after every device is attached.
     ///
     /// A flat guest whose image covers the table area gets no tables (logged).
     func setUpACPI() throws {
@@ -52,6 +52,7 @@ extension Machine {
             }
         }
         setUpAMDHWCR()
+        try setUpFirmwareConfig(acpi: acpi)
         let pm = ACPIPower(control: controller, s5SleepType: ACPIPorts.s5SleepType, resetValue: ACPIPorts.resetValue)
         try ioBus.insert(pm, base: UInt64(ACPIPorts.base), length: UInt64(ACPIPorts.length))
         devices.register(pm, id: "acpi-pm")

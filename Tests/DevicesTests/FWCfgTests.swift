@@ -1,0 +1,175 @@
+import Foundation
+import GuestMemory
+import Testing
+@testable import Devices
+
+/// fw_cfg through its ports, as SeaBIOS, Linux and test kernels drive it, with DMA into a plain
+/// `GuestMemory` (no /dev/kvm).
+@Suite("fw_cfg")
+struct FWCfgTests {
+    typealias Key = FWCfgItems.Key
+
+    func makeDevice(memory: GuestMemory? = nil) throws -> FWCfg {
+        var items = FWCfgItems()
+        items.set(Key.ramSize, le: UInt64(256 << 20))
+        items.set(Key.nbCPUs, le: UInt16(3))
+        items.set(Key.maxCPUs, le: UInt16(3))
+        try items.addFile("etc/zeta", bytes: Array("last".utf8))
+        try items.addFile("bootorder", bytes: [])
+        try items.addFile("etc/alpha", bytes: (0..<300).map { UInt8(truncatingIfNeeded: $0) })
+        return FWCfg(items: items, memory: memory)
+    }
+
+    func select(_ dev: FWCfg, _ key: UInt16) { dev.writeBytes(0, [UInt8(key & 0xff), UInt8(key >> 8)]) }
+    func readData(_ dev: FWCfg, _ count: Int) -> [UInt8] { (0..<count).map { _ in dev.inb(1) } }
+
+    /// Writes a DMA access at `at` and triggers it through the two 32-bit big-endian halves.
+    func dma(_ dev: FWCfg, _ mem: GuestMemory, at: UInt64, control: UInt32, length: UInt32, address: UInt64) throws -> UInt32 {
+        var access: [UInt8] = []
+        access += withUnsafeBytes(of: control.bigEndian) { Array($0) }
+        access += withUnsafeBytes(of: length.bigEndian) { Array($0) }
+        access += withUnsafeBytes(of: address.bigEndian) { Array($0) }
+        try mem.write(access, at: at)
+        dev.writeBytes(4, withUnsafeBytes(of: UInt32(truncatingIfNeeded: at >> 32).bigEndian) { Array($0) })
+        dev.writeBytes(8, withUnsafeBytes(of: UInt32(truncatingIfNeeded: at).bigEndian) { Array($0) })
+        return try mem.read(at: at, count: 4).reduce(UInt32(0)) { $0 << 8 | UInt32($1) }
+    }
+
+    @Test("the signature reads \"QEMU\", the ID has the traditional and DMA bits, and the DMA port reads \"QEMU CFG\"")
+    func signature() throws {
+        let dev = try makeDevice()
+        select(dev, Key.signature)
+        #expect(readData(dev, 4) == Array("QEMU".utf8))
+        #expect(readData(dev, 2) == [0, 0], "reads past the end give 0")
+        select(dev, Key.id)
+        #expect(readData(dev, 4) == [3, 0, 0, 0])
+        #expect(dev.readBytes(4, count: 8) == Array("QEMU CFG".utf8))
+        // Port 0x510 read as a byte is the data port too (QEMU's combined port).
+        select(dev, Key.signature)
+        #expect(dev.inb(0) == UInt8(ascii: "Q") && dev.inb(1) == UInt8(ascii: "E"))
+    }
+
+    @Test("numbered items are little-endian; selecting resets the offset; the write-channel bit is ignored; unknown keys read 0")
+    func numbered() throws {
+        let dev = try makeDevice()
+        select(dev, Key.ramSize)
+        #expect(readData(dev, 8) == [0, 0, 0, 0x10, 0, 0, 0, 0])
+        select(dev, Key.nbCPUs)
+        _ = readData(dev, 1)
+        select(dev, Key.nbCPUs | Key.writeChannel)
+        #expect(readData(dev, 2) == [3, 0])
+        dev.outb(1, 0x55)                                     // data writes are ignored
+        select(dev, Key.nbCPUs)
+        #expect(readData(dev, 2) == [3, 0])
+        select(dev, 0x1234)
+        #expect(readData(dev, 3) == [0, 0, 0])
+        select(dev, Key.archLocal | 0x3)
+        #expect(readData(dev, 2) == [0, 0], "arch-local 0x8003 is not the generic 0x0003")
+    }
+
+    @Test("the file directory is big-endian, sorted by name, with keys from 0x20 and 56-byte names")
+    func directory() throws {
+        let dev = try makeDevice()
+        select(dev, Key.fileDir)
+        let count = readData(dev, 4).reduce(UInt32(0)) { $0 << 8 | UInt32($1) }
+        #expect(count == 3)
+        var seen: [(String, UInt16, UInt32)] = []
+        for _ in 0..<count {
+            let e = readData(dev, 64)
+            let size = e[0..<4].reduce(UInt32(0)) { $0 << 8 | UInt32($1) }
+            let key = UInt16(e[4]) << 8 | UInt16(e[5])
+            let name = String(decoding: e[8...].prefix { $0 != 0 }, as: UTF8.self)
+            #expect(e[63] == 0)
+            seen.append((name, key, size))
+        }
+        #expect(seen.map(\.0) == ["bootorder", "etc/alpha", "etc/zeta"])
+        #expect(seen.map(\.1) == [0x20, 0x21, 0x22])
+        #expect(seen.map(\.2) == [0, 300, 4])
+        #expect(dev.key(ofFile: "etc/zeta") == 0x22)
+        select(dev, 0x22)
+        #expect(readData(dev, 4) == Array("last".utf8))
+    }
+
+    @Test("bad file names are refused", arguments: ["", String(repeating: "x", count: 56), "a\u{0}b"])
+    func badNames(name: String) {
+        var items = FWCfgItems()
+        #expect(throws: FWCfgError.self) { try items.addFile(name, bytes: [1]) }
+    }
+
+    @Test("a DMA read with select copies the item into guest memory, zero-fills past its end and clears control")
+    func dmaRead() throws {
+        let mem = try GuestMemory.allocate(size: 1 << 20)
+        let dev = try makeDevice(memory: mem)
+        let key = try #require(dev.key(ofFile: "etc/alpha"))
+        try mem.write([UInt8](repeating: 0xee, count: 400), at: 0x2000)
+        let control = FWCfg.Control.select | FWCfg.Control.read | UInt32(key) << 16
+        #expect(try dma(dev, mem, at: 0x1000, control: control, length: 310, address: 0x2000) == 0)
+        let got = try mem.read(at: 0x2000, count: 320)
+        #expect(Array(got[0..<300]) == (0..<300).map { UInt8(truncatingIfNeeded: $0) })
+        #expect(Array(got[300..<310]) == [UInt8](repeating: 0, count: 10))
+        #expect(Array(got[310..<320]) == [UInt8](repeating: 0xee, count: 10), "nothing past the length")
+        #expect(dev.dmaAccesses == 1)
+    }
+
+    @Test("DMA skip advances the offset, a later read continues there, and the port sees the same offset")
+    func dmaSkip() throws {
+        let mem = try GuestMemory.allocate(size: 1 << 20)
+        let dev = try makeDevice(memory: mem)
+        let key = UInt32(try #require(dev.key(ofFile: "etc/alpha")))
+        #expect(try dma(dev, mem, at: 0x1000, control: FWCfg.Control.select | FWCfg.Control.skip | key << 16,
+                        length: 100, address: 0) == 0)
+        #expect(try dma(dev, mem, at: 0x1000, control: FWCfg.Control.read, length: 4, address: 0x3000) == 0)
+        #expect(try mem.read(at: 0x3000, count: 4) == [100, 101, 102, 103])
+        #expect(readData(dev, 1) == [104])
+    }
+
+    @Test("hostile DMA: a target outside RAM, a length running past RAM, a write and an access structure outside RAM")
+    func dmaHostile() throws {
+        let mem = try GuestMemory.allocate(size: 1 << 20)
+        let dev = try makeDevice(memory: mem)
+        let read = FWCfg.Control.select | FWCfg.Control.read | UInt32(Key.signature) << 16
+        #expect(try dma(dev, mem, at: 0x1000, control: read, length: 4, address: 0x1_0000_0000) == FWCfg.Control.error)
+        #expect(try dma(dev, mem, at: 0x1000, control: read, length: 0x2000, address: 0xff000) == FWCfg.Control.error)
+        #expect(try dma(dev, mem, at: 0x1000, control: read, length: 0xffff_ffff, address: 0xffff_ffff_ffff_f000) == FWCfg.Control.error)
+        #expect(try dma(dev, mem, at: 0x1000, control: FWCfg.Control.select | FWCfg.Control.write, length: 4, address: 0x2000)
+                == FWCfg.Control.error)
+        // The structure itself outside RAM (and straddling its end): ignored, nothing crashes.
+        dev.writeBytes(4, [0, 0, 0, 0x10]); dev.writeBytes(8, [0, 0, 0, 0])
+        dev.writeBytes(4, [0, 0, 0, 0]); dev.writeBytes(8, [0, 0x0f, 0xff, 0xf8])
+        #expect(dev.dmaAccesses == 4)
+        // Odd widths and offsets are ignored; a 64-bit write triggers at once.
+        dev.writeBytes(5, [1, 2]); dev.writeBytes(0, [9]); dev.writeBytes(2, [1, 2])
+        try mem.write([0, 0, 0, UInt8(FWCfg.Control.read), 0, 0, 0, 1] + [UInt8](repeating: 0, count: 4) + [0, 0, 0x40, 0], at: 0x5000)
+        dev.writeBytes(4, [0, 0, 0, 0, 0, 0, 0x50, 0])
+        #expect(try mem.read(at: 0x5000, count: 4) == [0, 0, 0, 0])
+        #expect(dev.dmaAccesses == 5)
+    }
+
+    @Test("without guest memory, DMA does nothing")
+    func noMemory() throws {
+        let dev = try makeDevice()
+        dev.writeBytes(4, [0, 0, 0, 0]); dev.writeBytes(8, [0, 0, 0x10, 0])
+        #expect(dev.dmaAccesses == 0)
+    }
+
+    @Test("saved state (selector, offset, half-written DMA address) round-trips to identical bytes and continues reading")
+    func savedState() throws {
+        let mem = try GuestMemory.allocate(size: 1 << 20)
+        let dev = try makeDevice(memory: mem)
+        select(dev, 0x21)
+        _ = readData(dev, 10)
+        dev.writeBytes(4, [0, 0, 0, 0])
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys]
+        let saved = try encoder.encode(dev.saveState())
+        let fresh = try makeDevice(memory: mem)
+        try fresh.restoreState(try JSONDecoder().decode(FWCfg.State.self, from: saved))
+        #expect(try encoder.encode(fresh.saveState()) == saved)
+        #expect(readData(fresh, 2) == [10, 11])
+        #expect(FWCfg.stateVersion == 1)
+        var bad = fresh.saveState()
+        bad.selector = 0x4001
+        #expect(throws: DeviceStateError.self) { try fresh.restoreState(bad) }
+        #expect(readData(fresh, 1) == [12], "a refused state changes nothing")
+    }
+}
