@@ -80,6 +80,8 @@ public final class Machine: @unchecked Sendable {
     public let statistics = ExitStatistics()
     /// The host fix-ups in use.
     public let quirks: any HostQuirks
+    /// The CMOS RTC (IRQ 8); its timer thread runs while the machine runs.
+    let rtc: CMOSRTC
 
     let kvm: KVMSystem
     let vm: VirtualMachine
@@ -147,7 +149,7 @@ public final class Machine: @unchecked Sendable {
                           auxInterrupt: KVMInterruptLine(vm: vm, gsi: I8042.auxIRQ), control: controller)
         try ioBus.insert(i8042, base: I8042.defaultBase, length: I8042.portCount)
         devices.register(i8042, id: "i8042")
-        let rtc = CMOSRTC()
+        rtc = CMOSRTC(interrupt: KVMInterruptLine(vm: vm, gsi: CMOSRTC.defaultIRQ))
         let below = memory.regions.filter { $0.start < GuestMemory.pciHoleEnd }.reduce(0) { $0 + $1.size }
         rtc.setMemorySize(belowFourGiB: below, aboveFourGiB: memory.totalSize - below)
         try ioBus.insert(rtc, base: CMOSRTC.defaultBase, length: CMOSRTC.portCount)
@@ -245,6 +247,9 @@ public final class Machine: @unchecked Sendable {
         do { try virtio.start() } catch {
             controller.stop(.vmmFailure("cannot start the virtio device threads: \(error)"))
         }
+        do { try rtc.startTimer() } catch {
+            controller.stop(.vmmFailure("cannot start the RTC timer thread: \(error)"))
+        }
         let launch = StartGate() // vCPUs wait here, confined, until this thread is confined too
         if !controller.stopRequested {
             vcpuManager.start(context: ExitContext(ioBus: ioBus, mmioBus: mmioBus, memory: memory, quirks: quirks,
@@ -275,6 +280,7 @@ public final class Machine: @unchecked Sendable {
         controller.setControlThread(0)
         vcpuManager.stopAndJoin()
         virtio.stop(logger: logger)
+        rtc.stopTimer()
         // Drain a wake signal that raced with the stop so it is not left pending.
         var zero = timespec(tv_sec: 0, tv_nsec: 0)
         while sigtimedwait(&waitSet, nil, &zero) > 0 {}
