@@ -47,7 +47,7 @@ extension Machine {
             case .multiboot:
                 let mpCovered = loaded.ranges.contains { $0.start < BootLayout.lowMemoryEnd && BootLayout.mpTableAddress < $0.end }
                 if !mpCovered { try MPTable.write(cpus: config.cpus, into: memory) }
-            case .flat:
+            case .flat, .firmware:
                 break
             }
         }

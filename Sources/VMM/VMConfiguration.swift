@@ -74,10 +74,12 @@ public struct ModuleSpec: Codable, Sendable, Equatable {
     }
 }
 
-/// What the guest is: a kernel (bzImage, ELF or multiboot) or a flat binary.
+/// What the guest is: a kernel (bzImage, ELF or multiboot), a flat binary, or firmware (a BIOS image
+/// started at the reset vector, e.g. SeaBIOS's bios.bin).
 public enum GuestPayload: Codable, Sendable, Equatable {
     case kernel(path: String, initrd: String?, cmdline: String, modules: [ModuleSpec])
     case flat(FlatImage)
+    case firmware(path: String)
 }
 
 /// Everything needed to build and run one VM. A plain value (Codable); `Machine` turns it into live objects.

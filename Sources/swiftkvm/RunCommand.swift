@@ -38,6 +38,10 @@ struct RunCommand: ParsableCommand {
     var memoryBackend: String?
     @Option(help: "Number of vCPUs.")
     var cpus: String = "1"
+    @Option(help: "Firmware image to start at the reset vector (a BIOS such as SeaBIOS's bios.bin, at most 256 KiB), instead of a kernel.")
+    var firmware: String?
+    @Flag(name: .customLong("bios"), help: "Boot SeaBIOS (\(RunCommand.seabiosPath), Debian package seabios): --firmware with that file.")
+    var bios = false
     @Option(help: "Flat binary to run (needs --load-address; runs until HLT).")
     var flat: String?
     @Option(name: .customLong("load-address"), help: "Guest-physical load address of the flat binary.")
@@ -95,10 +99,21 @@ struct RunCommand: ParsableCommand {
         throw ExitCode(code)
     }
 
+    /// SeaBIOS as Debian installs it.
+    static let seabiosPath = "/usr/share/seabios/bios.bin"
+
     /// Turns the options into a configuration; every error is a usage error.
     func makeConfiguration() throws -> VMConfiguration {
         let payload: GuestPayload
-        if let flat {
+        if bios && firmware != nil {
+            throw VMMError.invalidConfiguration("--bios and --firmware cannot be used together (--bios is --firmware \(Self.seabiosPath))")
+        }
+        if let firmwarePath = bios ? Self.seabiosPath : firmware {
+            guard kernel == nil, flat == nil, initrd == nil, modules.isEmpty, cmdline == nil else {
+                throw VMMError.invalidConfiguration("--firmware/--bios boots the firmware alone: --kernel, --flat, --initrd, --module and --cmdline through firmware are not supported yet")
+            }
+            payload = .firmware(path: firmwarePath)
+        } else if let flat {
             guard kernel == nil else {
                 throw VMMError.invalidConfiguration("--flat and --kernel cannot be used together")
             }

@@ -99,3 +99,37 @@ struct FirmwareConfigTests {
         #expect(throws: BootError.self) { try FirmwareKernel(image: image, initrd: testData(70 << 20), cmdline: "", lowRAM: 64 << 20) }
     }
 }
+
+@Suite("firmware loader")
+struct FirmwareLoaderTests {
+    @Test("a 256 KiB image: its last 128 KiB shadowed at 0xE0000, the image kept for the ROM mapping, the reset state at F000:FFF0")
+    func load() throws {
+        let mem = try makeMemory(16 << 20)
+        let image = (0..<0x40000).map { UInt8(truncatingIfNeeded: $0 &* 7 &+ $0 >> 12) }
+        let loaded = try FirmwareLoader.load(image: image, path: "bios.bin", memory: mem)
+        #expect(loaded.format == .firmware)
+        #expect(try mem.read(at: 0xe0000, count: 0x20000) == Array(image[0x20000...]))
+        #expect(loaded.firmwareImage == image)
+        #expect(FirmwareLoader.romAddress(size: 0x40000) == 0xfffc_0000)
+        let e = loaded.entry
+        #expect(e.cs.selector == 0xf000 && e.cs.base == 0xffff_0000 && e.rip == 0xfff0 && e.cr0 & 1 == 0)
+        #expect(e.cs.base + e.rip == 0xffff_fff0, "the first instruction is the image's last 16 bytes")
+    }
+
+    @Test("a 64 KiB image is shadowed whole at 0xF0000")
+    func small() throws {
+        let mem = try makeMemory(4 << 20)
+        let image = [UInt8](repeating: 0x90, count: 0x10000)
+        _ = try FirmwareLoader.load(image: image, path: "x", memory: mem)
+        #expect(try mem.read(at: 0xf0000, count: 0x10000) == image)
+        #expect(try mem.read(at: 0xeffff, count: 1) == [0])
+    }
+
+    @Test("images of a bad size are refused, naming the window", arguments: [0, 1000, 0x50000, 0x100000])
+    func badSize(size: Int) throws {
+        let mem = try makeMemory(4 << 20)
+        let message = bootError { _ = try FirmwareLoader.load(image: [UInt8](repeating: 0, count: size), path: "f.bin", memory: mem) }
+        #expect(message != nil)
+        if size > 0x40000 { #expect(message?.contains("larger than its window") == true, "\(message ?? "")") }
+    }
+}

@@ -1,4 +1,5 @@
 import Foundation
+import Synchronization
 import GuestMemory
 import Testing
 @testable import Devices
@@ -171,5 +172,34 @@ struct FWCfgTests {
         bad.selector = 0x4001
         #expect(throws: DeviceStateError.self) { try fresh.restoreState(bad) }
         #expect(readData(fresh, 1) == [12], "a refused state changes nothing")
+    }
+}
+
+@Suite("firmware ports: debug console 0x402 and system control port A 0x92")
+struct FirmwarePortTests {
+    @Test("the debug console reads 0xE9 and passes complete lines on, cleaning control bytes and splitting long lines")
+    func debugConsole() {
+        let lines = Mutex<[String]>([])
+        let con = DebugConsole { l in lines.withLock { $0.append(l) } }
+        #expect(con.inb(0) == 0xe9)
+        con.writeBytes(0, Array("Sea".utf8))
+        #expect(lines.withLock { $0 }.isEmpty)
+        con.writeBytes(0, Array("BIOS\r\n\u{1b}x\n".utf8))
+        con.writeBytes(0, [UInt8](repeating: 0x41, count: DebugConsole.maxLine + 3))
+        let got = lines.withLock { $0 }
+        #expect(got.count == 3 && got[0] == "SeaBIOS" && got[1] == ".x" && got[2].count == DebugConsole.maxLine)
+    }
+
+    @Test("port 0x92 reads A20 set, keeps other bits, and bit 0 requests a reset")
+    func portA() {
+        let control = RecordingControl()
+        let p = SystemControlPortA(control: control)
+        #expect(p.inb(0) == 0x02)
+        p.outb(0, 0x00)
+        #expect(p.inb(0) == 0x02, "A20 cannot be turned off")
+        #expect(control.all.isEmpty)
+        p.outb(0, 0x03)
+        #expect(control.all == [.reset])
+        #expect(p.inb(0) == 0x02)
     }
 }
