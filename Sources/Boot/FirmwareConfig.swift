@@ -162,6 +162,8 @@ public struct FirmwareKernel: Sendable, Equatable {
     public static let cmdlineAddress: UInt32 = 0x20000
     /// Where the protected-mode kernel goes.
     public static let kernelAddress: UInt32 = 0x100000
+    /// RAM left free below the top of low RAM for firmware's own tables (QEMU's `acpi_data_size`).
+    public static let firmwareReserve: UInt64 = 0x28000
 
     public var setup: [UInt8]
     public var kernel: [UInt8]
@@ -184,10 +186,11 @@ public struct FirmwareKernel: Sendable, Equatable {
         line.append(0)
         var setup = Array(image[0..<header.setupSize])
         let kernel = Array(image[header.setupSize...])
-        // The initrd goes as high as the kernel allows, page-aligned, below the end of low RAM.
+        // The initrd goes as high as the kernel allows, page-aligned, below the end of low RAM less
+        // what firmware keeps there for its tables.
         var initrdAddress: UInt64 = 0
         if !initrd.isEmpty {
-            let top = min(header.initrdMax + 1, lowRAM)
+            let top = min(header.initrdMax + 1, lowRAM > Self.firmwareReserve ? lowRAM - Self.firmwareReserve : 0)
             guard top > UInt64(initrd.count) + UInt64(Self.kernelAddress) + UInt64(kernel.count) else {
                 throw BootError.doesNotFit("initrd of \(initrd.count) bytes does not fit below \(top) with the kernel")
             }

@@ -18,9 +18,10 @@ import Synchronization
 /// memory; `setMemorySize` fills the memory-size bytes the way QEMU and SeaBIOS do.
 ///
 /// The update cycle and interrupts, as the datasheet describes them:
-/// - the time registers change at each second boundary of the clock; register A's UIP (bit 7)
-///   reads 1 from 244 µs before it until the update ends 1984 µs after it, unless SET is set or the
-///   divider is held in reset (register A bits 6-5 both set);
+/// - register A's UIP (bit 7) reads 1 from 244 µs before each second boundary of the clock until
+///   the update cycle ends 1984 µs after it, unless SET is set or the divider is held in reset
+///   (register A bits 6-5 both set); the time registers take the new second as the update ends, so a
+///   read after UIP falls always sees it;
 /// - register C's flags: UF (bit 4) when an update ends, AF (bit 5) when the updated time matches
 ///   the alarm registers 0x01/0x03/0x05 (a value with bits 7-6 set matches any), PF (bit 6) at the
 ///   rate register A bits 3-0 select (256 Hz, 128 Hz, then 65536 >> RS Hz for RS 3-15; 0 = none);
@@ -308,11 +309,9 @@ public final class CMOSRTC: BusDevice, Sendable {
         }
     }
 
-    /// The clock's time in whole seconds since the epoch.
-    private func currentSecond() -> Int64 {
-        let n = nanos()
-        return n >= 0 ? n / Self.nanosPerSecond : (n + 1) / Self.nanosPerSecond - 1
-    }
+    /// The second the time registers show: the last one whose update cycle has ended (they change
+    /// as UIP falls, 1984 µs after the clock's second boundary).
+    private func currentSecond() -> Int64 { Self.endedSecond(nanos()) }
 
     private func writeRegister(_ v: UInt8, _ s: inout State) {
         let i = s.index

@@ -192,10 +192,10 @@ public final class Machine: @unchecked Sendable {
         case .flat(let flat):
             let image = try readFile(flat.path, limit: memory.totalSize, what: "flat image")
             return try FlatLoader.load(image: image, at: flat.loadAddress, entry: flat.entry, mode: flat.mode, memory: memory)
-        case .firmware(let path):
+        case .firmware(let spec):
             // FirmwareLoader names the window when the image is larger than it.
-            let image = try readFile(path, limit: 64 << 20, what: "firmware image")
-            return try FirmwareLoader.load(image: image, path: path, memory: memory)
+            let image = try readFile(spec.path, limit: 64 << 20, what: "firmware image")
+            return try FirmwareLoader.load(image: image, path: spec.path, memory: memory)
         case .kernel(let path, let initrd, let cmdline, let modules):
             var options = BootOptions()
             options.linuxEntry = BzImageLoader.Entry(rawValue: config.kernelEntry) ?? .decompressed

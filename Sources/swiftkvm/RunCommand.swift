@@ -40,7 +40,7 @@ struct RunCommand: ParsableCommand {
     var cpus: String = "1"
     @Option(help: "Firmware image to start at the reset vector (a BIOS such as SeaBIOS's bios.bin, at most 256 KiB), instead of a kernel.")
     var firmware: String?
-    @Flag(name: .customLong("bios"), help: "Boot SeaBIOS (\(RunCommand.seabiosPath), Debian package seabios): --firmware with that file.")
+    @Flag(name: .customLong("bios"), help: "Boot SeaBIOS (\(RunCommand.seabiosPath), Debian package seabios): --firmware with that file. With --kernel (a bzImage), --initrd and --cmdline, SeaBIOS loads the kernel through fw_cfg (QEMU's linuxboot_dma.bin option ROM).")
     var bios = false
     @Option(help: "Flat binary to run (needs --load-address; runs until HLT).")
     var flat: String?
@@ -109,10 +109,13 @@ struct RunCommand: ParsableCommand {
             throw VMMError.invalidConfiguration("--bios and --firmware cannot be used together (--bios is --firmware \(Self.seabiosPath))")
         }
         if let firmwarePath = bios ? Self.seabiosPath : firmware {
-            guard kernel == nil, flat == nil, initrd == nil, modules.isEmpty, cmdline == nil else {
-                throw VMMError.invalidConfiguration("--firmware/--bios boots the firmware alone: --kernel, --flat, --initrd, --module and --cmdline through firmware are not supported yet")
+            guard flat == nil, modules.isEmpty else {
+                throw VMMError.invalidConfiguration("--firmware/--bios cannot be used with --flat or --module (multiboot kernels through firmware are not supported yet)")
             }
-            payload = .firmware(path: firmwarePath)
+            guard kernel != nil || (initrd == nil && cmdline == nil) else {
+                throw VMMError.invalidConfiguration("--initrd and --cmdline with --firmware/--bios need --kernel")
+            }
+            payload = .firmware(FirmwareSpec(path: firmwarePath, kernel: kernel, initrd: initrd, cmdline: cmdline ?? ""))
         } else if let flat {
             guard kernel == nil else {
                 throw VMMError.invalidConfiguration("--flat and --kernel cannot be used together")

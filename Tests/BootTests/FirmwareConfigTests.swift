@@ -93,7 +93,9 @@ struct FirmwareConfigTests {
         #expect(k.cmdline == Array("console=ttyS0".utf8) + [0])
         #expect(k.setup[0x210] == 0xb0 && k.setup[0x211] & 0x80 != 0)
         #expect(k.setup.getLE(UInt32.self, at: 0x228) == FirmwareKernel.cmdlineAddress)
-        #expect(k.initrdAddress % 4096 == 0 && UInt64(k.initrdAddress) + 10000 <= 64 << 20 && UInt64(k.initrdAddress) + 10000 > (64 << 20) - 4096)
+        let top: UInt64 = (64 << 20) - FirmwareKernel.firmwareReserve
+        #expect(k.initrdAddress % 4096 == 0 && UInt64(k.initrdAddress) + 10000 <= top && UInt64(k.initrdAddress) + 10000 > top - 4096,
+                "below the firmware's reserve at the top of RAM: \(k.initrdAddress)")
         #expect(k.setup.getLE(UInt32.self, at: 0x218) == k.initrdAddress && k.setup.getLE(UInt32.self, at: 0x21c) == 10000)
         #expect(throws: BootError.self) { try FirmwareKernel(image: Array(image.prefix(600)), initrd: [], cmdline: "", lowRAM: 64 << 20) }
         #expect(throws: BootError.self) { try FirmwareKernel(image: image, initrd: testData(70 << 20), cmdline: "", lowRAM: 64 << 20) }

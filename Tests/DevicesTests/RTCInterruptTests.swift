@@ -43,16 +43,18 @@ struct RTCInterruptTests {
         #expect(reg(rtc, 0x0a) == 0x66, "divider held in reset: no UIP")
     }
 
-    @Test("the time registers change at the boundary; update-ended sets UF after each update, IRQF only with UIE, and the line follows IRQF")
+    @Test("the time registers change as the update ends; update-ended sets UF after each update, IRQF only with UIE, and the line follows IRQF")
     func updateEnded() {
         let base = Self.when * Self.second
         let (rtc, clock, line) = make(at: base + Self.second / 2)
         setReg(rtc, 0x0a, 0x20)                             // no periodic rate
         #expect(reg(rtc, 0x00) == 0x07)
-        clock.set(base + Self.second + 1_000_000)           // inside the update: new time, no UF yet
-        #expect(reg(rtc, 0x00) == 0x08)
+        clock.set(base + Self.second + 1_000_000)           // inside the update: old time, no UF yet
+        #expect(reg(rtc, 0x0a) & 0x80 != 0)
+        #expect(reg(rtc, 0x00) == 0x07)
         #expect(reg(rtc, 0x0c) == 0x00)
         clock.set(base + Self.second + 2_000_000)
+        #expect(reg(rtc, 0x0a) & 0x80 == 0 && reg(rtc, 0x00) == 0x08, "UIP fell and the new second shows")
         #expect(reg(rtc, 0x0c) == 0x10, "UF without UIE: no IRQF")
         #expect(reg(rtc, 0x0c) == 0x00, "reading C cleared it")
         #expect(line.history.isEmpty)

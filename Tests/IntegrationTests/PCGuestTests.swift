@@ -52,7 +52,8 @@ struct FirmwareBootTests {
     }
 
     @Test("bad firmware input exits 2 with a message naming the problem", arguments: [
-        ("missing", "cannot read"), ("big", "larger than its window"), ("odd", "64 KiB"), ("kernel", "not supported yet"),
+        ("missing", "cannot read"), ("big", "larger than its window"), ("odd", "64 KiB"), ("kernel", "only a bzImage"),
+        ("initrd", "need --kernel"),
     ])
     func badInput(kind: String, message: String) throws {
         var args = ["run", "--memory", "16M"]
@@ -61,6 +62,7 @@ struct FirmwareBootTests {
         case "missing": args += ["--firmware", "/nonexistent/bios.bin"]
         case "big": temp = try ProcessRunner.temporaryFile([UInt8](repeating: 0, count: 0x80000), name: "big.rom")
         case "odd": temp = try ProcessRunner.temporaryFile([UInt8](repeating: 0, count: 1000), name: "odd.rom")
+        case "initrd": args += ["--bios", "--initrd", "/bin/true"]
         default: args += ["--bios", "--kernel", "/bin/true"]
         }
         if let temp { args += ["--firmware", temp] }
@@ -89,5 +91,51 @@ struct FirmwareBootTests {
         #expect(out.contains("Found 2 cpu(s)"), "the CPU count from fw_cfg\n\(out)")
         #expect(out.contains("qemu/e820: addr 0x0000000000000000 len 0x0000000004000000 [RAM]"), "\(out)")
         print("# SeaBIOS: reset vector to \"No bootable device\" in \(String(format: "%.2f", elapsed)) s")
+    }
+
+    /// A bzImage whose real-mode setup is a test: entered by the option ROM at 0x1020:0 with DS = 0x1000, it checks
+    /// the command line at 0x20000 ("fwk"), type_of_loader (0xb0) and ramdisk_size (1234) in its own header, then
+    /// writes 0x2a (all good, status 85) or 0x15 (status 43) to the debug-exit port.
+    static func setupTestBzImage() -> [UInt8] {
+        var b = [UInt8](repeating: 0, count: 1024)
+        b[0x1f1] = 1                                               // one setup sector
+        b[0x1fe] = 0x55; b[0x1ff] = 0xaa
+        b[0x200] = 0xeb; b[0x201] = 0x6a                           // jmp 0x26c (end of the header)
+        b.replaceSubrange(0x202..<0x206, with: Array("HdrS".utf8))
+        b[0x206] = 0x0f; b[0x207] = 0x02                           // protocol 2.15
+        b[0x211] = 0x01                                            // LOADED_HIGH
+        b[0x216] = 0x10                                            // code32_start 0x100000
+        b[0x22c] = 0xff; b[0x22d] = 0xff; b[0x22e] = 0xff; b[0x22f] = 0x37  // initrd_addr_max
+        b[0x232] = 0x20                                            // kernel_alignment 2 MiB
+        b[0x236] = 0x01                                            // XLF_KERNEL_64
+        b[0x261] = 0x10                                            // init_size 0x1000
+        b[0x1f4] = 0x20                                            // syssize: 0x200 bytes
+        var code: [UInt8] = [0xb8, 0x00, 0x20, 0x8e, 0xc0, 0xb3, 0x15]   // mov ax,0x2000; mov es,ax; mov bl,0x15
+        var jumps: [Int] = []
+        func check(_ bytes: [UInt8]) { code += bytes + [0x75, 0]; jumps.append(code.count - 1) }
+        for (i, c) in Array("fwk".utf8 + [0]).enumerated() { check([0x26, 0x80, 0x3e, UInt8(i), 0x00, c]) }  // cmp byte es:[i], c
+        check([0x80, 0x3e, 0x10, 0x02, 0xb0])                      // cmp byte [0x210], 0xb0
+        check([0x81, 0x3e, 0x1c, 0x02, 0xd2, 0x04])                // cmp word [0x21c], 1234
+        code += [0xb3, 0x2a]                                       // mov bl, 0x2a
+        let fail = code.count
+        for j in jumps { code[j] = UInt8(fail - (j + 1)) }
+        code += [0x88, 0xd8, 0xe6, 0xf4, 0xf4, 0xeb, 0xfd]         // mov al,bl; out 0xf4,al; hlt; jmp hlt
+        b.replaceSubrange(0x26c..<0x26c + code.count, with: code)
+        return b + [UInt8](repeating: 0xf4, count: 0x200)
+    }
+
+    @Test("--bios --kernel: SeaBIOS runs QEMU's linuxboot_dma.bin, which reads the setup, kernel, initrd and command line from fw_cfg by DMA and enters the setup",
+          .enabled(if: FileManager.default.fileExists(atPath: "/usr/share/seabios/bios.bin")
+                   && FileManager.default.fileExists(atPath: "/usr/share/qemu/linuxboot_dma.bin"), "needs seabios and qemu-system-data"))
+    func firmwareKernel() throws {
+        let kernel = try ProcessRunner.temporaryFile(Self.setupTestBzImage(), name: "setup-test.bzImage")
+        let initrd = try ProcessRunner.temporaryFile((0..<1234).map { UInt8(truncatingIfNeeded: $0) }, name: "initrd.img")
+        defer { ProcessRunner.removeTemporary(kernel); ProcessRunner.removeTemporary(initrd) }
+        let start = Date()
+        let r = try ProcessRunner.runSwiftKVM(["run", "--bios", "--kernel", kernel, "--initrd", initrd, "--cmdline", "fwk",
+                                               "--memory", "64M", "--log-level", "info"], timeout: 180)
+        #expect(r.status == 85, "status \(r.status) (43: the setup found a wrong header or command line)\n\(r.stdout)\n\(r.stderr)")
+        #expect(r.stderr.contains("firmware: Searching bootorder for: /rom@genroms/linuxboot_dma.bin"), "\(r.stderr)")
+        print("# SeaBIOS + linuxboot_dma.bin to the kernel's setup code: \(String(format: "%.1f", Date().timeIntervalSince(start))) s")
     }
 }

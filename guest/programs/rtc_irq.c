@@ -1,6 +1,6 @@
 /* rtc_irq: the CMOS RTC's update cycle and interrupts (IRQ 8 through the PIC).
- * - uip-cycle: three times, UIP (register A bit 7) rises, falls, and the seconds register has
- *   advanced by exactly one since the previous cycle (the TSC interval is printed, not judged);
+ * - uip-cycle: four times, UIP (register A bit 7) rises and falls, and the seconds register advanced by
+ *   exactly one across that window (the spacing of windows and their TSC interval are printed, not judged);
  * - alarm-irq: an alarm 2 s ahead (BCD, 24-hour) with AIE raises IRQ 8; in the handler register C
  *   reads IRQF|AF and the clock shows the alarm time; no alarm interrupt came before it;
  * - update-irq: with UIE, two update-ended interrupts, each reading IRQF|UF in register C;
@@ -44,23 +44,31 @@ int main(void) {
     cmos_set(0x0a, 0x26);
     (void)cmos(0x0c);
 
-    /* UIP cycle. */
+    /* UIP cycle: each window brackets exactly one update. The seconds register is read just before the read
+     * of register A that sees UIP rise, and again just after UIP falls: it must have advanced by one. (Only
+     * that is judged: under host load the program can miss a whole 2.2 ms window, so consecutive windows
+     * are not required to be one second apart; their spacing and TSC interval are printed.) */
     int ok = 1;
-    uint8_t prev_sec = 0xff;
+    uint8_t prev_after = 0xff;
     uint64_t prev_tsc = 0;
     for (int cycle = 0; cycle < 4 && ok; cycle++) {
         uint64_t end = rt_deadline(timeout);
-        while (!(cmos(0x0a) & 0x80)) if (rt_expired(end)) { ok = 0; break; }
+        uint8_t before = 0;
+        for (;;) {
+            before = bcd(cmos(0x00));
+            if (cmos(0x0a) & 0x80) break;
+            if (rt_expired(end)) { ok = 0; break; }
+        }
         uint64_t rise = rdtsc();
         while (ok && (cmos(0x0a) & 0x80)) if (rt_expired(end)) { ok = 0; break; }
-        if (!ok) { rt_fail("uip-cycle", "cycle %d: UIP %s", cycle, "did not rise and fall in time"); break; }
-        uint8_t sec = bcd(cmos(0x00));
-        if (prev_sec != 0xff) {
-            uint8_t step = (uint8_t)((sec + 60 - prev_sec) % 60);
-            rt_printf("# UIP cycle %d: seconds %u -> %u, %lu TSC ticks since the previous rise\n", cycle, prev_sec, sec, rise - prev_tsc);
-            if (step != 1) { rt_fail("uip-cycle", "seconds went %u -> %u between two UIP cycles", prev_sec, sec); ok = 0; }
-        }
-        prev_sec = sec;
+        if (!ok) { rt_fail("uip-cycle", "cycle %d: UIP did not rise and fall in time", cycle); break; }
+        uint8_t after = bcd(cmos(0x00));
+        uint8_t step = (uint8_t)((after + 60 - before) % 60);
+        rt_printf("# UIP window %d: seconds %u -> %u across it, %u s after the previous window, %lu TSC ticks since its rise\n",
+                  cycle, before, after, prev_after == 0xff ? 0 : (after + 60 - prev_after) % 60, prev_tsc ? rise - prev_tsc : 0);
+        if (step != 1) { rt_fail("uip-cycle", "seconds went %u -> %u across one UIP window", before, after); ok = 0; }
+        if (prev_after != 0xff && after == prev_after) { rt_fail("uip-cycle", "two UIP windows in second %u", after); ok = 0; }
+        prev_after = after;
         prev_tsc = rise;
     }
     if (ok) rt_ok("uip-cycle");
