@@ -371,6 +371,14 @@ public final class CMOSRTC: BusDevice, Sendable {
     /// Stops the timer thread and waits for it.
     public func stopTimer() { timer.stop() }
 
+    /// Keeps the timer thread from raising the interrupt until `releaseTimer()` (while the machine is
+    /// paused, so a snapshot sees the line and the interrupt controllers agree). Returns once no
+    /// evaluation is running. Flags still follow the clock when the guest next reads them.
+    public func holdTimer() { timer.hold() }
+
+    /// Lets the timer thread run again.
+    public func releaseTimer() { timer.release() }
+
     /// Copies the running time into the time registers.
     private func snapshotTime(_ s: inout State) {
         for (i, v) in Self.encodeTime(currentSecond() &+ s.offset, registerB: s.cmos[Self.regB]) { s.cmos[i] = v }
@@ -443,11 +451,13 @@ extension CMOSRTC: StatefulDevice {
 }
 
 /// The RTC's timer thread: runs `evaluate` (which returns how long until it is next needed, or nil
-/// for "until kicked") in a loop until stopped.
+/// for "until kicked") in a loop until stopped; not while held. `evaluate` runs under the timer's
+/// lock, so once `hold()` returns no evaluation is running or will start.
 final class RTCTimer: @unchecked Sendable {
     private let lock = ConditionLock()
     private var kicked = false
     private var stopped = false
+    private var held = false
     private var handle: HostThread.Handle?
 
     func start(kind: ThreadKind?, evaluate: @escaping @Sendable () -> Int64?) throws(HostThread.StartError) {
@@ -458,8 +468,9 @@ final class RTCTimer: @unchecked Sendable {
         guard !running else { return }
         let h = try HostThread.start(name: "rtc", kind: kind) { [self] in
             while true {
-                let wait = evaluate()
                 let stop = lock.withLock { () -> Bool in
+                    if stopped { return true }
+                    let wait = held ? nil : evaluate()
                     if !stopped && !kicked {
                         // Wake at most every 60 s even with nothing due (cheap, and bounds a missed kick).
                         _ = lock.wait(seconds: wait.map { Double(min($0, 60_000_000_000)) / 1e9 } ?? 60)
@@ -474,6 +485,10 @@ final class RTCTimer: @unchecked Sendable {
     }
 
     func kick() { lock.withLock { kicked = true; lock.signal() } }
+
+    func hold() { lock.withLock { held = true } }
+
+    func release() { lock.withLock { held = false; kicked = true; lock.signal() } }
 
     func stop() {
         let h = lock.withLock { () -> HostThread.Handle? in

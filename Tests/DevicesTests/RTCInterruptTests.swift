@@ -172,3 +172,23 @@ struct RTCInterruptTests {
         #expect(reg(rtc, 0x0c) & 0x90 == 0x90)
     }
 }
+
+extension RTCInterruptTests {
+    @Test("a held timer raises nothing however long it waits; released, it raises IRQ 8 for the pending update")
+    func heldTimer() throws {
+        let line = RecordingLine()
+        let rtc = CMOSRTC(interrupt: line)
+        try rtc.startTimer(kind: nil)
+        defer { rtc.stopTimer() }
+        setReg(rtc, 0x0a, 0x20)
+        _ = reg(rtc, 0x0c)
+        rtc.holdTimer()
+        setReg(rtc, 0x0b, 0x12)                             // UIE while held
+        usleep(2_200_000)                                   // at least two update cycles
+        #expect(line.history.isEmpty, "nothing raised while held")
+        rtc.releaseTimer()
+        let deadline = Date().addingTimeInterval(5)
+        while !line.level && Date() < deadline { usleep(10_000) }
+        #expect(line.level)
+    }
+}
