@@ -36,7 +36,9 @@ extension Machine {
 
         let area = (start: BootLayout.acpiTablesAddress, end: BootLayout.acpiTablesEnd)
         let covered = loaded.ranges.contains { $0.start < area.end && area.start < $0.end && $0.size > 0 }
-        if covered {
+        if loaded.format == .firmware {
+            logger.debug("boot: no ACPI tables in memory: firmware builds them from fw_cfg's etc/table-loader")
+        } else if covered {
             logger.info("no ACPI tables: the guest image covers \(hex(area.start))-\(hex(area.end))")
         } else if memory.regions.contains(where: { $0.start <= area.start && area.end <= $0.end }) {
             let image = try ACPITables.write(acpi, into: memory)

@@ -51,6 +51,18 @@ struct FirmwareBootTests {
         #expect(r.status == 85, "status \(r.status)\n\(r.stderr)")
     }
 
+    @Test("with --log-level debug, a guest's read of an unhandled port (logged on its vCPU thread) does not trip that thread's seccomp filter")
+    func vcpuThreadLogging() throws {
+        var rom = [UInt8](repeating: 0xf4, count: 0x10000)
+        rom.replaceSubrange(0xfff0..<0xfff5, with: [0xea, 0x10, 0xff, 0x00, 0xf0])          // jmp far F000:FF10
+        rom.replaceSubrange(0xff10..<0xff17, with: [0xe4, 0x99, 0xb0, 0x2a, 0xe6, 0xf4, 0xf4]) // in al,0x99; mov al,0x2a; out 0xf4,al; hlt
+        let path = try ProcessRunner.temporaryFile(rom, name: "unhandled-port.rom")
+        defer { ProcessRunner.removeTemporary(path) }
+        let r = try ProcessRunner.runSwiftKVM(["run", "--firmware", path, "--memory", "16M", "--log-level", "debug"], timeout: 60)
+        #expect(r.status == 85, "status \(r.status)\n\(r.stderr)")
+        #expect(r.stderr.contains("unhandled port read at 0x99"), "\(r.stderr)")
+    }
+
     @Test("bad firmware input exits 2 with a message naming the problem", arguments: [
         ("missing", "cannot read"), ("big", "larger than its window"), ("odd", "64 KiB"), ("kernel", "only a bzImage"),
         ("initrd", "need --kernel"),
