@@ -1,3 +1,6 @@
+#if canImport(Glibc)
+import Glibc
+#endif
 import GuestMemory
 import Synchronization
 
@@ -154,6 +157,8 @@ public final class FWCfg: BusDevice, Sendable {
     private let memory: GuestMemory?
     private let state = Mutex(State())
     private let dmaCount = Atomic<UInt64>(0)
+    private let dmaByteCount = Atomic<UInt64>(0)
+    private let dmaNanoCount = Atomic<UInt64>(0)
 
     /// Creates the device serving `items` plus the signature ("QEMU"), the ID (traditional and
     /// DMA interfaces) and the file directory. DMA accesses go to `memory` (nil: every DMA access
@@ -188,6 +193,9 @@ public final class FWCfg: BusDevice, Sendable {
 
     /// DMA accesses performed (for statistics and tests).
     public var dmaAccesses: UInt64 { dmaCount.load(ordering: .relaxed) }
+    /// Bytes DMA reads copied into guest memory, and the time spent on the accesses (ns).
+    public var dmaBytes: UInt64 { dmaByteCount.load(ordering: .relaxed) }
+    public var dmaNanoseconds: UInt64 { dmaNanoCount.load(ordering: .relaxed) }
 
     /// The item a selector names: the write-channel bit is ignored.
     private func item(_ selector: UInt16?) -> [UInt8]? {
@@ -256,6 +264,8 @@ public final class FWCfg: BusDevice, Sendable {
     func dma(at address: UInt64) {
         guard let memory, let header = try? memory.read(at: address, count: Self.dmaAccessSize) else { return }
         dmaCount.add(1, ordering: .relaxed)
+        let start = Self.monotonicNanos()
+        defer { dmaNanoCount.add(Self.monotonicNanos() &- start, ordering: .relaxed) }
         func be<T: FixedWidthInteger>(_: T.Type, _ at: Int) -> T {
             header[at..<at + MemoryLayout<T>.size].reduce(T(0)) { $0 << 8 | T($1) }
         }
@@ -269,7 +279,11 @@ public final class FWCfg: BusDevice, Sendable {
             }
             let bytes = item(s.selector) ?? []
             if control & Control.read != 0 {
-                if !copy(bytes, from: s.offset, count: length, to: target, memory: memory) { control |= Control.error }
+                if copy(bytes, from: s.offset, count: length, to: target, memory: memory) {
+                    dmaByteCount.add(UInt64(length), ordering: .relaxed)
+                } else {
+                    control |= Control.error
+                }
                 s.offset = s.offset.addingReportingOverflow(length).overflow ? UInt32.max : s.offset + length
             } else if control & Control.write != 0 {
                 control |= Control.error             // no item is writable
@@ -279,6 +293,12 @@ public final class FWCfg: BusDevice, Sendable {
         }
         let status = control & Control.error
         try? memory.write(withUnsafeBytes(of: status.bigEndian) { Array($0) }, at: address)
+    }
+
+    private static func monotonicNanos() -> UInt64 {
+        var ts = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &ts)
+        return UInt64(ts.tv_sec) &* 1_000_000_000 &+ UInt64(ts.tv_nsec)
     }
 
     /// Copies `count` bytes of `bytes` from `offset` (zeros past the end) to guest `target`,

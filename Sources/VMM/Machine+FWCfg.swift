@@ -68,10 +68,19 @@ extension Machine {
         try items.addFile("bootorder", bytes: Array("/rom@\(linuxBootROMFile)\n".utf8))
     }
 
+    /// Logs (info) the fw_cfg DMA traffic of the run, when there was any.
+    func logFirmwareConfigTraffic() {
+        guard let f = firmwareConfig, f.dmaAccesses > 0 else { return }
+        let us = f.dmaNanoseconds / 1000
+        let rate = f.dmaNanoseconds > 0 ? f.dmaBytes * 1000 / f.dmaNanoseconds : 0   // bytes/ns * 1000 = MB/s
+        logger.info("fw_cfg: \(f.dmaAccesses) DMA accesses, \(f.dmaBytes) bytes read in \(us) µs (\(rate) MB/s)")
+    }
+
     /// Puts fw_cfg on the port bus at 0x510 (selector, data, DMA address).
     func setUpFirmwareConfig(acpi: ACPIConfiguration) throws {
         let items = try Self.firmwareConfigItems(config: config, memory: memory, acpi: acpi)
         let fwcfg = FWCfg(items: items, memory: memory)
+        firmwareConfig = fwcfg
         try ioBus.insert(fwcfg, base: FWCfg.defaultBase, length: FWCfg.portCount)
         devices.register(fwcfg, id: "fw-cfg")
     }

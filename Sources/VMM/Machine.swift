@@ -84,6 +84,8 @@ public final class Machine: @unchecked Sendable {
     let rtc: CMOSRTC
     /// The firmware image mapped below 4 GiB (firmware boots only; Machine+Firmware.swift).
     var firmwareROM: GuestRegion?
+    /// QEMU's fw_cfg device (Machine+FWCfg.swift).
+    var firmwareConfig: FWCfg?
 
     let kvm: KVMSystem
     let vm: VirtualMachine
@@ -302,6 +304,7 @@ public final class Machine: @unchecked Sendable {
         statistics.merge(quirks.counters.reduce(into: [:]) { $0["fixup " + $1.key] = $1.value })
         statistics.merge(["unhandled io": ioBus.unhandledCount, "unhandled mmio": mmioBus.unhandledCount].filter { $0.value > 0 })
         logger.info("exits: \(statistics.summary)")
+        logFirmwareConfigTraffic()
         if let ns = statistics.dispatchNsPerExit {
             logger.info("user-space time per exit: \(Int(ns.rounded())) ns (KVM_RUN return to the next call, mean)")
         }

@@ -109,7 +109,7 @@ struct FWCfgTests {
         #expect(Array(got[0..<300]) == (0..<300).map { UInt8(truncatingIfNeeded: $0) })
         #expect(Array(got[300..<310]) == [UInt8](repeating: 0, count: 10))
         #expect(Array(got[310..<320]) == [UInt8](repeating: 0xee, count: 10), "nothing past the length")
-        #expect(dev.dmaAccesses == 1)
+        #expect(dev.dmaAccesses == 1 && dev.dmaBytes == 310)
     }
 
     @Test("DMA skip advances the offset, a later read continues there, and the port sees the same offset")
