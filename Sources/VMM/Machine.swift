@@ -137,7 +137,12 @@ public final class Machine: @unchecked Sendable {
         for (slot, region) in memory.regions.enumerated() {
             try vm.setUserMemoryRegion(slot: UInt32(slot), guestPhys: region.start, size: region.size, host: region.host)
         }
-        firmwareROM = try Self.mapFirmware(loaded.firmwareImage, vm: vm, kvm: kvm, logger: logger)
+        // A restored firmware machine maps its image again (guest RAM, with the shadow, comes from the snapshot).
+        var romImage = loaded.firmwareImage
+        if restoring != nil, case .firmware(let spec) = config.payload {
+            romImage = try Self.readFile(spec.path, limit: FirmwareLoader.maximumSize, what: "firmware image")
+        }
+        firmwareROM = try Self.mapFirmware(romImage, vm: vm, kvm: kvm, logger: logger)
         // The host quirks' memory slots before the irqchip: once KVM has an in-kernel irqchip, each new
         // slot costs 4–9 ms here (measured with strace -T), against 0.1 ms before it.
         try self.quirks.configure(vm: vm, logger: logger)
