@@ -173,6 +173,20 @@ final class MachineVirtio: Sendable {
         }
     }
 
+    /// Holds the device threads still for a snapshot: parks the event loops, then lets each
+    /// device finish its requests in flight (their completions reach the used rings). Guest
+    /// memory and device state then stay put until `resumeAfterSnapshot()`.
+    func quiesce() {
+        let (loops, transports) = state.withLock { ($0.loops, $0.transports) }
+        for l in loops { l.pause() }
+        for t in transports { t.quiesce() }
+    }
+
+    /// Lets the event loops run again after `quiesce()`.
+    func resumeAfterSnapshot() {
+        for l in state.withLock({ $0.loops }) { l.resume() }
+    }
+
     /// Starts the device threads (before the vCPUs).
     func start() throws(HostThread.StartError) {
         let loops = state.withLock { s -> [EventLoop] in
@@ -218,7 +232,7 @@ extension Machine {
                                                    eventLoop: loop, ioEvents: ioEvents, log: log)
             virtio.add(loop: loop, transport: transport,
                        disk: (i, MachineVirtio.Disk(spec: disk, device: device, backend: backend, lock: lock)))
-            devices.markUnsupported("virtio-blk\(i)")
+            devices.register(transport, id: "virtio-blk\(i)")
             let slot = try attachPCIDevice(transport).slot
             logger.info("virtio-blk \(disk.path) (\(backend.size) bytes\(disk.readOnly ? ", read-only" : "")) at PCI slot \(slot)")
         }
@@ -232,7 +246,7 @@ extension Machine {
                 let transport = try VirtioPCITransport(device: device, memory: memory, msiController: msiController,
                                                        eventLoop: loop, ioEvents: ioEvents, log: log)
                 virtio.add(loop: loop, transport: transport, nic: MachineVirtio.NIC(id: id, device: device, backend: backend))
-                devices.markUnsupported("virtio-net \(id)")
+                devices.register(transport, id: "virtio-net-\(id)")
                 let slot = try attachPCIDevice(transport).slot
                 logger.info("virtio-net \(id) (\(NetSpec.formatMAC(mac))) on \(backend.label) at PCI slot \(slot)")
             } catch {
@@ -258,7 +272,7 @@ extension Machine {
             }
             // Added before attaching: stop() then shuts the device down (removing its socket) on any later failure.
             virtio.add(loop: loop, transport: transport)
-            devices.markUnsupported("virtio-vsock")
+            devices.register(transport, id: "virtio-vsock")
             let slot = try attachPCIDevice(transport).slot
             logger.info("virtio-vsock cid \(spec.guestCID) on \(spec.udsPath) at PCI slot \(slot)")
         }
@@ -270,7 +284,7 @@ extension Machine {
             let transport = try VirtioPCITransport(device: console, memory: memory, msiController: msiController,
                                                    eventLoop: loop, ioEvents: ioEvents, log: log)
             virtio.add(transport: transport, console: console)
-            devices.markUnsupported("virtio-console")
+            devices.register(transport, id: "virtio-console")
             _ = try attachPCIDevice(transport)
         }
         if config.rng {
@@ -278,7 +292,7 @@ extension Machine {
             let transport = try VirtioPCITransport(device: rng, memory: memory, msiController: msiController,
                                                    eventLoop: loop, ioEvents: ioEvents, log: log)
             virtio.add(transport: transport)
-            devices.markUnsupported("virtio-rng")
+            devices.register(transport, id: "virtio-rng")
             _ = try attachPCIDevice(transport)
         }
     }

@@ -377,6 +377,30 @@ extension VirtualMachine {
     }
 }
 
+/// A snapshot directory, as `swiftkvm vm save` writes it and `swiftkvm run --restore` and
+/// `swiftkvm vm restore` read it: the state file `snapshot` and the guest memory file `memory`.
+public struct SnapshotDirectory: Sendable {
+    public let path: String
+    public init(_ path: String) { self.path = path }
+    /// The state file (SnapshotFile).
+    public var statePath: String { path + "/snapshot" }
+    /// The guest memory file (mapped copy-on-write by a restore).
+    public var memoryPath: String { path + "/memory" }
+
+    /// Reads the state file and checks that the memory file is there: what `Machine(…restoring:)` needs.
+    public func load() throws -> MachineRestore {
+        var st = stat()
+        guard stat(path, &st) == 0, (st.st_mode & S_IFMT) == S_IFDIR else {
+            throw VMMError.invalidValue(what: "snapshot directory", value: path, reason: "not a directory")
+        }
+        let snapshot = try SnapshotFile.read(statePath)
+        guard access(memoryPath, R_OK) == 0 else {
+            throw VMMError.invalidValue(what: "snapshot directory", value: path, reason: "no readable memory file 'memory' in it")
+        }
+        return MachineRestore(snapshot: snapshot, memoryPath: memoryPath)
+    }
+}
+
 /// A snapshot to build a machine from (`Machine.init(…restoring:)`).
 public struct MachineRestore: Sendable {
     public var snapshot: MachineSnapshot
@@ -394,6 +418,9 @@ extension Machine {
     /// paused or has devices whose state cannot be saved yet.
     public func saveSnapshot(statePath: String, memoryPath: String) throws {
         guard isPaused else { throw VMMError.invalidConfiguration("a snapshot needs a paused machine") }
+        // Device threads stand still while their state and guest memory are read.
+        virtio.quiesce()
+        defer { virtio.resumeAfterSnapshot() }
         let snapshot = MachineSnapshot(config: config, memorySize: memory.totalSize,
                                        vcpus: try vcpuManager.saveStates(msrIndices: try kvm.msrIndexList()),
                                        vm: try vm.saveKernelState(), devices: try devices.save(),
@@ -406,11 +433,14 @@ extension Machine {
 
     /// Puts the snapshot's state into this freshly built machine (from init).
     func restore(_ r: MachineRestore) throws {
+        // Memory first: a live virtio device restores onto rings in guest RAM.
+        try SnapshotIO.mapMemory(r.memoryPath, over: memory)
         try vm.restoreKernelState(r.snapshot.vm)
         try vcpuManager.restoreStates(r.snapshot.vcpus)
         try devices.restore(r.snapshot.devices)
+        // BARs the guest moved: map them where the restored configuration spaces say.
+        for d in pci.root.devices { pci.root.refresh(slot: d.slot) }
         quirks.restore(r.snapshot.quirks)
-        try SnapshotIO.mapMemory(r.memoryPath, over: memory)
         logger.info("restored: \(r.snapshot.vcpus.count) vCPUs, \(r.snapshot.devices.count) devices, memory mapped from \(r.memoryPath)")
     }
 }

@@ -125,6 +125,33 @@ public final class Virtqueue: @unchecked Sendable {
     /// Queue size.
     public var size: UInt16 { layout.size }
 
+    /// The device-side ring position a snapshot saves (the rings themselves are in guest memory).
+    public struct SavedIndices: Codable, Sendable, Equatable {
+        /// Next available-ring entry the device will consume.
+        public var lastAvail: UInt16
+        /// Next used-ring entry the device will fill.
+        public var nextUsed: UInt16
+        /// The used index at the last interrupt (nil: none yet).
+        public var signalledUsed: UInt16?
+        public init(lastAvail: UInt16, nextUsed: UInt16, signalledUsed: UInt16?) {
+            self.lastAvail = lastAvail; self.nextUsed = nextUsed; self.signalledUsed = signalledUsed
+        }
+    }
+
+    /// The device-side indices, with the last `unconsumed` popped chains given back to the
+    /// available ring (chains the device took but had not served: a restore takes them again).
+    public func savedIndices(unconsumed: UInt16 = 0) -> SavedIndices {
+        SavedIndices(lastAvail: lastAvailIndex &- unconsumed, nextUsed: nextUsedIndex, signalledUsed: signalledUsed)
+    }
+
+    /// Continues from saved indices (a queue rebuilt by a restore, before any use). Any values
+    /// are safe: a driver index that then looks impossible is caught as usual (`pendingCount`).
+    public func restoreIndices(_ saved: SavedIndices) {
+        lastAvailIndex = saved.lastAvail
+        nextUsedIndex = saved.nextUsed
+        signalledUsed = saved.signalledUsed
+    }
+
     // MARK: Shared-memory accessors
 
     private func load16(_ p: UnsafeMutableRawPointer, _ off: Int) -> UInt16 {

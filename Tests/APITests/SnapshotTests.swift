@@ -147,19 +147,86 @@ struct SnapshotTests {
         #expect(r.status == 400 && r.fault?.contains("boot-specific resources") == true, "\(r.body)")
     }
 
-    @Test("a VM with a device whose state cannot be saved yet (virtio-rng) refuses the snapshot, naming it, and writes nothing")
-    func unsupportedDevice() throws {
+    /// The "STREAM round N ok" numbers printed to `path`.
+    static func streamRounds(_ path: String) -> [Int] {
+        guard let text = try? String(contentsOfFile: path, encoding: .utf8) else { return [] }
+        return text.split(separator: "\n").compactMap { line in
+            guard line.hasPrefix("STREAM round "), line.hasSuffix(" ok") else { return nil }
+            return Int(line.dropFirst(13).dropLast(3))
+        }
+    }
+
+    /// Requests the driver had made available and the device had not completed when the snapshot
+    /// was taken: queue 0's avail idx (read from the memory file, at the ring address the saved
+    /// transport names) minus the saved used index of virtio-blk0.
+    static func outstandingBlockRequests(snapshot: String, memory: String) throws -> Int {
+        let snap = try SnapshotFile.read(snapshot)
+        let blk = try #require(snap.devices.first { $0.id == "virtio-blk0" }, "virtio-blk0 is in the snapshot")
+        let state = try #require(try JSONSerialization.jsonObject(with: blk.state) as? [String: Any])
+        let queue = try #require(((state["registers"] as? [String: Any])?["queues"] as? [[String: Any]])?.first)
+        let ring = try #require((state["rings"] as? [Any])?.first as? [String: Any], "the device was saved live")
+        let availRing = try #require((queue["driver"] as? NSNumber)?.uint64Value)
+        let nextUsed = try #require((ring["nextUsed"] as? NSNumber)?.intValue)
+        let fh = try #require(FileHandle(forReadingAtPath: memory))
+        defer { try? fh.close() }
+        try fh.seek(toOffset: availRing + 2)
+        let idx = try #require(try fh.read(upToCount: 2))
+        return (Int(idx[0]) | Int(idx[1]) << 8 &- nextUsed) & 0xffff
+    }
+
+    @Test("a virtio-blk guest with 32 requests in flight, snapshotted mid-round with requests still in the ring, continues in a new VM: the round in progress and the next ones complete, read back what they wrote, and interrupt")
+    func blockRequestsInFlight() throws {
+        let program = try #require(GuestSupport.guestProgram("virtio_blk"))
         let dir = TempDir()
         defer { dir.cleanup() }
-        let f = try Fixture()
-        defer { f.shutdown() }
-        #expect(try f.send("PUT", "/entropy", "{}").status == 204)
-        try f.startTicker(ticks: 0)
-        #expect(GuestSupport.wait(seconds: 30) { f.ticks >= 3 })
-        #expect(try f.send("PATCH", "/vm", #"{"state": "Paused"}"#).status == 204)
-        let r = try f.send("PUT", "/snapshot/create", #"{"snapshot_path": "\#(dir.path)/x.snap", "mem_file_path": "\#(dir.path)/x.mem"}"#)
-        #expect(r.status == 400 && r.fault?.contains("virtio-rng") == true, "\(r.body)")
-        #expect(!FileManager.default.fileExists(atPath: dir.path + "/x.snap") && !FileManager.default.fileExists(atPath: dir.path + "/x.mem"))
+        let disk = dir.path + "/disk.raw"
+        #expect(FileManager.default.createFile(atPath: disk, contents: Data(count: 1 << 20)))
+        func configure(_ f: Fixture) throws {
+            #expect(try f.send("PUT", "/boot-source", #"{"kernel_image_path": "\#(program)", "boot_args": "stream tsc_khz=\#(GuestSupport.tscKHz)"}"#).status == 204)
+            #expect(try f.send("PUT", "/machine-config", #"{"vcpu_count": 1, "mem_size_mib": 64}"#).status == 204)
+            // A rate limit (160 requests/s, 5 rounds/s) keeps requests waiting in the ring and one held back.
+            #expect(try f.send("PUT", "/drives/d0", #"{"drive_id": "d0", "path_on_host": "\#(disk)", "is_root_device": false, "is_read_only": false, "rate_limiter": {"ops": {"size": 16, "refill_time": 100}}}"#).status == 204)
+        }
+        let first = try Fixture()
+        try configure(first)
+        #expect(try first.send("PUT", "/actions", #"{"action_type": "InstanceStart"}"#).status == 204)
+        #expect(GuestSupport.wait(seconds: 60) { Self.streamRounds(first.serialPath).count >= 2 }, "the guest streams")
+        // Snapshot until one catches requests in flight (the guest spends most of a round waiting for them).
+        var outstanding = 0
+        for attempt in 0..<8 {
+            #expect(try first.send("PATCH", "/vm", #"{"state": "Paused"}"#).status == 204)
+            let r = try first.send("PUT", "/snapshot/create", #"{"snapshot_path": "\#(dir.path)/vm.snap", "mem_file_path": "\#(dir.path)/vm.mem"}"#)
+            #expect(r.status == 204, "snapshot/create: \(r.body)")
+            outstanding = try Self.outstandingBlockRequests(snapshot: dir.path + "/vm.snap", memory: dir.path + "/vm.mem")
+            if outstanding > 0 || attempt == 7 { break }
+            let seen = Self.streamRounds(first.serialPath).count
+            #expect(try first.send("PATCH", "/vm", #"{"state": "Resumed"}"#).status == 204)
+            GuestSupport.wait(seconds: 10) { Self.streamRounds(first.serialPath).count > seen }
+        }
+        #expect(outstanding > 0, "a snapshot with virtio-blk requests in flight")
+        let last = try #require(Self.streamRounds(first.serialPath).last)
+        let firstLog = (try? String(contentsOfFile: first.serialPath, encoding: .utf8)) ?? ""
+        first.shutdown()
+        #expect(!firstLog.contains("FAIL"), "\(firstLog.suffix(500))")
+        let onDisk = try #require(FileHandle(forReadingAtPath: disk).map { fh in
+            defer { try? fh.close() }
+            try fh.seek(toOffset: 512 * 512)
+            return try fh.read(upToCount: 8) ?? Data()
+        })
+        #expect(onDisk.count == 8 && onDisk.withUnsafeBytes { $0.loadUnaligned(as: UInt64.self) } >> 32 >= UInt64(last),
+                "sector 512 holds a round at least as new as the last one completed")
+
+        let second = try Fixture()
+        defer { second.shutdown() }
+        let r = try second.send("PUT", "/snapshot/load", #"{"snapshot_path": "\#(dir.path)/vm.snap", "mem_backend": {"backend_type": "File", "backend_path": "\#(dir.path)/vm.mem"}, "resume_vm": true}"#)
+        #expect(r.status == 204, "snapshot/load: \(r.body)")
+        #expect(GuestSupport.wait(seconds: 60) { Self.streamRounds(second.serialPath).count >= 4 || second.exit != nil },
+                "the restored guest keeps streaming")
+        let rounds = Self.streamRounds(second.serialPath)
+        let log = (try? String(contentsOfFile: second.serialPath, encoding: .utf8)) ?? ""
+        #expect(!log.contains("FAIL"), "\(log.suffix(800))")
+        #expect(rounds.first == last + 1, "the round in progress at the snapshot (\(last + 1)) completes first after the load: \(rounds.prefix(3))")
+        #expect(rounds == Array(rounds.indices.map { last + 1 + $0 }), "then every round in order")
     }
 }
 
@@ -221,5 +288,36 @@ struct SnapshotCloneTests {
         let usage = Self.sharedKB(pid: clones[0].0.processIdentifier, path: dir.path + "/vm.mem")
         #expect(usage.mappings >= 1, "the memory file is mapped")
         #expect(usage.sharedKB > 0, "pages of the memory file are shared with the other clones")
+    }
+    @Test("swiftkvm run --restore DIR continues a ticker snapshotted over the API, printing to its own --serial; machine options with --restore, a missing directory and a corrupt state file are usage errors (exit 2) naming the problem")
+    func runRestore() throws {
+        let dir = TempDir()
+        defer { dir.cleanup() }
+        let f = try LifecycleTests.Fixture()
+        let last = try SnapshotTests.snapshotRunningTicker(f, into: dir)
+        f.shutdown()
+        let snap = dir.path + "/snapdir"
+        try FileManager.default.createDirectory(atPath: snap, withIntermediateDirectories: true)
+        try FileManager.default.moveItem(atPath: dir.path + "/vm.snap", toPath: snap + "/snapshot")
+        try FileManager.default.moveItem(atPath: dir.path + "/vm.mem", toPath: snap + "/memory")
+        let out = dir.path + "/run.out"
+        let p = try VMMProcessTests.launch(["run", "--restore", snap, "--serial", "file:" + out])
+        #expect(GuestSupport.wait(seconds: 30) { SnapshotTests.tickNumbers(out).count >= 5 }, "the restored ticker prints to the new serial file")
+        kill(p.processIdentifier, SIGTERM)
+        #expect(VMMProcessTests.finish(p) == 143)
+        let ticks = SnapshotTests.tickNumbers(out)
+        #expect(ticks.first == last + 1 && zip(ticks, ticks.dropFirst()).allSatisfy { $1 == $0 + 1 }, "\(ticks.prefix(10)) after \(last)")
+
+        func usage(_ args: [String]) throws -> String {
+            let q = try VMMProcessTests.launch(args)
+            let status = VMMProcessTests.finish(q)
+            let err = String(decoding: (q.standardError as? Pipe)?.fileHandleForReading.readDataToEndOfFile() ?? Data(), as: UTF8.self)
+            #expect(status == 2, "\(args): \(err)")
+            return err
+        }
+        #expect(try usage(["run", "--restore", snap, "--cpus", "2", "--kernel", "/x"]).contains("--kernel, --cpus cannot be combined"))
+        #expect(try usage(["run", "--restore", dir.path + "/none"]).contains("not a directory"))
+        try Data("junk".utf8).write(to: URL(fileURLWithPath: snap + "/snapshot"))
+        #expect(try usage(["run", "--restore", snap]).contains("no SKVMSNAP header"))
     }
 }
