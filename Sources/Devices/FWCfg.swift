@@ -47,6 +47,8 @@ public struct FWCfgItems: Sendable {
         public static let writeChannel: UInt16 = 0x4000
         /// Selector bit 15: architecture-local items.
         public static let archLocal: UInt16 = 0x8000
+        /// x86: whether ISA IRQ 0 is wired to I/O APIC pin 2 (firmware's MP table follows it).
+        public static let irq0Override: UInt16 = archLocal | 0x02
         /// Keys are at most 14 bits plus `archLocal`.
         public static let entryMask: UInt16 = 0x3fff
     }

@@ -5,7 +5,7 @@ import GuestMemory
 /// QEMU's fw_cfg device on every machine (issue 14, part 1).
 extension Machine {
     /// The fw_cfg items of this machine: RAM size, CPU counts, NUMA (no nodes), UUID (zero),
-    /// no graphics, no boot menu, and the files `bootorder` (empty), `etc/e820`, `etc/sercon-port`
+    /// no graphics, no boot menu, no IRQ 0 override, and the files `bootorder` (empty), `etc/e820`, `etc/sercon-port`
     /// (COM1) and the ACPI tables with their `etc/table-loader`; with a firmware boot's kernel,
     /// the `-kernel` items (`addFirmwareKernel`).
     static func firmwareConfigItems(config: VMConfiguration, memory: GuestMemory, acpi: ACPIConfiguration) throws -> FWCfgItems {
@@ -19,6 +19,8 @@ extension Machine {
         items.set(Key.uuid, bytes: [UInt8](repeating: 0, count: 16))
         items.set(Key.noGraphic, le: UInt16(1))
         items.set(Key.bootMenu, le: UInt16(0))
+        // KVM's default routing wires the PIT (IRQ 0) to I/O APIC pin 0, as our MP table and MADT say.
+        items.set(Key.irq0Override, le: UInt32(0))
         try items.addFile("bootorder", bytes: [])
         // KVM's TSS and identity-map pages are reserved, as QEMU reserves its own.
         let kvmPages = (address: identityMapAddress, size: tssAddress + 3 * 0x1000 - identityMapAddress)

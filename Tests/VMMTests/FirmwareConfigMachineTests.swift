@@ -33,6 +33,7 @@ struct FirmwareConfigMachineTests {
         #expect(read(dev, key: FWCfgItems.Key.nbCPUs, count: 2) == [3, 0])
         #expect(read(dev, key: FWCfgItems.Key.maxCPUs, count: 2) == [3, 0])
         #expect(read(dev, key: FWCfgItems.Key.ramSize, count: 8) == [0, 0, 0, 6, 0, 0, 0, 0])
+        #expect(read(dev, key: FWCfgItems.Key.nbCPUs | FWCfgItems.Key.archLocal, count: 2) == [0, 0], "0x8005 is not NB_CPUS")
         #expect(read(dev, key: FWCfgItems.Key.numa, count: 32) == [UInt8](repeating: 0, count: 32), "no nodes, then CPU 0-2 on node 0")
     }
 
