@@ -203,3 +203,82 @@ struct FirmwarePortTests {
         #expect(p.inb(0) == 0x02)
     }
 }
+
+/// A small deterministic generator for the hostile-input tests.
+struct SplitMix: RandomNumberGenerator {
+    var state: UInt64
+    mutating func next() -> UInt64 {
+        state &+= 0x9e37_79b9_7f4a_7c15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xbf58_476d_1ce4_e5b9
+        z = (z ^ (z >> 27)) &* 0x94d0_49bb_1331_11eb
+        return z ^ (z >> 31)
+    }
+}
+
+@Suite("hostile guests against fw_cfg and the RTC")
+struct HostileFirmwarePortTests {
+    @Test("20000 random fw_cfg accesses and DMA structures (addresses anywhere, lengths up to 4 GiB - 1) never trap, and every DMA ends with control 0 or the error bit")
+    func fwcfgFuzz() throws {
+        let mem = try GuestMemory.allocate(size: 1 << 20)
+        var items = FWCfgItems()
+        items.set(FWCfgItems.Key.ramSize, le: UInt64(1 << 20))
+        try items.addFile("etc/x", bytes: [UInt8](repeating: 7, count: 5000))
+        let dev = FWCfg(items: items, memory: mem)
+        var rng = SplitMix(state: 14)
+        for _ in 0..<20_000 {
+            let offset = UInt64.random(in: 0..<16, using: &rng)
+            let size = [1, 2, 4, 8][Int.random(in: 0..<4, using: &rng)]
+            if Bool.random(using: &rng) {
+                _ = dev.readBytes(offset, count: size)
+                continue
+            }
+            if offset == 8 && size == 4 && Bool.random(using: &rng) {
+                // A DMA structure in RAM with random fields; the target is RAM a third of the time.
+                let at = UInt64.random(in: 0..<(1 << 20) - 16, using: &rng)
+                let control = UInt32.random(in: 0...UInt32.max, using: &rng) & 0x003f_001f
+                let length = Bool.random(using: &rng) ? UInt32.random(in: 0..<8192, using: &rng) : UInt32.random(in: 0...UInt32.max, using: &rng)
+                let target = Int.random(in: 0..<3, using: &rng) == 0 ? UInt64.random(in: 0..<(1 << 20), using: &rng)
+                                                                   : UInt64.random(in: 0...UInt64.max, using: &rng)
+                var access: [UInt8] = []
+                access += withUnsafeBytes(of: control.bigEndian) { Array($0) }
+                access += withUnsafeBytes(of: length.bigEndian) { Array($0) }
+                access += withUnsafeBytes(of: target.bigEndian) { Array($0) }
+                try mem.write(access, at: at)
+                dev.writeBytes(4, [0, 0, 0, 0])
+                dev.writeBytes(8, withUnsafeBytes(of: UInt32(at).bigEndian) { Array($0) })
+                let status = try mem.read(at: at, count: 4).reduce(UInt32(0)) { $0 << 8 | UInt32($1) }
+                // The copy may have overwritten the structure itself; when it did not, control is 0 or ERROR.
+                let overlaps = target < at + 16 && at < target &+ UInt64(length) && target <= UInt64.max - UInt64(length)
+                if !overlaps { #expect(status == 0 || status == FWCfg.Control.error, "control \(status)") }
+                continue
+            }
+            dev.writeBytes(offset, (0..<size).map { _ in UInt8.random(in: 0...255, using: &rng) })
+        }
+        #expect(dev.dmaAccesses > 0)
+    }
+
+    @Test("random RTC register traffic with clock jumps (backwards, days forward) never traps, and the line only ever changes level")
+    func rtcFuzz() {
+        let now = Mutex<Int64>(1_709_214_307 * 1_000_000_000)
+        let line = RecordingLine()
+        let rtc = CMOSRTC(nanoClock: { now.withLock { $0 } }, interrupt: line)
+        var rng = SplitMix(state: 8)
+        for _ in 0..<20_000 {
+            switch Int.random(in: 0..<10, using: &rng) {
+            case 0: now.withLock { $0 += Int64.random(in: -2_000_000_000...3 * 86_400_000_000_000, using: &rng) }
+            case 1...3: now.withLock { $0 += Int64.random(in: 0...50_000_000, using: &rng) }
+            case 4...6:
+                rtc.outb(0, UInt8.random(in: 0...255, using: &rng))
+                _ = rtc.inb(1)
+            default:
+                rtc.outb(0, [0x01, 0x03, 0x05, 0x0a, 0x0b, 0x0c, 0x00][Int.random(in: 0..<7, using: &rng)])
+                rtc.outb(1, UInt8.random(in: 0...255, using: &rng))
+            }
+        }
+        let h = line.history
+        #expect(h.count > 10, "some interrupts were raised")
+        #expect(zip(h, h.dropFirst()).allSatisfy { $0 != $1 }, "set(level:) is called only when the level changes")
+        #expect(h.first != false, "the first call raises the line")
+    }
+}
