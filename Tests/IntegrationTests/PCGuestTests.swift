@@ -151,3 +151,18 @@ struct FirmwareBootTests {
         print("# SeaBIOS + linuxboot_dma.bin to the kernel's setup code: \(String(format: "%.1f", Date().timeIntervalSince(start))) s")
     }
 }
+
+/// kvm-unit-tests (a built tree named by `KVM_UNIT_TESTS`, e.g. `./configure && make x86/smptest.flat`): a standard
+/// x86 test kernel reads the CPU count from fw_cfg with no extra input (without fw_cfg it sees 65535 CPUs and waits).
+@Suite("kvm-unit-tests", .enabled(if: GuestTestEnvironment.kvmAvailable
+                                  && ProcessInfo.processInfo.environment["KVM_UNIT_TESTS"] != nil, "set KVM_UNIT_TESTS to a built tree"))
+struct KVMUnitTestsTests {
+    @Test("x86/smptest with 2 vCPUs finds 2 CPUs through fw_cfg, brings the AP up and passes (status 1)")
+    func smptest() throws {
+        let dir = ProcessInfo.processInfo.environment["KVM_UNIT_TESTS"] ?? ""
+        let r = try ProcessRunner.runSwiftKVM(["run", "--kernel", dir + "/x86/smptest.flat", "--cpus", "2", "--memory", "256M"],
+                                              timeout: 120)
+        #expect(r.stdout.contains("found 2 cpus") && r.stdout.contains("PASS: IPI to each CPU"), "\(r.stdout)\n\(r.stderr)")
+        #expect(r.status == 1, "kvm-unit-tests exit 0 through isa-debug-exit: status 1\n\(r.stdout)")
+    }
+}
