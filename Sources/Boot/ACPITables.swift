@@ -8,6 +8,7 @@ import GuestMemory
 /// | `0x602` | PM1a enable (16 bits) |
 /// | `0x604` | PM1a control (16 bits: SCI_EN, SLP_TYP, SLP_EN) |
 /// | `0x608` | reset register (8 bits, write `resetValue`) |
+/// | `0x60c` | PM timer (32 bits, read-only, 3.579545 MHz) |
 public enum ACPIPorts {
     /// First port of the block (contract: 0x600–0x63F).
     public static let base: UInt16 = 0x600
@@ -23,6 +24,10 @@ public enum ACPIPorts {
     public static let pm1ControlLength: UInt8 = 2
     /// FADT RESET_REG (one byte).
     public static let reset: UInt16 = 0x608
+    /// FADT PM_TMR_BLK: the 32-bit, 3.579545 MHz PM timer.
+    public static let pmTimer: UInt16 = 0x60c
+    /// PM timer block length in bytes.
+    public static let pmTimerLength: UInt8 = 4
     /// FADT RESET_VALUE.
     public static let resetValue: UInt8 = 0x01
     /// SLP_TYP value of S5 (soft off), the `\_S5` package in the DSDT.
@@ -166,8 +171,8 @@ public enum ACPITables {
     }
 
     /// The FADT (revision 6): FACS through FIRMWARE_CTRL, DSDT through DSDT and X_DSDT; full fixed hardware with the PM1a event and control blocks of
-    /// `ACPIPorts`, SCI on IRQ 9, no SMI command port (always in ACPI mode), no PM timer and no
-    /// GPE blocks, C2/C3 unsupported, RESET_REG at port 0x608, legacy devices and an i8042
+    /// `ACPIPorts`, SCI on IRQ 9, no SMI command port (always in ACPI mode), the 32-bit PM timer
+    /// (PM_TMR_BLK, X_PM_TMR_BLK, TMR_VAL_EXT), no GPE blocks, C2/C3 unsupported, RESET_REG at port 0x608, legacy devices and an i8042
     /// present, no VGA.
     public static func fadt(dsdt: UInt64, facs: UInt64) -> [UInt8] {
         var b = [UInt8](repeating: 0, count: fadtSize - headerSize)
@@ -182,8 +187,10 @@ public enum ACPITables {
         put(UInt16(ACPIPorts.sciIRQ), 46)                  // SCI_INT
         put(UInt32(ACPIPorts.pm1aEvent), 56)               // PM1a_EVT_BLK
         put(UInt32(ACPIPorts.pm1aControl), 64)             // PM1a_CNT_BLK
+        put(UInt32(ACPIPorts.pmTimer), 76)                 // PM_TMR_BLK
         put(ACPIPorts.pm1EventLength, 88)                  // PM1_EVT_LEN
         put(ACPIPorts.pm1ControlLength, 89)                // PM1_CNT_LEN
+        put(ACPIPorts.pmTimerLength, 91)                   // PM_TMR_LEN
         put(UInt16(101), 96)                               // P_LVL2_LAT > 100: no C2
         put(UInt16(1001), 98)                              // P_LVL3_LAT > 1000: no C3
         put(UInt16(0x0007), 109)                           // IAPC_BOOT_ARCH: LEGACY_DEVICES, 8042, VGA not present
@@ -192,6 +199,7 @@ public enum ACPITables {
             | 1 << 4                   // PWR_BUTTON: no fixed power button
             | 1 << 5                   // SLP_BUTTON: no fixed sleep button
             | 1 << 6                   // FIX_RTC: no RTC wake status
+            | 1 << 8                   // TMR_VAL_EXT: the PM timer has 32 bits
             | 1 << 10                  // RESET_REG_SUP
         put(flags, 112)
         gas(116, port: ACPIPorts.reset, bits: 8, access: 1) // RESET_REG
@@ -201,6 +209,7 @@ public enum ACPITables {
         put(dsdt, 140)                                     // X_DSDT
         gas(148, port: ACPIPorts.pm1aEvent, bits: ACPIPorts.pm1EventLength * 8, access: 2)    // X_PM1a_EVT_BLK
         gas(172, port: ACPIPorts.pm1aControl, bits: ACPIPorts.pm1ControlLength * 8, access: 2) // X_PM1a_CNT_BLK
+        gas(208, port: ACPIPorts.pmTimer, bits: ACPIPorts.pmTimerLength * 8, access: 3)       // X_PM_TMR_BLK
         put(UInt64(0x4d56_4b74_6669_7753), 268)            // hypervisor vendor identity "SwiftKVM"
         return table("FACP", revision: 6, body: b)
     }

@@ -2,7 +2,7 @@ import GuestMemory
 
 /// Kernel image formats `KernelLoader` recognises.
 public enum KernelFormat: String, Sendable, Equatable {
-    case bzImage, elf64 = "ELF64 vmlinux", multiboot, flat
+    case bzImage, elf64 = "ELF64 vmlinux", multiboot, flat, firmware
 
     /// Detects the format: bzImage ("HdrS"), then a multiboot v1 header in the first 8 KiB, then ELF64.
     public static func detect(_ bytes: [UInt8]) -> KernelFormat? {
@@ -56,6 +56,8 @@ public struct LoadedKernel: Sendable {
     public var pvhEntry: UInt64?
     /// Free-form diagnostic lines.
     public var notes: [String] = []
+    /// A firmware boot's image, which the VMM maps read-only below 4 GiB (`FirmwareLoader`).
+    public var firmwareImage: [UInt8]? = nil
 
     init(format: KernelFormat) {
         self.format = format
@@ -108,8 +110,8 @@ public enum KernelLoader {
                 throw BootError.unsupported("\(kernel.name) is a multiboot kernel: pass extra files as modules, not as an initrd")
             }
             return try MultibootLoader.load(bytes, name: kernel.name, cmdline: cmdline, modules: options.modules, memory: memory)
-        case .elf64, .flat:
-            throw BootError.unknownKernelFormat("\(kernel.name): flat binaries are loaded with FlatLoader")
+        case .elf64, .flat, .firmware:
+            throw BootError.unknownKernelFormat("\(kernel.name): flat binaries are loaded with FlatLoader, firmware with FirmwareLoader")
         }
     }
 }

@@ -1,3 +1,6 @@
+#if canImport(Glibc)
+import Glibc
+#endif
 import Synchronization
 
 /// ACPI fixed-hardware power management registers (the FADT's PM1a event and control blocks and
@@ -9,11 +12,14 @@ import Synchronization
 /// | 2 | PM1a enable (16 bits) | read/write (only defined event bits are kept) |
 /// | 4 | PM1a control (16 bits) | SCI_EN (bit 0) always reads 1; SLP_TYP bits 10–12; SLP_EN (bit 13) is write-only |
 /// | 8 | reset (8 bits) | writing `resetValue` requests a reset |
+/// | 0xC | PM timer (32 bits) | read-only: a free-running 3.579545 MHz counter (all 32 bits: the FADT's TMR_VAL_EXT) |
 ///
 /// Writing SLP_EN with SLP_TYP = `s5SleepType` requests a power-off at once; other sleep types
 /// are not supported (the DSDT declares only S5) and only set WAK_STS, as if the guest had woken
 /// immediately. Accesses of any width at any offset are assembled byte by byte; unknown offsets
-/// read 0 and ignore writes. The SCI is never raised: no event this device models is enabled.
+/// read 0 and ignore writes. The SCI is never raised: no event this device models is enabled (the
+/// PM timer's TMR_STS carry bit is not modelled). The PM timer follows the injected monotonic clock
+/// (CLOCK_MONOTONIC by default) at the real rate, also under time dilation.
 public final class ACPIPower: BusDevice, Sendable {
     /// Register offsets in the block.
     public enum Offset {
@@ -21,7 +27,10 @@ public final class ACPIPower: BusDevice, Sendable {
         public static let pm1Enable: UInt64 = 2
         public static let pm1Control: UInt64 = 4
         public static let reset: UInt64 = 8
+        public static let pmTimer: UInt64 = 0xc
     }
+    /// The PM timer's frequency (Hz).
+    public static let pmTimerHz: UInt64 = 3_579_545
     /// Ports the block spans.
     public static let portCount: UInt64 = 0x40
     /// PM1 control bits.
@@ -45,18 +54,36 @@ public final class ACPIPower: BusDevice, Sendable {
     private let control: any MachineControl
     private let s5SleepType: UInt8
     private let resetValue: UInt8
+    private let monotonicNanos: @Sendable () -> UInt64
 
     /// Creates the device; power-off and reset go to `control`. `s5SleepType` must match the DSDT's
-    /// `\_S5` package and `resetValue` the FADT's RESET_VALUE.
-    public init(control: any MachineControl, s5SleepType: UInt8 = 5, resetValue: UInt8 = 1) {
+    /// `\_S5` package and `resetValue` the FADT's RESET_VALUE. `monotonicNanos` drives the PM timer.
+    public init(control: any MachineControl, s5SleepType: UInt8 = 5, resetValue: UInt8 = 1,
+                monotonicNanos: @escaping @Sendable () -> UInt64 = ACPIPower.hostMonotonicNanos) {
         self.control = control
+        self.monotonicNanos = monotonicNanos
         self.s5SleepType = s5SleepType & 0x7
         self.resetValue = resetValue
     }
 
-    /// The byte at register offset `offset`.
-    private func byte(_ s: State, _ offset: UInt64) -> UInt8 {
+    /// CLOCK_MONOTONIC in nanoseconds.
+    @Sendable public static func hostMonotonicNanos() -> UInt64 {
+        var ts = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &ts)
+        return UInt64(ts.tv_sec) &* 1_000_000_000 &+ UInt64(ts.tv_nsec)
+    }
+
+    /// The PM timer's 32-bit value at `nanos` of the monotonic clock.
+    public static func pmTimerValue(nanos: UInt64) -> UInt32 {
+        let p = nanos.multipliedFullWidth(by: pmTimerHz)
+        return UInt32(truncatingIfNeeded: UInt64(1_000_000_000).dividingFullWidth((high: p.high, low: p.low)).quotient)
+    }
+
+    /// The byte at register offset `offset` (`timer`: the PM timer's value for this access).
+    private func byte(_ s: State, _ offset: UInt64, timer: UInt32) -> UInt8 {
         switch offset {
+        case Offset.pmTimer..<Offset.pmTimer + 4:
+            return UInt8(truncatingIfNeeded: timer >> (8 * (offset - Offset.pmTimer)))
         case 0, 1: return UInt8(truncatingIfNeeded: s.status >> (8 * (offset & 1)))
         case 2, 3: return UInt8(truncatingIfNeeded: s.enable >> (8 * (offset & 1)))
         case 4, 5:
@@ -68,9 +95,10 @@ public final class ACPIPower: BusDevice, Sendable {
 
     public func read(offset: UInt64, data: UnsafeMutableRawBufferPointer) {
         let s = state.withLock { $0 }
+        let timer = Self.pmTimerValue(nanos: monotonicNanos())   // one sample per access
         for i in data.indices {
             let (o, overflow) = offset.addingReportingOverflow(UInt64(i))
-            data[i] = overflow ? 0 : byte(s, o)
+            data[i] = overflow ? 0 : byte(s, o, timer: timer)
         }
     }
 

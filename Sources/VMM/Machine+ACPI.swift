@@ -26,7 +26,7 @@ extension Machine {
 
     /// Writes the ACPI tables into the BIOS area, points a Linux zero page at the RSDP, writes
     /// the MP table for multiboot guests too, and puts the PM device (`ACPIPower`) on the port
-    /// bus at `ACPIPorts.base`. Called at the end of `init`, after every device is attached.
+    /// bus at `ACPIPorts.base`; fw_cfg gets the same tables as files (`setUpFirmwareConfig`). Called at the end of `init`, after every device is attached.
     ///
     /// A flat guest whose image covers the table area gets no tables (logged).
     func setUpACPI() throws {
@@ -36,7 +36,9 @@ extension Machine {
 
         let area = (start: BootLayout.acpiTablesAddress, end: BootLayout.acpiTablesEnd)
         let covered = loaded.ranges.contains { $0.start < area.end && area.start < $0.end && $0.size > 0 }
-        if covered {
+        if loaded.format == .firmware {
+            logger.debug("boot: no ACPI tables in memory: firmware builds them from fw_cfg's etc/table-loader")
+        } else if covered {
             logger.info("no ACPI tables: the guest image covers \(hex(area.start))-\(hex(area.end))")
         } else if memory.regions.contains(where: { $0.start <= area.start && area.end <= $0.end }) {
             let image = try ACPITables.write(acpi, into: memory)
@@ -47,11 +49,12 @@ extension Machine {
             case .multiboot:
                 let mpCovered = loaded.ranges.contains { $0.start < BootLayout.lowMemoryEnd && BootLayout.mpTableAddress < $0.end }
                 if !mpCovered { try MPTable.write(cpus: config.cpus, into: memory) }
-            case .flat:
+            case .flat, .firmware:
                 break
             }
         }
         setUpAMDHWCR()
+        try setUpFirmwareConfig(acpi: acpi)
         let pm = ACPIPower(control: controller, s5SleepType: ACPIPorts.s5SleepType, resetValue: ACPIPorts.resetValue)
         try ioBus.insert(pm, base: UInt64(ACPIPorts.base), length: UInt64(ACPIPorts.length))
         devices.register(pm, id: "acpi-pm")

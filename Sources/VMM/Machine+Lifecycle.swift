@@ -37,7 +37,8 @@ extension Machine {
     public var isPaused: Bool { vcpuManager.isPaused }
 
     /// Stops every vCPU (kicks it out of `KVM_RUN` and parks its thread) and returns once all
-    /// are parked. Guest time the VMM emulates (the in-kernel PIT and LAPIC timers) keeps running.
+    /// are parked, then holds the RTC's timer thread (no IRQ 8 edge while paused). Guest time the
+    /// VMM emulates (the in-kernel PIT and LAPIC timers) keeps running.
     /// Throws when the machine is not running or a vCPU does not stop within `timeoutMs`.
     public func pause(timeoutMs: Int = 5000) throws {
         guard !controller.stopRequested else { throw VMMError.invalidConfiguration("the machine is stopping") }
@@ -45,14 +46,21 @@ extension Machine {
             vcpuManager.resume()
             throw VMMError.setup("the vCPUs did not stop within \(timeoutMs) ms (is the machine running?)")
         }
+        rtc.holdTimer()
     }
 
     /// Lets paused vCPUs run again (no effect when not paused).
-    public func resume() { vcpuManager.resume() }
+    public func resume() {
+        rtc.releaseTimer()
+        vcpuManager.resume()
+    }
 
     /// Keeps the vCPUs parked from the start: `run()` starts their threads paused, and `resume()`
     /// lets them go (a snapshot loaded without `resume_vm`).
-    public func startPaused() { vcpuManager.gate.presetPaused() }
+    public func startPaused() {
+        rtc.holdTimer()
+        vcpuManager.gate.presetPaused()
+    }
 
     /// Presses Ctrl+Alt+Del on the PS/2 keyboard (as Firecracker's SendCtrlAltDel): a Linux guest
     /// with the i8042 driver reboots (which ends the VMM as a reset). Throws when there is no i8042.

@@ -80,6 +80,12 @@ public final class Machine: @unchecked Sendable {
     public let statistics = ExitStatistics()
     /// The host fix-ups in use.
     public let quirks: any HostQuirks
+    /// The CMOS RTC (IRQ 8); its timer thread runs while the machine runs.
+    let rtc: CMOSRTC
+    /// The firmware image mapped below 4 GiB (firmware boots only; Machine+Firmware.swift).
+    var firmwareROM: GuestRegion?
+    /// QEMU's fw_cfg device (Machine+FWCfg.swift).
+    var firmwareConfig: FWCfg?
 
     let kvm: KVMSystem
     let vm: VirtualMachine
@@ -142,6 +148,12 @@ public final class Machine: @unchecked Sendable {
         dirtyLogging.store(logDirty, ordering: .relaxed)
         // A restored machine's base for Diff snapshots is the memory file it was loaded from.
         dirtyBaseline.store(restoring != nil, ordering: .relaxed)
+        // A restored firmware machine maps its image again (guest RAM, with the shadow, comes from the snapshot).
+        var romImage = loaded.firmwareImage
+        if restoring != nil, case .firmware(let spec) = config.payload {
+            romImage = try Self.readFile(spec.path, limit: FirmwareLoader.maximumSize, what: "firmware image")
+        }
+        firmwareROM = try Self.mapFirmware(romImage, vm: vm, kvm: kvm, logger: logger)
         // The host quirks' memory slots before the irqchip: once KVM has an in-kernel irqchip, each new
         // slot costs 4–9 ms here (measured with strace -T), against 0.1 ms before it.
         try self.quirks.configure(vm: vm, logger: logger)
@@ -158,7 +170,7 @@ public final class Machine: @unchecked Sendable {
                           auxInterrupt: KVMInterruptLine(vm: vm, gsi: I8042.auxIRQ), control: controller)
         try ioBus.insert(i8042, base: I8042.defaultBase, length: I8042.portCount)
         devices.register(i8042, id: "i8042")
-        let rtc = CMOSRTC()
+        rtc = CMOSRTC(interrupt: KVMInterruptLine(vm: vm, gsi: CMOSRTC.defaultIRQ))
         let below = memory.regions.filter { $0.start < GuestMemory.pciHoleEnd }.reduce(0) { $0 + $1.size }
         rtc.setMemorySize(belowFourGiB: below, aboveFourGiB: memory.totalSize - below)
         try ioBus.insert(rtc, base: CMOSRTC.defaultBase, length: CMOSRTC.portCount)
@@ -174,6 +186,9 @@ public final class Machine: @unchecked Sendable {
                                             reason: "it collides with another device (\(error))")
             }
         }
+        if config.debugExitPort.map(UInt64.init) != SystemControlPortA.defaultPort {
+            try ioBus.insert(SystemControlPortA(control: controller), base: SystemControlPortA.defaultPort, length: 1)
+        }
         for r in LegacyPorts.defaultIgnored {
             // Skip an ignored range the debug-exit port was put in.
             if let port = config.debugExitPort, UInt64(port) >= r.base, UInt64(port) < r.base + r.length { continue }
@@ -185,6 +200,7 @@ public final class Machine: @unchecked Sendable {
                                       logger: logger)
         try setUpVirtio()
         try setUpACPI()
+        try setUpFirmwareDebugConsole()
         if let restoring { try restore(restoring) }
     }
 
@@ -194,6 +210,10 @@ public final class Machine: @unchecked Sendable {
         case .flat(let flat):
             let image = try readFile(flat.path, limit: memory.totalSize, what: "flat image")
             return try FlatLoader.load(image: image, at: flat.loadAddress, entry: flat.entry, mode: flat.mode, memory: memory)
+        case .firmware(let spec):
+            // FirmwareLoader names the window when the image is larger than it.
+            let image = try readFile(spec.path, limit: 64 << 20, what: "firmware image")
+            return try FirmwareLoader.load(image: image, path: spec.path, memory: memory)
         case .kernel(let path, let initrd, let cmdline, let modules):
             var options = BootOptions()
             options.linuxEntry = BzImageLoader.Entry(rawValue: config.kernelEntry) ?? .decompressed
@@ -256,6 +276,9 @@ public final class Machine: @unchecked Sendable {
         do { try virtio.start() } catch {
             controller.stop(.vmmFailure("cannot start the virtio device threads: \(error)"))
         }
+        do { try rtc.startTimer() } catch {
+            controller.stop(.vmmFailure("cannot start the RTC timer thread: \(error)"))
+        }
         let launch = StartGate() // vCPUs wait here, confined, until this thread is confined too
         if !controller.stopRequested {
             vcpuManager.start(context: ExitContext(ioBus: ioBus, mmioBus: mmioBus, memory: memory, quirks: quirks,
@@ -286,6 +309,7 @@ public final class Machine: @unchecked Sendable {
         controller.setControlThread(0)
         vcpuManager.stopAndJoin()
         virtio.stop(logger: logger)
+        rtc.stopTimer()
         // Drain a wake signal that raced with the stop so it is not left pending.
         var zero = timespec(tv_sec: 0, tv_nsec: 0)
         while sigtimedwait(&waitSet, nil, &zero) > 0 {}
@@ -296,6 +320,7 @@ public final class Machine: @unchecked Sendable {
         statistics.merge(quirks.counters.reduce(into: [:]) { $0["fixup " + $1.key] = $1.value })
         statistics.merge(["unhandled io": ioBus.unhandledCount, "unhandled mmio": mmioBus.unhandledCount].filter { $0.value > 0 })
         logger.info("exits: \(statistics.summary)")
+        logFirmwareConfigTraffic()
         if let ns = statistics.dispatchNsPerExit {
             logger.info("user-space time per exit: \(Int(ns.rounded())) ns (KVM_RUN return to the next call, mean)")
         }

@@ -74,10 +74,24 @@ public struct ModuleSpec: Codable, Sendable, Equatable {
     }
 }
 
-/// What the guest is: a kernel (bzImage, ELF or multiboot) or a flat binary.
+/// What the guest is: a kernel (bzImage, ELF or multiboot), a flat binary, or firmware (a BIOS image
+/// started at the reset vector, e.g. SeaBIOS's bios.bin).
 public enum GuestPayload: Codable, Sendable, Equatable {
     case kernel(path: String, initrd: String?, cmdline: String, modules: [ModuleSpec])
     case flat(FlatImage)
+    case firmware(FirmwareSpec)
+}
+
+/// A firmware boot: the image, and optionally a Linux bzImage (with initrd and command line) that the
+/// firmware loads through fw_cfg, as QEMU's `-kernel` with SeaBIOS.
+public struct FirmwareSpec: Codable, Sendable, Equatable {
+    public var path: String
+    public var kernel: String?
+    public var initrd: String?
+    public var cmdline: String
+    public init(path: String, kernel: String? = nil, initrd: String? = nil, cmdline: String = "") {
+        self.path = path; self.kernel = kernel; self.initrd = initrd; self.cmdline = cmdline
+    }
 }
 
 /// Everything needed to build and run one VM. A plain value (Codable); `Machine` turns it into live objects.

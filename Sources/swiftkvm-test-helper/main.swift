@@ -8,7 +8,7 @@
 //       prints its report; exit 1 when that device cannot run guests.
 //   seccomp-violation KIND
 //       turns on the built-in seccomp filters, starts a KIND thread (HostThread.start(kind:)) that calls
-//       socket(AF_INET, SOCK_STREAM), which no filter allows: the process must die of SIGSYS with a report.
+//       socket(AF_PACKET, SOCK_RAW), which no filter allows (the vmm kind may open AF_UNIX, AF_INET and AF_INET6 sockets, for migration): the process must die of SIGSYS with a report.
 //   seccomp-export [--without SYSCALL@KIND]
 //       prints the built-in filters as a --seccomp-filter JSON file, optionally without one syscall of one kind.
 import API
@@ -88,7 +88,7 @@ func seccompViolation(_ kindName: String?) throws {
     try SeccompFile.enable(disabled: false, filterFile: nil)
     let done = StartGate()
     try HostThread.start(name: "violation", kind: kind) {
-        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        let fd = socket(AF_PACKET, Int32(SOCK_RAW.rawValue), 0)
         emit("socket returned \(fd)") // only reached when the filter allowed it
         done.open()
     }

@@ -38,6 +38,10 @@ struct RunCommand: ParsableCommand {
     var memoryBackend: String?
     @Option(help: "Number of vCPUs.")
     var cpus: String = "1"
+    @Option(help: "Firmware image to start at the reset vector (a BIOS such as SeaBIOS's bios.bin, at most 256 KiB), instead of a kernel.")
+    var firmware: String?
+    @Flag(name: .customLong("bios"), help: "Boot SeaBIOS (\(RunCommand.seabiosPath), Debian package seabios): --firmware with that file. With --kernel (a bzImage), --initrd and --cmdline, SeaBIOS loads the kernel through fw_cfg (QEMU's linuxboot_dma.bin option ROM).")
+    var bios = false
     @Option(help: "Flat binary to run (needs --load-address; runs until HLT).")
     var flat: String?
     @Option(name: .customLong("load-address"), help: "Guest-physical load address of the flat binary.")
@@ -110,7 +114,7 @@ struct RunCommand: ParsableCommand {
         check(!cpuidMasks.isEmpty, "--cpuid-mask"); check(kernelEntry != "decompressed", "--kernel-entry")
         check(!disks.isEmpty, "--disk"); check(!nets.isEmpty, "--net"); check(vsock != nil, "--vsock")
         check(name != "swiftkvm", "--name"); check(rng, "--rng"); check(virtioConsole, "--virtio-console")
-        check(timeDilation != nil, "--time-dilation")
+        check(timeDilation != nil, "--time-dilation"); check(firmware != nil, "--firmware"); check(bios, "--bios")
         return given
     }
 
@@ -128,10 +132,24 @@ struct RunCommand: ParsableCommand {
         return (config, restoring)
     }
 
+    /// SeaBIOS as Debian installs it.
+    static let seabiosPath = "/usr/share/seabios/bios.bin"
+
     /// Turns the options into a configuration; every error is a usage error.
     func makeConfiguration() throws -> VMConfiguration {
         let payload: GuestPayload
-        if let flat {
+        if bios && firmware != nil {
+            throw VMMError.invalidConfiguration("--bios and --firmware cannot be used together (--bios is --firmware \(Self.seabiosPath))")
+        }
+        if let firmwarePath = bios ? Self.seabiosPath : firmware {
+            guard flat == nil, modules.isEmpty else {
+                throw VMMError.invalidConfiguration("--firmware/--bios cannot be used with --flat or --module (multiboot kernels through firmware are not supported yet)")
+            }
+            guard kernel != nil || (initrd == nil && cmdline == nil) else {
+                throw VMMError.invalidConfiguration("--initrd and --cmdline with --firmware/--bios need --kernel")
+            }
+            payload = .firmware(FirmwareSpec(path: firmwarePath, kernel: kernel, initrd: initrd, cmdline: cmdline ?? ""))
+        } else if let flat {
             guard kernel == nil else {
                 throw VMMError.invalidConfiguration("--flat and --kernel cannot be used together")
             }

@@ -21,6 +21,11 @@ struct SwiftKVM: ParsableCommand {
     /// Parses and runs the command. Usage errors (unknown options, bad values) print one line
     /// and exit with status 2, the code SwiftKVM documents for bad usage or input.
     static func main() {
+        // Log lines carry a local timestamp, and glibc's strftime calls tzset(), which stats
+        // /etc/localtime on every call while TZ is unset: a log line on a vCPU thread (whose seccomp
+        // filter has no stat) then killed the process. With TZ naming the same zone file, tzset()
+        // reads it once.
+        if getenv("TZ") == nil { setenv("TZ", ":/etc/localtime", 0) }
         // `swiftkvm vmm` / `firecracker` with the usual options: skip ArgumentParser's reflection
         // (a quarter of the start-up CPU time); anything else is parsed below as before.
         let args = arguments

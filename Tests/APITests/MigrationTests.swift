@@ -78,7 +78,16 @@ struct MigrationTests {
 
     @Test("over TCP on loopback: the same, with the report's passes, bytes and downtime")
     func tcpLoopback() throws {
-        let port = 20000 + Int(getpid() % 20000)
+        // A port the kernel just handed out (bound to 0, read back, released).
+        let probe = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        var addr = sockaddr_in()
+        addr.sin_family = sa_family_t(AF_INET)
+        addr.sin_addr.s_addr = inet_addr("127.0.0.1")
+        var len = socklen_t(MemoryLayout<sockaddr_in>.size)
+        _ = withUnsafeMutablePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(probe, $0, len) } }
+        _ = withUnsafeMutablePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(probe, $0, &len) } }
+        close(probe)
+        let port = Int(UInt16(bigEndian: addr.sin_port))
         let report = try migrate(to: "tcp:127.0.0.1:\(port)")
         #expect(report.passes >= 2 && report.bytesSent > 0 && report.downtimeMs > 0 && report.totalMs >= report.downtimeMs, "\(report)")
     }

@@ -55,7 +55,7 @@ struct ACPITablesTests {
         }
     }
 
-    @Test("the FADT is revision 6 with PM1a blocks at 0x600/0x604, SCI 9, RESET_REG 0x608, and matching 32/64-bit pointers")
+    @Test("the FADT is revision 6 with PM1a blocks at 0x600/0x604, SCI 9, RESET_REG 0x608, the 32-bit PM timer at 0x60c, and matching 32/64-bit pointers")
     func fadt() throws {
         let img = try image()
         let f = try #require(img.table("FACP"))
@@ -68,7 +68,8 @@ struct ACPITablesTests {
         #expect(f.getLE(UInt32.self, at: 48) == 0, "no SMI_CMD: always in ACPI mode")
         #expect(f.getLE(UInt32.self, at: 56) == 0x600 && f[88] == 4, "PM1a_EVT_BLK and PM1_EVT_LEN")
         #expect(f.getLE(UInt32.self, at: 64) == 0x604 && f[89] == 2, "PM1a_CNT_BLK and PM1_CNT_LEN")
-        #expect(f.getLE(UInt32.self, at: 76) == 0 && f[91] == 0, "no PM timer")
+        #expect(f.getLE(UInt32.self, at: 76) == 0x60c && f[91] == 4, "PM_TMR_BLK and PM_TMR_LEN")
+        #expect(f[208] == 1 && f[209] == 32 && f[211] == 3 && f.getLE(UInt64.self, at: 212) == 0x60c, "X_PM_TMR_BLK: SystemIO, 32 bits, dword access")
         // X_PM1a_EVT_BLK / X_PM1a_CNT_BLK: SystemIO, widths matching the legacy lengths.
         #expect(f[148] == 1 && f[149] == 32 && f.getLE(UInt64.self, at: 152) == 0x600)
         #expect(f[172] == 1 && f[173] == 16 && f.getLE(UInt64.self, at: 176) == 0x604)
@@ -76,6 +77,7 @@ struct ACPITablesTests {
         #expect(f[116] == 1 && f[117] == 8 && f[118] == 0 && f.getLE(UInt64.self, at: 120) == 0x608 && f[128] == 1)
         let flags = try #require(f.getLE(UInt32.self, at: 112))
         #expect(flags & (1 << 10) != 0, "RESET_REG_SUP")
+        #expect(flags & (1 << 8) != 0, "TMR_VAL_EXT: a 32-bit PM timer")
         #expect(flags & (1 << 20) == 0, "not HW_REDUCED_ACPI")
         #expect(f.getLE(UInt16.self, at: 109)! & 0x3 == 0x3, "IAPC_BOOT_ARCH: legacy devices and 8042")
         let facs = try #require(img.table("FACS"))

@@ -1,3 +1,4 @@
+import Synchronization
 import Testing
 @testable import Devices
 
@@ -83,5 +84,40 @@ struct ACPIPowerTests {
         #expect(d.readBytes(UInt64.max, count: 2) == [0, 0])
         d.writeBytes(UInt64.max, [1, 1])
         #expect(c.all.isEmpty)
+    }
+
+    @Test("the PM timer counts 3579545 per second of the monotonic clock, all 32 bits, wrapping; one sample per access; writes ignored")
+    func pmTimer() {
+        let now = ManualNanos(0)
+        let d = ACPIPower(control: RecordingControl(), monotonicNanos: { now.value })
+        func timer() -> UInt32 { d.readBytes(ACPIPower.Offset.pmTimer, count: 4).reversed().reduce(0) { $0 << 8 | UInt32($1) } }
+        #expect(timer() == 0)
+        now.value = 1_000_000_000
+        #expect(timer() == 3_579_545)
+        now.value = 1_000_000_279                       // one more tick is 279.4 ns
+        #expect(timer() == 3_579_545)
+        now.value = 1_000_000_280
+        #expect(timer() == 3_579_546)
+        // 2^32 ticks is 1199.86 s: the counter wraps with all 32 bits in use.
+        now.value = 1_199_000_000_000
+        #expect(timer() == UInt32(truncatingIfNeeded: UInt64(1_199) * 3_579_545))
+        now.value = 1_200_000_000_000
+        #expect(timer() == UInt32(truncatingIfNeeded: UInt64(1_200) * 3_579_545))
+        #expect(timer() < 3_579_545 * 2, "wrapped past 2^32")
+        d.writeBytes(ACPIPower.Offset.pmTimer, [1, 2, 3, 4])
+        #expect(timer() == UInt32(truncatingIfNeeded: UInt64(1_200) * 3_579_545))
+        #expect(d.readBytes(ACPIPower.Offset.pmTimer + 2, count: 1)[0] == UInt8(truncatingIfNeeded: timer() >> 16))
+        // The largest clock value neither traps nor loses the low bits' rate.
+        #expect(ACPIPower.pmTimerValue(nanos: UInt64.max) &- ACPIPower.pmTimerValue(nanos: UInt64.max - 1_000_000_000) == 3_579_545)
+    }
+}
+
+/// A settable clock for the PM timer.
+final class ManualNanos: @unchecked Sendable {
+    private let lock = Mutex<UInt64>(0)
+    init(_ v: UInt64) { value = v }
+    var value: UInt64 {
+        get { lock.withLock { $0 } }
+        set { lock.withLock { $0 = newValue } }
     }
 }

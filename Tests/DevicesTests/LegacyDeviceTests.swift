@@ -181,7 +181,7 @@ struct CMOSRTCTests {
         #expect(reg(noon, 0x04) == 0x80 | 12)
     }
 
-    @Test("register A never shows update-in-progress, C reads 0 and D reports valid RAM")
+    @Test("register A ignores writes to UIP (clear mid-second), C reads 0 with no time passed and D reports valid RAM")
     func statusRegisters() {
         let rtc = CMOSRTC(clock: { Self.when })
         setReg(rtc, 0x0A, 0xA6)

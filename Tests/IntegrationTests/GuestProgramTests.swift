@@ -189,7 +189,7 @@ func expectPass(_ r: GuestReport, checks: [String], sourceLocation: SourceLocati
 
 @Suite("Guest test program images (no /dev/kvm needed)")
 struct GuestProgramImageTests {
-    static let programs = ["boot", "serial", "cpuid_msr", "rtc", "timers", "i8042", "usermode", "fault", "int3", "smp", "exits", "acpi"]
+    static let programs = ["boot", "serial", "cpuid_msr", "rtc", "timers", "i8042", "usermode", "fault", "int3", "smp", "exits", "acpi", "fwcfg", "rtc_irq", "pmtimer"]
 
     @Test("every program builds as an ELF32 multiboot image with its header at offset 0 and a flat image with the 64-bit entry at 0x40",
           arguments: programs)

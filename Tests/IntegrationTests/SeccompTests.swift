@@ -50,7 +50,7 @@ struct SeccompTests {
             #expect(MCSupport.wait(seconds: 30) { MCSupport.ticks(in: vm.stdout.text) >= 20 })
             let threads = Self.threads(of: vm.pid)
             let names = Set(threads.map(\.name))
-            for needed in ["vcpu 0", "virtio-blk0", "virtio-blk-io", "console"] {
+            for needed in ["vcpu 0", "virtio-blk0", "virtio-blk-io", "console", "rtc"] {
                 #expect(names.contains(needed), "thread \(needed) among \(names.sorted())")
             }
             for t in threads {
