@@ -243,8 +243,17 @@ struct DaemonRouter: Sendable {
             var action: String
             var timeout_s: Double?
             var path: String?
+            var destination: String?
+            var max_downtime_ms: Int?
         }
-        let b: Body = try decode(Body.self, body, keys: ["action", "timeout_s", "path"])
+        let b: Body = try decode(Body.self, body, keys: ["action", "timeout_s", "path", "destination", "max_downtime_ms"])
+        if b.action == "migrate" {
+            guard let destination = b.destination else { throw ManagerError(.invalid, "action `migrate` needs key `destination` (unix:PATH or tcp:HOST:PORT)") }
+            return DaemonReply(status: 200, body: try manager.migrate(name, to: destination, maxDowntimeMs: b.max_downtime_ms))
+        }
+        guard b.destination == nil, b.max_downtime_ms == nil else {
+            throw ManagerError(.invalid, "keys `destination` and `max_downtime_ms` are only for action `migrate`")
+        }
         guard (b.action == "save") == (b.path != nil) else {
             throw ManagerError(.invalid, b.action == "save" ? "action `save` needs key `path` (the snapshot directory)" : "key `path` is only for action `save`")
         }
@@ -260,7 +269,7 @@ struct DaemonRouter: Sendable {
         case "resume": info = try manager.resume(name)
         case "save": info = try manager.save(name, to: b.path ?? "")
         default:
-            throw ManagerError(.invalid, "unknown action `\(b.action)` (key `action`), expected one of `start`, `shutdown`, `destroy`, `pause`, `resume`, `save`")
+            throw ManagerError(.invalid, "unknown action `\(b.action)` (key `action`), expected one of `start`, `shutdown`, `destroy`, `pause`, `resume`, `save`, `migrate`")
         }
         return .json(200, info)
     }

@@ -39,6 +39,8 @@ public final class VMManager: @unchecked Sendable {
         var startedAt: Date?
         var lastExit: VMExitInfo?
         var destroying = false
+        /// The run's guest moved to another VMM (`migrate`): its vmm's exit is reported as `migrated`.
+        var migrated = false
         /// Incremented per run, so a late exit notice of an old run changes nothing.
         var generation: UInt64 = 0
         /// Serializes start/shutdown/pause/resume of this VM.
@@ -285,6 +287,7 @@ public final class VMManager: @unchecked Sendable {
             guard r.state == .shutOff else { throw conflict(name, r.state, "start") }
             r.state = .starting
             r.destroying = false
+            r.migrated = false
             r.generation += 1
             return r.definition
         }
@@ -345,6 +348,36 @@ public final class VMManager: @unchecked Sendable {
         return try destroy(name, starting: false)
     }
 
+    /// `virsh migrate --live`: moves the running VM to `destination` (`unix:PATH` or `tcp:HOST:PORT`,
+    /// where a `swiftkvm vmm --incoming` waits) with `PUT /migrate`; returns the vmm's report (JSON)
+    /// once the target runs it, and this VM is then shut off here. On a failure it keeps running.
+    public func migrate(_ name: String, to destination: String, maxDowntimeMs: Int?) throws(ManagerError) -> [UInt8] {
+        let r = try record(name)
+        r.actionLock.lock()
+        defer { r.actionLock.unlock() }
+        try lock.withLock { () throws(ManagerError) in
+            guard r.state == .running || r.state == .paused else { throw conflict(name, r.state, "migrate") }
+        }
+        struct Body: Encodable { var destination: String; var max_downtime_ms: Int? }
+        let body = Array((try? JSONEncoder().encode(Body(destination: destination, max_downtime_ms: maxDowntimeMs))) ?? Data())
+        events.emit(vm: name, "migrating", destination)
+        let reply: HTTPResponse
+        do {
+            reply = try UnixHTTPClient(socketPath: paths.apiSocket(name), timeout: 3600).request("PUT", "/migrate", body: body)
+        } catch {
+            throw ManagerError(.host, "vm '\(name)': migration to \(destination) failed: \(error)")
+        }
+        guard reply.status == 200 else {
+            let kind: ManagerError.Kind = reply.status == 400 && (reply.faultMessage ?? "").contains("Invalid") ? .invalid : .host
+            throw ManagerError(kind, "vm '\(name)': \(reply.faultMessage ?? reply.text)")
+        }
+        lock.withLock { r.migrated = true }
+        events.emit(vm: name, "migrated", destination)
+        // The vmm exits on its own once it answered.
+        _ = waitStopped(r, generation: lock.withLock { r.generation }, seconds: 10)
+        return reply.body
+    }
+
     /// `virsh restore`: starts the VM saved in `dir` (by `save`) from its snapshot, running at
     /// once. A VM of that name that is not defined is defined from the saved definition; one that
     /// is must be shut off, and runs with the saved definition (its networks and disks are those of
@@ -368,6 +401,7 @@ public final class VMManager: @unchecked Sendable {
             guard r.state == .shutOff else { throw conflict(saved.name, r.state, "start") }
             r.state = .starting
             r.destroying = false
+            r.migrated = false
             r.generation += 1
         }
         events.emit(vm: saved.name, "restoring", dir)
@@ -523,6 +557,7 @@ public final class VMManager: @unchecked Sendable {
                 if let code = exit.code {
                     status = Int(code)
                     switch code {
+                    case 0 where r.migrated: reason = "migrated"
                     case 0: reason = "poweroff"
                     case 3: reason = "reset"
                     case 129...192: reason = "signal"

@@ -16,7 +16,7 @@ struct VMCommand: ParsableCommand {
         with 1 (daemon not running, unknown VM, refused action); usage errors exit with 2.
         """,
         subcommands: [VMDefineCommand.self, VMUndefineCommand.self, VMListCommand.self, VMStartCommand.self, VMShutdownCommand.self, VMDestroyCommand.self,
-                      VMPauseCommand.self, VMResumeCommand.self, VMSaveCommand.self, VMRestoreCommand.self, VMInfoCommand.self, VMConsoleCommand.self, VMAutostartCommand.self, VMEventsCommand.self]
+                      VMPauseCommand.self, VMResumeCommand.self, VMSaveCommand.self, VMRestoreCommand.self, VMMigrateCommand.self, VMInfoCommand.self, VMConsoleCommand.self, VMAutostartCommand.self, VMEventsCommand.self]
     )
 
     @OptionGroup var options: VMSocketOptions
@@ -190,6 +190,24 @@ struct VMSaveCommand: ParsableCommand {
         try vmRun { () throws(ManagerError) in
             _ = try options.client.save(name, to: absolutePath(directory))
             vmPrint("VM '\(name)' saved to \(directory)")
+        }
+    }
+}
+
+struct VMMigrateCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "migrate",
+        abstract: "Live-migrate a running VM to a `swiftkvm vmm --incoming ADDR` (virsh migrate --live).",
+        discussion: "Prints the report (passes, bytes sent, downtime) as JSON. On success the VM runs at the destination and is shut off here; on a failure it keeps running here. VMs with disks cannot migrate yet.")
+    @ParentCommand var parent: VMCommand
+    var options: VMSocketOptions { parent.options }
+    @Argument(help: "The VM's name.") var name: String
+    @Option(help: "Where the target waits: unix:PATH or tcp:HOST:PORT.") var to: String
+    @Option(name: .customLong("max-downtime"), help: "Longest pause for the last pass, in milliseconds (default 300).") var maxDowntime: Int?
+
+    func run() throws {
+        try vmRun { () throws(ManagerError) in
+            vmPrint(try options.client.migrate(name, to: to, maxDowntimeMs: maxDowntime))
         }
     }
 }

@@ -1,5 +1,8 @@
 import Foundation
 import Testing
+#if canImport(Glibc)
+import Glibc
+#endif
 @testable import Manager
 
 @Suite("Daemon with real VMs (ticker guests, /dev/kvm)", .serialized, .enabled(if: ManagerSupport.canRunGuests, "needs /dev/kvm, the swiftkvm executable and guest/build/ticker.elf"))
@@ -100,6 +103,36 @@ struct DaemonGuestTests {
         let corrupt = try f.call("POST", "/vms/restore", #"{"path": "\#(snap)"}"#)
         #expect(corrupt.status == 400 && corrupt.text.contains("SKVMSNAP"), "\(corrupt.text)")
         #expect(try f.info("s1").state == .shutOff)
+    }
+
+    @Test("migrate moves a running VM to a vmm --incoming: the report comes back, the VM is shut off here with reason migrated, and the guest ticks on at the target; a missing destination key is 400, a shut-off VM 409")
+    func migrate() throws {
+        let f = try DaemonFixture()
+        defer { f.cleanup() }
+        #expect(try f.call("POST", "/vms", ManagerSupport.tickerDefinition("m1")).status == 201)
+        #expect(try f.call("PUT", "/vms/m1/state", #"{"action": "migrate", "destination": "unix:/tmp/x"}"#).status == 409)
+        #expect(try f.action("m1", "start").status == 200)
+        let info = try f.info("m1")
+        #expect(ManagerSupport.wait(seconds: 30) { ManagerSupport.ticks(in: info.serialLog) >= 3 })
+        #expect(try f.call("PUT", "/vms/m1/state", #"{"action": "migrate"}"#).status == 400)
+        let inbound = "/tmp/skm-in-\(getpid()).sock", api = "/tmp/skm-target-\(getpid()).sock", out = f.dir.path + "/target.out"
+        unlink(api)
+        FileManager.default.createFile(atPath: out, contents: nil)
+        let target = Process()
+        target.executableURL = URL(fileURLWithPath: try #require(ManagerSupport.swiftkvm))
+        target.arguments = ["vmm", "--api-sock", api, "--incoming", "unix:" + inbound]
+        target.standardOutput = FileHandle(forWritingAtPath: out)
+        target.standardError = FileHandle.nullDevice
+        try target.run()
+        defer { if target.isRunning { kill(target.processIdentifier, SIGTERM); target.waitUntilExit() } }
+        #expect(ManagerSupport.wait(seconds: 10) { FileManager.default.fileExists(atPath: inbound) })
+        let r = try f.call("PUT", "/vms/m1/state", #"{"action": "migrate", "destination": "unix:\#(inbound)"}"#)
+        #expect(r.status == 200 && r.text.contains("downtime_ms"), "\(r.text)")
+        let after = try f.info("m1")
+        #expect(after.state == .shutOff && after.lastExit?.reason == "migrated", "\(after)")
+        #expect(ManagerSupport.wait(seconds: 30) { ManagerSupport.ticks(in: out) >= 5 }, "the guest ticks at the target")
+        let events = f.daemon.manager?.events.events(since: 0).map(\.event) ?? []
+        #expect(events.contains("migrating") && events.contains("migrated"))
     }
 
     @Test("start twice is 409, destroy kills the vmm (destroyed), a running VM cannot be undefined")

@@ -174,6 +174,13 @@ public struct VMClient: Sendable {
         return try call("PUT", "/vms/\(Self.pathComponent(name))/state", body: bytes, timeout: 900, decode: Self.decodeVM)
     }
 
+    /// `PUT /vms/NAME/state` with action `migrate`: live migration to `destination`; returns the report's JSON.
+    public func migrate(_ name: String, to destination: String, maxDowntimeMs: Int?) throws(ManagerError) -> String {
+        struct Body: Encodable { var action = "migrate", destination: String, max_downtime_ms: Int? }
+        let bytes = Array((try? JSONEncoder().encode(Body(destination: destination, max_downtime_ms: maxDowntimeMs))) ?? Data())
+        return try call("PUT", "/vms/\(Self.pathComponent(name))/state", body: bytes, timeout: 3700) { String(decoding: $0.body, as: UTF8.self) }
+    }
+
     /// `POST /vms/restore`: start the VM saved in the directory `path` (absolute) from its snapshot.
     public func restore(from path: String) throws(ManagerError) -> VMSummary {
         struct Body: Encodable { var path: String }
