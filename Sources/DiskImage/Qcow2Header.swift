@@ -212,22 +212,24 @@ public struct Qcow2Header: Sendable, Equatable {
         guard UInt64(l1Size) >= neededL1 else {
             throw bad("l1_size \(l1Size) at offset 36 is too small for the virtual size \(virtualSize) (needs \(neededL1))")
         }
-        func checkTable(_ off: UInt64, _ bytes: UInt64, _ name: String, _ fieldOffset: Int) throws {
+        // The L1 and refcount tables may reach past the end of a truncated file: qemu reads zeros there and
+        // reports the damage in check, so only their offsets and sizes are checked here.
+        func checkTable(_ off: UInt64, _ bytes: UInt64, _ name: String, _ fieldOffset: Int, pastEnd: Bool = false) throws {
             guard off % cs == 0 else { throw bad("\(name) offset \(off) (header offset \(fieldOffset)) is not cluster aligned") }
             if bytes > 0 {
                 guard off != 0 else { throw bad("\(name) at offset 0 overlaps the header (header offset \(fieldOffset))") }
                 let (end, o) = off.addingReportingOverflow(bytes)
-                guard !o && end <= fileSize else {
+                guard !o && end <= Qcow2Limits.offsetMask && (pastEnd || end <= fileSize) else {
                     throw bad("\(name) at offset \(off) (\(bytes) bytes) is past the end of the \(fileSize)-byte file")
                 }
             }
         }
-        try checkTable(l1TableOffset, UInt64(l1Size) * 8, "L1 table", 40)
+        try checkTable(l1TableOffset, UInt64(l1Size) * 8, "L1 table", 40, pastEnd: true)
         guard refcountTableClusters > 0 else { throw bad("refcount_table_clusters at offset 56 is 0") }
         guard UInt64(refcountTableClusters) * cs <= Qcow2Limits.maxRefcountTableBytes else {
             throw bad("refcount_table_clusters \(refcountTableClusters) at offset 56 exceeds the limit of \(Qcow2Limits.maxRefcountTableBytes) bytes")
         }
-        try checkTable(refcountTableOffset, UInt64(refcountTableClusters) * cs, "refcount table", 48)
+        try checkTable(refcountTableOffset, UInt64(refcountTableClusters) * cs, "refcount table", 48, pastEnd: true)
         guard nbSnapshots <= Qcow2Limits.maxSnapshots else {
             throw bad("nb_snapshots \(nbSnapshots) at offset 60 exceeds the limit of \(Qcow2Limits.maxSnapshots)")
         }

@@ -415,7 +415,9 @@ struct ImgCheck: ParsableCommand {
             if mode != nil && forceShare { throw forceShareWriteError(file) }
             let locks = try lockImage(file, format: format, mode == nil ? .read(forceShare: forceShare) : .write)
             defer { locks.releaseAll() }
-            let img = try Qcow2Image(path: file, options: .init(readOnly: mode == nil, ignoreBackingFile: true))
+            var opts = ImageOpenOptions(readOnly: mode == nil, ignoreBackingFile: true)
+            opts.forCheck = true
+            let img = try Qcow2Image(path: file, options: opts)
             result = try img.check(repair: mode)
             try img.close()
         } catch let e as DiskImageError {
@@ -437,8 +439,12 @@ struct ImgCheck: ParsableCommand {
             if result.fragmentedClusters > 0 { kv.append(("fragmented-clusters", .uint(result.fragmentedClusters))) }
             if result.compressedClusters > 0 { kv.append(("compressed-clusters", .uint(result.compressedClusters))) }
             print(ImgJSON.object(kv).render())
-        } else if !quiet {
-            for m in result.messages.prefix(100) { print(m) }
+        }
+        // The findings go to stderr, as qemu-img prints them.
+        if !quiet {
+            for m in result.messages.prefix(1000) { writeText(m + "\n", to: STDERR_FILENO) }
+        }
+        if output != "json" && !quiet && result.checkErrors == 0 {
             if result.leaksFixed > 0 || result.corruptionsFixed > 0 {
                 print("The following inconsistencies were found and repaired:\n")
                 print("    \(result.leaksFixed) leaked clusters")
@@ -458,7 +464,14 @@ struct ImgCheck: ParsableCommand {
                          Double(result.compressedClusters) * 100 / Double(max(result.allocatedClusters, 1))))
             print("Image end offset: \(result.imageEndOffset)")
         }
-        if result.checkErrors > 0 { throw ExitCode(1) }
+        if result.checkErrors > 0 {
+            writeText("swiftkvm img: Check failed\(mode != nil ? ": the image was not repaired" : "")\n", to: STDERR_FILENO)
+            throw ExitCode(1)
+        }
+        if mode != nil && (result.corruptions > 0 || (mode == .all && result.leaks > 0)) {
+            // Never let a repair look like a success when the image is still not clean.
+            writeText("swiftkvm img: the repair did not make the image clean: \(result.corruptions) corruptions and \(result.leaks) leaked clusters remain\n", to: STDERR_FILENO)
+        }
         if result.corruptions > 0 { throw ExitCode(2) }
         if result.leaks > 0 { throw ExitCode(3) }
     }
