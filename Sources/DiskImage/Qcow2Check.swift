@@ -124,6 +124,10 @@ final class RefcountCheck {
     var rebuild = false
     var highest: UInt64 = 0
     let maxMessages = 2000
+    /// The end of the highest region anything references (up to `rebuildGuard` past the end of the file): a
+    /// rebuilt refcount structure goes after it, so it never lands on a cluster a damaged entry still points to.
+    var referencedEnd: UInt64 = 0
+    static let rebuildGuard: UInt64 = 1 << 30
 
     init(_ img: Qcow2Image, repair: Qcow2RepairMode?) throws {
         self.img = img
@@ -176,6 +180,7 @@ final class RefcountCheck {
             let msgs = r.messages
             let errs = r.checkErrors
             r = saved
+            r.corruptions += snapshotCorruptions
             r.messages = msgs
             r.checkErrors = errs
             r.leaksFixed = fixedLeaks
@@ -223,6 +228,7 @@ final class RefcountCheck {
         if size == 0 { return }
         // The last cluster may be partly past the end of the file, never a whole cluster or more.
         let (end, o) = offset.addingReportingOverflow(size)
+        if !o && end <= fileLen + Self.rebuildGuard { referencedEnd = max(referencedEnd, end) }
         if o || (end > fileLen && end - fileLen >= cs) {
             say("ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset 0x\(hex(offset)) size 0x\(hex(size))")
             r.corruptions += 1
@@ -242,7 +248,13 @@ final class RefcountCheck {
         }
     }
 
+    /// Whether `readSnapshotTable` reports problems (once per run, as qemu checks the table once before the
+    /// refcounts).
+    var countSnapshotProblems = true
+    var snapshotCorruptions = 0
+
     func calculate(fix: Qcow2RepairMode?) throws {
+        defer { countSnapshotProblems = false }
         let h = img.header
         refs = [UInt64](repeating: 0, count: Int((fileLen + cs - 1) / cs))
         inc(0, cs)
@@ -272,9 +284,16 @@ final class RefcountCheck {
         let h = img.header
         var out: [(UInt64, UInt32)] = []
         var pos = h.snapshotsOffset
-        for _ in 0..<Int(h.nbSnapshots) {
+        for n in 0..<Int(h.nbSnapshots) {
             guard let fixed = try? file.pread(at: pos, count: Qcow2Snapshot.size) else { break }
-            let varLen = Int(fixed.be32(36)) + Int(fixed.be16(12)) + Int(fixed.be16(14))
+            let extra = Int(fixed.be32(36))
+            let varLen = extra + Int(fixed.be16(12)) + Int(fixed.be16(14))
+            if h.version >= 3 && extra < 16 && countSnapshotProblems {
+                // Version 3 entries carry at least the 64-bit VM state size and the disk size.
+                say("ERROR snapshot table entry \(n) is incomplete (extra data of \(extra) bytes at offset \(pos + 36), at least 16 needed)")
+                r.corruptions += 1
+                snapshotCorruptions += 1
+            }
             out.append((fixed.be64(0), fixed.be32(8)))
             pos += UInt64((40 + varLen + 7) & ~7)
         }
@@ -498,7 +517,8 @@ final class RefcountCheck {
         guard ti < refTable.count else { return 0 }
         let boff = refTable[ti] & ~Qcow2Masks.refTableReserved
         if boff == 0 { return 0 }
-        if boff & (cs - 1) != 0 { return nil }
+        // Unaligned, or beyond any file: unreadable (qemu's read fails with EIO).
+        if boff & (cs - 1) != 0 || !ImageFile.representable(boff, Int(cs)) { return nil }
         guard let b = block(boff) else { return nil }
         return Qcow2Image.getRefcount(b, Int(c % refBlockEntries), bits: bits)
     }
@@ -555,7 +575,7 @@ final class RefcountCheck {
     func rebuildStructure() throws {
         var end = UInt64(refs.count)
         while end > 0 && refs[Int(end - 1)] == 0 { end -= 1 }
-        let start = max(end, (fileLen + cs - 1) / cs)
+        let start = max(end, (max(fileLen, referencedEnd) + cs - 1) / cs)
         let perTableCluster = cs / 8
         var tClusters: UInt64 = 1
         var needed: [UInt64] = []

@@ -233,7 +233,7 @@ public struct Qcow2Header: Sendable, Equatable {
         guard nbSnapshots <= Qcow2Limits.maxSnapshots else {
             throw bad("nb_snapshots \(nbSnapshots) at offset 60 exceeds the limit of \(Qcow2Limits.maxSnapshots)")
         }
-        if nbSnapshots > 0 { try checkTable(snapshotsOffset, UInt64(nbSnapshots) * 40, "snapshot table", 64) }
+        if nbSnapshots > 0 { try checkTable(snapshotsOffset, UInt64(nbSnapshots) * 40, "snapshot table", 64, pastEnd: true) }
         // Tables must not overlap each other.
         if l1Size > 0 {
             let l1End = l1TableOffset + UInt64(l1Size) * 8
