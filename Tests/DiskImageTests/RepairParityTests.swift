@@ -232,15 +232,110 @@ struct RepairParityTests {
         return ((d["corruptions"] as? Int) ?? 0, (d["leaks"] as? Int) ?? 0)
     }
 
-    @Test("on 210 damaged images: check verdicts equal qemu-img's, intact data reads back as in qemu, and repairs end clean wherever qemu's do, with no false success")
+    /// What the corpus measured.
+    struct Stats {
+        var cases = 0
+        var verdictSame = 0, countsSame = 0, infoSame = 0
+        var verdictDiff: [String] = [], infoDiff: [String] = []
+        var qemuReads = 0, oursReads = 0, readMismatch: [String] = []
+        var cleaned: [String: (qemu: Int, ours: Int)] = ["all": (0, 0), "leaks": (0, 0)]
+        var missed: [String] = [], falseClaims: [String] = [], dataDiffers: [String] = []
+
+        func summary(_ what: String) -> String {
+            """
+            \(what): \(cases) images; check verdict (exit code) same as qemu-img: \(verdictSame), with same \
+            corruption and leak counts: \(countsSame); info exit code same: \(infoSame); \
+            qemu reads \(qemuReads), ours reads \(oursReads) of those, read mismatches: \(readMismatch.count); \
+            -r all cleaned: qemu \(cleaned["all"]!.qemu), ours \(cleaned["all"]!.ours); \
+            -r leaks cleaned: qemu \(cleaned["leaks"]!.qemu), ours \(cleaned["leaks"]!.ours); \
+            qemu clean but ours not: \(missed.count); false success claims: \(falseClaims.count); \
+            repaired data differs: \(dataDiffers.count)
+            """
+        }
+    }
+
+    /// Runs both tools on one damaged image (bytes `b`) and records the comparison.
+    func evaluate(_ b: [UInt8], name: String, at p: String, into st: inout Stats) throws {
+        st.cases += 1
+        try Data(b).write(to: URL(fileURLWithPath: p))
+        defer { try? FileManager.default.removeItem(atPath: p) }
+
+        // info and check
+        let qi = try Tools.qemuImg("info", "--output=json", p)
+        let oi = try ours(["info", "--output=json", p])
+        if qi.status == oi.status { st.infoSame += 1 } else { st.infoDiff.append("\(name): qemu \(qi.status), ours \(oi.status) \(oi.stderr.prefix(300))\(qi.stderr.prefix(300))") }
+        let q = try Tools.qemuImg("check", "--output=json", p)
+        let o = try ours(["check", "--output=json", p])
+        if q.status == o.status { st.verdictSame += 1 } else { st.verdictDiff.append("\(name): qemu \(q.status), ours \(o.status) \(o.stderr.prefix(300)) / qemu: \(q.stderr.prefix(300))") }
+        if q.status == o.status && counts(q.stdout) == counts(o.stdout) { st.countsSame += 1 }
+
+        // reading
+        let qr = try Tools.qemuImg("convert", "-O", "raw", p, p + ".q.raw")
+        let or = try ours(["convert", "-O", "raw", p, p + ".o.raw"])
+        if qr.status == 0 {
+            st.qemuReads += 1
+            if or.status == 0 {
+                st.oursReads += 1
+                if try fileBytes(p + ".q.raw") != fileBytes(p + ".o.raw") { st.readMismatch.append("\(name): different bytes") }
+            } else {
+                st.readMismatch.append("\(name): qemu reads, ours: \(or.stderr.prefix(200))")
+            }
+        }
+        try? FileManager.default.removeItem(atPath: p + ".q.raw")
+        try? FileManager.default.removeItem(atPath: p + ".o.raw")
+
+        // repair
+        for mode in ["all", "leaks"] {
+            let qp = p + ".q-\(mode)", op = p + ".o-\(mode)"
+            try Data(b).write(to: URL(fileURLWithPath: qp))
+            try Data(b).write(to: URL(fileURLWithPath: op))
+            defer {
+                try? FileManager.default.removeItem(atPath: qp)
+                try? FileManager.default.removeItem(atPath: op)
+            }
+            try Tools.qemuImg("check", "-r", mode, qp)
+            let qAfter = try Tools.qemuImg("check", qp).status
+            let oRepair = try ours(["check", "-r", mode, op])
+            let oAfter = try Tools.qemuImg("check", op)
+            if qAfter == 0 { st.cleaned[mode]!.qemu += 1 }
+            if oAfter.status == 0 { st.cleaned[mode]!.ours += 1 }
+            if qAfter == 0 && oAfter.status != 0 {
+                st.missed.append("\(name) -r \(mode): qemu's repair is clean, ours leaves exit \(oAfter.status): \(oAfter.stderr.prefix(300)) / ours said \(oRepair.status): \(oRepair.stderr.prefix(300))")
+            }
+            if oRepair.status == 0 && oAfter.status != 0 {
+                st.falseClaims.append("\(name) -r \(mode): ours exited 0, qemu-img check exits \(oAfter.status): \(oAfter.stderr.prefix(300))")
+            }
+            if qAfter == 0 && oAfter.status == 0 && mode == "all" {
+                // Both repaired images read the same through qemu (or fail the same way).
+                let a = try Tools.qemuImg("convert", "-O", "raw", qp, qp + ".raw")
+                let b = try Tools.qemuImg("convert", "-O", "raw", op, op + ".raw")
+                var same = a.status == b.status
+                if same && a.status == 0 { same = try fileBytes(qp + ".raw") == fileBytes(op + ".raw") }
+                if !same { st.dataDiffers.append("\(name): qemu's repair reads \(a.status), ours \(b.status) \(b.stderr.prefix(200))") }
+                try? FileManager.default.removeItem(atPath: qp + ".raw")
+                try? FileManager.default.removeItem(atPath: op + ".raw")
+            }
+        }
+    }
+
+    func expectParity(_ st: Stats, sameVerdicts: Bool) {
+        #expect(st.falseClaims.isEmpty, "\(st.falseClaims.prefix(10).joined(separator: "\n"))")
+        #expect(st.missed.isEmpty, "\(st.missed.prefix(10).joined(separator: "\n"))")
+        #expect(st.readMismatch.isEmpty, "\(st.readMismatch.prefix(10).joined(separator: "\n"))")
+        #expect(st.dataDiffers.isEmpty, "\(st.dataDiffers.prefix(10).joined(separator: "\n"))")
+        if sameVerdicts {
+            #expect(st.verdictDiff.isEmpty, "\(st.verdictDiff.prefix(10).joined(separator: "\n"))")
+            #expect(st.countsSame == st.cases)
+            #expect(st.infoDiff.isEmpty, "\(st.infoDiff.prefix(10).joined(separator: "\n"))")
+        }
+    }
+
+    @Test("on 210 damaged images: check verdicts and counts equal qemu-img's, intact data reads back as in qemu, and repairs end clean wherever qemu's do, with no false success")
     func corpus() throws {
         let d = try TempDir()
         let bases = try DamagedImageCorpus.makeBases(in: d)
         let baseBytes = try bases.map { try fileBytes($0) }
-        var verdictSame = 0, countsSame = 0, verdictDiff: [String] = []
-        var qemuReads = 0, oursReads = 0, readMismatch: [String] = []
-        var cleaned: [String: (qemu: Int, ours: Int)] = ["all": (0, 0), "leaks": (0, 0)]
-        var missed: [String] = [], falseClaims: [String] = [], dataDiffers: [String] = []
+        var st = Stats()
         let kinds = DamagedImageCorpus.Damage.allCases
         for n in 0..<Self.cases {
             var rng = SplitMix(seed: Self.seed &+ UInt64(n))
@@ -248,80 +343,46 @@ struct RepairParityTests {
             let li = (n / kinds.count) % bases.count
             var b = baseBytes[li]
             let what = DamagedImageCorpus.damage(&b, kind, &rng)
-            let name = "case \(n) [\(DamagedImageCorpus.layouts[li].name), \(kind.rawValue)]: \(what)"
-            let p = d.file("c\(n).qcow2")
-            try Data(b).write(to: URL(fileURLWithPath: p))
-
-            // check
-            let q = try Tools.qemuImg("check", "--output=json", p)
-            let o = try ours(["check", "--output=json", p])
-            if q.status == o.status { verdictSame += 1 } else { verdictDiff.append("\(name): qemu \(q.status), ours \(o.status) \(o.stderr.prefix(300))") }
-            if q.status == o.status && counts(q.stdout) == counts(o.stdout) { countsSame += 1 }
-
-            // reading
-            let qr = try Tools.qemuImg("convert", "-O", "raw", p, p + ".q.raw")
-            let or = try ours(["convert", "-O", "raw", p, p + ".o.raw"])
-            if qr.status == 0 {
-                qemuReads += 1
-                if or.status == 0 {
-                    oursReads += 1
-                    if try fileBytes(p + ".q.raw") != fileBytes(p + ".o.raw") { readMismatch.append("\(name): different bytes") }
-                } else {
-                    readMismatch.append("\(name): qemu reads, ours: \(or.stderr.prefix(200))")
-                }
-            }
-            try? FileManager.default.removeItem(atPath: p + ".q.raw")
-            try? FileManager.default.removeItem(atPath: p + ".o.raw")
-
-            // repair
-            for mode in ["all", "leaks"] {
-                let qp = p + ".q-\(mode)", op = p + ".o-\(mode)"
-                try Data(b).write(to: URL(fileURLWithPath: qp))
-                try Data(b).write(to: URL(fileURLWithPath: op))
-                try Tools.qemuImg("check", "-r", mode, qp)
-                let qAfter = try Tools.qemuImg("check", qp).status
-                let oRepair = try ours(["check", "-r", mode, op])
-                let oAfter = try Tools.qemuImg("check", op)
-                if qAfter == 0 { cleaned[mode]!.qemu += 1 }
-                if oAfter.status == 0 { cleaned[mode]!.ours += 1 }
-                if qAfter == 0 && oAfter.status != 0 {
-                    missed.append("\(name) -r \(mode): qemu's repair is clean, ours leaves exit \(oAfter.status): \(oAfter.stderr.prefix(300)) / ours said \(oRepair.status): \(oRepair.stderr.prefix(300))")
-                }
-                if oRepair.status == 0 && oAfter.status != 0 {
-                    falseClaims.append("\(name) -r \(mode): ours exited 0, qemu-img check exits \(oAfter.status): \(oAfter.stderr.prefix(300))")
-                }
-                if qAfter == 0 && oAfter.status == 0 && mode == "all" {
-                    // Both repaired images read the same through qemu (or fail the same way).
-                    let a = try Tools.qemuImg("convert", "-O", "raw", qp, qp + ".raw")
-                    let b = try Tools.qemuImg("convert", "-O", "raw", op, op + ".raw")
-                    var same = a.status == b.status
-                    if same && a.status == 0 { same = try fileBytes(qp + ".raw") == fileBytes(op + ".raw") }
-                    if !same {
-                        dataDiffers.append("\(name): qemu's repair reads \(a.status), ours \(b.status) \(b.stderr.prefix(200))")
-                    }
-                    try? FileManager.default.removeItem(atPath: qp + ".raw")
-                    try? FileManager.default.removeItem(atPath: op + ".raw")
-                }
-                try? FileManager.default.removeItem(atPath: qp)
-                try? FileManager.default.removeItem(atPath: op)
-            }
-            try? FileManager.default.removeItem(atPath: p)
+            try evaluate(b, name: "case \(n) [\(DamagedImageCorpus.layouts[li].name), \(kind.rawValue)]: \(what)",
+                         at: d.file("c\(n).qcow2"), into: &st)
         }
-        let summary = """
-            repair parity on \(Self.cases) damaged images (seed 0x\(String(Self.seed, radix: 16))): \
-            check verdict (exit code) same as qemu-img: \(verdictSame), with same counts: \(countsSame); \
-            qemu reads \(qemuReads), ours reads \(oursReads) of those, read mismatches: \(readMismatch.count); \
-            -r all cleaned: qemu \(cleaned["all"]!.qemu), ours \(cleaned["all"]!.ours); \
-            -r leaks cleaned: qemu \(cleaned["leaks"]!.qemu), ours \(cleaned["leaks"]!.ours); \
-            qemu clean but ours not: \(missed.count); false success claims: \(falseClaims.count); \
-            repaired data differs: \(dataDiffers.count)
-            """
-        print(summary)
-        for m in verdictDiff.prefix(40) { print("verdict: \(m)") }
-        #expect(falseClaims.isEmpty, "\(falseClaims.prefix(10).joined(separator: "\n"))")
-        #expect(missed.isEmpty, "\(missed.prefix(10).joined(separator: "\n"))")
-        #expect(readMismatch.isEmpty, "\(readMismatch.prefix(10).joined(separator: "\n"))")
-        #expect(dataDiffers.isEmpty, "\(dataDiffers.prefix(10).joined(separator: "\n"))")
-        #expect(verdictDiff.isEmpty, "\(verdictDiff.prefix(10).joined(separator: "\n"))")
+        print(st.summary("repair parity, damaged corpus (seed 0x\(String(Self.seed, radix: 16)))"))
+        for m in st.verdictDiff.prefix(40) { print("verdict: \(m)") }
+        expectParity(st, sameVerdicts: true)
+    }
+
+    @Test("on 100 fuzzed images (random bytes of the header and metadata overwritten, several at once): no false success, and every image qemu repairs to clean we repair to clean")
+    func fuzzed() throws {
+        let d = try TempDir()
+        let bases = try DamagedImageCorpus.makeBases(in: d)
+        let baseBytes = try bases.map { try fileBytes($0) }
+        var st = Stats()
+        for n in 0..<100 {
+            var rng = SplitMix(seed: Self.seed ^ 0xf022 &+ UInt64(n))
+            let li = n % bases.count
+            var b = baseBytes[li]
+            let l = DamagedImageCorpus.Layout(b)
+            var regions: [(UInt64, UInt64)] = [(0, 112), (l.l1Offset, UInt64(l.l1Size) * 8), (l.rtOffset, UInt64(max(1, l.refBlocks.count)) * 8)]
+            regions += l.l2Tables.map { ($0, l.cs) } + l.refBlocks.map { ($0, l.cs) }
+            var what: [String] = []
+            for _ in 0..<(1 + rng.next() % 4) {
+                let (off, len) = regions.randomElement(using: &rng)!
+                let at = Int(off + rng.next() % max(1, len))
+                if at < 8 || at >= b.count { continue }  // keep the magic and version
+                if rng.next() % 2 == 0 {
+                    b[at] ^= 1 << UInt8(rng.next() % 8)
+                    what.append("bit flip at \(at)")
+                } else {
+                    b[at] = UInt8(truncatingIfNeeded: rng.next())
+                    what.append("byte \(at) = \(b[at])")
+                }
+            }
+            try evaluate(b, name: "fuzz \(n) [\(DamagedImageCorpus.layouts[li].name)]: \(what.joined(separator: ", "))",
+                         at: d.file("f\(n).qcow2"), into: &st)
+        }
+        print(st.summary("repair parity, fuzzed corpus"))
+        for m in st.verdictDiff.prefix(40) { print("verdict: \(m)") }
+        for m in st.infoDiff.prefix(40) { print("info: \(m)") }
+        expectParity(st, sameVerdicts: false)
     }
 }
