@@ -177,8 +177,9 @@ public struct Qcow2Header: Sendable, Equatable {
             autoclear = b.be64(88)
             refcountOrder = b.be32(96)
             headerLength = b.be32(100)
-            guard headerLength >= 104 && headerLength % 8 == 0 && UInt64(headerLength) <= clusterSize else {
-                throw bad("header_length \(headerLength) at offset 100 must be a multiple of 8 between 104 and the cluster size \(clusterSize)")
+            // qemu accepts any length from 104 to the cluster size (extensions then start unaligned).
+            guard headerLength >= 104 && UInt64(headerLength) <= clusterSize else {
+                throw bad("header_length \(headerLength) at offset 100 must be between 104 and the cluster size \(clusterSize)")
             }
             guard b.count >= Int(headerLength) else { throw bad("header of \(headerLength) bytes is past the end of the file") }
             if headerLength >= 105 {

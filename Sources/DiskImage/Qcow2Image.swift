@@ -208,8 +208,12 @@ public final class Qcow2Image: BlockBackend, @unchecked Sendable {
     func safeAllocationStart() throws -> UInt64 {
         func up(_ v: UInt64) -> UInt64 { (v + cs - 1) / cs * cs }
         var s = up(fileEnd)
-        s = max(s, up(header.l1TableOffset + UInt64(header.l1Size) * 8))
-        s = max(s, up(header.refcountTableOffset + UInt64(header.refcountTableClusters) * cs))
+        // Tables far past the end (damaged offsets) are not worth a file grown to reach them.
+        let reach = up(fileEnd) + RefcountCheck.rebuildGuard
+        for end in [header.l1TableOffset + UInt64(header.l1Size) * 8,
+                    header.refcountTableOffset + UInt64(header.refcountTableClusters) * cs] where end <= reach {
+            s = max(s, up(end))
+        }
         if let ti = refTable.lastIndex(where: { $0 & ~UInt64(0x1ff) != 0 }) {
             let boff = refTable[ti] & ~UInt64(0x1ff)
             if boff % cs == 0 && boff >= cs && boff + cs <= up(fileEnd) {
