@@ -327,8 +327,10 @@ public struct Qcow2Header: Sendable, Equatable {
             b.putBE32(UInt32(hl), at: 100)
             b[104] = compressionType.rawValue
         }
-        var exts = extensions.filter { $0.type != Qcow2Extension.featureNameTable }
+        // qemu's order: the others, the feature-name table, then the bitmaps extension.
+        var exts = extensions.filter { $0.type != Qcow2Extension.featureNameTable && $0.type != Qcow2Extension.bitmaps }
         if version == 3 && featureTable { exts.append(.init(type: Qcow2Extension.featureNameTable, data: Self.featureNameTable)) }
+        exts += extensions.filter { $0.type == Qcow2Extension.bitmaps }
         for e in exts {
             var h = [UInt8](repeating: 0, count: 8)
             h.putBE32(e.type, at: 0)

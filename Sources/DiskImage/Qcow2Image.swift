@@ -107,6 +107,8 @@ public final class Qcow2Image: BlockBackend, @unchecked Sendable {
     var compressedCursor: UInt64 = 0
     var pendingFrees: [UInt64] = []
     var dirtyBitWritten = false
+    /// Persistent bitmaps of an image open for writing (nil when it has none).
+    var bitmapState: BitmapState?
     var closed = false
     var virtualSize: UInt64
     private var lastDecompressed: (UInt64, [UInt8])?
@@ -180,8 +182,9 @@ public final class Qcow2Image: BlockBackend, @unchecked Sendable {
         backing = backingImage
         backingPath = resolved
         // Unknown autoclear bits must be cleared when the image is opened writable.
-        // check -r writes no guest data, so it keeps the bits qemu knows (bitmaps, raw external data) valid.
-        let keptAutoclear: UInt64 = options.forCheck ? 0b11 : 0
+        // check -r writes no guest data, so it also keeps raw external data (bit 1) valid.
+        // Bit 0 (bitmaps) stays: writes keep the bitmaps up to date (Qcow2Bitmaps.swift).
+        let keptAutoclear: UInt64 = options.forCheck ? 0b11 : 0b1
         if !options.readOnly && h.version == 3 && h.autoclear & ~keptAutoclear != 0 {
             h.autoclear &= keptAutoclear
             var b = [UInt8](repeating: 0, count: 8)
@@ -198,6 +201,7 @@ public final class Qcow2Image: BlockBackend, @unchecked Sendable {
             _ = try checkLocked(repair: .all)
             try clearDirtyBit()
         }
+        if !options.readOnly && !options.forCheck { try openBitmapsForWriting() }
     }
 
     deinit { if !closed { try? close() } }
@@ -596,6 +600,7 @@ public final class Qcow2Image: BlockBackend, @unchecked Sendable {
 
     func writeLocked(_ data: UnsafeRawBufferPointer, at offset: UInt64) throws {
         try setDirtyBitIfNeeded()
+        markBitmapsDirty(offset, UInt64(data.count))
         var done = 0
         while done < data.count {
             let v = offset + UInt64(done)
@@ -752,6 +757,7 @@ public final class Qcow2Image: BlockBackend, @unchecked Sendable {
             }
             try checkRange(offset, UInt64(data.count), "compressed write", size: virtualSize)
             try setDirtyBitIfNeeded()
+            markBitmapsDirty(offset, UInt64(data.count))
             var full = [UInt8](repeating: 0, count: Int(cs))
             full.withUnsafeMutableBytes { _ = memcpy($0.baseAddress!, data.baseAddress!, data.count) }
             try full.withUnsafeBytes { try writeCluster($0, at: offset, compress: true, packed: packed, alreadyTried: alreadyTried) }
@@ -772,6 +778,7 @@ public final class Qcow2Image: BlockBackend, @unchecked Sendable {
             try checkWritable()
             try checkRange(offset, length, discard ? "discard" : "write-zeroes", size: virtualSize)
             try setDirtyBitIfNeeded()
+            markBitmapsDirty(offset, length)
             var v = offset
             let end = offset + length
             while v < end {
@@ -870,6 +877,7 @@ public final class Qcow2Image: BlockBackend, @unchecked Sendable {
             if closed { return }
             if !file.readOnly {
                 try flushLocked()
+                try storeBitmaps()
                 try clearDirtyBit()
             }
             closed = true
@@ -897,6 +905,7 @@ public final class Qcow2Image: BlockBackend, @unchecked Sendable {
         try checkWritable()
         guard newSize % 512 == 0 else { throw DiskImageError.invalid("\(path): the new size \(newSize) must be a multiple of 512") }
         guard newSize <= Qcow2Limits.maxImageSize else { throw DiskImageError.invalid("\(path): size \(newSize) exceeds the limit of \(Qcow2Limits.maxImageSize) bytes") }
+        try loadBitmapsForResize()
         let oldSize = virtualSize
         if newSize < virtualSize {
             guard allowShrink else { throw DiskImageError.invalid("\(path): shrinking from \(virtualSize) to \(newSize) bytes requires --shrink") }
