@@ -182,16 +182,22 @@ extension Qcow2Image {
     /// Sets the bits of every tracking bitmap that cover [offset, offset + length).
     func markBitmapsDirty(_ offset: UInt64, _ length: UInt64) {
         guard let s = bitmapState, length > 0 else { return }
-        for b in s.list where b.enabled {
-            guard var d = s.data[b.name] else { continue }
+        for b in s.list where b.enabled && s.data[b.name] != nil {
             let g = UInt64(b.granularityBits)
             var k = offset >> g
             let last = (offset + length - 1) >> g
-            while k <= last && Int(k / 8) < d.count {
-                d[Int(k / 8)] |= 1 << UInt8(k % 8)
-                k += 1
+            // In place: no copy of the bitmap per write.
+            s.data[b.name]!.withUnsafeMutableBufferPointer { d in
+                while k <= last && Int(k / 8) < d.count {
+                    if k % 8 == 0 && last - k >= 7 {
+                        d[Int(k / 8)] = 0xff
+                        k += 8
+                    } else {
+                        d[Int(k / 8)] |= 1 << UInt8(k % 8)
+                        k += 1
+                    }
+                }
             }
-            s.data[b.name] = d
         }
     }
 
