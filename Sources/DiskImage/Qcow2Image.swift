@@ -220,7 +220,7 @@ public final class Qcow2Image: BlockBackend, @unchecked Sendable {
         }
         if let ti = refTable.lastIndex(where: { $0 & ~UInt64(0x1ff) != 0 }) {
             let boff = refTable[ti] & ~UInt64(0x1ff)
-            if boff % cs == 0 && boff >= cs && boff + cs <= up(fileEnd) {
+            if boff % cs == 0 && boff >= cs && boff < up(fileEnd) {
                 s = max(s, boff + cs)
                 let b = try file.pread(at: boff, count: Int(cs))
                 var k = Int(refBlockEntries) - 1
@@ -410,7 +410,8 @@ public final class Qcow2Image: BlockBackend, @unchecked Sendable {
 
     func loadRefBlock(_ off: UInt64) throws -> CachedTable<[UInt8]> {
         if let b = refCache.get(off) { return b }
-        if off % cs != 0 || off < cs || off + cs > max(fileEnd, nextFree) {
+        let limit = max(fileEnd, nextFree)
+        if off % cs != 0 || off < cs || off >= limit || limit - off < cs {
             throw DiskImageError.corrupt(path, "refcount block at offset \(off) (refcount table at \(header.refcountTableOffset)) is misaligned, in the header or past the end of the file (\(fileEnd) bytes); repair with 'img check -r all'")
         }
         let b = try file.preadExact(at: off, count: Int(cs), what: "refcount block")
