@@ -87,6 +87,7 @@ extension Qcow2Image {
         refTable = (0..<(rtb.count / 8)).map { rtb.be64($0 * 8) }
         fileEnd = fsize
         nextFree = max(nextFree, try safeAllocationStart())
+        allocationStartAtOpen = nextFree
     }
 }
 

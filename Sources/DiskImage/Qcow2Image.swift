@@ -107,6 +107,8 @@ public final class Qcow2Image: BlockBackend, @unchecked Sendable {
     var compressedCursor: UInt64 = 0
     var pendingFrees: [UInt64] = []
     var dirtyBitWritten = false
+    /// `nextFree` as the open (or the last metadata reload) set it: nothing allocated yet.
+    var allocationStartAtOpen: UInt64 = 0
     /// Persistent bitmaps of an image open for writing (nil when it has none).
     var bitmapState: BitmapState?
     var closed = false
@@ -195,6 +197,7 @@ public final class Qcow2Image: BlockBackend, @unchecked Sendable {
         if !options.readOnly {
             // Never allocate over a table or a cluster the refcounts say is in use, even past the end of the file.
             nextFree = max(nextFree, try safeAllocationStart())
+            allocationStartAtOpen = nextFree
         }
         if !options.readOnly && !options.forCheck && h.incompatible.contains(.dirty) {
             // Lazy refcounts left dirty by a crash: rebuild the refcounts before writing anything.
@@ -225,7 +228,8 @@ public final class Qcow2Image: BlockBackend, @unchecked Sendable {
                 let b = try file.pread(at: boff, count: Int(cs))
                 var k = Int(refBlockEntries) - 1
                 while k >= 0 && Self.getRefcount(b, k, bits: refcountBits) == 0 { k -= 1 }
-                if k >= 0 { s = max(s, (UInt64(ti) * refBlockEntries + UInt64(k) + 1) * cs) }
+                // A damaged refcount table entry can claim clusters terabytes away: not trusted past `reach`.
+                if k >= 0 { s = max(s, min(reach, (UInt64(ti) * refBlockEntries + UInt64(k) + 1) * cs)) }
             }
         }
         return s
@@ -826,7 +830,8 @@ public final class Qcow2Image: BlockBackend, @unchecked Sendable {
     func flushLocked() throws {
         if file.readOnly || closed { return }
         // The file must cover every allocated cluster.
-        if nextFree > fileEnd {
+        // (Only once something was allocated: opening never grows the file, not even up to a safe start.)
+        if nextFree > fileEnd && nextFree > allocationStartAtOpen {
             try file.truncate(to: nextFree)
             fileEnd = nextFree
         }

@@ -22,6 +22,8 @@ struct DamagedImageCorpus {
         ("v2", ["-o", "compat=0.10,cluster_size=4096"], "2M", ["write -P 1 0 16k", "write -P 2 1M 4k"], true),
         ("rc1", ["-o", "cluster_size=4096,refcount_bits=1"], "2M", ["write -P 1 0 16k", "write -z 4k 4k", "write -P 2 1M 4k"], false),
         ("rc64", ["-o", "cluster_size=4096,refcount_bits=64"], "2M", ["write -P 1 0 16k", "write -P 2 1M 4k"], true),
+        ("ext-l2", ["-o", "cluster_size=32768,extended_l2=on"], "4M",
+         ["write -P 1 0 40k", "write -P 2 1M 2k", "write -z 64k 32k", "write -c -P 3 2M 32k"], false),
     ]
 
     /// Makes the base images in `dir`; returns their paths in layout order.
@@ -54,12 +56,13 @@ struct DamagedImageCorpus {
             rtOffset = b.be64(48)
             rtEntries = Int(UInt64(b.be32(56)) * cs / 8)
             refBits = b.be32(4) == 3 ? 1 << UInt64(b.be32(96)) : 16
+            let entrySize: UInt64 = b.be32(4) == 3 && b.be64(72) & (1 << 4) != 0 ? 16 : 8
             for i in 0..<l1Size {
                 let l2 = b.be64(Int(l1Offset) + i * 8) & Qcow2Limits.offsetMask
                 if l2 == 0 || l2 + cs > UInt64(b.count) { continue }
                 l2Tables.append(l2)
-                for k in 0..<Int(cs / 8) {
-                    let at = l2 + UInt64(k) * 8
+                for k in 0..<Int(cs / entrySize) {
+                    let at = l2 + UInt64(k) * entrySize
                     l2EntryOffsets.append(at)
                     let e = b.be64(Int(at))
                     if e & (1 << 62) == 0 && e & Qcow2Limits.offsetMask != 0 { dataEntries.append((at, e)) }
@@ -223,7 +226,7 @@ struct DamagedImageCorpus {
        .timeLimit(.minutes(20)))
 struct RepairParityTests {
     static let seed: UInt64 = 0x5157_4b56_4d10
-    static let cases = 210
+    static let cases = 224
 
     func ours(_ args: [String]) throws -> ToolResult { try Tools.run(Tools.swiftkvm, ["img"] + args, name: "swiftkvm") }
 
@@ -239,7 +242,7 @@ struct RepairParityTests {
         var verdictDiff: [String] = [], infoDiff: [String] = []
         var qemuReads = 0, oursReads = 0, readMismatch: [String] = []
         var cleaned: [String: (qemu: Int, ours: Int)] = ["all": (0, 0), "leaks": (0, 0)]
-        var missed: [String] = [], falseClaims: [String] = [], dataDiffers: [String] = []
+        var missed: [String] = [], falseClaims: [String] = [], dataDiffers: [String] = [], grown: [String] = []
 
         func summary(_ what: String) -> String {
             """
@@ -249,7 +252,7 @@ struct RepairParityTests {
             -r all cleaned: qemu \(cleaned["all"]!.qemu), ours \(cleaned["all"]!.ours); \
             -r leaks cleaned: qemu \(cleaned["leaks"]!.qemu), ours \(cleaned["leaks"]!.ours); \
             qemu clean but ours not: \(missed.count); false success claims: \(falseClaims.count); \
-            repaired data differs: \(dataDiffers.count)
+            repaired data differs: \(dataDiffers.count); files grown by our repair: \(grown.count)
             """
         }
     }
@@ -297,6 +300,11 @@ struct RepairParityTests {
             let qAfter = try Tools.qemuImg("check", qp).status
             let oRepair = try ours(["check", "-r", mode, op])
             let oAfter = try Tools.qemuImg("check", op)
+            // A repair never grows a file far beyond what qemu's repair leaves (a damaged entry can point terabytes
+            // away).
+            let qSize = try FileManager.default.attributesOfItem(atPath: qp)[.size] as? UInt64 ?? 0
+            let oSize = try FileManager.default.attributesOfItem(atPath: op)[.size] as? UInt64 ?? 0
+            if oSize > max(qSize, UInt64(b.count)) + (16 << 20) { st.grown.append("\(name) -r \(mode): ours \(oSize) bytes, qemu's \(qSize)") }
             if qAfter == 0 { st.cleaned[mode]!.qemu += 1 }
             if oAfter.status == 0 { st.cleaned[mode]!.ours += 1 }
             if qAfter == 0 && oAfter.status != 0 {
@@ -323,6 +331,7 @@ struct RepairParityTests {
         #expect(st.missed.isEmpty, "\(st.missed.prefix(10).joined(separator: "\n"))")
         #expect(st.readMismatch.isEmpty, "\(st.readMismatch.prefix(10).joined(separator: "\n"))")
         #expect(st.dataDiffers.isEmpty, "\(st.dataDiffers.prefix(10).joined(separator: "\n"))")
+        #expect(st.grown.isEmpty, "\(st.grown.prefix(10).joined(separator: "\n"))")
         if sameVerdicts {
             #expect(st.verdictDiff.isEmpty, "\(st.verdictDiff.prefix(10).joined(separator: "\n"))")
             #expect(st.countsSame == st.cases)
@@ -330,7 +339,7 @@ struct RepairParityTests {
         }
     }
 
-    @Test("on 210 damaged images: check verdicts and counts equal qemu-img's, intact data reads back as in qemu, and repairs end clean wherever qemu's do, with no false success")
+    @Test("on 224 damaged images: check verdicts and counts equal qemu-img's, intact data reads back as in qemu, and repairs end clean wherever qemu's do, with no false success")
     func corpus() throws {
         let d = try TempDir()
         let bases = try DamagedImageCorpus.makeBases(in: d)
