@@ -125,10 +125,11 @@ final class RefcountCheck {
     var rebuild = false
     var highest: UInt64 = 0
     let maxMessages = 2000
-    /// The end of the highest region anything references (up to `rebuildGuard` past the end of the file): a
-    /// rebuilt refcount structure goes after it, so it never lands on a cluster a damaged entry still points to.
-    var referencedEnd: UInt64 = 0
-    static let rebuildGuard: UInt64 = 1 << 30
+    /// Regions referenced a cluster or more past the end of the file (not counted): a rebuilt refcount structure
+    /// never lands on one, so no damaged entry ends up pointing into it.
+    var pastEndRegions: [(start: UInt64, end: UInt64)] = []
+    /// How far past the end of the file the engine trusts tables and refcounts when choosing where to allocate.
+    static let rebuildGuard: UInt64 = 64 << 20
 
     init(_ img: Qcow2Image, repair: Qcow2RepairMode?) throws {
         self.img = img
@@ -229,8 +230,8 @@ final class RefcountCheck {
         if size == 0 { return }
         // The last cluster may be partly past the end of the file, never a whole cluster or more.
         let (end, o) = offset.addingReportingOverflow(size)
-        if !o && end <= fileLen + Self.rebuildGuard { referencedEnd = max(referencedEnd, end) }
         if o || (end > fileLen && end - fileLen >= cs) {
+            if pastEndRegions.count < 100_000 { pastEndRegions.append((offset, o ? UInt64.max : end)) }
             say("ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset 0x\(hex(offset)) size 0x\(hex(size))")
             r.corruptions += 1
             return
@@ -576,30 +577,41 @@ final class RefcountCheck {
     func rebuildStructure() throws {
         var end = UInt64(refs.count)
         while end > 0 && refs[Int(end - 1)] == 0 { end -= 1 }
-        let start = max(end, (max(fileLen, referencedEnd) + cs - 1) / cs)
+        var start = max(end, (fileLen + cs - 1) / cs)
         let perTableCluster = cs / 8
         var tClusters: UInt64 = 1
         var needed: [UInt64] = []
-        var lastBlocks = -1
-        while true {
-            let newEnd = start + tClusters + UInt64(max(lastBlocks, 0))
-            var set: [UInt64] = []
-            var bi: UInt64 = 0
-            while bi * refBlockEntries < newEnd {
-                let lo = bi * refBlockEntries, hi = min((bi + 1) * refBlockEntries, newEnd)
-                var used = hi > start  // the new structures themselves
-                if !used {
-                    var k = lo
-                    while k < min(hi, UInt64(refs.count)) { if refs[Int(k)] != 0 { used = true; break }; k += 1 }
+        // Lay the structures out at `start`; move past any region a damaged entry points to that they would cover.
+        for _ in 0...pastEndRegions.count {
+            tClusters = 1
+            needed = []
+            var lastBlocks = -1
+            while true {
+                let newEnd = start + tClusters + UInt64(max(lastBlocks, 0))
+                var set: [UInt64] = []
+                var bi: UInt64 = 0
+                while bi * refBlockEntries < newEnd {
+                    let lo = bi * refBlockEntries, hi = min((bi + 1) * refBlockEntries, newEnd)
+                    var used = hi > start  // the new structures themselves
+                    if !used {
+                        var k = lo
+                        while k < min(hi, UInt64(refs.count)) { if refs[Int(k)] != 0 { used = true; break }; k += 1 }
+                    }
+                    if used { set.append(bi) }
+                    bi += 1
                 }
-                if used { set.append(bi) }
-                bi += 1
+                let t = max(tClusters, ((set.last ?? 0) + 1 + perTableCluster - 1) / perTableCluster)
+                if set.count <= lastBlocks && t == tClusters { break }
+                lastBlocks = max(lastBlocks, set.count)
+                tClusters = t
+                needed = set
             }
-            let t = max(tClusters, ((set.last ?? 0) + 1 + perTableCluster - 1) / perTableCluster)
-            if set.count <= lastBlocks && t == tClusters { break }
-            lastBlocks = max(lastBlocks, set.count)
-            tClusters = t
-            needed = set
+            let lo = start * cs, hi = (start + tClusters + UInt64(needed.count)) * cs
+            guard let hit = pastEndRegions.first(where: { $0.start < hi && lo < $0.end }) else { break }
+            guard hit.end < Qcow2Limits.offsetMask else {
+                throw DiskImageError.corrupt(img.path, "no room for a rebuilt refcount structure after offset \(lo)")
+            }
+            start = (hit.end + cs - 1) / cs
         }
         guard tClusters * cs <= Qcow2Limits.maxRefcountTableBytes else {
             throw DiskImageError.corrupt(img.path, "a rebuilt refcount table would need \(tClusters * cs) bytes, more than \(Qcow2Limits.maxRefcountTableBytes)")

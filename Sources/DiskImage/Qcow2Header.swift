@@ -220,7 +220,7 @@ public struct Qcow2Header: Sendable, Equatable {
             if bytes > 0 {
                 guard off != 0 else { throw bad("\(name) at offset 0 overlaps the header (header offset \(fieldOffset))") }
                 let (end, o) = off.addingReportingOverflow(bytes)
-                guard !o && end <= Qcow2Limits.offsetMask && (pastEnd || end <= fileSize) else {
+                guard !o && end <= UInt64(Int64.max) && (pastEnd || end <= fileSize) else {
                     throw bad("\(name) at offset \(off) (\(bytes) bytes) is past the end of the \(fileSize)-byte file")
                 }
             }
@@ -234,7 +234,8 @@ public struct Qcow2Header: Sendable, Equatable {
         guard nbSnapshots <= Qcow2Limits.maxSnapshots else {
             throw bad("nb_snapshots \(nbSnapshots) at offset 60 exceeds the limit of \(Qcow2Limits.maxSnapshots)")
         }
-        if nbSnapshots > 0 { try checkTable(snapshotsOffset, UInt64(nbSnapshots) * 40, "snapshot table", 64, pastEnd: true) }
+        // As qemu: the offset must be aligned even when there are no snapshots.
+        try checkTable(snapshotsOffset, UInt64(nbSnapshots) * 40, "snapshot table", 64, pastEnd: true)
         // Tables must not overlap each other.
         if l1Size > 0 {
             let l1End = l1TableOffset + UInt64(l1Size) * 8
