@@ -80,6 +80,11 @@ final class ImageFile: @unchecked Sendable {
 
     deinit { if fd >= 0 { Glibc.close(fd) } }
 
+    /// Whether [offset, offset + count) fits in an `off_t`.
+    static func representable(_ offset: UInt64, _ count: Int) -> Bool {
+        offset <= UInt64(Int64.max) && UInt64(Int64.max) - offset >= UInt64(count)
+    }
+
     func close() {
         if fd >= 0 { Glibc.close(fd); fd = -1 }
     }
@@ -105,6 +110,11 @@ final class ImageFile: @unchecked Sendable {
 
     /// Reads exactly `buffer.count` bytes at `offset`; bytes past end of file read as zero.
     func pread(_ buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
+        if !Self.representable(offset, buffer.count) {
+            // No file reaches this far: it reads as zero, as any offset past the end does.
+            buffer.initializeMemory(as: UInt8.self, repeating: 0)
+            return
+        }
         var done = 0
         while done < buffer.count {
             let n = Glibc.pread(fd, buffer.baseAddress! + done, buffer.count - done, off_t(offset) + off_t(done))
@@ -123,6 +133,9 @@ final class ImageFile: @unchecked Sendable {
 
     /// Reads exactly `count` bytes, throwing a corruption error if the file is shorter.
     func preadExact(at offset: UInt64, count: Int, what: String) throws -> [UInt8] {
+        if !Self.representable(offset, count) {
+            throw DiskImageError.corrupt(path, "\(what) at offset \(offset) (\(count) bytes) is past the end of the file")
+        }
         var out = [UInt8](repeating: 0, count: count)
         let got: Int = try out.withUnsafeMutableBytes { buf in
             var done = 0
@@ -152,6 +165,9 @@ final class ImageFile: @unchecked Sendable {
     /// Writes all of `data` at `offset`.
     func pwrite(_ data: UnsafeRawBufferPointer, at offset: UInt64) throws {
         if readOnly { throw DiskImageError.invalid("\(path) is open read-only") }
+        if !Self.representable(offset, data.count) {
+            throw DiskImageError.corrupt(path, "write of \(data.count) bytes at offset \(offset) is beyond any file's size")
+        }
         var done = 0
         while done < data.count {
             let n = Glibc.pwrite(fd, data.baseAddress! + done, data.count - done, off_t(offset) + off_t(done))
@@ -179,6 +195,7 @@ final class ImageFile: @unchecked Sendable {
     }
 
     func truncate(to size: UInt64) throws {
+        guard Self.representable(size, 0) else { throw DiskImageError.invalid("\(path): size \(size) is beyond any file's size") }
         while ftruncate(fd, off_t(size)) != 0 {
             if errno == EINTR { continue }
             throw fail("ftruncate", size, 0)
@@ -225,6 +242,7 @@ final class ImageFile: @unchecked Sendable {
 
     /// Next data region at or after `offset` (linuxSeekData), or nil when only a hole remains.
     func nextData(from offset: UInt64) -> UInt64? {
+        guard Self.representable(offset, 0) else { return nil }
         let r = lseek(fd, off_t(offset), linuxSeekData)
         if r < 0 { return nil }
         return UInt64(r)
@@ -232,6 +250,7 @@ final class ImageFile: @unchecked Sendable {
 
     /// Next hole at or after `offset` (linuxSeekHole).
     func nextHole(from offset: UInt64) -> UInt64 {
+        guard Self.representable(offset, 0) else { return offset }
         let r = lseek(fd, off_t(offset), linuxSeekHole)
         if r < 0 { return (try? fileSize()) ?? offset }
         return UInt64(r)

@@ -177,8 +177,9 @@ public struct Qcow2Header: Sendable, Equatable {
             autoclear = b.be64(88)
             refcountOrder = b.be32(96)
             headerLength = b.be32(100)
-            guard headerLength >= 104 && headerLength % 8 == 0 && UInt64(headerLength) <= clusterSize else {
-                throw bad("header_length \(headerLength) at offset 100 must be a multiple of 8 between 104 and the cluster size \(clusterSize)")
+            // qemu accepts any length from 104 to the cluster size (extensions then start unaligned).
+            guard headerLength >= 104 && UInt64(headerLength) <= clusterSize else {
+                throw bad("header_length \(headerLength) at offset 100 must be between 104 and the cluster size \(clusterSize)")
             }
             guard b.count >= Int(headerLength) else { throw bad("header of \(headerLength) bytes is past the end of the file") }
             if headerLength >= 105 {
@@ -212,26 +213,29 @@ public struct Qcow2Header: Sendable, Equatable {
         guard UInt64(l1Size) >= neededL1 else {
             throw bad("l1_size \(l1Size) at offset 36 is too small for the virtual size \(virtualSize) (needs \(neededL1))")
         }
-        func checkTable(_ off: UInt64, _ bytes: UInt64, _ name: String, _ fieldOffset: Int) throws {
+        // The L1 and refcount tables may reach past the end of a truncated file: qemu reads zeros there and
+        // reports the damage in check, so only their offsets and sizes are checked here.
+        func checkTable(_ off: UInt64, _ bytes: UInt64, _ name: String, _ fieldOffset: Int, pastEnd: Bool = false) throws {
             guard off % cs == 0 else { throw bad("\(name) offset \(off) (header offset \(fieldOffset)) is not cluster aligned") }
             if bytes > 0 {
                 guard off != 0 else { throw bad("\(name) at offset 0 overlaps the header (header offset \(fieldOffset))") }
                 let (end, o) = off.addingReportingOverflow(bytes)
-                guard !o && end <= fileSize else {
+                guard !o && end <= UInt64(Int64.max) && (pastEnd || end <= fileSize) else {
                     throw bad("\(name) at offset \(off) (\(bytes) bytes) is past the end of the \(fileSize)-byte file")
                 }
             }
         }
-        try checkTable(l1TableOffset, UInt64(l1Size) * 8, "L1 table", 40)
+        try checkTable(l1TableOffset, UInt64(l1Size) * 8, "L1 table", 40, pastEnd: true)
         guard refcountTableClusters > 0 else { throw bad("refcount_table_clusters at offset 56 is 0") }
         guard UInt64(refcountTableClusters) * cs <= Qcow2Limits.maxRefcountTableBytes else {
             throw bad("refcount_table_clusters \(refcountTableClusters) at offset 56 exceeds the limit of \(Qcow2Limits.maxRefcountTableBytes) bytes")
         }
-        try checkTable(refcountTableOffset, UInt64(refcountTableClusters) * cs, "refcount table", 48)
+        try checkTable(refcountTableOffset, UInt64(refcountTableClusters) * cs, "refcount table", 48, pastEnd: true)
         guard nbSnapshots <= Qcow2Limits.maxSnapshots else {
             throw bad("nb_snapshots \(nbSnapshots) at offset 60 exceeds the limit of \(Qcow2Limits.maxSnapshots)")
         }
-        if nbSnapshots > 0 { try checkTable(snapshotsOffset, UInt64(nbSnapshots) * 40, "snapshot table", 64) }
+        // As qemu: the offset must be aligned even when there are no snapshots.
+        try checkTable(snapshotsOffset, UInt64(nbSnapshots) * 40, "snapshot table", 64, pastEnd: true)
         // Tables must not overlap each other.
         if l1Size > 0 {
             let l1End = l1TableOffset + UInt64(l1Size) * 8
@@ -324,8 +328,10 @@ public struct Qcow2Header: Sendable, Equatable {
             b.putBE32(UInt32(hl), at: 100)
             b[104] = compressionType.rawValue
         }
-        var exts = extensions.filter { $0.type != Qcow2Extension.featureNameTable }
+        // qemu's order: the others, the feature-name table, then the bitmaps extension.
+        var exts = extensions.filter { $0.type != Qcow2Extension.featureNameTable && $0.type != Qcow2Extension.bitmaps }
         if version == 3 && featureTable { exts.append(.init(type: Qcow2Extension.featureNameTable, data: Self.featureNameTable)) }
+        exts += extensions.filter { $0.type == Qcow2Extension.bitmaps }
         for e in exts {
             var h = [UInt8](repeating: 0, count: 8)
             h.putBE32(e.type, at: 0)

@@ -18,6 +18,9 @@ public struct ImageOpenOptions: Sendable {
     /// Skip fdatasync entirely (qemu-img's cache=unsafe, the default for convert output). Writes keep their order
     /// but nothing is durable before the kernel writes it back.
     public var unsafeNoSync = false
+    /// Open for `check` (qemu's BDRV_O_CHECK): an image marked corrupt may be opened writable for repair, a dirty
+    /// image is left for the check to repair, and the autoclear bits qemu knows (bitmaps) are kept.
+    public var forCheck = false
     /// Creates options.
     public init(readOnly: Bool = false, allowBackingFiles: Bool = true, format: String? = nil, ignoreBackingFile: Bool = false) {
         self.readOnly = readOnly
@@ -104,6 +107,10 @@ public final class Qcow2Image: BlockBackend, @unchecked Sendable {
     var compressedCursor: UInt64 = 0
     var pendingFrees: [UInt64] = []
     var dirtyBitWritten = false
+    /// `nextFree` as the open (or the last metadata reload) set it: nothing allocated yet.
+    var allocationStartAtOpen: UInt64 = 0
+    /// Persistent bitmaps of an image open for writing (nil when it has none).
+    var bitmapState: BitmapState?
     var closed = false
     var virtualSize: UInt64
     private var lastDecompressed: (UInt64, [UInt8])?
@@ -127,7 +134,7 @@ public final class Qcow2Image: BlockBackend, @unchecked Sendable {
         let fsize = try file.fileSize()
         let headBytes = try file.pread(at: 0, count: Int(min(fsize, UInt64(Qcow2Limits.maxHeaderExtensionBytes))))
         var h = try Qcow2Header(bytes: headBytes, path: path, fileSize: fsize)
-        if h.incompatible.contains(.corrupt) && !options.readOnly {
+        if h.incompatible.contains(.corrupt) && !options.readOnly && !options.forCheck {
             throw DiskImageError.corrupt(path, "image is marked corrupt (incompatible bit 1 at offset 72); open it read-only or repair it with 'img check -r all'")
         }
         cs = h.clusterSize
@@ -145,25 +152,13 @@ public final class Qcow2Image: BlockBackend, @unchecked Sendable {
         l2Cache = TableCache(capacity: Int(capBytes / cs))
         refCache = TableCache(capacity: Int((8 << 20) / cs))
 
-        // L1 and refcount tables: sizes were bounded by the header parser against the named limits and file size.
-        let l1Bytes = try file.preadExact(at: h.l1TableOffset, count: Int(h.l1Size) * 8, what: "L1 table")
+        // L1 and refcount tables: sizes were bounded by the header parser against the named limits. As qemu, bytes
+        // past the end of the file read as zero, and entries are validated where a read or write uses them, so a
+        // damaged entry that nothing uses does not keep the image from opening (check reports it).
+        let l1Bytes = try file.pread(at: h.l1TableOffset, count: Int(h.l1Size) * 8)
         l1 = (0..<Int(h.l1Size)).map { l1Bytes.be64($0 * 8) }
-        let rtBytes = try file.preadExact(at: h.refcountTableOffset, count: Int(UInt64(h.refcountTableClusters) * cs), what: "refcount table")
+        let rtBytes = try file.pread(at: h.refcountTableOffset, count: Int(UInt64(h.refcountTableClusters) * cs))
         refTable = (0..<(rtBytes.count / 8)).map { rtBytes.be64($0 * 8) }
-        for (i, e) in l1.enumerated() where e & Qcow2Limits.offsetMask != 0 {
-            let off = e & Qcow2Limits.offsetMask
-            if e & 0x1ff != 0 || off % cs != 0 {
-                throw DiskImageError.corrupt(path, "L1 entry \(i) (0x\(String(e, radix: 16))) at offset \(h.l1TableOffset + UInt64(i) * 8) is not a cluster-aligned L2 offset")
-            }
-            if off < cs { throw DiskImageError.corrupt(path, "L1 entry \(i) at offset \(h.l1TableOffset + UInt64(i) * 8) points into the header (L2 table at \(off))") }
-            if off + cs > fsize { throw DiskImageError.corrupt(path, "L1 entry \(i) at offset \(h.l1TableOffset + UInt64(i) * 8) points past the end of the file (L2 table at \(off), file is \(fsize) bytes)") }
-        }
-        for (i, e) in refTable.enumerated() where e != 0 {
-            let off = e & ~UInt64(0x1ff)
-            if e & 0x1ff != 0 || off % cs != 0 || off < cs || off + cs > fsize {
-                throw DiskImageError.corrupt(path, "refcount table entry \(i) (0x\(String(e, radix: 16))) at offset \(h.refcountTableOffset + UInt64(i) * 8) is misaligned, points into the header or past the end of the file")
-            }
-        }
 
         // Backing chain.
         var resolved: String?
@@ -189,21 +184,56 @@ public final class Qcow2Image: BlockBackend, @unchecked Sendable {
         backing = backingImage
         backingPath = resolved
         // Unknown autoclear bits must be cleared when the image is opened writable.
-        if !options.readOnly && h.version == 3 && h.autoclear != 0 {
-            h.autoclear = 0
+        // check -r writes no guest data, so it also keeps raw external data (bit 1) valid.
+        // Bit 0 (bitmaps) stays: writes keep the bitmaps up to date (Qcow2Bitmaps.swift).
+        let keptAutoclear: UInt64 = options.forCheck ? 0b11 : 0b1
+        if !options.readOnly && h.version == 3 && h.autoclear & ~keptAutoclear != 0 {
+            h.autoclear &= keptAutoclear
             var b = [UInt8](repeating: 0, count: 8)
-            b.putBE64(0, at: 0)
+            b.putBE64(h.autoclear, at: 0)
             try file.pwrite(b, at: 88)
         }
         header = h
-        if !options.readOnly && h.incompatible.contains(.dirty) {
+        if !options.readOnly {
+            // Never allocate over a table or a cluster the refcounts say is in use, even past the end of the file.
+            nextFree = max(nextFree, try safeAllocationStart())
+            allocationStartAtOpen = nextFree
+        }
+        if !options.readOnly && !options.forCheck && h.incompatible.contains(.dirty) {
             // Lazy refcounts left dirty by a crash: rebuild the refcounts before writing anything.
             _ = try checkLocked(repair: .all)
             try clearDirtyBit()
         }
+        if !options.readOnly && !options.forCheck { try openBitmapsForWriting() }
     }
 
     deinit { if !closed { try? close() } }
+
+    /// The first offset the allocator may use: past the end of the file, the L1 and refcount tables, and the
+    /// highest cluster the last refcount block counts as in use (a truncated file may still reference clusters
+    /// past its end). Unreadable refcount blocks are ignored here; check reports them.
+    func safeAllocationStart() throws -> UInt64 {
+        func up(_ v: UInt64) -> UInt64 { (v + cs - 1) / cs * cs }
+        var s = up(fileEnd)
+        // Tables far past the end (damaged offsets) are not worth a file grown to reach them.
+        let reach = up(fileEnd) + RefcountCheck.rebuildGuard
+        for end in [header.l1TableOffset + UInt64(header.l1Size) * 8,
+                    header.refcountTableOffset + UInt64(header.refcountTableClusters) * cs] where end <= reach {
+            s = max(s, up(end))
+        }
+        if let ti = refTable.lastIndex(where: { $0 & ~UInt64(0x1ff) != 0 }) {
+            let boff = refTable[ti] & ~UInt64(0x1ff)
+            if boff % cs == 0 && boff >= cs && boff < up(fileEnd) {
+                s = max(s, boff + cs)
+                let b = try file.pread(at: boff, count: Int(cs))
+                var k = Int(refBlockEntries) - 1
+                while k >= 0 && Self.getRefcount(b, k, bits: refcountBits) == 0 { k -= 1 }
+                // A damaged refcount table entry can claim clusters terabytes away: not trusted past `reach`.
+                if k >= 0 { s = max(s, min(reach, (UInt64(ti) * refBlockEntries + UInt64(k) + 1) * cs)) }
+            }
+        }
+        return s
+    }
 
     // MARK: - L2 access
 
@@ -214,7 +244,7 @@ public final class Qcow2Image: BlockBackend, @unchecked Sendable {
     func loadL2(_ off: UInt64) throws -> CachedTable<[UInt64]> {
         if let t = l2Cache.get(off) { return t }
         let words = Int(cs / 8)
-        let bytes = try file.preadExact(at: off, count: Int(cs), what: "L2 table")
+        let bytes = try file.pread(at: off, count: Int(cs))  // past the end of the file: zeros, as qemu reads it
         var t = [UInt64](repeating: 0, count: words)
         bytes.withUnsafeBytes { raw in
             for i in 0..<words { t[i] = UInt64(bigEndian: raw.loadUnaligned(fromByteOffset: i * 8, as: UInt64.self)) }
@@ -249,12 +279,13 @@ public final class Qcow2Image: BlockBackend, @unchecked Sendable {
         try file.pwrite(bytes, at: off)
     }
 
-    /// Validates a host cluster offset taken from an L2 entry.
-    func checkDataOffset(_ off: UInt64, l2Offset: UInt64, index: Int) throws {
+    /// Validates a host cluster offset taken from an L2 entry. A read of a cluster past the end of the file reads
+    /// zeros, as in qemu; a write there is refused (the allocator could hand the cluster out again).
+    func checkDataOffset(_ off: UInt64, l2Offset: UInt64, index: Int, forWrite: Bool = false) throws {
         let where_ = "L2 entry \(index) of the table at offset \(l2Offset)"
         if off % cs != 0 { throw DiskImageError.corrupt(path, "\(where_): data offset \(off) is not cluster aligned") }
         if off < cs { throw DiskImageError.corrupt(path, "\(where_): data cluster at offset \(off) points into the header") }
-        if off >= max(fileEnd, nextFree) {
+        if forWrite && off >= max(fileEnd, nextFree) {
             throw DiskImageError.corrupt(path, "\(where_): data cluster at offset \(off) is past the end of the file (\(fileEnd) bytes)")
         }
     }
@@ -264,7 +295,11 @@ public final class Qcow2Image: BlockBackend, @unchecked Sendable {
         let i = l1Index(v)
         guard i < l1.count else { throw DiskImageError.corrupt(path, "guest offset \(v) needs L1 index \(i) beyond l1_size \(l1.count)") }
         let off = l1[i] & Qcow2Limits.offsetMask
-        return off == 0 ? nil : off
+        if off == 0 { return nil }
+        if off % cs != 0 {
+            throw DiskImageError.corrupt(path, "L1 entry \(i) (0x\(String(l1[i], radix: 16))) at offset \(header.l1TableOffset + UInt64(i) * 8) is not a cluster-aligned L2 offset")
+        }
+        return off
     }
 
     /// Mapping of the cluster (or, for extended L2, subcluster) containing guest offset `v`, and how many bytes from
@@ -379,6 +414,10 @@ public final class Qcow2Image: BlockBackend, @unchecked Sendable {
 
     func loadRefBlock(_ off: UInt64) throws -> CachedTable<[UInt8]> {
         if let b = refCache.get(off) { return b }
+        let limit = max(fileEnd, nextFree)
+        if off % cs != 0 || off < cs || off >= limit || limit - off < cs {
+            throw DiskImageError.corrupt(path, "refcount block at offset \(off) (refcount table at \(header.refcountTableOffset)) is misaligned, in the header or past the end of the file (\(fileEnd) bytes); repair with 'img check -r all'")
+        }
         let b = try file.preadExact(at: off, count: Int(cs), what: "refcount block")
         return try insertRefBlock(off, b, dirty: false)
     }
@@ -531,6 +570,9 @@ public final class Qcow2Image: BlockBackend, @unchecked Sendable {
         guard i < l1.count else { throw DiskImageError.corrupt(path, "guest offset \(v) needs L1 index \(i) beyond l1_size \(l1.count)") }
         let e = l1[i]
         let old = e & Qcow2Limits.offsetMask
+        if old != 0 && (old % cs != 0 || old + cs > max(fileEnd, nextFree)) {
+            throw DiskImageError.corrupt(path, "L1 entry \(i) at offset \(header.l1TableOffset + UInt64(i) * 8): L2 table at offset \(old) is misaligned or past the end of the file (\(fileEnd) bytes); repair with 'img check -r all'")
+        }
         if old != 0 && e & Self.copiedFlag != 0 { return old }
         var table = [UInt64](repeating: 0, count: Int(cs / 8))
         if old != 0 {
@@ -563,6 +605,7 @@ public final class Qcow2Image: BlockBackend, @unchecked Sendable {
 
     func writeLocked(_ data: UnsafeRawBufferPointer, at offset: UInt64) throws {
         try setDirtyBitIfNeeded()
+        markBitmapsDirty(offset, UInt64(data.count))
         var done = 0
         while done < data.count {
             let v = offset + UInt64(done)
@@ -604,7 +647,7 @@ public final class Qcow2Image: BlockBackend, @unchecked Sendable {
         let inCluster = v & (cs - 1)
         if !compress && e & Self.copiedFlag != 0 && e & Self.compressedFlag == 0 && e & Qcow2Limits.offsetMask != 0 {
             let host = e & Qcow2Limits.offsetMask
-            try checkDataOffset(host, l2Offset: l2off, index: idx)
+            try checkDataOffset(host, l2Offset: l2off, index: idx, forWrite: true)
             try file.pwrite(data, at: host + inCluster)
             fileEnd = max(fileEnd, host + inCluster + UInt64(data.count))
             if e & Self.zeroFlag != 0 {
@@ -719,6 +762,7 @@ public final class Qcow2Image: BlockBackend, @unchecked Sendable {
             }
             try checkRange(offset, UInt64(data.count), "compressed write", size: virtualSize)
             try setDirtyBitIfNeeded()
+            markBitmapsDirty(offset, UInt64(data.count))
             var full = [UInt8](repeating: 0, count: Int(cs))
             full.withUnsafeMutableBytes { _ = memcpy($0.baseAddress!, data.baseAddress!, data.count) }
             try full.withUnsafeBytes { try writeCluster($0, at: offset, compress: true, packed: packed, alreadyTried: alreadyTried) }
@@ -739,6 +783,7 @@ public final class Qcow2Image: BlockBackend, @unchecked Sendable {
             try checkWritable()
             try checkRange(offset, length, discard ? "discard" : "write-zeroes", size: virtualSize)
             try setDirtyBitIfNeeded()
+            markBitmapsDirty(offset, length)
             var v = offset
             let end = offset + length
             while v < end {
@@ -785,7 +830,8 @@ public final class Qcow2Image: BlockBackend, @unchecked Sendable {
     func flushLocked() throws {
         if file.readOnly || closed { return }
         // The file must cover every allocated cluster.
-        if nextFree > fileEnd {
+        // (Only once something was allocated: opening never grows the file, not even up to a safe start.)
+        if nextFree > fileEnd && nextFree > allocationStartAtOpen {
             try file.truncate(to: nextFree)
             fileEnd = nextFree
         }
@@ -837,6 +883,7 @@ public final class Qcow2Image: BlockBackend, @unchecked Sendable {
             if closed { return }
             if !file.readOnly {
                 try flushLocked()
+                try storeBitmaps()
                 try clearDirtyBit()
             }
             closed = true
@@ -864,6 +911,7 @@ public final class Qcow2Image: BlockBackend, @unchecked Sendable {
         try checkWritable()
         guard newSize % 512 == 0 else { throw DiskImageError.invalid("\(path): the new size \(newSize) must be a multiple of 512") }
         guard newSize <= Qcow2Limits.maxImageSize else { throw DiskImageError.invalid("\(path): size \(newSize) exceeds the limit of \(Qcow2Limits.maxImageSize) bytes") }
+        try loadBitmapsForResize()
         let oldSize = virtualSize
         if newSize < virtualSize {
             guard allowShrink else { throw DiskImageError.invalid("\(path): shrinking from \(virtualSize) to \(newSize) bytes requires --shrink") }

@@ -12,7 +12,7 @@ struct ImgCommand: ParsableCommand {
         abstract: "Create, inspect, check and convert disk images (qemu-img compatible).",
         version: SwiftKVM.version + " (disk images as qemu-img 7.2 writes them)",
         subcommands: [ImgCreate.self, ImgInfo.self, ImgCheck.self, ImgConvert.self, ImgResize.self, ImgSnapshot.self,
-                      ImgCommit.self, ImgRebase.self, ImgMap.self, ImgCompare.self, ImgBench.self, ImgHelp.self]
+                      ImgCommit.self, ImgRebase.self, ImgMap.self, ImgCompare.self, ImgBitmap.self, ImgBench.self, ImgHelp.self]
     )
 }
 
@@ -282,8 +282,14 @@ func infoJSON(_ img: BlockBackend, path: String) throws -> ImgJSON {
         var data: [(String, ImgJSON)] = []
         if h.version >= 3 {
             data = [("compat", .string("1.1")), ("compression-type", .string(h.compressionType == .zstd ? "zstd" : "zlib")),
-                    ("lazy-refcounts", .bool(h.compatible.contains(.lazyRefcounts))),
-                    ("refcount-bits", .uint(UInt64(h.refcountBits))), ("corrupt", .bool(h.incompatible.contains(.corrupt))),
+                    ("lazy-refcounts", .bool(h.compatible.contains(.lazyRefcounts)))]
+            if let bms = try? q.bitmaps(), !bms.isEmpty {
+                data.append(("bitmaps", .array(bms.map { b in
+                    .object([("flags", .array(b.flagNames.map { .string($0) })), ("name", .string(b.name)),
+                             ("granularity", .uint(b.granularity))])
+                })))
+            }
+            data += [("refcount-bits", .uint(UInt64(h.refcountBits))), ("corrupt", .bool(h.incompatible.contains(.corrupt))),
                     ("extended-l2", .bool(h.incompatible.contains(.extendedL2)))]
         } else {
             data = [("compat", .string("0.10")), ("compression-type", .string("zlib")), ("refcount-bits", .uint(16))]
@@ -373,6 +379,16 @@ struct ImgInfo: ParsableCommand {
                     print("    compat: \(h.version >= 3 ? "1.1" : "0.10")")
                     print("    compression type: \(h.compressionType == .zstd ? "zstd" : "zlib")")
                     if h.version >= 3 { print("    lazy refcounts: \(h.compatible.contains(.lazyRefcounts))") }
+                    if let bms = try? q.bitmaps(), !bms.isEmpty {
+                        print("    bitmaps:")
+                        for (i, b) in bms.enumerated() {
+                            print("        [\(i)]:")
+                            print("            flags:")
+                            for (k, f) in b.flagNames.enumerated() { print("                [\(k)]: \(f)") }
+                            print("            name: \(b.name)")
+                            print("            granularity: \(b.granularity)")
+                        }
+                    }
                     print("    refcount bits: \(h.refcountBits)")
                     if h.version >= 3 {
                         print("    corrupt: \(h.incompatible.contains(.corrupt))")
@@ -415,7 +431,9 @@ struct ImgCheck: ParsableCommand {
             if mode != nil && forceShare { throw forceShareWriteError(file) }
             let locks = try lockImage(file, format: format, mode == nil ? .read(forceShare: forceShare) : .write)
             defer { locks.releaseAll() }
-            let img = try Qcow2Image(path: file, options: .init(readOnly: mode == nil, ignoreBackingFile: true))
+            var opts = ImageOpenOptions(readOnly: mode == nil, ignoreBackingFile: true)
+            opts.forCheck = true
+            let img = try Qcow2Image(path: file, options: opts)
             result = try img.check(repair: mode)
             try img.close()
         } catch let e as DiskImageError {
@@ -437,8 +455,12 @@ struct ImgCheck: ParsableCommand {
             if result.fragmentedClusters > 0 { kv.append(("fragmented-clusters", .uint(result.fragmentedClusters))) }
             if result.compressedClusters > 0 { kv.append(("compressed-clusters", .uint(result.compressedClusters))) }
             print(ImgJSON.object(kv).render())
-        } else if !quiet {
-            for m in result.messages.prefix(100) { print(m) }
+        }
+        // The findings go to stderr, as qemu-img prints them.
+        if !quiet {
+            for m in result.messages.prefix(1000) { writeText(m + "\n", to: STDERR_FILENO) }
+        }
+        if output != "json" && !quiet && result.checkErrors == 0 {
             if result.leaksFixed > 0 || result.corruptionsFixed > 0 {
                 print("The following inconsistencies were found and repaired:\n")
                 print("    \(result.leaksFixed) leaked clusters")
@@ -458,7 +480,14 @@ struct ImgCheck: ParsableCommand {
                          Double(result.compressedClusters) * 100 / Double(max(result.allocatedClusters, 1))))
             print("Image end offset: \(result.imageEndOffset)")
         }
-        if result.checkErrors > 0 { throw ExitCode(1) }
+        if result.checkErrors > 0 {
+            writeText("swiftkvm img: Check failed\(mode != nil ? ": the image was not repaired" : "")\n", to: STDERR_FILENO)
+            throw ExitCode(1)
+        }
+        if mode != nil && (result.corruptions > 0 || (mode == .all && result.leaks > 0)) {
+            // Never let a repair look like a success when the image is still not clean.
+            writeText("swiftkvm img: the repair did not make the image clean: \(result.corruptions) corruptions and \(result.leaks) leaked clusters remain\n", to: STDERR_FILENO)
+        }
         if result.corruptions > 0 { throw ExitCode(2) }
         if result.leaks > 0 { throw ExitCode(3) }
     }
@@ -577,6 +606,88 @@ struct ImgSnapshot: ParsableCommand {
             if list || !writable {
                 let snaps = try img.snapshots()
                 if !snaps.isEmpty { print(snapshotTable(snaps), terminator: "") }
+            }
+            try img.close()
+        }
+    }
+}
+
+/// `img bitmap`: qemu-img's persistent dirty bitmap operations, applied in the order given.
+struct ImgBitmap: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "bitmap",
+        abstract: "Add, remove, clear, enable, disable or merge a persistent dirty bitmap of a qcow2 image.")
+    @Flag(name: .customLong("add"), help: "Add an empty bitmap (enabled unless --disable).") var add = false
+    @Flag(name: .customLong("remove"), help: "Remove the bitmap.") var remove = false
+    @Flag(name: .customLong("clear"), help: "Clear every bit.") var clear = false
+    @Flag(name: .customLong("enable"), help: "Track writes.") var enable = false
+    @Flag(name: .customLong("disable"), help: "Stop tracking writes.") var disable = false
+    @Option(name: .customLong("merge"), help: "OR the bits of bitmap SOURCE (of -b SOURCE_FILE, or of this image) into the bitmap.") var merge: String?
+    @Option(name: .customShort("b"), help: "The image holding the --merge source bitmap.") var sourceFile: String?
+    @Option(name: .customShort("F"), help: "The format of -b (qcow2).") var sourceFormat: String?
+    @Option(name: .customShort("g"), help: "Granularity of --add (power of two, 512 B to 2 GiB; default: the cluster size within 4k-64k).") var granularity: String?
+    @Option(name: .customShort("f")) var format: String?
+    @Argument var file: String
+    @Argument var bitmap: String
+
+    func validate() throws {
+        guard add || remove || clear || enable || disable || merge != nil else {
+            throw ValidationError("Need at least one of --add, --remove, --clear, --enable, --disable, or --merge")
+        }
+        if granularity != nil && !add { throw ValidationError("granularity only supported with --add") }
+        if sourceFile != nil && merge == nil { throw ValidationError("-b requires --merge") }
+        if sourceFormat != nil && sourceFile == nil { throw ValidationError("-F requires -b") }
+        if let f = format, f != "qcow2" { throw ValidationError("format '\(f)' has no persistent bitmaps (qcow2 only)") }
+    }
+
+    /// The operations in command-line order, as qemu-img applies them.
+    func operations() -> [String] {
+        let names = ["--add", "--remove", "--clear", "--enable", "--disable", "--merge"]
+        var seen: [String] = []
+        for a in CommandLine.arguments.dropFirst() {
+            let n = a.split(separator: "=", maxSplits: 1).first.map(String.init) ?? a
+            if names.contains(n) && !seen.contains(n) { seen.append(n) }
+        }
+        let wanted = zip(names, [add, remove, clear, enable, disable, merge != nil]).filter { $0.1 }.map { $0.0 }
+        return seen.filter { wanted.contains($0) } + wanted.filter { !seen.contains($0) }
+    }
+
+    func run() throws {
+        try imgRun {
+            let g = try granularity.map { try parseImgSize($0) }
+            let locks = try lockImage(file, format: "qcow2", .write)
+            defer { locks.releaseAll() }
+            guard (try probeImageFormat(path: file)) == .qcow2 else {
+                throw DiskImageError(.unsupported, "\(file): persistent bitmaps need a qcow2 image")
+            }
+            let img = try Qcow2Image(path: file, options: .init(readOnly: false, ignoreBackingFile: true))
+            for op in operations() {
+                switch op {
+                case "--add": try img.addBitmap(bitmap, granularity: g, enabled: !disable)
+                case "--remove": try img.removeBitmap(bitmap)
+                case "--clear": try img.clearBitmap(bitmap)
+                case "--enable": try img.setBitmapEnabled(bitmap, true)
+                case "--disable": if !add { try img.setBitmapEnabled(bitmap, false) }
+                case "--merge":
+                    let source = merge!
+                    if let sf = sourceFile {
+                        if let f = sourceFormat, f != "qcow2" { throw DiskImageError(.unsupported, "\(sf): persistent bitmaps need a qcow2 image") }
+                        let path = resolveBacking(sf, relativeTo: file)
+                        let slocks = try lockImage(path, format: "qcow2", .read(forceShare: false), followBacking: false)
+                        defer { slocks.releaseAll() }
+                        let src = try Qcow2Image(path: path, options: .init(readOnly: true, ignoreBackingFile: true))
+                        guard let sb = try src.bitmaps().first(where: { $0.name == source }) else {
+                            throw DiskImageError.invalid("\(path): Dirty bitmap '\(source)' not found")
+                        }
+                        try img.mergeBitmap(into: bitmap, sourceBits: try src.bitmapData(source), sourceGranularity: sb.granularity)
+                        try src.close()
+                    } else {
+                        guard let sb = try img.bitmaps().first(where: { $0.name == source }) else {
+                            throw DiskImageError.invalid("\(file): Dirty bitmap '\(source)' not found")
+                        }
+                        try img.mergeBitmap(into: bitmap, sourceBits: try img.bitmapData(source), sourceGranularity: sb.granularity)
+                    }
+                default: break
+                }
             }
             try img.close()
         }

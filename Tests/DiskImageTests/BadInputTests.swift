@@ -27,11 +27,11 @@ struct BadInputTests {
         }
     }
 
-    @Test("truncated files give a clear error")
+    @Test("files too short for a header give a clear error; a file cut after its header opens as in qemu, reading zeros and checking as corrupt")
     func truncated() throws {
         let d = try TempDir()
         let (p, _, _, _) = try makeImage(d)
-        for size in [0, 3, 71, 100, 70000] {
+        for size in [0, 3, 71, 100] {
             let t = d.file("t\(size).qcow2")
             try Data(try fileBytes(p).prefix(size)).write(to: URL(fileURLWithPath: t))
             #expect(throws: DiskImageError.self) {
@@ -39,16 +39,29 @@ struct BadInputTests {
                 _ = try img.read(at: 0, count: 4096)
             }
         }
+        let t = d.file("t70000.qcow2")
+        try Data(try fileBytes(p).prefix(70000)).write(to: URL(fileURLWithPath: t))
+        let img = try Qcow2Image(path: t, options: .init(readOnly: true))
+        #expect(try img.read(at: 0, count: 4096) == [UInt8](repeating: 0, count: 4096))
+        let r = try img.check()
+        #expect(r.corruptions > 0)
+        #expect(r.messages.contains { $0.contains("exceeding the end of the file") }, "\(r.messages)")
     }
 
-    @Test("an L2 entry past the end of the file is reported with its offset")
+    @Test("an L2 entry past the end of the file reads as zeros (as in qemu), is refused for writing, and check reports it")
     func l2PastEnd() throws {
         let d = try TempDir()
         let (p, _, l2, _) = try makeImage(d)
         try patch(p, at: l2, be64((1 << 40) | (1 << 63)))
         let img = try Qcow2Image(path: p, options: .init(readOnly: true))
-        expectError("past the end of the file") { _ = try img.read(at: 0, count: 512) }
-        expectError("table at offset \(l2)") { _ = try img.read(at: 0, count: 512) }
+        #expect(try img.read(at: 0, count: 512) == [UInt8](repeating: 0, count: 512))
+        let r = try img.check()
+        // The reference past the end, and the COPIED flag of a cluster whose refcount is 0 (as qemu-img counts them).
+        #expect(r.corruptions == 2, "\(r.messages)")
+        #expect(r.messages.contains { $0.contains("offset 0x10000000000") }, "\(r.messages)")
+        let w = try Qcow2Image(path: p)
+        expectError("table at offset \(l2)") { try w.write([1, 2, 3], at: 0) }
+        expectError("past the end of the file") { try w.write([1, 2, 3], at: 0) }
     }
 
     @Test("misaligned data and compressed entries pointing into the header are rejected")
@@ -63,17 +76,34 @@ struct BadInputTests {
         expectError("points into the header") { _ = try img2.read(at: 0, count: 512) }
     }
 
-    @Test("an L1 entry past the end of the file or a refcount table entry into the header fails at open")
+    @Test("an L1 entry past the end of the file or a refcount table entry into the header open (as in qemu); writes that need them are refused by name; check finds them and -r all repairs the refcount table")
     func l1AndRefcountEntries() throws {
         let d = try TempDir()
         let (p, l1, _, _) = try makeImage(d)
         let good = try fileBytes(p)
         try patch(p, at: l1, be64((1 << 50) | (1 << 63)))
-        expectError("points past the end of the file") { _ = try Qcow2Image(path: p, options: .init(readOnly: true)) }
+        let img = try Qcow2Image(path: p, options: .init(readOnly: true))
+        #expect(try img.read(at: 0, count: 512) == [UInt8](repeating: 0, count: 512))
+        #expect(try img.check().corruptions > 0)
+        let w = try Qcow2Image(path: p)
+        expectError("L1 entry 0") { try w.write([1], at: 0) }
         try Data(good).write(to: URL(fileURLWithPath: p))
         let h = try Qcow2Header(bytes: good, path: p, fileSize: UInt64(good.count))
         try patch(p, at: h.refcountTableOffset, be64(0x200))
-        expectError("refcount table entry 0") { _ = try Qcow2Image(path: p, options: .init(readOnly: true)) }
+        let img2 = try Qcow2Image(path: p)
+        #expect(try img2.read(at: 0, count: 512) == [UInt8](repeating: 5, count: 512))
+        expectError("refcount block at offset 512") { try img2.write([UInt8](repeating: 1, count: 65536), at: 1 << 20); try img2.flush() }
+        let r = try img2.check()
+        #expect(r.messages.contains { $0.contains("refcount block 0 is not cluster aligned") }, "\(r.messages)")
+        let fixed = try img2.check(repair: .all)
+        #expect(fixed.corruptions == 0 && fixed.leaks == 0 && fixed.checkErrors == 0, "\(fixed.messages)")
+        try img2.write([UInt8](repeating: 7, count: 4096), at: 2 << 20)
+        try img2.close()
+        let again = try Qcow2Image(path: p)
+        #expect(try again.read(at: 0, count: 512) == [UInt8](repeating: 5, count: 512))
+        #expect(try again.read(at: 2 << 20, count: 4096) == [UInt8](repeating: 7, count: 4096))
+        let final = try again.check()
+        #expect(final.corruptions == 0 && final.leaks == 0, "\(final.messages)")
     }
 
     @Test("an L2 table overlapping the refcount table is found by check as corruption")
