@@ -180,6 +180,22 @@ static void read_check(const char *check, uint8_t *buf, uint64_t sector, uint32_
         rt_fail(nm(check), "sector %lu word %lu reads %lx", sector + (uint64_t)bad / 64, (uint64_t)bad % 64, w[bad]);
 }
 
+/* Queues 32 x 4 KiB requests at sectors 512-767 (writes from `data`, or reads into it), one slot each, not
+ * yet kicked; returns -1, or the request that found the queue full. */
+static int queue_batch(uint8_t *data, struct slot *slots, int write, int heads[32]) {
+    enum { N = 32, SECS = 8 };
+    const uint64_t base = 512;
+    for (int i = 0; i < N; i++) {
+        struct slot *s = &slots[i];
+        s->hdr = (struct blk_hdr){ write ? T_OUT : T_IN, 0, base + (uint64_t)i * SECS };
+        s->status = 0xff;
+        struct vbuf b[3] = { { &s->hdr, sizeof s->hdr }, { data + i * SECS * SECTOR, SECS * SECTOR }, { &s->status, 1 } };
+        heads[i] = vq_add(&q, b, write ? 2 : 1, write ? 1 : 2);
+        if (heads[i] < 0) return i;
+    }
+    return -1;
+}
+
 /* 32 x 4 KiB requests in flight with one kick, completed by interrupts. */
 static void in_flight(uint8_t *data, int write) {
     enum { N = 32, SECS = 8 };
@@ -189,14 +205,8 @@ static void in_flight(uint8_t *data, int write) {
     int heads[N];
     if (write) fill(data, base, N * SECS, 1); else memset(data, 0xee, N * SECS * SECTOR);
     uint32_t seen = vmsi_count[VEC - VMSI_BASE];
-    for (int i = 0; i < N; i++) {
-        struct slot *s = &slots[i];
-        s->hdr = (struct blk_hdr){ write ? T_OUT : T_IN, 0, base + (uint64_t)i * SECS };
-        s->status = 0xff;
-        struct vbuf b[3] = { { &s->hdr, sizeof s->hdr }, { data + i * SECS * SECTOR, SECS * SECTOR }, { &s->status, 1 } };
-        heads[i] = vq_add(&q, b, write ? 2 : 1, write ? 1 : 2);
-        if (heads[i] < 0) { rt_fail(nm(write ? "inflight-write" : "inflight-read"), "queue full at request %d", i); return; }
-    }
+    int full = queue_batch(data, slots, write, heads);
+    if (full >= 0) { rt_fail(nm(write ? "inflight-write" : "inflight-read"), "queue full at request %d", full); return; }
     vq_kick(&q);
     int done = 0, bad = 0, order_differs = 0;
     uint64_t end = rt_deadline(20000);
@@ -474,17 +484,10 @@ static int stream_wait_used(uint16_t n) {
 /* One half round: 32 requests in flight (writes of S(r) or reads), all completed OK. */
 static int stream_batch(uint64_t r, uint8_t *data, struct slot *slots, int write) {
     enum { N = 32, SECS = 8 };
-    const uint64_t base = 512;
     int heads[N];
     uint32_t seen = vmsi_count[VEC - VMSI_BASE];
-    for (int i = 0; i < N; i++) {
-        struct slot *s = &slots[i];
-        s->hdr = (struct blk_hdr){ write ? T_OUT : T_IN, 0, base + (uint64_t)i * SECS };
-        s->status = 0xff;
-        struct vbuf b[3] = { { &s->hdr, sizeof s->hdr }, { data + i * SECS * SECTOR, SECS * SECTOR }, { &s->status, 1 } };
-        heads[i] = vq_add(&q, b, write ? 2 : 1, write ? 1 : 2);
-        if (heads[i] < 0) { rt_fail("stream", "round %lu: queue full at request %d", r, i); return -1; }
-    }
+    int full = queue_batch(data, slots, write, heads);
+    if (full >= 0) { rt_fail("stream", "round %lu: queue full at request %d", r, full); return -1; }
     vq_enable_interrupts(&q);
     vq_kick(&q);
     if (stream_wait_used(N)) { rt_fail("stream", "round %lu: %u of %d %s completed", r, vq_pending_used(&q), N, write ? "writes" : "reads"); return -1; }
