@@ -104,7 +104,7 @@ public struct VMConfiguration: Codable, Sendable, Equatable {
     public var kernelEntry: String = "decompressed"
     /// Apply the PVM host fix-ups: nil detects the host.
     public var pvmFixups: Bool? = nil
-    /// virtio-blk disks (`--disk`), attached to PCI in this order from slot 1.
+    /// virtio-blk disks (`--disk`), attached in this order (from PCI slot 1, or the first virtio-mmio window).
     public var disks: [DiskSpec] = []
     /// virtio-net NICs (`--net`), attached after the disks in this order.
     public var nets: [NetSpec] = []
@@ -118,6 +118,9 @@ public struct VMConfiguration: Codable, Sendable, Equatable {
     public var rng: Bool = false
     /// Rate limit of the virtio-rng device (bandwidth in bytes, ops); nil: none.
     public var rngRateLimit: RateLimitConfig? = nil
+    /// The virtio transport (`--transport`); nil: PCI (`virtioTransport`). Optional so that configurations
+    /// saved before it existed still decode.
+    public var transport: VirtioTransportKind? = nil
 
     /// A configuration for `payload` with defaults for everything else.
     public init(payload: GuestPayload) { self.payload = payload }

@@ -85,6 +85,8 @@ struct RunCommand: ParsableCommand {
     var rng = false
     @Flag(name: .customLong("virtio-console"), help: "Add a virtio-console device (hvc0); host input goes to it and to the serial port.")
     var virtioConsole = false
+    @Option(help: "Virtio transport: pci (default) or mmio (virtio-mmio windows from 0xF0000000, announced in the DSDT as LNRO0005 devices and on the kernel command line as virtio_mmio.device=).")
+    var transport: String = "pci"
 
     @Option(name: .customLong("time-dilation"),
             help: "Linux guests: make guest time run N times slow (N ticks fewer per real second; hides kvm-clock). Speeds up boots where guest kernel code is emulated; the guest clock runs slow.")
@@ -174,6 +176,10 @@ struct RunCommand: ParsableCommand {
         config.name = name
         config.rng = rng
         config.virtioConsole = virtioConsole
+        guard let kind = VirtioTransportKind(rawValue: transport) else {
+            throw VMMError.invalidValue(what: "--transport", value: transport, reason: "expected pci or mmio")
+        }
+        config.transport = kind
         if let factor = timeDilation {
             guard factor >= 1, factor <= TimeDilation.maximumFactor else {
                 throw VMMError.invalidValue(what: "--time-dilation", value: "\(factor)", reason: "expected a factor from 1 to \(TimeDilation.maximumFactor)")
