@@ -43,6 +43,8 @@ public enum VMMProcess {
         public var noSeccomp = false
         /// `--seccomp-filter`: filters from this file (`SeccompFile`) instead of the built-in ones.
         public var seccompFilter: String?
+        /// `--enable-pci`: the virtio devices on PCI instead of virtio-mmio (Firecracker's flag).
+        public var enablePCI = false
         public init() {}
     }
 
@@ -132,6 +134,7 @@ public enum VMMProcess {
         var controllerOptions = VMController.Options()
         controllerOptions.instanceID = options.instanceID
         controllerOptions.metricsInterval = options.metricsInterval
+        controllerOptions.virtioTransport = options.enablePCI ? .pci : .mmio
         if serialLog != nil { controllerOptions.defaultSerial = .none }
         if console != nil || serialLog != nil || feedStdin {
             let defaultBuilder = controllerOptions.builder

@@ -48,6 +48,8 @@ struct VMMCommand: ParsableCommand {
 
     @Flag(name: .customLong("no-seccomp"), help: "Run without the seccomp filters (docs/SECCOMP.md).")
     var noSeccomp = false
+    @Flag(name: .customLong("enable-pci"), help: "Put the virtio devices on PCI (default: virtio-mmio, as Firecracker).")
+    var enablePCI = false
     @Option(name: .customLong("seccomp-filter"), help: "Load the seccomp filters from this JSON file (Firecracker's seccompiler format, one filter per thread kind: vmm, api, vcpu, device, console) instead of the built-in ones.")
     var seccompFilter: String?
 
@@ -94,6 +96,7 @@ struct VMMCommand: ParsableCommand {
         o.readyFD = readyFD
         o.noSeccomp = noSeccomp
         o.seccompFilter = seccompFilter
+        o.enablePCI = enablePCI
         throw ExitCode(VMMProcess.run(o))
     }
 }

@@ -194,7 +194,7 @@ struct VirtioNetGuestTests {
              "network-interfaces": [{"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "06:00:ac:10:00:02"}]}
             """
         try config.write(toFile: dir + "/config.json", atomically: true, encoding: .utf8)
-        let vmm = try ns.spawn([swiftkvm, "vmm", "--no-api", "--config-file", dir + "/config.json",
+        let vmm = try ns.spawn([swiftkvm, "vmm", "--enable-pci", "--no-api", "--config-file", dir + "/config.json",
                                 "--metrics-path", dir + "/metrics.ndjson", "--serial-log", dir + "/serial.log"])
         let status = vmm.waitForExit(timeout: 120)
         let serial = (try? String(contentsOfFile: dir + "/serial.log", encoding: .utf8)) ?? ""

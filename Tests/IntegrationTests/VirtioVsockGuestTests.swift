@@ -199,7 +199,7 @@ struct VirtioVsockGuestTests {
             """
         try config.write(toFile: dir + "/config.json", atomically: true, encoding: .utf8)
         let swiftkvm = try #require(GuestTestEnvironment.swiftkvmPath, "swiftkvm executable not found")
-        let child = NetChild(try MCChild(swiftkvm, ["vmm", "--no-api", "--config-file", dir + "/config.json"]))
+        let child = NetChild(try MCChild(swiftkvm, ["vmm", "--enable-pci", "--no-api", "--config-file", dir + "/config.json"]))
         let data = vsockPattern(65536)
         var echoed: [UInt8] = []
         if child.waitFor("VSOCK-READY listen 1024", timeout: 60) {
