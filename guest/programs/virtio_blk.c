@@ -17,7 +17,9 @@
  *   The host then checks the file: W at 64-71, 80-87, 512-767; zeroes at 192-199 (and 128-135
  *   where discard punches holes); P elsewhere.
  * Command line: id=STRING (GET_ID of disk 0), disks=N (expected count), readonly=I (disk I must
- *   be read-only), noindirect, noevent (do not negotiate those features).
+ *   be read-only), noindirect, noevent (do not negotiate those features); mmio [source=acpi|cmdline]:
+ *   the disks are virtio-mmio windows found in the DSDT (default) or on the command line, their
+ *   interrupt routed through the I/O APIC instead of MSI-X (every mode but movebar and hostile).
  *
  * Bench mode: bench=seqread|seqwrite|randread|randwrite size=BYTES (default 1 MiB for seq*,
  *   4 KiB for rand*) n=REQUESTS qd=DEPTH (default 8) span=SECTORS (default the capacity), on
@@ -342,6 +344,7 @@ static const char *open_disk(int index, uint64_t wanted) {
     e = vdev_negotiate(&dev, wanted);
     if (e) return e;
     vdev_set_config_vector(&dev, dev.msix_cap ? 1 : VIRTIO_MSI_NO_VECTOR);
+    if (dev.mmio) vmmio_route_irq(&dev, apic_id, VEC);
     e = vq_setup(&dev, &q, 0, 256, dev.msix_cap ? 0 : VIRTIO_MSI_NO_VECTOR);
     if (e) return e;
     vdev_driver_ok(&dev);
@@ -540,6 +543,7 @@ static long run(void *arg) {
                       VIRTIO_BIT(VIRTIO_BLK_F_DISCARD) | VIRTIO_BIT(VIRTIO_BLK_F_WRITE_ZEROES);
     if (!rt_cmdline_has("noindirect")) wanted |= VIRTIO_BIT(VIRTIO_F_INDIRECT_DESC);
     if (!rt_cmdline_has("noevent")) wanted |= VIRTIO_BIT(VIRTIO_F_EVENT_IDX);
+    if (vmmio_setup_from_cmdline()) return 0;
     char kind[16];
     if (rt_cmdline_str("bench", kind, sizeof kind) >= 0) {
         const char *e = open_disk(0, wanted);
