@@ -154,6 +154,10 @@ public struct VMConfiguration: Codable, Sendable, Equatable {
         }
         _ = try serialSpec()
         try vsock?.validate()
+        if virtioTransport == .mmio, virtioDeviceCount > VirtioMMIOLayout.maximumDevices {
+            throw VMMError.invalidValue(what: "--transport", value: "mmio",
+                                        reason: "\(virtioDeviceCount) virtio devices, at most \(VirtioMMIOLayout.maximumDevices) fit on virtio-mmio (one interrupt each)")
+        }
         var ids = Set<String>(), macs = Set<[UInt8]>()
         for (i, nic) in nets.enumerated() {
             let id = nicID(i)

@@ -43,3 +43,18 @@ struct VirtioMMIOLayoutTests {
         #expect(old.virtioTransport == .pci)
     }
 }
+
+@Suite("virtio-mmio configuration checks")
+struct VirtioMMIOValidationTests {
+    @Test("more virtio devices than virtio-mmio interrupts is a usage error naming --transport; PCI takes them")
+    func tooMany() throws {
+        var c = VMConfiguration(payload: .kernel(path: "k", initrd: nil, cmdline: "", modules: []))
+        c.disks = (0..<15).map { DiskSpec(path: "d\($0)") }
+        c.transport = .mmio
+        try c.validate(hostMemory: nil)
+        c.rng = true
+        #expect(throws: VMMError.self) { try c.validate(hostMemory: nil) }
+        c.transport = .pci
+        try c.validate(hostMemory: nil)
+    }
+}
