@@ -62,6 +62,20 @@ struct VirtioMMIOGuestTests {
         #expect(r.lines.contains { $0.hasPrefix("BENCH randread done ops=500 bytes=2048000 ") && $0.hasSuffix(" errors=0") }, "\(r.output)")
     }
 
+    @Test("QueueNotify goes through the ioeventfd: 5000 notifications cost almost no user-space MMIO exits",
+          arguments: [true, false])
+    func notifyStaysInKernel(mmio: Bool) throws {
+        let d0 = try PatternDisk.make()
+        defer { ProcessRunner.removeTemporary(d0) }
+        let r = try runGuestProgram(programArguments("virtio_blk", cmdline: (mmio ? "mmio " : "") + "bench=notify n=5000") +
+                                    ["--transport", mmio ? "mmio" : "pci", "--disk", "path=\(d0)", "--log-level", "info"])
+        expectPass(r, checks: ["blk0-setup", "bench"])
+        #expect(r.lines.contains { $0.hasPrefix("BENCH notify done ops=5000 bytes=0 ") && $0.contains(" kicks=5000 ") }, "\(r.output)")
+        let exits = try #require(r.lines.first { $0.contains("exits: ") }, "no exits line: \(r.output)")
+        let mmioExits = exits.split(separator: " ").first { $0.hasPrefix("mmio=") }.flatMap { Int($0.dropFirst(5)) } ?? 0
+        #expect(mmioExits < 1000, "\(mmioExits) user-space MMIO exits for 5000 notifications: \(exits)")
+    }
+
     @Test("virtio_rng over virtio-mmio: requests complete with the window's interrupt")
     func rng() throws {
         let r = try runGuestProgram(programArguments("virtio_rng", cmdline: "mmio reads=4") + ["--transport", "mmio", "--rng"])
