@@ -5,7 +5,8 @@ import VMM
 // The lean kernel with its devices on virtio-mmio (`--transport mmio`) and a Firecracker client's `pci=off`: the
 // guest finds its disk through the DSDT's LNRO0005 devices (ACPI on) or, with `acpi=off`, through the
 // `virtio_mmio.device=` items swiftkvm appends to the command line; it mounts the disk, reads the host's file and
-// writes one the host then checks with e2fsck and debugfs, and reads /dev/hwrng. About 80 s per boot here.
+// writes one the host then checks with e2fsck and debugfs, and reads /dev/hwrng; and once through `swiftkvm vmm`'s API
+// (virtio-mmio by default) with `pci=off` in boot_args and a root drive, which the guest mounts. About 80 s per boot here.
 //
 // Gate: SWIFTKVM_SKIP_LINUX=1 skips this suite (local runs only; CI refuses it).
 
@@ -79,5 +80,42 @@ struct LinuxMMIOTests {
             #expect(cat.stdout == "written over mmio 20\n", "debugfs cat /from-guest.txt: \(cat.stdout.debugDescription)")
         }
         Attachment.record(log, named: "linux-mmio-\(route).log")
+    }
+
+    @Test("through swiftkvm vmm's API (virtio-mmio by default, as Firecracker) with pci=off in boot_args and a root drive, the guest mounts the drive",
+          .timeLimit(.minutes(20)))
+    func apiBoot() throws {
+        let root = GuestTestEnvironment.repoRoot
+        let kernel = root.appendingPathComponent("assets/lean/vmlinux").path
+        let initrd = root.appendingPathComponent("assets/" + DefaultGuest.initrdName).path
+        try #require(FileManager.default.fileExists(atPath: kernel), "assets/lean/vmlinux missing: run scripts/guest-kernel")
+        try #require(FileManager.default.fileExists(atPath: initrd), "assets/initramfs.cpio missing: run scripts/guest-assets")
+        let swiftkvm = try #require(GuestTestEnvironment.swiftkvmPath, "swiftkvm executable not found")
+        let dir = MCTempDir(prefix: "lmmio")
+        defer { dir.remove() }
+        let disk = dir.path + "/rootfs.ext4"
+        try LinuxBootTests.makeDisk(["hello.txt": "root drive over the API 13579\n"], image: disk, root: root)
+        let args = DefaultGuest.leanCmdline + " " + TimeDilation.cmdlineParameters(factor: 10, hostTSCkHz: MCSupport.tscKHz) + " pci=off"
+        let sock = dir.path + "/api.sock"
+        let vmm = try MCChild(swiftkvm, ["vmm", "--api-sock", sock, "--level", "Info"], stdinPipe: true)
+        defer { vmm.stop() }
+        #expect(MCSupport.wait(seconds: 10) { FileManager.default.fileExists(atPath: sock) })
+        #expect(MCSupport.apiCall(sock, "PUT", "/boot-source",
+                                  #"{"kernel_image_path": "\#(kernel)", "initrd_path": "\#(initrd)", "boot_args": "\#(args)"}"#) == "204")
+        #expect(MCSupport.apiCall(sock, "PUT", "/machine-config", #"{"vcpu_count": 1, "mem_size_mib": 256}"#) == "204")
+        #expect(MCSupport.apiCall(sock, "PUT", "/drives/rootfs",
+                                  #"{"drive_id": "rootfs", "path_on_host": "\#(disk)", "is_root_device": true, "is_read_only": false}"#) == "204")
+        #expect(MCSupport.apiCall(sock, "PUT", "/actions", #"{"action_type": "InstanceStart"}"#) == "204")
+        let ready = vmm.stdout.waitFor(LinuxBoot.readyMarker, timeout: LinuxBoot.bootTimeout)
+        try #require(ready, "no \(LinuxBoot.readyMarker): \(vmm.stdout.text.suffix(3000)) / \(vmm.stderr.text.suffix(1000))")
+        Thread.sleep(forTimeInterval: 2)
+        vmm.writeInput("mkdir -p /mnt/r && mount -t ext4 /dev/vda /mnt/r && cat /mnt/r/hello.txt && echo acpi-$(ls /sys/bus/platform/drivers/virtio-mmio | grep -c LNRO0005)-dev\n")
+        #expect(vmm.stdout.waitFor("root drive over the API 13579", timeout: 180), "\(vmm.stdout.text.suffix(2000))")
+        #expect(vmm.stdout.waitFor("acpi-1-dev", timeout: 60), "the disk is the DSDT's LNRO0005 device: \(vmm.stdout.text.suffix(2000))")
+        let text = vmm.stdout.text
+        #expect(text.contains("root=/dev/vda rw"), "the root drive's root= on the command line")
+        #expect(text.contains("virtio_mmio.device=4K@0xf0000000:5"), "the drive announced on the command line")
+        #expect(!text.contains("Kernel panic"))
+        vmm.writeInput("umount /mnt/r; poweroff -f\n")
     }
 }
