@@ -3,7 +3,8 @@ import Testing
 
 // The freestanding drivers of guest/programs over swiftkvm's virtio-mmio transport (`--transport mmio`):
 // virtio_mmio checks the transport (discovery through the DSDT or the command line, the register file, bad
-// driver input); virtio_blk and virtio_rng run their PCI suites over it with `mmio`.
+// driver input); virtio_blk, virtio_rng and virtio_console run their PCI suites over it with `mmio`. virtio_net and
+// virtio_vsock run over it through the vmm's Firecracker config file (VirtioNetGuestTests, VirtioVsockGuestTests).
 
 @Suite("Virtio-mmio drivers under swiftkvm run", .serialized,
        .enabled(if: GuestTestEnvironment.kvmAvailable, "needs /dev/kvm"))
@@ -81,6 +82,16 @@ struct VirtioMMIOGuestTests {
         let r = try runGuestProgram(programArguments("virtio_rng", cmdline: "mmio reads=4") + ["--transport", "mmio", "--rng"])
         expectPass(r, checks: ["mmio-discovery", "rng-found", "rng-features", "rng-queue", "rng-driver-ok", "rng-read",
                                "rng-nonzero", "rng-varies", "rng-msix-interrupt"])
+    }
+
+    @Test("virtio_console over virtio-mmio: the guest's line reaches the host and the host's line is echoed back, with interrupts")
+    func console() throws {
+        let r = try runGuestProgram(programArguments("virtio_console", cmdline: "mmio timeout=60000") + ["--transport", "mmio", "--virtio-console"],
+                                    timeout: 120) { child in
+            if child.waitFor("CONSOLE-READY hello from the guest", timeout: 60) { child.send("hello-console\n") }
+        }
+        expectPass(r, checks: ["mmio-discovery", "console-found", "console-setup", "console-write", "console-read", "console-echo", "console-msix"])
+        #expect(r.lines.contains("echo-console: hello-console"), "\(r.output)")
     }
 
     @Test("--transport refuses anything but pci and mmio, and more virtio-mmio devices than interrupts, with exit 2")
