@@ -121,7 +121,6 @@ public struct MachineConfig: Codable, Sendable, Equatable {
         }
         if smt { throw .notSupportedYet("machine-config smt = true (SMT topology)") }
         if let t = cpuTemplate, t != "None" { throw .notSupportedYet("machine-config cpu_template \(t)") }
-        if trackDirtyPages { throw .notSupportedYet("machine-config track_dirty_pages = true (needs snapshots)") }
     }
 }
 

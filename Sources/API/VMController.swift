@@ -23,8 +23,9 @@ public protocol VMInstance: AnyObject, Sendable {
     func sendCtrlAltDel() throws
     /// Live counters.
     var metrics: MachineMetrics { get }
-    /// Writes a full snapshot of the paused guest (state file and memory file).
-    func saveSnapshot(statePath: String, memoryPath: String) throws
+    /// Writes a snapshot of the paused guest (state file and memory file): Full, or with `diff`
+    /// only the pages written since the previous snapshot.
+    func saveSnapshot(statePath: String, memoryPath: String, diff: Bool) throws
     /// Keeps the vCPUs parked from the start (call before `runToCompletion`), as for a snapshot
     /// loaded without `resume_vm`.
     func startPaused()
@@ -39,7 +40,7 @@ public protocol VMInstance: AnyObject, Sendable {
 }
 
 extension VMInstance {
-    public func saveSnapshot(statePath: String, memoryPath: String) throws {
+    public func saveSnapshot(statePath: String, memoryPath: String, diff: Bool) throws {
         throw VMMError.setup("this guest cannot be snapshotted")
     }
     public func startPaused() {}
@@ -346,15 +347,17 @@ public final class VMController: @unchecked Sendable {
         case .putSnapshotCreate(let p):
             let vm = try requireRuntime()
             guard phase == .paused else { throw .badRequest("Cannot create a snapshot: the microVM is not paused (PATCH /vm {\"state\": \"Paused\"} first).") }
-            if let t = p.snapshotType, t != "Full" {
-                guard t == "Diff" else { throw .badRequest("Invalid snapshot_type '\(t)': expected Full or Diff.") }
-                throw .notSupportedYet("Diff snapshots (snapshot_type Diff)")
+            let diff: Bool
+            switch p.snapshotType ?? "Full" {
+            case "Full": diff = false
+            case "Diff": diff = true
+            case let t: throw .badRequest("Invalid snapshot_type '\(t)': expected Full or Diff.")
             }
             guard !p.snapshotPath.isEmpty, !p.memFilePath.isEmpty else { throw .badRequest("snapshot_path and mem_file_path must not be empty.") }
-            do { try vm.saveSnapshot(statePath: p.snapshotPath, memoryPath: p.memFilePath) } catch {
+            do { try vm.saveSnapshot(statePath: p.snapshotPath, memoryPath: p.memFilePath, diff: diff) } catch {
                 throw .badRequest("Cannot create the snapshot: \(error).")
             }
-            logger.info("snapshot created: \(p.snapshotPath), memory \(p.memFilePath)")
+            logger.info("snapshot created (\(diff ? "Diff" : "Full")): \(p.snapshotPath), memory \(p.memFilePath)")
         case .putSnapshotLoad(let p):
             try requirePreBoot()
             let r = state.withLock { $0.resources }
@@ -374,9 +377,10 @@ public final class VMController: @unchecked Sendable {
             default:
                 throw .badRequest("Give exactly one of mem_file_path and mem_backend.")
             }
-            if p.trackDirtyPages == true || p.enableDiffSnapshots == true { throw .notSupportedYet("dirty page tracking (track_dirty_pages)") }
-            let snapshot: MachineSnapshot
+            var snapshot: MachineSnapshot
             do { snapshot = try SnapshotFile.read(p.snapshotPath) } catch { throw .badRequest("Cannot load the snapshot: \(error).") }
+            // Dirty-page tracking from the load on (Firecracker's track_dirty_pages, formerly enable_diff_snapshots).
+            snapshot.config.trackDirtyPages = p.trackDirtyPages == true || p.enableDiffSnapshots == true ? true : nil
             try startInstance(restoring: MachineRestore(snapshot: snapshot, memoryPath: memoryPath), paused: p.resumeVM != true)
             logger.info("snapshot loaded: \(p.snapshotPath)\(p.resumeVM == true ? ", resumed" : ", paused")")
         case .patchVM(.paused):
@@ -503,6 +507,7 @@ public final class VMController: @unchecked Sendable {
         default: break
         }
         config.cpus = r.machineConfig.vcpuCount
+        config.trackDirtyPages = r.machineConfig.trackDirtyPages ? true : nil
         config.serial = r.serial?.serialOutPath.map { "file:" + $0 } ?? options.defaultSerial.description
         config.onReboot = .exit
         config.transport = options.virtioTransport

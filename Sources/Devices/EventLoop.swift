@@ -51,6 +51,9 @@ public final class EventLoop: Sendable {
         var nextID: UInt64 = 1
         var running = false
         var stopping = false
+        /// `pause()` asked the thread to park; `parked` says it did.
+        var pauseRequested = 0
+        var parked = false
     }
 
     /// Thread name (at most 15 characters are kept).
@@ -59,6 +62,8 @@ public final class EventLoop: Sendable {
     private let wake: EventFD
     private let state = Mutex(State())
     private let finished = DispatchSemaphore(value: 0)
+    /// Where the parked thread and `pause()` wait (the flags are in `state`).
+    private let parking = ConditionLock()
 
     /// Creates the epoll instance; `start()` launches the thread.
     public init(name: String = "virtio") throws {
@@ -145,7 +150,41 @@ public final class EventLoop: Sendable {
         }
         guard wasRunning else { return }
         wake.signal()
+        parking.withLock { parking.broadcast() } // a parked thread stops too
         finished.wait()
+    }
+
+    /// Parks the loop thread between handlers and returns once it is parked (at once when the
+    /// thread is not running): no handler runs until `resume()`. Readiness and signals that
+    /// arrive meanwhile stay pending and are handled after it. Snapshots use it to hold device
+    /// work still while they read device state and guest memory. Calls nest.
+    public func pause() {
+        let running = state.withLock { s -> Bool in
+            s.pauseRequested += 1
+            return s.running && !s.stopping
+        }
+        guard running else { return }
+        wake.signal()
+        parking.lock()
+        while !state.withLock({ $0.parked || $0.stopping || !$0.running }) { parking.wait() }
+        parking.unlock()
+    }
+
+    /// Lets the thread run again after `pause()` (once every pause was resumed).
+    public func resume() {
+        state.withLock { s in s.pauseRequested = max(0, s.pauseRequested - 1) }
+        parking.withLock { parking.broadcast() }
+    }
+
+    /// Parks while a pause is requested (on the loop thread).
+    private func parkIfRequested() {
+        guard state.withLock({ $0.pauseRequested > 0 && !$0.stopping }) else { return }
+        parking.lock()
+        state.withLock { $0.parked = true }
+        parking.broadcast()
+        while state.withLock({ $0.pauseRequested > 0 && !$0.stopping }) { parking.wait() }
+        state.withLock { $0.parked = false }
+        parking.unlock()
     }
 
     private func run() {
@@ -163,6 +202,7 @@ public final class EventLoop: Sendable {
                 if id == 0 {
                     wake.drain()
                     if state.withLock({ $0.stopping }) { return }
+                    parkIfRequested()
                     continue
                 }
                 guard let entry = state.withLock({ $0.entries[id] }) else { continue }

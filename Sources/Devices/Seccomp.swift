@@ -165,12 +165,35 @@ public enum Seccomp {
         // Load the time zone now: the first log line's timestamp would otherwise open /etc/localtime on
         // whichever (confined) thread logs first.
         tzset()
+        primeMallocHeapShrink()
         compiled.withLock { c in
             for old in c.contexts.values { seccomp_release(UnsafeMutableRawPointer(old)) }
             c.contexts = contexts
             c.exempt = exempt
         }
         enabled.store(true, ordering: .releasing)
+    }
+
+    /// glibc's malloc reads /proc/sys/vm/overcommit_memory the first time a thread's arena gives memory
+    /// back (`shrink_heap`), on whichever thread that is: a confined device thread that freed a large
+    /// buffer was killed for that openat (the vsock bench, 2026-12-07). This makes it happen now, on a
+    /// short-lived unconfined thread of its own arena: the answer is kept for the process's life.
+    static func primeMallocHeapShrink() {
+        var thread = pthread_t()
+        let rc = pthread_create(&thread, nil, { _ in
+            let size = 64 << 10 // below the mmap threshold: the blocks come from this thread's arena heap
+            var blocks: [UnsafeMutableRawPointer] = []
+            blocks.reserveCapacity(32)
+            for _ in 0..<32 {
+                guard let p = malloc(size) else { break }
+                memset(p, 1, size)
+                blocks.append(p)
+            }
+            // Freed top-down, the heap's top grows past the trim threshold and the heap shrinks.
+            for p in blocks.reversed() { free(p) }
+            return nil
+        }, nil)
+        if rc == 0 { pthread_join(thread, nil) }
     }
 
     /// Checks `filter` compiles (unknown syscalls, bad conditions) without installing anything.

@@ -113,6 +113,8 @@ public final class GuestMemory: @unchecked Sendable {
 
     /// Regions sorted by start address.
     public let regions: [GuestRegion]
+    /// Pages written by the VMM's devices, for diff snapshots (off unless enabled).
+    public let dirtyLog: DirtyPageLog
 
     /// Builds guest memory from regions; they must not overlap.
     public init(regions: [GuestRegion]) throws {
@@ -121,6 +123,7 @@ public final class GuestMemory: @unchecked Sendable {
             throw GuestMemoryError.overlappingRegions(a.start, b.start)
         }
         self.regions = sorted
+        dirtyLog = DirtyPageLog(regions: sorted.map { ($0.start, $0.size) })
     }
 
     /// Allocates `size` bytes of RAM laid out as on a PC: below 3 GiB, and the rest above 4 GiB.

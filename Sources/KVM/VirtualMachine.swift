@@ -47,6 +47,24 @@ public final class VirtualMachine: @unchecked Sendable {
         try ioctlStruct(fd, CKVM_SET_USER_MEMORY_REGION, &region, "KVM_SET_USER_MEMORY_REGION(slot \(slot), gpa 0x\(String(guestPhys, radix: 16)))")
     }
 
+    /// Flag of `setUserMemoryRegion`: KVM logs the pages the guest writes (`getDirtyLog`).
+    public static let logDirtyPages = UInt32(CKVM_MEM_LOG_DIRTY_PAGES)
+
+    /// `KVM_GET_DIRTY_LOG`: the pages of memory slot `slot` (of `size` bytes, registered with
+    /// `logDirtyPages`) the guest wrote since the last call, one bit per 4 KiB page (bit `i % 64` of
+    /// word `i / 64`); KVM clears the log as it returns it.
+    public func getDirtyLog(slot: UInt32, size: UInt64) throws -> [UInt64] {
+        let pages = Int((size + 4095) / 4096)
+        var bitmap = [UInt64](repeating: 0, count: (pages + 63) / 64)
+        try bitmap.withUnsafeMutableBytes { buf in
+            var log = kvm_dirty_log()
+            log.slot = slot
+            log.dirty_bitmap = buf.baseAddress
+            _ = try ioctlStruct(fd, CKVM_GET_DIRTY_LOG, &log, "KVM_GET_DIRTY_LOG(slot \(slot))")
+        }
+        return bitmap
+    }
+
     /// `KVM_SET_TSS_ADDR`: three pages KVM needs below 4 GiB on Intel hosts.
     public func setTSSAddress(_ address: UInt64) throws {
         try ioctlValue(fd, CKVM_SET_TSS_ADDR, UInt(address), "KVM_SET_TSS_ADDR")

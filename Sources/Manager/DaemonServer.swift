@@ -146,6 +146,10 @@ struct DaemonRouter: Sendable {
             case ("POST", 1) where t.segments[0] == "vms":
                 let (info, replaced) = try manager.define(body)
                 return .json(replaced ? 200 : 201, info)
+            case ("POST", 2) where t.segments[0] == "vms" && t.segments[1] == "restore":
+                struct Body: Decodable { var path: String }
+                let b: Body = try decode(Body.self, body, keys: ["path"])
+                return .json(200, try manager.restore(from: b.path))
             case ("GET", 2) where t.segments[0] == "vms":
                 return .json(200, try manager.info(t.segments[1]))
             case ("DELETE", 2) where t.segments[0] == "vms":
@@ -238,8 +242,12 @@ struct DaemonRouter: Sendable {
         struct Body: Decodable {
             var action: String
             var timeout_s: Double?
+            var path: String?
         }
-        let b: Body = try decode(Body.self, body, keys: ["action", "timeout_s"])
+        let b: Body = try decode(Body.self, body, keys: ["action", "timeout_s", "path"])
+        guard (b.action == "save") == (b.path != nil) else {
+            throw ManagerError(.invalid, b.action == "save" ? "action `save` needs key `path` (the snapshot directory)" : "key `path` is only for action `save`")
+        }
         if let t = b.timeout_s, !(0...86_400).contains(t) {
             throw ManagerError(.invalid, "key `timeout_s` must be from 0 to 86400 seconds, not \(t)")
         }
@@ -250,8 +258,9 @@ struct DaemonRouter: Sendable {
         case "destroy": info = try manager.destroy(name)
         case "pause": info = try manager.pause(name)
         case "resume": info = try manager.resume(name)
+        case "save": info = try manager.save(name, to: b.path ?? "")
         default:
-            throw ManagerError(.invalid, "unknown action `\(b.action)` (key `action`), expected one of `start`, `shutdown`, `destroy`, `pause`, `resume`")
+            throw ManagerError(.invalid, "unknown action `\(b.action)` (key `action`), expected one of `start`, `shutdown`, `destroy`, `pause`, `resume`, `save`")
         }
         return .json(200, info)
     }

@@ -301,7 +301,89 @@ public final class VMManager: @unchecked Sendable {
         return lock.withLock { info(r) }
     }
 
-    private func launch(_ r: Record, _ def: VMDefinition) throws(ManagerError) {
+    // MARK: Save and restore
+
+    /// The saved definition in a snapshot directory written by `save`.
+    public static let savedDefinitionName = "definition.json"
+
+    /// `virsh save`: pauses the VM, writes its snapshot into the directory `dir` (the state file
+    /// `snapshot`, guest RAM `memory`, and the definition `definition.json`), then stops it. Until
+    /// the snapshot is complete nothing is lost: on a failure the VM is resumed (when this paused it)
+    /// and keeps running.
+    public func save(_ name: String, to dir: String) throws(ManagerError) -> VMInfo {
+        guard dir.hasPrefix("/") else { throw ManagerError(.invalid, "the snapshot directory must be an absolute path, not '\(dir)'") }
+        let r = try record(name)
+        r.actionLock.lock()
+        defer { r.actionLock.unlock() }
+        let (wasRunning, def) = try lock.withLock { () throws(ManagerError) -> (Bool, VMDefinition) in
+            guard r.state == .running || r.state == .paused else { throw conflict(name, r.state, "save") }
+            return (r.state == .running, r.definition)
+        }
+        try AtomicFile.makeDirectory(dir)
+        let snap = SnapshotDirectory(dir)
+        let client = UnixHTTPClient(socketPath: paths.apiSocket(name), timeout: 600)
+        func call(_ method: String, _ path: String, _ body: String, _ what: String) throws(ManagerError) {
+            let reply: HTTPResponse
+            do { reply = try client.request(method, path, body: Array(body.utf8)) } catch {
+                throw ManagerError(.host, "vm '\(name)': \(what) failed: \(error)")
+            }
+            guard reply.status == 204 || reply.status == 200 else {
+                throw ManagerError(.host, "vm '\(name)': \(what) refused by the vmm (\(reply.status)): \(reply.faultMessage ?? reply.text)")
+            }
+        }
+        if wasRunning { try call("PATCH", "/vm", #"{"state":"Paused"}"#, "pause") }
+        do throws(ManagerError) {
+            struct Body: Encodable { var snapshot_type = "Full", snapshot_path: String, mem_file_path: String }
+            let body = String(decoding: (try? JSONEncoder().encode(Body(snapshot_path: snap.statePath, mem_file_path: snap.memoryPath))) ?? Data(), as: UTF8.self)
+            try call("PUT", "/snapshot/create", body, "snapshot")
+            try AtomicFile.write(def.normalizedJSON(), to: dir + "/" + Self.savedDefinitionName)
+        } catch {
+            if wasRunning { try? call("PATCH", "/vm", #"{"state":"Resumed"}"#, "resume") }
+            throw error
+        }
+        events.emit(vm: name, "saved", dir)
+        return try destroy(name, starting: false)
+    }
+
+    /// `virsh restore`: starts the VM saved in `dir` (by `save`) from its snapshot, running at
+    /// once. A VM of that name that is not defined is defined from the saved definition; one that
+    /// is must be shut off, and runs with the saved definition (its networks and disks are those of
+    /// the snapshot).
+    public func restore(from dir: String) throws(ManagerError) -> VMInfo {
+        guard dir.hasPrefix("/") else { throw ManagerError(.invalid, "the snapshot directory must be an absolute path, not '\(dir)'") }
+        let path = dir + "/" + Self.savedDefinitionName
+        let bytes: [UInt8]
+        do { bytes = try AtomicFile.read(path) } catch {
+            throw ManagerError(.invalid, "\(dir) is not a snapshot directory written by `vm save`: \(error.message)")
+        }
+        let saved = try VMDefinition.parse(bytes, source: path)
+        do { _ = try SnapshotDirectory(dir).load() } catch {
+            throw ManagerError(.invalid, "\(error)")
+        }
+        if (lock.withLock { records[saved.name] }) == nil { _ = try define(bytes, source: path) }
+        let r = try record(saved.name)
+        r.actionLock.lock()
+        defer { r.actionLock.unlock() }
+        try lock.withLock { () throws(ManagerError) in
+            guard r.state == .shutOff else { throw conflict(saved.name, r.state, "start") }
+            r.state = .starting
+            r.destroying = false
+            r.generation += 1
+        }
+        events.emit(vm: saved.name, "restoring", dir)
+        do {
+            try launch(r, saved, restoring: dir)
+        } catch {
+            lock.withLock { if r.pid == nil { r.state = .shutOff } }
+            events.emit(vm: saved.name, "start-failed", error.message)
+            throw error
+        }
+        return lock.withLock { info(r) }
+    }
+
+    /// Starts the vmm of `def`: booted from its configuration, or, with `restoring`, loaded from
+    /// the snapshot in that directory (`PUT /snapshot/load` once its API is up).
+    private func launch(_ r: Record, _ def: VMDefinition, restoring: String? = nil) throws(ManagerError) {
         let name = def.name
         var config = try def.vmmConfig(assetsDirectory: assetsDirectory)
         // TAPs for the NICs (a leftover of a crashed run is replaced); removed again when the
@@ -317,11 +399,12 @@ public final class VMManager: @unchecked Sendable {
         encoder.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
         guard let data = try? encoder.encode(config) else { throw ManagerError(.host, "cannot encode the config of vm '\(name)'") }
         try AtomicFile.write(Array(data), to: paths.configFile(name))
-        let args = ["vmm", "--api-sock", paths.apiSocket(name), "--id", name, "--config-file", paths.configFile(name),
-                    "--console-sock", paths.consoleSocket(name), "--serial-log", paths.serialLog(name),
-                    "--metrics-path", paths.metricsFile(name), "--ready-fd", "3",
-                    // Managed VMs keep their devices on PCI (MSI-X, the default guest's virtio-pci modules).
-                    "--enable-pci"]
+        let args = ["vmm", "--api-sock", paths.apiSocket(name), "--id", name]
+            + (restoring == nil ? ["--config-file", paths.configFile(name)] : [])
+            + ["--console-sock", paths.consoleSocket(name), "--serial-log", paths.serialLog(name),
+               "--metrics-path", paths.metricsFile(name), "--ready-fd", "3",
+               // Managed VMs keep their devices on PCI (MSI-X, the default guest's virtio-pci modules).
+               "--enable-pci"]
         let logPath = paths.vmmLog(name)
         let marker = "--- \(Timestamp.now()) swiftkvm daemon starts vm '\(name)': \(vmmExecutable) \(args.joined(separator: " "))\n"
         let logFD = open(logPath, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0o644)
@@ -377,6 +460,23 @@ public final class VMManager: @unchecked Sendable {
         case .timedOut:
             _ = try? destroy(name, starting: true)
             throw ManagerError(.timeout, "vm '\(name)': the vmm did not report its API and guest started within \(options.startTimeout) s; \(logTail(name))")
+        }
+        if let restoring {
+            let snap = SnapshotDirectory(restoring)
+            struct Backend: Encodable { var backend_type = "File", backend_path: String }
+            struct Body: Encodable { var snapshot_path: String, mem_backend: Backend, resume_vm = true }
+            let body = (try? JSONEncoder().encode(Body(snapshot_path: snap.statePath, mem_backend: Backend(backend_path: snap.memoryPath)))) ?? Data()
+            let failure: String?
+            do {
+                let reply = try UnixHTTPClient(socketPath: paths.apiSocket(name), timeout: 120).request("PUT", "/snapshot/load", body: Array(body))
+                failure = reply.status == 204 ? nil : "\(reply.status): \(reply.faultMessage ?? reply.text)"
+            } catch {
+                failure = "\(error)"
+            }
+            if let failure {
+                _ = try? destroy(name, starting: true)
+                throw ManagerError(.host, "vm '\(name)': loading the snapshot in \(restoring) failed: \(failure)")
+            }
         }
         let started = lock.withLock { () -> Bool in
             guard r.generation == generation, r.pid != nil else { return false }

@@ -1,3 +1,4 @@
+import Devices
 import Synchronization
 
 /// An MSI-X table and pending-bit array (PBA) with the Message Control state.
@@ -199,5 +200,45 @@ public final class MSIXTable: Sendable {
         if let p = s.programmed[v], p.address == e.address, p.data == e.data { return }
         s.programmed[v] = (e.address, e.data)
         vectors[v].program(address: e.address, data: e.data)
+    }
+}
+
+extension MSIXTable {
+    /// The table as a snapshot saves it: each entry's four dwords, the pending bits and
+    /// Message Control.
+    public struct SavedState: Codable, Sendable, Equatable {
+        public var entries: [[UInt32]]
+        public var pending: [Bool]
+        public var enabled: Bool
+        public var functionMasked: Bool
+    }
+
+    /// The table's state.
+    public func saveState() -> SavedState {
+        state.withLock { s in
+            SavedState(entries: s.entries.map { e in (0..<4).map { e.word($0) } }, pending: s.pending,
+                       enabled: s.enabled, functionMasked: s.functionMasked)
+        }
+    }
+
+    /// Puts a saved table back (same vector count) and programs the routes of the vectors that
+    /// are live, firing the pending ones that are unmasked.
+    public func restoreState(_ saved: SavedState) throws(DeviceStateError) {
+        guard saved.entries.count == vectorCount, saved.pending.count == vectorCount,
+              saved.entries.allSatisfy({ $0.count == 4 }) else {
+            throw DeviceStateError("MSI-X: \(saved.entries.count) saved entries (\(saved.pending.count) pending bits), this table has \(vectorCount) of 4 dwords")
+        }
+        state.withLock { s in
+            for (v, words) in saved.entries.enumerated() {
+                var e = Entry()
+                for (i, w) in words.enumerated() { e.setWord(i, w) }
+                s.entries[v] = e
+            }
+            s.pending = saved.pending
+            s.enabled = saved.enabled
+            s.functionMasked = saved.functionMasked
+            s.programmed = Array(repeating: nil, count: vectorCount)
+            for v in 0..<vectorCount { evaluate(&s, v) }
+        }
     }
 }

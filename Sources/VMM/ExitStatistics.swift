@@ -3,14 +3,31 @@ import Synchronization
 
 /// Counts of vCPU exits by reason and of unhandled device accesses, merged from every vCPU thread.
 public final class ExitStatistics: Sendable {
-    private let counts = Mutex<[String: UInt64]>([:])
+    /// A slot per exit kind (`VCPUExit.kindNames`), so that adding a vCPU's counts allocates nothing, and
+    /// the rare other counts (unknown exit reasons, fix-ups, unhandled accesses) by name.
+    private struct Counts {
+        var kinds = [UInt64](repeating: 0, count: VCPUExit.kindNames.count)
+        var other: [String: UInt64] = [:]
+    }
+    private let counts = Mutex(Counts())
     private let dispatch = Mutex<(exits: UInt64, ns: UInt64)>((0, 0))
 
     public init() {}
 
-    /// Adds a vCPU's local counts (called once when its thread ends, and by tests).
+    /// Adds counts by name (fix-ups and unhandled accesses at exit, unknown exit reasons, tests).
     public func merge(_ local: [String: UInt64]) {
-        counts.withLock { c in for (k, v) in local { c[k, default: 0] += v } }
+        counts.withLock { c in
+            for (k, v) in local {
+                if let i = VCPUExit.kindNames.firstIndex(of: k) { c.kinds[i] &+= v } else { c.other[k, default: 0] &+= v }
+            }
+        }
+    }
+
+    /// Adds `slots` (one count per `VCPUExit.kindNames` entry) without allocating.
+    func add(kindSlots slots: UnsafeMutablePointer<UInt64>) {
+        counts.withLock { c in
+            for i in 0..<c.kinds.count { c.kinds[i] &+= slots[i] }
+        }
     }
 
     /// Adds a vCPU's user-space dispatch time: `ns` nanoseconds spent between `KVM_RUN` returning and the next
@@ -24,8 +41,14 @@ public final class ExitStatistics: Sendable {
         dispatch.withLock { $0.exits == 0 ? nil : Double($0.ns) / Double($0.exits) }
     }
 
-    /// A snapshot of all counts.
-    public var snapshot: [String: UInt64] { counts.withLock { $0 } }
+    /// A snapshot of all counts (zero counts left out).
+    public var snapshot: [String: UInt64] {
+        counts.withLock { c in
+            var out = c.other
+            for (i, n) in c.kinds.enumerated() where n != 0 { out[VCPUExit.kindNames[i], default: 0] += n }
+            return out
+        }
+    }
 
     /// One line, sorted by count: "io=120 mmio=3 …".
     public var summary: String {
@@ -60,14 +83,14 @@ final class ExitCounts {
         }
     }
 
-    /// The counts by exit name (zero counts left out), and a reset to zero.
-    func take() -> [String: UInt64] {
-        var result = unknownReasons
-        unknownReasons.removeAll(keepingCapacity: true)
-        for i in 0..<VCPUExit.kindNames.count where slots[i] != 0 {
-            result[VCPUExit.kindNames[i], default: 0] += slots[i]
-            slots[i] = 0
+    /// Adds the counts to `statistics` and resets them to zero; allocates nothing unless an unknown
+    /// exit reason was counted. (Called at every kick, about every 100 ms.)
+    func flush(into statistics: ExitStatistics) {
+        statistics.add(kindSlots: slots)
+        for i in 0..<VCPUExit.kindNames.count { slots[i] = 0 }
+        if !unknownReasons.isEmpty {
+            statistics.merge(unknownReasons)
+            unknownReasons.removeAll(keepingCapacity: true)
         }
-        return result
     }
 }

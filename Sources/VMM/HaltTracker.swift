@@ -24,8 +24,9 @@ final class HaltTracker: Sendable {
 
     private struct State {
         var round: UInt64 = 0
-        var expected = 0
-        var reports: [UInt32: VCPUState] = [:]
+        /// One slot per vCPU id (nil: not reported this round); reused, so a round allocates nothing.
+        var reports: [VCPUState?] = []
+        var reported = 0
         var completed = false
         var consecutive = 0
     }
@@ -39,8 +40,9 @@ final class HaltTracker: Sendable {
             if !s.completed { s.consecutive = 0 }   // the previous round was not answered by everyone
             s.round &+= 1
             if s.round == 0 { s.round = 1 }
-            s.expected = vcpuCount
-            s.reports = [:]
+            if s.reports.count != vcpuCount { s.reports = Array(repeating: nil, count: vcpuCount) }
+            for i in s.reports.indices { s.reports[i] = nil }
+            s.reported = 0
             s.completed = false
             return s.round
         }
@@ -49,12 +51,17 @@ final class HaltTracker: Sendable {
     /// Records vCPU `vcpu`'s state for `round`; true when the machine is now known to be off.
     func report(vcpu: UInt32, round: UInt64, state vcpuState: VCPUState) -> Bool {
         state.withLock { s in
-            guard round == s.round, !s.completed else { return false }
-            s.reports[vcpu] = vcpuState
-            guard s.reports.count >= s.expected else { return false }
+            guard round == s.round, !s.completed, Int(vcpu) < s.reports.count else { return false }
+            if s.reports[Int(vcpu)] == nil { s.reported += 1 }
+            s.reports[Int(vcpu)] = vcpuState
+            guard s.reported >= s.reports.count else { return false }
             s.completed = true
-            let values = Array(s.reports.values)
-            if values.allSatisfy({ $0 != .running }) && values.contains(.haltedForGood) {
+            var anyRunning = false, anyHalted = false
+            for i in s.reports.indices {
+                if s.reports[i] == .running { anyRunning = true }
+                if s.reports[i] == .haltedForGood { anyHalted = true }
+            }
+            if !anyRunning && anyHalted {
                 s.consecutive += 1
             } else {
                 s.consecutive = 0

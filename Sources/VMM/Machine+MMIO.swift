@@ -90,14 +90,17 @@ extension Machine {
     /// Attaches `device` (whose work runs on `loop`) on the configured transport: a PCI function in the next
     /// slot, or the next virtio-mmio window on the MMIO bus with an irqfd on its GSI (`VirtioMMIOLayout`).
     /// The transport is registered with `virtio` before it is put on a bus, so a later failure still shuts
-    /// it down. Returns where the device is, for the log.
-    func attachVirtio(_ device: any VirtioDevice, loop: EventLoop, log: VirtioLog) throws -> String {
+    /// it down. A PCI transport's state is saved in snapshots under `id`; a device on virtio-mmio is not
+    /// snapshottable yet (`id` is marked unsupported, so a snapshot is refused naming it). Returns where the
+    /// device is, for the log.
+    func attachVirtio(_ device: any VirtioDevice, id: String, loop: EventLoop, log: VirtioLog) throws -> String {
         let ioEvents = KVMIOEventRegistry(vm: vm)
         switch config.virtioTransport {
         case .pci:
             let transport = try VirtioPCITransport(device: device, memory: memory, msiController: msiController,
                                                    eventLoop: loop, ioEvents: ioEvents, log: log)
             virtio.add(transport: transport)
+            devices.register(transport, id: id)
             return "PCI slot \(try attachPCIDevice(transport).slot)"
         case .mmio:
             let slot = try VirtioMMIOLayout.slot(virtio.mmioDevices.count)
@@ -107,6 +110,7 @@ extension Machine {
                                                     interrupt: IRQFDInterruptLine(event: event),
                                                     eventLoop: loop, ioEvents: ioEvents, log: log)
             virtio.add(mmio: transport, slot: slot)
+            devices.markUnsupported(id)
             try mmioBus.insert(transport, base: slot.base, length: VirtioMMIOLayout.windowSize)
             return "MMIO 0x\(String(slot.base, radix: 16)) IRQ \(slot.irq)"
         }

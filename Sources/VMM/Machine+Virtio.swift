@@ -186,6 +186,20 @@ final class MachineVirtio: Sendable {
         }
     }
 
+    /// Holds the device threads still for a snapshot: parks the event loops, then lets each
+    /// device finish its requests in flight (their completions reach the used rings). Guest
+    /// memory and device state then stay put until `resumeAfterSnapshot()`.
+    func quiesce() {
+        let (loops, transports) = state.withLock { ($0.loops, $0.transports) }
+        for l in loops { l.pause() }
+        for t in transports { t.quiesce() }
+    }
+
+    /// Lets the event loops run again after `quiesce()`.
+    func resumeAfterSnapshot() {
+        for l in state.withLock({ $0.loops }) { l.resume() }
+    }
+
     /// Starts the device threads (before the vCPUs).
     func start() throws(HostThread.StartError) {
         let loops = state.withLock { s -> [EventLoop] in
@@ -229,8 +243,7 @@ extension Machine {
             let device = VirtioBlock(backend: backend, serial: serial, ioThreads: threads, rateLimit: disk.rateLimit,
                                      eventLoop: loop, log: log)
             virtio.add(loop: loop, disk: (i, MachineVirtio.Disk(spec: disk, device: device, backend: backend, lock: lock)))
-            devices.markUnsupported("virtio-blk\(i)")
-            let place = try attachVirtio(device, loop: loop, log: log)
+            let place = try attachVirtio(device, id: "virtio-blk\(i)", loop: loop, log: log)
             logger.info("virtio-blk \(disk.path) (\(backend.size) bytes\(disk.readOnly ? ", read-only" : "")) at \(place)")
         }
         for (i, nic) in config.nets.enumerated() {
@@ -241,8 +254,7 @@ extension Machine {
                 let device = try VirtioNet(backend: backend, mac: mac, eventLoop: loop, rxRateLimit: nic.rxRateLimit,
                                            txRateLimit: nic.txRateLimit, log: log)
                 virtio.add(loop: loop, nic: MachineVirtio.NIC(id: id, device: device, backend: backend))
-                devices.markUnsupported("virtio-net \(id)")
-                let place = try attachVirtio(device, loop: loop, log: log)
+                let place = try attachVirtio(device, id: "virtio-net-\(id)", loop: loop, log: log)
                 logger.info("virtio-net \(id) (\(NetSpec.formatMAC(mac))) on \(backend.label) at \(place)")
             } catch {
                 backend.close()
@@ -258,12 +270,11 @@ extension Machine {
                 throw VMMError.invalidValue(what: "--vsock", value: "uds=\(spec.udsPath)", reason: error.description)
             }
             virtio.add(loop: loop)
-            devices.markUnsupported("virtio-vsock")
             let place: String
             do {
-                // The transport is registered before it is attached: stop() then shuts the device down (removing
-                // its socket) on any later failure.
-                place = try attachVirtio(device, loop: loop, log: log)
+                // attachVirtio registers the transport before it attaches it: stop() then shuts the device down
+                // (removing its socket) on any later failure; this shuts it down when the transport was not made.
+                place = try attachVirtio(device, id: "virtio-vsock", loop: loop, log: log)
             } catch {
                 device.shutdown()
                 throw error
@@ -276,14 +287,12 @@ extension Machine {
         if config.virtioConsole {
             let console = VirtioConsole(output: serialOutput, log: log)
             virtio.add(console: console)
-            devices.markUnsupported("virtio-console")
-            let place = try attachVirtio(console, loop: loop, log: log)
+            let place = try attachVirtio(console, id: "virtio-console", loop: loop, log: log)
             logger.debug("virtio-console at \(place)")
         }
         if config.rng {
             let rng = VirtioEntropy(rateLimit: config.rngRateLimit, eventLoop: loop, log: log)
-            devices.markUnsupported("virtio-rng")
-            let place = try attachVirtio(rng, loop: loop, log: log)
+            let place = try attachVirtio(rng, id: "virtio-rng", loop: loop, log: log)
             logger.debug("virtio-rng at \(place)")
         }
     }

@@ -92,6 +92,9 @@ public final class Machine: @unchecked Sendable {
     let virtio = MachineVirtio()
     /// The stateful devices by id, for snapshots (Snapshot.swift).
     let devices = DeviceManager()
+    /// Whether a Diff snapshot has a base: a Full snapshot was taken, or the machine was restored,
+    /// since dirty logging started (Snapshot.swift).
+    let dirtyBaseline = Atomic<Bool>(false)
     let logger: Logger
     let serialOutput: any SerialOutput
 
@@ -128,9 +131,14 @@ public final class Machine: @unchecked Sendable {
         kvm = try KVMSystem()
         try Self.checkCPUCount(config.cpus, kvm: kvm)
         vm = try kvm.createVM()
+        let logDirty = config.trackDirtyPages == true
         for (slot, region) in memory.regions.enumerated() {
-            try vm.setUserMemoryRegion(slot: UInt32(slot), guestPhys: region.start, size: region.size, host: region.host)
+            try vm.setUserMemoryRegion(slot: UInt32(slot), guestPhys: region.start, size: region.size, host: region.host,
+                                       flags: logDirty ? VirtualMachine.logDirtyPages : 0)
         }
+        if logDirty { memory.dirtyLog.enable() }
+        // A restored machine's base for Diff snapshots is the memory file it was loaded from.
+        dirtyBaseline.store(restoring != nil, ordering: .relaxed)
         // The host quirks' memory slots before the irqchip: once KVM has an in-kernel irqchip, each new
         // slot costs 4–9 ms here (measured with strace -T), against 0.1 ms before it.
         try self.quirks.configure(vm: vm, logger: logger)

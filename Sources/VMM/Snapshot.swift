@@ -55,6 +55,16 @@ public struct MachineSnapshot: Codable, Sendable, Equatable {
     public var devices: [SavedDevice]
     /// Host fix-up state (e.g. the PVM SYSCALL fix-up's guest LSTAR).
     public var quirks: [String: UInt64]
+    /// For a Diff snapshot: the parts of the memory file it holds (the pages written since the
+    /// previous snapshot); the rest is a hole. nil: a Full snapshot.
+    public var diffRanges: [MemoryRange]? = nil
+}
+
+/// A byte range of a memory file.
+public struct MemoryRange: Codable, Sendable, Equatable {
+    public var offset: UInt64
+    public var length: UInt64
+    public init(offset: UInt64, length: UInt64) { self.offset = offset; self.length = length }
 }
 
 /// A snapshot file: a 32-byte header — magic `SKVMSNAP`, format version (u32), reserved (u32),
@@ -113,7 +123,7 @@ public enum SnapshotFile {
 }
 
 /// File helpers for snapshots, with errors that name the path.
-enum SnapshotIO {
+public enum SnapshotIO {
     static func fail(_ what: String, _ path: String, _ reason: String) -> VMMError {
         .invalidValue(what: what, value: path, reason: reason)
     }
@@ -199,6 +209,78 @@ enum SnapshotIO {
                 offset += region.size
             }
         }
+    }
+
+    /// Writes the pages set in `dirty` (per region, one bit per 4 KiB page) at their offsets of a
+    /// memory file of guest RAM's size; the rest stays a hole. Returns the ranges written. Pages
+    /// are written even when all zero: a merge copies exactly these ranges.
+    static func writeDiffMemory(_ memory: GuestMemory, dirty: [[UInt64]], to path: String) throws -> [MemoryRange] {
+        let what = "memory file"
+        var ranges: [MemoryRange] = []
+        try replace(path, what: what) { fd in
+            guard ftruncate(fd, off_t(memory.totalSize)) == 0 else {
+                throw fail(what, path, "cannot size it to \(memory.totalSize) bytes: \(String(cString: strerror(errno)))")
+            }
+            let page = DirtyPageLog.pageSize
+            var fileOffset: UInt64 = 0
+            for (i, region) in memory.regions.enumerated() {
+                let pages = region.size / page
+                var p: UInt64 = 0
+                while p < pages {
+                    guard i < dirty.count, dirty[i][Int(p / 64)] & (1 << (p % 64)) != 0 else { p += 1; continue }
+                    var q = p + 1
+                    while q < pages, dirty[i][Int(q / 64)] & (1 << (q % 64)) != 0 { q += 1 }
+                    let chunk = UnsafeRawBufferPointer(start: region.host + Int(p * page), count: Int((q - p) * page))
+                    try writeFully(fd, chunk, at: fileOffset + p * page, what: what, path: path)
+                    ranges.append(MemoryRange(offset: fileOffset + p * page, length: (q - p) * page))
+                    p = q
+                }
+                fileOffset += region.size
+            }
+        }
+        return ranges
+    }
+
+    /// Copies the ranges a Diff snapshot holds from its memory file onto the memory file of its base
+    /// (Firecracker's rebase-snap), which then matches the Diff's state file. Both files must be
+    /// the snapshot's memory size. The base is written in place and fsynced.
+    public static func mergeDiff(baseMemory: String, diffState: String, diffMemory: String) throws -> (ranges: Int, bytes: UInt64) {
+        let snapshot = try SnapshotFile.read(diffState)
+        guard let ranges = snapshot.diffRanges else {
+            throw fail("snapshot file", diffState, "a Full snapshot, not a Diff: there is nothing to merge")
+        }
+        func openSized(_ path: String, _ flags: Int32, _ what: String) throws -> Int32 {
+            let fd = open(path, flags | O_CLOEXEC)
+            guard fd >= 0 else { throw fail(what, path, String(cString: strerror(errno))) }
+            var st = stat()
+            guard fstat(fd, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG, UInt64(st.st_size) == snapshot.memorySize else {
+                close(fd)
+                throw fail(what, path, "not a regular file of the snapshot's \(snapshot.memorySize) bytes of guest RAM")
+            }
+            return fd
+        }
+        let src = try openSized(diffMemory, O_RDONLY, "diff memory file")
+        defer { close(src) }
+        let dst = try openSized(baseMemory, O_WRONLY, "base memory file")
+        defer { close(dst) }
+        var buffer = [UInt8](repeating: 0, count: 1 << 20)
+        var total: UInt64 = 0
+        for r in ranges {
+            guard r.offset.addingReportingOverflow(r.length).partialValue <= snapshot.memorySize, r.length > 0 else {
+                throw fail("snapshot file", diffState, "diff range at \(r.offset) of \(r.length) bytes is outside guest RAM")
+            }
+            var done: UInt64 = 0
+            while done < r.length {
+                let n = Int(min(UInt64(buffer.count), r.length - done))
+                let got = buffer.withUnsafeMutableBytes { pread(src, $0.baseAddress, n, off_t(r.offset + done)) }
+                guard got == n else { throw fail("diff memory file", diffMemory, got < 0 ? String(cString: strerror(errno)) : "short read at \(r.offset + done)") }
+                try buffer.withUnsafeBytes { try writeFully(dst, UnsafeRawBufferPointer(rebasing: $0[0..<n]), at: r.offset + done, what: "base memory file", path: baseMemory) }
+                done += UInt64(n)
+            }
+            total += r.length
+        }
+        guard fsync(dst) == 0 else { throw fail("base memory file", baseMemory, "fsync: \(String(cString: strerror(errno)))") }
+        return (ranges.count, total)
     }
 
     static func isZero(_ bytes: UnsafeRawBufferPointer) -> Bool {
@@ -377,6 +459,30 @@ extension VirtualMachine {
     }
 }
 
+/// A snapshot directory, as `swiftkvm vm save` writes it and `swiftkvm run --restore` and
+/// `swiftkvm vm restore` read it: the state file `snapshot` and the guest memory file `memory`.
+public struct SnapshotDirectory: Sendable {
+    public let path: String
+    public init(_ path: String) { self.path = path }
+    /// The state file (SnapshotFile).
+    public var statePath: String { path + "/snapshot" }
+    /// The guest memory file (mapped copy-on-write by a restore).
+    public var memoryPath: String { path + "/memory" }
+
+    /// Reads the state file and checks that the memory file is there: what `Machine(…restoring:)` needs.
+    public func load() throws -> MachineRestore {
+        var st = stat()
+        guard stat(path, &st) == 0, (st.st_mode & S_IFMT) == S_IFDIR else {
+            throw VMMError.invalidValue(what: "snapshot directory", value: path, reason: "not a directory")
+        }
+        let snapshot = try SnapshotFile.read(statePath)
+        guard access(memoryPath, R_OK) == 0 else {
+            throw VMMError.invalidValue(what: "snapshot directory", value: path, reason: "no readable memory file 'memory' in it")
+        }
+        return MachineRestore(snapshot: snapshot, memoryPath: memoryPath)
+    }
+}
+
 /// A snapshot to build a machine from (`Machine.init(…restoring:)`).
 public struct MachineRestore: Sendable {
     public var snapshot: MachineSnapshot
@@ -389,28 +495,72 @@ public struct MachineRestore: Sendable {
 }
 
 extension Machine {
-    /// Writes a full snapshot of the paused machine: its state to `statePath` and guest RAM to
-    /// `memoryPath` (both replaced atomically). Throws, writing nothing, when the machine is not
-    /// paused or has devices whose state cannot be saved yet.
-    public func saveSnapshot(statePath: String, memoryPath: String) throws {
+    /// Whether the machine logs dirty pages (Diff snapshots are possible).
+    public var tracksDirtyPages: Bool { config.trackDirtyPages == true }
+
+    /// Writes a snapshot of the paused machine: its state to `statePath` and guest RAM to
+    /// `memoryPath` (both replaced atomically). A Full snapshot holds all of RAM; a Diff snapshot
+    /// (`diff`, with dirty-page tracking and a base: a previous snapshot or the loaded one) holds
+    /// only the pages the guest or a device wrote since the previous snapshot, the rest being holes,
+    /// and lists them in `diffRanges`. Throws, writing nothing, when the machine is not paused, when
+    /// a Diff has no base, or when a device's state cannot be saved.
+    public func saveSnapshot(statePath: String, memoryPath: String, diff: Bool = false) throws {
         guard isPaused else { throw VMMError.invalidConfiguration("a snapshot needs a paused machine") }
-        let snapshot = MachineSnapshot(config: config, memorySize: memory.totalSize,
+        if diff {
+            guard tracksDirtyPages else {
+                throw VMMError.invalidConfiguration("Diff snapshots need dirty page tracking (machine-config track_dirty_pages, or track_dirty_pages in snapshot/load)")
+            }
+            guard dirtyBaseline.load(ordering: .acquiring) else {
+                throw VMMError.invalidConfiguration("a Diff snapshot needs a base: take a Full snapshot first (or load one)")
+            }
+        }
+        // Device threads stand still while their state and guest memory are read.
+        virtio.quiesce()
+        defer { virtio.resumeAfterSnapshot() }
+        var snapshot = MachineSnapshot(config: config, memorySize: memory.totalSize,
                                        vcpus: try vcpuManager.saveStates(msrIndices: try kvm.msrIndexList()),
                                        vm: try vm.saveKernelState(), devices: try devices.save(),
                                        quirks: quirks.savedState)
+        // The pages written since the previous snapshot: taking them starts the next interval. If this
+        // snapshot then fails, a Diff must not follow it (its pages would be missing).
+        let dirty = tracksDirtyPages ? try dirtyPages() : nil
+        dirtyBaseline.store(false, ordering: .releasing)
+        if diff, let dirty {
+            snapshot.diffRanges = try SnapshotIO.writeDiffMemory(memory, dirty: dirty, to: memoryPath)
+        } else {
+            try SnapshotIO.writeMemory(memory, to: memoryPath)
+        }
         let bytes = try SnapshotFile.encode(snapshot)
-        try SnapshotIO.writeMemory(memory, to: memoryPath)
         try SnapshotIO.writeAtomically(bytes, to: statePath, what: "snapshot file")
-        logger.info("snapshot: \(snapshot.vcpus.count) vCPUs, \(snapshot.devices.count) devices, \(bytes.count) bytes of state to \(statePath), \(memory.totalSize) bytes of memory to \(memoryPath)")
+        if tracksDirtyPages { dirtyBaseline.store(true, ordering: .releasing) }
+        let held = snapshot.diffRanges.map { $0.reduce(0) { $0 + $1.length } } ?? memory.totalSize
+        logger.info("snapshot (\(diff ? "Diff" : "Full")): \(snapshot.vcpus.count) vCPUs, \(snapshot.devices.count) devices, \(bytes.count) bytes of state to \(statePath), \(held) of \(memory.totalSize) bytes of memory to \(memoryPath)")
+    }
+
+    /// Per RAM region, the pages written since the last call: KVM's log of guest writes ORed with
+    /// the devices' log.
+    func dirtyPages() throws -> [[UInt64]] {
+        var maps = memory.dirtyLog.take()
+        for (i, region) in memory.regions.enumerated() {
+            let kvmLog: [UInt64]
+            do { kvmLog = try vm.getDirtyLog(slot: UInt32(i), size: region.size) } catch {
+                throw VMMError.setup("this host's KVM does not return the dirty-page log: \(error)")
+            }
+            for w in 0..<min(kvmLog.count, maps[i].count) { maps[i][w] |= kvmLog[w] }
+        }
+        return maps
     }
 
     /// Puts the snapshot's state into this freshly built machine (from init).
     func restore(_ r: MachineRestore) throws {
+        // Memory first: a live virtio device restores onto rings in guest RAM.
+        try SnapshotIO.mapMemory(r.memoryPath, over: memory)
         try vm.restoreKernelState(r.snapshot.vm)
         try vcpuManager.restoreStates(r.snapshot.vcpus)
         try devices.restore(r.snapshot.devices)
+        // BARs the guest moved: map them where the restored configuration spaces say.
+        for d in pci.root.devices { pci.root.refresh(slot: d.slot) }
         quirks.restore(r.snapshot.quirks)
-        try SnapshotIO.mapMemory(r.memoryPath, over: memory)
         logger.info("restored: \(r.snapshot.vcpus.count) vCPUs, \(r.snapshot.devices.count) devices, memory mapped from \(r.memoryPath)")
     }
 }

@@ -82,7 +82,7 @@ final class VCPUManager: @unchecked Sendable {
     func requestHaltChecks() {
         let list = runners.withLock { $0 }
         let round = haltTracker.beginRound(vcpuCount: list.count)
-        for r in list { r.requestHaltCheck(round: round) }
+        for i in list.indices { list[i].requestHaltCheck(round: round) } // (an index loop: no iterator allocation in debug builds)
     }
 
     /// Ends every vCPU thread (the controller already holds the stop reason) and waits for them.

@@ -76,7 +76,7 @@ final class VCPURunner: @unchecked Sendable {
         let counts = ExitCounts()
         defer {
             threadID.store(0, ordering: .sequentiallyConsistent)
-            context.statistics.merge(counts.take())
+            counts.flush(into: context.statistics)
             context.statistics.mergeDispatch(exits: counts.dispatched, ns: counts.dispatchNs)
             gate.recordCPUTime(vcpu: vcpu.id)
             gate.threadEnded()
@@ -86,7 +86,7 @@ final class VCPURunner: @unchecked Sendable {
         while !controller.stopRequested {
             gate.parkIfPaused(vcpu: vcpu, stopRequested: { controller.stopRequested },
                               beforePark: { [vcpu] in
-                                  statistics.merge(counts.take())
+                                  counts.flush(into: statistics)
                                   // Let KVM finish an I/O or MMIO exit just handled (it completes the
                                   // instruction on the next KVM_RUN): with immediate_exit set, that
                                   // KVM_RUN completes it and returns at once, so the state a snapshot
@@ -155,7 +155,7 @@ final class VCPURunner: @unchecked Sendable {
             if context.vcpuCount == 1, isHaltedForGood(mpStateKnown: true) { controller.stop(.powerOff) }
         case .interrupted:
             // Publish live counts for metrics (kicks come at least every ~100 ms).
-            context.statistics.merge(counts.take())
+            counts.flush(into: context.statistics)
             gate.recordCPUTime(vcpu: vcpu.id)
             let round = haltCheck.exchange(0, ordering: .sequentiallyConsistent)
             if round != 0, context.haltTracker.report(vcpu: vcpu.id, round: round, state: haltState()) {

@@ -118,6 +118,9 @@ public struct VMConfiguration: Codable, Sendable, Equatable {
     public var rng: Bool = false
     /// Rate limit of the virtio-rng device (bandwidth in bytes, ops); nil: none.
     public var rngRateLimit: RateLimitConfig? = nil
+    /// Log the pages the guest and the devices write, for Diff snapshots (Firecracker's
+    /// `track_dirty_pages`); nil or false: off.
+    public var trackDirtyPages: Bool? = nil
     /// The virtio transport (`--transport`); nil: PCI (`virtioTransport`). Optional so that configurations
     /// saved before it existed still decode.
     public var transport: VirtioTransportKind? = nil

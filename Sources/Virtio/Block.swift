@@ -201,6 +201,27 @@ public final class VirtioBlock: VirtioDevice, @unchecked Sendable {
         workers?.shutdown()
     }
 
+    /// Waits for the requests running on the I/O threads and returns their completions to the ring.
+    public func quiesce() {
+        guard workers != nil else { return }
+        inflight.lock()
+        while inflightCount > 0 { inflight.wait() }
+        let done = completions
+        completions = []
+        inflight.unlock()
+        guard !done.isEmpty else { return }
+        active.withLock { a in
+            guard let a, let q = a.queues.first ?? nil else { return }
+            for c in done { q.addUsed(head: c.head, length: c.length) }
+            if q.needsInterrupt() { a.interrupt.signalQueue(0) }
+        }
+    }
+
+    /// The request the rate limiter holds back.
+    public func unconsumedChains(queue index: Int) -> UInt16 {
+        active.withLock { _ in index == 0 && held.chain != nil ? 1 : 0 }
+    }
+
     public func processQueue(_ index: Int) throws(VirtioError) {
         let result: Result<Void, VirtioError> = active.withLock { a in
             guard let a, index == 0, let q = a.queues.first ?? nil else { return .success(()) }

@@ -54,6 +54,11 @@ public final class VirtioEntropy: VirtioDevice, @unchecked Sendable {
         }
     }
 
+    /// The request the rate limiter holds back.
+    public func unconsumedChains(queue index: Int) -> UInt16 {
+        active.withLock { _ in index == 0 && held.chain != nil ? 1 : 0 }
+    }
+
     public func processQueue(_ index: Int) throws(VirtioError) {
         let result: Result<Void, VirtioError> = active.withLock { a in
             guard let a, index == 0, let q = a.queues.first ?? nil else { return .success(()) }

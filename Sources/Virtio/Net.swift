@@ -245,6 +245,18 @@ public final class VirtioNet: VirtioDevice, @unchecked Sendable {
         if backend.hasVnetHeader { try? backend.setOffloads([]) }
     }
 
+    /// Receive chains taken ahead of frames (queue 0) and the transmit chain the backend or the
+    /// rate limiter holds back (queue 1).
+    public func unconsumedChains(queue index: Int) -> UInt16 {
+        state.withLock { s in
+            switch index {
+            case 0: UInt16(clamping: s.rxChains.count)
+            case 1: s.txHeld == nil ? 0 : 1
+            default: 0
+            }
+        }
+    }
+
     public func shutdown() {
         reset()
         if let t = watch.withLock({ v -> EventLoop.Token? in defer { v = nil }; return v }) { loop.remove(t) }

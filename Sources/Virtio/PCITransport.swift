@@ -53,7 +53,7 @@ public final class VirtioPCITransport: PCIDevice, @unchecked Sendable {
     private let offeredFeatures: UInt64
 
     /// Driver-visible transport state, guarded by `state`.
-    struct QueueConfig {
+    struct QueueConfig: Codable {
         var size: UInt16
         var msixVector: UInt16 = virtioMSINoVector
         var enabled = false
@@ -61,7 +61,7 @@ public final class VirtioPCITransport: PCIDevice, @unchecked Sendable {
         var driver: UInt64 = 0
         var device: UInt64 = 0
     }
-    struct State {
+    struct State: Codable {
         var deviceFeatureSelect: UInt32 = 0
         var driverFeatureSelect: UInt32 = 0
         var driverFeatures: UInt64 = 0
@@ -76,6 +76,8 @@ public final class VirtioPCITransport: PCIDevice, @unchecked Sendable {
     /// Serializes activate / reset / processQueue. Never taken while `state` is held.
     private let deviceLock = ConditionLock()
     private var active = false // guarded by deviceLock
+    /// The queues handed to the device at activation (guarded by deviceLock).
+    private var rings: [Virtqueue?] = []
 
     /// Wraps `device` for PCI. `msiController` makes the MSI-X vectors; `ioEvents` (optional)
     /// registers ioeventfds for queue notifications; device work runs on `eventLoop`.
@@ -305,33 +307,45 @@ public final class VirtioPCITransport: PCIDevice, @unchecked Sendable {
         deviceLock.withLock {
             if active { device.reset() }
             active = false
+            rings = []
         }
         setINTx(isr: nil)
     }
 
     private func activateDevice() {
         let s = state.withLock { $0 }
-        let eventIdx = s.driverFeatures & VirtioFeature.ringEventIdx != 0
-        let indirect = s.driverFeatures & VirtioFeature.ringIndirectDesc != 0
         var queues: [Virtqueue?] = []
         do throws(VirtioError) {
-            for (i, qc) in s.queues.enumerated() {
-                guard qc.enabled else { queues.append(nil); continue }
-                queues.append(try Virtqueue(index: i, layout: VirtqueueLayout(size: qc.size, descriptorTable: qc.desc,
-                                                                              availableRing: qc.driver, usedRing: qc.device),
-                                            memory: memory, eventIdx: eventIdx, indirect: indirect))
-            }
-            let activation = VirtioActivation(memory: memory, queues: queues, features: s.driverFeatures, interrupt: Interrupt(transport: self),
-                                              schedule: { [weak self] q in self?.schedule(queue: q) })
+            queues = try makeQueues(s)
             deviceLock.lock()
             defer { deviceLock.unlock() }
-            try device.activate(activation)
+            try device.activate(activation(s, queues))
             active = true
+            rings = queues
         } catch {
             needsReset(error)
             return
         }
         for q in 0..<queueCount where queues[q] != nil { notifyFDs[q].signal() }
+    }
+
+    /// The enabled queues of `s`, checked against guest memory.
+    private func makeQueues(_ s: State) throws(VirtioError) -> [Virtqueue?] {
+        let eventIdx = s.driverFeatures & VirtioFeature.ringEventIdx != 0
+        let indirect = s.driverFeatures & VirtioFeature.ringIndirectDesc != 0
+        var queues: [Virtqueue?] = []
+        for (i, qc) in s.queues.enumerated() {
+            guard qc.enabled else { queues.append(nil); continue }
+            queues.append(try Virtqueue(index: i, layout: VirtqueueLayout(size: qc.size, descriptorTable: qc.desc,
+                                                                          availableRing: qc.driver, usedRing: qc.device),
+                                        memory: memory, eventIdx: eventIdx, indirect: indirect))
+        }
+        return queues
+    }
+
+    private func activation(_ s: State, _ queues: [Virtqueue?]) -> VirtioActivation {
+        VirtioActivation(memory: memory, queues: queues, features: s.driverFeatures, interrupt: Interrupt(transport: self),
+                         schedule: { [weak self] q in self?.schedule(queue: q) })
     }
 
     /// Marks the device broken (DEVICE_NEEDS_RESET) after `error` and tells the driver.
@@ -340,6 +354,7 @@ public final class VirtioPCITransport: PCIDevice, @unchecked Sendable {
         deviceLock.withLock {
             if active { device.reset() }
             active = false
+            rings = []
         }
         state.withLock { $0.status |= VirtioStatus.deviceNeedsReset }
         signalConfigChange()
@@ -423,5 +438,81 @@ public final class VirtioPCITransport: PCIDevice, @unchecked Sendable {
             device.shutdown()
             active = false
         }
+    }
+}
+
+extension VirtioPCITransport: StatefulDevice {
+    public static let stateVersion: UInt32 = 1
+
+    /// The transport as a snapshot saves it: PCI configuration space, the MSI-X table, the
+    /// driver-visible registers, and, for a live device, where each queue's device side stands.
+    /// The device model itself keeps nothing else that must survive: its requests in flight are
+    /// finished by `quiesce()` first, and the chains it holds are given back to the rings.
+    public struct SavedState: Codable, Sendable {
+        var config: PCIConfiguration.SavedConfig
+        var msix: MSIXTable.SavedState
+        var registers: State
+        /// One entry per queue while the device is live (nil: not activated).
+        var rings: [Virtqueue.SavedIndices?]?
+    }
+
+    /// Finishes the device's requests in flight (call with its event loop paused, before `saveState`).
+    public func quiesce() {
+        deviceLock.withLock { if active { device.quiesce() } }
+    }
+
+    public func saveState() -> SavedState {
+        deviceLock.withLock {
+            let rings: [Virtqueue.SavedIndices?]? = active
+                ? self.rings.enumerated().map { i, q in q?.savedIndices(unconsumed: device.unconsumedChains(queue: i)) }
+                : nil
+            return SavedState(config: configuration.savedConfig(), msix: msix.saveState(),
+                              registers: state.withLock { $0 }, rings: rings)
+        }
+    }
+
+    /// Puts the saved transport back and, when the device was live, activates it on queues that
+    /// continue from the saved indices (guest memory must already hold the snapshot's RAM).
+    public func restoreState(_ saved: SavedState) throws(DeviceStateError) {
+        let name = "virtio-pci \(device.deviceType)"
+        let r = saved.registers
+        guard r.queues.count == queueCount else {
+            throw DeviceStateError("\(name): \(r.queues.count) saved queues, the device has \(queueCount)")
+        }
+        for (i, q) in r.queues.enumerated() where q.size > device.queueMaxSizes[i] {
+            throw DeviceStateError("\(name): queue \(i) size \(q.size) is larger than the device's \(device.queueMaxSizes[i])")
+        }
+        if let rings = saved.rings {
+            guard rings.count == queueCount else {
+                throw DeviceStateError("\(name): \(rings.count) saved queue positions, the device has \(queueCount) queues")
+            }
+            guard r.status & VirtioStatus.driverOK != 0 else {
+                throw DeviceStateError("\(name): saved as live without DRIVER_OK in status 0x\(String(r.status, radix: 16))")
+            }
+            for (i, q) in r.queues.enumerated() where q.enabled != (rings[i] != nil) {
+                throw DeviceStateError("\(name): queue \(i) is \(q.enabled ? "enabled without a saved position" : "disabled with a saved position")")
+            }
+        }
+        try configuration.restoreConfig(saved.config, device: name)
+        try msix.restoreState(saved.msix)
+        try deviceLock.withLock { () throws(DeviceStateError) in
+            if active { device.reset() }
+            active = false
+            rings = []
+            state.withLock { $0 = r }
+            guard let savedRings = saved.rings else { return }
+            do throws(VirtioError) {
+                let queues = try makeQueues(r)
+                for (q, s) in zip(queues, savedRings) { if let q, let s { q.restoreIndices(s) } }
+                try device.activate(activation(r, queues))
+                active = true
+                rings = queues
+            } catch {
+                throw DeviceStateError("\(name): \(error)")
+            }
+            device.restored()
+        }
+        configuration.setINTx(level: saved.config.intxLevel)
+        if saved.rings != nil { for fd in notifyFDs { fd.signal() } }
     }
 }

@@ -97,6 +97,9 @@ public final class Virtqueue: @unchecked Sendable {
     public private(set) var nextUsedIndex: UInt16 = 0
     /// The used index when the driver was last notified (nil: never).
     private var signalledUsed: UInt16?
+    /// With dirty-page logging on: the device-writable buffers of each chain taken and not yet
+    /// returned, by head, marked dirty when the chain is used.
+    private var writableByHead: [[VirtioBuffer]] = []
 
     /// Validates the layout against guest memory: size a power of two ≤ 32768, natural alignment,
     /// all three rings inside guest RAM.
@@ -124,6 +127,33 @@ public final class Virtqueue: @unchecked Sendable {
 
     /// Queue size.
     public var size: UInt16 { layout.size }
+
+    /// The device-side ring position a snapshot saves (the rings themselves are in guest memory).
+    public struct SavedIndices: Codable, Sendable, Equatable {
+        /// Next available-ring entry the device will consume.
+        public var lastAvail: UInt16
+        /// Next used-ring entry the device will fill.
+        public var nextUsed: UInt16
+        /// The used index at the last interrupt (nil: none yet).
+        public var signalledUsed: UInt16?
+        public init(lastAvail: UInt16, nextUsed: UInt16, signalledUsed: UInt16?) {
+            self.lastAvail = lastAvail; self.nextUsed = nextUsed; self.signalledUsed = signalledUsed
+        }
+    }
+
+    /// The device-side indices, with the last `unconsumed` popped chains given back to the
+    /// available ring (chains the device took but had not served: a restore takes them again).
+    public func savedIndices(unconsumed: UInt16 = 0) -> SavedIndices {
+        SavedIndices(lastAvail: lastAvailIndex &- unconsumed, nextUsed: nextUsedIndex, signalledUsed: signalledUsed)
+    }
+
+    /// Continues from saved indices (a queue rebuilt by a restore, before any use). Any values
+    /// are safe: a driver index that then looks impossible is caught as usual (`pendingCount`).
+    public func restoreIndices(_ saved: SavedIndices) {
+        lastAvailIndex = saved.lastAvail
+        nextUsedIndex = saved.nextUsed
+        signalledUsed = saved.signalledUsed
+    }
 
     // MARK: Shared-memory accessors
 
@@ -165,7 +195,12 @@ public final class Virtqueue: @unchecked Sendable {
         guard head < size else { throw .headOutOfRange(queue: index, head: head, size: size) }
         lastAvailIndex &+= 1
         do {
-            return .chain(try parseChain(head: head))
+            let chain = try parseChain(head: head)
+            if memory.dirtyLog.isEnabled {
+                if writableByHead.isEmpty { writableByHead = Array(repeating: [], count: Int(size)) }
+                writableByHead[Int(head)] = chain.writable
+            }
+            return .chain(chain)
         } catch {
             return .malformed(head: head, error: error)
         }
@@ -266,6 +301,15 @@ public final class Virtqueue: @unchecked Sendable {
     /// Returns chain `head` to the driver with `length` bytes written, publishing `used.idx` with
     /// release ordering (the element is visible before the index).
     public func addUsed(head: UInt16, length: UInt32) {
+        let log = memory.dirtyLog
+        if log.isEnabled {
+            // The device may have written any of the chain's writable buffers, and writes the used ring.
+            if Int(head) < writableByHead.count {
+                for b in writableByHead[Int(head)] { log.mark(b.address, count: UInt64(b.length)) }
+                writableByHead[Int(head)] = []
+            }
+            log.mark(layout.usedRing, count: layout.usedRingBytes)
+        }
         let slot = Int(nextUsedIndex % size)
         let e = used + 4 + 8 * slot
         e.storeBytes(of: UInt32(head).littleEndian, as: UInt32.self)
@@ -303,6 +347,7 @@ public final class Virtqueue: @unchecked Sendable {
     public func enableNotification() -> Bool {
         if eventIdx {
             store16(used, 4 + 8 * Int(size), lastAvailIndex)
+            memory.dirtyLog.mark(layout.usedRing, count: layout.usedRingBytes)
         }
         atomicMemoryFence(ordering: .sequentiallyConsistent)
         return availableIndex() != lastAvailIndex

@@ -100,11 +100,29 @@ public protocol VirtioDevice: AnyObject, Sendable {
     func reset()
     /// The VM is going away: reset and release threads or other resources.
     func shutdown()
+
+    // Snapshots (the transport calls these while the device's event loop is paused).
+
+    /// Finishes the requests in flight, so that their completions are in the used rings and no
+    /// thread of the device touches guest memory until the loop runs again.
+    func quiesce()
+    /// How many chains the device took from queue `index` and holds unserved (the most recent
+    /// ones it popped): a snapshot gives them back to the available ring.
+    func unconsumedChains(queue index: Int) -> UInt16
+    /// The device was activated from a snapshot (its queues continue from saved indices), before
+    /// its event loop runs.
+    func restored()
 }
 
 extension VirtioDevice {
     /// Default: a reset.
     public func shutdown() { reset() }
+    /// Default: nothing runs outside the event loop.
+    public func quiesce() {}
+    /// Default: the device holds no chains.
+    public func unconsumedChains(queue index: Int) -> UInt16 { 0 }
+    /// Default: nothing to do.
+    public func restored() {}
 }
 
 extension Virtqueue {

@@ -405,6 +405,38 @@ public final class VirtioVsock: VirtioDevice, @unchecked Sendable {
         closeListener()
     }
 
+    /// The receive chain taken ahead of a packet (queue 0).
+    public func unconsumedChains(queue index: Int) -> UInt16 {
+        state.withLock { s in index == 0 && s.spareRx != nil ? 1 : 0 }
+    }
+
+    /// After a snapshot restore, tells the driver that every connection is gone
+    /// (VIRTIO_VSOCK_EVENT_TRANSPORT_RESET on the event queue), as Firecracker does: the host
+    /// sockets of the snapshotted VM do not exist in this process.
+    public func restored() {
+        state.withLock { s in
+            guard let a = s.active, a.queues.count > 2, let q = a.queues[2] else { return }
+            do throws(VirtioError) {
+                while let item = try q.popAvailable() {
+                    switch item {
+                    case .malformed(let head, let error):
+                        log.error("virtio-vsock: \(error)")
+                        q.addUsed(head: head, length: 0)
+                    case .chain(let chain):
+                        var w = ChainWriter(memory: a.memory, chain: chain)
+                        do { try w.write([0, 0, 0, 0]) } catch { log.error("virtio-vsock: transport reset event: \(error)") }
+                        q.addUsed(head: chain.head, length: UInt32(w.written))
+                        if q.needsInterrupt() { a.interrupt.signalQueue(2) }
+                        return
+                    }
+                }
+                log.error("virtio-vsock: the driver left no event buffer for the transport reset after the restore")
+            } catch {
+                log.error("virtio-vsock: \(error)")
+            }
+        }
+    }
+
     public func processQueue(_ index: Int) throws(VirtioError) {
         let result: Result<Void, VirtioError> = state.withLock { s in
             guard let a = s.active else { return .success(()) }

@@ -96,6 +96,23 @@ func seccompViolation(_ kindName: String?) throws {
     exit(0)
 }
 
+/// A confined thread of `kind` allocates and frees 2 MiB in 64 KiB blocks: its malloc arena shrinks,
+/// which glibc handles with a one-time openat that the filters do not allow.
+func seccompMallocTrim(_ kindName: String?) throws {
+    guard let kindName, let kind = ThreadKind(rawValue: kindName) else { fail("seccomp-malloc-trim needs a thread kind") }
+    try SeccompFile.enable(disabled: false, filterFile: nil)
+    let done = StartGate()
+    try HostThread.start(name: "trim", kind: kind) {
+        var blocks: [UnsafeMutableRawPointer] = []
+        for _ in 0..<32 { if let p = malloc(64 << 10) { memset(p, 2, 64 << 10); blocks.append(p) } }
+        for p in blocks.reversed() { free(p) }
+        emit("freed")
+        done.open()
+    }
+    done.wait()
+    exit(0)
+}
+
 func seccompExport(_ args: ArraySlice<String>) {
     var filters = SeccompPolicy.builtIn
     if args.first == "--without", let spec = args.dropFirst().first {
@@ -152,10 +169,12 @@ do {
         exit(report.canRunGuests ? 0 : 1)
     case "seccomp-violation":
         try seccompViolation(arguments.dropFirst().first)
+    case "seccomp-malloc-trim":
+        try seccompMallocTrim(arguments.dropFirst().first)
     case "seccomp-export":
         seccompExport(arguments.dropFirst())
     default:
-        fail("usage: swiftkvm-test-helper seccomp-violation KIND | seccomp-export [--without SYSCALL@KIND] | crash-writer [--seed S] [--count N] [--flush-every K] IMAGE | check-device DEVICE")
+        fail("usage: swiftkvm-test-helper seccomp-violation KIND | seccomp-malloc-trim KIND | seccomp-export [--without SYSCALL@KIND] | crash-writer [--seed S] [--count N] [--flush-every K] IMAGE | check-device DEVICE")
     }
 } catch {
     fail("\(error)", status: 1)

@@ -88,6 +88,9 @@ struct RunCommand: ParsableCommand {
     @Option(help: "Virtio transport: pci (default) or mmio (virtio-mmio windows from 0xF0000000, announced in the DSDT as LNRO0005 devices and on the kernel command line as virtio_mmio.device=).")
     var transport: String = "pci"
 
+    @Option(help: "Restore a snapshot instead of booting: DIR holds the files 'snapshot' and 'memory' (as `swiftkvm vm save` writes them). The machine (kernel, RAM, vCPUs, devices) comes from the snapshot; only --serial, --log-level, --show-regs and the seccomp options apply.")
+    var restore: String?
+
     @Option(name: .customLong("time-dilation"),
             help: "Linux guests: make guest time run N times slow (N ticks fewer per real second; hides kvm-clock). Speeds up boots where guest kernel code is emulated; the guest clock runs slow.")
     var timeDilation: UInt?
@@ -95,6 +98,36 @@ struct RunCommand: ParsableCommand {
     func run() throws {
         let code = RunMain.execute(self)
         throw ExitCode(code)
+    }
+
+    /// The options that describe the machine, which a snapshot fixes: those given with --restore.
+    var machineOptionsGiven: [String] {
+        var given: [String] = []
+        func check(_ set: Bool, _ name: String) { if set { given.append(name) } }
+        check(kernel != nil, "--kernel"); check(initrd != nil, "--initrd"); check(cmdline != nil, "--cmdline")
+        check(guest != "stock", "--guest"); check(memory != nil, "--memory"); check(memoryBackend != nil, "--memory-backend")
+        check(cpus != "1", "--cpus"); check(flat != nil, "--flat"); check(loadAddress != nil, "--load-address")
+        check(entry != nil, "--entry"); check(mode != "long", "--mode"); check(!modules.isEmpty, "--module")
+        check(debugExitPort != "0xf4", "--debug-exit-port"); check(onReboot != "exit", "--on-reboot")
+        check(!cpuidMasks.isEmpty, "--cpuid-mask"); check(kernelEntry != "decompressed", "--kernel-entry")
+        check(!disks.isEmpty, "--disk"); check(!nets.isEmpty, "--net"); check(vsock != nil, "--vsock")
+        check(name != "swiftkvm", "--name"); check(rng, "--rng"); check(virtioConsole, "--virtio-console")
+        check(timeDilation != nil, "--time-dilation")
+        return given
+    }
+
+    /// With --restore: the snapshot's machine, with this run's serial console and --show-regs.
+    func restoreConfiguration(_ dir: String) throws -> (VMConfiguration, MachineRestore) {
+        let given = machineOptionsGiven
+        guard given.isEmpty else {
+            throw VMMError.invalidConfiguration("--restore takes the machine from the snapshot; \(given.joined(separator: ", ")) cannot be combined with it")
+        }
+        let restoring = try SnapshotDirectory(dir).load()
+        var config = restoring.snapshot.config
+        config.serial = serial
+        config.showRegs = showRegs
+        try config.validate(hostMemory: RunMain.hostMemory())
+        return (config, restoring)
     }
 
     /// Turns the options into a configuration; every error is a usage error.

@@ -55,9 +55,14 @@ enum RunMain {
         let logger = Logger(label: "swiftkvm")
 
         let config: VMConfiguration
+        var restoring: MachineRestore?
         let output: ConsoleOutput
         do {
-            config = try options.makeConfiguration()
+            if let dir = options.restore {
+                (config, restoring) = try options.restoreConfiguration(dir)
+            } else {
+                config = try options.makeConfiguration()
+            }
             output = try ConsoleOutput(spec: try config.serialSpec())
         } catch {
             fail("\(error)")
@@ -81,7 +86,9 @@ enum RunMain {
         while true {
             let machine: Machine
             do {
-                machine = try Machine(config: config, serialOutput: output, logger: logger)
+                // A snapshot is restored once; a reset after it (--on-reboot restart) boots afresh.
+                machine = try Machine(config: config, serialOutput: output, logger: logger, restoring: restoring)
+                restoring = nil
             } catch {
                 fail("\(error)")
                 return isUsageError(error) ? MachineExit.usageExitCode : 1

@@ -15,7 +15,7 @@ struct SwiftKVM: ParsableCommand {
         commandName: "swiftkvm",
         abstract: "A virtualization stack on Linux KVM.",
         version: version,
-        subcommands: [RunCommand.self, CheckCommand.self, ImgCommand.self, VMMCommand.self, VMCommand.self, NetCommand.self, DaemonCommand.self, JailerCommand.self]
+        subcommands: [RunCommand.self, CheckCommand.self, ImgCommand.self, SnapshotCommand.self, VMMCommand.self, VMCommand.self, NetCommand.self, DaemonCommand.self, JailerCommand.self]
     )
 
     /// Parses and runs the command. Usage errors (unknown options, bad values) print one line

@@ -16,7 +16,7 @@ struct VMCommand: ParsableCommand {
         with 1 (daemon not running, unknown VM, refused action); usage errors exit with 2.
         """,
         subcommands: [VMDefineCommand.self, VMUndefineCommand.self, VMListCommand.self, VMStartCommand.self, VMShutdownCommand.self, VMDestroyCommand.self,
-                      VMPauseCommand.self, VMResumeCommand.self, VMInfoCommand.self, VMConsoleCommand.self, VMAutostartCommand.self, VMEventsCommand.self]
+                      VMPauseCommand.self, VMResumeCommand.self, VMSaveCommand.self, VMRestoreCommand.self, VMInfoCommand.self, VMConsoleCommand.self, VMAutostartCommand.self, VMEventsCommand.self]
     )
 
     @OptionGroup var options: VMSocketOptions
@@ -169,6 +169,45 @@ struct VMResumeCommand: VMStateVerb {
     var options: VMSocketOptions { parent.options }
     @Argument(help: "The VM's name.") var name: String
     func run() throws { try change() }
+}
+
+/// An absolute form of `path` (the daemon's working directory is not the caller's).
+func absolutePath(_ path: String) -> String {
+    path.hasPrefix("/") ? path : FileManager.default.currentDirectoryPath + "/" + path
+}
+
+struct VMSaveCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "save",
+        abstract: "Save a running or paused VM into a snapshot directory and stop it (virsh save).",
+        discussion: "DIR gets the files snapshot (vCPU and device state), memory (guest RAM, sparse) and definition.json. `swiftkvm vm restore DIR` starts it again where it stopped; `swiftkvm run --restore DIR` runs it outside the daemon.")
+    @ParentCommand var parent: VMCommand
+    var options: VMSocketOptions { parent.options }
+    @Argument(help: "The VM's name.") var name: String
+    @Argument(help: "The snapshot directory (created when missing).") var directory: String
+
+    func run() throws {
+        try vmRun { () throws(ManagerError) in
+            _ = try options.client.save(name, to: absolutePath(directory))
+            vmPrint("VM '\(name)' saved to \(directory)")
+        }
+    }
+}
+
+struct VMRestoreCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "restore",
+        abstract: "Start a VM from a snapshot directory written by `vm save` (virsh restore); it runs at once.")
+    @ParentCommand var parent: VMCommand
+    var options: VMSocketOptions { parent.options }
+    @Argument(help: "The snapshot directory.") var directory: String
+
+    func run() throws {
+        try vmRun { () throws(ManagerError) in
+            let vm = try options.client.restore(from: absolutePath(directory))
+            vmPrint("VM '\(vm.name)' restored from \(directory)")
+        }
+    }
 }
 
 struct VMInfoCommand: ParsableCommand {

@@ -116,6 +116,15 @@ struct SeccompTests {
         #expect(!r.stdout.contains("socket returned"), "the call never ran")
     }
 
+    @Test("a confined thread of each kind whose malloc arena shrinks (2 MiB allocated and freed) keeps running: glibc's one-time read of /proc/sys/vm/overcommit_memory happened before confinement",
+          arguments: ["vmm", "api", "vcpu", "device", "console"])
+    func mallocTrimSurvives(kind: String) throws {
+        let helper = try #require(Self.helper, "swiftkvm-test-helper is built next to swiftkvm (swift build)")
+        let r = try MCChild.run(helper, ["seccomp-malloc-trim", kind], timeout: 30)
+        #expect(r.status == 0 && r.stdout.contains("freed"), "status \(r.status): \(r.stderr)")
+        #expect(!r.stderr.contains("forbidden syscall"), "\(r.stderr)")
+    }
+
     @Test("--seccomp-filter: the built-in filters as a file run the guest; a file whose vcpu filter lacks ioctl kills it with SIGSYS naming ioctl")
     func filterFile() throws {
         let helper = try #require(Self.helper, "swiftkvm-test-helper is built next to swiftkvm (swift build)")

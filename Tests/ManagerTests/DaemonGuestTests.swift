@@ -47,6 +47,61 @@ struct DaemonGuestTests {
         #expect(events == ["defined", "starting", "started", "paused", "resumed", "shutting-down", "stopped"])
     }
 
+    /// The "tick N" numbers in `path`, in order.
+    static func tickNumbers(_ path: String) -> [Int] {
+        guard let text = try? String(contentsOfFile: path, encoding: .utf8) else { return [] }
+        var lines = text.split(separator: "\n", omittingEmptySubsequences: false)
+        lines.removeLast()
+        return lines.compactMap { $0.hasPrefix("tick ") ? Int($0.dropFirst(5)) : nil }
+    }
+
+    @Test("save writes the snapshot directory and stops the VM; restore starts it where it stopped (the next tick, no repeat); an undefined VM is defined from the saved definition; bad requests are clear errors")
+    func saveRestore() throws {
+        let f = try DaemonFixture()
+        defer { f.cleanup() }
+        let snap = f.dir.path + "/saved"
+        #expect(try f.call("POST", "/vms", ManagerSupport.tickerDefinition("s1")).status == 201)
+        // Save needs a running VM, an absolute path and a path only with save.
+        #expect(try f.call("PUT", "/vms/s1/state", #"{"action": "save", "path": "\#(snap)"}"#).status == 409)
+        #expect(try f.action("s1", "start").status == 200)
+        let info = try f.info("s1")
+        #expect(ManagerSupport.wait(seconds: 30) { ManagerSupport.ticks(in: info.serialLog) >= 5 })
+        #expect(try f.call("PUT", "/vms/s1/state", #"{"action": "save", "path": "relative/dir"}"#).status == 400)
+        #expect(try f.call("PUT", "/vms/s1/state", #"{"action": "save"}"#).status == 400)
+        #expect(try f.call("PUT", "/vms/s1/state", #"{"action": "pause", "path": "\#(snap)"}"#).status == 400)
+
+        let saved = try f.call("PUT", "/vms/s1/state", #"{"action": "save", "path": "\#(snap)"}"#)
+        #expect(saved.status == 200, "\(saved.text)")
+        #expect(try f.info("s1").state == .shutOff)
+        for file in ["snapshot", "memory", "definition.json"] {
+            #expect(FileManager.default.fileExists(atPath: snap + "/" + file), "\(file) in the snapshot directory")
+        }
+        let last = try #require(Self.tickNumbers(info.serialLog).last)
+
+        // Undefine it: restore defines it again from the saved definition.
+        #expect(try f.call("DELETE", "/vms/s1").status == 204)
+        let restored = try f.call("POST", "/vms/restore", #"{"path": "\#(snap)"}"#)
+        #expect(restored.status == 200, "\(restored.text)")
+        #expect(try f.info("s1").state == .running)
+        #expect(ManagerSupport.wait(seconds: 30) { Self.tickNumbers(info.serialLog).count(where: { $0 > last }) >= 5 }, "ticks continue after the restore")
+        let ticks = Self.tickNumbers(info.serialLog)
+        let after = ticks.drop { $0 <= last }
+        #expect(after.first == last + 1, "the first tick after the restore is the next one: \(ticks.suffix(12))")
+        #expect(Array(after) == Array((last + 1)...(last + after.count)), "no gap and no repeat")
+        #expect(try f.call("POST", "/vms/restore", #"{"path": "\#(snap)"}"#).status == 409, "it is running")
+        #expect(try f.action("s1", "destroy").status == 200)
+        let events = f.daemon.manager?.events.events(since: 0).map(\.event) ?? []
+        #expect(events.contains("saved") && events.contains("restoring"))
+
+        // A damaged snapshot: clear errors, the VM stays shut off.
+        let bad = try f.call("POST", "/vms/restore", #"{"path": "\#(f.dir.path)/nothing"}"#)
+        #expect(bad.status == 400 || bad.status == 404, "\(bad.text)")
+        try Data("garbage".utf8).write(to: URL(fileURLWithPath: snap + "/snapshot"))
+        let corrupt = try f.call("POST", "/vms/restore", #"{"path": "\#(snap)"}"#)
+        #expect(corrupt.status == 400 && corrupt.text.contains("SKVMSNAP"), "\(corrupt.text)")
+        #expect(try f.info("s1").state == .shutOff)
+    }
+
     @Test("start twice is 409, destroy kills the vmm (destroyed), a running VM cannot be undefined")
     func destroy() throws {
         let f = try DaemonFixture()

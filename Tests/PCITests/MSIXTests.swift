@@ -1,3 +1,4 @@
+import Devices
 import PCI
 import Testing
 
@@ -146,5 +147,36 @@ struct MSIXTests {
         #expect(throws: PCIError.invalidVectorCount(2049)) { try MSIXTable(vectorCount: 2049, controller: RecordingController()) }
         #expect(throws: PCIError.self) { try MSIXTable(vectorCount: 3, controller: RecordingController(failAfter: 2)) }
         #expect("\(PCIError.invalidVectorCount(0))".contains("1–2048"))
+    }
+}
+
+@Suite("MSI-X saved state")
+struct MSIXStateTests {
+    @Test("a table's entries, pending bits and control survive a save and restore; the restore programs live vectors and fires a pending unmasked one; a table of another size is refused")
+    func roundTrip() throws {
+        let t = try MSIXTable(vectorCount: 3, controller: RecordingController())
+        t.setControl(enabled: true, functionMasked: true)
+        MSIXTests().program(t, 1, address: 0xfee0_1000, data: 0x51, masked: false)
+        t.signal(1)                                                 // function-masked: pending
+        let saved = t.saveState()
+        #expect(saved.pending == [false, true, false])
+
+        let fresh = RecordingController()
+        let u = try MSIXTable(vectorCount: 3, controller: fresh)
+        try u.restoreState(saved)
+        #expect(u.saveState() == saved, "save → restore → save gives the same state")
+        #expect(fresh.vectors[1].log.isEmpty, "still function-masked: nothing programmed or fired")
+        u.setControl(enabled: true, functionMasked: false)
+        #expect(fresh.vectors[1].log == [.program(0xfee0_1000, 0x51), .fire])
+
+        var unmasked = saved
+        unmasked.functionMasked = false
+        let other = RecordingController()
+        try MSIXTable(vectorCount: 3, controller: other).restoreState(unmasked)
+        #expect(other.vectors[1].log == [.program(0xfee0_1000, 0x51), .fire], "a pending, unmasked vector fires at the restore")
+        #expect(other.vectors[0].log.isEmpty && other.vectors[2].log.isEmpty)
+
+        let small = try MSIXTable(vectorCount: 2, controller: RecordingController())
+        #expect(throws: DeviceStateError.self) { try small.restoreState(saved) }
     }
 }

@@ -40,6 +40,31 @@ struct QueueTests {
         #expect(used.first?.len == 513)
     }
 
+    @Test("with the dirty-page log on, using a chain marks the pages of its writable buffers and the used ring, not its readable buffers; with it off nothing is marked")
+    func dirtyLog() throws {
+        let mem = try makeMemory()
+        let drv = MockDriverQueue(memory: mem, size: 8)
+        let q = try drv.deviceQueue()
+        func pages(_ maps: [[UInt64]]) -> [UInt64] {
+            (0..<UInt64(maps[0].count * 64)).filter { maps[0][Int($0 / 64)] & (1 << ($0 % 64)) != 0 }
+        }
+        let r0 = try drv.alloc(16), w0 = try drv.alloc(512)
+        var head = try drv.addChain([(r0, 16, false), (w0, 512, true)])
+        _ = try q.popAvailable()
+        q.addUsed(head: head, length: 512)
+        #expect(pages(mem.dirtyLog.take()).isEmpty, "off by default")
+
+        mem.dirtyLog.enable()
+        let readable = 0x20_0000 as UInt64, writable = 0x30_0ff0 as UInt64   // the writable buffer spans two pages
+        head = try drv.addChain([(readable, 4096, false), (writable, 32, true)])
+        _ = try q.popAvailable()
+        #expect(pages(mem.dirtyLog.take()).isEmpty, "taking a chain marks nothing yet")
+        q.addUsed(head: head, length: 32)
+        let usedPage = drv.layout.usedRing / 4096
+        #expect(pages(mem.dirtyLog.take()) == [usedPage, 0x300, 0x301].sorted())
+        #expect(pages(mem.dirtyLog.take()).isEmpty, "take clears the log")
+    }
+
     @Test("an indirect table is followed and its buffers returned")
     func indirect() throws {
         let mem = try makeMemory()

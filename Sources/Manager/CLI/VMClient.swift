@@ -167,6 +167,20 @@ public struct VMClient: Sendable {
         return try call("PUT", "/vms/\(Self.pathComponent(name))/state", body: bytes, timeout: deadline, decode: Self.decodeVM)
     }
 
+    /// `PUT /vms/NAME/state` with action `save`: snapshot into the directory `path` (absolute), then stop.
+    public func save(_ name: String, to path: String) throws(ManagerError) -> VMSummary {
+        struct Body: Encodable { var action = "save", path: String }
+        let bytes = Array((try? JSONEncoder().encode(Body(path: path))) ?? Data())
+        return try call("PUT", "/vms/\(Self.pathComponent(name))/state", body: bytes, timeout: 900, decode: Self.decodeVM)
+    }
+
+    /// `POST /vms/restore`: start the VM saved in the directory `path` (absolute) from its snapshot.
+    public func restore(from path: String) throws(ManagerError) -> VMSummary {
+        struct Body: Encodable { var path: String }
+        let bytes = Array((try? JSONEncoder().encode(Body(path: path))) ?? Data())
+        return try call("POST", "/vms/restore", body: bytes, timeout: 300, decode: Self.decodeVM)
+    }
+
     /// `PUT /vms/NAME/autostart`.
     public func setAutostart(_ name: String, _ on: Bool) throws(ManagerError) -> VMSummary {
         try call("PUT", "/vms/\(Self.pathComponent(name))/autostart", body: Array("{\"autostart\":\(on)}".utf8), decode: Self.decodeVM)
