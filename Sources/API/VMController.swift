@@ -105,6 +105,8 @@ public final class VMController: @unchecked Sendable {
         }
         /// Called on the guest's thread after it stopped (the `vmm` process exits here).
         public var onExit: @Sendable (MachineExit) -> Void = { _ in }
+        /// The virtio transport of the devices: virtio-mmio unless `--enable-pci`, as Firecracker.
+        public var virtioTransport: VirtioTransportKind = .mmio
         public init() {}
     }
 
@@ -159,8 +161,18 @@ public final class VMController: @unchecked Sendable {
     public static let firecrackerAPIVersion = "1.17.0"
     /// Version reported as `vmm_version`.
     public static let vmmVersion = "swiftkvm-0.1.0"
-    /// Boot arguments when `boot_args` is absent: Firecracker's default with the serial console on.
+    /// Boot arguments when `boot_args` is absent with the devices on virtio-mmio: Firecracker's default with the
+    /// serial console on.
     public static let defaultBootArgs = "console=ttyS0 reboot=k panic=1 pci=off nomodule i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd"
+    /// Boot arguments when `boot_args` is absent with the devices on PCI (`--enable-pci`): the same without
+    /// `pci=off` (the guest must find its devices on PCI) and `nomodule` (a kernel whose virtio-pci driver is a
+    /// module must be able to load it).
+    public static let defaultPCIBootArgs = "console=ttyS0 reboot=k panic=1 i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd"
+
+    /// The boot arguments used when `boot_args` is absent, for the devices' transport.
+    public static func defaultBootArgs(for transport: VirtioTransportKind) -> String {
+        transport == .pci ? defaultPCIBootArgs : defaultBootArgs
+    }
 
     public init(options: Options = Options(), logSink: LogSink? = nil) {
         self.options = options
@@ -489,7 +501,7 @@ public final class VMController: @unchecked Sendable {
         guard let boot = r.bootSource else {
             throw .badRequest("Cannot start the microVM without a kernel: configure it with PUT /boot-source first.")
         }
-        var cmdline = boot.bootArgs ?? Self.defaultBootArgs
+        var cmdline = boot.bootArgs ?? Self.defaultBootArgs(for: options.virtioTransport)
         let drives = Self.guestDriveOrder(r.drives)
         if let root = drives.first, root.isRootDevice, !cmdline.split(separator: " ").contains(where: { $0.hasPrefix("root=") }) {
             let device = root.partuuid.map { "PARTUUID=\($0)" } ?? "/dev/vda"
@@ -519,6 +531,7 @@ public final class VMController: @unchecked Sendable {
         config.trackDirtyPages = r.machineConfig.trackDirtyPages ? true : nil
         config.serial = r.serial?.serialOutPath.map { "file:" + $0 } ?? options.defaultSerial.description
         config.onReboot = .exit
+        config.transport = options.virtioTransport
         do {
             try config.validate(hostMemory: Self.hostMemory())
         } catch {

@@ -27,8 +27,9 @@ public enum VMMArguments {
                 name = String(name[..<eq])
             }
             switch name {
-            case "no-api", "show-level", "show-log-origin", "no-seccomp", "boot-timer":
+            case "no-api", "show-level", "show-log-origin", "no-seccomp", "boot-timer", "enable-pci":
                 guard inline == nil else { return nil }
+                if name == "enable-pci" { o.enablePCI = true }
                 if name == "no-api" { o.noAPI = true }
                 if name == "show-level" { o.showLevel = true }
                 if name == "show-log-origin" { o.showLogOrigin = true }

@@ -45,6 +45,8 @@ public enum VMMProcess {
         public var seccompFilter: String?
         /// `--incoming`: receive a live migration here (the guest comes from the source's stream).
         public var incoming: MigrationEndpoint?
+        /// `--enable-pci`: the virtio devices on PCI instead of virtio-mmio (Firecracker's flag).
+        public var enablePCI = false
         public init() {}
     }
 
@@ -134,6 +136,7 @@ public enum VMMProcess {
         var controllerOptions = VMController.Options()
         controllerOptions.instanceID = options.instanceID
         controllerOptions.metricsInterval = options.metricsInterval
+        controllerOptions.virtioTransport = options.enablePCI ? .pci : .mmio
         if serialLog != nil { controllerOptions.defaultSerial = .none }
         if console != nil || serialLog != nil || feedStdin {
             let defaultBuilder = controllerOptions.builder

@@ -52,6 +52,19 @@ public struct ACPIConfiguration: Sendable, Equatable {
     public var ecamBase: UInt64? = nil
     /// Whether the DSDT lists COM1 (PNP0501 at 0x3f8, IRQ 4) and the i8042 keyboard (PNP0303).
     public var legacyDevices: Bool = true
+    /// The virtio-mmio devices the DSDT lists (`LNRO0005`), in this order (the guest names its disks in it).
+    public var virtioMMIODevices: [VirtioMMIODevice] = []
+
+    /// One virtio-mmio register window and its interrupt, as the DSDT describes it.
+    public struct VirtioMMIODevice: Sendable, Equatable {
+        /// Guest-physical base of the register window (below 4 GiB).
+        public var base: UInt32
+        /// Size of the window in bytes.
+        public var size: UInt32
+        /// The I/O APIC GSI of its (edge-triggered, active-high) interrupt.
+        public var gsi: UInt32
+        public init(base: UInt32, size: UInt32, gsi: UInt32) { self.base = base; self.size = size; self.gsi = gsi }
+    }
 
     /// A configuration for `cpus` CPUs with the I/O APIC ID `cpus` (as the MP table).
     public init(cpus: Int) {
@@ -258,7 +271,10 @@ public enum ACPITables {
     ///   0x0D00–0xFFFF and the 32-bit memory window, and _PRT routing INTA–INTD of slots 1–31
     ///   to GSIs 16–23;
     /// - `\_SB.COM1` (PNP0501) and `\_SB.PS2K` (PNP0303) when `legacyDevices`;
-    /// - `\_SB.MRES` (PNP0C02) reserving the ECAM range when ECAM exists.
+    /// - `\_SB.MRES` (PNP0C02) reserving the ECAM range when ECAM exists;
+    /// - `\_SB.V000`, `V001`… for the virtio-mmio devices, as Firecracker describes them: _HID "LNRO0005",
+    ///   _UID the index, _CCA 1 and _CRS with the register window (Memory32Fixed) and the interrupt
+    ///   (Interrupt: consumer, edge, active high, exclusive).
     public static func dsdtAML(_ config: ACPIConfiguration) -> [UInt8] {
         let s5 = AML.name("_S5", AML.package([AML.integer(UInt64(ACPIPorts.s5SleepType)),
                                                 AML.integer(UInt64(ACPIPorts.s5SleepType)),
@@ -318,7 +334,24 @@ public enum ACPITables {
                 ])),
             ]))
         }
+        for (i, d) in config.virtioMMIODevices.enumerated() {
+            sb.append(AML.device(virtioMMIODeviceName(i), [
+                AML.name("_HID", AML.string("LNRO0005")),
+                AML.name("_UID", AML.integer(UInt64(i))),
+                AML.name("_CCA", AML.integer(1)),
+                AML.name("_CRS", AML.resourceTemplate([
+                    AMLResource.memory32Fixed(base: d.base, length: d.size),
+                    AMLResource.extendedInterrupt(d.gsi, level: false, activeLow: false, shared: false),
+                ])),
+            ]))
+        }
         return s5 + AML.scope("_SB_", sb)
+    }
+
+    /// The DSDT name of virtio-mmio device `index`: V000, V001… (hexadecimal past 999, up to VFFF).
+    public static func virtioMMIODeviceName(_ index: Int) -> String {
+        let digits = index < 1000 ? String(index) : String(index & 0xfff, radix: 16, uppercase: true)
+        return "V" + String(repeating: "0", count: max(0, 3 - digits.count)) + digits
     }
 
     // MARK: Helpers

@@ -436,7 +436,9 @@ public final class VMManager: @unchecked Sendable {
         let args = ["vmm", "--api-sock", paths.apiSocket(name), "--id", name]
             + (restoring == nil ? ["--config-file", paths.configFile(name)] : [])
             + ["--console-sock", paths.consoleSocket(name), "--serial-log", paths.serialLog(name),
-               "--metrics-path", paths.metricsFile(name), "--ready-fd", "3"]
+               "--metrics-path", paths.metricsFile(name), "--ready-fd", "3",
+               // Managed VMs keep their devices on PCI (MSI-X, the default guest's virtio-pci modules).
+               "--enable-pci"]
         let logPath = paths.vmmLog(name)
         let marker = "--- \(Timestamp.now()) swiftkvm daemon starts vm '\(name)': \(vmmExecutable) \(args.joined(separator: " "))\n"
         let logFD = open(logPath, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0o644)

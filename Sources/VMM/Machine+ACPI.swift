@@ -33,6 +33,7 @@ extension Machine {
         var acpi = ACPIConfiguration(cpus: config.cpus)
         // MCFG only when the PCI module really decodes ECAM there.
         if mmioBus.find(Self.ecamBase) != nil { acpi.ecamBase = Self.ecamBase }
+        acpi.virtioMMIODevices = virtio.mmioDevices.map(\.acpi)
 
         let area = (start: BootLayout.acpiTablesAddress, end: BootLayout.acpiTablesEnd)
         let covered = loaded.ranges.contains { $0.start < area.end && area.start < $0.end && $0.size > 0 }

@@ -132,6 +132,8 @@ final class MachineVirtio: Sendable {
     private struct State {
         var loops: [EventLoop] = []
         var transports: [VirtioPCITransport] = []
+        var mmioTransports: [VirtioMMIOTransport] = []
+        var mmioSlots: [VirtioMMIOLayout.Slot] = []
         var disks: [Int: Disk] = [:]
         var nics: [NIC] = []
         var console: VirtioConsole?
@@ -143,6 +145,17 @@ final class MachineVirtio: Sendable {
 
     /// The virtio console, when configured.
     var console: VirtioConsole? { state.withLock { $0.console } }
+
+    /// The virtio-mmio devices' windows and interrupts, in attach order.
+    var mmioDevices: [VirtioMMIOLayout.Slot] { state.withLock { $0.mmioSlots } }
+
+    /// Records a virtio-mmio transport at `slot` (shut down in `stop`, listed in `mmioDevices`).
+    func add(mmio transport: VirtioMMIOTransport, slot: VirtioMMIOLayout.Slot) {
+        state.withLock { s in
+            s.mmioTransports.append(transport)
+            s.mmioSlots.append(slot)
+        }
+    }
 
     func add(loop: EventLoop? = nil, transport: VirtioPCITransport? = nil, disk: (index: Int, disk: Disk)? = nil,
              nic: NIC? = nil, console: VirtioConsole? = nil) {
@@ -199,12 +212,13 @@ final class MachineVirtio: Sendable {
     /// Stops the device threads, then flushes and closes the disks and releases their locks (after
     /// the vCPUs stopped; a restarted guest gets a new `Machine` that opens them again).
     func stop(logger: Logger) {
-        let (loops, transports, backends, nics) = state.withLock { s in
+        let (loops, transports, mmioTransports, backends, nics) = state.withLock { s in
             defer { s.disks = [:] } // NICs stay listed: their final counters go to the metrics
-            return (s.loops, s.transports, s.disks.values.map(\.backend), s.nics)
+            return (s.loops, s.transports, s.mmioTransports, s.disks.values.map(\.backend), s.nics)
         }
         for l in loops { l.stop() }
         for t in transports { t.shutdown() }
+        for t in mmioTransports { t.shutdown() }
         for n in nics { n.backend.close() }
         for b in backends {
             do { try b.close() } catch { logger.error("virtio-blk: flush at exit failed: \(error)") }
@@ -213,12 +227,12 @@ final class MachineVirtio: Sendable {
 }
 
 extension Machine {
-    /// Builds the configured virtio devices and attaches them to PCI in slot order: disks (in
-    /// `--disk` order), the NICs, the vsock device, then the console, then the entropy device. Each disk gets its own
+    /// Builds the configured virtio devices and attaches them on the configured transport (`attachVirtio`:
+    /// PCI in slot order, or virtio-mmio windows in order) in this order: disks (in `--disk` order), the NICs,
+    /// the vsock device, then the console, then the entropy device. Each disk gets its own
     /// event-loop thread (its I/O is synchronous); the console and rng share one.
     func setUpVirtio() throws {
         let log = VirtioLog { [logger] message in logger.warning("\(message)") }
-        let ioEvents = KVMIOEventRegistry(vm: vm)
         for (i, disk) in config.disks.enumerated() {
             let (backend, lock) = try Self.openDisk(disk)
             let loop = try EventLoop(name: "virtio-blk\(i)")
@@ -228,13 +242,9 @@ extension Machine {
             let serial = disk.id ?? "swiftkvm-disk\(i)"
             let device = VirtioBlock(backend: backend, serial: serial, ioThreads: threads, rateLimit: disk.rateLimit,
                                      eventLoop: loop, log: log)
-            let transport = try VirtioPCITransport(device: device, memory: memory, msiController: msiController,
-                                                   eventLoop: loop, ioEvents: ioEvents, log: log)
-            virtio.add(loop: loop, transport: transport,
-                       disk: (i, MachineVirtio.Disk(spec: disk, device: device, backend: backend, lock: lock)))
-            devices.register(transport, id: "virtio-blk\(i)")
-            let slot = try attachPCIDevice(transport).slot
-            logger.info("virtio-blk \(disk.path) (\(backend.size) bytes\(disk.readOnly ? ", read-only" : "")) at PCI slot \(slot)")
+            virtio.add(loop: loop, disk: (i, MachineVirtio.Disk(spec: disk, device: device, backend: backend, lock: lock)))
+            let place = try attachVirtio(device, id: "virtio-blk\(i)", loop: loop, log: log)
+            logger.info("virtio-blk \(disk.path) (\(backend.size) bytes\(disk.readOnly ? ", read-only" : "")) at \(place)")
         }
         for (i, nic) in config.nets.enumerated() {
             let id = config.nicID(i), mac = config.nicMAC(i)
@@ -243,12 +253,9 @@ extension Machine {
                 let loop = try EventLoop(name: "virtio-net\(i)")
                 let device = try VirtioNet(backend: backend, mac: mac, eventLoop: loop, rxRateLimit: nic.rxRateLimit,
                                            txRateLimit: nic.txRateLimit, log: log)
-                let transport = try VirtioPCITransport(device: device, memory: memory, msiController: msiController,
-                                                       eventLoop: loop, ioEvents: ioEvents, log: log)
-                virtio.add(loop: loop, transport: transport, nic: MachineVirtio.NIC(id: id, device: device, backend: backend))
-                devices.register(transport, id: "virtio-net-\(id)")
-                let slot = try attachPCIDevice(transport).slot
-                logger.info("virtio-net \(id) (\(NetSpec.formatMAC(mac))) on \(backend.label) at PCI slot \(slot)")
+                virtio.add(loop: loop, nic: MachineVirtio.NIC(id: id, device: device, backend: backend))
+                let place = try attachVirtio(device, id: "virtio-net-\(id)", loop: loop, log: log)
+                logger.info("virtio-net \(id) (\(NetSpec.formatMAC(mac))) on \(backend.label) at \(place)")
             } catch {
                 backend.close()
                 throw error
@@ -262,38 +269,31 @@ extension Machine {
             } catch {
                 throw VMMError.invalidValue(what: "--vsock", value: "uds=\(spec.udsPath)", reason: error.description)
             }
-            let transport: VirtioPCITransport
+            virtio.add(loop: loop)
+            let place: String
             do {
-                transport = try VirtioPCITransport(device: device, memory: memory, msiController: msiController,
-                                                   eventLoop: loop, ioEvents: ioEvents, log: log)
+                // attachVirtio registers the transport before it attaches it: stop() then shuts the device down
+                // (removing its socket) on any later failure; this shuts it down when the transport was not made.
+                place = try attachVirtio(device, id: "virtio-vsock", loop: loop, log: log)
             } catch {
                 device.shutdown()
                 throw error
             }
-            // Added before attaching: stop() then shuts the device down (removing its socket) on any later failure.
-            virtio.add(loop: loop, transport: transport)
-            devices.register(transport, id: "virtio-vsock")
-            let slot = try attachPCIDevice(transport).slot
-            logger.info("virtio-vsock cid \(spec.guestCID) on \(spec.udsPath) at PCI slot \(slot)")
+            logger.info("virtio-vsock cid \(spec.guestCID) on \(spec.udsPath) at \(place)")
         }
         guard config.virtioConsole || config.rng else { return }
         let loop = try EventLoop(name: "virtio")
         virtio.add(loop: loop)
         if config.virtioConsole {
             let console = VirtioConsole(output: serialOutput, log: log)
-            let transport = try VirtioPCITransport(device: console, memory: memory, msiController: msiController,
-                                                   eventLoop: loop, ioEvents: ioEvents, log: log)
-            virtio.add(transport: transport, console: console)
-            devices.register(transport, id: "virtio-console")
-            _ = try attachPCIDevice(transport)
+            virtio.add(console: console)
+            let place = try attachVirtio(console, id: "virtio-console", loop: loop, log: log)
+            logger.debug("virtio-console at \(place)")
         }
         if config.rng {
             let rng = VirtioEntropy(rateLimit: config.rngRateLimit, eventLoop: loop, log: log)
-            let transport = try VirtioPCITransport(device: rng, memory: memory, msiController: msiController,
-                                                   eventLoop: loop, ioEvents: ioEvents, log: log)
-            virtio.add(transport: transport)
-            devices.register(transport, id: "virtio-rng")
-            _ = try attachPCIDevice(transport)
+            let place = try attachVirtio(rng, id: "virtio-rng", loop: loop, log: log)
+            logger.debug("virtio-rng at \(place)")
         }
     }
 

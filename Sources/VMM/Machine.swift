@@ -218,7 +218,9 @@ public final class Machine: @unchecked Sendable {
             var options = BootOptions()
             options.linuxEntry = BzImageLoader.Entry(rawValue: config.kernelEntry) ?? .decompressed
             options.modules = modules.map { MultibootModule(source: .path($0.path), cmdline: $0.cmdline) }
-            var result = try KernelLoader.load(kernel: .path(path), initrd: initrd.map { .path($0) }, cmdline: cmdline,
+            // Devices on virtio-mmio are announced on the command line too (VirtioMMIOLayout).
+            var result = try KernelLoader.load(kernel: .path(path), initrd: initrd.map { .path($0) },
+                                               cmdline: try config.cmdlineWithVirtioMMIODevices(cmdline),
                                                memory: memory, options: options)
             if result.format != .multiboot {
                 result.ranges.append(try MPTable.write(cpus: config.cpus, into: memory))

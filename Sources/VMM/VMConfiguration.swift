@@ -118,7 +118,7 @@ public struct VMConfiguration: Codable, Sendable, Equatable {
     public var kernelEntry: String = "decompressed"
     /// Apply the PVM host fix-ups: nil detects the host.
     public var pvmFixups: Bool? = nil
-    /// virtio-blk disks (`--disk`), attached to PCI in this order from slot 1.
+    /// virtio-blk disks (`--disk`), attached in this order (from PCI slot 1, or the first virtio-mmio window).
     public var disks: [DiskSpec] = []
     /// virtio-net NICs (`--net`), attached after the disks in this order.
     public var nets: [NetSpec] = []
@@ -135,6 +135,9 @@ public struct VMConfiguration: Codable, Sendable, Equatable {
     /// Log the pages the guest and the devices write, for Diff snapshots (Firecracker's
     /// `track_dirty_pages`); nil or false: off.
     public var trackDirtyPages: Bool? = nil
+    /// The virtio transport (`--transport`); nil: PCI (`virtioTransport`). Optional so that configurations
+    /// saved before it existed still decode.
+    public var transport: VirtioTransportKind? = nil
 
     /// A configuration for `payload` with defaults for everything else.
     public init(payload: GuestPayload) { self.payload = payload }
@@ -168,6 +171,10 @@ public struct VMConfiguration: Codable, Sendable, Equatable {
         }
         _ = try serialSpec()
         try vsock?.validate()
+        if virtioTransport == .mmio, virtioDeviceCount > VirtioMMIOLayout.maximumDevices {
+            throw VMMError.invalidValue(what: "--transport", value: "mmio",
+                                        reason: "\(virtioDeviceCount) virtio devices, at most \(VirtioMMIOLayout.maximumDevices) fit on virtio-mmio (one interrupt each)")
+        }
         var ids = Set<String>(), macs = Set<[UInt8]>()
         for (i, nic) in nets.enumerated() {
             let id = nicID(i)

@@ -89,6 +89,8 @@ struct RunCommand: ParsableCommand {
     var rng = false
     @Flag(name: .customLong("virtio-console"), help: "Add a virtio-console device (hvc0); host input goes to it and to the serial port.")
     var virtioConsole = false
+    @Option(help: "Virtio transport: pci (default) or mmio (virtio-mmio windows from 0xF0000000, announced in the DSDT as LNRO0005 devices and on the kernel command line as virtio_mmio.device=).")
+    var transport: String = "pci"
 
     @Option(help: "Restore a snapshot instead of booting: DIR holds the files 'snapshot' and 'memory' (as `swiftkvm vm save` writes them). The machine (kernel, RAM, vCPUs, devices) comes from the snapshot; only --serial, --log-level, --show-regs and the seccomp options apply.")
     var restore: String?
@@ -225,6 +227,10 @@ struct RunCommand: ParsableCommand {
         config.name = name
         config.rng = rng
         config.virtioConsole = virtioConsole
+        guard let kind = VirtioTransportKind(rawValue: transport) else {
+            throw VMMError.invalidValue(what: "--transport", value: transport, reason: "expected pci or mmio")
+        }
+        config.transport = kind
         if let factor = timeDilation {
             guard factor >= 1, factor <= TimeDilation.maximumFactor else {
                 throw VMMError.invalidValue(what: "--time-dilation", value: "\(factor)", reason: "expected a factor from 1 to \(TimeDilation.maximumFactor)")

@@ -48,7 +48,7 @@ enum RunMain {
             return MachineExit.usageExitCode
         }
         LoggingSystem.bootstrap { label in
-            var h = StreamLogHandler.standardError(label: label)
+            var h = RunLogHandler(label: label)
             h.logLevel = level
             return h
         }

@@ -51,6 +51,8 @@ struct VMMCommand: ParsableCommand {
 
     @Flag(name: .customLong("no-seccomp"), help: "Run without the seccomp filters (docs/SECCOMP.md).")
     var noSeccomp = false
+    @Flag(name: .customLong("enable-pci"), help: "Put the virtio devices on PCI (default: virtio-mmio, as Firecracker).")
+    var enablePCI = false
     @Option(name: .customLong("seccomp-filter"), help: "Load the seccomp filters from this JSON file (Firecracker's seccompiler format, one filter per thread kind: vmm, api, vcpu, device, console) instead of the built-in ones.")
     var seccompFilter: String?
 
@@ -102,6 +104,7 @@ struct VMMCommand: ParsableCommand {
         o.noSeccomp = noSeccomp
         o.seccompFilter = seccompFilter
         o.incoming = try incoming.map { try MigrationEndpoint(parsing: $0) }
+        o.enablePCI = enablePCI
         throw ExitCode(VMMProcess.run(o))
     }
 }

@@ -77,11 +77,13 @@ struct LifecycleTests {
         let client: UnixHTTPClient
         let exits = Locked<[MachineExit]>([])
 
-        init() throws {
+        /// `transport`: where the virtio devices go (virtio-mmio, the vmm's default, or PCI as with `--enable-pci`).
+        init(transport: VirtioTransportKind = .mmio) throws {
             serialPath = dir.path + "/serial.out"
             var options = VMController.Options()
             options.instanceID = "lifecycle"
             options.metricsInterval = 0
+            options.virtioTransport = transport
             options.defaultSerial = .file(serialPath)
             let exits = self.exits
             options.onExit = { e in exits.withLock { $0.append(e) } }

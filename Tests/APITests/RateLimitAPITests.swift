@@ -116,10 +116,11 @@ struct RateLimitGuestTests {
 
     func serial(_ f: Fixture) -> String { (try? String(contentsOfFile: f.serialPath, encoding: .utf8)) ?? "" }
 
-    /// Configures virtio_blk in bench mode on `disk` with `limiter` (JSON or nil) and starts it.
+    /// Configures virtio_blk in bench mode on `disk` with `limiter` (JSON or nil) and starts it. The vmm's devices are
+    /// on virtio-mmio (Firecracker's default): `mmio` makes the program find its disk in the DSDT.
     func start(_ f: Fixture, bench: String, disk: String, limiter: String?) throws {
         let image = try #require(VirtioBlkGuest.image)
-        #expect(try f.send("PUT", "/boot-source", #"{"kernel_image_path": "\#(image)", "boot_args": "\#(bench)"}"#).status == 204)
+        #expect(try f.send("PUT", "/boot-source", #"{"kernel_image_path": "\#(image)", "boot_args": "mmio \#(bench)"}"#).status == 204)
         #expect(try f.send("PUT", "/machine-config", #"{"vcpu_count": 1, "mem_size_mib": 64}"#).status == 204)
         let rl = limiter.map { #", "rate_limiter": \#($0)"# } ?? ""
         let d = try f.send("PUT", "/drives/data", #"{"drive_id": "data", "path_on_host": "\#(disk)", "is_root_device": false\#(rl)}"#)
@@ -151,7 +152,7 @@ struct RateLimitGuestTests {
         let f = try Fixture()
         defer { f.shutdown() }
         let image = try #require(VirtioBlkGuest.rngImage)
-        #expect(try f.send("PUT", "/boot-source", #"{"kernel_image_path": "\#(image)", "boot_args": "reads=4 size=64"}"#).status == 204)
+        #expect(try f.send("PUT", "/boot-source", #"{"kernel_image_path": "\#(image)", "boot_args": "mmio reads=4 size=64"}"#).status == 204)
         #expect(try f.send("PUT", "/machine-config", #"{"vcpu_count": 1, "mem_size_mib": 64}"#).status == 204)
         #expect(try f.send("PUT", "/entropy", #"{"rate_limiter": {"bandwidth": {"size": 64, "refill_time": 1000}}}"#).status == 204)
         let start = Date()

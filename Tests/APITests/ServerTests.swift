@@ -217,6 +217,25 @@ struct ServerTests {
         #expect(config.memorySize == 96 << 20)
         #expect(config.serial == "file:\(f.dir.path)/console")
         #expect(config.payload == .kernel(path: f.kernel, initrd: initrd, cmdline: VMController.defaultBootArgs, modules: []))
+        #expect(config.virtioTransport == .mmio, "virtio-mmio by default, as Firecracker")
+    }
+
+    @Test("without boot_args, the default boot arguments fit the transport: pci=off and nomodule only with virtio-mmio",
+          arguments: [VirtioTransportKind.mmio, .pci])
+    func defaultBootArgsFitTransport(transport: VirtioTransportKind) throws {
+        let f = try FakeServerFixture(transport: transport)
+        defer { f.shutdown() }
+        let disk = f.dir.file("root.img", contents: "x")
+        #expect(try f.send("PUT", "/boot-source", #"{"kernel_image_path": "\#(f.kernel)"}"#).status == 204)
+        #expect(try f.send("PUT", "/drives/rootfs", #"{"drive_id": "rootfs", "path_on_host": "\#(disk)", "is_root_device": true}"#).status == 204)
+        #expect(try f.send("PUT", "/actions", #"{"action_type": "InstanceStart"}"#).status == 204)
+        let config = try #require(f.built.withLock { $0.first }?.config)
+        #expect(config.virtioTransport == transport)
+        guard case .kernel(_, _, let cmdline, _) = config.payload else { Issue.record("not a kernel payload"); return }
+        let words = cmdline.split(separator: " ")
+        #expect(words.contains("pci=off") == (transport == .mmio), "\(cmdline)")
+        #expect(words.contains("nomodule") == (transport == .mmio), "\(cmdline)")
+        #expect(words.contains("console=ttyS0") && words.contains("root=/dev/vda"))
     }
 
     @Test("drives become virtio-blk disks (root first, root= added) and entropy a virtio-rng device")

@@ -166,13 +166,14 @@ final class FakeServerFixture: @unchecked Sendable {
     /// A readable file to use as a kernel.
     let kernel: String
 
-    init(maxBodySize: Int = APIServer.defaultMaxBodySize) throws {
+    init(maxBodySize: Int = APIServer.defaultMaxBodySize, transport: VirtioTransportKind = .mmio) throws {
         socket = "/tmp/swk-\(String(UInt32.random(in: 0...UInt32.max), radix: 36)).sock"
         kernel = dir.file("vmlinux", contents: "not really a kernel")
         var options = VMController.Options()
         options.instanceID = "test-vm"
         options.metricsInterval = 0
         options.defaultSerial = .none
+        options.virtioTransport = transport
         let built = self.built, exits = self.exits
         options.builder = { config, _, _, _ in
             let vm = FakeVM(config: config)

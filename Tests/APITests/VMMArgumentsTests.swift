@@ -13,6 +13,13 @@ struct VMMArgumentsTests {
         #expect(o.maxPayloadSize == APIServer.defaultMaxBodySize)
         #expect(!o.noAPI && o.configFile == nil && o.logPath == nil && o.level == nil && !o.showLevel && !o.showLogOrigin)
         #expect(o.metricsPath == nil && o.consoleSocket == nil && o.serialLog == nil && o.readyFD == nil)
+        #expect(!o.enablePCI && !d.enablePCI, "virtio-mmio unless --enable-pci, as Firecracker")
+    }
+
+    @Test("--enable-pci is a flag; a value for it is left to ArgumentParser")
+    func enablePCI() throws {
+        #expect(try #require(VMMArguments.parse(["--enable-pci", "--id", "x"])).enablePCI)
+        #expect(VMMArguments.parse(["--enable-pci=yes"]) == nil)
     }
 
     @Test("every option is recognised, as --name value and --name=value; Firecracker's no-op options are accepted")

@@ -198,10 +198,33 @@ struct AMLTests {
 @Suite("AML against iasl", .enabled(if: IASL.path != nil, "iasl not installed (apt-get install acpica-tools)"))
 struct AMLIASLTests {
     @Test("the DSDT's definition block is byte-identical to iasl's compilation of the equivalent ASL",
-          arguments: [false, true])
-    func dsdt(ecam: Bool) throws {
+          arguments: [false, true], [false, true])
+    func dsdt(ecam: Bool, mmio: Bool) throws {
         var c = ACPIConfiguration(cpus: 2)
         c.ecamBase = ecam ? 0xe000_0000 : nil
+        if mmio {
+            c.virtioMMIODevices = [.init(base: 0xf000_0000, size: 0x1000, gsi: 5), .init(base: 0xf000_1000, size: 0x1000, gsi: 16)]
+        }
+        let virtio = !mmio ? "" : """
+            Device (V000) {
+                Name (_HID, "LNRO0005")
+                Name (_UID, Zero)
+                Name (_CCA, One)
+                Name (_CRS, ResourceTemplate () {
+                    Memory32Fixed (ReadWrite, 0xF0000000, 0x00001000)
+                    Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive, ,, ) { 5 }
+                })
+            }
+            Device (V001) {
+                Name (_HID, "LNRO0005")
+                Name (_UID, One)
+                Name (_CCA, One)
+                Name (_CRS, ResourceTemplate () {
+                    Memory32Fixed (ReadWrite, 0xF0001000, 0x00001000)
+                    Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive, ,, ) { 16 }
+                })
+            }
+            """
         var prt = ""
         for slot in 1...31 {
             for pin in 0..<4 {
@@ -246,6 +269,7 @@ struct AMLIASLTests {
                     Name (_CRS, ResourceTemplate () { IO (Decode16, 0x0060, 0x0060, 0x01, 0x01) IO (Decode16, 0x0064, 0x0064, 0x01, 0x01) IRQNoFlags () {1} })
                 }
                 \(mres)
+                \(virtio)
             }
         }
         """

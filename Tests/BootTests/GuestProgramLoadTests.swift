@@ -7,7 +7,7 @@ import Testing
 let guestProgramNames = [
     "acpi", "boot", "cpuid_msr", "exits", "fault", "fwcfg", "hostile", "i8042", "int3", "pci", "pmtimer", "rtc", "rtc_irq",
     "serial", "smp",
-    "ticker", "timers", "uart_smp", "usermode", "virtio_blk", "virtio_console", "virtio_net", "virtio_rng", "virtio_vsock",
+    "ticker", "timers", "uart_smp", "usermode", "virtio_blk", "virtio_console", "virtio_mmio", "virtio_net", "virtio_rng", "virtio_vsock",
 ]
 
 let guestBuildDirectory = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()

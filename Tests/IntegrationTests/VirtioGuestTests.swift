@@ -65,7 +65,7 @@ func flatProgramArguments(_ name: String) -> [String] {
 @Suite("Virtio guest program images (no /dev/kvm needed)")
 struct VirtioGuestImageTests {
     @Test("the pci, virtio and hostile programs build as multiboot and flat images",
-          arguments: ["pci", "virtio_blk", "virtio_rng", "virtio_console", "hostile"])
+          arguments: ["pci", "virtio_blk", "virtio_rng", "virtio_console", "hostile", "virtio_mmio"])
     func image(name: String) throws {
         try #require(GuestTestEnvironment.guestBuildError == nil, "\(GuestTestEnvironment.guestBuildError ?? "")")
         let elf = try [UInt8](Data(contentsOf: URL(fileURLWithPath: GuestTestEnvironment.guestImage(name))))

@@ -180,21 +180,22 @@ struct VirtioNetGuestTests {
         }
     }
 
-    @Test("Firecracker's config file: network-interfaces (host_dev_name, guest_mac) give the guest its NIC, and the metrics count its frames")
-    func firecrackerConfig() throws {
-        let ns = try namespace("fc")
+    @Test("Firecracker's config file: network-interfaces (host_dev_name, guest_mac) give the guest its NIC (on virtio-mmio, the vmm's default, and with --enable-pci on PCI), and the metrics count its frames",
+          arguments: [false, true])
+    func firecrackerConfig(enablePCI: Bool) throws {
+        let ns = try namespace(enablePCI ? "fcp" : "fcm")
         defer { ns.remove() }
         let swiftkvm = try #require(GuestTestEnvironment.swiftkvmPath)
-        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("swk-fc-net-\(getpid())").path
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("swk-fc-net-\(getpid())-\(enablePCI)").path
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(atPath: dir) }
         let config = """
-            {"boot-source": {"kernel_image_path": "\(GuestTestEnvironment.guestImage("virtio_net"))", "boot_args": "count=3"},
+            {"boot-source": {"kernel_image_path": "\(GuestTestEnvironment.guestImage("virtio_net"))", "boot_args": "\(enablePCI ? "" : "mmio ")count=3"},
              "machine-config": {"vcpu_count": 1, "mem_size_mib": 64},
              "network-interfaces": [{"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "06:00:ac:10:00:02"}]}
             """
         try config.write(toFile: dir + "/config.json", atomically: true, encoding: .utf8)
-        let vmm = try ns.spawn([swiftkvm, "vmm", "--no-api", "--config-file", dir + "/config.json",
+        let vmm = try ns.spawn([swiftkvm, "vmm"] + (enablePCI ? ["--enable-pci"] : []) + ["--no-api", "--config-file", dir + "/config.json",
                                 "--metrics-path", dir + "/metrics.ndjson", "--serial-log", dir + "/serial.log"])
         let status = vmm.waitForExit(timeout: 120)
         let serial = (try? String(contentsOfFile: dir + "/serial.log", encoding: .utf8)) ?? ""

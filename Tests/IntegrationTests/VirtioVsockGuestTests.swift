@@ -184,8 +184,9 @@ struct VirtioVsockGuestTests {
         #expect(access(uds, F_OK) != 0, "the listening socket is removed at exit")
     }
 
-    @Test("Firecracker's config file: a vsock section (guest_cid, uds_path) gives the guest its device; echoes both ways")
-    func firecrackerConfig() throws {
+    @Test("Firecracker's config file: a vsock section (guest_cid, uds_path) gives the guest its device, on virtio-mmio (the vmm's default) and with --enable-pci on PCI; echoes both ways",
+          arguments: [false, true])
+    func firecrackerConfig(enablePCI: Bool) throws {
         let dir = socketDirectory()
         defer { removeDirectory(dir) }
         let uds = dir + "/v.sock"
@@ -193,13 +194,13 @@ struct VirtioVsockGuestTests {
         defer { server.stop() }
         let config = """
             {"boot-source": {"kernel_image_path": "\(GuestTestEnvironment.guestImage("virtio_vsock"))",
-                             "boot_args": "cid=7 port=1024 hostport=1025 refused=1999 n=65536"},
+                             "boot_args": "\(enablePCI ? "" : "mmio ")cid=7 port=1024 hostport=1025 refused=1999 n=65536"},
              "machine-config": {"vcpu_count": 1, "mem_size_mib": 64},
              "vsock": {"guest_cid": 7, "uds_path": "\(uds)"}}
             """
         try config.write(toFile: dir + "/config.json", atomically: true, encoding: .utf8)
         let swiftkvm = try #require(GuestTestEnvironment.swiftkvmPath, "swiftkvm executable not found")
-        let child = NetChild(try MCChild(swiftkvm, ["vmm", "--no-api", "--config-file", dir + "/config.json"]))
+        let child = NetChild(try MCChild(swiftkvm, ["vmm"] + (enablePCI ? ["--enable-pci"] : []) + ["--no-api", "--config-file", dir + "/config.json"]))
         let data = vsockPattern(65536)
         var echoed: [UInt8] = []
         if child.waitFor("VSOCK-READY listen 1024", timeout: 60) {

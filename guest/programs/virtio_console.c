@@ -32,11 +32,13 @@ static long run(void *arg) {
     (void)arg;
     static struct vdev d;
     static struct vq rx, tx;
+    if (vmmio_setup_from_cmdline()) return 0;
     int found = vdev_find(VIRTIO_ID_CONSOLE, 0, &d);
     if (!rt_check("console-found", found == 0, "virtio-console at 00:%02x.%u device %04x", d.slot, d.fn, d.device_id))
         return 0;
     const char *e = vdev_map(&d);
     if (!e && d.msix_cap && (vdev_msix_set(&d, 0, apic_id, VEC, 0) || vdev_msix_enable(&d))) e = "MSI-X setup failed";
+    if (!e && d.mmio) vmmio_route_irq(&d, apic_id, VEC);     /* virtio-mmio: the window's interrupt */
     if (!e) e = vdev_negotiate(&d, 0);
     if (!e) e = vq_setup(&d, &rx, 0, 64, d.msix_cap ? 0 : VIRTIO_MSI_NO_VECTOR);
     if (!e) e = vq_setup(&d, &tx, 1, 64, d.msix_cap ? 0 : VIRTIO_MSI_NO_VECTOR);

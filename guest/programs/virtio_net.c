@@ -454,7 +454,8 @@ static const char *open_net(uint64_t wanted, int irq) {
     const char *e = vdev_map(&dev);
     if (e) return e;
     if (!dev.devcfg) return "no device configuration capability";
-    use_msix = irq && dev.msix_cap && !rt_cmdline_has("nomsix");
+    use_msix = irq && (dev.msix_cap || dev.mmio) && !rt_cmdline_has("nomsix");
+    if (dev.mmio && use_msix) vmmio_route_irq(&dev, apic_id, VEC);   /* virtio-mmio: the window's one interrupt */
     if (dev.msix_cap && (vdev_msix_set(&dev, 0, apic_id, VEC, 0) || vdev_msix_enable(&dev))) return "MSI-X setup failed";
     e = vdev_negotiate(&dev, wanted);
     if (e) return e;
@@ -776,6 +777,7 @@ static long run(void *arg) {
     (void)arg;
     char kind[16], m[16];
     int bench = rt_cmdline_str("bench", kind, sizeof kind) >= 0;
+    if (vmmio_setup_from_cmdline()) return 0;
     if (bench && strncmp(kind, "tx", 3) && strncmp(kind, "rx", 3)) { rt_fail("bench", "unknown bench=%s (tx, rx)", kind); return 0; }
     int tso = bench && kind[0] == 't' && rt_cmdline_uint("tso", 0);
     mode = MODE_PING;

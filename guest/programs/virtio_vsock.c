@@ -509,6 +509,7 @@ static long run(void *arg) {
     (void)arg;
     char kind[16], m[16];
     int bench = rt_cmdline_str("bench", kind, sizeof kind) >= 0;
+    if (vmmio_setup_from_cmdline()) return 0;
     const char *e = open_vsock();
     if (!rt_check("vsock-setup", !e, "%s: 00:%02x.%u device %04x, features %lx of %lx, rx %u x %u bytes, tx %u, event %u",
                   e ? e : "ready", dev.slot, dev.fn, dev.device_id, dev.features, dev.device_features, rx_entries, rxbuf,

@@ -9,7 +9,14 @@ static uint16_t virtio_type_of(uint16_t device_id, uint16_t subsystem_id) {
     return 0;
 }
 
+int vmmio_find(uint16_t type, int nth, struct vdev *d);
+int vmmio_active(void);
+const char *vmmio_map(struct vdev *d);
+const char *vmmio_negotiate(struct vdev *d, uint64_t wanted);
+const char *vmmio_vq_setup(struct vdev *d, struct vq *q, uint16_t index, uint16_t max_size);
+
 int vdev_find(uint16_t type, int nth, struct vdev *d) {
+    if (vmmio_active()) return vmmio_find(type, nth, d);
     for (int slot = 0; slot < 32; slot++) {
         int fns = 1;
         for (int fn = 0; fn < fns; fn++) {
@@ -37,6 +44,7 @@ int vdev_find(uint16_t type, int nth, struct vdev *d) {
 static uint64_t bar_window_next = 0xc0000000ull;
 
 const char *vdev_map(struct vdev *d) {
+    if (d->mmio) return vmmio_map(d);
     uint8_t b = d->bus, s = d->slot, f = d->fn;
     /* Decode off while BARs are sized and moved. */
     uint16_t cmd = rt_pci_read16(b, s, f, 0x04);
@@ -120,8 +128,13 @@ const char *vdev_move_bar(struct vdev *d, int bar, uint64_t addr) {
 }
 
 /* ---------------------------------------------------------------- status, features */
-uint8_t vdev_status(struct vdev *d) { return mmio_read8(d->common + VCOMMON_STATUS); }
-void vdev_set_status(struct vdev *d, uint8_t s) { mmio_write8(d->common + VCOMMON_STATUS, s); }
+uint8_t vdev_status(struct vdev *d) {
+    return d->mmio ? (uint8_t)mmio_read32(d->mmio + VMMIO_STATUS) : mmio_read8(d->common + VCOMMON_STATUS);
+}
+void vdev_set_status(struct vdev *d, uint8_t s) {
+    if (d->mmio) mmio_write32(d->mmio + VMMIO_STATUS, s);
+    else mmio_write8(d->common + VCOMMON_STATUS, s);
+}
 
 int vdev_reset(struct vdev *d) {
     vdev_set_status(d, 0);
@@ -133,6 +146,7 @@ int vdev_reset(struct vdev *d) {
 }
 
 const char *vdev_negotiate(struct vdev *d, uint64_t wanted) {
+    if (d->mmio) return vmmio_negotiate(d, wanted);
     if (vdev_reset(d)) return "device status does not read 0 after reset";
     vdev_set_status(d, VIRTIO_STATUS_ACKNOWLEDGE);
     vdev_set_status(d, VIRTIO_STATUS_ACKNOWLEDGE | VIRTIO_STATUS_DRIVER);
@@ -160,9 +174,10 @@ uint16_t vdev_cfg16(struct vdev *d, uint32_t off) { return mmio_read16(d->devcfg
 uint32_t vdev_cfg32(struct vdev *d, uint32_t off) { return mmio_read32(d->devcfg + off); }
 uint64_t vdev_cfg64(struct vdev *d, uint32_t off) {
     for (int i = 0; i < 100; i++) {
-        uint8_t g = mmio_read8(d->common + VCOMMON_CFGGENERATION);
+        uint32_t g = d->mmio ? mmio_read32(d->mmio + VMMIO_CONFIG_GENERATION) : mmio_read8(d->common + VCOMMON_CFGGENERATION);
         uint64_t v = mmio_read32(d->devcfg + off) | ((uint64_t)mmio_read32(d->devcfg + off + 4) << 32);
-        if (mmio_read8(d->common + VCOMMON_CFGGENERATION) == g) return v;
+        uint32_t g2 = d->mmio ? mmio_read32(d->mmio + VMMIO_CONFIG_GENERATION) : mmio_read8(d->common + VCOMMON_CFGGENERATION);
+        if (g2 == g) return v;
     }
     return ~0ull;
 }
@@ -199,12 +214,14 @@ int vdev_msix_pending(struct vdev *d, uint16_t entry) {
     return (mmio_read32(d->msix_pba + 4ull * (entry / 32)) >> (entry % 32)) & 1;
 }
 uint16_t vdev_set_config_vector(struct vdev *d, uint16_t entry) {
+    if (d->mmio) return VIRTIO_MSI_NO_VECTOR;
     mmio_write16(d->common + VCOMMON_MSIX, entry);
     return mmio_read16(d->common + VCOMMON_MSIX);
 }
 
 /* ---------------------------------------------------------------- virtqueues */
 const char *vq_setup(struct vdev *d, struct vq *q, uint16_t index, uint16_t max_size, uint16_t msix) {
+    if (d->mmio) return vmmio_vq_setup(d, q, index, max_size);
     memset(q, 0, sizeof *q);
     q->dev = d;
     q->index = index;
@@ -296,7 +313,8 @@ void vq_notify(struct vq *q) {
     q->avail->idx = q->avail_idx;
     q->kicked_idx = q->avail_idx;
     rt_mb();
-    mmio_write16(q->notify_addr, q->index);
+    if (q->notify32) mmio_write32(q->notify_addr, q->index);
+    else mmio_write16(q->notify_addr, q->index);
     q->notifications++;
 }
 
@@ -314,7 +332,8 @@ int vq_kick(struct vq *q) {
         need = !(q->used->flags & VRING_USED_F_NO_NOTIFY);
     }
     if (need) {
-        mmio_write16(q->notify_addr, q->index);
+        if (q->notify32) mmio_write32(q->notify_addr, q->index);
+        else mmio_write16(q->notify_addr, q->index);
         q->notifications++;
     }
     return need;

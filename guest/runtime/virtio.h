@@ -79,8 +79,38 @@ struct vring_used { uint16_t flags; uint16_t idx; struct vring_used_elem ring[];
 /* The largest queue this library sets up (descriptor bookkeeping is static per queue). */
 #define VQ_MAX_SIZE 256
 
-/* A PCI-attached virtio device. */
+/* virtio-mmio (version 2) registers (virtio 1.x 4.2.2). */
+#define VMMIO_MAGIC            0x000
+#define VMMIO_VERSION          0x004
+#define VMMIO_DEVICE_ID        0x008
+#define VMMIO_VENDOR_ID        0x00c
+#define VMMIO_DEVICE_FEATURES  0x010
+#define VMMIO_DEVICE_FEATURES_SEL 0x014
+#define VMMIO_DRIVER_FEATURES  0x020
+#define VMMIO_DRIVER_FEATURES_SEL 0x024
+#define VMMIO_QUEUE_SEL        0x030
+#define VMMIO_QUEUE_NUM_MAX    0x034
+#define VMMIO_QUEUE_NUM        0x038
+#define VMMIO_QUEUE_READY      0x044
+#define VMMIO_QUEUE_NOTIFY     0x050
+#define VMMIO_INTERRUPT_STATUS 0x060
+#define VMMIO_INTERRUPT_ACK    0x064
+#define VMMIO_STATUS           0x070
+#define VMMIO_QUEUE_DESC_LOW   0x080
+#define VMMIO_QUEUE_DESC_HIGH  0x084
+#define VMMIO_QUEUE_DRIVER_LOW 0x090
+#define VMMIO_QUEUE_DRIVER_HIGH 0x094
+#define VMMIO_QUEUE_DEVICE_LOW 0x0a0
+#define VMMIO_QUEUE_DEVICE_HIGH 0x0a4
+#define VMMIO_CONFIG_GENERATION 0x0fc
+#define VMMIO_CONFIG           0x100
+#define VMMIO_MAGIC_VALUE      0x74726976u   /* "virt" */
+
+/* A virtio device: PCI-attached, or a virtio-mmio window when `mmio` is set. */
 struct vdev {
+    uint64_t mmio;                   /* virtio-mmio register window (0 = a PCI device) */
+    uint32_t mmio_irq;               /* its interrupt (GSI) */
+    uint8_t mmio_vector;             /* the vector its interrupt was routed to (vmmio_route_irq), 0 = none */
     uint8_t bus, slot, fn;
     uint16_t device_id, type;
     uint64_t bar[6];                 /* decoded memory BAR addresses (0 = none) */
@@ -111,11 +141,31 @@ struct vq {
     uint16_t kicked_idx;             /* avail index at the last vq_kick */
     uint16_t last_used;
     uint16_t chain_len[VQ_MAX_SIZE]; /* descriptors in the chain headed by each index */
+    int notify32;                    /* virtio-mmio: QueueNotify takes a 32-bit write */
     uint64_t notifications;          /* notify-register writes issued by vq_kick */
 };
 
 /* One buffer of a chain. */
 struct vbuf { const volatile void *addr; uint32_t len; };
+
+/* ---------------------------------------------------------------- virtio-mmio discovery */
+/* One virtio-mmio window as announced to the guest. */
+struct vmmio_entry { uint64_t base, size; uint32_t irq; };
+#define VMMIO_MAX 32
+/* The windows of the DSDT's LNRO0005 devices (in DSDT order): count, or -1 with *why set when the tables
+ * are missing or malformed. */
+int vmmio_from_acpi(struct vmmio_entry *out, int max, const char **why);
+/* The windows of the command line's virtio_mmio.device=SIZE@BASE:IRQ items (Linux's syntax, K/M/G sizes),
+ * in order: count, or -1 with *why set on a malformed item. */
+int vmmio_from_cmdline(struct vmmio_entry *out, int max, const char **why);
+/* From now on vdev_find looks at these windows (reading each one's DeviceID) instead of PCI bus 0. */
+void vmmio_use(const struct vmmio_entry *entries, int count);
+/* "mmio" on the command line: switches vdev_find to the windows of `source=acpi` (default) or `source=cmdline`;
+ * 0 when it did (or "mmio" is absent), -1 after reporting a FAIL. */
+int vmmio_setup_from_cmdline(void);
+/* Routes a virtio-mmio device's interrupt through the I/O APIC (edge, active high) to `vector` on LAPIC
+ * `apic_id`; its queues then report q->msix 0 ("has an interrupt"). */
+void vmmio_route_irq(struct vdev *d, uint8_t apic_id, uint8_t vector);
 
 /* ---------------------------------------------------------------- device discovery */
 /* The nth (0-based) virtio device of this type on bus 0; 0 on success, -1 when absent. Fills
