@@ -118,16 +118,25 @@ struct LinuxNetworkTests {
             vm.send("(printf 'HTTP/1.0 200 OK\\r\\n\\r\\nfrom-guest-%d\\n' 4243 | nc -l -p 8080 >/dev/null) & echo listening-$((2+3))\n")
             if vm.waitFor("listening-5", timeout: 60) {
                 Thread.sleep(forTimeInterval: 3)
+                // Retried: on a loaded host the guest's nc may not listen yet when the first connection arrives
+                // (passt then closes it); the one-shot server answers the first connection it accepts.
                 hostfwd = (try? lan.exec(["/usr/bin/python3", "-c", """
-                    import socket
-                    s = socket.create_connection(("127.0.0.1", 18080), timeout=60)
-                    s.sendall(b"GET / HTTP/1.0\\r\\n\\r\\n"); d = b""
-                    while True:
-                        b = s.recv(4096)
-                        if not b: break
-                        d += b
+                    import socket, time
+                    d = b""
+                    for attempt in range(30):
+                        try:
+                            s = socket.create_connection(("127.0.0.1", 18080), timeout=20)
+                            s.sendall(b"GET / HTTP/1.0\\r\\n\\r\\n"); d = b""
+                            while True:
+                                b = s.recv(4096)
+                                if not b: break
+                                d += b
+                        except OSError as e:
+                            d = str(e).encode()
+                        if b"from-guest" in d: break
+                        time.sleep(2)
                     print(d.decode(errors="replace"))
-                    """], timeout: 120)) ?? "client failed"
+                    """], timeout: 150)) ?? "client failed"
             }
             vm.send("poweroff -f\n")
         }
