@@ -431,7 +431,11 @@ public final class IncomingMigration: @unchecked Sendable {
                 }
                 let target = UnsafeMutableRawBufferPointer(start: ram + Int(offset), count: Int(bytes))
                 if tag == MigrationWire.Tag.zeros.rawValue {
-                    target.initializeMemory(as: UInt8.self, repeating: 0)
+                    // Zero the range without touching it: the memfd's pages are freed and read as zeros
+                    // (writing zeros would allocate all of a mostly empty guest's RAM).
+                    if madvise(target.baseAddress, target.count, MADV_REMOVE) != 0 {
+                        target.initializeMemory(as: UInt8.self, repeating: 0)
+                    }
                 } else {
                     let crc = try wire.receive(4).getLE(UInt32.self, at: 0)!
                     try wire.receive(into: target)
