@@ -110,7 +110,7 @@ extension Machine {
                                                     interrupt: IRQFDInterruptLine(event: event),
                                                     eventLoop: loop, ioEvents: ioEvents, log: log)
             virtio.add(mmio: transport, slot: slot)
-            devices.markUnsupported(id)
+            devices.register(transport, id: id)
             try mmioBus.insert(transport, base: slot.base, length: VirtioMMIOLayout.windowSize)
             return "MMIO 0x\(String(slot.base, radix: 16)) IRQ \(slot.irq)"
         }

@@ -190,9 +190,10 @@ final class MachineVirtio: Sendable {
     /// device finish its requests in flight (their completions reach the used rings). Guest
     /// memory and device state then stay put until `resumeAfterSnapshot()`.
     func quiesce() {
-        let (loops, transports) = state.withLock { ($0.loops, $0.transports) }
+        let (loops, transports, mmio) = state.withLock { ($0.loops, $0.transports, $0.mmioTransports) }
         for l in loops { l.pause() }
         for t in transports { t.quiesce() }
+        for t in mmio { t.quiesce() }
     }
 
     /// Lets the event loops run again after `quiesce()`.

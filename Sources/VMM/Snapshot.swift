@@ -328,8 +328,7 @@ public enum SnapshotIO {
 }
 
 /// The machine's stateful devices by id, in the order they were added: what a snapshot saves and
-/// a restore puts back. Devices that cannot be saved yet are listed so that a snapshot is refused
-/// naming them rather than saved without them.
+/// a restore puts back.
 final class DeviceManager: @unchecked Sendable {
     private struct Entry {
         let id: String
@@ -338,7 +337,6 @@ final class DeviceManager: @unchecked Sendable {
         let restore: (Data) throws -> Void
     }
     private var entries: [Entry] = []
-    private(set) var unsupported: [String] = []
 
     /// Adds `device` under `id` (ids are unique within a machine).
     func register<D: StatefulDevice>(_ device: D, id: String) {
@@ -358,14 +356,8 @@ final class DeviceManager: @unchecked Sendable {
         }))
     }
 
-    /// Records a device that has no saved state yet.
-    func markUnsupported(_ id: String) { unsupported.append(id) }
-
     /// Every registered device's state, in registration order.
     func save() throws -> [SavedDevice] {
-        guard unsupported.isEmpty else {
-            throw VMMError.invalidConfiguration("snapshots of machines with \(unsupported.joined(separator: ", ")) are not supported yet")
-        }
         return try entries.map { SavedDevice(id: $0.id, version: $0.version, state: try $0.save()) }
     }
 

@@ -97,7 +97,7 @@ public final class VirtioMMIOTransport: BusDevice, @unchecked Sendable {
     private let offeredFeatures: UInt64
 
     /// One queue's driver-visible registers, guarded by `state`.
-    struct QueueRegisters: Equatable {
+    struct QueueRegisters: Equatable, Codable {
         /// QueueNum as written (checked against QueueNumMax when the driver sets DRIVER_OK).
         var size: UInt16
         var ready = false
@@ -106,7 +106,7 @@ public final class VirtioMMIOTransport: BusDevice, @unchecked Sendable {
         var device: UInt64 = 0
     }
     /// The transport's driver-visible state, guarded by `state`.
-    struct State: Equatable {
+    struct State: Equatable, Codable {
         var deviceFeatureSelect: UInt32 = 0
         var driverFeatureSelect: UInt32 = 0
         var driverFeatures: UInt64 = 0
@@ -120,6 +120,8 @@ public final class VirtioMMIOTransport: BusDevice, @unchecked Sendable {
     /// Serializes activate / reset / processQueue. Never taken while `state` is held.
     private let deviceLock = ConditionLock()
     private var active = false // guarded by deviceLock
+    /// The queues handed to the device at activation (guarded by deviceLock).
+    private var rings: [Virtqueue?] = []
 
     /// Wraps `device` in the register window at `base`. `interrupt` is pulsed for every interrupt;
     /// `ioEvents` (optional) registers the queue-notify ioeventfds; device work runs on `eventLoop`.
@@ -329,36 +331,47 @@ public final class VirtioMMIOTransport: BusDevice, @unchecked Sendable {
         deviceLock.withLock {
             if active { device.reset() }
             active = false
+            rings = []
         }
     }
 
     private func activateDevice() {
         let s = state.withLock { $0 }
-        let eventIdx = s.driverFeatures & VirtioFeature.ringEventIdx != 0
-        let indirect = s.driverFeatures & VirtioFeature.ringIndirectDesc != 0
         var queues: [Virtqueue?] = []
         do throws(VirtioError) {
-            for (i, qr) in s.queues.enumerated() {
-                guard qr.ready else { queues.append(nil); continue }
-                guard qr.size <= device.queueMaxSizes[i] else {
-                    throw VirtioError.queueConfiguration(queue: i, reason: "QueueNum \(qr.size) is larger than QueueNumMax \(device.queueMaxSizes[i])")
-                }
-                queues.append(try Virtqueue(index: i, layout: VirtqueueLayout(size: qr.size, descriptorTable: qr.desc,
-                                                                              availableRing: qr.driver, usedRing: qr.device),
-                                            memory: memory, eventIdx: eventIdx, indirect: indirect))
-            }
-            let activation = VirtioActivation(memory: memory, queues: queues, features: s.driverFeatures,
-                                              interrupt: Interrupt(transport: self),
-                                              schedule: { [weak self] q in self?.schedule(queue: q) })
+            queues = try makeQueues(s)
             deviceLock.lock()
             defer { deviceLock.unlock() }
-            try device.activate(activation)
+            try device.activate(activation(s, queues))
             active = true
+            rings = queues
         } catch {
             needsReset(error)
             return
         }
         for q in 0..<queueCount where queues[q] != nil { notifyFDs[q].signal() }
+    }
+
+    /// The ready queues of `s`, checked against the device's maxima and guest memory.
+    private func makeQueues(_ s: State) throws(VirtioError) -> [Virtqueue?] {
+        let eventIdx = s.driverFeatures & VirtioFeature.ringEventIdx != 0
+        let indirect = s.driverFeatures & VirtioFeature.ringIndirectDesc != 0
+        var queues: [Virtqueue?] = []
+        for (i, qr) in s.queues.enumerated() {
+            guard qr.ready else { queues.append(nil); continue }
+            guard qr.size <= device.queueMaxSizes[i] else {
+                throw VirtioError.queueConfiguration(queue: i, reason: "QueueNum \(qr.size) is larger than QueueNumMax \(device.queueMaxSizes[i])")
+            }
+            queues.append(try Virtqueue(index: i, layout: VirtqueueLayout(size: qr.size, descriptorTable: qr.desc,
+                                                                          availableRing: qr.driver, usedRing: qr.device),
+                                        memory: memory, eventIdx: eventIdx, indirect: indirect))
+        }
+        return queues
+    }
+
+    private func activation(_ s: State, _ queues: [Virtqueue?]) -> VirtioActivation {
+        VirtioActivation(memory: memory, queues: queues, features: s.driverFeatures, interrupt: Interrupt(transport: self),
+                         schedule: { [weak self] q in self?.schedule(queue: q) })
     }
 
     /// Marks the device broken (DEVICE_NEEDS_RESET) after `error` and tells the driver.
@@ -367,6 +380,7 @@ public final class VirtioMMIOTransport: BusDevice, @unchecked Sendable {
         deviceLock.withLock {
             if active { device.reset() }
             active = false
+            rings = []
         }
         state.withLock { $0.status |= VirtioStatus.deviceNeedsReset }
         signalConfigChange()
@@ -420,5 +434,75 @@ public final class VirtioMMIOTransport: BusDevice, @unchecked Sendable {
             device.shutdown()
             active = false
         }
+    }
+}
+
+extension VirtioMMIOTransport: StatefulDevice {
+    public static let stateVersion: UInt32 = 1
+
+    /// The transport as a snapshot saves it: the driver-visible registers and, for a live device,
+    /// where each queue's device side stands (as `VirtioPCITransport.SavedState`).
+    public struct SavedState: Codable, Sendable {
+        var registers: State
+        /// One entry per queue while the device is live (nil: not activated).
+        var rings: [Virtqueue.SavedIndices?]?
+    }
+
+    /// Finishes the device's requests in flight (call with its event loop paused, before `saveState`).
+    public func quiesce() {
+        deviceLock.withLock { if active { device.quiesce() } }
+    }
+
+    public func saveState() -> SavedState {
+        deviceLock.withLock {
+            let rings: [Virtqueue.SavedIndices?]? = active
+                ? self.rings.enumerated().map { i, q in q?.savedIndices(unconsumed: device.unconsumedChains(queue: i)) }
+                : nil
+            return SavedState(registers: state.withLock { $0 }, rings: rings)
+        }
+    }
+
+    /// Puts the saved registers back and, when the device was live, activates it on queues that
+    /// continue from the saved indices (guest memory must already hold the snapshot's RAM).
+    public func restoreState(_ saved: SavedState) throws(DeviceStateError) {
+        let r = saved.registers
+        guard r.queues.count == queueCount else {
+            throw DeviceStateError("\(name): \(r.queues.count) saved queues, the device has \(queueCount)")
+        }
+        for (i, q) in r.queues.enumerated() where q.size > device.queueMaxSizes[i] {
+            throw DeviceStateError("\(name): queue \(i) size \(q.size) is larger than the device's \(device.queueMaxSizes[i])")
+        }
+        if let rings = saved.rings {
+            guard rings.count == queueCount else {
+                throw DeviceStateError("\(name): \(rings.count) saved queue positions, the device has \(queueCount) queues")
+            }
+            guard r.status & VirtioStatus.driverOK != 0 else {
+                throw DeviceStateError("\(name): saved as live without DRIVER_OK in status 0x\(String(r.status, radix: 16))")
+            }
+            for (i, q) in r.queues.enumerated() where q.ready != (rings[i] != nil) {
+                throw DeviceStateError("\(name): queue \(i) is \(q.ready ? "ready without a saved position" : "not ready with a saved position")")
+            }
+        }
+        try deviceLock.withLock { () throws(DeviceStateError) in
+            if active { device.reset() }
+            active = false
+            rings = []
+            state.withLock { $0 = r }
+            guard let savedRings = saved.rings else { return }
+            do throws(VirtioError) {
+                let queues = try makeQueues(r)
+                for (q, s) in zip(queues, savedRings) { if let q, let s { q.restoreIndices(s) } }
+                try device.activate(activation(r, queues))
+                active = true
+                rings = queues
+            } catch {
+                throw DeviceStateError("\(name): \(error)")
+            }
+            device.restored()
+        }
+        // An interrupt the driver had not acknowledged is raised again (edge-triggered: the saved
+        // irqchip may not hold it).
+        if r.interruptStatus != 0 { interrupt.trigger() }
+        if saved.rings != nil { for fd in notifyFDs { fd.signal() } }
     }
 }

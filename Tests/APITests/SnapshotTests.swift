@@ -224,26 +224,6 @@ struct SnapshotTests {
         #expect(r.status == 400 && r.fault?.contains("track_dirty_pages") == true, "\(r.body)")
     }
 
-    @Test("a VM whose virtio devices are on virtio-mmio (the vmm's default) refuses snapshot/create naming the device, and keeps running")
-    func mmioDeviceRefused() throws {
-        let dir = TempDir()
-        defer { dir.cleanup() }
-        let f = try Fixture(transport: .mmio)
-        let kernel = try #require(GuestSupport.ticker)
-        #expect(try f.send("PUT", "/boot-source", #"{"kernel_image_path": "\#(kernel)", "boot_args": "\#(GuestSupport.tickerArgs(ticks: 0))"}"#).status == 204)
-        #expect(try f.send("PUT", "/machine-config", #"{"vcpu_count": 1, "mem_size_mib": 64}"#).status == 204)
-        #expect(try f.send("PUT", "/entropy", "{}").status == 204)
-        #expect(try f.send("PUT", "/actions", #"{"action_type": "InstanceStart"}"#).status == 204)
-        #expect(GuestSupport.wait(seconds: 30) { f.ticks >= 3 })
-        #expect(try f.send("PATCH", "/vm", #"{"state": "Paused"}"#).status == 204)
-        let r = try f.send("PUT", "/snapshot/create", #"{"snapshot_path": "\#(dir.path)/vm.snap", "mem_file_path": "\#(dir.path)/vm.mem"}"#)
-        #expect(r.status == 400 && r.fault?.contains("virtio-rng") == true, "\(r.body)")
-        #expect(try f.send("PATCH", "/vm", #"{"state": "Resumed"}"#).status == 204)
-        let before = f.ticks
-        #expect(GuestSupport.wait(seconds: 30) { f.ticks > before }, "the ticker goes on after the refused snapshot")
-        f.shutdown()
-    }
-
     @Test("a Diff snapshot of a virtio-blk guest holds the pages the device wrote (used ring, read data): merged onto its base it continues streaming in a new VM")
     func diffWithDeviceWrites() throws {
         let program = try #require(GuestSupport.guestProgram("virtio_blk"))
@@ -251,7 +231,7 @@ struct SnapshotTests {
         defer { dir.cleanup() }
         let disk = dir.path + "/disk.raw"
         #expect(FileManager.default.createFile(atPath: disk, contents: Data(count: 1 << 20)))
-        let f = try Fixture(transport: .pci)   // virtio snapshots: PCI transport only
+        let f = try Fixture(transport: .pci)
         #expect(try f.send("PUT", "/boot-source", #"{"kernel_image_path": "\#(program)", "boot_args": "stream tsc_khz=\#(GuestSupport.tscKHz)"}"#).status == 204)
         #expect(try f.send("PUT", "/machine-config", #"{"vcpu_count": 1, "mem_size_mib": 64, "track_dirty_pages": true}"#).status == 204)
         #expect(try f.send("PUT", "/drives/d0", #"{"drive_id": "d0", "path_on_host": "\#(disk)", "is_root_device": false, "is_read_only": false}"#).status == 204)
@@ -314,20 +294,22 @@ struct SnapshotTests {
         return (Int(idx[0]) | Int(idx[1]) << 8 &- nextUsed) & 0xffff
     }
 
-    @Test("a virtio-blk guest with 32 requests in flight, snapshotted mid-round with requests still in the ring, continues in a new VM: the round in progress and the next ones complete, read back what they wrote, and interrupt")
-    func blockRequestsInFlight() throws {
+    @Test("a virtio-blk guest with 32 requests in flight, snapshotted mid-round with requests still in the ring, continues in a new VM: the round in progress and the next ones complete, read back what they wrote, and interrupt (virtio-pci and virtio-mmio)",
+          arguments: [VirtioTransportKind.pci, .mmio])
+    func blockRequestsInFlight(transport: VirtioTransportKind) throws {
         let program = try #require(GuestSupport.guestProgram("virtio_blk"))
         let dir = TempDir()
         defer { dir.cleanup() }
         let disk = dir.path + "/disk.raw"
         #expect(FileManager.default.createFile(atPath: disk, contents: Data(count: 1 << 20)))
         func configure(_ f: Fixture) throws {
-            #expect(try f.send("PUT", "/boot-source", #"{"kernel_image_path": "\#(program)", "boot_args": "stream tsc_khz=\#(GuestSupport.tscKHz)"}"#).status == 204)
+            let mmio = transport == .mmio ? " mmio" : ""
+            #expect(try f.send("PUT", "/boot-source", #"{"kernel_image_path": "\#(program)", "boot_args": "stream\#(mmio) tsc_khz=\#(GuestSupport.tscKHz)"}"#).status == 204)
             #expect(try f.send("PUT", "/machine-config", #"{"vcpu_count": 1, "mem_size_mib": 64}"#).status == 204)
             // A rate limit (160 requests/s, 5 rounds/s) keeps requests waiting in the ring and one held back.
             #expect(try f.send("PUT", "/drives/d0", #"{"drive_id": "d0", "path_on_host": "\#(disk)", "is_root_device": false, "is_read_only": false, "rate_limiter": {"ops": {"size": 16, "refill_time": 100}}}"#).status == 204)
         }
-        let first = try Fixture(transport: .pci)   // virtio snapshots: PCI transport only
+        let first = try Fixture(transport: transport)
         try configure(first)
         #expect(try first.send("PUT", "/actions", #"{"action_type": "InstanceStart"}"#).status == 204)
         #expect(GuestSupport.wait(seconds: 60) { Self.streamRounds(first.serialPath).count >= 2 }, "the guest streams")
