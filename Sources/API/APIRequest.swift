@@ -19,6 +19,11 @@ public enum APIRequest: Sendable, Equatable {
     case putSnapshotCreate(SnapshotCreateParams)
     case putSnapshotLoad(SnapshotLoadParams)
     case putMigrate(MigrateParams)
+    case putBalloon(BalloonConfig)
+    case patchBalloon(BalloonUpdate)
+    case getBalloon
+    case getBalloonStatistics
+    case patchBalloonStatistics(BalloonStatsUpdate)
     case patchNetworkInterface(NetworkInterfaceUpdate)
     case action(InstanceActionInfo.ActionType)
     case patchVM(VMStateRequest.State)
@@ -51,12 +56,16 @@ public enum APIRequest: Sendable, Equatable {
         case .putSnapshotCreate: return "PUT /snapshot/create"
         case .putSnapshotLoad: return "PUT /snapshot/load"
         case .putMigrate: return "PUT /migrate"
+        case .putBalloon: return "PUT /balloon"
+        case .patchBalloon: return "PATCH /balloon"
+        case .getBalloon: return "GET /balloon"
+        case .getBalloonStatistics: return "GET /balloon/statistics"
+        case .patchBalloonStatistics: return "PATCH /balloon/statistics"
         }
     }
 
     /// Firecracker endpoints SwiftKVM does not implement yet (first path segment).
     static let unsupportedResources: [String: String] = [
-        "balloon": "The balloon device",
         "mmds": "The microVM metadata service (MMDS)",
         "cpu-config": "Custom CPU templates (cpu-config)",
         "hotplug": "Memory hotplug",
@@ -91,13 +100,15 @@ public enum APIRequest: Sendable, Equatable {
             case ["version"]: return .getVersion
             case ["machine-config"]: return .getMachineConfig
             case ["vm", "config"]: return .getFullConfig
+            case ["balloon"]: return .getBalloon
+            case ["balloon", "statistics"]: return .getBalloonStatistics
             default: throw invalid
             }
         }
         // PUT and PATCH need a body on every known path.
         let known: Set<String> = method == "PUT"
-            ? ["actions", "boot-source", "drives", "logger", "serial", "machine-config", "metrics", "network-interfaces", "entropy", "vsock", "snapshot", "migrate"]
-            : ["drives", "machine-config", "network-interfaces", "vm"]
+            ? ["actions", "boot-source", "drives", "logger", "serial", "machine-config", "metrics", "network-interfaces", "entropy", "vsock", "snapshot", "migrate", "balloon"]
+            : ["drives", "machine-config", "network-interfaces", "vm", "balloon"]
         guard known.contains(first) else { throw invalid }
         guard let body else { throw .badRequest("Empty \(method) request.") }
 
@@ -173,6 +184,15 @@ public enum APIRequest: Sendable, Equatable {
         case ("PUT", "serial"):
             try single()
             return .putSerial(try StrictJSON.decode(SerialDeviceConfig.self, from: body))
+        case ("PUT", "balloon"):
+            try single()
+            return .putBalloon(try StrictJSON.decode(BalloonConfig.self, from: body))
+        case ("PATCH", "balloon"):
+            switch tokens {
+            case ["balloon"]: return .patchBalloon(try StrictJSON.decode(BalloonUpdate.self, from: body))
+            case ["balloon", "statistics"]: return .patchBalloonStatistics(try StrictJSON.decode(BalloonStatsUpdate.self, from: body))
+            default: throw invalid
+            }
         case ("PUT", "migrate"):
             try single()
             return .putMigrate(try StrictJSON.decode(MigrateParams.self, from: body))

@@ -69,6 +69,9 @@ public final class MetricsRecorder: @unchecked Sendable {
         case .putSnapshotCreate: (group, name) = ("put_api_requests", "create_snapshot")
         case .putSnapshotLoad: (group, name) = ("put_api_requests", "load_snapshot")
         case .putMigrate: (group, name) = ("put_api_requests", "migrate")
+        case .putBalloon: (group, name) = ("put_api_requests", "balloon")
+        case .patchBalloon, .patchBalloonStatistics: (group, name) = ("patch_api_requests", "balloon")
+        case .getBalloon, .getBalloonStatistics: (group, name) = ("get_api_requests", "balloon")
         }
         increment(group, name + "_count")
         if failed { increment(group, name + "_fails") }

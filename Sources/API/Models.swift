@@ -424,6 +424,7 @@ public struct FullVMConfiguration: Codable, Sendable, Equatable {
     public var entropy: EntropyDeviceConfig?
     public var serial: SerialDeviceConfig?
     public var vsock: VsockConfig?
+    public var balloon: BalloonConfig?
 
     enum CodingKeys: String, CodingKey, CaseIterable {
         case bootSource = "boot-source", machineConfig = "machine-config", drives
@@ -432,7 +433,7 @@ public struct FullVMConfiguration: Codable, Sendable, Equatable {
         case balloon, vsock, mmdsConfig = "mmds-config", cpuConfig = "cpu-config", pmem
         case memoryHotplug = "memory-hotplug"
     }
-    static let unsupported: [CodingKeys] = [.balloon, .mmdsConfig, .cpuConfig, .pmem, .memoryHotplug]
+    static let unsupported: [CodingKeys] = [.mmdsConfig, .cpuConfig, .pmem, .memoryHotplug]
 
     public init() { drives = []; networkInterfaces = [] }
 
@@ -453,12 +454,13 @@ public struct FullVMConfiguration: Codable, Sendable, Equatable {
         entropy = try c.decodeIfPresent(EntropyDeviceConfig.self, forKey: .entropy)
         serial = try c.decodeIfPresent(SerialDeviceConfig.self, forKey: .serial)
         vsock = try c.decodeIfPresent(VsockConfig.self, forKey: .vsock)
+        balloon = try c.decodeIfPresent(BalloonConfig.self, forKey: .balloon)
     }
 
     /// Encodes as Firecracker does: every section present, absent ones as null.
     public func encode(to encoder: any Encoder) throws {
         var c = encoder.container(keyedBy: CodingKeys.self)
-        try c.encodeNil(forKey: .balloon)
+        try c.encode(balloon, forKey: .balloon)
         try c.encode(drives, forKey: .drives)
         try c.encode(bootSource, forKey: .bootSource)
         try c.encodeNil(forKey: .cpuConfig)
@@ -521,6 +523,49 @@ public struct SnapshotCreateParams: Codable, Sendable, Equatable {
         snapshotType = try c.decodeIfPresent(String.self, forKey: .snapshotType)
         snapshotPath = try c.decode(String.self, forKey: .snapshotPath)
         memFilePath = try c.decode(String.self, forKey: .memFilePath)
+    }
+}
+
+/// `PUT /balloon` (Firecracker's `Balloon`): the balloon device, before InstanceStart.
+public struct BalloonConfig: Codable, Sendable, Equatable {
+    public var amountMib: Int
+    public var deflateOnOom: Bool
+    public var statsPollingIntervalS: Int
+    public var freePageReporting: Bool
+    enum CodingKeys: String, CodingKey, CaseIterable {
+        case amountMib = "amount_mib", deflateOnOom = "deflate_on_oom", statsPollingIntervalS = "stats_polling_interval_s"
+        case freePageReporting = "free_page_reporting"
+    }
+    public init(amountMib: Int, deflateOnOom: Bool, statsPollingIntervalS: Int = 0, freePageReporting: Bool = false) {
+        self.amountMib = amountMib; self.deflateOnOom = deflateOnOom
+        self.statsPollingIntervalS = statsPollingIntervalS; self.freePageReporting = freePageReporting
+    }
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.strictContainer(keyedBy: CodingKeys.self)
+        amountMib = try c.decode(Int.self, forKey: .amountMib)
+        deflateOnOom = try c.decode(Bool.self, forKey: .deflateOnOom)
+        statsPollingIntervalS = try c.decodeIfPresent(Int.self, forKey: .statsPollingIntervalS) ?? 0
+        freePageReporting = try c.decodeIfPresent(Bool.self, forKey: .freePageReporting) ?? false
+    }
+}
+
+/// `PATCH /balloon`: a new target size.
+public struct BalloonUpdate: Codable, Sendable, Equatable {
+    public var amountMib: Int
+    enum CodingKeys: String, CodingKey, CaseIterable { case amountMib = "amount_mib" }
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.strictContainer(keyedBy: CodingKeys.self)
+        amountMib = try c.decode(Int.self, forKey: .amountMib)
+    }
+}
+
+/// `PATCH /balloon/statistics`: a new polling interval.
+public struct BalloonStatsUpdate: Codable, Sendable, Equatable {
+    public var statsPollingIntervalS: Int
+    enum CodingKeys: String, CodingKey, CaseIterable { case statsPollingIntervalS = "stats_polling_interval_s" }
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.strictContainer(keyedBy: CodingKeys.self)
+        statsPollingIntervalS = try c.decode(Int.self, forKey: .statsPollingIntervalS)
     }
 }
 

@@ -26,6 +26,12 @@ public protocol VMInstance: AnyObject, Sendable {
     /// Writes a snapshot of the paused guest (state file and memory file): Full, or with `diff`
     /// only the pages written since the previous snapshot.
     func saveSnapshot(statePath: String, memoryPath: String, diff: Bool) throws
+    /// Asks the balloon for `mib` MiB (`PATCH /balloon`).
+    func setBalloonTarget(mib: UInt32) throws
+    /// Changes the balloon's statistics polling interval.
+    func setBalloonStatsInterval(_ seconds: UInt32) throws
+    /// The balloon's figures and statistics (nil: no balloon).
+    var balloonStatus: (status: VirtioBalloon.Status, statistics: [String: UInt64])? { get }
     /// Live-migrates the guest to `endpoint` (see `Machine.migrate`).
     func migrate(to endpoint: MigrationEndpoint, maxDowntimeMs: Int, progress: (String) -> Void) throws -> MigrationReport
     /// Keeps the vCPUs parked from the start (call before `runToCompletion`), as for a snapshot
@@ -46,6 +52,9 @@ extension VMInstance {
         throw VMMError.setup("this guest cannot be snapshotted")
     }
     public func startPaused() {}
+    public func setBalloonTarget(mib: UInt32) throws { throw VMMError.setup("this guest has no balloon") }
+    public func setBalloonStatsInterval(_ seconds: UInt32) throws { throw VMMError.setup("this guest has no balloon") }
+    public var balloonStatus: (status: VirtioBalloon.Status, statistics: [String: UInt64])? { nil }
     public func migrate(to endpoint: MigrationEndpoint, maxDowntimeMs: Int, progress: (String) -> Void) throws -> MigrationReport {
         throw VMMError.setup("this guest cannot be migrated")
     }
@@ -137,6 +146,7 @@ public final class VMController: @unchecked Sendable {
         var entropy: EntropyDeviceConfig?
         var serial: SerialDeviceConfig?
         var vsock: VsockConfig?
+        var balloon: BalloonConfig?
     }
 
     private struct State {
@@ -214,6 +224,7 @@ public final class VMController: @unchecked Sendable {
         if let e = config.entropy { steps.append(.putEntropy(e)) }
         if let s = config.serial { steps.append(.putSerial(s)) }
         if let v = config.vsock { steps.append(.putVsock(v)) }
+        if let b = config.balloon { steps.append(.putBalloon(b)) }
         steps.append(.action(.instanceStart))
         for step in steps {
             if case .failure(let e) = handle(step) {
@@ -313,6 +324,51 @@ public final class VMController: @unchecked Sendable {
         case .putMetrics(let m):
             try requirePreBoot()
             try metrics.configure(m, interval: options.metricsInterval) { [weak self] in self?.currentMachineMetrics }
+        case .putBalloon(let b):
+            try requirePreBoot()
+            let mem = state.withLock { $0.resources.machineConfig.memSizeMib }
+            guard b.amountMib >= 0, b.amountMib <= mem else {
+                throw .badRequest("Invalid amount_mib \(b.amountMib): the balloon can take 0 to the guest's \(mem) MiB.")
+            }
+            guard (0...86_400).contains(b.statsPollingIntervalS) else {
+                throw .badRequest("Invalid stats_polling_interval_s \(b.statsPollingIntervalS): expected 0 to 86400.")
+            }
+            state.withLock { $0.resources.balloon = b }
+        case .patchBalloon(let u):
+            let vm = try requireRuntime()
+            guard let current = state.withLock({ $0.resources.balloon }) else { throw .badRequest("No balloon device is configured.") }
+            guard u.amountMib >= 0, u.amountMib <= state.withLock({ $0.resources.machineConfig.memSizeMib }) else {
+                throw .badRequest("Invalid amount_mib \(u.amountMib): the balloon can take 0 to the guest's memory size.")
+            }
+            do { try vm.setBalloonTarget(mib: UInt32(u.amountMib)) } catch { throw .badRequest("Cannot update the balloon: \(error).") }
+            state.withLock { $0.resources.balloon = BalloonConfig(amountMib: u.amountMib, deflateOnOom: current.deflateOnOom,
+                                                                  statsPollingIntervalS: current.statsPollingIntervalS,
+                                                                  freePageReporting: current.freePageReporting) }
+        case .getBalloon:
+            guard let b = state.withLock({ $0.resources.balloon }) else { throw .badRequest("No balloon device is configured.") }
+            return .json(b)
+        case .getBalloonStatistics:
+            let vm = try requireRuntime()
+            guard let current = state.withLock({ $0.resources.balloon }), current.statsPollingIntervalS > 0 else {
+                throw .badRequest("Balloon statistics are not enabled (stats_polling_interval_s is 0).")
+            }
+            guard let (status, stats) = vm.balloonStatus else { throw .badRequest("No balloon device is configured.") }
+            var out: [String: UInt64] = stats
+            out["target_pages"] = UInt64(status.targetPages)
+            out["actual_pages"] = UInt64(status.actualPages)
+            out["target_mib"] = UInt64(status.targetPages) / 256
+            out["actual_mib"] = UInt64(status.actualPages) / 256
+            return .json(out)
+        case .patchBalloonStatistics(let u):
+            let vm = try requireRuntime()
+            guard let current = state.withLock({ $0.resources.balloon }), current.statsPollingIntervalS > 0 else {
+                throw .badRequest("Balloon statistics were not enabled at boot (stats_polling_interval_s 0); they cannot be turned on now.")
+            }
+            guard (1...86_400).contains(u.statsPollingIntervalS) else {
+                throw .badRequest("Invalid stats_polling_interval_s \(u.statsPollingIntervalS): expected 1 to 86400.")
+            }
+            do { try vm.setBalloonStatsInterval(UInt32(u.statsPollingIntervalS)) } catch { throw .badRequest("\(error).") }
+            state.withLock { $0.resources.balloon?.statsPollingIntervalS = u.statsPollingIntervalS }
         case .putEntropy(let e):
             try requirePreBoot()
             try e.rateLimiter?.validate("rate_limiter")
@@ -382,7 +438,7 @@ public final class VMController: @unchecked Sendable {
         case .putSnapshotLoad(let p):
             try requirePreBoot()
             let r = state.withLock { $0.resources }
-            guard r.bootSource == nil, r.drives.isEmpty, r.networkInterfaces.isEmpty, r.vsock == nil, r.entropy == nil,
+            guard r.bootSource == nil, r.drives.isEmpty, r.networkInterfaces.isEmpty, r.vsock == nil, r.entropy == nil, r.balloon == nil,
                   r.machineConfig == MachineConfig.default else {
                 throw .badRequest("Loading a microVM snapshot is not allowed after configuring boot-specific resources.")
             }
@@ -489,6 +545,7 @@ public final class VMController: @unchecked Sendable {
         c.drives = r.drives
         c.networkInterfaces = r.networkInterfaces
         c.entropy = r.entropy
+        c.balloon = r.balloon
         c.serial = r.serial
         c.vsock = r.vsock
         c.logger = logSink.current
@@ -521,6 +578,10 @@ public final class VMController: @unchecked Sendable {
         config.vsock = r.vsock.map { VsockSpec(guestCID: UInt64($0.guestCid), udsPath: $0.udsPath, id: $0.vsockId) }
         config.rng = r.entropy != nil
         config.rngRateLimit = r.entropy?.rateLimiter?.config
+        config.balloon = r.balloon.map {
+            BalloonSpec(amountMiB: UInt32($0.amountMib), deflateOnOOM: $0.deflateOnOom,
+                        statsIntervalS: UInt32($0.statsPollingIntervalS), freePageReporting: $0.freePageReporting)
+        }
         config.memorySize = UInt64(r.machineConfig.memSizeMib) << 20
         switch r.machineConfig.hugePages {
         case "2M": config.memoryBackend = MemoryBackend(hugePages: .hugetlbfs)

@@ -137,6 +137,7 @@ final class MachineVirtio: Sendable {
         var disks: [Int: Disk] = [:]
         var nics: [NIC] = []
         var console: VirtioConsole?
+        var balloon: VirtioBalloon?
         var started = false
     }
     private let state = Mutex(State())
@@ -145,6 +146,11 @@ final class MachineVirtio: Sendable {
 
     /// The virtio console, when configured.
     var console: VirtioConsole? { state.withLock { $0.console } }
+    /// The balloon, when configured.
+    var balloon: VirtioBalloon? { state.withLock { $0.balloon } }
+
+    /// Records the balloon device.
+    func add(balloon: VirtioBalloon) { state.withLock { $0.balloon = balloon } }
 
     /// The virtio-mmio devices' windows and interrupts, in attach order.
     var mmioDevices: [VirtioMMIOLayout.Slot] { state.withLock { $0.mmioSlots } }
@@ -282,7 +288,7 @@ extension Machine {
             }
             logger.info("virtio-vsock cid \(spec.guestCID) on \(spec.udsPath) at \(place)")
         }
-        guard config.virtioConsole || config.rng else { return }
+        guard config.virtioConsole || config.rng || config.balloon != nil else { return }
         let loop = try EventLoop(name: "virtio")
         virtio.add(loop: loop)
         if config.virtioConsole {
@@ -296,6 +302,34 @@ extension Machine {
             let place = try attachVirtio(rng, id: "virtio-rng", loop: loop, log: log)
             logger.debug("virtio-rng at \(place)")
         }
+        if let spec = config.balloon {
+            let balloon = VirtioBalloon(deflateOnOOM: spec.deflateOnOOM, statsInterval: spec.statsIntervalS,
+                                        freePageReporting: spec.freePageReporting, eventLoop: loop, log: log)
+            balloon.setTarget(pages: Self.balloonPages(mib: spec.amountMiB))
+            virtio.add(balloon: balloon)
+            let place = try attachVirtio(balloon, id: "virtio-balloon", loop: loop, log: log)
+            logger.debug("virtio-balloon (\(spec.amountMiB) MiB) at \(place)")
+        }
+    }
+
+    /// 4 KiB balloon pages in `mib` MiB.
+    static func balloonPages(mib: UInt32) -> UInt32 { UInt32(min(UInt64(mib) * 256, UInt64(UInt32.max))) }
+
+    /// Asks the guest's balloon for `mib` MiB in total (`PATCH /balloon`).
+    public func setBalloonTarget(mib: UInt32) throws {
+        guard let b = virtio.balloon else { throw VMMError.invalidConfiguration("this VM has no balloon device") }
+        b.setTarget(pages: Self.balloonPages(mib: mib))
+    }
+
+    /// Changes the balloon's statistics polling interval (`PATCH /balloon/statistics`).
+    public func setBalloonStatsInterval(_ seconds: UInt32) throws {
+        guard let b = virtio.balloon else { throw VMMError.invalidConfiguration("this VM has no balloon device") }
+        b.setStatsInterval(seconds)
+    }
+
+    /// The balloon's figures and the guest's last statistics (nil: no balloon).
+    public var balloonStatus: (status: VirtioBalloon.Status, statistics: [String: UInt64])? {
+        virtio.balloon.map { ($0.status, $0.statistics) }
     }
 
     /// Opens the backend of NIC `id`. Errors name the NIC and what was wrong.

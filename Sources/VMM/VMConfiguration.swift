@@ -43,6 +43,22 @@ public struct CPUIDMask: Codable, Sendable, Equatable {
     }
 }
 
+/// The balloon device: the size to take from the guest, and its options (Firecracker's `/balloon`).
+public struct BalloonSpec: Codable, Sendable, Equatable {
+    /// MiB the host wants back at start.
+    public var amountMiB: UInt32
+    /// Offer VIRTIO_BALLOON_F_DEFLATE_ON_OOM (the guest may take pages back under memory pressure).
+    public var deflateOnOOM: Bool
+    /// Seconds between statistics polls (0: no polling).
+    public var statsIntervalS: UInt32
+    /// Offer free page reporting.
+    public var freePageReporting: Bool
+    public init(amountMiB: UInt32, deflateOnOOM: Bool, statsIntervalS: UInt32, freePageReporting: Bool) {
+        self.amountMiB = amountMiB; self.deflateOnOOM = deflateOnOOM
+        self.statsIntervalS = statsIntervalS; self.freePageReporting = freePageReporting
+    }
+}
+
 /// A flat binary to run (`--flat FILE --load-address A --entry E --mode M`).
 public struct FlatImage: Codable, Sendable, Equatable {
     public var path: String
@@ -132,6 +148,8 @@ public struct VMConfiguration: Codable, Sendable, Equatable {
     public var rng: Bool = false
     /// Rate limit of the virtio-rng device (bandwidth in bytes, ops); nil: none.
     public var rngRateLimit: RateLimitConfig? = nil
+    /// A virtio-balloon device (Firecracker's `/balloon`); nil: none.
+    public var balloon: BalloonSpec? = nil
     /// Log the pages the guest and the devices write, for Diff snapshots (Firecracker's
     /// `track_dirty_pages`); nil or false: off.
     public var trackDirtyPages: Bool? = nil

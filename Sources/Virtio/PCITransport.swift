@@ -100,6 +100,7 @@ public final class VirtioPCITransport: PCIDevice, @unchecked Sendable {
         case .block: (0x01, 0x00)
         case .console: (0x07, 0x80)
         case .entropy: (0xff, 0x00)
+        case .balloon: (0xff, 0x00)
         case .vsock: (0x07, 0x80)
         }
         configuration = PCIConfiguration(vendorID: Self.vendorID, deviceID: 0x1040 + device.deviceType.rawValue,

@@ -4,6 +4,7 @@ public enum VirtioDeviceType: UInt16, Sendable, CaseIterable {
     case block = 2
     case console = 3
     case entropy = 4
+    case balloon = 5
     case vsock = 19
 }
 

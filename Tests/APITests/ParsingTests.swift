@@ -100,14 +100,31 @@ struct ParsingTests {
         }
     }
 
-    @Test("balloon and other unimplemented endpoints say 'not supported yet'")
+    @Test("unimplemented endpoints say 'not supported yet'")
     func unsupported() {
-        for (m, p) in [("GET", "/balloon"), ("PATCH", "/balloon"),
-                       ("GET", "/balloon/statistics"), ("PUT", "/mmds"), ("PUT", "/cpu-config")] {
+        for (m, p) in [("PUT", "/mmds"), ("PUT", "/cpu-config"), ("PUT", "/pmem/x")] {
             let e = fault(m, p, m == "GET" ? nil : "{}")
             #expect(e?.status == 400)
             #expect(e?.message.contains("not supported yet") == true, "\(m) \(p): \(String(describing: e))")
         }
+    }
+
+    @Test("the balloon endpoints parse strictly: PUT needs amount_mib and deflate_on_oom, PATCH amount_mib, PATCH statistics its interval; unknown fields and paths are 400s")
+    func balloon() {
+        if case .putBalloon(let b)? = try? APIRequest.parse(method: "PUT", uri: "/balloon", body: Array(#"{"amount_mib": 64, "deflate_on_oom": true, "stats_polling_interval_s": 1}"#.utf8)) {
+            #expect(b.amountMib == 64 && b.deflateOnOom && b.statsPollingIntervalS == 1 && !b.freePageReporting)
+        } else { Issue.record("PUT /balloon did not parse") }
+        #expect(fault("PUT", "/balloon", #"{"amount_mib": 64}"#)?.status == 400)
+        #expect(fault("PUT", "/balloon", #"{"amount_mib": 64, "deflate_on_oom": false, "bogus": 1}"#)?.message.contains("bogus") == true)
+        if case .patchBalloon(let u)? = try? APIRequest.parse(method: "PATCH", uri: "/balloon", body: Array(#"{"amount_mib": 8}"#.utf8)) {
+            #expect(u.amountMib == 8)
+        } else { Issue.record("PATCH /balloon did not parse") }
+        if case .patchBalloonStatistics(let u)? = try? APIRequest.parse(method: "PATCH", uri: "/balloon/statistics", body: Array(#"{"stats_polling_interval_s": 5}"#.utf8)) {
+            #expect(u.statsPollingIntervalS == 5)
+        } else { Issue.record("PATCH /balloon/statistics did not parse") }
+        #expect((try? APIRequest.parse(method: "GET", uri: "/balloon", body: nil)) == .getBalloon)
+        #expect((try? APIRequest.parse(method: "GET", uri: "/balloon/statistics", body: nil)) == .getBalloonStatistics)
+        #expect(fault("PATCH", "/balloon/other", #"{"amount_mib": 8}"#)?.status == 400)
     }
 
     @Test("PUT /vsock: parsed strictly; a reserved CID or a path that is not a socket is a 400 naming the field")
