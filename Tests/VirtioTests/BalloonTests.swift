@@ -14,7 +14,7 @@ private final class CountingInterrupt: VirtioInterrupt, @unchecked Sendable {
 @Suite("virtio-balloon")
 struct BalloonTests {
     /// A balloon activated on four mock queues (inflate, deflate, stats, reporting) with `features`.
-    func make(features: UInt64) throws -> (VirtioBalloon, GuestMemory, [MockDriverQueue], CountingInterrupt) {
+    private func make(features: UInt64) throws -> (VirtioBalloon, GuestMemory, [MockDriverQueue], CountingInterrupt) {
         let mem = try makeMemory(size: 8 << 20)
         let drivers = (0..<4).map { MockDriverQueue(memory: mem, size: 8, base: 0x1000 + UInt64($0) * 0x1000, dataBase: 0x10_0000 + UInt64($0) * 0x4_0000) }
         let balloon = VirtioBalloon(deflateOnOOM: true, statsInterval: 0, freePageReporting: true, eventLoop: nil)
@@ -54,7 +54,7 @@ struct BalloonTests {
         let back = try drv[1].alloc(4, fill: [0x00, 0x03, 0, 0])
         try drv[1].addChain([(back, 4, false)])
         try b.processQueue(1)
-        #expect(b.status.deflatedPages == 1 && (try drv[1].takeUsed().count) == 1)
+        #expect(try b.status.deflatedPages == 1 && drv[1].takeUsed().count == 1)
     }
 
     @Test("the stats buffer is read and kept; polling returns it (used) so the guest refills it; free page reporting discards page-aligned ranges and skips the rest")
