@@ -335,12 +335,15 @@ public final class VMController: @unchecked Sendable {
             }
             state.withLock { $0.resources.balloon = b }
         case .patchBalloon(let u):
-            let vm = try requireRuntime()
+            // Before InstanceStart the update changes the configuration only (as in Firecracker).
+            let vm = phase == .notStarted ? nil : try requireRuntime()
             guard let current = state.withLock({ $0.resources.balloon }) else { throw .badRequest("No balloon device is configured.") }
             guard u.amountMib >= 0, u.amountMib <= state.withLock({ $0.resources.machineConfig.memSizeMib }) else {
                 throw .badRequest("Invalid amount_mib \(u.amountMib): the balloon can take 0 to the guest's memory size.")
             }
-            do { try vm.setBalloonTarget(mib: UInt32(u.amountMib)) } catch { throw .badRequest("Cannot update the balloon: \(error).") }
+            if let vm {
+                do { try vm.setBalloonTarget(mib: UInt32(u.amountMib)) } catch { throw .badRequest("Cannot update the balloon: \(error).") }
+            }
             state.withLock { $0.resources.balloon = BalloonConfig(amountMib: u.amountMib, deflateOnOom: current.deflateOnOom,
                                                                   statsPollingIntervalS: current.statsPollingIntervalS,
                                                                   freePageReporting: current.freePageReporting) }
@@ -459,6 +462,13 @@ public final class VMController: @unchecked Sendable {
             // Dirty-page tracking from the load on (Firecracker's track_dirty_pages, formerly enable_diff_snapshots).
             snapshot.config.trackDirtyPages = p.trackDirtyPages == true || p.enableDiffSnapshots == true ? true : nil
             try startInstance(restoring: MachineRestore(snapshot: snapshot, memoryPath: memoryPath), paused: p.resumeVM != true)
+            if let b = snapshot.config.balloon {
+                // The balloon stays configurable (PATCH /balloon), at the target the snapshot saved.
+                let target = state.withLock { $0.instance?.balloonStatus?.status.targetPages }.map { Int($0) / 256 }
+                state.withLock { $0.resources.balloon = BalloonConfig(amountMib: target ?? Int(b.amountMiB), deflateOnOom: b.deflateOnOOM,
+                                                                      statsPollingIntervalS: Int(b.statsIntervalS),
+                                                                      freePageReporting: b.freePageReporting) }
+            }
             logger.info("snapshot loaded: \(p.snapshotPath)\(p.resumeVM == true ? ", resumed" : ", paused")")
         case .patchVM(.paused):
             let vm = try requireRuntime()

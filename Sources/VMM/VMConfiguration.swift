@@ -57,6 +57,24 @@ public struct BalloonSpec: Codable, Sendable, Equatable {
         self.amountMiB = amountMiB; self.deflateOnOOM = deflateOnOOM
         self.statsIntervalS = statsIntervalS; self.freePageReporting = freePageReporting
     }
+
+    /// `--balloon MIB[,deflate-on-oom][,free-page-reporting][,stats=SECONDS]`.
+    public init(parsing text: String) throws {
+        func bad(_ reason: String) -> VMMError { .invalidValue(what: "--balloon", value: text, reason: reason) }
+        let parts = text.split(separator: ",", omittingEmptySubsequences: false).map(String.init)
+        guard let mib = UInt32(parts[0]) else { throw bad("expected the MiB to take back first, e.g. 64 or 0") }
+        self.init(amountMiB: mib, deflateOnOOM: false, statsIntervalS: 0, freePageReporting: false)
+        for p in parts.dropFirst() {
+            switch p {
+            case "deflate-on-oom": deflateOnOOM = true
+            case "free-page-reporting": freePageReporting = true
+            case _ where p.hasPrefix("stats="):
+                guard let s = UInt32(p.dropFirst(6)), s <= 86_400 else { throw bad("stats= takes seconds from 0 to 86400") }
+                statsIntervalS = s
+            default: throw bad("unknown option '\(p)': expected deflate-on-oom, free-page-reporting or stats=SECONDS")
+            }
+        }
+    }
 }
 
 /// A flat binary to run (`--flat FILE --load-address A --entry E --mode M`).

@@ -64,9 +64,9 @@ public final class VirtioBalloon: VirtioDevice, @unchecked Sendable {
     }
     private let state: Mutex<State>
 
-    /// A balloon device. `deflateOnOOM` offers VIRTIO_BALLOON_F_DEFLATE_ON_OOM; `statsInterval`
-    /// (seconds, 0: off) offers the stats queue, polled on `eventLoop`; `freePageReporting` offers
-    /// VIRTIO_BALLOON_F_PAGE_REPORTING.
+    /// A balloon device. `deflateOnOOM` offers VIRTIO_BALLOON_F_DEFLATE_ON_OOM; the stats queue is
+    /// always offered and polled every `statsInterval` seconds on `eventLoop` (0: not polled);
+    /// `freePageReporting` offers VIRTIO_BALLOON_F_PAGE_REPORTING.
     public init(deflateOnOOM: Bool, statsInterval: UInt32, freePageReporting: Bool, eventLoop: EventLoop?,
                 log: VirtioLog = .discard) {
         self.log = log
@@ -146,6 +146,35 @@ public final class VirtioBalloon: VirtioDevice, @unchecked Sendable {
         state.withLock { s in
             s.active = nil
             s.statsHead = nil
+        }
+    }
+
+    /// The stats buffer the device holds goes back to the available ring in a snapshot.
+    public func unconsumedChains(queue index: Int) -> UInt16 {
+        state.withLock { s in index == 2 && role(of: 2, s.negotiated) == 2 && s.statsHead != nil ? 1 : 0 }
+    }
+
+    /// A snapshot keeps the host's target and the driver's `actual` (8 bytes, little-endian) and the
+    /// polling interval (4 more).
+    public func savedDeviceState() -> [UInt8]? {
+        state.withLock { s in
+            var b = [UInt8](repeating: 0, count: 12)
+            b.putLE(s.status.targetPages, at: 0)
+            b.putLE(s.status.actualPages, at: 4)
+            b.putLE(s.statsInterval, at: 8)
+            return b
+        }
+    }
+
+    public func restoreDeviceState(_ bytes: [UInt8]) throws(VirtioError) {
+        guard bytes.count == 12, let target = bytes.getLE(UInt32.self, at: 0), let actual = bytes.getLE(UInt32.self, at: 4),
+              let interval = bytes.getLE(UInt32.self, at: 8) else {
+            throw .deviceState("virtio-balloon: \(bytes.count) bytes of device state, expected 12")
+        }
+        state.withLock { s in
+            s.status.targetPages = target
+            s.status.actualPages = actual
+            s.statsInterval = interval
         }
     }
 

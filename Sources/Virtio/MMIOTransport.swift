@@ -446,6 +446,8 @@ extension VirtioMMIOTransport: StatefulDevice {
         var registers: State
         /// One entry per queue while the device is live (nil: not activated).
         var rings: [Virtqueue.SavedIndices?]?
+        /// The device model's own state (`VirtioDevice.savedDeviceState`); nil: none.
+        var device: [UInt8]?
     }
 
     /// Finishes the device's requests in flight (call with its event loop paused, before `saveState`).
@@ -458,7 +460,7 @@ extension VirtioMMIOTransport: StatefulDevice {
             let rings: [Virtqueue.SavedIndices?]? = active
                 ? self.rings.enumerated().map { i, q in q?.savedIndices(unconsumed: device.unconsumedChains(queue: i)) }
                 : nil
-            return SavedState(registers: state.withLock { $0 }, rings: rings)
+            return SavedState(registers: state.withLock { $0 }, rings: rings, device: device.savedDeviceState())
         }
     }
 
@@ -488,6 +490,11 @@ extension VirtioMMIOTransport: StatefulDevice {
             active = false
             rings = []
             state.withLock { $0 = r }
+            do throws(VirtioError) {
+                try device.restoreDeviceState(saved.device ?? [])
+            } catch {
+                throw DeviceStateError("\(name): \(error)")
+            }
             guard let savedRings = saved.rings else { return }
             do throws(VirtioError) {
                 let queues = try makeQueues(r)

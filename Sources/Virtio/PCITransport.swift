@@ -455,6 +455,8 @@ extension VirtioPCITransport: StatefulDevice {
         var registers: State
         /// One entry per queue while the device is live (nil: not activated).
         var rings: [Virtqueue.SavedIndices?]?
+        /// The device model's own state (`VirtioDevice.savedDeviceState`); nil: none.
+        var device: [UInt8]?
     }
 
     /// Finishes the device's requests in flight (call with its event loop paused, before `saveState`).
@@ -468,7 +470,7 @@ extension VirtioPCITransport: StatefulDevice {
                 ? self.rings.enumerated().map { i, q in q?.savedIndices(unconsumed: device.unconsumedChains(queue: i)) }
                 : nil
             return SavedState(config: configuration.savedConfig(), msix: msix.saveState(),
-                              registers: state.withLock { $0 }, rings: rings)
+                              registers: state.withLock { $0 }, rings: rings, device: device.savedDeviceState())
         }
     }
 
@@ -501,6 +503,11 @@ extension VirtioPCITransport: StatefulDevice {
             active = false
             rings = []
             state.withLock { $0 = r }
+            do throws(VirtioError) {
+                try device.restoreDeviceState(saved.device ?? [])
+            } catch {
+                throw DeviceStateError("\(name): \(error)")
+            }
             guard let savedRings = saved.rings else { return }
             do throws(VirtioError) {
                 let queues = try makeQueues(r)

@@ -112,6 +112,11 @@ public protocol VirtioDevice: AnyObject, Sendable {
     /// The device was activated from a snapshot (its queues continue from saved indices), before
     /// its event loop runs.
     func restored()
+    /// What the device itself must keep across a snapshot beyond the transport's registers and
+    /// rings (nil: nothing), e.g. the balloon's target size.
+    func savedDeviceState() -> [UInt8]?
+    /// Puts back what `savedDeviceState` returned, before the device is activated from the snapshot.
+    func restoreDeviceState(_ bytes: [UInt8]) throws(VirtioError)
 }
 
 extension VirtioDevice {
@@ -123,6 +128,12 @@ extension VirtioDevice {
     public func unconsumedChains(queue index: Int) -> UInt16 { 0 }
     /// Default: nothing to do.
     public func restored() {}
+    /// Default: the device keeps nothing of its own.
+    public func savedDeviceState() -> [UInt8]? { nil }
+    /// Default: a device that keeps nothing refuses state it did not write.
+    public func restoreDeviceState(_ bytes: [UInt8]) throws(VirtioError) {
+        guard bytes.isEmpty else { throw .deviceState("\(deviceType) keeps no device state, the snapshot has \(bytes.count) bytes") }
+    }
 }
 
 extension Virtqueue {

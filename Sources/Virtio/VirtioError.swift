@@ -21,6 +21,8 @@ public enum VirtioError: Error, Equatable, Sendable, CustomStringConvertible {
     case badRequest(queue: Int, head: UInt16, reason: String)
     /// A guest memory access failed although the chain was validated (should not happen).
     case memory(queue: Int, head: UInt16, address: UInt64, length: UInt64)
+    /// A snapshot's device state does not fit the device.
+    case deviceState(String)
 
     public var description: String {
         func hex(_ v: UInt64) -> String { "0x" + String(v, radix: 16) }
@@ -45,6 +47,8 @@ public enum VirtioError: Error, Equatable, Sendable, CustomStringConvertible {
             return "virtqueue \(q), request at head \(h): \(r)"
         case .memory(let q, let h, let a, let l):
             return "virtqueue \(q), request at head \(h): guest memory \(hex(a)) + \(l) bytes is not accessible"
+        case .deviceState(let r):
+            return "device state: \(r)"
         }
     }
 }

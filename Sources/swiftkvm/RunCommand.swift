@@ -87,6 +87,9 @@ struct RunCommand: ParsableCommand {
     var name: String = "swiftkvm"
     @Flag(name: .customLong("rng"), help: "Add a virtio-rng device (entropy from the host's getrandom).")
     var rng = false
+    @Option(name: .customLong("balloon"),
+            help: "Add a virtio-balloon device: MIB[,deflate-on-oom][,free-page-reporting][,stats=SECONDS] (MIB: memory the guest gives back at boot; free-page-reporting returns what the guest frees).")
+    var balloon: String?
     @Flag(name: .customLong("virtio-console"), help: "Add a virtio-console device (hvc0); host input goes to it and to the serial port.")
     var virtioConsole = false
     @Option(help: "Virtio transport: pci (default) or mmio (virtio-mmio windows from 0xF0000000, announced in the DSDT as LNRO0005 devices and on the kernel command line as virtio_mmio.device=).")
@@ -115,7 +118,7 @@ struct RunCommand: ParsableCommand {
         check(debugExitPort != "0xf4", "--debug-exit-port"); check(onReboot != "exit", "--on-reboot")
         check(!cpuidMasks.isEmpty, "--cpuid-mask"); check(kernelEntry != "decompressed", "--kernel-entry")
         check(!disks.isEmpty, "--disk"); check(!nets.isEmpty, "--net"); check(vsock != nil, "--vsock")
-        check(name != "swiftkvm", "--name"); check(rng, "--rng"); check(virtioConsole, "--virtio-console")
+        check(name != "swiftkvm", "--name"); check(rng, "--rng"); check(balloon != nil, "--balloon"); check(virtioConsole, "--virtio-console")
         check(timeDilation != nil, "--time-dilation"); check(firmware != nil, "--firmware"); check(bios, "--bios")
         return given
     }
@@ -226,6 +229,10 @@ struct RunCommand: ParsableCommand {
         config.vsock = try vsock.map(VsockSpec.init(parsing:))
         config.name = name
         config.rng = rng
+        config.balloon = try balloon.map(BalloonSpec.init(parsing:))
+        if let b = config.balloon, UInt64(b.amountMiB) << 20 > config.memorySize {
+            throw VMMError.invalidValue(what: "--balloon", value: balloon ?? "", reason: "more than the guest's \(config.memorySize >> 20) MiB")
+        }
         config.virtioConsole = virtioConsole
         guard let kind = VirtioTransportKind(rawValue: transport) else {
             throw VMMError.invalidValue(what: "--transport", value: transport, reason: "expected pci or mmio")

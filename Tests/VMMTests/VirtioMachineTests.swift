@@ -38,6 +38,25 @@ struct DiskSpecTests {
     }
 }
 
+@Suite("--balloon parsing")
+struct BalloonSpecTests {
+    @Test("MIB with options; defaults off; bad sizes, options and intervals name the problem")
+    func parse() throws {
+        #expect(try BalloonSpec(parsing: "64") == BalloonSpec(amountMiB: 64, deflateOnOOM: false, statsIntervalS: 0, freePageReporting: false))
+        #expect(try BalloonSpec(parsing: "0,deflate-on-oom,free-page-reporting,stats=5")
+                == BalloonSpec(amountMiB: 0, deflateOnOOM: true, statsIntervalS: 5, freePageReporting: true))
+        for (bad, words) in [("", "MiB"), ("-1", "MiB"), ("64,turbo", "unknown option 'turbo'"), ("64,stats=x", "stats="),
+                             ("64,stats=100000", "stats=")] {
+            do {
+                _ = try BalloonSpec(parsing: bad)
+                Issue.record("'\(bad)' was accepted")
+            } catch {
+                #expect("\(error)".contains(words) && "\(error)".contains("--balloon"), "\(error)")
+            }
+        }
+    }
+}
+
 @Suite("virtio devices in a Machine", .enabled(if: FileManager.default.fileExists(atPath: "/dev/kvm"), "needs /dev/kvm"), .serialized)
 struct VirtioMachineTests {
     final class Output: SerialOutput, @unchecked Sendable { func write(_ b: [UInt8]) {} }

@@ -47,6 +47,23 @@ enum MCSupport {
         return r?.stdout ?? "000"
     }
 
+    /// A GET to a Firecracker API socket through curl: the body, nil when the request failed or the
+    /// status was not 200.
+    static func apiGet(_ socket: String, _ path: String) -> String? {
+        guard let r = try? MCChild.run("/usr/bin/curl", ["-s", "-f", "--unix-socket", socket, "http://localhost" + path], timeout: 30),
+              r.status == 0 else { return nil }
+        return r.stdout
+    }
+
+    /// The resident set of process `pid` in KiB (VmRSS), nil when it cannot be read.
+    static func rssKiB(_ pid: pid_t) -> Int? {
+        guard let text = try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8) else { return nil }
+        for line in text.split(separator: "\n") where line.hasPrefix("VmRSS:") {
+            return Int(line.dropFirst(6).trimmingCharacters(in: .whitespaces).split(separator: " ").first ?? "")
+        }
+        return nil
+    }
+
     /// Number of "tick N" lines in `text`.
     static func ticks(in text: String) -> Int {
         // Newlines of either kind ("\r\n" from a terminal is one Character).
