@@ -161,6 +161,10 @@ struct DaemonRouter: Sendable {
                 struct Body: Decodable { var autostart: Bool }
                 let b: Body = try decode(Body.self, body, keys: ["autostart"])
                 return .json(200, try manager.setAutostart(t.segments[1], b.autostart))
+            case ("PUT", 3) where t.segments[0] == "vms" && t.segments[2] == "memory":
+                struct Body: Decodable { var current_mib: Int }
+                let b: Body = try decode(Body.self, body, keys: ["current_mib"])
+                return .json(200, try manager.setMemory(t.segments[1], currentMiB: b.current_mib))
             case (_, 1...3) where t.segments[0] == "networks":
                 return try handleNetwork(method: method, t, body)
             default:
@@ -179,7 +183,7 @@ struct DaemonRouter: Sendable {
         case 0: return true
         case 1: return t.segments[0] == "vms" || t.segments[0] == "events" || t.segments[0] == "networks"
         case 2: return t.segments[0] == "vms"
-        case 3: return t.segments[0] == "vms" && ["state", "autostart"].contains(t.segments[2])
+        case 3: return t.segments[0] == "vms" && ["state", "autostart", "memory"].contains(t.segments[2])
         default: return false
         }
     }

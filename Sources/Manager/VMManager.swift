@@ -653,6 +653,36 @@ public final class VMManager: @unchecked Sendable {
         return lock.withLock { info(r) }
     }
 
+    /// Sets how much memory a running VM's guest keeps (`virsh setmem`): its balloon takes the rest
+    /// (`PATCH /balloon` with `amount_mib` = memory size - `currentMiB`). The definition needs a
+    /// `balloon` section.
+    public func setMemory(_ name: String, currentMiB: Int) throws(ManagerError) -> VMInfo {
+        let r = try record(name)
+        r.actionLock.lock()
+        defer { r.actionLock.unlock() }
+        let (state, def) = lock.withLock { (r.state, r.definition) }
+        guard state == .running || state == .paused else { throw conflict(name, state, "set the memory of") }
+        guard def.config.balloon != nil else {
+            throw ManagerError(.invalid, "vm '\(name)' has no balloon device: add a \"balloon\" section to its definition")
+        }
+        let size = (def.config.machineConfig ?? .default).memSizeMib
+        guard currentMiB >= 1, currentMiB <= size else {
+            throw ManagerError(.invalid, "vm '\(name)': memory \(currentMiB) MiB is not between 1 and its \(size) MiB")
+        }
+        let body = #"{"amount_mib":\#(size - currentMiB)}"#
+        let reply: HTTPResponse
+        do {
+            reply = try UnixHTTPClient(socketPath: paths.apiSocket(name), timeout: 10).request("PATCH", "/balloon", body: Array(body.utf8))
+        } catch {
+            throw ManagerError(.host, "vm '\(name)': setting the balloon failed: \(error)")
+        }
+        guard reply.status == 204 || reply.status == 200 else {
+            throw ManagerError(.host, "vm '\(name)': the balloon update was refused by the vmm (\(reply.status)): \(reply.faultMessage ?? reply.text)")
+        }
+        events.emit(vm: name, "memory set to \(currentMiB) MiB")
+        return lock.withLock { info(r) }
+    }
+
     /// Pauses a running VM (`PATCH /vm {"state":"Paused"}`).
     public func pause(_ name: String) throws(ManagerError) -> VMInfo {
         try changeRunState(name, to: .paused)

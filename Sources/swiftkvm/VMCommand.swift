@@ -16,7 +16,7 @@ struct VMCommand: ParsableCommand {
         with 1 (daemon not running, unknown VM, refused action); usage errors exit with 2.
         """,
         subcommands: [VMDefineCommand.self, VMUndefineCommand.self, VMListCommand.self, VMStartCommand.self, VMShutdownCommand.self, VMDestroyCommand.self,
-                      VMPauseCommand.self, VMResumeCommand.self, VMSaveCommand.self, VMRestoreCommand.self, VMMigrateCommand.self, VMInfoCommand.self, VMConsoleCommand.self, VMAutostartCommand.self, VMEventsCommand.self]
+                      VMPauseCommand.self, VMResumeCommand.self, VMSaveCommand.self, VMRestoreCommand.self, VMMigrateCommand.self, VMInfoCommand.self, VMConsoleCommand.self, VMAutostartCommand.self, VMSetMemCommand.self, VMEventsCommand.self]
     )
 
     @OptionGroup var options: VMSocketOptions
@@ -273,6 +273,24 @@ struct VMAutostartCommand: ParsableCommand {
         try vmRun { () throws(ManagerError) in
             _ = try options.client.setAutostart(name, !disable)
             vmPrint("VM '\(name)' \(disable ? "unmarked as autostarted" : "marked as autostarted")")
+        }
+    }
+}
+
+struct VMSetMemCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "setmem",
+        abstract: "Set the memory a running VM's guest keeps (virsh setmem): its balloon device takes the rest.",
+        discussion: "The definition needs a \"balloon\" section (Firecracker's: amount_mib, deflate_on_oom, …).")
+    @ParentCommand var parent: VMCommand
+    var options: VMSocketOptions { parent.options }
+    @Argument(help: "The VM's name.") var name: String
+    @Argument(help: "MiB the guest keeps (1 to its memory size).") var mib: Int
+
+    func run() throws {
+        try vmRun { () throws(ManagerError) in
+            _ = try options.client.setMemory(name, currentMiB: mib)
+            vmPrint("VM '\(name)' memory set to \(mib) MiB")
         }
     }
 }

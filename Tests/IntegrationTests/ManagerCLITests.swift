@@ -142,6 +142,30 @@ struct ManagerCLITests {
         #expect(parseList(try d.vm(["list", "--all"]).stdout)["t1"] == nil)
     }
 
+    @Test("vm setmem: the balloon of a running VM takes the memory size minus MIB (the vmm's GET /balloon shows it); no balloon, a bad size or a shut-off VM: exit 1 naming why")
+    func setMemory() throws {
+        let d = try MCDaemon()
+        defer { d.stop() }
+        let withBalloon = try d.tickerDefinition("b1", extra: #", "balloon": {"amount_mib": 0, "deflate_on_oom": true}"#)
+        #expect(try d.vm(["define", withBalloon]).status == 0)
+        #expect(try d.vm(["define", try d.tickerDefinition("b2")]).status == 0)
+        var r = try d.vm(["setmem", "b1", "48"])
+        #expect(r.status == 1 && r.stderr.contains("not running"), "\(r.stderr)")
+        #expect(try d.vm(["start", "b1"]).status == 0)
+        #expect(try d.vm(["start", "b2"]).status == 0)
+        r = try d.vm(["setmem", "b1", "48"])
+        #expect(r.status == 0 && r.stdout.contains("48 MiB"), "\(r.stdout) \(r.stderr)")
+        let body = MCSupport.apiGet(d.dir.path + "/run/b1/api.sock", "/balloon") ?? ""
+        let json = (try? JSONSerialization.jsonObject(with: Data(body.utf8))) as? [String: Any]
+        #expect(json?["amount_mib"] as? Int == 16, "64 MiB guest keeping 48: the balloon takes 16 (\(body))")
+        r = try d.vm(["setmem", "b1", "65"])
+        #expect(r.status == 1 && r.stderr.contains("between 1 and its 64 MiB"), "\(r.stderr)")
+        r = try d.vm(["setmem", "b2", "32"])
+        #expect(r.status == 1 && r.stderr.contains("no balloon device"), "\(r.stderr)")
+        r = try d.vm(["setmem", "nosuch", "32"])
+        #expect(r.status == 1 && r.stderr.contains("nosuch"), "\(r.stderr)")
+    }
+
     @Test("vm console with pipes: typed lines reach the guest's UART, and the console ends by itself when the VM stops")
     func consoleInput() throws {
         let d = try MCDaemon()

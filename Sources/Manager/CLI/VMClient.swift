@@ -193,6 +193,11 @@ public struct VMClient: Sendable {
         try call("PUT", "/vms/\(Self.pathComponent(name))/autostart", body: Array("{\"autostart\":\(on)}".utf8), decode: Self.decodeVM)
     }
 
+    /// `PUT /vms/NAME/memory`: the memory the guest keeps, the balloon takes the rest.
+    public func setMemory(_ name: String, currentMiB: Int) throws(ManagerError) -> VMSummary {
+        try call("PUT", "/vms/\(Self.pathComponent(name))/memory", body: Array("{\"current_mib\":\(currentMiB)}".utf8), decode: Self.decodeVM)
+    }
+
     /// `GET /events` (optionally `?since=SEQ`): calls `onLine` with each event line as it arrives
     /// until `onLine` returns false, `duration` seconds pass, or the daemon ends the stream.
     public func events(since: Int? = nil, duration: TimeInterval? = nil,
