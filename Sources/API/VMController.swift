@@ -588,6 +588,9 @@ public final class VMController: @unchecked Sendable {
         config.vsock = r.vsock.map { VsockSpec(guestCID: UInt64($0.guestCid), udsPath: $0.udsPath, id: $0.vsockId) }
         config.rng = r.entropy != nil
         config.rngRateLimit = r.entropy?.rateLimiter?.config
+        if let b = r.balloon, b.amountMib > r.machineConfig.memSizeMib {
+            throw .badRequest("The balloon's amount_mib \(b.amountMib) is larger than the guest's mem_size_mib \(r.machineConfig.memSizeMib).")
+        }
         config.balloon = r.balloon.map {
             BalloonSpec(amountMiB: UInt32($0.amountMib), deflateOnOOM: $0.deflateOnOom,
                         statsIntervalS: UInt32($0.statsPollingIntervalS), freePageReporting: $0.freePageReporting)

@@ -117,6 +117,8 @@ final class FakeVM: VMInstance, @unchecked Sendable {
     /// Disk rate-limit updates this guest was asked for (RateLimitAPITests). Kept per object: a global keyed by
     /// ObjectIdentifier mixed up guests when a freed one's address was reused in a parallel run.
     let diskUpdates = Mutex<[FakeDiskCalls.Update]>([])
+    /// Balloon targets (MiB) and polling intervals (s) this guest was asked for (BalloonAPITests).
+    let balloonCalls = Mutex<(targets: [UInt32], intervals: [UInt32])>(([], []))
 
     init(config: VMConfiguration) { self.config = config }
 
