@@ -155,7 +155,7 @@ struct FirmwareBootTests {
 /// kvm-unit-tests (a built tree named by `KVM_UNIT_TESTS`, e.g. `./configure && make x86/smptest.flat`): a standard
 /// x86 test kernel reads the CPU count from fw_cfg with no extra input (without fw_cfg it sees 65535 CPUs and waits).
 @Suite("kvm-unit-tests", .enabled(if: GuestTestEnvironment.kvmAvailable
-                                  && ProcessInfo.processInfo.environment["KVM_UNIT_TESTS"] != nil, "set KVM_UNIT_TESTS to a built tree"))
+                                  && ProcessInfo.processInfo.environment["KVM_UNIT_TESTS"] != nil, "kvm-unit-tests is not packaged in Debian and this host has no other network: set KVM_UNIT_TESTS to a built tree"))
 struct KVMUnitTestsTests {
     @Test("x86/smptest with 2 vCPUs finds 2 CPUs through fw_cfg, brings the AP up and passes (status 1)")
     func smptest() throws {
