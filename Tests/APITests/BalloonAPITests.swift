@@ -1,7 +1,7 @@
 import Foundation
 import Testing
 @testable import API
-import Virtio
+@testable import Virtio
 import VMM
 
 extension FakeVM {
