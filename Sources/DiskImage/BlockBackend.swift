@@ -7,8 +7,8 @@ import Darwin
 // Linux constants and functions hidden behind _GNU_SOURCE in Glibc's Swift import.
 private let linuxFallocKeepSize: Int32 = 1
 private let linuxFallocPunchHole: Int32 = 2
-private let linuxSeekData: Int32 = 3
-private let linuxSeekHole: Int32 = 4
+let linuxSeekData: Int32 = 3
+let linuxSeekHole: Int32 = 4
 @_silgen_name("fallocate")
 private func c_fallocate(_ fd: Int32, _ mode: Int32, _ offset: off_t, _ len: off_t) -> Int32
 

@@ -165,6 +165,10 @@ struct DaemonRouter: Sendable {
                 struct Body: Decodable { var current_mib: Int }
                 let b: Body = try decode(Body.self, body, keys: ["current_mib"])
                 return .json(200, try manager.setMemory(t.segments[1], currentMiB: b.current_mib))
+            case ("POST", 3) where t.segments[0] == "vms" && t.segments[2] == "clone":
+                struct Body: Decodable { var name: String }
+                let b: Body = try decode(Body.self, body, keys: ["name"])
+                return .json(201, try manager.clone(t.segments[1], as: b.name))
             case (_, 1...3) where t.segments[0] == "networks":
                 return try handleNetwork(method: method, t, body)
             default:
@@ -183,7 +187,7 @@ struct DaemonRouter: Sendable {
         case 0: return true
         case 1: return t.segments[0] == "vms" || t.segments[0] == "events" || t.segments[0] == "networks"
         case 2: return t.segments[0] == "vms"
-        case 3: return t.segments[0] == "vms" && ["state", "autostart", "memory"].contains(t.segments[2])
+        case 3: return t.segments[0] == "vms" && ["state", "autostart", "memory", "clone"].contains(t.segments[2])
         default: return false
         }
     }

@@ -142,6 +142,8 @@ public struct StatePaths: Sendable {
     public func serialLog(_ name: String) -> String { logs + "/" + name + ".serial.log" }
     public func vmmLog(_ name: String) -> String { logs + "/" + name + ".vmm.log" }
     public func metricsFile(_ name: String) -> String { logs + "/" + name + ".metrics.json" }
+    /// The snapshot a clone starts from (`vm clone`), removed once its vmm loaded it.
+    public func cloneSnapshot(_ name: String) -> String { runDir(name) + "/clone-snapshot" }
 }
 
 /// `run/NAME/state.json`: what a restarted daemon needs to re-attach.

@@ -4,6 +4,7 @@ import FoundationEssentials
 import Glibc
 #endif
 import Devices
+import DiskImage
 import Logging
 import VMM
 
@@ -324,15 +325,8 @@ public final class VMManager: @unchecked Sendable {
         }
         try AtomicFile.makeDirectory(dir)
         let snap = SnapshotDirectory(dir)
-        let client = UnixHTTPClient(socketPath: paths.apiSocket(name), timeout: 600)
         func call(_ method: String, _ path: String, _ body: String, _ what: String) throws(ManagerError) {
-            let reply: HTTPResponse
-            do { reply = try client.request(method, path, body: Array(body.utf8)) } catch {
-                throw ManagerError(.host, "vm '\(name)': \(what) failed: \(error)")
-            }
-            guard reply.status == 204 || reply.status == 200 else {
-                throw ManagerError(.host, "vm '\(name)': \(what) refused by the vmm (\(reply.status)): \(reply.faultMessage ?? reply.text)")
-            }
+            try vmmRequest(name, method, path, body: body, action: what, timeout: 600)
         }
         if wasRunning { try call("PATCH", "/vm", #"{"state":"Paused"}"#, "pause") }
         do throws(ManagerError) {
@@ -413,6 +407,97 @@ public final class VMManager: @unchecked Sendable {
             throw error
         }
         return lock.withLock { info(r) }
+    }
+
+    /// `vm clone`: a running copy of the running or paused VM `name`, named `newName`, started from
+    /// a snapshot of it (the guest goes on in both from the same instant). The source is paused
+    /// while its snapshot is written and its writable disks are copied (`ClonePlan`: beside each
+    /// image, reflinked where the file system can), then resumed. The clone is defined with its own
+    /// disks, vsock socket, TAPs and MACs (the MACs apply from its next boot, see `ClonePlan`) and
+    /// runs at once. On any failure the source keeps running and nothing of the clone is left.
+    public func clone(_ name: String, as newName: String) throws(ManagerError) -> VMInfo {
+        let source = try record(name)
+        let plan: ClonePlan
+        let wasRunning: Bool
+        let c: Record
+        do {
+            source.actionLock.lock()
+            defer { source.actionLock.unlock() }
+            let (state, def) = lock.withLock { (source.state, source.definition) }
+            guard state == .running || state == .paused else { throw conflict(name, state, "clone") }
+            wasRunning = state == .running
+            plan = try ClonePlan.make(source: def, newName: newName)
+            // The new name is reserved while the clone is made.
+            c = try lock.withLock { () throws(ManagerError) -> Record in
+                guard records[newName] == nil else { throw ManagerError(.conflict, "vm '\(newName)' already exists") }
+                let c = Record(definition: plan.clone)
+                c.state = .starting
+                c.generation = 1
+                records[newName] = c
+                return c
+            }
+        }
+        let dir = paths.cloneSnapshot(newName)
+        var copied: [String] = []
+        func discard() {
+            for path in copied { unlink(path) }
+            try? FileManager.default.removeItem(atPath: paths.runDir(newName))
+            lock.withLock { if records[newName] === c { records[newName] = nil } }
+        }
+        events.emit(vm: name, "cloning", newName)
+        do throws(ManagerError) {
+            try? FileManager.default.removeItem(atPath: dir)
+            try AtomicFile.makeDirectory(paths.runDir(newName))
+            try AtomicFile.makeDirectory(dir)
+            let snap = SnapshotDirectory(dir)
+            do {
+                source.actionLock.lock()
+                defer { source.actionLock.unlock() }
+                if wasRunning { try vmmRequest(name, "PATCH", "/vm", body: #"{"state":"Paused"}"#, action: "pause") }
+                do throws(ManagerError) {
+                    struct Body: Encodable { var snapshot_type = "Full", snapshot_path: String, mem_file_path: String }
+                    let body = String(decoding: (try? JSONEncoder().encode(Body(snapshot_path: snap.statePath, mem_file_path: snap.memoryPath))) ?? Data(), as: UTF8.self)
+                    try vmmRequest(name, "PUT", "/snapshot/create", body: body, action: "snapshot for the clone", timeout: 600)
+                    for copy in plan.diskCopies {
+                        do { _ = try FileCopy.copy(from: copy.from, to: copy.to) } catch {
+                            throw ManagerError(.host, "vm '\(name)': copying its disk for the clone failed: \(error.message)")
+                        }
+                        copied.append(copy.to)
+                    }
+                } catch {
+                    if wasRunning { _ = try? vmmRequest(name, "PATCH", "/vm", body: #"{"state":"Resumed"}"#, action: "resume") }
+                    throw error
+                }
+                if wasRunning { try vmmRequest(name, "PATCH", "/vm", body: #"{"state":"Resumed"}"#, action: "resume") }
+            }
+            // The clone's machine: its disks, TAPs, socket and name.
+            var snapshot: MachineSnapshot
+            do { snapshot = try SnapshotFile.read(snap.statePath) } catch {
+                throw ManagerError(.host, "vm '\(name)': reading its snapshot for the clone failed: \(error)")
+            }
+            try plan.rewrite(&snapshot.config)
+            do { try AtomicFile.write(try SnapshotFile.encode(snapshot), to: snap.statePath) } catch let e as ManagerError {
+                throw e
+            } catch {
+                throw ManagerError(.host, "writing the clone's snapshot failed: \(error)")
+            }
+            try store.save(plan.clone)
+            events.emit(vm: newName, "defined", "clone of \(name)")
+            do {
+                try launch(c, plan.clone, restoring: dir)
+            } catch {
+                try? store.remove(newName)
+                throw error
+            }
+        } catch {
+            discard()
+            events.emit(vm: newName, "clone-failed", error.message)
+            throw error
+        }
+        // The vmm mapped the memory file (an unlinked file stays mapped), so the snapshot can go.
+        try? FileManager.default.removeItem(atPath: dir)
+        events.emit(vm: name, "cloned", newName)
+        return lock.withLock { info(c) }
     }
 
     /// Starts the vmm of `def`: booted from its configuration, or, with `restoring`, loaded from
@@ -670,15 +755,7 @@ public final class VMManager: @unchecked Sendable {
             throw ManagerError(.invalid, "vm '\(name)': memory \(currentMiB) MiB is not between 1 and its \(size) MiB")
         }
         let body = #"{"amount_mib":\#(size - currentMiB)}"#
-        let reply: HTTPResponse
-        do {
-            reply = try UnixHTTPClient(socketPath: paths.apiSocket(name), timeout: 10).request("PATCH", "/balloon", body: Array(body.utf8))
-        } catch {
-            throw ManagerError(.host, "vm '\(name)': setting the balloon failed: \(error)")
-        }
-        guard reply.status == 204 || reply.status == 200 else {
-            throw ManagerError(.host, "vm '\(name)': the balloon update was refused by the vmm (\(reply.status)): \(reply.faultMessage ?? reply.text)")
-        }
+        try vmmRequest(name, "PATCH", "/balloon", body: body, action: "setting the balloon")
         events.emit(vm: name, "memory set to \(currentMiB) MiB")
         return lock.withLock { info(r) }
     }
@@ -703,21 +780,30 @@ public final class VMManager: @unchecked Sendable {
             guard r.state == from else { throw conflict(name, r.state, action) }
         }
         let body = #"{"state":"\#(target == .paused ? "Paused" : "Resumed")"}"#
-        let reply: HTTPResponse
-        do {
-            reply = try UnixHTTPClient(socketPath: paths.apiSocket(name), timeout: 10).request("PATCH", "/vm", body: Array(body.utf8))
-        } catch {
-            throw ManagerError(.host, "vm '\(name)': \(action) failed: \(error)")
-        }
-        guard reply.status == 204 || reply.status == 200 else {
-            throw ManagerError(.host, "vm '\(name)': \(action) refused by the vmm (\(reply.status)): \(reply.faultMessage ?? reply.text)")
-        }
+        try vmmRequest(name, "PATCH", "/vm", body: body, action: action)
         let result = lock.withLock { () -> VMInfo in
             if r.pid != nil { r.state = target }
             return self.info(r)
         }
         events.emit(vm: name, target == .paused ? "paused" : "resumed")
         return result
+    }
+
+    /// Sends one request to the VM's vmm API socket; a transport error or a reply other than 200/204
+    /// becomes a `.host` error naming the VM and `action`. Returns the reply.
+    @discardableResult
+    private func vmmRequest(_ name: String, _ method: String, _ path: String, body: String, action: String,
+                            timeout: Double = 10) throws(ManagerError) -> HTTPResponse {
+        let reply: HTTPResponse
+        do {
+            reply = try UnixHTTPClient(socketPath: paths.apiSocket(name), timeout: timeout).request(method, path, body: Array(body.utf8))
+        } catch {
+            throw ManagerError(.host, "vm '\(name)': \(action) failed: \(error)")
+        }
+        guard reply.status == 204 || reply.status == 200 else {
+            throw ManagerError(.host, "vm '\(name)': \(action) refused by the vmm (\(reply.status)): \(reply.faultMessage ?? reply.text)")
+        }
+        return reply
     }
 }
 

@@ -202,6 +202,18 @@ final class MachineVirtio: Sendable {
         for t in mmio { t.quiesce() }
     }
 
+    /// Writes every disk's cached data and metadata (qcow2 tables, refcounts) to its image file, so
+    /// that the files match the guest's view: a snapshot's disks can then be copied (`vm clone`).
+    /// Call it with the devices quiesced; throws naming the first disk that cannot be flushed.
+    func flushDisks() throws {
+        let disks = state.withLock { $0.disks.sorted { $0.key < $1.key }.map(\.value) }
+        for d in disks {
+            do { try d.backend.flush() } catch {
+                throw VMMError.setup("cannot flush the disk \(d.spec.path) for the snapshot: \(error)")
+            }
+        }
+    }
+
     /// Lets the event loops run again after `quiesce()`.
     func resumeAfterSnapshot() {
         for l in state.withLock({ $0.loops }) { l.resume() }

@@ -529,6 +529,8 @@ extension Machine {
         virtio.quiesce()
         defer { virtio.resumeAfterSnapshot() }
         var snapshot = try captureState()
+        // The image files hold what the guest wrote up to here (a clone may copy them now).
+        try virtio.flushDisks()
         // The pages written since the previous snapshot: taking them starts the next interval. If this
         // snapshot then fails, a Diff must not follow it (its pages would be missing).
         let dirty = tracksDirtyPages ? try dirtyPages() : nil

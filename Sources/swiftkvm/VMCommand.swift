@@ -16,7 +16,7 @@ struct VMCommand: ParsableCommand {
         with 1 (daemon not running, unknown VM, refused action); usage errors exit with 2.
         """,
         subcommands: [VMDefineCommand.self, VMUndefineCommand.self, VMListCommand.self, VMStartCommand.self, VMShutdownCommand.self, VMDestroyCommand.self,
-                      VMPauseCommand.self, VMResumeCommand.self, VMSaveCommand.self, VMRestoreCommand.self, VMMigrateCommand.self, VMInfoCommand.self, VMConsoleCommand.self, VMAutostartCommand.self, VMSetMemCommand.self, VMEventsCommand.self]
+                      VMPauseCommand.self, VMResumeCommand.self, VMSaveCommand.self, VMRestoreCommand.self, VMCloneCommand.self, VMMigrateCommand.self, VMInfoCommand.self, VMConsoleCommand.self, VMAutostartCommand.self, VMSetMemCommand.self, VMEventsCommand.self]
     )
 
     @OptionGroup var options: VMSocketOptions
@@ -224,6 +224,31 @@ struct VMRestoreCommand: ParsableCommand {
         try vmRun { () throws(ManagerError) in
             let vm = try options.client.restore(from: absolutePath(directory))
             vmPrint("VM '\(vm.name)' restored from \(directory)")
+        }
+    }
+}
+
+struct VMCloneCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "clone",
+        abstract: "Start a running copy of a running or paused VM from a snapshot of it (a live clone).",
+        discussion: """
+        The source pauses while its snapshot is written and its writable disks are copied (to \
+        DIR/STEM-NEWNAME.EXT beside each image, reflinked where the file system can), then runs on. \
+        The clone gets its own definition, disks, vsock socket, TAPs on the same networks, and MACs \
+        derived from its name. Inside, its guest goes on from the same instant as the source: it keeps \
+        the source's MAC and IP addresses until it reboots (a guest reads its MAC when it boots). \
+        VMs with network-interfaces on host TAPs cannot be cloned: use `nics`.
+        """)
+    @ParentCommand var parent: VMCommand
+    var options: VMSocketOptions { parent.options }
+    @Argument(help: "The VM to clone.") var name: String
+    @Argument(help: "The clone's name.") var newName: String
+
+    func run() throws {
+        try vmRun { () throws(ManagerError) in
+            let vm = try options.client.clone(name, as: newName)
+            vmPrint("VM '\(vm.name)' cloned from '\(name)'\(vm.pid.map { ", vmm pid \($0)" } ?? "")")
         }
     }
 }

@@ -105,6 +105,71 @@ struct DaemonGuestTests {
         #expect(try f.info("s1").state == .shutOff)
     }
 
+    @Test("clone: a running copy of a running VM from a snapshot: the clone's ticks go on from the source's, the source keeps ticking, the clone has its own disk copy (same bytes, sparse), vsock socket, vmm and definition; taken names, bad names, taken files and shut-off sources are clear errors that leave nothing behind")
+    func clone() throws {
+        let f = try DaemonFixture()
+        defer { f.cleanup() }
+        let disk = f.dir.path + "/s1.img", marker = Array("SWIFTKVM clone marker".utf8)
+        #expect(FileManager.default.createFile(atPath: disk, contents: nil))
+        #expect(truncate(disk, 16 << 20) == 0)
+        let fd = open(disk, O_WRONLY)
+        #expect(marker.withUnsafeBytes { pwrite(fd, $0.baseAddress, marker.count, 1 << 20) } == marker.count)
+        close(fd)
+        let extra = #", "drives": [{"drive_id": "data", "path_on_host": "\#(disk)", "is_root_device": false}], "vsock": {"guest_cid": 3, "uds_path": "\#(f.dir.path)/s1.vsock"}"#
+        #expect(try f.call("POST", "/vms", ManagerSupport.tickerDefinition("s1", extra: extra)).status == 201)
+        #expect(try f.call("POST", "/vms/s1/clone", #"{"name": "c1"}"#).status == 409, "a shut-off VM")
+        #expect(try f.action("s1", "start").status == 200)
+        let source = try f.info("s1")
+        #expect(ManagerSupport.wait(seconds: 30) { ManagerSupport.ticks(in: source.serialLog) >= 5 })
+
+        // Bad requests: nothing is made.
+        #expect(try f.call("POST", "/vms/nope/clone", #"{"name": "c1"}"#).status == 404)
+        for body in [#"{"name": "s1"}"#, #"{"name": "bad name"}"#, #"{}"#, #"{"name": "c1", "x": 1}"#] {
+            let r = try f.call("POST", "/vms/s1/clone", body)
+            #expect(r.status == 400, "\(body): \(r.status) \(r.text)")
+        }
+        let taken = f.dir.path + "/s1-c2.img"
+        #expect(FileManager.default.createFile(atPath: taken, contents: Data("keep".utf8)))
+        let refused = try f.call("POST", "/vms/s1/clone", #"{"name": "c2"}"#)
+        #expect(refused.status == 409 && refused.text.contains(taken), "\(refused.text)")
+        #expect(try f.call("GET", "/vms/c2").status == 404)
+        #expect(try String(contentsOfFile: taken, encoding: .utf8) == "keep")
+        #expect(try f.info("s1").state == .running)
+
+        let r = try f.call("POST", "/vms/s1/clone", #"{"name": "c1"}"#)
+        #expect(r.status == 201, "\(r.text)")
+        let clone = try f.info("c1")
+        #expect(clone.state == .running)
+        let pid = try #require(clone.pid)
+        #expect(pid != source.pid)
+        #expect(ProcessTools.commandLine(of: Int32(pid)).contains("c1"))
+        #expect(ManagerSupport.wait(seconds: 30) { Self.tickNumbers(clone.serialLog).count >= 5 }, "the clone ticks")
+        let cloneTicks = Self.tickNumbers(clone.serialLog)
+        let first = try #require(cloneTicks.first)
+        #expect(first > 5, "the clone goes on from the source's ticks, it does not boot: \(cloneTicks.prefix(5))")
+        #expect(Self.tickNumbers(source.serialLog).contains(first - 1), "the clone's first tick follows one the source printed")
+        #expect(cloneTicks == Array(first..<(first + cloneTicks.count)), "no gap and no repeat in the clone")
+        let sourceNow = ManagerSupport.ticks(in: source.serialLog)
+        #expect(ManagerSupport.wait(seconds: 30) { ManagerSupport.ticks(in: source.serialLog) >= sourceNow + 5 }, "the source runs on")
+        #expect(try f.info("s1").state == .running)
+
+        // Its own disk (the same bytes, sparse), socket and definition; no snapshot left behind.
+        let copy = f.dir.path + "/s1-c1.img"
+        let a = try Data(contentsOf: URL(fileURLWithPath: disk)), b = try Data(contentsOf: URL(fileURLWithPath: copy))
+        #expect(a == b && b.count == 16 << 20)
+        var st = stat()
+        #expect(stat(copy, &st) == 0 && Int(st.st_blocks) * 512 < 4 << 20, "the copy is sparse")
+        #expect(FileManager.default.fileExists(atPath: f.dir.path + "/s1-c1.vsock"), "the clone's vmm listens on its own vsock socket")
+        let stored = try String(contentsOfFile: f.dir.path + "/vms/c1.json", encoding: .utf8)
+        #expect(stored.contains(copy) && stored.contains("s1-c1.vsock") && !stored.contains(disk + "\""), "\(stored)")
+        #expect(!FileManager.default.fileExists(atPath: f.dir.path + "/run/c1/clone-snapshot"))
+        #expect(try f.call("POST", "/vms/s1/clone", #"{"name": "c1"}"#).status == 409, "the name is taken")
+        let events = f.daemon.manager?.events.events(since: 0).map(\.event) ?? []
+        #expect(events.contains("cloning") && events.contains("cloned"))
+        #expect(try f.action("c1", "destroy").status == 200)
+        #expect(try f.action("s1", "destroy").status == 200)
+    }
+
     @Test("migrate moves a running VM to a vmm --incoming: the report comes back, the VM is shut off here with reason migrated, and the guest ticks on at the target; a missing destination key is 400, a shut-off VM 409")
     func migrate() throws {
         let f = try DaemonFixture()

@@ -188,6 +188,13 @@ public struct VMClient: Sendable {
         return try call("POST", "/vms/restore", body: bytes, timeout: 300, decode: Self.decodeVM)
     }
 
+    /// `POST /vms/NAME/clone`: a running copy named `newName`, started from a snapshot of the VM.
+    public func clone(_ name: String, as newName: String) throws(ManagerError) -> VMSummary {
+        struct Body: Encodable { var name: String }
+        let bytes = Array((try? JSONEncoder().encode(Body(name: newName))) ?? Data())
+        return try call("POST", "/vms/\(Self.pathComponent(name))/clone", body: bytes, timeout: 3600, decode: Self.decodeVM)
+    }
+
     /// `PUT /vms/NAME/autostart`.
     public func setAutostart(_ name: String, _ on: Bool) throws(ManagerError) -> VMSummary {
         try call("PUT", "/vms/\(Self.pathComponent(name))/autostart", body: Array("{\"autostart\":\(on)}".utf8), decode: Self.decodeVM)
