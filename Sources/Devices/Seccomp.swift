@@ -177,7 +177,9 @@ public enum Seccomp {
     /// glibc's malloc reads /proc/sys/vm/overcommit_memory the first time a thread's arena gives memory
     /// back (`shrink_heap`), on whichever thread that is: a confined device thread that freed a large
     /// buffer was killed for that openat (the vsock bench, 2026-12-07). This makes it happen now, on a
-    /// short-lived unconfined thread of its own arena: the answer is kept for the process's life.
+    /// short-lived unconfined thread of its own arena: the answer is kept for the process's life. It is
+    /// not certain (glibc raises its trim threshold after large frees, and the thread may share an
+    /// arena), so the filters also answer that open with EACCES (`compile`).
     static func primeMallocHeapShrink() {
         var thread = pthread_t()
         let rc = pthread_create(&thread, nil, { _ in
@@ -225,6 +227,21 @@ public enum Seccomp {
             guard rc == 0 || rc == -EEXIST else {
                 seccomp_release(raw)
                 throw SeccompError("filter '\(kind.rawValue)', rule \(i + 1) (\(rule.syscall)): libseccomp refused it: \(String(cString: strerror(-rc)))")
+            }
+        }
+        // glibc's heap trim probe (see `primeMallocHeapShrink`): a filter that does not name openat answers
+        // a read-only open relative to the working directory with EACCES instead of trapping. Nothing is
+        // opened either way; glibc then keeps trimming its heaps without the file.
+        if !filter.syscalls.contains("openat"), filter.defaultAction != .allow {
+            let cmps = [SeccompCondition(index: 0, op: .eq, value: UInt64(UInt32(bitPattern: AT_FDCWD)), dword: true),
+                        SeccompCondition(index: 2, op: .eq, value: UInt64(O_RDONLY | O_CLOEXEC), dword: true)].map(\.cmp)
+            let rc = cmps.withUnsafeBufferPointer {
+                seccomp_rule_add_array(raw, SeccompAction.errno(UInt32(EACCES)).value, seccomp_syscall_resolve_name("openat"),
+                                       UInt32($0.count), $0.baseAddress)
+            }
+            guard rc == 0 || rc == -EEXIST else {
+                seccomp_release(raw)
+                throw SeccompError("filter '\(kind.rawValue)': libseccomp refused the openat probe rule: \(String(cString: strerror(-rc)))")
             }
         }
         return ctx

@@ -97,14 +97,22 @@ func seccompViolation(_ kindName: String?) throws {
 }
 
 /// A confined thread of `kind` allocates and frees 2 MiB in 64 KiB blocks: its malloc arena shrinks,
-/// which glibc handles with a one-time openat that the filters do not allow.
-func seccompMallocTrim(_ kindName: String?) throws {
+/// which glibc handles with a one-time openat that the filters do not allow. With `raised`, an 8 MiB
+/// block is freed first (glibc's trim threshold rises to 16 MiB, so the start-up priming trims
+/// nothing) and the thread then frees 32 MiB in 1 MiB blocks: the openat happens on the confined thread.
+func seccompMallocTrim(_ kindName: String?, raised: Bool) throws {
     guard let kindName, let kind = ThreadKind(rawValue: kindName) else { fail("seccomp-malloc-trim needs a thread kind") }
+    if raised {
+        let big = malloc(8 << 20)
+        if let big { memset(big, 3, 8 << 20) }
+        free(big)
+    }
     try SeccompFile.enable(disabled: false, filterFile: nil)
     let done = StartGate()
+    let (count, size) = raised ? (32, 1 << 20) : (32, 64 << 10)
     try HostThread.start(name: "trim", kind: kind) {
         var blocks: [UnsafeMutableRawPointer] = []
-        for _ in 0..<32 { if let p = malloc(64 << 10) { memset(p, 2, 64 << 10); blocks.append(p) } }
+        for _ in 0..<count { if let p = malloc(size) { memset(p, 2, size); blocks.append(p) } }
         for p in blocks.reversed() { free(p) }
         emit("freed")
         done.open()
@@ -170,11 +178,11 @@ do {
     case "seccomp-violation":
         try seccompViolation(arguments.dropFirst().first)
     case "seccomp-malloc-trim":
-        try seccompMallocTrim(arguments.dropFirst().first)
+        try seccompMallocTrim(arguments.dropFirst().first, raised: arguments.dropFirst(2).first == "--raised-threshold")
     case "seccomp-export":
         seccompExport(arguments.dropFirst())
     default:
-        fail("usage: swiftkvm-test-helper seccomp-violation KIND | seccomp-malloc-trim KIND | seccomp-export [--without SYSCALL@KIND] | crash-writer [--seed S] [--count N] [--flush-every K] IMAGE | check-device DEVICE")
+        fail("usage: swiftkvm-test-helper seccomp-violation KIND | seccomp-malloc-trim KIND [--raised-threshold] | seccomp-export [--without SYSCALL@KIND] | crash-writer [--seed S] [--count N] [--flush-every K] IMAGE | check-device DEVICE")
     }
 } catch {
     fail("\(error)", status: 1)
