@@ -597,6 +597,31 @@ public struct SnapshotMemoryBackend: Codable, Sendable, Equatable {
     }
 }
 
+/// An entry of `network_overrides` in `PUT /snapshot/load`: the host TAP a NIC of the snapshot uses
+/// from now on (a restored copy cannot share its source's TAP).
+public struct NetworkOverride: Codable, Sendable, Equatable {
+    public var ifaceId: String
+    public var hostDevName: String
+    enum CodingKeys: String, CodingKey, CaseIterable { case ifaceId = "iface_id", hostDevName = "host_dev_name" }
+    public init(ifaceId: String, hostDevName: String) { self.ifaceId = ifaceId; self.hostDevName = hostDevName }
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.strictContainer(keyedBy: CodingKeys.self)
+        ifaceId = try c.decode(String.self, forKey: .ifaceId)
+        hostDevName = try c.decode(String.self, forKey: .hostDevName)
+    }
+}
+
+/// `vsock_override` in `PUT /snapshot/load`: the Unix socket the restored vsock device listens on.
+public struct VsockOverride: Codable, Sendable, Equatable {
+    public var udsPath: String
+    enum CodingKeys: String, CodingKey, CaseIterable { case udsPath = "uds_path" }
+    public init(udsPath: String) { self.udsPath = udsPath }
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.strictContainer(keyedBy: CodingKeys.self)
+        udsPath = try c.decode(String.self, forKey: .udsPath)
+    }
+}
+
 /// `PUT /snapshot/load` (`SnapshotLoadParams`): only before anything was configured.
 public struct SnapshotLoadParams: Codable, Sendable, Equatable {
     public var snapshotPath: String
@@ -606,9 +631,14 @@ public struct SnapshotLoadParams: Codable, Sendable, Equatable {
     public var enableDiffSnapshots: Bool?
     public var trackDirtyPages: Bool?
     public var resumeVM: Bool?
+    /// Other host TAPs for the snapshot's NICs, by `iface_id`.
+    public var networkOverrides: [NetworkOverride]?
+    /// Another Unix socket for the snapshot's vsock device.
+    public var vsockOverride: VsockOverride?
     enum CodingKeys: String, CodingKey, CaseIterable {
         case snapshotPath = "snapshot_path", memFilePath = "mem_file_path", memBackend = "mem_backend"
         case enableDiffSnapshots = "enable_diff_snapshots", trackDirtyPages = "track_dirty_pages", resumeVM = "resume_vm"
+        case networkOverrides = "network_overrides", vsockOverride = "vsock_override"
     }
     public init(snapshotPath: String, memBackend: SnapshotMemoryBackend?, resumeVM: Bool? = nil) {
         self.snapshotPath = snapshotPath; self.memBackend = memBackend; self.resumeVM = resumeVM
@@ -621,5 +651,7 @@ public struct SnapshotLoadParams: Codable, Sendable, Equatable {
         enableDiffSnapshots = try c.decodeIfPresent(Bool.self, forKey: .enableDiffSnapshots)
         trackDirtyPages = try c.decodeIfPresent(Bool.self, forKey: .trackDirtyPages)
         resumeVM = try c.decodeIfPresent(Bool.self, forKey: .resumeVM)
+        networkOverrides = try c.decodeIfPresent([NetworkOverride].self, forKey: .networkOverrides)
+        vsockOverride = try c.decodeIfPresent(VsockOverride.self, forKey: .vsockOverride)
     }
 }

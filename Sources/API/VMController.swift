@@ -459,6 +459,7 @@ public final class VMController: @unchecked Sendable {
             }
             var snapshot: MachineSnapshot
             do { snapshot = try SnapshotFile.read(p.snapshotPath) } catch { throw .badRequest("Cannot load the snapshot: \(error).") }
+            try Self.applyOverrides(p, to: &snapshot.config)
             // Dirty-page tracking from the load on (Firecracker's track_dirty_pages, formerly enable_diff_snapshots).
             snapshot.config.trackDirtyPages = p.trackDirtyPages == true || p.enableDiffSnapshots == true ? true : nil
             try startInstance(restoring: MachineRestore(snapshot: snapshot, memoryPath: memoryPath), paused: p.resumeVM != true)
@@ -628,6 +629,36 @@ public final class VMController: @unchecked Sendable {
         let pages = sysconf(Int32(_SC_PHYS_PAGES)), size = sysconf(Int32(_SC_PAGESIZE))
         guard pages > 0, size > 0 else { return nil }
         return UInt64(pages) * UInt64(size)
+    }
+
+    /// `network_overrides` and `vsock_override` of a snapshot load: other host TAPs for the snapshot's
+    /// NICs (by `iface_id`) and another socket for its vsock device. Each NIC keeps the MAC its guest uses.
+    static func applyOverrides(_ p: SnapshotLoadParams, to config: inout VMConfiguration) throws(APIError) {
+        var seen: Set<String> = []
+        for o in p.networkOverrides ?? [] {
+            guard seen.insert(o.ifaceId).inserted else {
+                throw .badRequest("Invalid network_overrides: iface_id '\(o.ifaceId)' is given twice.")
+            }
+            guard let i = config.nets.indices.first(where: { config.nicID($0) == o.ifaceId }) else {
+                let ids = config.nets.indices.map { config.nicID($0) }
+                throw .badRequest("Invalid network_overrides: the snapshot has no network interface '\(o.ifaceId)' (it has \(ids.isEmpty ? "none" : ids.joined(separator: ", "))).")
+            }
+            guard NetSpec.validInterfaceName(o.hostDevName) else {
+                throw .badRequest("Invalid network_overrides: host_dev_name '\(o.hostDevName)' of '\(o.ifaceId)' is not an interface name (1 to 15 bytes, no '/', ':' or whitespace).")
+            }
+            guard case .tap = config.nets[i].backend else {
+                throw .badRequest("Invalid network_overrides: network interface '\(o.ifaceId)' does not use a host TAP.")
+            }
+            config.nets[i].mac = config.nicMAC(i)
+            config.nets[i].backend = .tap(name: o.hostDevName)
+        }
+        if let v = p.vsockOverride {
+            guard config.vsock != nil else { throw .badRequest("Invalid vsock_override: the snapshot has no vsock device.") }
+            guard !v.udsPath.isEmpty, v.udsPath.utf8.count < 108 else {
+                throw .badRequest("Invalid vsock_override: uds_path must be 1 to 107 bytes (a Unix socket path), not \(v.udsPath.utf8.count).")
+            }
+            config.vsock?.udsPath = v.udsPath
+        }
     }
 
     private func startInstance(restoring: MachineRestore? = nil, paused: Bool = false) throws(APIError) {

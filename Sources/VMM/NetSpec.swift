@@ -107,7 +107,8 @@ public struct NetSpec: Codable, Sendable, Equatable {
         return (String(item[..<eq]), String(item[item.index(after: eq)...]))
     }
 
-    static func validInterfaceName(_ name: String) -> Bool {
+    /// Whether `name` can name a host network interface (IFNAMSIZ, no slash, colon or whitespace).
+    public static func validInterfaceName(_ name: String) -> Bool {
         !name.isEmpty && name.utf8.count < 16 && !name.contains("/") && name != "." && name != ".."
             && !name.contains(where: { $0.isWhitespace || $0 == ":" })
     }
