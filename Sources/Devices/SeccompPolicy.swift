@@ -79,6 +79,9 @@ public enum SeccompPolicy {
             + ioctls([CKVM_IRQ_LINE, CKVM_SIGNAL_MSI, CKVM_GET_REGS, CKVM_GET_SREGS, CKVM_GET_MP_STATE, tunSetOffload])
             + ioctls(snapshotIoctls)
             + fcntls([F_GETFL, F_SETFL, F_GETFD, F_SETFD])
+            // Opening a disk image on a running VM (PATCH /drives path_on_host; a migration's source taking its
+            // images back after a failed hand-off): QEMU-style image locks (F_OFD_GETLK, F_OFD_SETLK).
+            + fcntls([36, 37]) + ["access", "readlink"].map { R($0) }
             + ["rt_sigtimedwait", "rt_sigaction", "read", "close", "fsync", "fdatasync", "flock", "unlink", "openat",
                "fstat", "newfstatat", "lseek", "pread64", "pwrite64", "epoll_ctl", "shutdown", "sendto", "recvfrom",
                "ftruncate", "getrusage", "munlock", "wait4", "rename", "renameat", "renameat2", "mincore"].map { R($0) }

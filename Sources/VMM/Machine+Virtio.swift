@@ -106,6 +106,9 @@ final class DiskLock: Sendable {
     }
     deinit { locks.releaseAll() }
 
+    /// Releases the locks now (idempotent), for a migration target that takes them over.
+    func release() { locks.releaseAll() }
+
     /// Whether `path` names the locked image (same device and inode).
     func isSameFile(_ path: String) -> Bool {
         var a = stat(), b = stat()
@@ -211,6 +214,23 @@ final class MachineVirtio: Sendable {
             do { try d.backend.flush() } catch {
                 throw VMMError.setup("cannot flush the disk \(d.spec.path) for the snapshot: \(error)")
             }
+        }
+    }
+
+    /// The indices (in `VMConfiguration.disks`) of the machine's disks, in order.
+    var diskIndices: [Int] { state.withLock { $0.disks.keys.sorted() } }
+
+    /// Closes every disk image (data, metadata and header written) and releases its locks, so that a
+    /// migration target can open and lock the same files. The devices must stay quiesced until
+    /// `Machine.reopenDisksAfterHandOff` (or the machine stops). Throws naming the first disk that
+    /// cannot be closed.
+    func closeDisksForHandOff() throws {
+        let disks = state.withLock { $0.disks.sorted { $0.key < $1.key }.map(\.value) }
+        for d in disks {
+            do { try d.backend.close() } catch {
+                throw VMMError.setup("cannot close the disk \(d.spec.path) for the migration target: \(error)")
+            }
+            d.lock.release()
         }
     }
 
@@ -395,6 +415,32 @@ extension Machine {
             throw VMMError.invalidValue(what: "disk", value: "\(index)", reason: "no such virtio-blk disk")
         }
         disk.device.updateRateLimit(bandwidth: RateLimiter.BucketUpdate(bandwidth), ops: RateLimiter.BucketUpdate(ops))
+    }
+
+    /// Opens every disk again after `MachineVirtio.closeDisksForHandOff` (a migration that failed):
+    /// new backends and locks on the same files. Throws naming the first disk that cannot be opened
+    /// (another process took its lock meanwhile, or the file is gone); the guest must then stay paused.
+    func reopenDisksAfterHandOff() throws {
+        for index in virtio.diskIndices {
+            try virtio.replaceLock.withLock { _ in
+                guard let disk = virtio.disk(index) else { return }
+                var opened: (backend: any BlockBackend, lock: DiskLock)?
+                do {
+                    // The old backend was closed by the hand-off (closing again does nothing).
+                    let old = try disk.device.replaceBackend {
+                        let o = try Self.openDisk(disk.spec)
+                        opened = o
+                        return o.0
+                    }
+                    try? old?.close()
+                } catch {
+                    throw VMMError.setup("cannot open the disk \(disk.spec.path) again: \(error)")
+                }
+                guard let (backend, lock) = opened, virtio.replaced(index, spec: disk.spec, backend: backend, lock: lock) else {
+                    throw VMMError.setup("cannot open the disk \(disk.spec.path) again: the machine is stopping")
+                }
+            }
+        }
     }
 
     /// Replaces the backing file of running disk `index` by `path` (Firecracker's "update block

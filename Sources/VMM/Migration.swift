@@ -127,8 +127,14 @@ final class MigrationWire {
     let peer: String
     private(set) var bytesSent: UInt64 = 0
 
+    /// A page record's data is copied here before it is checksummed and sent.
+    let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: maxPagesPerRecord * pageSize, alignment: pageSize)
+
     init(fd: Int32, peer: String) { self.fd = fd; self.peer = peer }
-    deinit { close(fd) }
+    deinit {
+        close(fd)
+        scratch.deallocate()
+    }
 
     /// Send and receive time out after `seconds` without progress: a stalled peer is an error, not a hang.
     static func setTimeouts(_ fd: Int32, seconds: Int = 60) {
@@ -177,6 +183,43 @@ final class MigrationWire {
     }
 }
 
+/// What a disk file looks like, cheaply: its size and the CRC-32 of its first and last 64 KiB. A
+/// migration's source takes it after closing the file, and the target compares it with the file it
+/// is about to open at the same path: live migration of disks needs storage both hosts share.
+public struct DiskFingerprint: Codable, Sendable, Equatable {
+    public var path: String
+    public var size: UInt64
+    public var headCRC: UInt32
+    public var tailCRC: UInt32
+    static let span = 64 << 10
+
+    /// Reads `path`'s fingerprint; throws naming the file when it cannot be read.
+    public init(path: String) throws {
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { throw VMMError.setup("cannot open \(path): \(String(cString: strerror(errno)))") }
+        defer { close(fd) }
+        var st = stat()
+        guard fstat(fd, &st) == 0 else { throw VMMError.setup("cannot stat \(path): \(String(cString: strerror(errno)))") }
+        let size = UInt64(st.st_size)
+        func crc(at offset: UInt64) throws -> UInt32 {
+            var buffer = [UInt8](repeating: 0, count: Int(min(UInt64(DiskFingerprint.span), size)))
+            var done = 0
+            while done < buffer.count {
+                let n = buffer.withUnsafeMutableBytes { pread(fd, $0.baseAddress! + done, $0.count - done, off_t(offset) + off_t(done)) }
+                if n < 0 && errno == EINTR { continue }
+                guard n > 0 else { throw VMMError.setup("cannot read \(path) at offset \(offset + UInt64(done)): \(n == 0 ? "end of file" : String(cString: strerror(errno)))") }
+                done += n
+            }
+            return buffer.withUnsafeBytes { MigrationWire.crc32($0) }
+        }
+        let head = try crc(at: 0), tail = try crc(at: size - min(UInt64(Self.span), size))
+        self.path = path
+        self.size = size
+        headCRC = head
+        tailCRC = tail
+    }
+}
+
 /// How a live migration went (`Machine.migrate`).
 public struct MigrationReport: Codable, Sendable, Equatable {
     /// Memory passes, the last one with the vCPUs paused.
@@ -205,19 +248,22 @@ extension Machine {
     /// per pass. On success the caller stops this machine. On a failure before the target was told
     /// to run, the guest is resumed and nothing is lost; a failure after it leaves the guest paused
     /// (the target may be running) and says so.
+    ///
+    /// Disks stay where they are (shared storage, as QEMU's migration without block copy): with the
+    /// guest paused, each image is closed and its locks released, and the state carries each file's
+    /// `DiskFingerprint`; the target checks it, then opens and locks the same paths. If the target
+    /// refuses or the stream fails before it was told to run, the images are opened again here
+    /// (retrying for 10 s while a target that gave up closes them) before the guest resumes.
     public func migrate(to endpoint: MigrationEndpoint, maxDowntimeMs: Int, progress: (String) -> Void) throws -> MigrationReport {
-        guard config.disks.isEmpty else {
-            throw VMMError.invalidConfiguration("live migration of a VM with disks is not supported yet: the disk image locks cannot be handed to the target")
-        }
         let start = PauseGate.nowNs()
         let wire = MigrationWire(fd: try endpoint.connect(), peer: endpoint.description)
         let loggingBefore = tracksDirtyLogging
         try setDirtyLogging(true)
-        var paused = false, devicesHeld = false, told = false
+        var paused = false, devicesHeld = false, told = false, disksClosed = false, keepPaused = false
         defer {
             if !told {
                 if devicesHeld { virtio.resumeAfterSnapshot() }
-                if paused { resume() }
+                if paused && !keepPaused { resume() }
                 if !loggingBefore { try? setDirtyLogging(false) }
             }
         }
@@ -260,18 +306,43 @@ extension Machine {
         for r in pending.indices { for w in pending[r].indices { pending[r][w] |= last[r][w] } }
         pages += try sendDirty(wire, pending)
         passes += 1
-        let state = try SnapshotFile.encode(try captureState())
-        try wire.send([MigrationWire.Tag.state.rawValue] + withUnsafeBytes(of: UInt64(state.count).littleEndian) { Array($0) } + state)
-        switch try wire.receiveTag() {
-        case MigrationWire.Tag.ready.rawValue: break
-        case MigrationWire.Tag.refused.rawValue:
-            let n = try wire.receive(4).getLE(UInt32.self, at: 0) ?? 0
-            let message = String(decoding: try wire.receive(Int(min(n, 4096))), as: UTF8.self)
-            throw VMMError.setup("the migration target refused the VM: \(message)")
-        case let t: throw VMMError.setup("the migration target answered 0x\(String(t, radix: 16)) instead of ready")
+        var snapshot = try captureState()
+        do {
+            if !snapshot.config.disks.isEmpty {
+                disksClosed = true
+                try virtio.closeDisksForHandOff()
+                snapshot.diskFingerprints = try snapshot.config.disks.map { try DiskFingerprint(path: $0.path) }
+            }
+            let state = try SnapshotFile.encode(snapshot)
+            try wire.send([MigrationWire.Tag.state.rawValue] + withUnsafeBytes(of: UInt64(state.count).littleEndian) { Array($0) } + state)
+            switch try wire.receiveTag() {
+            case MigrationWire.Tag.ready.rawValue: break
+            case MigrationWire.Tag.refused.rawValue:
+                let n = try wire.receive(4).getLE(UInt32.self, at: 0) ?? 0
+                let message = String(decoding: try wire.receive(Int(min(n, 4096))), as: UTF8.self)
+                throw VMMError.setup("the migration target refused the VM: \(message)")
+            case let t: throw VMMError.setup("the migration target answered 0x\(String(t, radix: 16)) instead of ready")
+            }
+            try wire.send([MigrationWire.Tag.go.rawValue])
+            told = true
+        } catch {
+            guard disksClosed else { throw error }
+            // The guest keeps running here: its disks first.
+            let deadline = PauseGate.nowNs() + 10_000_000_000
+            while true {
+                do {
+                    try reopenDisksAfterHandOff()
+                    break
+                } catch let reopen {
+                    guard PauseGate.nowNs() < deadline else {
+                        keepPaused = true
+                        throw VMMError.setup("\(error); the guest stays paused here because its disks could not be opened again: \(reopen)")
+                    }
+                    usleep(100_000)
+                }
+            }
+            throw error
         }
-        try wire.send([MigrationWire.Tag.go.rawValue])
-        told = true
         guard (try? wire.receiveTag()) == MigrationWire.Tag.running.rawValue else {
             throw VMMError.setup("the migration target was told to run but did not confirm it: it may be running; this VM stays paused")
         }
@@ -354,10 +425,14 @@ extension Machine {
         head += withUnsafeBytes(of: offset.littleEndian) { Array($0) }
         head += withUnsafeBytes(of: UInt32(count).littleEndian) { Array($0) }
         guard !zero else { return try wire.send(head) }
-        let data = UnsafeRawBufferPointer(start: region.host + page * MigrationWire.pageSize, count: count * MigrationWire.pageSize)
-        head += withUnsafeBytes(of: MigrationWire.crc32(data).littleEndian) { Array($0) }
+        // A copy: the guest (or a device) may write these pages while they are sent; the copy's checksum
+        // matches what is sent, and a page changed meanwhile is dirty and goes again in the next pass.
+        let bytes = count * MigrationWire.pageSize
+        let data = UnsafeMutableRawBufferPointer(rebasing: wire.scratch[..<bytes])
+        data.copyMemory(from: UnsafeRawBufferPointer(start: region.host + page * MigrationWire.pageSize, count: bytes))
+        head += withUnsafeBytes(of: MigrationWire.crc32(UnsafeRawBufferPointer(data)).littleEndian) { Array($0) }
         try wire.send(head)
-        try wire.send(data)
+        try wire.send(UnsafeRawBufferPointer(data))
     }
 }
 
@@ -450,6 +525,23 @@ public final class IncomingMigration: @unchecked Sendable {
                 guard snapshot.memorySize == size else {
                     throw bad("the state is for \(snapshot.memorySize) bytes of RAM, the stream sent \(size)")
                 }
+                // The disks stay on storage both sides share: the files here must be the ones the source closed.
+                for f in snapshot.diskFingerprints ?? [] {
+                    let problem: String?
+                    do {
+                        let here = try DiskFingerprint(path: f.path)
+                        problem = here == f ? nil
+                            : here.size != f.size ? "it has \(here.size) bytes here and \(f.size) at the source"
+                            : "its first or last 64 KiB differ from the source's"
+                    } catch {
+                        problem = "\(error)"
+                    }
+                    if let problem {
+                        let message = "disk \(f.path): \(problem); live migration needs the source's disk files at the same paths (shared storage)"
+                        Self.refuse(wire, message)
+                        throw bad(message)
+                    }
+                }
                 keep = true
                 logger.info("migration: received \(records) memory records and the state (\(snapshot.vcpus.count) vCPUs, \(snapshot.devices.count) devices)")
                 return IncomingMigration(restore: MachineRestore(snapshot: snapshot, memoryPath: "/proc/self/fd/\(mem)", memoryFD: mem), wire: wire)
@@ -473,7 +565,9 @@ public final class IncomingMigration: @unchecked Sendable {
     }
 
     /// Tells the source that the machine could not be built (it resumes its guest).
-    public func refuse(_ message: String) {
+    public func refuse(_ message: String) { Self.refuse(wire, message) }
+
+    static func refuse(_ wire: MigrationWire, _ message: String) {
         let m = Array(message.utf8.prefix(4096))
         try? wire.send([MigrationWire.Tag.refused.rawValue] + withUnsafeBytes(of: UInt32(m.count).littleEndian) { Array($0) } + m)
     }

@@ -58,6 +58,9 @@ public struct MachineSnapshot: Codable, Sendable, Equatable {
     /// For a Diff snapshot: the parts of the memory file it holds (the pages written since the
     /// previous snapshot); the rest is a hole. nil: a Full snapshot.
     public var diffRanges: [MemoryRange]? = nil
+    /// For a live migration: what the source's disk files looked like when it closed them, for the
+    /// target to check that it opens the same files (shared storage). nil in snapshot files.
+    public var diskFingerprints: [DiskFingerprint]? = nil
 }
 
 /// A byte range of a memory file.
@@ -549,7 +552,12 @@ extension Machine {
 
     /// Everything but memory, of a paused machine whose devices are quiesced.
     func captureState() throws -> MachineSnapshot {
-        MachineSnapshot(config: config, memorySize: memory.totalSize,
+        // The disks as they are now: PATCH /drives may have swapped an image since the machine was built.
+        var config = config
+        for i in virtio.diskIndices where i < config.disks.count {
+            if let disk = virtio.disk(i) { config.disks[i] = disk.spec }
+        }
+        return MachineSnapshot(config: config, memorySize: memory.totalSize,
                         vcpus: try vcpuManager.saveStates(msrIndices: try kvm.msrIndexList()),
                         vm: try vm.saveKernelState(), devices: try devices.save(), quirks: quirks.savedState)
     }

@@ -198,7 +198,7 @@ struct VMMigrateCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "migrate",
         abstract: "Live-migrate a running VM to a `swiftkvm vmm --incoming ADDR` (virsh migrate --live).",
-        discussion: "Prints the report (passes, bytes sent, downtime) as JSON. On success the VM runs at the destination and is shut off here; on a failure it keeps running here. VMs with disks cannot migrate yet.")
+        discussion: "Prints the report (passes, bytes sent, downtime) as JSON. On success the VM runs at the destination and is shut off here; on a failure it keeps running here. Disks stay where they are: the destination must see the same image files (one host, or shared storage); it refuses the VM otherwise.")
     @ParentCommand var parent: VMCommand
     var options: VMSocketOptions { parent.options }
     @Argument(help: "The VM's name.") var name: String

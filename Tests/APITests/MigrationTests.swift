@@ -31,8 +31,17 @@ struct MigrationTests {
         let sock = "/tmp/swk-mig-\(getpid())-\(name).sock", out = dir.path + "/\(name).out"
         unlink(sock)
         let p = try VMMProcessTests.launch(["vmm", "--api-sock", sock, "--id", name] + extra, stdout: out)
-        #expect(GuestSupport.wait(seconds: 10) { FileManager.default.fileExists(atPath: sock) }, "\(name) API socket")
+        // The socket file appears at bind(), a moment before listen(): wait until the API answers.
+        #expect(GuestSupport.wait(seconds: 10) { (try? UnixHTTPClient(path: sock).send("GET", "/"))?.status == 200 }, "\(name) API socket")
+        waitForIncoming(extra)
         return VMM(process: p, socket: sock, out: out)
+    }
+
+    /// With `--incoming unix:PATH` in `args`: waits for PATH (the listener comes up after the API socket).
+    static func waitForIncoming(_ args: [String]) {
+        guard let i = args.firstIndex(of: "--incoming"), i + 1 < args.count, args[i + 1].hasPrefix("unix:") else { return }
+        let path = String(args[i + 1].dropFirst(5))
+        #expect(GuestSupport.wait(seconds: 10) { FileManager.default.fileExists(atPath: path) }, "the incoming socket \(path)")
     }
 
     /// A running ticker source.
@@ -90,6 +99,75 @@ struct MigrationTests {
         let port = Int(UInt16(bigEndian: addr.sin_port))
         let report = try migrate(to: "tcp:127.0.0.1:\(port)")
         #expect(report.passes >= 2 && report.bytesSent > 0 && report.downtimeMs > 0 && report.totalMs >= report.downtimeMs, "\(report)")
+    }
+
+    /// A source running the virtio_blk guest program in stream mode on the raw disk `disk`.
+    static func streamingSource(_ dir: TempDir, disk: String) throws -> VMM {
+        let program = try #require(GuestSupport.guestProgram("virtio_blk"))
+        let s = try launch(dir, "source")
+        #expect(try s.send("PUT", "/boot-source", #"{"kernel_image_path": "\#(program)", "boot_args": "stream mmio tsc_khz=\#(GuestSupport.tscKHz)"}"#).status == 204)
+        #expect(try s.send("PUT", "/machine-config", #"{"vcpu_count": 1, "mem_size_mib": 64}"#).status == 204)
+        #expect(try s.send("PUT", "/drives/d0", #"{"drive_id": "d0", "path_on_host": "\#(disk)", "is_root_device": false, "is_read_only": false}"#).status == 204)
+        #expect(try s.send("PUT", "/actions", #"{"action_type": "InstanceStart"}"#).status == 204)
+        #expect(GuestSupport.wait(seconds: 60) { SnapshotTests.streamRounds(s.out).count >= 3 }, "the source streams: \(s.text.suffix(300))")
+        return s
+    }
+
+    @Test("a virtio-blk guest streaming to its disk moves to a target on the same storage and streams on there: the source closes and unlocks the image, the target checks and locks it, and every round across both processes reads back what it wrote")
+    func withDisk() throws {
+        let dir = TempDir()
+        defer { dir.cleanup() }
+        let disk = dir.path + "/disk.raw"
+        #expect(FileManager.default.createFile(atPath: disk, contents: Data(count: 1 << 20)))
+        let s = try Self.streamingSource(dir, disk: disk)
+        defer { s.stop() }
+        let address = "unix:/tmp/swk-mig-disk-\(getpid()).in"
+        let t = try Self.launch(dir, "target", extra: ["--incoming", address])
+        defer { t.stop() }
+        let r = try s.send("PUT", "/migrate", #"{"destination": "\#(address)"}"#)
+        #expect(r.status == 200, "migrate: \(r.body)")
+        #expect(GuestSupport.wait(seconds: 10) { !s.process.isRunning }, "the source exits once the target runs")
+        let before = s.text
+        let last = SnapshotTests.streamRounds(text: before).last ?? 0
+        #expect(GuestSupport.wait(seconds: 60) { SnapshotTests.streamRounds(text: before + t.text).count >= last + 4 },
+                "the target streams on: \(t.text.suffix(300))")
+        let all = before + t.text
+        #expect(!all.contains("FAIL"), "\(all.suffix(800))")
+        let rounds = SnapshotTests.streamRounds(text: all)
+        #expect(rounds == Array(1...max(1, rounds.count)), "every round in order across both: \(rounds.suffix(8)) (last at the source \(last))")
+        #expect(try t.send("GET", "/").json?["state"] as? String == "Running")
+    }
+
+    @Test("a target whose file at the disk's path is another file (no shared storage: a bind mount in its own mount namespace) refuses the VM naming the disk; the source opens its disk again and streams on")
+    func diskNotShared() throws {
+        let unshare = "/usr/bin/unshare"
+        try #require(FileManager.default.isExecutableFile(atPath: unshare) && getuid() == 0, "needs root and util-linux's unshare for a private mount namespace")
+        let dir = TempDir()
+        defer { dir.cleanup() }
+        let disk = dir.path + "/disk.raw", other = dir.path + "/other.raw"
+        #expect(FileManager.default.createFile(atPath: disk, contents: Data(count: 1 << 20)))
+        #expect(FileManager.default.createFile(atPath: other, contents: Data(repeating: 0x5a, count: 1 << 20)))
+        let s = try Self.streamingSource(dir, disk: disk)
+        defer { s.stop() }
+        let address = "unix:/tmp/swk-mig-other-\(getpid()).in"
+        let sock = "/tmp/swk-mig-\(getpid())-other.sock", out = dir.path + "/other.out"
+        unlink(sock)
+        let target = try VMMProcessTests.launch(
+            ["-m", "--propagation", "private", "sh", "-c", #"mount --bind "$1" "$2" && shift 2 && exec "$@""#, "sh", other, disk,
+             try #require(GuestSupport.swiftkvm), "vmm", "--api-sock", sock, "--incoming", address],
+            executable: unshare, stdout: out)
+        defer { if target.isRunning { kill(target.processIdentifier, SIGTERM) }; _ = VMMProcessTests.finish(target, seconds: 10) }
+        #expect(GuestSupport.wait(seconds: 10) { FileManager.default.fileExists(atPath: sock) }, "the target's API socket")
+        Self.waitForIncoming(["--incoming", address])
+        let before = SnapshotTests.streamRounds(s.out).count
+        let r = try s.send("PUT", "/migrate", #"{"destination": "\#(address)"}"#)
+        #expect(r.status == 400 && r.fault?.contains("disk \(disk)") == true && r.fault?.contains("shared storage") == true, "\(r.body)")
+        #expect(try s.send("GET", "/").json?["state"] as? String == "Running")
+        #expect(GuestSupport.wait(seconds: 60) { SnapshotTests.streamRounds(s.out).count >= before + 3 }, "the source streams on with its disk opened again")
+        #expect(!s.text.contains("FAIL"), "\(s.text.suffix(800))")
+        #expect(GuestSupport.wait(seconds: 10) { !target.isRunning }, "the target gave up")
+        let otherBytes = try Data(contentsOf: URL(fileURLWithPath: other))
+        #expect(otherBytes == Data(repeating: 0x5a, count: 1 << 20), "the target's file was not written")
     }
 
     @Test("a destination that does not answer, a bad address and a target that hangs up mid-stream are 400s naming the problem, and the source keeps running")

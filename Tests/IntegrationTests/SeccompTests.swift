@@ -90,6 +90,12 @@ struct SeccompTests {
         // A runtime request on the confined API and controller threads, and a metrics flush on its thread.
         #expect(call("PATCH", "/vm", #"{"state": "Paused"}"#) == "204", "\(vmm.stderr.text)")
         #expect(call("PATCH", "/vm", #"{"state": "Resumed"}"#) == "204", "\(vmm.stderr.text)")
+        // Swapping the disk's image for a qcow2 one and back (opened and locked on the confined controller thread).
+        let qcow2 = dir.path + "/d1.qcow2"
+        let made = try MCChild.run(try #require(MCSupport.swiftkvm), ["img", "create", "-f", "qcow2", qcow2, "1M"], timeout: 30)
+        #expect(made.status == 0, "\(made.stderr)")
+        #expect(call("PATCH", "/drives/d0", #"{"drive_id": "d0", "path_on_host": "\#(qcow2)"}"#) == "204", "\(vmm.stderr.text)")
+        #expect(call("PATCH", "/drives/d0", #"{"drive_id": "d0", "path_on_host": "\#(disk)"}"#) == "204", "\(vmm.stderr.text)")
         #expect(MCSupport.wait(seconds: 10) { ((try? String(contentsOfFile: metrics, encoding: .utf8)) ?? "").contains("utc_timestamp_ms") })
         let threads = Self.threads(of: vmm.pid)
         let names = Set(threads.map(\.name))
