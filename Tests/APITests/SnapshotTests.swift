@@ -152,6 +152,25 @@ struct SnapshotTests {
         #expect(r.status == 400 && r.fault?.contains("boot-specific resources") == true, "\(r.body)")
     }
 
+    @Test("a snapshot after PATCH /drives swapped the disk's image records the new image, so a restore opens the file the guest was using")
+    func swappedDrive() throws {
+        let dir = TempDir()
+        defer { dir.cleanup() }
+        let first = dir.file("first.raw"), second = dir.file("second.raw")
+        for path in [first, second] { #expect(truncate(path, 1 << 20) == 0) }
+        let f = try Fixture()
+        defer { f.shutdown() }
+        #expect(try f.send("PUT", "/drives/d0", #"{"drive_id": "d0", "path_on_host": "\#(first)", "is_root_device": false, "is_read_only": false}"#).status == 204)
+        try f.startTicker(ticks: 0)
+        #expect(GuestSupport.wait(seconds: 30) { f.ticks >= 3 })
+        #expect(try f.send("PATCH", "/drives/d0", #"{"drive_id": "d0", "path_on_host": "\#(second)"}"#).status == 204)
+        #expect(try f.send("PATCH", "/vm", #"{"state": "Paused"}"#).status == 204)
+        let r = try f.send("PUT", "/snapshot/create", #"{"snapshot_path": "\#(dir.path)/vm.snap", "mem_file_path": "\#(dir.path)/vm.mem"}"#)
+        #expect(r.status == 204, "\(r.body)")
+        let snap = try SnapshotFile.read(dir.path + "/vm.snap")
+        #expect(snap.config.disks.map(\.path) == [second])
+    }
+
     @Test("with track_dirty_pages, a Diff snapshot after a Full one holds only the pages written since (a small part of RAM); merged onto the Full memory file it loads into a VM that continues with the next tick; a Diff needs tracking and a base")
     func diffSnapshot() throws {
         let dir = TempDir()
