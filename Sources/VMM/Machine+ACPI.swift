@@ -29,7 +29,8 @@ extension Machine {
     /// bus at `ACPIPorts.base`; fw_cfg gets the same tables as files (`setUpFirmwareConfig`). Called at the end of `init`, after every device is attached.
     ///
     /// A flat guest whose image covers the table area gets no tables (logged).
-    func setUpACPI() throws {
+    /// `writeTables` false (a restore): guest RAM, tables included, comes from the snapshot.
+    func setUpACPI(writeTables: Bool = true) throws {
         var acpi = ACPIConfiguration(cpus: config.cpus)
         // MCFG only when the PCI module really decodes ECAM there.
         if mmioBus.find(Self.ecamBase) != nil { acpi.ecamBase = Self.ecamBase }
@@ -37,7 +38,9 @@ extension Machine {
 
         let area = (start: BootLayout.acpiTablesAddress, end: BootLayout.acpiTablesEnd)
         let covered = loaded.ranges.contains { $0.start < area.end && area.start < $0.end && $0.size > 0 }
-        if loaded.format == .firmware {
+        if !writeTables {
+            logger.debug("restore: the ACPI tables are in the snapshot's memory")
+        } else if loaded.format == .firmware {
             logger.debug("boot: no ACPI tables in memory: firmware builds them from fw_cfg's etc/table-loader")
         } else if covered {
             logger.info("no ACPI tables: the guest image covers \(hex(area.start))-\(hex(area.end))")

@@ -139,6 +139,11 @@ public final class Machine: @unchecked Sendable {
         kvm = try KVMSystem()
         try Self.checkCPUCount(config.cpus, kvm: kvm)
         vm = try kvm.createVM()
+        // The host quirks first (the PVM fix-up's MSR filter): KVM_X86_SET_MSR_FILTER waits for an SRCU grace
+        // period, which is expedited (tens of µs) on an idle VM but takes a scheduler tick or more (12-15 ms
+        // measured) right after a memory-slot change. Their memory slots also come before the irqchip: once KVM
+        // has an in-kernel irqchip, each new slot costs 4-9 ms here (measured with strace -T), 0.1 ms before.
+        try self.quirks.configure(vm: vm, logger: logger)
         let logDirty = config.trackDirtyPages == true
         for (slot, region) in memory.regions.enumerated() {
             try vm.setUserMemoryRegion(slot: UInt32(slot), guestPhys: region.start, size: region.size, host: region.host,
@@ -154,9 +159,6 @@ public final class Machine: @unchecked Sendable {
             romImage = try Self.readFile(spec.path, limit: FirmwareLoader.maximumSize, what: "firmware image")
         }
         firmwareROM = try Self.mapFirmware(romImage, vm: vm, kvm: kvm, logger: logger)
-        // The host quirks' memory slots before the irqchip: once KVM has an in-kernel irqchip, each new
-        // slot costs 4–9 ms here (measured with strace -T), against 0.1 ms before it.
-        try self.quirks.configure(vm: vm, logger: logger)
         do { try vm.setTSSAddress(Self.tssAddress) } catch { logger.debug("\(error)") }
         do { try vm.setIdentityMapAddress(Self.identityMapAddress) } catch { logger.debug("\(error)") }
         try vm.createIRQChip()
@@ -199,7 +201,7 @@ public final class Machine: @unchecked Sendable {
                                       quirks: self.quirks, cpuidMasks: config.cpuidMasks, entry: loaded.entry,
                                       logger: logger)
         try setUpVirtio()
-        try setUpACPI()
+        try setUpACPI(writeTables: restoring == nil)
         try setUpFirmwareDebugConsole()
         if let restoring { try restore(restoring) }
     }
