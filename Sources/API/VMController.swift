@@ -116,6 +116,9 @@ public final class VMController: @unchecked Sendable {
         public var onExit: @Sendable (MachineExit) -> Void = { _ in }
         /// The virtio transport of the devices: virtio-mmio unless `--enable-pci`, as Firecracker.
         public var virtioTransport: VirtioTransportKind = .mmio
+        /// Guest RAM of every machine built here (booted, loaded from a snapshot, or received by a
+        /// migration) may be merged by KSM (`swiftkvm vmm --ksm`).
+        public var mergeableMemory = false
         public init() {}
     }
 
@@ -671,6 +674,11 @@ public final class VMController: @unchecked Sendable {
             config.serial = resources.serial?.serialOutPath.map { "file:" + $0 } ?? options.defaultSerial.description
         } else {
             config = try makeConfiguration(resources)
+        }
+        if options.mergeableMemory {
+            var backend = config.memoryBackend ?? MemoryBackend()
+            backend.mergeable = true
+            config.memoryBackend = backend
         }
         let instance: any VMInstance
         do {

@@ -27,9 +27,10 @@ public enum VMMArguments {
                 name = String(name[..<eq])
             }
             switch name {
-            case "no-api", "show-level", "show-log-origin", "no-seccomp", "boot-timer", "enable-pci":
+            case "no-api", "show-level", "show-log-origin", "no-seccomp", "boot-timer", "enable-pci", "ksm":
                 guard inline == nil else { return nil }
                 if name == "enable-pci" { o.enablePCI = true }
+                if name == "ksm" { o.ksm = true }
                 if name == "no-api" { o.noAPI = true }
                 if name == "show-level" { o.showLevel = true }
                 if name == "show-log-origin" { o.showLogOrigin = true }

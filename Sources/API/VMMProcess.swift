@@ -47,6 +47,8 @@ public enum VMMProcess {
         public var incoming: MigrationEndpoint?
         /// `--enable-pci`: the virtio devices on PCI instead of virtio-mmio (Firecracker's flag).
         public var enablePCI = false
+        /// `--ksm`: guest RAM may be merged by the kernel's KSM (`MADV_MERGEABLE`), as QEMU's `mem-merge`.
+        public var ksm = false
         public init() {}
     }
 
@@ -137,6 +139,7 @@ public enum VMMProcess {
         controllerOptions.instanceID = options.instanceID
         controllerOptions.metricsInterval = options.metricsInterval
         controllerOptions.virtioTransport = options.enablePCI ? .pci : .mmio
+        controllerOptions.mergeableMemory = options.ksm
         if serialLog != nil { controllerOptions.defaultSerial = .none }
         if console != nil || serialLog != nil || feedStdin {
             let defaultBuilder = controllerOptions.builder

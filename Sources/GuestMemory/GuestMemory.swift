@@ -155,11 +155,18 @@ public final class GuestMemory: @unchecked Sendable {
         } catch GuestMemoryError.mmapFailed(let n, let e) where huge {
             throw GuestMemoryError.backend("cannot map \(n) bytes of guest RAM in huge pages (\(String(cString: strerror(e)))): reserve them first (vm.nr_hugepages is \(hugePagesReserved()))")
         }
+        let memory = try GuestMemory(regions: regions)
+        memory.advise(backend)
+        return memory
+    }
+
+    /// Applies `backend`'s advice to guest RAM: `MADV_MERGEABLE` (KSM) and `MADV_HUGEPAGE`. Again after a
+    /// restore mapped the memory file over RAM (a new mapping starts without advice).
+    public func advise(_ backend: MemoryBackend) {
         for r in regions {
             if backend.mergeable { _ = madvise(r.host, Int(r.size), MADV_MERGEABLE) }
             if backend.hugePages == .transparent { _ = madvise(r.host, Int(r.size), MADV_HUGEPAGE) }
         }
-        return try GuestMemory(regions: regions)
     }
 
     /// /proc/sys/vm/nr_hugepages, for messages.

@@ -584,6 +584,8 @@ extension Machine {
         } else {
             try SnapshotIO.mapMemory(r.memoryPath, over: memory)
         }
+        // KSM and huge-page advice belongs to the mapping: the new one needs it again.
+        if let backend = config.memoryBackend { memory.advise(backend) }
         try vm.restoreKernelState(r.snapshot.vm)
         try vcpuManager.restoreStates(r.snapshot.vcpus)
         try devices.restore(r.snapshot.devices)

@@ -53,6 +53,8 @@ struct VMMCommand: ParsableCommand {
     var noSeccomp = false
     @Flag(name: .customLong("enable-pci"), help: "Put the virtio devices on PCI (default: virtio-mmio, as Firecracker).")
     var enablePCI = false
+    @Flag(name: .customLong("ksm"), help: "Let the kernel's KSM merge identical guest pages (MADV_MERGEABLE, as QEMU's mem-merge), also of a machine loaded from a snapshot or received by a migration. KSM itself runs when /sys/kernel/mm/ksm/run is 1.")
+    var ksm = false
     @Option(name: .customLong("seccomp-filter"), help: "Load the seccomp filters from this JSON file (Firecracker's seccompiler format, one filter per thread kind: vmm, api, vcpu, device, console) instead of the built-in ones.")
     var seccompFilter: String?
 
@@ -105,6 +107,7 @@ struct VMMCommand: ParsableCommand {
         o.seccompFilter = seccompFilter
         o.incoming = try incoming.map { try MigrationEndpoint(parsing: $0) }
         o.enablePCI = enablePCI
+        o.ksm = ksm
         throw ExitCode(VMMProcess.run(o))
     }
 }

@@ -431,6 +431,42 @@ struct SnapshotCloneTests {
         #expect(usage.mappings >= 1, "the memory file is mapped")
         #expect(usage.sharedKB > 0, "pages of the memory file are shared with the other clones")
     }
+    /// The VmFlags of `pid`'s mappings of `path`.
+    static func vmFlags(pid: Int32, path: String) -> [String] {
+        let text = FileHandle(forReadingAtPath: "/proc/\(pid)/smaps").map { String(decoding: $0.readDataToEndOfFile(), as: UTF8.self) } ?? ""
+        var flags: [String] = [], inside = false
+        for line in text.split(separator: "\n") {
+            if let dash = line.firstIndex(of: "-"), line[..<dash].allSatisfy(\.isHexDigit) {
+                inside = line.hasSuffix(path)
+            } else if inside, line.hasPrefix("VmFlags:") {
+                flags.append(String(line))
+            }
+        }
+        return flags
+    }
+
+    @Test("swiftkvm vmm --ksm: the guest RAM of a loaded snapshot (the memory file's copy-on-write mapping) is mergeable by KSM (VmFlags mg); without --ksm it is not")
+    func ksmAfterLoad() throws {
+        let dir = TempDir()
+        defer { dir.cleanup() }
+        let f = try LifecycleTests.Fixture()
+        _ = try SnapshotTests.snapshotRunningTicker(f, into: dir)
+        f.shutdown()
+        for ksm in [true, false] {
+            let sock = "/tmp/swk-ksm-\(getpid())-\(ksm).sock", out = dir.path + "/ksm-\(ksm).out"
+            unlink(sock)
+            let p = try VMMProcessTests.launch(["vmm", "--api-sock", sock] + (ksm ? ["--ksm"] : []), stdout: out)
+            defer { if p.isRunning { p.terminate(); p.waitUntilExit() } }
+            #expect(GuestSupport.wait(seconds: 10) { (try? UnixHTTPClient(path: sock).send("GET", "/"))?.status == 200 })
+            let r = try UnixHTTPClient(path: sock).send("PUT", "/snapshot/load",
+                #"{"snapshot_path": "\#(dir.path)/vm.snap", "mem_backend": {"backend_type": "File", "backend_path": "\#(dir.path)/vm.mem"}, "resume_vm": true}"#)
+            #expect(r.status == 204, "\(r.body)")
+            let flags = Self.vmFlags(pid: p.processIdentifier, path: dir.path + "/vm.mem")
+            #expect(!flags.isEmpty, "the memory file is mapped")
+            #expect(flags.allSatisfy { $0.contains(" mg") } == ksm && flags.contains { $0.contains(" mg") } == ksm, "--ksm \(ksm): \(flags)")
+        }
+    }
+
     @Test("swiftkvm run --restore DIR continues a ticker snapshotted over the API, printing to its own --serial; machine options with --restore, a missing directory and a corrupt state file are usage errors (exit 2) naming the problem")
     func runRestore() throws {
         let dir = TempDir()

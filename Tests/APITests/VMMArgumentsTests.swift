@@ -20,6 +20,9 @@ struct VMMArgumentsTests {
     func enablePCI() throws {
         #expect(try #require(VMMArguments.parse(["--enable-pci", "--id", "x"])).enablePCI)
         #expect(VMMArguments.parse(["--enable-pci=yes"]) == nil)
+        #expect(try #require(VMMArguments.parse(["--ksm"])).ksm)
+        #expect(try #require(VMMArguments.parse(["--id", "x"])).ksm == false)
+        #expect(VMMArguments.parse(["--ksm=on"]) == nil)
     }
 
     @Test("every option is recognised, as --name value and --name=value; Firecracker's no-op options are accepted")
