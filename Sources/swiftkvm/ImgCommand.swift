@@ -12,7 +12,7 @@ struct ImgCommand: ParsableCommand {
         abstract: "Create, inspect, check and convert disk images (qemu-img compatible).",
         version: SwiftKVM.version + " (disk images as qemu-img 7.2 writes them)",
         subcommands: [ImgCreate.self, ImgInfo.self, ImgCheck.self, ImgConvert.self, ImgResize.self, ImgSnapshot.self,
-                      ImgCommit.self, ImgRebase.self, ImgMap.self, ImgCompare.self, ImgBitmap.self, ImgBench.self, ImgHelp.self]
+                      ImgCommit.self, ImgRebase.self, ImgMap.self, ImgCompare.self, ImgBitmap.self, ImgMeasure.self, ImgBench.self, ImgHelp.self]
     )
 }
 
@@ -804,6 +804,99 @@ struct ImgMap: ParsableCommand {
                 }
             }
             try img.close()
+        }
+    }
+}
+
+/// `img measure`: the size a new image would need (qemu-img measure), for a size or for an existing image.
+struct ImgMeasure: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "measure",
+        abstract: "Show how large a new image would be: for --size N, or for converting FILE (qemu-img measure).")
+    @Option(name: .customShort("O"), help: "The new image's format: raw (default) or qcow2.") var outputFormat = "raw"
+    @Option(name: .customShort("o"), help: "The new image's options: qcow2 cluster_size, compat, refcount_bits, extended_l2, preallocation, backing_file, …") var options: [String] = []
+    @Option(name: .customShort("f"), help: "FILE's format (probed when not given).") var format: String?
+    @Option(name: .customLong("size"), parsing: .unconditional, help: "Measure an empty image of this size (k, M, G, T suffixes) instead of FILE.") var size: String?
+    @Option(name: .customLong("output"), help: "human or json.") var output = "human"
+    @Flag(name: [.customShort("U"), .customLong("force-share")], help: forceShareHelp) var forceShare = false
+    @Argument(help: "The image to measure (for a conversion to -O).") var file: String?
+
+    func run() throws {
+        try imgRun {
+            func fail(_ message: String) -> DiskImageError { DiskImageError(.invalidArgument, message) }
+            switch (size, file) {
+            case (nil, nil): throw fail("Either --size N or one filename must be specified.")
+            case (_?, _?): throw fail("--size N cannot be used together with a filename.")
+            default: break
+            }
+            guard ["raw", "qcow2"].contains(outputFormat) else { throw fail("Unknown file format '\(outputFormat)' (raw or qcow2)") }
+            guard ["human", "json"].contains(output) else { throw fail("--output must be human or json, not '\(output)'") }
+            let virtualSize: UInt64?
+            do { virtualSize = try size.map(parseImgSize) } catch {
+                throw fail("Invalid image size specified: '\(size ?? "")'. You may use k, M, G, T, P or E suffixes for kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.")
+            }
+            var source: BlockBackend?
+            var locks: [ImageLock] = []
+            defer {
+                try? source?.close()
+                locks.releaseAll()
+            }
+            if let file {
+                locks = try lockImage(file, format: format, .read(forceShare: forceShare))
+                source = try openDiskImage(path: file, options: .init(readOnly: true, format: format))
+            }
+            let m: ImageMeasurement
+            if outputFormat == "raw" {
+                var raw = options.flatMap { $0.split(separator: ",") }.map(String.init)
+                raw.removeAll { $0.hasPrefix("preallocation=") }
+                if let bad = raw.first { throw fail("Invalid parameter '\(bad)' for raw (known: preallocation)") }
+                let bytes = source?.size ?? ImageMeasure.roundUp(virtualSize ?? 0, 512)
+                m = ImageMeasurement(required: bytes, fullyAllocated: bytes)
+            } else {
+                // extended_l2 only changes the geometry here; the rest are create's options.
+                var extendedL2 = false
+                var createOptions: [String] = []
+                for item in options.flatMap({ $0.split(separator: ",") }).map(String.init) {
+                    if item == "extended_l2" || item.hasPrefix("extended_l2=") {
+                        extendedL2 = ["extended_l2", "extended_l2=on", "extended_l2=true", "extended_l2=yes"].contains(item)
+                    } else {
+                        createOptions.append(item)
+                    }
+                }
+                var o = Qcow2CreateOptions(size: virtualSize ?? source?.size ?? 0)
+                var prealloc = "off"
+                do { _ = try applyCreateOptions(createOptions, to: &o, preallocation: &prealloc) } catch let e as ValidationError {
+                    throw fail(e.message)
+                }
+                guard o.clusterSize >= 512, o.clusterSize <= 2 << 20, o.clusterSize & (o.clusterSize - 1) == 0 else {
+                    throw fail("Cluster size must be a power of two between 512 and 2048k")
+                }
+                guard o.refcountBits >= 1, o.refcountBits <= 64, o.refcountBits & (o.refcountBits - 1) == 0,
+                      o.version >= 3 || o.refcountBits == 16 else {
+                    throw fail("Refcount width must be a power of two and may not exceed 64 bits (16 with compat=0.10)")
+                }
+                if extendedL2 {
+                    guard o.version >= 3 else { throw fail("Extended L2 entries are only supported with compatibility level 1.1 and above") }
+                    guard o.clusterSize >= 16384 else { throw fail("Extended L2 entries are only supported with cluster sizes of at least 16 KiB") }
+                }
+                let layout = ImageMeasure.Qcow2Layout(clusterSize: o.clusterSize, refcountBits: UInt64(o.refcountBits), extendedL2: extendedL2)
+                let everyCluster = o.backingFile != nil || o.preallocation == .falloc || o.preallocation == .full
+                let data: UInt64? = try everyCluster ? nil : source.map { try ImageMeasure.dataClusterBytes(of: $0, clusterSize: o.clusterSize) } ?? 0
+                var measured = ImageMeasure.qcow2(virtualSize: o.size, dataBytes: data, layout: layout)
+                if o.version >= 3, let q = source as? Qcow2Image {
+                    measured.bitmaps = try ImageMeasure.bitmapsSize(of: q, clusterSize: o.clusterSize)
+                }
+                m = measured
+            }
+            if output == "json" {
+                var kv: [(String, ImgJSON)] = []
+                if let b = m.bitmaps { kv.append(("bitmaps", .uint(b))) }
+                kv += [("required", .uint(m.required)), ("fully-allocated", .uint(m.fullyAllocated))]
+                print(ImgJSON.object(kv).render())
+            } else {
+                print("required size: \(m.required)")
+                print("fully allocated size: \(m.fullyAllocated)")
+                if let b = m.bitmaps { print("bitmaps size: \(b)") }
+            }
         }
     }
 }
