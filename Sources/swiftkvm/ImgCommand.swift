@@ -12,7 +12,7 @@ struct ImgCommand: ParsableCommand {
         abstract: "Create, inspect, check and convert disk images (qemu-img compatible).",
         version: SwiftKVM.version + " (disk images as qemu-img 7.2 writes them)",
         subcommands: [ImgCreate.self, ImgInfo.self, ImgCheck.self, ImgConvert.self, ImgResize.self, ImgSnapshot.self,
-                      ImgCommit.self, ImgRebase.self, ImgMap.self, ImgCompare.self, ImgBitmap.self, ImgMeasure.self, ImgBench.self, ImgHelp.self]
+                      ImgCommit.self, ImgRebase.self, ImgMap.self, ImgCompare.self, ImgBitmap.self, ImgMeasure.self, ImgDD.self, ImgBench.self, ImgHelp.self]
     )
 }
 
@@ -804,6 +804,92 @@ struct ImgMap: ParsableCommand {
                 }
             }
             try img.close()
+        }
+    }
+}
+
+/// `img dd`: qemu-img dd: copies `count` blocks of `bs` bytes from `if`, after `skip` blocks, into a new image `of`.
+/// The output size follows qemu-img 7.2: min(count × bs, input size), less skip × bs; a skip past that end prints
+/// "cannot skip to specified offset" and leaves an empty output, with status 0, as qemu-img does.
+struct ImgDD: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "dd",
+        abstract: "Copy blocks of an image into a new image, as dd (qemu-img dd: bs=, count=, skip=, if=, of=).")
+    @Option(name: .customShort("f"), help: "The input's format (probed when not given).") var format: String?
+    @Option(name: .customShort("O"), help: "The output's format: raw (default) or qcow2.") var outputFormat = "raw"
+    @Flag(name: [.customShort("U"), .customLong("force-share")], help: forceShareHelp) var forceShare = false
+    @Argument(help: "Operands: if=INPUT of=OUTPUT [bs=BYTES (512)] [count=BLOCKS] [skip=BLOCKS]; sizes take k, M, G, T suffixes.")
+    var operands: [String] = []
+
+    func run() throws {
+        try imgRun {
+            func fail(_ message: String) -> DiskImageError { DiskImageError(.invalidArgument, message) }
+            var input: String?, output: String?, bs: UInt64 = 512, count: UInt64?, skip: UInt64?
+            func number(_ key: String, _ value: String) throws -> UInt64 {
+                guard let n = try? parseImgSize(value) else {
+                    throw fail("Invalid \(key) specified. You may use k, M, G, T, P or E suffixes for kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.")
+                }
+                return n
+            }
+            for operand in operands {
+                guard let eq = operand.firstIndex(of: "=") else { throw fail("unrecognized operand \(operand)") }
+                let key = String(operand[..<eq]), value = String(operand[operand.index(after: eq)...])
+                switch key {
+                case "if": input = value
+                case "of": output = value
+                case "bs":
+                    guard let n = try? parseImgSize(value), n >= 1, n <= UInt64(Int32.max) else {
+                        throw fail("Invalid bs specified. Must be between 1 and \(Int32.max).")
+                    }
+                    bs = n
+                case "count": count = try number("count", value)
+                case "skip": skip = try number("skip", value)
+                default: throw fail("unrecognized operand \(key)")
+                }
+            }
+            guard let input, let output else { throw fail("Must specify both input and output files") }
+            guard ["raw", "qcow2"].contains(outputFormat) else { throw fail("Unknown file format '\(outputFormat)' (raw or qcow2)") }
+            let srcLocks = try lockImage(input, format: format, .read(forceShare: forceShare))
+            defer { srcLocks.releaseAll() }
+            let src = try openDiskImage(path: input, options: .init(readOnly: true, format: format))
+            defer { try? src.close() }
+            var size = src.size
+            if let count {
+                let (bytes, over) = count.multipliedReportingOverflow(by: bs)
+                if !over && bytes <= size { size = bytes }
+            }
+            var start: UInt64 = 0
+            var skipPastEnd = false
+            if let skip {
+                let (bytes, over) = skip.multipliedReportingOverflow(by: bs)
+                if over || bytes > size {
+                    skipPastEnd = true
+                    size = 0
+                } else {
+                    start = bytes
+                    size -= bytes
+                }
+            }
+            try createImage(path: output, format: outputFormat, size: size, backing: nil, backingFormat: nil, options: [], sync: false)
+            if skipPastEnd {
+                writeText("swiftkvm img: \(input): cannot skip to specified offset\n", to: STDERR_FILENO)
+                return
+            }
+            let dstLocks = try lockImage(output, format: outputFormat, .write, followBacking: false)
+            defer { dstLocks.releaseAll() }
+            let dst = try openDiskImage(path: output, options: .init(readOnly: false, format: outputFormat))
+            // Every block is written, zeros too, as qemu-img dd does; large blocks go in 4 MiB pieces.
+            let piece = Int(min(bs, 4 << 20))
+            var buffer = [UInt8](repeating: 0, count: piece)
+            var done: UInt64 = 0
+            while done < size {
+                let n = Int(min(UInt64(piece), size - done))
+                try buffer.withUnsafeMutableBytes { b in
+                    try src.read(into: UnsafeMutableRawBufferPointer(rebasing: b[..<n]), at: start + done)
+                    try dst.write(UnsafeRawBufferPointer(rebasing: b[..<n]), at: done)
+                }
+                done += UInt64(n)
+            }
+            try dst.close()
         }
     }
 }
