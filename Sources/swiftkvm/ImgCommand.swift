@@ -12,7 +12,7 @@ struct ImgCommand: ParsableCommand {
         abstract: "Create, inspect, check and convert disk images (qemu-img compatible).",
         version: SwiftKVM.version + " (disk images as qemu-img 7.2 writes them)",
         subcommands: [ImgCreate.self, ImgInfo.self, ImgCheck.self, ImgConvert.self, ImgResize.self, ImgSnapshot.self,
-                      ImgCommit.self, ImgRebase.self, ImgMap.self, ImgCompare.self, ImgBitmap.self, ImgMeasure.self, ImgDD.self, ImgBench.self, ImgHelp.self]
+                      ImgCommit.self, ImgRebase.self, ImgMap.self, ImgCompare.self, ImgBitmap.self, ImgMeasure.self, ImgDD.self, ImgAmend.self, ImgBench.self, ImgHelp.self]
     )
 }
 
@@ -804,6 +804,66 @@ struct ImgMap: ParsableCommand {
                 }
             }
             try img.close()
+        }
+    }
+}
+
+/// `img amend`: changes options of an existing qcow2 image (qemu-img amend -o): compat, lazy_refcounts, size.
+struct ImgAmend: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "amend",
+        abstract: "Change options of a qcow2 image: compat (0.10 or 1.1), lazy_refcounts, size (qemu-img amend -o).")
+    @Option(name: .customShort("o"), help: "compat=0.10|1.1, lazy_refcounts=on|off, size=SIZE (comma-separated; repeatable).") var options: [String] = []
+    @Option(name: .customShort("f"), help: "The image's format (qcow2; probed when not given).") var format: String?
+    @Flag(name: .customShort("q"), help: "Quiet.") var quiet = false
+    @Flag(name: .customLong("force"), help: "Accepted for qemu-img compatibility.") var force = false
+    @Argument var file: String
+
+    func run() throws {
+        try imgRun {
+            func fail(_ message: String) -> DiskImageError { DiskImageError(.invalidArgument, message) }
+            guard !options.isEmpty else { throw fail("Must specify options (-o)") }
+            var a = Qcow2Amendment()
+            for item in options.flatMap({ $0.split(separator: ",") }).map(String.init) {
+                let kv = item.split(separator: "=", maxSplits: 1).map(String.init)
+                let key = kv[0], value = kv.count > 1 ? kv[1] : "on"
+                switch key {
+                case "compat":
+                    switch value {
+                    case "0.10", "v2": a.version = 2
+                    case "1.1", "v3": a.version = 3
+                    default: throw fail("Unknown compatibility level \(value)")
+                    }
+                case "lazy_refcounts":
+                    switch value {
+                    case "on", "true", "yes": a.lazyRefcounts = true
+                    case "off", "false", "no": a.lazyRefcounts = false
+                    default: throw fail("Parameter 'lazy_refcounts' expects 'on' or 'off'")
+                    }
+                case "size":
+                    guard let n = try? parseImgSize(value) else { throw fail("Parameter 'size' expects a size: '\(value)'") }
+                    a.size = n
+                case "backing_file", "backing_fmt":
+                    throw fail("Cannot amend the backing file\nYou can use 'qemu-img rebase' instead.")
+                case "cluster_size", "preallocation", "compression_type", "extended_l2", "data_file", "encrypt":
+                    throw fail("Invalid parameter '\(key)'\nThis option is only supported for image creation")
+                case "refcount_bits":
+                    throw DiskImageError(.unsupported, "\(file): changing refcount_bits is not supported yet (convert with -o refcount_bits=N instead)")
+                default:
+                    throw fail("Invalid parameter '\(key)' (amend takes compat, lazy_refcounts, size)")
+                }
+            }
+            let locks = try lockImage(file, format: format, .write)
+            defer { locks.releaseAll() }
+            let img = try openDiskImage(path: file, options: .init(readOnly: false, format: format))
+            guard let q = img as? Qcow2Image else {
+                try? img.close()
+                throw fail("Format driver 'raw' does not support option amendment")
+            }
+            do { try q.amend(a) } catch {
+                try? q.close()
+                throw error
+            }
+            try q.close()
         }
     }
 }
