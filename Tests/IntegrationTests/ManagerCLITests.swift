@@ -166,6 +166,27 @@ struct ManagerCLITests {
         #expect(r.status == 1 && r.stderr.contains("nosuch"), "\(r.stderr)")
     }
 
+    @Test("vm clone: a running copy appears in vm list with its own pid and ticks; a taken name or a shut-off source exit 1 naming why")
+    func cloneVerb() throws {
+        let d = try MCDaemon()
+        defer { d.stop() }
+        #expect(try d.vm(["define", try d.tickerDefinition("src")]).status == 0)
+        var r = try d.vm(["clone", "src", "copy"])
+        #expect(r.status == 1 && r.stderr.contains("not running"), "\(r.stderr)")
+        #expect(try d.vm(["start", "src"]).status == 0)
+        #expect(MCSupport.wait(seconds: 30) { MCSupport.ticks(in: (try? String(contentsOfFile: d.dir.path + "/logs/src.serial.log", encoding: .utf8)) ?? "") >= 5 })
+        r = try d.vm(["clone", "src", "copy"])
+        #expect(r.status == 0 && r.stdout.contains("VM 'copy' cloned from 'src'"), "\(r.stdout) \(r.stderr)")
+        let list = try d.vm(["list"]).stdout
+        #expect(list.contains("copy") && list.contains("src"), "\(list)")
+        #expect(MCSupport.wait(seconds: 30) { MCSupport.ticks(in: (try? String(contentsOfFile: d.dir.path + "/logs/copy.serial.log", encoding: .utf8)) ?? "") >= 5 },
+                "the clone ticks")
+        r = try d.vm(["clone", "src", "copy"])
+        #expect(r.status == 1 && r.stderr.contains("already exists"), "\(r.stderr)")
+        #expect(try d.vm(["destroy", "copy"]).status == 0)
+        #expect(try d.vm(["destroy", "src"]).status == 0)
+    }
+
     @Test("vm console with pipes: typed lines reach the guest's UART, and the console ends by itself when the VM stops")
     func consoleInput() throws {
         let d = try MCDaemon()
