@@ -59,11 +59,16 @@ public final class APIServer: @unchecked Sendable {
                         APIHTTPHandler(controller: controller, maxBodySize: maxBody, queue: queue))
                 }
             }
+        // The socket is the VM's control: owner only (0600), whatever the umask. The umask covers the moment
+        // between bind and chmod; the process has no other thread creating files yet.
+        let savedMask = umask(0o077)
+        defer { umask(savedMask) }
         do {
             channel = try bootstrap.bind(unixDomainSocketPath: socketPath, cleanupExistingSocketFile: false).wait()
         } catch {
             throw APIError(status: 500, "cannot bind the API socket \(socketPath): \(error)")
         }
+        chmod(socketPath, 0o600)
     }
 
     /// Closes the socket, removes its path and stops the event loop. With `exiting` (the process exits next) the

@@ -44,17 +44,16 @@ extension KeyedDecodingContainer {
     /// not a number (Foundation reports those without a field path).
     func decodeIntegerIfPresent<T: FixedWidthInteger & Decodable>(_ type: T.Type, forKey key: Key) throws -> T? {
         guard contains(key), try !decodeNil(forKey: key) else { return nil }
+        // Exactly, when the number is one (a Double would round values near the type's limits).
+        if let v = try? decode(T.self, forKey: key) { return v }
         let d: Double
         do {
             d = try decode(Double.self, forKey: key)
         } catch {
             throw DecodingError.typeMismatch(T.self, .init(codingPath: codingPath + [key], debugDescription: "expected an integer"))
         }
-        guard d.rounded() == d, d >= Double(T.min), d < Double(T.max) else {
-            throw DecodingError.dataCorruptedError(
-                forKey: key, in: self, debugDescription: "expected an integer from \(T.min) to \(T.max), got \(d)")
-        }
-        return try decode(T.self, forKey: key)
+        throw DecodingError.dataCorruptedError(
+            forKey: key, in: self, debugDescription: "expected an integer from \(T.min) to \(T.max), got \(d)")
     }
 
     /// A required integer field (see `decodeIntegerIfPresent`).

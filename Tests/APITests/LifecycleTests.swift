@@ -257,6 +257,17 @@ struct VMMProcessTests {
         #expect(FileManager.default.fileExists(atPath: existing), "an existing path is never removed")
     }
 
+    @Test("the API socket is created 0600 (owner only) even under umask 0")
+    func socketMode() throws {
+        let sock = "/tmp/swk-mode-\(String(UInt32.random(in: 0...UInt32.max), radix: 36)).sock"
+        // umask 0 for the vmm alone (the test process's umask is shared with the other tests).
+        let p = try Self.launch(["-c", #"umask 0; exec "$0" vmm --api-sock "$1""#, GuestSupport.swiftkvm!, sock], executable: "/bin/sh")
+        defer { kill(p.processIdentifier, SIGTERM); _ = Self.finish(p, seconds: 20) }
+        #expect(GuestSupport.wait(seconds: 20) { (try? UnixHTTPClient(path: sock).send("GET", "/"))?.status == 200 })
+        var st = stat()
+        #expect(stat(sock, &st) == 0 && st.st_mode & 0o777 == 0o600, "mode \(String(st.st_mode & 0o777, radix: 8))")
+    }
+
     @Test("SIGTERM before InstanceStart ends the process with 143 and removes the socket")
     func sigterm() throws {
         let sock = "/tmp/swk-sig-\(String(UInt32.random(in: 0...UInt32.max), radix: 36)).sock"

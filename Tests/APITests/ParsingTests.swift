@@ -52,6 +52,11 @@ struct ParsingTests {
         #expect(nested?.message.contains("missing field `rate_limiter.bandwidth.refill_time`") == true)
         let float = fault("PUT", "/machine-config", #"{"vcpu_count": 1.5, "mem_size_mib": 128}"#)
         #expect(float?.message.contains("vcpu_count") == true)
+        // Integers are exact up to the type's limits (a Double path rounded 2^63 - 1 up and refused it).
+        let limit = #"{"drive_id": "d", "path_on_host": "/x", "is_root_device": false, "rate_limiter": {"bandwidth": {"size": 9223372036854775807, "refill_time": 9223372036854775807}}}"#
+        #expect(fault("PUT", "/drives/d", limit) == nil, "Int64.max is a valid bucket size")
+        let over = fault("PUT", "/drives/d", limit.replacingOccurrences(of: "\"size\": 9223372036854775807", with: "\"size\": 9223372036854775808"))
+        #expect(over?.message.contains("rate_limiter.bandwidth.size") == true && over?.message.contains("expected an integer") == true, "\(over?.message ?? "accepted")")
         let malformed = fault("PUT", "/actions", #"{"action_type": "#)
         #expect(malformed?.message.contains("malformed JSON") == true)
         let array = fault("PUT", "/actions", "[1, 2]")
