@@ -54,7 +54,8 @@ public final class APIServer: @unchecked Sendable {
             .serverChannelOption(ChannelOptions.backlog, value: 64)
             .childChannelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
-                    try channel.pipeline.syncOperations.configureHTTPServerPipeline(withErrorHandling: true)
+                    // Protocol errors reach APIHTTPHandler.errorCaught, which answers with a fault_message.
+                    try channel.pipeline.syncOperations.configureHTTPServerPipeline(withErrorHandling: false)
                     try channel.pipeline.syncOperations.addHandler(
                         APIHTTPHandler(controller: controller, maxBodySize: maxBody, queue: queue))
                 }
@@ -93,6 +94,7 @@ final class APIHTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
     private var head: HTTPRequestHead?
     private var body: ByteBuffer?
     private var rejected = false
+    private var answeredParseError = false
 
     init(controller: VMController, maxBodySize: Int, queue: IOWorkerPool) {
         self.controller = controller
@@ -176,8 +178,30 @@ final class APIHTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         }
     }
 
+    /// A request NIO's HTTP parser refuses (a garbage request line, an unknown method, an oversized URL or header,
+    /// a bad Content-Length) gets a 400 with Firecracker's `fault_message` naming the problem, then the connection
+    /// closes; other errors close it.
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        if let parse = error as? HTTPParserError, !answeredParseError {
+            answeredParseError = true
+            let e = APIError.badRequest("Invalid HTTP request: \(Self.describe(parse)).")
+            write(context: context, status: e.status, body: e.jsonBody, keepAlive: false)
+            return
+        }
         context.close(promise: nil)
+    }
+
+    static func describe(_ e: HTTPParserError) -> String {
+        switch e {
+        case .invalidMethod: return "unknown method"
+        case .invalidURL: return "invalid URL"
+        case .headerOverflow: return "the request line or headers are too long"
+        case .invalidContentLength: return "invalid Content-Length"
+        case .unexpectedContentLength: return "unexpected Content-Length"
+        case .invalidVersion: return "invalid HTTP version"
+        case .invalidHeaderToken, .invalidConstant: return "malformed request line or header"
+        default: return "\(e)"
+        }
     }
 }
 

@@ -127,9 +127,20 @@ struct ServerTests {
         #expect(bad.status == 400 && bad.fault?.contains("malformed JSON") == true)
         let notUTF8 = try f.client.parse(f.client.raw(Array("PUT /boot-source HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nConnection: close\r\n\r\n".utf8) + [0xff, 0xfe, 0x00]))
         #expect(notUTF8.first?.status == 400)
-        // Not HTTP at all: NIO's decoder answers 400 and closes.
-        let garbage = try f.client.raw(Array("\u{1}\u{2}hello\r\n\r\n".utf8))
-        #expect(String(decoding: garbage, as: UTF8.self).hasPrefix("HTTP/1.1 400"))
+        // Not HTTP at all, an unknown method, a 100 KB URL, a negative or huge Content-Length: 400 with
+        // Firecracker's fault_message naming the problem, then the connection closes.
+        let cases: [(String, String)] = [
+            ("\u{1}\u{2}hello\r\n\r\n", "Invalid HTTP request"),
+            ("FOO / HTTP/1.1\r\nHost: x\r\n\r\n", "unknown method"),
+            ("GET /" + String(repeating: "a", count: 100_000) + " HTTP/1.1\r\nHost: x\r\n\r\n", "too long"),
+            ("PUT /actions HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n", "Content-Length"),
+            ("PUT /actions HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999999999999\r\n\r\n", "Content-Length"),
+        ]
+        for (request, reason) in cases {
+            let answer = String(decoding: try f.client.raw(Array(request.utf8)), as: UTF8.self)
+            #expect(answer.hasPrefix("HTTP/1.1 400") && answer.contains(#"{"fault_message":"Invalid HTTP request: "#) && answer.contains(reason),
+                    "\(request.prefix(40)): \(answer.prefix(300))")
+        }
         // The server still answers afterwards.
         #expect(try f.send("GET", "/").status == 200)
     }
