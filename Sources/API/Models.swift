@@ -494,6 +494,8 @@ enum ResourceID {
 enum FileCheck {
     static func readableFile(_ path: String, what: String, field: String) throws(APIError) {
         guard !path.isEmpty else { throw .badRequest("Invalid \(field): the path is empty.") }
+        // A C path ends at the first NUL: the file opened would not be the one named.
+        guard !path.utf8.contains(0) else { throw .badRequest("Invalid \(field): the path contains a NUL byte.") }
         var st = stat()
         guard stat(path, &st) == 0 else {
             throw .badRequest("Invalid \(field): the \(what) \(path) cannot be opened: \(String(cString: strerror(errno))).")

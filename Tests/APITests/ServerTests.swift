@@ -75,6 +75,8 @@ struct ServerTests {
             ("PUT", "/boot-source", #"{"initrd_path": "/x"}"#, "kernel_image_path"),
             ("PUT", "/drives/d1", #"{"drive_id": "d1", "is_root_device": false, "path_on_host": "/nonexistent"}"#, "path_on_host"),
             ("PUT", "/drives/d1", #"{"drive_id": "d1", "path_on_host": "\#(f.kernel)"}"#, "is_root_device"),
+            ("PUT", "/drives/d1", #"{"drive_id": "d1", "is_root_device": false, "path_on_host": "\#(f.kernel)\u0000.x"}"#, "NUL byte"),
+            ("PUT", "/boot-source", #"{"kernel_image_path": "\#(f.kernel)\u0000"}"#, "NUL byte"),
             ("PUT", "/drives/d1", #"{"drive_id": "d1", "path_on_host": "\#(f.kernel)", "is_root_device": false, "cache_type": "Fast"}"#, "cache_type"),
             ("PUT", "/network-interfaces/eth0", #"{"iface_id": "eth0"}"#, "host_dev_name"),
             ("PUT", "/network-interfaces/eth0", #"{"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "zz"}"#, "guest_mac"),
