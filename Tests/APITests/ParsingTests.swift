@@ -52,6 +52,15 @@ struct ParsingTests {
         #expect(nested?.message.contains("missing field `rate_limiter.bandwidth.refill_time`") == true)
         let float = fault("PUT", "/machine-config", #"{"vcpu_count": 1.5, "mem_size_mib": 128}"#)
         #expect(float?.message.contains("vcpu_count") == true)
+        // Integers written as 2.0 or 2e0 are refused as serde refuses them, naming the field and the literal.
+        for literal in ["2.0", "2e0", "20E-1"] {
+            let f = fault("PUT", "/machine-config", #"{"vcpu_count": \#(literal), "mem_size_mib": 128}"#)
+            #expect(f?.message.contains("field `vcpu_count`") == true && f?.message.contains("got \(literal)") == true, "\(f?.message ?? "accepted")")
+        }
+        let nestedFloat = fault("PUT", "/drives/d", #"{"drive_id": "d", "path_on_host": "/x", "is_root_device": false, "rate_limiter": {"ops": {"size": 10.0, "refill_time": 100}}}"#)
+        #expect(nestedFloat?.message.contains("rate_limiter.ops.size") == true, "\(nestedFloat?.message ?? "accepted")")
+        #expect(fault("PUT", "/machine-config", #"{"vcpu_count": 2, "mem_size_mib": 128, "smt": false}"#) == nil)
+        #expect(StrictJSON.scanFractionalNumbers(Array(#"{"a": [1, 2.5, {"b": "x:1.0", "c": -3e2}], "d": {"e": 0}}"#.utf8)) == ["a.#1": "2.5", "a.#2.c": "-3e2"])
         // Integers are exact up to the type's limits (a Double path rounded 2^63 - 1 up and refused it).
         let limit = #"{"drive_id": "d", "path_on_host": "/x", "is_root_device": false, "rate_limiter": {"bandwidth": {"size": 9223372036854775807, "refill_time": 9223372036854775807}}}"#
         #expect(fault("PUT", "/drives/d", limit) == nil, "Int64.max is a valid bucket size")
