@@ -60,16 +60,29 @@ public final class APIServer: @unchecked Sendable {
                         APIHTTPHandler(controller: controller, maxBodySize: maxBody, queue: queue))
                 }
             }
-        // The socket is the VM's control: owner only (0600), whatever the umask. The umask covers the moment
-        // between bind and chmod; the process has no other thread creating files yet.
-        let savedMask = umask(0o077)
-        defer { umask(savedMask) }
+        // The socket is the VM's control: owner only (0600), whatever the umask. It is bound under a temporary
+        // name, made 0600, then linked to its path (which must not exist), so no client ever sees it more open.
+        // (Not umask: it is process-wide, and a library's caller may be creating files on other threads.)
+        let staging = socketPath + "~"
+        let staged = staging.utf8.count < 108 && access(staging, F_OK) != 0
         do {
-            channel = try bootstrap.bind(unixDomainSocketPath: socketPath, cleanupExistingSocketFile: false).wait()
+            channel = try bootstrap.bind(unixDomainSocketPath: staged ? staging : socketPath, cleanupExistingSocketFile: false).wait()
         } catch {
             throw APIError(status: 500, "cannot bind the API socket \(socketPath): \(error)")
         }
-        chmod(socketPath, 0o600)
+        if staged {
+            chmod(staging, 0o600)
+            let linked = link(staging, socketPath) == 0
+            let e = errno
+            unlink(staging)
+            guard linked else {
+                try? channel?.close().wait()
+                channel = nil
+                throw APIError(status: 500, "cannot bind the API socket \(socketPath): \(String(cString: strerror(e)))")
+            }
+        } else {
+            chmod(socketPath, 0o600)
+        }
     }
 
     /// Closes the socket, removes its path and stops the event loop. With `exiting` (the process exits next) the

@@ -119,14 +119,16 @@ struct JailerGuestTests {
             "--cgroup", "pids.max=64", "--parent-cgroup", Self.parentCgroup,
             "--resource-limit", "no-file=512", "--resource-limit", "fsize=1073741824"]))
         defer { vmm.stop() }
-        #expect(MCSupport.wait(seconds: 20) { FileManager.default.fileExists(atPath: jail.socket) },
-                "the API socket appears at <root>/run/firecracker.socket: \(vmm.stderr.text)")
+        // A vmm that did not come up ends the test here (the checks below would read a gone process).
+        try #require(MCSupport.wait(seconds: 20) { FileManager.default.fileExists(atPath: jail.socket) },
+                     "the API socket appears at <root>/run/firecracker.socket: \(vmm.stderr.text)")
         let pid = vmm.pid // the jailer execs the vmm: same process
 
         // Root: the jail (the same directory, through the bind mount), in a mount namespace of its own.
         #expect(Self.inode("/proc/\(pid)/root/") != nil && Self.inode("/proc/\(pid)/root/")! == Self.inode(jail.root + "/")!)
         #expect(FileManager.default.fileExists(atPath: "/proc/\(pid)/root/firecracker"))
-        #expect(Self.inode("/proc/\(pid)/ns/mnt")! != Self.inode("/proc/self/ns/mnt")!)
+        let mnt = try #require(Self.inode("/proc/\(pid)/ns/mnt")), ours = try #require(Self.inode("/proc/self/ns/mnt"))
+        #expect(mnt != ours)
         let cmdline = (try? String(contentsOfFile: "/proc/\(pid)/cmdline", encoding: .utf8)) ?? ""
         #expect(cmdline.hasPrefix("/firecracker\0--api-sock\0/run/firecracker.socket\0--id=\(jail.id)\0"), "\(cmdline)")
 
