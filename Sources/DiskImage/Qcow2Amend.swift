@@ -18,7 +18,8 @@ extension Qcow2Image {
     ///   names how many there are (qemu-img would write them out);
     /// - `lazy_refcounts` needs version 3; turning it off leaves the image clean (a dirty image was repaired
     ///   when it was opened for writing);
-        /// - `size` resizes (shrinking as `resize --shrink`).
+        /// - `size` resizes (shrinking as `resize --shrink`), after the version change;
+    /// - upgrading an image with internal snapshots is refused (not supported yet).
     public func amend(_ a: Qcow2Amendment) throws {
         let current = lock.withLock { _ in header }
         let version = a.version ?? current.version
@@ -26,6 +27,9 @@ extension Qcow2Image {
         func refuse(_ why: String) -> DiskImageError { DiskImageError(.unsupported, "\(path): \(why)") }
         if lazy && version < 3 {
             throw refuse("Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)")
+        }
+        if version == 3 && current.version == 2, try !snapshots().isEmpty {
+            throw refuse("upgrading an image with internal snapshots to compat=1.1 is not supported yet (their table entries would need version 3's extra data)")
         }
         if version == 2 && current.version == 3 {
             if current.refcountBits != 16 {
@@ -46,9 +50,6 @@ extension Qcow2Image {
         if version == 2 && current.version == 3 {
             // Without a backing file or snapshots a zero cluster reads as an unallocated one does.
             try unallocateZeroClusters()
-        }
-        if let size = a.size, size != self.size {
-            try resize(to: size, allowShrink: true)
         }
         try lock.withLock { _ in
             try checkOpen()
@@ -74,6 +75,11 @@ extension Qcow2Image {
             header = h
             dirtyBitWritten = false
             try rewriteHeader()
+        }
+        // After the version change: growing over a longer backing file writes zeroes, as zero clusters in
+        // version 3 but as data in version 2, which has no zero flag.
+        if let size = a.size, size != self.size {
+            try resize(to: size, allowShrink: true)
         }
     }
 

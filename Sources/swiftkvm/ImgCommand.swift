@@ -980,6 +980,9 @@ struct ImgMeasure: ParsableCommand {
             do { virtualSize = try size.map(parseImgSize) } catch {
                 throw fail("Invalid image size specified: '\(size ?? "")'. You may use k, M, G, T, P or E suffixes for kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.")
             }
+            if let v = virtualSize, v > UInt64(Int64.max) {
+                throw fail("Invalid image size specified: '\(size ?? "")'. Image size must be less than 8 EiB!")
+            }
             var source: BlockBackend?
             var locks: [ImageLock] = []
             defer {
@@ -1025,6 +1028,11 @@ struct ImgMeasure: ParsableCommand {
                     guard o.clusterSize >= 16384 else { throw fail("Extended L2 entries are only supported with cluster sizes of at least 16 KiB") }
                 }
                 let layout = ImageMeasure.Qcow2Layout(clusterSize: o.clusterSize, refcountBits: UInt64(o.refcountBits), extendedL2: extendedL2)
+                // qemu's limit: an L1 table of at most 32 MiB.
+                let perL2 = o.clusterSize * (o.clusterSize / (extendedL2 ? 16 : 8))
+                guard (o.size + perL2 - 1) / perL2 <= (32 << 20) / 8 else {
+                    throw fail("The image size is too large (try using a larger cluster size)")
+                }
                 let everyCluster = o.backingFile != nil || o.preallocation == .falloc || o.preallocation == .full
                 let data: UInt64? = try everyCluster ? nil : source.map { try ImageMeasure.dataClusterBytes(of: $0, clusterSize: o.clusterSize) } ?? 0
                 var measured = ImageMeasure.qcow2(virtualSize: o.size, dataBytes: data, layout: layout)

@@ -78,6 +78,23 @@ struct AmendTests {
         try Tools.qemuImg("create", "-q", "-f", "raw", d.file("r.raw"), "1M")
         r = try Tools.run(exe, ["img", "amend", "-o", "size=2M", d.file("r.raw")])
         #expect(r.status == 1 && r.stderr.contains("does not support option amendment"), "\(r.stderr)")
+        // Downgrading while growing over a longer backing file: the new range reads as zeros, not as the backing's
+        // data (the resize runs after the version change, so it writes zeros as data).
+        try Tools.qemuImg("create", "-q", "-f", "qcow2", d.file("long.qcow2"), "20M")
+        try Tools.qemuIO("-f", "qcow2", "-c", "write -P 9 0 20M", d.file("long.qcow2"))
+        try Tools.qemuImg("create", "-q", "-f", "qcow2", "-b", d.file("long.qcow2"), "-F", "qcow2", d.file("short.qcow2"), "10M")
+        r = try Tools.run(exe, ["img", "amend", "-o", "compat=0.10,size=20M", d.file("short.qcow2")])
+        #expect(r.status == 0, "\(r.stderr)")
+        let tail = try Tools.qemuIO("-f", "qcow2", "-c", "read -P 0 10M 10M", d.file("short.qcow2"))
+        #expect(tail.stdout.contains("read 10485760/10485760"), "the grown range reads zeros: \(tail.stdout) \(tail.stderr)")
+        #expect(try Tools.qemuImg("check", d.file("short.qcow2")).status == 0)
+        // A version 2 image with internal snapshots: the upgrade is refused, nothing changed.
+        try Tools.qemuImg("create", "-q", "-f", "qcow2", "-o", "compat=0.10", d.file("snap.qcow2"), "1M")
+        try Tools.qemuImg("snapshot", "-c", "s1", d.file("snap.qcow2"))
+        let snapBefore = try info(d.file("snap.qcow2"))
+        r = try Tools.run(exe, ["img", "amend", "-o", "compat=1.1", d.file("snap.qcow2")])
+        #expect(r.status == 1 && r.stderr.contains("internal snapshots"), "\(r.stderr)")
+        #expect(try info(d.file("snap.qcow2")) == snapBefore)
         // Zero clusters over a backing file: version 2 cannot say "zero here"; refused, nothing changed.
         try Tools.qemuImg("create", "-q", "-f", "qcow2", "-b", p, "-F", "qcow2", d.file("top.qcow2"))
         try Tools.qemuIO("-f", "qcow2", "-c", "write -z 0 64k", d.file("top.qcow2"))

@@ -67,6 +67,8 @@ struct MeasureTests {
             (["-O", "qcow2", "-o", "cluster_size=1000", "--size", "1G"], "Cluster size must be a power of two between 512 and 2048k"),
             (["-O", "qcow2", "-o", "foo=1", "--size", "1G"], "foo"),
             (["-O", "qcow2", d.file("missing.qcow2")], d.file("missing.qcow2")),
+            (["-O", "qcow2", "--size", "18446744073709551615"], "Invalid image size"),
+            (["-O", "qcow2", "-o", "cluster_size=512", "--size", "9223372036854775807"], "The image size is too large"),
         ]
         for (args, reason) in cases {
             let r = try Tools.run(exe, ["img", "measure"] + args)
