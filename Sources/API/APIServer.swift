@@ -60,28 +60,40 @@ public final class APIServer: @unchecked Sendable {
                         APIHTTPHandler(controller: controller, maxBodySize: maxBody, queue: queue))
                 }
             }
-        // The socket is the VM's control: owner only (0600), whatever the umask. It is bound under a temporary
-        // name, made 0600, then linked to its path (which must not exist), so no client ever sees it more open.
-        // (Not umask: it is process-wide, and a library's caller may be creating files on other threads.)
-        let staging = socketPath + "~"
-        let staged = staging.utf8.count < 108 && access(staging, F_OK) != 0
+        // The socket is the VM's control: owner only (0600), whatever the umask. It is bound in a fresh private
+        // directory (mkdtemp, 0700) beside its path, made 0600, then linked into place (the path must not exist),
+        // so no client can reach it while it is more open. (Not umask: it is process-wide, and a library's
+        // caller may be creating files on other threads.) A path too long for that binds in place, then chmods.
+        let slash = socketPath.lastIndex(of: "/")
+        let parent = slash.map { String(socketPath[..<$0]) } ?? "."
+        var template = Array((parent.isEmpty ? "/" : parent).utf8CString.dropLast()) + Array("/.swiftkvm-api-XXXXXX".utf8CString)
+        let stagingDir: String? = template.withUnsafeMutableBufferPointer { mkdtemp($0.baseAddress!) != nil ? String(cString: $0.baseAddress!) : nil }
+        let staging = stagingDir.map { $0 + "/s" }
+        let useStaging = staging.map { $0.utf8.count < 108 } ?? false
+        defer { if let stagingDir { rmdir(stagingDir) } }
         do {
-            channel = try bootstrap.bind(unixDomainSocketPath: staged ? staging : socketPath, cleanupExistingSocketFile: false).wait()
+            channel = try bootstrap.bind(unixDomainSocketPath: useStaging ? staging! : socketPath, cleanupExistingSocketFile: false).wait()
         } catch {
+            if let staging { unlink(staging) }
             throw APIError(status: 500, "cannot bind the API socket \(socketPath): \(error)")
         }
-        if staged {
-            chmod(staging, 0o600)
-            let linked = link(staging, socketPath) == 0
+        let bound = useStaging ? staging! : socketPath
+        guard chmod(bound, 0o600) == 0 else {
             let e = errno
-            unlink(staging)
+            try? channel?.close().wait()
+            channel = nil
+            unlink(bound)
+            throw APIError(status: 500, "cannot make the API socket \(socketPath) owner-only: \(String(cString: strerror(e)))")
+        }
+        if useStaging {
+            let linked = link(bound, socketPath) == 0
+            let e = errno
+            unlink(bound)
             guard linked else {
                 try? channel?.close().wait()
                 channel = nil
                 throw APIError(status: 500, "cannot bind the API socket \(socketPath): \(String(cString: strerror(e)))")
             }
-        } else {
-            chmod(socketPath, 0o600)
         }
     }
 

@@ -417,30 +417,30 @@ public final class VMManager: @unchecked Sendable {
     /// runs at once. On any failure the source keeps running and nothing of the clone is left.
     public func clone(_ name: String, as newName: String) throws(ManagerError) -> VMInfo {
         let source = try record(name)
-        let plan: ClonePlan
-        let wasRunning: Bool
-        let c: Record
-        do {
-            source.actionLock.lock()
-            defer { source.actionLock.unlock() }
-            let (state, def) = lock.withLock { (source.state, source.definition) }
-            guard state == .running || state == .paused else { throw conflict(name, state, "clone") }
-            wasRunning = state == .running
-            plan = try ClonePlan.make(source: def, newName: newName)
-            // The new name is reserved while the clone is made.
-            c = try lock.withLock { () throws(ManagerError) -> Record in
-                guard records[newName] == nil else { throw ManagerError(.conflict, "vm '\(newName)' already exists") }
-                let c = Record(definition: plan.clone)
-                c.state = .starting
-                c.generation = 1
-                records[newName] = c
-                return c
-            }
+        // The source's actions wait from the state check until it runs on: a pause or shutdown cannot slip in
+        // between (its state must still be what was read when the clone resumes it).
+        source.actionLock.lock()
+        var sourceLocked = true
+        defer { if sourceLocked { source.actionLock.unlock() } }
+        let (state, def) = lock.withLock { (source.state, source.definition) }
+        guard state == .running || state == .paused else { throw conflict(name, state, "clone") }
+        let wasRunning = state == .running
+        let plan = try ClonePlan.make(source: def, newName: newName)
+        // The new name is reserved while the clone is made.
+        let c = try lock.withLock { () throws(ManagerError) -> Record in
+            guard records[newName] == nil else { throw ManagerError(.conflict, "vm '\(newName)' already exists") }
+            let c = Record(definition: plan.clone)
+            c.state = .starting
+            c.generation = 1
+            records[newName] = c
+            return c
         }
         let dir = paths.cloneSnapshot(newName)
         var copied: [String] = []
         func discard() {
             for path in copied { unlink(path) }
+            // A clone vmm that started and died: its exit notice detaches its TAPs while the record exists.
+            if lock.withLock({ c.pid != nil }) { _ = waitStopped(c, generation: c.generation, seconds: 10) }
             try? FileManager.default.removeItem(atPath: paths.runDir(newName))
             lock.withLock { if records[newName] === c { records[newName] = nil } }
         }
@@ -450,26 +450,32 @@ public final class VMManager: @unchecked Sendable {
             try AtomicFile.makeDirectory(paths.runDir(newName))
             try AtomicFile.makeDirectory(dir)
             let snap = SnapshotDirectory(dir)
-            do {
-                source.actionLock.lock()
-                defer { source.actionLock.unlock() }
-                if wasRunning { try vmmRequest(name, "PATCH", "/vm", body: #"{"state":"Paused"}"#, action: "pause") }
-                do throws(ManagerError) {
-                    struct Body: Encodable { var snapshot_type = "Full", snapshot_path: String, mem_file_path: String }
-                    let body = String(decoding: (try? JSONEncoder().encode(Body(snapshot_path: snap.statePath, mem_file_path: snap.memoryPath))) ?? Data(), as: UTF8.self)
-                    try vmmRequest(name, "PUT", "/snapshot/create", body: body, action: "snapshot for the clone", timeout: 600)
-                    for copy in plan.diskCopies {
-                        do { _ = try FileCopy.copy(from: copy.from, to: copy.to) } catch {
-                            throw ManagerError(.host, "vm '\(name)': copying its disk for the clone failed: \(error.message)")
-                        }
-                        copied.append(copy.to)
+            if wasRunning { try vmmRequest(name, "PATCH", "/vm", body: #"{"state":"Paused"}"#, action: "pause") }
+            do throws(ManagerError) {
+                // The snapshot parks the source's device threads until it resumes: its images stay as the snapshot
+                // left them while they are copied.
+                struct Body: Encodable { var snapshot_type = "Full", snapshot_path: String, mem_file_path: String }
+                let body = String(decoding: (try? JSONEncoder().encode(Body(snapshot_path: snap.statePath, mem_file_path: snap.memoryPath))) ?? Data(), as: UTF8.self)
+                try vmmRequest(name, "PUT", "/snapshot/create", body: body, action: "snapshot for the clone", timeout: 600)
+                for copy in plan.diskCopies {
+                    do { _ = try FileCopy.copy(from: copy.from, to: copy.to) } catch {
+                        throw ManagerError(.host, "vm '\(name)': copying its disk for the clone failed: \(error.message)")
                     }
-                } catch {
-                    if wasRunning { _ = try? vmmRequest(name, "PATCH", "/vm", body: #"{"state":"Resumed"}"#, action: "resume") }
+                    copied.append(copy.to)
+                }
+            } catch {
+                if wasRunning { _ = try? vmmRequest(name, "PATCH", "/vm", body: #"{"state":"Resumed"}"#, action: "resume") }
+                throw error
+            }
+            if wasRunning {
+                do { try vmmRequest(name, "PATCH", "/vm", body: #"{"state":"Resumed"}"#, action: "resume") } catch {
+                    // It stays paused: say so in its state.
+                    lock.withLock { if source.pid != nil { source.state = .paused } }
                     throw error
                 }
-                if wasRunning { try vmmRequest(name, "PATCH", "/vm", body: #"{"state":"Resumed"}"#, action: "resume") }
             }
+            source.actionLock.unlock()
+            sourceLocked = false
             // The clone's machine: its disks, TAPs, socket and name.
             var snapshot: MachineSnapshot
             do { snapshot = try SnapshotFile.read(snap.statePath) } catch {

@@ -51,6 +51,7 @@ extension Machine {
 
     /// Lets paused vCPUs run again (no effect when not paused).
     public func resume() {
+        if devicesHeldBySnapshot.exchange(false, ordering: .acquiringAndReleasing) { virtio.resumeAfterSnapshot() }
         rtc.releaseTimer()
         vcpuManager.resume()
     }

@@ -142,6 +142,8 @@ final class MachineVirtio: Sendable {
         var console: VirtioConsole?
         var balloon: VirtioBalloon?
         var started = false
+        /// Disks closed for a migration target (`closeDisksForHandOff`), by index.
+        var handedOff: [Int] = []
     }
     private let state = Mutex(State())
     /// Serializes disk replacements (opening files happens outside `state`).
@@ -225,12 +227,26 @@ final class MachineVirtio: Sendable {
     /// `Machine.reopenDisksAfterHandOff` (or the machine stops). Throws naming the first disk that
     /// cannot be closed.
     func closeDisksForHandOff() throws {
-        let disks = state.withLock { $0.disks.sorted { $0.key < $1.key }.map(\.value) }
-        for d in disks {
+        let disks = state.withLock { $0.disks.sorted { $0.key < $1.key } }
+        for (index, d) in disks {
             do { try d.backend.close() } catch {
                 throw VMMError.setup("cannot close the disk \(d.spec.path) for the migration target: \(error)")
             }
             d.lock.release()
+            state.withLock { $0.handedOff.append(index) }
+        }
+    }
+
+    /// Puts back disks still to be opened again (a reopen that failed part-way, for the next try).
+    func returnHandedOffDisks(_ indices: [Int]) {
+        state.withLock { $0.handedOff = indices + $0.handedOff }
+    }
+
+    /// The disks `closeDisksForHandOff` closed (and forgets them): only those are opened again.
+    func takeHandedOffDisks() -> [Int] {
+        state.withLock { s in
+            defer { s.handedOff = [] }
+            return s.handedOff
         }
     }
 
@@ -421,7 +437,10 @@ extension Machine {
     /// new backends and locks on the same files. Throws naming the first disk that cannot be opened
     /// (another process took its lock meanwhile, or the file is gone); the guest must then stay paused.
     func reopenDisksAfterHandOff() throws {
-        for index in virtio.diskIndices {
+        // Only the disks that were closed: a disk whose close failed still holds its image and locks.
+        var pending = virtio.takeHandedOffDisks()
+        defer { if !pending.isEmpty { virtio.returnHandedOffDisks(pending) } }
+        while let index = pending.first {
             try virtio.replaceLock.withLock { _ in
                 guard let disk = virtio.disk(index) else { return }
                 var opened: (backend: any BlockBackend, lock: DiskLock)?
@@ -440,6 +459,7 @@ extension Machine {
                     throw VMMError.setup("cannot open the disk \(disk.spec.path) again: the machine is stopping")
                 }
             }
+            pending.removeFirst()
         }
     }
 

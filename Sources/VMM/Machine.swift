@@ -101,6 +101,8 @@ public final class Machine: @unchecked Sendable {
     /// Whether a Diff snapshot has a base: a Full snapshot was taken, or the machine was restored,
     /// since dirty logging started (Snapshot.swift).
     let dirtyBaseline = Atomic<Bool>(false)
+    /// A snapshot parked the device threads; `resume()` lets them go.
+    let devicesHeldBySnapshot = Atomic<Bool>(false)
     /// Whether the RAM slots log dirty pages now (tracking, or a migration in progress).
     let dirtyLogging = Atomic<Bool>(false)
     let logger: Logger

@@ -528,9 +528,10 @@ extension Machine {
                 throw VMMError.invalidConfiguration("a Diff snapshot needs a base: take a Full snapshot first (or load one)")
             }
         }
-        // Device threads stand still while their state and guest memory are read.
-        virtio.quiesce()
-        defer { virtio.resumeAfterSnapshot() }
+        // Device threads stand still while their state and guest memory are read, and stay still until the
+        // machine resumes (`resume()`): the disk images then stay as the snapshot left them, so a copy made
+        // meanwhile (`vm clone`) matches it. A second snapshot while paused finds them held already.
+        if !devicesHeldBySnapshot.exchange(true, ordering: .acquiringAndReleasing) { virtio.quiesce() }
         var snapshot = try captureState()
         // The image files hold what the guest wrote up to here (a clone may copy them now).
         try virtio.flushDisks()

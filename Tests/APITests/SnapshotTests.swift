@@ -152,6 +152,33 @@ struct SnapshotTests {
         #expect(r.status == 400 && r.fault?.contains("boot-specific resources") == true, "\(r.body)")
     }
 
+    @Test("after a snapshot of a paused VM its disk stays as the snapshot left it until the VM resumes (requests held in the ring do not run meanwhile), then the guest streams on")
+    func disksHeldUntilResume() throws {
+        let program = try #require(GuestSupport.guestProgram("virtio_blk"))
+        let dir = TempDir()
+        defer { dir.cleanup() }
+        let disk = dir.path + "/disk.raw"
+        #expect(FileManager.default.createFile(atPath: disk, contents: Data(count: 1 << 20)))
+        let f = try Fixture(transport: .pci)
+        defer { f.shutdown() }
+        #expect(try f.send("PUT", "/boot-source", #"{"kernel_image_path": "\#(program)", "boot_args": "stream tsc_khz=\#(GuestSupport.tscKHz)"}"#).status == 204)
+        #expect(try f.send("PUT", "/machine-config", #"{"vcpu_count": 1, "mem_size_mib": 64}"#).status == 204)
+        // A rate limit keeps requests waiting in the ring, for the device thread to serve later.
+        #expect(try f.send("PUT", "/drives/d0", #"{"drive_id": "d0", "path_on_host": "\#(disk)", "is_root_device": false, "is_read_only": false, "rate_limiter": {"ops": {"size": 16, "refill_time": 100}}}"#).status == 204)
+        #expect(try f.send("PUT", "/actions", #"{"action_type": "InstanceStart"}"#).status == 204)
+        #expect(GuestSupport.wait(seconds: 60) { Self.streamRounds(f.serialPath).count >= 2 }, "the guest streams")
+        #expect(try f.send("PATCH", "/vm", #"{"state": "Paused"}"#).status == 204)
+        let r = try f.send("PUT", "/snapshot/create", #"{"snapshot_path": "\#(dir.path)/vm.snap", "mem_file_path": "\#(dir.path)/vm.mem"}"#)
+        #expect(r.status == 204, "\(r.body)")
+        let atSnapshot = try Data(contentsOf: URL(fileURLWithPath: disk))
+        usleep(1_500_000) // the limiter refills several times meanwhile
+        #expect(try Data(contentsOf: URL(fileURLWithPath: disk)) == atSnapshot, "no request ran while the snapshot holds the devices")
+        let rounds = Self.streamRounds(f.serialPath).count
+        #expect(try f.send("PATCH", "/vm", #"{"state": "Resumed"}"#).status == 204)
+        #expect(GuestSupport.wait(seconds: 60) { Self.streamRounds(f.serialPath).count >= rounds + 2 }, "the guest streams on after the resume")
+        #expect(!((try? String(contentsOfFile: f.serialPath, encoding: .utf8)) ?? "").contains("FAIL"))
+    }
+
     @Test("a snapshot after PATCH /drives swapped the disk's image records the new image, so a restore opens the file the guest was using")
     func swappedDrive() throws {
         let dir = TempDir()
