@@ -21,9 +21,9 @@ public enum FileCopy {
     static let ficlone: UInt = 0x4004_9409
     static let chunk = 1 << 20
 
-    /// Copies `source` to `destination`, which must not exist (it is created with mode 0644, or the
-    /// source's mode). On any failure the partial destination is removed and the error names the
-    /// file and the step.
+    /// Copies `source` to `destination`, which must not exist (it is created with the source's
+    /// permission bits, less the umask). On any failure the partial destination is removed and the
+    /// error names the file and the step.
     public static func copy(from source: String, to destination: String) throws(DiskImageError) -> Result {
         let src = open(source, O_RDONLY | O_CLOEXEC)
         guard src >= 0 else { throw ioError("cannot open \(source)", errno) }
