@@ -47,6 +47,13 @@ struct MigrationTests {
     /// A running ticker source.
     static func source(_ dir: TempDir) throws -> VMM {
         let s = try launch(dir, "source")
+        do { return try configureTicker(s) } catch {
+            s.stop() // the caller has no handle yet to stop it
+            throw error
+        }
+    }
+
+    static func configureTicker(_ s: VMM) throws -> VMM {
         let kernel = try #require(GuestSupport.ticker)
         let args = GuestSupport.tickerArgs(ticks: 0)
         #expect(try s.send("PUT", "/boot-source", #"{"kernel_image_path": "\#(kernel)", "boot_args": "\#(args)"}"#).status == 204)
@@ -103,8 +110,15 @@ struct MigrationTests {
 
     /// A source running the virtio_blk guest program in stream mode on the raw disk `disk`.
     static func streamingSource(_ dir: TempDir, disk: String) throws -> VMM {
-        let program = try #require(GuestSupport.guestProgram("virtio_blk"))
         let s = try launch(dir, "source")
+        do { return try configureStream(s, disk: disk) } catch {
+            s.stop() // the caller has no handle yet to stop it
+            throw error
+        }
+    }
+
+    static func configureStream(_ s: VMM, disk: String) throws -> VMM {
+        let program = try #require(GuestSupport.guestProgram("virtio_blk"))
         #expect(try s.send("PUT", "/boot-source", #"{"kernel_image_path": "\#(program)", "boot_args": "stream mmio tsc_khz=\#(GuestSupport.tscKHz)"}"#).status == 204)
         #expect(try s.send("PUT", "/machine-config", #"{"vcpu_count": 1, "mem_size_mib": 64}"#).status == 204)
         #expect(try s.send("PUT", "/drives/d0", #"{"drive_id": "d0", "path_on_host": "\#(disk)", "is_root_device": false, "is_read_only": false}"#).status == 204)
