@@ -46,8 +46,9 @@ public struct ACPIConfiguration: Sendable, Equatable {
     public var ioapicAddress: UInt32 = 0xfec0_0000
     /// Local APIC address.
     public var lapicAddress: UInt32 = 0xfee0_0000
-    /// The 32-bit PCI memory window given to the host bridge.
-    public var pciMemoryWindow: ClosedRange<UInt32> = 0xc000_0000...0xdfff_ffff
+    /// The 32-bit PCI memory windows given to the host bridge: where the VMM places BARs, and the
+    /// top of the PCI hole below the I/O APIC, where firmware (SeaBIOS) places them.
+    public var pciMemoryWindows: [ClosedRange<UInt32>] = [0xc000_0000...0xdfff_ffff, 0xfe00_0000...0xfebf_ffff]
     /// PCIe ECAM base for bus 0 (1 MiB), described by MCFG; nil without ECAM.
     public var ecamBase: UInt64? = nil
     /// Whether the DSDT lists COM1 (PNP0501 at 0x3f8, IRQ 4) and the i8042 keyboard (PNP0303).
@@ -302,8 +303,7 @@ public enum ACPITables {
                 AMLResource.io(min: 0xcf8, max: 0xcf8, alignment: 1, length: 8),
                 AMLResource.wordIO(min: 0x0000, max: 0x0cf7),
                 AMLResource.wordIO(min: 0x0d00, max: 0xffff),
-                AMLResource.dwordMemory(min: config.pciMemoryWindow.lowerBound, max: config.pciMemoryWindow.upperBound),
-            ])),
+            ] + config.pciMemoryWindows.map { AMLResource.dwordMemory(min: $0.lowerBound, max: $0.upperBound) })),
             AML.name("_PRT", AML.package(prt)),
         ]
         var sb: [[UInt8]] = [AML.device("PCI0", pci)]

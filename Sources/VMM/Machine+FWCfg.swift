@@ -5,10 +5,12 @@ import GuestMemory
 /// QEMU's fw_cfg device on every machine (issue 14, part 1).
 extension Machine {
     /// The fw_cfg items of this machine: RAM size, CPU counts, NUMA (no nodes), UUID (zero),
-    /// no graphics, no boot menu, no IRQ 0 override, and the files `bootorder` (empty), `etc/e820`, `etc/sercon-port`
-    /// (COM1) and the ACPI tables with their `etc/table-loader`; with a firmware boot's kernel,
-    /// the `-kernel` items (`addFirmwareKernel`).
-    static func firmwareConfigItems(config: VMConfiguration, memory: GuestMemory, acpi: ACPIConfiguration) throws -> FWCfgItems {
+    /// no graphics, the boot menu of `--boot menu=`, no IRQ 0 override, and the files `bootorder` (`BootOrder.lines`
+    /// of `bootDevices` and `--boot`), `etc/e820`, `etc/sercon-port` (COM1) and the ACPI tables with their
+    /// `etc/table-loader`; with a firmware boot's kernel, the `-kernel` items (`addFirmwareKernel`), whose
+    /// option ROM boots first.
+    static func firmwareConfigItems(config: VMConfiguration, memory: GuestMemory, acpi: ACPIConfiguration,
+                                    bootDevices: [BootDevice] = []) throws -> FWCfgItems {
         typealias Key = FWCfgItems.Key
         var items = FWCfgItems()
         items.set(Key.ramSize, le: memory.totalSize)
@@ -18,10 +20,10 @@ extension Machine {
         items.set(Key.numa, bytes: [UInt8](repeating: 0, count: 8 * (1 + config.cpus)))
         items.set(Key.uuid, bytes: [UInt8](repeating: 0, count: 16))
         items.set(Key.noGraphic, le: UInt16(1))
-        items.set(Key.bootMenu, le: UInt16(0))
+        items.set(Key.bootMenu, le: UInt16(config.boot?.menu == true ? 1 : 0))
         // KVM's default routing wires the PIT (IRQ 0) to I/O APIC pin 0, as our MP table and MADT say.
         items.set(Key.irq0Override, le: UInt32(0))
-        try items.addFile("bootorder", bytes: [])
+        var bootorder = try BootOrder.lines(devices: bootDevices, spec: config.boot)
         // KVM's TSS and identity-map pages are reserved, as QEMU reserves its own.
         let kvmPages = (address: identityMapAddress, size: tssAddress + 3 * 0x1000 - identityMapAddress)
         try items.addFile("etc/e820", bytes: E820Map.firmwareTable(for: memory, reserved: [kvmPages]))
@@ -32,7 +34,9 @@ extension Machine {
         try items.addFile(FirmwareACPI.loaderFile, bytes: tables.loader.bytes)
         if case .firmware(let spec) = config.payload, let kernel = spec.kernel {
             try addFirmwareKernel(kernel, initrd: spec.initrd, cmdline: spec.cmdline, memory: memory, to: &items)
+            bootorder.insert("/rom@\(linuxBootROMFile)", at: 0)
         }
+        try items.addFile("bootorder", bytes: Array(bootorder.map { $0 + "\n" }.joined().utf8))
         return items
     }
 
@@ -42,8 +46,8 @@ extension Machine {
     static let linuxBootROMFile = "genroms/linuxboot_dma.bin"
 
     /// The `-kernel` items for firmware: a bzImage split into setup and kernel, the initrd and the
-    /// command line (FW_CFG_SETUP_*, KERNEL_*, INITRD_*, CMDLINE_*), QEMU's linuxboot_dma.bin as an
-    /// option ROM, and a `bootorder` that boots it first.
+    /// command line (FW_CFG_SETUP_*, KERNEL_*, INITRD_*, CMDLINE_*) and QEMU's linuxboot_dma.bin as an
+    /// option ROM (the caller puts it first in `bootorder`).
     static func addFirmwareKernel(_ path: String, initrd: String?, cmdline: String, memory: GuestMemory,
                                   to items: inout FWCfgItems) throws {
         typealias Key = FWCfgItems.Key
@@ -67,7 +71,6 @@ extension Machine {
         items.set(Key.cmdlineSize, le: UInt32(k.cmdline.count))
         items.set(Key.cmdlineData, bytes: k.cmdline)
         try items.addFile(linuxBootROMFile, bytes: rom)
-        try items.addFile("bootorder", bytes: Array("/rom@\(linuxBootROMFile)\n".utf8))
     }
 
     /// Logs (info) the fw_cfg DMA traffic of the run, when there was any.
@@ -80,7 +83,10 @@ extension Machine {
 
     /// Puts fw_cfg on the port bus at 0x510 (selector, data, DMA address).
     func setUpFirmwareConfig(acpi: ACPIConfiguration) throws {
-        let items = try Self.firmwareConfigItems(config: config, memory: memory, acpi: acpi)
+        let items = try Self.firmwareConfigItems(config: config, memory: memory, acpi: acpi, bootDevices: virtio.bootDevices)
+        if let order = items.file("bootorder"), !order.isEmpty {
+            logger.info("firmware boot order: \(String(decoding: order, as: UTF8.self).split(separator: "\n").joined(separator: " "))")
+        }
         let fwcfg = FWCfg(items: items, memory: memory)
         firmwareConfig = fwcfg
         try ioBus.insert(fwcfg, base: FWCfg.defaultBase, length: FWCfg.portCount)

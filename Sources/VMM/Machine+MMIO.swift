@@ -66,7 +66,8 @@ extension VMConfiguration {
 
     /// How many virtio devices the machine gets: disks, NICs, vsock, console, rng.
     public var virtioDeviceCount: Int {
-        disks.count + nets.count + (vsock == nil ? 0 : 1) + (virtioConsole ? 1 : 0) + (rng ? 1 : 0)
+        disks.filter { !$0.isSCSI }.count + (disks.contains(where: \.isSCSI) ? 1 : 0) + nets.count + (vsock == nil ? 0 : 1)
+            + (virtioConsole ? 1 : 0) + (rng ? 1 : 0) + (balloon == nil ? 0 : 1)
     }
 
     /// `cmdline` with the `virtio_mmio.device=` items of this machine's devices appended when they are on
@@ -93,7 +94,7 @@ extension Machine {
     /// it down. A PCI transport's state is saved in snapshots under `id`; a device on virtio-mmio is not
     /// snapshottable yet (`id` is marked unsupported, so a snapshot is refused naming it). Returns where the
     /// device is, for the log.
-    func attachVirtio(_ device: any VirtioDevice, id: String, loop: EventLoop, log: VirtioLog) throws -> String {
+    func attachVirtio(_ device: any VirtioDevice, id: String, loop: EventLoop, log: VirtioLog) throws -> VirtioPlacement {
         let ioEvents = KVMIOEventRegistry(vm: vm)
         switch config.virtioTransport {
         case .pci:
@@ -101,7 +102,8 @@ extension Machine {
                                                    eventLoop: loop, ioEvents: ioEvents, log: log)
             virtio.add(transport: transport)
             devices.register(transport, id: id)
-            return "PCI slot \(try attachPCIDevice(transport).slot)"
+            let slot = try attachPCIDevice(transport).slot
+            return VirtioPlacement(pciSlot: slot, description: "PCI slot \(slot)")
         case .mmio:
             let slot = try VirtioMMIOLayout.slot(virtio.mmioDevices.count)
             let event = try EventFD()
@@ -112,7 +114,14 @@ extension Machine {
             virtio.add(mmio: transport, slot: slot)
             devices.register(transport, id: id)
             try mmioBus.insert(transport, base: slot.base, length: VirtioMMIOLayout.windowSize)
-            return "MMIO 0x\(String(slot.base, radix: 16)) IRQ \(slot.irq)"
+            return VirtioPlacement(pciSlot: nil, description: "MMIO 0x\(String(slot.base, radix: 16)) IRQ \(slot.irq)")
         }
     }
+}
+
+/// Where `attachVirtio` put a device: a PCI slot or a virtio-mmio window (as text for logs).
+struct VirtioPlacement: CustomStringConvertible {
+    /// The PCI slot, nil on virtio-mmio.
+    var pciSlot: Int?
+    var description: String
 }

@@ -11,7 +11,7 @@ import Virtio
 import Glibc
 #endif
 
-/// One `--disk path=F[,format=raw|qcow2][,readonly=on][,id=ID][,backing_files=on][,cache=none|writeback]`.
+/// One `--disk path=F[,format=raw|qcow2][,readonly=on][,id=ID][,backing_files=on][,cache=none|writeback][,if=…][,media=…][,bootindex=N]`.
 public struct DiskSpec: Codable, Sendable, Equatable {
     /// Image file.
     public var path: String
@@ -28,6 +28,17 @@ public struct DiskSpec: Codable, Sendable, Equatable {
     public var cache: String
     /// Rate limit of the guest's requests (bandwidth in bytes, ops); nil: none.
     public var rateLimit: RateLimitConfig?
+    /// The bus: nil or "virtio" (a virtio-blk device of its own) or "scsi" (a unit of the virtio-scsi adapter).
+    public var interface: String?
+    /// nil or "disk", or "cdrom": a CD/DVD-ROM drive (virtio-scsi; read-only, removable, 2048-byte blocks).
+    public var media: String?
+    /// Firmware boot priority (QEMU's `bootindex`: lower boots first); nil: by `--boot`.
+    public var bootIndex: Int?
+
+    /// Whether the disk is a unit of the virtio-scsi adapter.
+    public var isSCSI: Bool { interface == "scsi" }
+    /// Whether the disk is a CD/DVD-ROM drive.
+    public var isCDROM: Bool { media == "cdrom" }
 
     public init(path: String, format: String? = nil, readOnly: Bool = false, id: String? = nil, backingFiles: Bool = false,
                 cache: String = "writeback", rateLimit: RateLimitConfig? = nil) {
@@ -36,9 +47,10 @@ public struct DiskSpec: Codable, Sendable, Equatable {
     }
 
     /// Keys accepted by `init(parsing:)`.
-    public static let keys = ["path", "format", "readonly", "id", "backing_files", "cache"]
+    public static let keys = ["path", "format", "readonly", "id", "backing_files", "cache", "if", "media", "bootindex"]
 
-    /// Parses `path=F[,format=raw|qcow2][,readonly=on|off][,id=ID][,backing_files=on|off][,cache=none|writeback]`.
+    /// Parses `path=F[,format=raw|qcow2][,readonly=on|off][,id=ID][,backing_files=on|off][,cache=none|writeback]`
+    /// `[,if=virtio|scsi][,media=disk|cdrom][,bootindex=N]` (`media=cdrom` implies `if=scsi` and read-only).
     public init(parsing text: String) throws {
         func bad(_ why: String) -> VMMError { .invalidValue(what: "--disk", value: text, reason: why) }
         func flag(_ key: String, _ v: String) throws -> Bool {
@@ -49,6 +61,7 @@ public struct DiskSpec: Codable, Sendable, Equatable {
             }
         }
         var path: String?
+        var readOnlyGiven: Bool?
         var spec = DiskSpec(path: "")
         for (key, value) in try OptionItems.pairs(text.split(separator: ",", omittingEmptySubsequences: false),
                                                   keys: Self.keys, bad: bad) {
@@ -59,11 +72,22 @@ public struct DiskSpec: Codable, Sendable, Equatable {
             case "format":
                 guard ImageFormat(rawValue: value) != nil else { throw bad("format=\(value): expected raw or qcow2") }
                 spec.format = value
-            case "readonly": spec.readOnly = try flag(key, value)
+            case "readonly":
+                spec.readOnly = try flag(key, value)
+                readOnlyGiven = spec.readOnly
             case "backing_files": spec.backingFiles = try flag(key, value)
             case "cache":
                 guard value == "none" || value == "writeback" else { throw bad("cache=\(value): expected none or writeback") }
                 spec.cache = value
+            case "if":
+                guard value == "virtio" || value == "scsi" else { throw bad("if=\(value): expected virtio or scsi") }
+                spec.interface = value
+            case "media":
+                guard value == "disk" || value == "cdrom" else { throw bad("media=\(value): expected disk or cdrom") }
+                spec.media = value
+            case "bootindex":
+                guard let n = Int(value), n >= 0, n <= 9999 else { throw bad("bootindex=\(value): expected 0 to 9999") }
+                spec.bootIndex = n
             case "id":
                 guard !value.isEmpty, value.utf8.count <= VirtioBlock.idLength else {
                     throw bad("id=\(value): expected 1 to \(VirtioBlock.idLength) bytes")
@@ -75,6 +99,12 @@ public struct DiskSpec: Codable, Sendable, Equatable {
         }
         guard let path else { throw bad("path=FILE is required") }
         if spec.cache == "none", spec.format == "qcow2" { throw bad("cache=none needs a raw image") }
+        if spec.isCDROM {
+            if spec.interface == "virtio" { throw bad("media=cdrom needs if=scsi (a virtio-blk disk has no removable medium; use readonly=on)") }
+            if readOnlyGiven == false { throw bad("a CD-ROM is read-only (readonly=off)") }
+            spec.interface = "scsi"
+            spec.readOnly = true
+        }
         spec.path = path
         self = spec
     }
@@ -144,6 +174,11 @@ final class MachineVirtio: Sendable {
         var started = false
         /// Disks closed for a migration target (`closeDisksForHandOff`), by index.
         var handedOff: [Int] = []
+        /// The virtio-scsi adapter, and the image lock of each unit's medium (by target).
+        var scsi: VirtioSCSI?
+        var scsiLocks: [Int: DiskLock] = [:]
+        /// The devices the firmware can boot from, in attach order.
+        var bootDevices: [BootDevice] = []
     }
     private let state = Mutex(State())
     /// Serializes disk replacements (opening files happens outside `state`).
@@ -182,6 +217,31 @@ final class MachineVirtio: Sendable {
     /// The NICs, in `--net` order.
     var nics: [NIC] { state.withLock { $0.nics } }
 
+    /// The devices the firmware can boot from, in attach order.
+    var bootDevices: [BootDevice] { state.withLock { $0.bootDevices } }
+    /// Records a bootable device.
+    func add(bootDevice: BootDevice) { state.withLock { $0.bootDevices.append(bootDevice) } }
+
+    /// Records the virtio-scsi adapter and its units' image locks.
+    func add(scsi: VirtioSCSI, locks: [Int: DiskLock]) {
+        state.withLock { s in
+            s.scsi = scsi
+            s.scsiLocks = locks
+        }
+    }
+
+    /// Releases the image lock of SCSI target `target` (its medium was ejected and closed).
+    func releaseSCSILock(_ target: Int) {
+        let lock = state.withLock { s in s.scsiLocks.removeValue(forKey: target) }
+        lock?.release()
+    }
+
+    /// The media of the virtio-scsi units (none when there is no adapter).
+    private var scsiBackends: [(String, any BlockBackend)] {
+        guard let scsi = state.withLock({ $0.scsi }) else { return [] }
+        return scsi.units.enumerated().compactMap { i, u in u.backend.map { ("virtio-scsi target \(i)", $0) } }
+    }
+
     /// Disk `index` (its position in `VMConfiguration.disks`).
     func disk(_ index: Int) -> Disk? { state.withLock { $0.disks[index] } }
 
@@ -217,6 +277,11 @@ final class MachineVirtio: Sendable {
                 throw VMMError.setup("cannot flush the disk \(d.spec.path) for the snapshot: \(error)")
             }
         }
+        for (name, backend) in scsiBackends where !backend.isReadOnly {
+            do { try backend.flush() } catch {
+                throw VMMError.setup("cannot flush \(name) for the snapshot: \(error)")
+            }
+        }
     }
 
     /// The indices (in `VMConfiguration.disks`) of the machine's disks, in order.
@@ -227,6 +292,9 @@ final class MachineVirtio: Sendable {
     /// `Machine.reopenDisksAfterHandOff` (or the machine stops). Throws naming the first disk that
     /// cannot be closed.
     func closeDisksForHandOff() throws {
+        guard state.withLock({ $0.scsi }) == nil else {
+            throw VMMError.setup("virtio-scsi units cannot be handed to a migration target (only virtio-blk disks can)")
+        }
         let disks = state.withLock { $0.disks.sorted { $0.key < $1.key } }
         for (index, d) in disks {
             do { try d.backend.close() } catch {
@@ -278,6 +346,11 @@ final class MachineVirtio: Sendable {
         for b in backends {
             do { try b.close() } catch { logger.error("virtio-blk: flush at exit failed: \(error)") }
         }
+        for (name, b) in scsiBackends {
+            do { try b.close() } catch { logger.error("\(name): flush at exit failed: \(error)") }
+        }
+        let locks = state.withLock { s in defer { s.scsiLocks = [:] }; return s.scsiLocks }
+        for l in locks.values { l.release() }
     }
 }
 
@@ -288,7 +361,7 @@ extension Machine {
     /// event-loop thread (its I/O is synchronous); the console and rng share one.
     func setUpVirtio() throws {
         let log = VirtioLog { [logger] message in logger.warning("\(message)") }
-        for (i, disk) in config.disks.enumerated() {
+        for (i, disk) in config.disks.enumerated() where !disk.isSCSI {
             let (backend, lock) = try Self.openDisk(disk)
             let loop = try EventLoop(name: "virtio-blk\(i)")
             // Raw files have no lock in the backend: run requests in parallel (qcow2 serializes). With
@@ -300,7 +373,11 @@ extension Machine {
             virtio.add(loop: loop, disk: (i, MachineVirtio.Disk(spec: disk, device: device, backend: backend, lock: lock)))
             let place = try attachVirtio(device, id: "virtio-blk\(i)", loop: loop, log: log)
             logger.info("virtio-blk \(disk.path) (\(backend.size) bytes\(disk.readOnly ? ", read-only" : "")) at \(place)")
+            if let slot = place.pciSlot {
+                virtio.add(bootDevice: .virtioBlock(slot: slot, bootIndex: disk.bootIndex, label: disk.path))
+            }
         }
+        try setUpSCSI(log: log)
         for (i, nic) in config.nets.enumerated() {
             let id = config.nicID(i), mac = config.nicMAC(i)
             let backend = try Self.openNetBackend(nic, id: id)
@@ -325,7 +402,7 @@ extension Machine {
                 throw VMMError.invalidValue(what: "--vsock", value: "uds=\(spec.udsPath)", reason: error.description)
             }
             virtio.add(loop: loop)
-            let place: String
+            let place: VirtioPlacement
             do {
                 // attachVirtio registers the transport before it attaches it: stop() then shuts the device down
                 // (removing its socket) on any later failure; this shuts it down when the transport was not made.
@@ -357,6 +434,48 @@ extension Machine {
             virtio.add(balloon: balloon)
             let place = try attachVirtio(balloon, id: "virtio-balloon", loop: loop, log: log)
             logger.debug("virtio-balloon (\(spec.amountMiB) MiB) at \(place)")
+        }
+    }
+
+    /// The virtio-scsi adapter with the `if=scsi` disks as targets 0, 1, … (LUN 0 each), in `--disk` order, on
+    /// its own event-loop thread. A medium the guest ejects is closed and its image lock released.
+    func setUpSCSI(log: VirtioLog) throws {
+        let specs = config.disks.filter(\.isSCSI)
+        guard !specs.isEmpty else { return }
+        guard specs.count <= 256 else {
+            throw VMMError.invalidValue(what: "--disk", value: "if=scsi", reason: "\(specs.count) SCSI units, at most 256")
+        }
+        var units: [SCSILogicalUnit] = [], locks: [Int: DiskLock] = [:]
+        var opened: [any BlockBackend] = []
+        do {
+            for (target, disk) in specs.enumerated() {
+                let (backend, lock) = try Self.openDisk(disk)
+                opened.append(backend)
+                locks[target] = lock
+                if disk.isCDROM, backend.size % 2048 != 0 {
+                    logger.warning("CD-ROM image \(disk.path) is \(backend.size) bytes, not whole 2048-byte blocks: the last \(backend.size % 2048) bytes are not readable")
+                }
+                units.append(SCSILogicalUnit(kind: disk.isCDROM ? .cdrom : .disk, backend: backend,
+                                             serial: disk.id ?? "swiftkvm-scsi\(target)"))
+            }
+        } catch {
+            for b in opened { try? b.close() }
+            throw error
+        }
+        let loop = try EventLoop(name: "virtio-scsi")
+        let device = VirtioSCSI(units: units, log: log) { [virtio, logger] target, medium in
+            do { try medium.close() } catch { logger.error("virtio-scsi target \(target): closing the ejected medium failed: \(error)") }
+            virtio.releaseSCSILock(target)
+            logger.info("virtio-scsi target \(target): the guest ejected the medium")
+        }
+        virtio.add(loop: loop)
+        virtio.add(scsi: device, locks: locks)
+        let place = try attachVirtio(device, id: "virtio-scsi", loop: loop, log: log)
+        for (target, disk) in specs.enumerated() {
+            logger.info("virtio-scsi target \(target): \(disk.isCDROM ? "CD-ROM" : "disk") \(disk.path) at \(place)")
+            if let slot = place.pciSlot {
+                virtio.add(bootDevice: .scsi(slot: slot, target: target, cdrom: disk.isCDROM, bootIndex: disk.bootIndex, label: disk.path))
+            }
         }
     }
 

@@ -174,6 +174,8 @@ public struct VMConfiguration: Codable, Sendable, Equatable {
     /// The virtio transport (`--transport`); nil: PCI (`virtioTransport`). Optional so that configurations
     /// saved before it existed still decode.
     public var transport: VirtioTransportKind? = nil
+    /// The firmware's boot order (`--boot`); nil: QEMU's default (disks, then CD-ROMs). Firmware boots only.
+    public var boot: BootOrderSpec? = nil
 
     /// A configuration for `payload` with defaults for everything else.
     public init(payload: GuestPayload) { self.payload = payload }
@@ -207,6 +209,10 @@ public struct VMConfiguration: Codable, Sendable, Equatable {
         }
         _ = try serialSpec()
         try vsock?.validate()
+        if boot != nil, !isFirmwareBoot {
+            throw VMMError.invalidValue(what: "--boot", value: boot!.order.map(\.rawValue).joined(),
+                                        reason: "a boot order is for firmware boots (--bios or --firmware)")
+        }
         if virtioTransport == .mmio, virtioDeviceCount > VirtioMMIOLayout.maximumDevices {
             throw VMMError.invalidValue(what: "--transport", value: "mmio",
                                         reason: "\(virtioDeviceCount) virtio devices, at most \(VirtioMMIOLayout.maximumDevices) fit on virtio-mmio (one interrupt each)")
@@ -226,6 +232,9 @@ public struct VMConfiguration: Codable, Sendable, Equatable {
             }
         }
     }
+
+    /// Whether the guest starts in firmware.
+    public var isFirmwareBoot: Bool { if case .firmware = payload { true } else { false } }
 
     /// NIC `index`'s id: its own, or `netN`.
     public func nicID(_ index: Int) -> String { nets[index].id ?? "net\(index)" }

@@ -98,6 +98,7 @@ public final class VirtioPCITransport: PCIDevice, @unchecked Sendable {
         let (cls, sub): (UInt8, UInt8) = switch device.deviceType {
         case .net: (0x02, 0x00)
         case .block: (0x01, 0x00)
+        case .scsi: (0x01, 0x00)
         case .console: (0x07, 0x80)
         case .entropy: (0xff, 0x00)
         case .balloon: (0xff, 0x00)

@@ -5,6 +5,7 @@ public enum VirtioDeviceType: UInt16, Sendable, CaseIterable {
     case console = 3
     case entropy = 4
     case balloon = 5
+    case scsi = 8
     case vsock = 19
 }
 

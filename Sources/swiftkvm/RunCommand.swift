@@ -72,8 +72,13 @@ struct RunCommand: ParsableCommand {
     var kernelEntry: String = "decompressed"
 
     @Option(name: .customLong("disk"),
-            help: "virtio-blk disk: path=FILE[,format=raw|qcow2][,readonly=on][,id=ID][,backing_files=on][,cache=none|writeback] (repeatable).")
+            help: "Disk: path=FILE[,format=raw|qcow2][,readonly=on][,id=ID][,backing_files=on][,cache=none|writeback][,if=virtio|scsi][,media=disk|cdrom][,bootindex=N] (repeatable). if=virtio (default): a virtio-blk device each; if=scsi: a unit of one virtio-scsi adapter; media=cdrom: a read-only CD/DVD-ROM drive on virtio-scsi.")
     var disks: [String] = []
+    @Option(name: .customLong("cdrom"), help: "CD/DVD-ROM image (an ISO) on virtio-scsi: --disk path=FILE,media=cdrom.")
+    var cdrom: String?
+    @Option(name: .customLong("boot"),
+            help: "Firmware boot order: c (disk), d (CD-ROM), or [order=LETTERS][,menu=on|off][,strict=on|off]; devices with bootindex= come first. Passed to the firmware as fw_cfg bootorder (default: disks, then CD-ROMs).")
+    var boot: String?
 
     @Option(name: .customLong("net"),
             help: "virtio-net NIC: tap=NAME | fd=N | bridge=BR | user[,hostfwd=tcp::HOSTPORT-:GUESTPORT], then [,mac=MAC][,id=ID] (repeatable).")
@@ -118,6 +123,7 @@ struct RunCommand: ParsableCommand {
         check(debugExitPort != "0xf4", "--debug-exit-port"); check(onReboot != "exit", "--on-reboot")
         check(!cpuidMasks.isEmpty, "--cpuid-mask"); check(kernelEntry != "decompressed", "--kernel-entry")
         check(!disks.isEmpty, "--disk"); check(!nets.isEmpty, "--net"); check(vsock != nil, "--vsock")
+        check(cdrom != nil, "--cdrom"); check(boot != nil, "--boot")
         check(name != "swiftkvm", "--name"); check(rng, "--rng"); check(balloon != nil, "--balloon"); check(virtioConsole, "--virtio-console")
         check(timeDilation != nil, "--time-dilation"); check(firmware != nil, "--firmware"); check(bios, "--bios")
         return given
@@ -225,6 +231,13 @@ struct RunCommand: ParsableCommand {
         config.showRegs = showRegs
         config.kernelEntry = kernelEntry
         config.disks = try disks.map(DiskSpec.init(parsing:))
+        if let cdrom {
+            guard !cdrom.isEmpty, !cdrom.contains(",") else {
+                throw VMMError.invalidValue(what: "--cdrom", value: cdrom, reason: "expected a file name without commas (use --disk path=…,media=cdrom)")
+            }
+            config.disks.append(try DiskSpec(parsing: "path=\(cdrom),media=cdrom"))
+        }
+        config.boot = try boot.map(BootOrderSpec.init(parsing:))
         config.nets = try nets.map(NetSpec.init(parsing:))
         config.vsock = try vsock.map(VsockSpec.init(parsing:))
         config.name = name
