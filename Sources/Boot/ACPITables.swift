@@ -80,7 +80,7 @@ public struct ACPIConfiguration: Sendable, Equatable {
     }
 }
 
-/// Builds SwiftKVM's ACPI tables: RSDP (v2) → XSDT → FADT (rev 6, full fixed hardware, with
+/// Builds SwiftKVM's ACPI tables: RSDP (v2) → XSDT (and an RSDT with the same entries) → FADT (rev 6, full fixed hardware, with
 /// FACS and DSDT), MADT, and MCFG when ECAM exists.
 ///
 /// The tables sit together at `BootLayout.acpiTablesAddress` (0xE0000, in the BIOS area Linux
@@ -147,7 +147,9 @@ public enum ACPITables {
         var entries = [fadtAddress, place("APIC", madt(config))]
         if let ecam = config.ecamBase { entries.append(place("MCFG", mcfg(ecamBase: ecam))) }
         let xsdtAddress = place("XSDT", xsdt(entries))
-        bytes.replaceSubrange(0..<rsdpSize, with: rsdp(xsdt: xsdtAddress))
+        // The RSDT too: GRUB, older loaders and ACPI 1.0 readers (QEMU's PCs have only an RSDT) follow it.
+        let rsdtAddress = place("RSDT", rsdt(entries))
+        bytes.replaceSubrange(0..<rsdpSize, with: rsdp(xsdt: xsdtAddress, rsdt: rsdtAddress))
         return Image(base: base, bytes: bytes, addresses: addresses)
     }
 
@@ -164,17 +166,24 @@ public enum ACPITables {
     // MARK: Tables
 
     /// The RSDP (revision 2): checksum over the first 20 bytes, extended checksum over all 36.
-    public static func rsdp(xsdt: UInt64) -> [UInt8] {
+    public static func rsdp(xsdt: UInt64, rsdt: UInt64 = 0) -> [UInt8] {
         var r = [UInt8](repeating: 0, count: rsdpSize)
         r.replaceSubrange(0..<8, with: Array("RSD PTR ".utf8))
         r.replaceSubrange(9..<15, with: oemID)
         r[15] = 2                                 // revision: ACPI 2.0+
-        r.putLE(UInt32(0), at: 16)                // no RSDT
+        r.putLE(UInt32(truncatingIfNeeded: rsdt), at: 16)
         r.putLE(UInt32(rsdpSize), at: 20)
         r.putLE(xsdt, at: 24)
         r[8] = checksum(r[0..<20])
         r[32] = checksum(r[0..<36])
         return r
+    }
+
+    /// The RSDT pointing at `entries` (32-bit addresses).
+    public static func rsdt(_ entries: [UInt64]) -> [UInt8] {
+        var body: [UInt8] = []
+        for e in entries { body += AML.le(UInt64(UInt32(truncatingIfNeeded: e)), 4) }
+        return table("RSDT", revision: 1, body: body)
     }
 
     /// The XSDT pointing at `entries`.

@@ -79,7 +79,7 @@ public struct FirmwareACPI: Sendable {
 
     /// The tables blob: every table, pointers relative to the blob's start, checksums 0.
     public var tables: [UInt8]
-    /// The RSDP: its XSDT pointer relative to the tables blob, checksums 0.
+    /// The RSDP: its RSDT and XSDT pointers relative to the tables blob, checksums 0.
     public var rsdp: [UInt8]
     /// The table-loader commands.
     public var loader: TableLoader
@@ -98,12 +98,19 @@ public struct FirmwareACPI: Sendable {
 
         let t = Self.tablesFile
         func offset(_ sig: String) -> Int? { image.addresses[sig].map { Int($0) } }
-        // Pointers: XSDT entries, FADT's FIRMWARE_CTRL, DSDT and X_DSDT.
+        // Pointers: XSDT and RSDT entries, FADT's FIRMWARE_CTRL, DSDT and X_DSDT.
         if let xsdt = offset("XSDT"), let len = blob.getLE(UInt32.self, at: xsdt + 4) {
             var o = xsdt + ACPITables.headerSize
             while o + 8 <= xsdt + Int(len) {
                 loader.addPointer(destination: t, source: t, offset: UInt32(o), size: 8)
                 o += 8
+            }
+        }
+        if let rsdt = offset("RSDT"), let len = blob.getLE(UInt32.self, at: rsdt + 4) {
+            var o = rsdt + ACPITables.headerSize
+            while o + 4 <= rsdt + Int(len) {
+                loader.addPointer(destination: t, source: t, offset: UInt32(o), size: 4)
+                o += 4
             }
         }
         if let fadt = offset("FACP") {
@@ -118,7 +125,8 @@ public struct FirmwareACPI: Sendable {
             blob[o + 9] = 0
             loader.addChecksum(t, offset: UInt32(o + 9), start: UInt32(o), length: len)
         }
-        // The RSDP's XSDT address, then its two checksums.
+        // The RSDP's RSDT and XSDT addresses, then its two checksums.
+        loader.addPointer(destination: Self.rsdpFile, source: t, offset: 16, size: 4)
         loader.addPointer(destination: Self.rsdpFile, source: t, offset: 24, size: 8)
         r[8] = 0
         r[32] = 0

@@ -42,7 +42,7 @@ struct ACPITablesTests {
         #expect(img.addresses["FACS"]! % 64 == 0, "FACS must be 64-byte aligned")
     }
 
-    @Test("the XSDT lists the FADT and MADT, and MCFG only when ECAM exists")
+    @Test("the XSDT lists the FADT and MADT, and MCFG only when ECAM exists; the RSDT (for GRUB and ACPI 1.0 readers) lists the same")
     func xsdt() throws {
         for ecam in [nil, UInt64(0xe000_0000)] {
             let img = try image(ecam: ecam)
@@ -52,6 +52,9 @@ struct ACPITablesTests {
             if ecam != nil { expected.append(img.addresses["MCFG"]!) }
             #expect(entries == expected)
             #expect((img.addresses["MCFG"] != nil) == (ecam != nil))
+            let r = try #require(img.table("RSDT"))
+            #expect(stride(from: 36, to: r.count, by: 4).map { UInt64(r.getLE(UInt32.self, at: $0)!) } == expected)
+            #expect(img.bytes.getLE(UInt32.self, at: 16).map(UInt64.init) == img.addresses["RSDT"], "the RSDP points at the RSDT")
         }
     }
 
