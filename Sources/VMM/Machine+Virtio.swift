@@ -452,6 +452,7 @@ extension Machine {
                 let (backend, lock) = try Self.openDisk(disk)
                 opened.append(backend)
                 locks[target] = lock
+                if disk.isCDROM { try Self.checkOpticalImage(backend, path: disk.path) }
                 if disk.isCDROM, backend.size % 2048 != 0 {
                     logger.warning("CD-ROM image \(disk.path) is \(backend.size) bytes, not whole 2048-byte blocks: the last \(backend.size % 2048) bytes are not readable")
                 }
@@ -476,6 +477,17 @@ extension Machine {
             if let slot = place.pciSlot {
                 virtio.add(bootDevice: .scsi(slot: slot, target: target, cdrom: disk.isCDROM, bootIndex: disk.bootIndex, label: disk.path))
             }
+        }
+    }
+
+    /// Checks that a CD-ROM image is an ISO 9660 or UDF file system: a volume descriptor ("CD001", or UDF's
+    /// volume recognition "BEA01") at sector 16 (byte 32769).
+    static func checkOpticalImage(_ backend: any BlockBackend, path: String) throws {
+        let at: UInt64 = 16 * 2048 + 1
+        guard backend.size >= at + 5, let id = try? backend.read(at: at, count: 5),
+              id == Array("CD001".utf8) || id == Array("BEA01".utf8) else {
+            throw VMMError.invalidValue(what: "CD-ROM", value: path,
+                                        reason: "not an ISO 9660 or UDF image (no volume descriptor at byte 32769)")
         }
     }
 

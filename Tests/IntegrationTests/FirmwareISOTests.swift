@@ -1,0 +1,111 @@
+import Foundation
+import Testing
+
+/// Bootable ISOs made in the test with GRUB's `grub-mkrescue` (Debian grub-pc-bin, grub-common, xorriso, mtools).
+enum GrubISO {
+    static let mkrescue = "/usr/bin/grub-mkrescue"
+    static var available: Bool {
+        FileManager.default.fileExists(atPath: mkrescue) && FileManager.default.fileExists(atPath: "/usr/lib/grub/i386-pc")
+            && FileManager.default.fileExists(atPath: "/usr/bin/xorriso")
+    }
+
+    /// Makes an ISO in `dir` whose only menu entry (on GRUB's serial terminal, no timeout) runs `commands`;
+    /// `files` are copied into /boot. Returns its path.
+    static func make(in dir: URL, name: String, commands: [String], files: [String: String] = [:]) throws -> String {
+        let root = dir.appendingPathComponent("\(name)-root")
+        try FileManager.default.createDirectory(at: root.appendingPathComponent("boot/grub"), withIntermediateDirectories: true)
+        for (target, source) in files {
+            try FileManager.default.copyItem(atPath: source, toPath: root.appendingPathComponent("boot/\(target)").path)
+        }
+        let cfg = ["serial --unit=0 --speed=115200", "terminal_input serial", "terminal_output serial", "set timeout=0",
+                   "set gfxpayload=text", "menuentry \"\(name)\" {"] + commands.map { "  " + $0 } + ["}", ""]
+        try cfg.joined(separator: "\n").write(to: root.appendingPathComponent("boot/grub/grub.cfg"), atomically: true, encoding: .utf8)
+        let iso = dir.appendingPathComponent("\(name).iso").path
+        let r = try ProcessRunner.run(mkrescue, ["-o", iso, root.path], timeout: 120)
+        guard r.status == 0 else {
+            throw ProcessRunner.LaunchError(description: "grub-mkrescue failed (\(r.status)): \(r.stderr)")
+        }
+        return iso
+    }
+
+    /// An ISO that multiboot-loads guest program `program` with `cmdline`.
+    static func program(in dir: URL, name: String, program: String, cmdline: String) throws -> String {
+        try make(in: dir, name: name, commands: ["multiboot /boot/prog.elf \(cmdline)", "boot"],
+                 files: ["prog.elf": GuestTestEnvironment.guestImage(program)])
+    }
+}
+
+/// Firmware boots of ISOs (issue 14): SeaBIOS reads GRUB from a virtio-scsi CD-ROM (El Torito) or from the same
+/// ISO as a virtio-blk disk (isohybrid), in the order `--boot` gives; GRUB multiboot-loads a guest program, which
+/// reports through debug-exit, or powers the machine off through ACPI.
+@Suite("firmware ISO boot", .serialized,
+       .enabled(if: GuestTestEnvironment.kvmAvailable, "needs /dev/kvm"),
+       .enabled(if: FileManager.default.fileExists(atPath: "/usr/share/seabios/bios.bin"), "needs Debian's seabios"),
+       .enabled(if: GrubISO.available, "needs grub-pc-bin, grub-common and xorriso (scripts/install-deps)"))
+struct FirmwareISOTests {
+    /// A directory for one test's ISOs and disks (each test removes it).
+    let dir: URL = {
+        let d = FileManager.default.temporaryDirectory.appendingPathComponent("swiftkvm-iso-\(getpid())-\(UInt32.random(in: 0...UInt32.max))")
+        try? FileManager.default.createDirectory(at: d, withIntermediateDirectories: true)
+        return d
+    }()
+    func cleanUp() { try? FileManager.default.removeItem(at: dir) }
+
+    /// Runs `swiftkvm run --bios` with `args`; returns the report of the guest program (or of the power-off).
+    func boot(_ args: [String], timeout: TimeInterval = 300) throws -> GuestReport {
+        if let error = GuestTestEnvironment.guestBuildError { Issue.record("\(error)") }
+        let start = Date()
+        let r = try runGuestProgram(["--bios", "--memory", "128M", "--serial", "stdio", "--log-level", "info"] + args, timeout: timeout)
+        print("# firmware ISO boot \(args.joined(separator: " ")): \(String(format: "%.1f", Date().timeIntervalSince(start))) s, status \(String(describing: r.status))")
+        return r
+    }
+
+    @Test("--boot d: SeaBIOS boots GRUB from the virtio-scsi CD-ROM (El Torito), not the empty disk before it; GRUB loads the program")
+    func cdromFirst() throws {
+        defer { cleanUp() }
+        let iso = try GrubISO.program(in: dir, name: "cd", program: "boot", cmdline: "booted-from=cd")
+        let empty = dir.appendingPathComponent("empty.raw").path
+        _ = FileManager.default.createFile(atPath: empty, contents: Data(count: 16 << 20))
+        let r = try boot(["--disk", "path=\(empty),format=raw", "--cdrom", iso, "--boot", "d"])
+        expectPass(r, checks: ["multiboot-magic", "cmdline"])
+        #expect(r.output.contains("\"booted-from=cd\""), "\(r.output)")
+        #expect(r.output.contains("Booting from DVD/CD"), "\(r.output)")
+        #expect(r.output.contains("firmware boot order: /pci@i0cf8/scsi@2/channel@0/disk@0,0"), "\(r.output)")
+    }
+
+    @Test("--boot c: the disk (an isohybrid ISO on virtio-blk) boots before the CD-ROM")
+    func diskFirst() throws {
+        defer { cleanUp() }
+        let cd = try GrubISO.program(in: dir, name: "cd2", program: "boot", cmdline: "booted-from=cd")
+        let disk = try GrubISO.program(in: dir, name: "disk", program: "boot", cmdline: "booted-from=disk")
+        let r = try boot(["--disk", "path=\(disk),readonly=on", "--cdrom", cd, "--boot", "c"])
+        expectPass(r, checks: ["multiboot-magic", "cmdline"])
+        #expect(r.output.contains("\"booted-from=disk\""), "\(r.output)")
+        #expect(r.output.contains("Booting from Hard Disk"), "\(r.output)")
+    }
+
+    @Test("GRUB's halt powers the machine off through ACPI (_S5 found through the RSDT): exit status 0")
+    func grubHalt() throws {
+        defer { cleanUp() }
+        let iso = try GrubISO.make(in: dir, name: "halt", commands: ["echo grub-is-halting", "halt"])
+        let r = try boot(["--cdrom", iso])
+        #expect(r.status == 0, "\(r.output)")
+        #expect(r.output.contains("grub-is-halting"), "\(r.output)")
+    }
+
+    @Test("bad input exits 2 naming it: an image that is not an ISO, a missing one, a boot order naming no device",
+          arguments: [("notiso", "not an ISO 9660 or UDF image"), ("missing", "nonexistent.iso"), ("order", "'d' names no device")])
+    func badInput(kind: String, message: String) throws {
+        defer { cleanUp() }
+        let junk = dir.appendingPathComponent("junk.img").path
+        _ = FileManager.default.createFile(atPath: junk, contents: Data(count: 64 << 10))
+        let args: [String] = switch kind {
+        case "notiso": ["--cdrom", junk]
+        case "missing": ["--cdrom", "/nonexistent.iso"]
+        default: ["--disk", "path=\(junk),format=raw", "--boot", "d"]
+        }
+        let r = try ProcessRunner.runSwiftKVM(["run", "--bios", "--memory", "32M"] + args, timeout: 60)
+        #expect(r.status == 2, "status \(r.status)\n\(r.stderr)")
+        #expect(r.stderr.contains(message), "\(r.stderr)")
+    }
+}
