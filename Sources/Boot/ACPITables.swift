@@ -48,7 +48,7 @@ public struct ACPIConfiguration: Sendable, Equatable {
     public var lapicAddress: UInt32 = 0xfee0_0000
     /// The 32-bit PCI memory windows given to the host bridge: where the VMM places BARs, and the
     /// top of the PCI hole below the I/O APIC, where firmware (SeaBIOS) places them.
-    public var pciMemoryWindows: [ClosedRange<UInt32>] = [0xc000_0000...0xdfff_ffff, 0xfe00_0000...0xfebf_ffff]
+    public var pciMemoryWindows: [ClosedRange<UInt32>] = [0xc000_0000...0xdfff_ffff, 0xfe10_0000...0xfebf_ffff]
     /// PCIe ECAM base for bus 0 (1 MiB), described by MCFG; nil without ECAM.
     public var ecamBase: UInt64? = nil
     /// Whether the DSDT lists COM1 (PNP0501 at 0x3f8, IRQ 4) and the i8042 keyboard (PNP0303).

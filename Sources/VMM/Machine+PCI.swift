@@ -6,7 +6,7 @@ import Synchronization
 
 /// The machine's PCI bus 0: the root (host bridge at 00.0), configuration mechanism #1 on ports
 /// 0xCF8–0xCFF, ECAM at 0xE000_0000 (bus 0, 1 MiB), the 32-bit MMIO window
-/// 0xC000_0000–0xDFFF_FFFF where BARs are placed (and 0xFE00_0000–0xFEBF_FFFF, where firmware moves them), an I/O-port window 0xC000–0xCFFF for I/O BARs,
+/// 0xC000_0000–0xDFFF_FFFF where BARs are placed (and 0xFE10_0000–0xFEBF_FFFF, where firmware moves them), an I/O-port window 0xC000–0xCFFF for I/O BARs,
 /// MSI routing through KVM and the INTx wiring (slot N's INTA# on GSI 16 + ((N - 1) % 8)).
 final class MachinePCI: Sendable {
     /// The 32-bit MMIO window where BARs live.
@@ -14,10 +14,11 @@ final class MachinePCI: Sendable {
     /// Size of the MMIO window.
     static let mmioWindowSize: UInt64 = 0x2000_0000
     /// The top of the PCI hole, below the I/O APIC, where firmware places BARs (SeaBIOS allocates
-    /// down from 0xFEC0_0000); above the PVM fix-up pages. Both windows are in the DSDT's `_CRS`.
-    static let firmwareWindowBase: UInt64 = 0xFE00_0000
+    /// down from 0xFEC0_0000); above the PVM fix-up pages and the page whose MMIO exit is the fix-up's
+    /// trampoline (0xFE00_0000, which no bus device may claim). Both windows are in the DSDT's `_CRS`.
+    static let firmwareWindowBase: UInt64 = 0xFE10_0000
     /// Size of the firmware's window.
-    static let firmwareWindowSize: UInt64 = 0xC0_0000
+    static let firmwareWindowSize: UInt64 = 0xB0_0000
     /// ECAM base (bus 0 only).
     static let ecamBase: UInt64 = 0xE000_0000
     /// The I/O-port window for I/O BARs.

@@ -9,9 +9,10 @@ import Testing
 //
 // `swiftkvm run --guest lean` (the default initramfs and the lean kernel's default cmdline), 2 vCPUs, two ext4
 // disks built on the host (one read-only), virtio-rng and virtio-console, console on stdio, guest time dilated
-// 10x. The kernel log is checked (e820, 8250, RTC, ACPI, SMP, PCI, virtio), then the shell is driven: CPUs, disk
-// reads and writes, a read-only disk refusing writes, hvc0, /dev/hwrng, power-off through ACPI. Afterwards the
-// host checks the disk with e2fsck and debugfs.
+// 10x, plus a virtio-scsi disk and CD-ROM. The kernel log is checked (e820, 8250, RTC, ACPI, SMP, PCI, virtio, SCSI),
+// then the shell is driven: CPUs, disk reads and writes, a read-only disk refusing writes, hvc0, /dev/hwrng, the SCSI
+// disk (sd) and the CD-ROM (sr: the ISO's checksum, writes refused), power-off through ACPI. Afterwards the host
+// checks the disks with e2fsck and debugfs.
 //
 // Gate: SWIFTKVM_SKIP_LINUX=1 skips this suite (local runs only; CI refuses it). Without the gate the test FAILS
 // when the assets are missing or the boot does not reach the shell: it never skips because of a VMM gap.
@@ -39,7 +40,7 @@ struct LinuxBootTests {
         try #require(r.status == 0, "scripts/make-ext4 failed: \(r.stderr)")
     }
 
-    @Test("the lean kernel boots with 2 CPUs, ACPI, PCI and virtio; its shell reads and writes an ext4 disk, sees a read-only disk, hvc0 and hwrng, and powers off",
+    @Test("the lean kernel boots with 2 CPUs, ACPI, PCI and virtio; its shell reads and writes an ext4 disk, sees a read-only disk, hvc0 and hwrng, a virtio-scsi disk (sd) and CD-ROM (sr), and powers off",
           .timeLimit(.minutes(30)))
     func bootToShell() throws {
         let root = GuestTestEnvironment.repoRoot
@@ -59,10 +60,20 @@ struct LinuxBootTests {
         try Self.makeDisk(["hello.txt": "hello from the host 12345\n"], image: data, root: root)
         try Self.makeDisk(["readme.txt": "read-only disk 67890\n"], image: readOnly, root: root)
         let readOnlyBefore = try Data(contentsOf: URL(fileURLWithPath: readOnly))
+        // A virtio-scsi disk and CD-ROM (an ISO made with xorriso), read through Linux's sd and sr drivers.
+        let scsiDisk = work + "/scsi.ext4", isoDir = work + "/iso.d", iso = work + "/cd.iso"
+        try Self.makeDisk(["scsi.txt": "scsi disk 24680\n"], image: scsiDisk, root: root)
+        try FileManager.default.createDirectory(atPath: isoDir, withIntermediateDirectories: true)
+        try String(repeating: "a CD-ROM file\n", count: 5000).write(toFile: isoDir + "/cd.txt", atomically: true, encoding: .utf8)
+        let mkiso = try ProcessRunner.run("/usr/bin/xorriso", ["-as", "mkisofs", "-quiet", "-o", iso, isoDir])
+        try #require(mkiso.status == 0, "xorriso failed: \(mkiso.stderr)")
+        let isoMD5 = try ProcessRunner.run("/usr/bin/md5sum", [iso]).stdout.prefix(32)
+        let isoSize = try Data(contentsOf: URL(fileURLWithPath: iso)).count
 
         let child = GuestTestProcess(executable: swiftkvm, arguments: [
             "run", "--guest", "lean", "--memory", "256M", "--cpus", "2", "--serial", "stdio", "--time-dilation", "10",
             "--disk", "path=\(data),id=data", "--disk", "path=\(readOnly),readonly=on,id=ro",
+            "--disk", "path=\(scsiDisk),if=scsi,id=scsi0", "--cdrom", iso,
             "--rng", "--virtio-console",
         ], currentDirectory: root)
         let started = Date()
@@ -88,6 +99,13 @@ struct LinuxBootTests {
             ("umount /mnt/ro; echo hvc-$((20+22)) > /dev/hvc0", "hvc-42"),
             ("echo rng=$(cat /sys/class/misc/hw_random/rng_current)", "rng=virtio_rng"),
             ("echo rngbytes=$(dd if=/dev/hwrng bs=32 count=1 2>/dev/null | wc -c)", "rngbytes=32"),
+            ("echo sd-vendor=$(cat /sys/block/sda/device/vendor) sr0-removable=$(cat /sys/block/sr0/removable)",
+             "sd-vendor=SWIFTKVM sr0-removable=1"),
+            ("mkdir -p /mnt/s && mount -t ext4 /dev/sda /mnt/s && cat /mnt/s/scsi.txt", "scsi disk 24680"),
+            ("echo \"scsi write $((4*6))\" > /mnt/s/w.txt && sync && umount /mnt/s && echo scsi-umounted-$((3+3))", "scsi-umounted-6"),
+            ("echo cdsum=$(md5sum /dev/sr0 | cut -c1-32) cdsize=$(blockdev --getsize64 /dev/sr0)",
+             "cdsum=\(isoMD5) cdsize=\(isoSize)"),
+            ("dd if=/dev/zero of=/dev/sr0 bs=2048 count=1 2>/dev/null; echo sr-dd-status=$(( $? != 0 ))", "sr-dd-status=1"),
         ]
         if ready {
             // Let the shell start on the console, then drive it.
@@ -128,6 +146,9 @@ struct LinuxBootTests {
         #expect(has(#"pci 0000:00:0[0-9a-f]\.0: \[1af4:1043\]"#), "virtio-console (1af4:1043) not enumerated\n\(context)")
         #expect(has(#"pci 0000:00:0[0-9a-f]\.0: \[1af4:1044\]"#), "virtio-rng (1af4:1044) not enumerated\n\(context)")
         #expect(has(#"virtio_blk virtio\d: \[vda\] 32768 512-byte logical blocks"#), "vda (16 MiB) not attached\n\(context)")
+        #expect(has(#"scsi 0:0:0:0: Direct-Access +SWIFTKVM +VIRTUAL DISK"#), "virtio-scsi disk not found\n\(context)")
+        #expect(has(#"scsi 0:0:1:0: CD-ROM +SWIFTKVM +VIRTUAL CD-ROM"#), "virtio-scsi CD-ROM not found\n\(context)")
+        #expect(has(#"sr 0:0:1:0: \[sr0\] scsi3-mmc drive"#), "the sr driver did not take the CD-ROM\n\(context)")
         // The console.
         for step in steps {
             #expect(answers[step.expect] == true, "`\(step.command)` did not print \(step.expect)\n\(context)")
@@ -142,6 +163,10 @@ struct LinuxBootTests {
             #expect(cat.stdout == "guest wrote this 15\n", "debugfs cat /from-guest.txt: \(cat.stdout.debugDescription)")
             let readOnlyAfter = try Data(contentsOf: URL(fileURLWithPath: readOnly))
             #expect(readOnlyAfter == readOnlyBefore, "the read-only disk's file changed")
+            let scsiFsck = try ProcessRunner.run("/usr/sbin/e2fsck", ["-fn", scsiDisk])
+            #expect(scsiFsck.status == 0, "e2fsck -fn on the SCSI disk: status \(scsiFsck.status)\n\(scsiFsck.stdout)")
+            let scsiCat = try ProcessRunner.run("/usr/sbin/debugfs", ["-R", "cat /w.txt", scsiDisk])
+            #expect(scsiCat.stdout == "scsi write 24\n", "debugfs cat /w.txt on the SCSI disk: \(scsiCat.stdout.debugDescription)")
         }
         if !(ready && status == 0 && answers.values.allSatisfy { $0 }) {
             Issue.record("last 80 lines of the guest's console (the whole log is attached as linux-console.log):\n\(tail)")

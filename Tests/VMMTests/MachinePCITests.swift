@@ -125,3 +125,14 @@ struct MachinePCITests {
         #expect(m.pci.msi.routes[24] == .msi(gsi: 24, address: 0xfee0_2000, data: 0x4031))
     }
 }
+
+@Suite("PCI windows")
+struct PCIWindowLayoutTests {
+    @Test("the firmware's BAR window (below the I/O APIC) leaves the PVM fix-up's pages and trampoline exit page unclaimed")
+    func firmwareWindowAvoidsFixup() {
+        let window = MachinePCI.firmwareWindowBase..<(MachinePCI.firmwareWindowBase + MachinePCI.firmwareWindowSize)
+        #expect(!window.contains(SyscallFixup.mmioTargetPhys))
+        #expect(!window.overlaps(SyscallFixup.pagesPhys..<(SyscallFixup.pagesPhys + 0x3000)))
+        #expect(window.upperBound == 0xfec0_0000, "SeaBIOS allocates down from the I/O APIC")
+    }
+}
