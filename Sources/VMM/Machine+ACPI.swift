@@ -42,6 +42,12 @@ extension Machine {
             logger.debug("restore: the ACPI tables are in the snapshot's memory")
         } else if loaded.format == .firmware {
             logger.debug("boot: no ACPI tables in memory: firmware builds them from fw_cfg's etc/table-loader")
+        } else if !config.hasACPI {
+            // The MP table describes the CPUs and interrupts instead (bzImage and ELF loads wrote it already).
+            logger.info("no ACPI tables (--no-acpi)")
+            if loaded.format == .multiboot, !loaded.ranges.contains(where: { $0.start < BootLayout.lowMemoryEnd && BootLayout.mpTableAddress < $0.end }) {
+                try MPTable.write(cpus: config.cpus, into: memory)
+            }
         } else if covered {
             logger.info("no ACPI tables: the guest image covers \(hex(area.start))-\(hex(area.end))")
         } else if memory.regions.contains(where: { $0.start <= area.start && area.end <= $0.end }) {

@@ -7,7 +7,7 @@ extension Machine {
     /// The fw_cfg items of this machine: RAM size, CPU counts, NUMA (no nodes), UUID (zero),
     /// no graphics, the boot menu of `--boot menu=`, no IRQ 0 override, and the files `bootorder` (`BootOrder.lines`
     /// of `bootDevices` and `--boot`), `etc/e820`, `etc/sercon-port` (COM1) and the ACPI tables with their
-    /// `etc/table-loader`; with a firmware boot's kernel, the `-kernel` items (`addFirmwareKernel`), whose
+    /// `etc/table-loader` (not with `--no-acpi`); with a firmware boot's kernel, the `-kernel` items (`addFirmwareKernel`), whose
     /// option ROM boots first.
     static func firmwareConfigItems(config: VMConfiguration, memory: GuestMemory, acpi: ACPIConfiguration,
                                     bootDevices: [BootDevice] = []) throws -> FWCfgItems {
@@ -28,10 +28,13 @@ extension Machine {
         let kvmPages = (address: identityMapAddress, size: tssAddress + 3 * 0x1000 - identityMapAddress)
         try items.addFile("etc/e820", bytes: E820Map.firmwareTable(for: memory, reserved: [kvmPages]))
         try items.addFile("etc/sercon-port", bytes: [0xf8, 0x03])
-        let tables = try FirmwareACPI(acpi)
-        try items.addFile(FirmwareACPI.tablesFile, bytes: tables.tables)
-        try items.addFile(FirmwareACPI.rsdpFile, bytes: tables.rsdp)
-        try items.addFile(FirmwareACPI.loaderFile, bytes: tables.loader.bytes)
+        // Without ACPI (--no-acpi) firmware gets no tables and writes only its MP table, as with QEMU's -no-acpi.
+        if config.hasACPI {
+            let tables = try FirmwareACPI(acpi)
+            try items.addFile(FirmwareACPI.tablesFile, bytes: tables.tables)
+            try items.addFile(FirmwareACPI.rsdpFile, bytes: tables.rsdp)
+            try items.addFile(FirmwareACPI.loaderFile, bytes: tables.loader.bytes)
+        }
         if case .firmware(let spec) = config.payload, let kernel = spec.kernel {
             try addFirmwareKernel(kernel, initrd: spec.initrd, cmdline: spec.cmdline, memory: memory, to: &items)
             bootorder.insert("/rom@\(linuxBootROMFile)", at: 0)

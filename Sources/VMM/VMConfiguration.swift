@@ -174,6 +174,11 @@ public struct VMConfiguration: Codable, Sendable, Equatable {
     /// The virtio transport (`--transport`); nil: PCI (`virtioTransport`). Optional so that configurations
     /// saved before it existed still decode.
     public var transport: VirtioTransportKind? = nil
+    /// ACPI tables for the guest (`--no-acpi` sets false: the MP table alone describes the CPUs and
+    /// interrupts); nil: on.
+    public var acpi: Bool? = nil
+    /// Whether the guest gets ACPI tables.
+    public var hasACPI: Bool { acpi ?? true }
     /// The firmware's boot order (`--boot`); nil: QEMU's default (disks, then CD-ROMs). Firmware boots only.
     public var boot: BootOrderSpec? = nil
 

@@ -76,6 +76,8 @@ struct RunCommand: ParsableCommand {
     var disks: [String] = []
     @Option(name: .customLong("cdrom"), help: "CD/DVD-ROM image (an ISO) on virtio-scsi: --disk path=FILE,media=cdrom.")
     var cdrom: String?
+    @Flag(name: .customLong("no-acpi"), help: "No ACPI tables: the MP table alone describes the CPUs and interrupts (firmware gets no tables either).")
+    var noACPI = false
     @Option(name: .customLong("boot"),
             help: "Firmware boot order: c (disk), d (CD-ROM), or [order=LETTERS][,menu=on|off][,strict=on|off]; devices with bootindex= come first. Passed to the firmware as fw_cfg bootorder (default: disks, then CD-ROMs).")
     var boot: String?
@@ -123,7 +125,7 @@ struct RunCommand: ParsableCommand {
         check(debugExitPort != "0xf4", "--debug-exit-port"); check(onReboot != "exit", "--on-reboot")
         check(!cpuidMasks.isEmpty, "--cpuid-mask"); check(kernelEntry != "decompressed", "--kernel-entry")
         check(!disks.isEmpty, "--disk"); check(!nets.isEmpty, "--net"); check(vsock != nil, "--vsock")
-        check(cdrom != nil, "--cdrom"); check(boot != nil, "--boot")
+        check(cdrom != nil, "--cdrom"); check(boot != nil, "--boot"); check(noACPI, "--no-acpi")
         check(name != "swiftkvm", "--name"); check(rng, "--rng"); check(balloon != nil, "--balloon"); check(virtioConsole, "--virtio-console")
         check(timeDilation != nil, "--time-dilation"); check(firmware != nil, "--firmware"); check(bios, "--bios")
         return given
@@ -238,6 +240,7 @@ struct RunCommand: ParsableCommand {
             config.disks.append(try DiskSpec(parsing: "path=\(cdrom),media=cdrom"))
         }
         config.boot = try boot.map(BootOrderSpec.init(parsing:))
+        if noACPI { config.acpi = false }
         config.nets = try nets.map(NetSpec.init(parsing:))
         config.vsock = try vsock.map(VsockSpec.init(parsing:))
         config.name = name

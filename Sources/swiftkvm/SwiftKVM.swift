@@ -15,7 +15,7 @@ struct SwiftKVM: ParsableCommand {
         commandName: "swiftkvm",
         abstract: "A virtualization stack on Linux KVM.",
         version: version,
-        subcommands: [RunCommand.self, CheckCommand.self, ImgCommand.self, SnapshotCommand.self, VMMCommand.self, VMCommand.self, NetCommand.self, DaemonCommand.self, JailerCommand.self]
+        subcommands: [RunCommand.self, KVMCommand.self, CheckCommand.self, ImgCommand.self, SnapshotCommand.self, VMMCommand.self, VMCommand.self, NetCommand.self, DaemonCommand.self, JailerCommand.self]
     )
 
     /// Parses and runs the command. Usage errors (unknown options, bad values) print one line
@@ -38,6 +38,10 @@ struct SwiftKVM: ParsableCommand {
         if isFirecracker { runAlone(VMMCommand.self, as: "firecracker", args) }
         // Installed as (or symlinked to) `jailer`: behave as `swiftkvm jailer`.
         if args.first.map({ $0 == "jailer" || $0.hasSuffix("/jailer") }) ?? false { runAlone(JailerCommand.self, as: "jailer", args) }
+        // Installed as (or symlinked to) `kvm` or `qemu-system-x86_64`: QEMU's command line.
+        if let name = args.first?.split(separator: "/").last.map(String.init), ["kvm", "qemu-system-x86_64"].contains(name) {
+            runAlone(KVMCommand.self, as: name, args)
+        }
         do {
             var command = try parseAsRoot(Array(args.dropFirst()))
             try command.run()

@@ -20,6 +20,8 @@ int main(void) {
     rt_check("cpus-listed", n >= 1, "%u CPUs from %s, BSP APIC ID %u", n, source, bsp);
     uint64_t want = rt_cmdline_uint("cpus", 0);
     if (want) rt_check("cpu-count", n == want, "%u listed, %lu expected", n, want);
+    /* "noacpi": the machine has no ACPI tables (-no-acpi), and the MP table lists the CPUs. */
+    if (rt_cmdline_has("noacpi")) rt_check("no-acpi", rt_acpi_rsdp() == 0 && source[0] == 'M', "RSDP %p, CPUs from %s", rt_acpi_rsdp(), source);
     uint32_t started = 0;
     if (rt_cmdline_has("nostart")) {                /* leave the APs waiting for INIT/SIPI */
         rt_printf("# nostart: %u APs left unstarted\n", n - 1);
