@@ -6,26 +6,24 @@
 /// |---|---|
 /// | `0x500..<0x520` | GDT (4 entries: null, 0x08 32-bit code, 0x10 code, 0x18 data) |
 /// | `0x520..<0x528` | IDT (one empty entry; the guest installs its own) |
-/// | `0x6000..<0x7000` | multiboot info, boot loader name, memory map and module list |
 /// | `0x7000..<0x8000` | Linux zero page (`struct boot_params`) |
-/// | `0x8000..<0x9000` | boot stack for flat/multiboot entries (grows down from `bootStackTop`) |
+/// | `0x8000..<0x9000` | boot stack for flat entries (grows down from `bootStackTop`) |
 /// | `0x9000..<0xf000` | identity page tables: PML4, PDPT, 4 page directories (4 GiB in 2 MiB pages) |
-/// | `0x20000..<0x9fc00` | kernel command line (and multiboot strings) |
+/// | `0x20000..<0x9fc00` | Linux kernel command line |
 /// | `0x9fc00..<0xa0000` | MP floating pointer and configuration table (reserved in e820) |
 /// | `0xe0000..<0xf0000` | ACPI tables, RSDP first (`ACPITables`) |
 /// | `0xe0000..<0x100000` | reserved (BIOS area) in e820 |
 /// | `0x100000` | protected-mode kernel / multiboot kernels (typical) |
 /// | `0x1000000` | Linux 64-bit kernel (`pref_address` / `LOAD_PHYSICAL_ADDR`) |
 /// | top of low RAM | initrd, page aligned, below `min(initrd_addr_max, end of low RAM)` |
+///
+/// Multiboot kernels get their GDT, information structure, command lines and stack in one area page-aligned above
+/// their highest segment (`MultibootInfo`), as QEMU places them, so they may load anywhere from 0x500.
 public enum BootLayout {
     /// Global descriptor table.
     public static let gdtAddress: UInt64 = 0x500
     /// Interrupt descriptor table (a single zero entry).
     public static let idtAddress: UInt64 = 0x520
-    /// Multiboot information structure.
-    public static let multibootInfoAddress: UInt64 = 0x6000
-    /// End of the multiboot information area.
-    public static let multibootInfoEnd: UInt64 = 0x7000
     /// Linux zero page (`struct boot_params`, 4 KiB).
     public static let zeroPageAddress: UInt64 = 0x7000
     /// Initial stack pointer offered to flat and multiboot guests.

@@ -25,13 +25,14 @@ public enum BootGDT {
         [0, code32, long ? code64 : code32, data]
     }
 
-    /// Writes the GDT and an empty one-entry IDT into guest memory.
-    public static func write(long: Bool, into memory: GuestMemory) throws {
+    /// Writes the GDT (at `at`, default `BootLayout.gdtAddress`) and an empty one-entry IDT (at `idt`) into guest memory.
+    public static func write(long: Bool, into memory: GuestMemory, at: UInt64 = BootLayout.gdtAddress,
+                             idt: UInt64 = BootLayout.idtAddress) throws {
         var bytes: [UInt8] = []
         for (i, e) in entries(long: long).enumerated() { bytes.putLE(e, at: i * 8) }
-        try guarded("GDT", at: BootLayout.gdtAddress) {
-            try memory.write(bytes, at: BootLayout.gdtAddress)
-            try memory.writeLE(UInt64(0), at: BootLayout.idtAddress)
+        try guarded("GDT", at: at) {
+            try memory.write(bytes, at: at)
+            try memory.writeLE(UInt64(0), at: idt)
         }
     }
 

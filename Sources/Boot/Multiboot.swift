@@ -46,19 +46,28 @@ public struct MultibootHeader: Sendable, Equatable {
     }
 }
 
-/// Layout of the multiboot information area (`BootLayout.multibootInfoAddress`, 4 KiB).
+/// Layout of the multiboot boot area, which the loader puts page-aligned above the highest loaded segment, as
+/// QEMU does (so a kernel may load anywhere from 0x500 up, e.g. at 0x8000): the GDT and an empty IDT, the information
+/// structure, the boot loader name, the memory map, the module list, the strings (command lines), then a stack.
+/// Offsets are from the area's base.
 public enum MultibootInfo {
+    /// GDT (4 descriptors) and the empty IDT (8 bytes).
+    public static let gdtOffset: UInt64 = 0, idtOffset: UInt64 = 0x20
     /// The information structure itself (88 bytes up to the VBE fields).
-    public static let infoAddress = BootLayout.multibootInfoAddress
+    public static let infoOffset: UInt64 = 0x40
     public static let infoSize = 88
     /// "swiftkvm\0".
-    public static let loaderNameAddress = BootLayout.multibootInfoAddress + 0x60
+    public static let loaderNameOffset: UInt64 = 0xa0
     /// Memory map (24-byte entries incl. the size field).
-    public static let mmapAddress = BootLayout.multibootInfoAddress + 0x80
-    public static let mmapEnd = BootLayout.multibootInfoAddress + 0x400
+    public static let mmapOffset: UInt64 = 0xc0, mmapEnd: UInt64 = 0x500
     /// Module list (16-byte entries).
-    public static let modsAddress = BootLayout.multibootInfoAddress + 0x400
-    public static let modsEnd = BootLayout.multibootInfoEnd
+    public static let modsOffset: UInt64 = 0x500, modsEnd: UInt64 = 0x1000
+    /// The kernel's and the modules' command lines.
+    public static let stringsOffset: UInt64 = 0x1000
+    /// Longest strings area (the kernel's and the modules' command lines, NUL-terminated).
+    public static let stringsLimit = 0x7fc00
+    /// Stack below the area's end.
+    public static let stackSize: UInt64 = 0x4000
     /// Info flag bits set by this loader.
     public static let flagMem: UInt32 = 1 << 0, flagCmdline: UInt32 = 1 << 2, flagMods: UInt32 = 1 << 3
     public static let flagMmap: UInt32 = 1 << 6, flagLoaderName: UInt32 = 1 << 9
@@ -67,6 +76,10 @@ public enum MultibootInfo {
         public static let flags = 0, memLower = 4, memUpper = 8, bootDevice = 12, cmdline = 16
         public static let modsCount = 20, modsAddr = 24, mmapLength = 44, mmapAddr = 48
         public static let drivesLength = 52, drivesAddr = 56, configTable = 60, bootLoaderName = 64
+    }
+    /// The area's size for `stringsBytes` bytes of strings: whole pages, the stack last.
+    public static func areaSize(stringsBytes: Int) -> UInt64 {
+        (stringsOffset + UInt64(stringsBytes) + 0xfff) & ~0xfff + stackSize
     }
 }
 
@@ -85,12 +98,10 @@ public enum MultibootLoader {
         }
         if h.flags & MultibootHeader.videoFlag != 0 { result.notes.append("video mode request ignored (text console only)") }
 
-        // Boot structures first; kernel ranges must avoid them.
-        try BootGDT.write(long: false, into: memory)
+        // The kernel first, anywhere in RAM but the MP table's page; the boot area goes above its highest segment.
         let strings = try MultibootStrings(cmdline: cmdline, modules: modules)
-        let avoid = [LoadRange(start: BootLayout.bootDataStart, size: BootLayout.zeroPageAddress + 0x2000 - BootLayout.bootDataStart,
-                               what: "boot data (GDT, multiboot info, stack)"),
-                     LoadRange(start: BootLayout.cmdlineAddress, size: UInt64(strings.bytes.count), what: "multiboot strings")]
+        let avoid = [LoadRange(start: BootLayout.mpTableAddress, size: BootLayout.lowMemoryEnd - BootLayout.mpTableAddress,
+                               what: "MP table")]
 
         var kernelRanges: [LoadRange]
         var entry: UInt64
@@ -105,10 +116,24 @@ public enum MultibootLoader {
         guard entry <= UInt64(UInt32.max) else {
             throw BootError.invalidImage("\(what): entry point \(hex(entry)) is above 4 GiB")
         }
-        try guarded("multiboot strings", at: BootLayout.cmdlineAddress) { try memory.write(strings.bytes, at: BootLayout.cmdlineAddress) }
+        // Above the kernel (and above the real-mode IVT and BIOS data a low kernel leaves below it).
+        let kernelEnd = max(kernelRanges.map(\.end).max() ?? 0, BootLayout.gdtAddress)
+        let areaSize = MultibootInfo.areaSize(stringsBytes: strings.bytes.count)
+        guard var base = BootLayout.alignUp(kernelEnd, BootLayout.pageSize) else {
+            throw BootError.doesNotFit("\(what): no room for the boot area above \(hex(kernelEnd))")
+        }
+        // Skip the MP table and the legacy hole below 1 MiB when the area would reach them.
+        if base < BootLayout.highMemoryStart, base + areaSize > BootLayout.mpTableAddress { base = max(base, BootLayout.highMemoryStart) }
+        guard base + areaSize <= UInt64(UInt32.max), memory.contains(base, count: areaSize) else {
+            throw BootError.doesNotFit("\(what): the multiboot boot area (\(sizeText(areaSize))) does not fit in guest RAM above the kernel's end \(hex(kernelEnd))")
+        }
+        let area = LoadRange(start: base, size: areaSize, what: "multiboot boot area (GDT, info, command lines, stack)")
+        try BootGDT.write(long: false, into: memory, at: base + MultibootInfo.gdtOffset, idt: base + MultibootInfo.idtOffset)
+        let stringsBase = base + MultibootInfo.stringsOffset
+        try guarded("multiboot strings", at: stringsBase) { try memory.write(strings.bytes, at: stringsBase) }
 
-        // Modules, page aligned after the kernel.
-        var cursor = kernelRanges.map(\.end).max() ?? BootLayout.highMemoryStart
+        // Modules, page aligned after the boot area.
+        var cursor = base + areaSize
         var modEntries: [(start: UInt64, end: UInt64, string: UInt64)] = []
         for (i, m) in modules.enumerated() {
             let size = try m.source.size()
@@ -118,12 +143,12 @@ public enum MultibootLoader {
                 throw BootError.doesNotFit("multiboot module \(i) \(m.source.name) of \(sizeText(size)) does not fit in guest RAM after \(hex(cursor)) (\(sizeText(memory.totalSize)) of RAM)")
             }
             try m.source.copy(into: memory, at: start, expectedSize: size)
-            modEntries.append((start, start + size, strings.moduleAddresses[i]))
+            modEntries.append((start, start + size, stringsBase + strings.moduleOffsets[i]))
             result.ranges.append(LoadRange(start: start, size: size, what: "module \(i) \(m.source.name)"))
             cursor = start + size
         }
-        guard UInt64(modEntries.count * 16) <= MultibootInfo.modsEnd - MultibootInfo.modsAddress else {
-            throw BootError.unsupported("\(modEntries.count) multiboot modules are more than the \((MultibootInfo.modsEnd - MultibootInfo.modsAddress) / 16) the info area holds")
+        guard UInt64(modEntries.count * 16) <= MultibootInfo.modsEnd - MultibootInfo.modsOffset else {
+            throw BootError.unsupported("\(modEntries.count) multiboot modules are more than the \((MultibootInfo.modsEnd - MultibootInfo.modsOffset) / 16) the info area holds")
         }
 
         // The information structure.
@@ -134,11 +159,11 @@ public enum MultibootLoader {
         info.putLE(UInt32(min(lowEnd, BootLayout.mpTableAddress) / 1024), at: MultibootInfo.Offset.memLower)
         info.putLE(UInt32(clamping: lowEnd > BootLayout.highMemoryStart ? (lowEnd - BootLayout.highMemoryStart) / 1024 : 0),
                    at: MultibootInfo.Offset.memUpper)
-        info.putLE(UInt32(BootLayout.cmdlineAddress), at: MultibootInfo.Offset.cmdline)
+        info.putLE(UInt32(stringsBase), at: MultibootInfo.Offset.cmdline)
         if !modEntries.isEmpty {
             flags |= MultibootInfo.flagMods
             info.putLE(UInt32(modEntries.count), at: MultibootInfo.Offset.modsCount)
-            info.putLE(UInt32(MultibootInfo.modsAddress), at: MultibootInfo.Offset.modsAddr)
+            info.putLE(UInt32(base + MultibootInfo.modsOffset), at: MultibootInfo.Offset.modsAddr)
         }
         var mmap: [UInt8] = []
         for (i, e) in result.e820.enumerated() {
@@ -147,12 +172,12 @@ public enum MultibootLoader {
             mmap.putLE(e.size, at: i * 24 + 12)
             mmap.putLE(e.kind.rawValue, at: i * 24 + 20)
         }
-        guard UInt64(mmap.count) <= MultibootInfo.mmapEnd - MultibootInfo.mmapAddress else {
+        guard UInt64(mmap.count) <= MultibootInfo.mmapEnd - MultibootInfo.mmapOffset else {
             throw BootError.unsupported("multiboot memory map of \(result.e820.count) entries does not fit the info area")
         }
         info.putLE(UInt32(mmap.count), at: MultibootInfo.Offset.mmapLength)
-        info.putLE(UInt32(MultibootInfo.mmapAddress), at: MultibootInfo.Offset.mmapAddr)
-        info.putLE(UInt32(MultibootInfo.loaderNameAddress), at: MultibootInfo.Offset.bootLoaderName)
+        info.putLE(UInt32(base + MultibootInfo.mmapOffset), at: MultibootInfo.Offset.mmapAddr)
+        info.putLE(UInt32(base + MultibootInfo.loaderNameOffset), at: MultibootInfo.Offset.bootLoaderName)
         info.putLE(flags, at: MultibootInfo.Offset.flags)
         var mods: [UInt8] = []
         for (i, m) in modEntries.enumerated() {
@@ -161,18 +186,20 @@ public enum MultibootLoader {
             mods.putLE(UInt32(m.string), at: i * 16 + 8)
             mods.putLE(UInt32(0), at: i * 16 + 12)
         }
-        try guarded("multiboot info", at: MultibootInfo.infoAddress) {
-            try memory.zero(at: MultibootInfo.infoAddress, count: Int(BootLayout.multibootInfoEnd - MultibootInfo.infoAddress))
-            try memory.write(info, at: MultibootInfo.infoAddress)
-            try memory.write(Array("swiftkvm".utf8) + [0], at: MultibootInfo.loaderNameAddress)
-            try memory.write(mmap, at: MultibootInfo.mmapAddress)
-            try memory.write(mods, at: MultibootInfo.modsAddress)
+        try guarded("multiboot info", at: base + MultibootInfo.infoOffset) {
+            try memory.zero(at: base + MultibootInfo.infoOffset, count: Int(MultibootInfo.stringsOffset - MultibootInfo.infoOffset))
+            try memory.write(info, at: base + MultibootInfo.infoOffset)
+            try memory.write(Array("swiftkvm".utf8) + [0], at: base + MultibootInfo.loaderNameOffset)
+            try memory.write(mmap, at: base + MultibootInfo.mmapOffset)
+            try memory.write(mods, at: base + MultibootInfo.modsOffset)
         }
 
-        result.ranges = avoid + kernelRanges + result.ranges
-        var state = EntryState.protectedMode(entry: UInt32(entry))
+        result.ranges = [area] + kernelRanges + result.ranges
+        var state = EntryState.protectedMode(entry: UInt32(entry), sp: UInt32(base + areaSize - 16))
+        state.gdt = EntryState.Table(base: base + MultibootInfo.gdtOffset, limit: 4 * 8 - 1)
+        state.idt = EntryState.Table(base: base + MultibootInfo.idtOffset, limit: 7)
         state.rax = UInt64(MultibootHeader.bootloaderMagic)
-        state.rbx = MultibootInfo.infoAddress
+        state.rbx = base + MultibootInfo.infoOffset
         result.entry = state
         return result
     }
@@ -226,21 +253,22 @@ public enum MultibootLoader {
     }
 }
 
-/// Kernel and module strings packed at `BootLayout.cmdlineAddress`.
+/// Kernel and module strings, packed from the boot area's strings offset (the kernel's command line first).
 struct MultibootStrings {
     var bytes: [UInt8] = []
-    var moduleAddresses: [UInt64] = []
+    /// Each module's command line, as an offset into `bytes`.
+    var moduleOffsets: [UInt64] = []
     init(cmdline: String, modules: [MultibootModule]) throws {
         func add(_ s: String) throws -> UInt64 {
             let u = Array(s.utf8)
             guard !u.contains(0) else { throw BootError.invalidImage("multiboot string \"\(s)\" contains a NUL byte") }
-            let at = BootLayout.cmdlineAddress + UInt64(bytes.count)
+            let at = UInt64(bytes.count)
             bytes += u + [0]
             return at
         }
         _ = try add(cmdline)
-        for m in modules { moduleAddresses.append(try add(m.cmdline)) }
-        let room = Int(BootLayout.cmdlineAreaEnd - BootLayout.cmdlineAddress)
+        for m in modules { moduleOffsets.append(try add(m.cmdline)) }
+        let room = MultibootInfo.stringsLimit
         guard bytes.count <= room else {
             throw BootError.cmdlineTooLong(length: bytes.count, limit: room)
         }

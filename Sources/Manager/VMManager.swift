@@ -652,7 +652,7 @@ public final class VMManager: @unchecked Sendable {
                     switch code {
                     case 0 where r.migrated: reason = "migrated"
                     case 0: reason = "poweroff"
-                    case 3: reason = "reset"
+                    case MachineExit.resetExitCode: reason = "reset"
                     case 129...192: reason = "signal"
                     default: reason = "crashed"
                     }

@@ -11,17 +11,17 @@ import Glibc
 
 /// `swiftkvm run`: boots a kernel, a flat test program, or the default guest.
 ///
-/// Exit codes: 0 power-off (or a flat program's HLT), 1 VMM failure, 2 bad usage or input,
-/// 3 guest reset/triple fault (`--on-reboot exit`), 4 unhandled internal error, (v<<1)|1 from the
+/// Exit codes (`MachineExit`): 0 power-off (or a flat program's HLT), 2 bad usage or input, 4 unhandled
+/// internal error, 6 VMM failure, 8 guest reset/triple fault (`--on-reboot exit`), (v<<1)|1 (odd) from the
 /// debug-exit port, 130/143 after SIGINT/SIGTERM.
 struct RunCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "run",
         abstract: "Run a virtual machine.",
         discussion: """
-        Exit codes: 0 guest power-off (a flat program's HLT), 1 VMM failure, 2 bad usage or input, \
-        3 guest reset or triple fault (--on-reboot exit), 4 unhandled KVM internal error, \
-        (v<<1)|1 when the guest writes v to the debug-exit port, 130/143 after SIGINT/SIGTERM.
+        Exit codes: 0 guest power-off (a flat program's HLT), 2 bad usage or input, 4 unhandled KVM internal \
+        error, 6 VMM failure, 8 guest reset or triple fault (--on-reboot exit), (v<<1)|1 (always odd) when the \
+        guest writes v to the debug-exit port, 130/143 after SIGINT/SIGTERM.
         """)
 
     @Option(help: "Kernel to boot: bzImage, ELF64 vmlinux or multiboot v1.")

@@ -66,7 +66,7 @@ enum RunMain {
             output = try ConsoleOutput(spec: try config.serialSpec())
         } catch {
             fail("\(error)")
-            return isUsageError(error) ? MachineExit.usageExitCode : 1
+            return isUsageError(error) ? MachineExit.usageExitCode : MachineExit.vmmFailureExitCode
         }
 
         // Seccomp: every thread confines itself as it starts. With --on-reboot restart the main thread rebuilds
@@ -91,7 +91,7 @@ enum RunMain {
                 restoring = nil
             } catch {
                 fail("\(error)")
-                return isUsageError(error) ? MachineExit.usageExitCode : 1
+                return isUsageError(error) ? MachineExit.usageExitCode : MachineExit.vmmFailureExitCode
             }
             current.withLock { $0 = machine }
             if input == nil, case .stdio = (try? config.serialSpec()) ?? .none {

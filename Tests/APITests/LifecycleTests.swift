@@ -306,7 +306,7 @@ struct VMMProcessTests {
         #expect(!FileManager.default.fileExists(atPath: sock), "the socket is removed at exit")
     }
 
-    @Test("--config-file --no-api starts the guest at once; SendCtrlAltDel over the API ends it as a reset (status 3)",
+    @Test("--config-file --no-api starts the guest at once; SendCtrlAltDel over the API ends it as a reset (status 8)",
           .enabled(if: GuestSupport.hasKVM && GuestSupport.ticker != nil, "needs /dev/kvm and guest/build/ticker.elf"))
     func configFile() throws {
         let dir = TempDir()
@@ -336,7 +336,7 @@ struct VMMProcessTests {
         #expect(try c.send("GET", "/").json?["state"] as? String == "Running")
         #expect(try c.send("PUT", "/boot-source", #"{"kernel_image_path": "/x"}"#).fault == "The requested operation is not supported after starting the microVM.")
         #expect(try c.send("PUT", "/actions", #"{"action_type": "SendCtrlAltDel"}"#).status == 204)
-        #expect(Self.finish(q, seconds: 60) == 3)
+        #expect(Self.finish(q, seconds: 60) == 8)
     }
 
     @Test("SIGTERM while the guest is paused stops it: status 143, socket removed",

@@ -33,7 +33,9 @@ struct GuestProgramLoadTests {
             let mem = try makeMemory(128 << 20)
             let k = try KernelLoader.load(kernel: .path(path), cmdline: "test", memory: mem)
             #expect(k.format == .multiboot, "\(path)")
-            #expect(k.entry.rax == 0x2bad_b002 && k.entry.rbx == 0x6000 && k.entry.cr0 == 0x11, "\(path)")
+            let imageEnd = k.ranges.filter { $0.what.hasPrefix("multiboot ELF") || $0.what.hasPrefix("multiboot image") }.map(\.end).max() ?? 0
+            #expect(k.entry.rax == 0x2bad_b002 && k.entry.rbx > imageEnd && k.entry.rbx % 4096 == MultibootInfo.infoOffset
+                    && k.entry.cr0 == 0x11, "\(path): info at \(k.entry.rbx), image end \(imageEnd)")
             #expect(k.ranges.contains { $0.start <= k.entry.rip && k.entry.rip < $0.end && $0.what.hasPrefix("multiboot") }, "\(path)")
         }
     }

@@ -48,11 +48,14 @@ struct MultibootTests {
         let img = aoutKernel()
         let k = try KernelLoader.load(kernel: .bytes(img, name: "mb"), cmdline: "hello", memory: mem)
         #expect(k.format == .multiboot)
-        #expect(k.entry.rip == 0x10_0030 && k.entry.rax == 0x2bad_b002 && k.entry.rbx == 0x6000)
+        // The boot area (GDT, info, strings, stack) starts at the first page above the image and its BSS.
+        let base: UInt64 = 0x10_2000
+        #expect(k.entry.rip == 0x10_0030 && k.entry.rax == 0x2bad_b002 && k.entry.rbx == base + MultibootInfo.infoOffset)
         #expect(k.entry.cr0 == 0x11 && k.entry.cs.db && !k.entry.cs.l && k.entry.efer == 0)
+        #expect(k.entry.gdt.base == base && k.entry.rsp > base && k.entry.rsp < base + MultibootInfo.areaSize(stringsBytes: 6))
         #expect(try mem.read(at: 0x10_0000, count: 0x40) == img)
         #expect(try mem.read(at: 0x10_0040, count: 0x2000 - 0x40).allSatisfy { $0 == 0 })
-        #expect(try mem.readLE(UInt64.self, at: 0x510) == 0x00cf_9b00_0000_ffff)
+        #expect(try mem.readLE(UInt64.self, at: base + 0x10) == 0x00cf_9b00_0000_ffff)
     }
 
     @Test("the information structure has memory sizes, cmdline, e820 mmap, modules and the loader name")
@@ -60,9 +63,11 @@ struct MultibootTests {
         let mem = try makeMemory(32 << 20)
         let mods = [MultibootModule(source: .bytes([1, 2, 3], name: "m0"), cmdline: "first arg"),
                     MultibootModule(source: .bytes([UInt8](repeating: 9, count: 5000), name: "m1"), cmdline: "")]
-        _ = try KernelLoader.load(kernel: .bytes(aoutKernel(), name: "mb"), cmdline: "kernel args", memory: mem,
-                                  options: BootOptions(modules: mods))
-        func u32(_ o: Int) throws -> UInt32 { try mem.readLE(UInt32.self, at: 0x6000 + UInt64(o)) }
+        let k = try KernelLoader.load(kernel: .bytes(aoutKernel(), name: "mb"), cmdline: "kernel args", memory: mem,
+                                      options: BootOptions(modules: mods))
+        func u32(_ o: Int) throws -> UInt32 { try mem.readLE(UInt32.self, at: k.entry.rbx + UInt64(o)) }
+        // Modules follow the boot area (page aligned above the kernel's end, 0x102000).
+        let modulesStart = UInt32(0x10_2000 + MultibootInfo.areaSize(stringsBytes: 12 + 10 + 1))
         func string(_ a: UInt32) throws -> String {
             let b = try mem.read(at: UInt64(a), count: 64)
             return String(decoding: b.prefix { $0 != 0 }, as: UTF8.self)
@@ -75,12 +80,12 @@ struct MultibootTests {
         #expect(try u32(20) == 2)
         let mods0 = UInt64(try u32(24))
         let m0start = try mem.readLE(UInt32.self, at: mods0), m0end = try mem.readLE(UInt32.self, at: mods0 + 4)
-        #expect(m0start == 0x10_2000 && m0end == 0x10_2003)
+        #expect(m0start == modulesStart && m0end == modulesStart + 3)
         #expect(try mem.read(at: UInt64(m0start), count: 3) == [1, 2, 3])
         #expect(try string(try mem.readLE(UInt32.self, at: mods0 + 8)) == "first arg")
         let m1start = try mem.readLE(UInt32.self, at: mods0 + 16)
-        #expect(m1start == 0x10_3000 && m1start % 4096 == 0)
-        #expect(try mem.readLE(UInt32.self, at: mods0 + 20) == 0x10_3000 + 5000)
+        #expect(m1start == modulesStart + 0x1000 && m1start % 4096 == 0)
+        #expect(try mem.readLE(UInt32.self, at: mods0 + 20) == modulesStart + 0x1000 + 5000)
         // Memory map: 4 entries of 24 bytes, each with size 20.
         #expect(try u32(44) == 4 * 24)
         let mmap = UInt64(try u32(48))
@@ -123,8 +128,20 @@ struct MultibootTests {
         #expect(bootError { _ = try KernelLoader.load(kernel: .bytes(img, name: "mb"), memory: mem) }?.contains("outside guest RAM") == true)
         img = [UInt8](repeating: 0, count: 0x10) + multibootHeader(flags: 0x1_0000, aout: (0x10_0010, 0x10_0000, 0, 0, 0x50_0000))
         #expect(bootError { _ = try KernelLoader.load(kernel: .bytes(img, name: "mb"), memory: mem) }?.contains("entry_addr") == true)
-        img = [UInt8](repeating: 0, count: 0x10) + multibootHeader(flags: 0x1_0000, aout: (0x6010, 0x6000, 0, 0, 0x6000))
-        #expect(bootError { _ = try KernelLoader.load(kernel: .bytes(img, name: "mb"), memory: mem) }?.contains("overlaps the boot data") == true)
+        img = [UInt8](repeating: 0, count: 0x10) + multibootHeader(flags: 0x1_0000, aout: (0x9_fc00, 0x9_fbf0, 0, 0, 0x9_fbf0))
+        #expect(bootError { _ = try KernelLoader.load(kernel: .bytes(img, name: "mb"), memory: mem) }?.contains("overlaps the MP table") == true)
+    }
+
+    @Test("a kernel loaded at 0x8000 (below QEMU's and our old boot data) gets its boot area above it, below the MP table")
+    func lowKernel() throws {
+        let mem = try makeMemory(16 << 20)
+        let img = [UInt8](repeating: 0, count: 0x10) + multibootHeader(flags: 0x1_0000, aout: (0x8010, 0x8000, 0, 0, 0x8000))
+        let k = try KernelLoader.load(kernel: .bytes(img, name: "low"), cmdline: "low", memory: mem)
+        #expect(k.entry.rip == 0x8000 && k.entry.rbx == 0x9000 + MultibootInfo.infoOffset && k.entry.gdt.base == 0x9000)
+        #expect(try mem.read(at: 0x8000, count: img.count) == img)
+        let cmdline = try mem.readLE(UInt32.self, at: k.entry.rbx + 16)
+        #expect(try mem.read(at: UInt64(cmdline), count: 4) == Array("low".utf8) + [0])
+        #expect(k.entry.rsp < BootLayout.mpTableAddress && k.entry.rsp > 0x9000)
     }
 
     @Test("a module that does not fit in RAM is refused naming it")

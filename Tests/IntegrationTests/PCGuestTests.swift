@@ -152,6 +152,41 @@ struct FirmwareBootTests {
     }
 }
 
+/// Multiboot kernels that load low (issue 14 part 6): the boot area goes above the highest segment, as QEMU puts it.
+@Suite("multiboot low load", .enabled(if: GuestTestEnvironment.kvmAvailable, "needs /dev/kvm"))
+struct MultibootLowLoadTests {
+    /// An a.out-kludge multiboot kernel loaded at 0x8000 (entry 0x8020) that checks EAX, that EBX and ESP are above
+    /// its image, that the stack works and that the command line starts with 'l', then writes 0x2a (status 85) or
+    /// 0x15 (status 43) to the debug-exit port.
+    static func lowKernel() -> [UInt8] {
+        var b = [UInt8](repeating: 0, count: 0x20)
+        let magic: UInt32 = 0x1bad_b002, flags: UInt32 = 0x1_0000
+        for (i, v) in [magic, flags, 0 &- (magic &+ flags), 0x8000, 0x8000, 0, 0, 0x8020].enumerated() {
+            for k in 0..<4 { b[i * 4 + k] = UInt8(truncatingIfNeeded: v >> (8 * UInt32(k))) }
+        }
+        var code: [UInt8] = [], jumps: [Int] = []
+        func check(_ bytes: [UInt8], jump: UInt8) { code += bytes + [jump, 0]; jumps.append(code.count - 1) }
+        check([0x3d, 0x02, 0xb0, 0xad, 0x2b], jump: 0x75)               // cmp eax, 0x2badb002; jne fail
+        check([0x81, 0xfb, 0x00, 0x90, 0x00, 0x00], jump: 0x72)         // cmp ebx, 0x9000; jb fail
+        check([0x81, 0xfc, 0x00, 0x90, 0x00, 0x00], jump: 0x72)         // cmp esp, 0x9000; jb fail
+        code += [0x50, 0x59, 0x8b, 0x73, 0x10]                          // push eax; pop ecx; mov esi, [ebx+16]
+        check([0x80, 0x3e, 0x6c], jump: 0x75)                           // cmp byte [esi], 'l'; jne fail
+        code += [0xb0, 0x2a, 0xe6, 0xf4, 0xf4]                          // mov al, 0x2a; out 0xf4, al; hlt
+        let fail = code.count
+        for j in jumps { code[j] = UInt8(fail - (j + 1)) }
+        code += [0xb0, 0x15, 0xe6, 0xf4, 0xf4]                          // fail: mov al, 0x15; out 0xf4, al; hlt
+        return b + code
+    }
+
+    @Test("a multiboot kernel with its segment at 0x8000 runs: the info, command line and stack are above it")
+    func segmentAt0x8000() throws {
+        let path = try ProcessRunner.temporaryFile(Self.lowKernel(), name: "low.mb")
+        defer { ProcessRunner.removeTemporary(path) }
+        let r = try ProcessRunner.runSwiftKVM(["run", "--kernel", path, "--cmdline", "low kernel", "--memory", "16M"], timeout: 60)
+        #expect(r.status == 85, "status \(r.status) (43: a check failed)\n\(r.stderr)")
+    }
+}
+
 /// kvm-unit-tests (a built tree named by `KVM_UNIT_TESTS`, e.g. `./configure && make x86/smptest.flat`): a standard
 /// x86 test kernel reads the CPU count from fw_cfg with no extra input (without fw_cfg it sees 65535 CPUs and waits).
 @Suite("kvm-unit-tests", .enabled(if: GuestTestEnvironment.kvmAvailable

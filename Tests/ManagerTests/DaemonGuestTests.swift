@@ -41,7 +41,7 @@ struct DaemonGuestTests {
         #expect(after.state == .shutOff)
         #expect(after.pid == nil)
         #expect(after.lastExit?.reason == "reset")
-        #expect(after.lastExit?.status == 3)
+        #expect(after.lastExit?.status == 8)
         #expect((try? String(contentsOfFile: info.serialLog, encoding: .utf8))?.contains("CTRL-ALT-DEL") == true)
         #expect(!FileManager.default.fileExists(atPath: info.apiSocket))
         #expect(!FileManager.default.fileExists(atPath: f.dir.path + "/run/t1/state.json"))

@@ -150,9 +150,9 @@ struct ExitCodeTests {
     func mapping() {
         #expect(MachineExit.powerOff.exitCode == 0)
         #expect(MachineExit.userQuit.exitCode == 0)
-        #expect(MachineExit.vmmFailure("x").exitCode == 1)
+        #expect(MachineExit.vmmFailure("x").exitCode == 6)
         #expect(MachineExit.usageExitCode == 2)
-        #expect(MachineExit.reset.exitCode == 3)
+        #expect(MachineExit.reset.exitCode == 8)
         #expect(MachineExit.internalError("x").exitCode == 4)
         #expect(MachineExit.debugExit(status: 33).exitCode == 33)
         #expect(MachineExit.signal(SIGINT).exitCode == 130)
