@@ -274,13 +274,31 @@ public final class VCPU: @unchecked Sendable {
     /// injected event (`exception.injected = 1`), which every KVM accepts without
     /// KVM_CAP_EXCEPTION_PAYLOAD. For a trap such as #BP, advance RIP past the instruction first.
     public func injectException(vector: UInt8, errorCode: UInt32? = nil) throws {
+        try injectEvent { e in
+            e.exception.injected = 1
+            e.exception.pending = 0
+            e.exception.nr = vector
+            e.exception.has_error_code = errorCode == nil ? 0 : 1
+            e.exception.error_code = errorCode ?? 0
+        }
+    }
+
+    /// Injects interrupt `vector` at the next entry (`interrupt.injected = 1`): the CPU delivers it through the
+    /// IDT as an external interrupt, pushing the current RIP, whatever RFLAGS.IF says. A software interrupt
+    /// (`int n`) is emulated with it after the caller checked the gate and advanced RIP past the instruction.
+    public func injectInterrupt(vector: UInt8) throws {
+        try injectEvent { e in
+            e.interrupt.injected = 1
+            e.interrupt.nr = vector
+            e.interrupt.soft = 0
+        }
+    }
+
+    private func injectEvent(_ change: (inout kvm_vcpu_events) -> Void) throws {
         var e = try getVCPUEvents()
-        e.exception.injected = 1
-        e.exception.pending = 0
-        e.exception.nr = vector
-        e.exception.has_error_code = errorCode == nil ? 0 : 1
-        e.exception.error_code = errorCode ?? 0
+        change(&e)
         e.flags = 0
         try setVCPUEvents(e)
     }
 }
+

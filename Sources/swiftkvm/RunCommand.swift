@@ -76,6 +76,8 @@ struct RunCommand: ParsableCommand {
     var disks: [String] = []
     @Option(name: .customLong("cdrom"), help: "CD/DVD-ROM image (an ISO) on virtio-scsi: --disk path=FILE,media=cdrom.")
     var cdrom: String?
+    @Flag(name: .customLong("no-host-fixups"), help: "Run without the PVM host fix-ups (hidden CX16 and paravirt features, the syscall trampoline, recovered emulation failures), for experiments; they are on only on PVM hosts anyway.")
+    var noHostFixups = false
     @Flag(name: .customLong("no-acpi"), help: "No ACPI tables: the MP table alone describes the CPUs and interrupts (firmware gets no tables either).")
     var noACPI = false
     @Option(name: .customLong("boot"),
@@ -125,7 +127,7 @@ struct RunCommand: ParsableCommand {
         check(debugExitPort != "0xf4", "--debug-exit-port"); check(onReboot != "exit", "--on-reboot")
         check(!cpuidMasks.isEmpty, "--cpuid-mask"); check(kernelEntry != "decompressed", "--kernel-entry")
         check(!disks.isEmpty, "--disk"); check(!nets.isEmpty, "--net"); check(vsock != nil, "--vsock")
-        check(cdrom != nil, "--cdrom"); check(boot != nil, "--boot"); check(noACPI, "--no-acpi")
+        check(cdrom != nil, "--cdrom"); check(boot != nil, "--boot"); check(noACPI, "--no-acpi"); check(noHostFixups, "--no-host-fixups")
         check(name != "swiftkvm", "--name"); check(rng, "--rng"); check(balloon != nil, "--balloon"); check(virtioConsole, "--virtio-console")
         check(timeDilation != nil, "--time-dilation"); check(firmware != nil, "--firmware"); check(bios, "--bios")
         return given
@@ -241,6 +243,7 @@ struct RunCommand: ParsableCommand {
         }
         config.boot = try boot.map(BootOrderSpec.init(parsing:))
         if noACPI { config.acpi = false }
+        if noHostFixups { config.pvmFixups = false }
         config.nets = try nets.map(NetSpec.init(parsing:))
         config.vsock = try vsock.map(VsockSpec.init(parsing:))
         config.name = name

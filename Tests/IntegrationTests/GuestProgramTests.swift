@@ -189,7 +189,7 @@ func expectPass(_ r: GuestReport, checks: [String], sourceLocation: SourceLocati
 
 @Suite("Guest test program images (no /dev/kvm needed)")
 struct GuestProgramImageTests {
-    static let programs = ["boot", "serial", "cpuid_msr", "rtc", "timers", "i8042", "usermode", "fault", "int3", "smp", "exits", "acpi", "fwcfg", "rtc_irq", "pmtimer"]
+    static let programs = ["boot", "serial", "cpuid_msr", "rtc", "timers", "i8042", "usermode", "fault", "int3", "smp", "exits", "acpi", "fwcfg", "rtc_irq", "pmtimer", "fixups"]
 
     @Test("every program builds as an ELF32 multiboot image with its header at offset 0 and a flat image with the 64-bit entry at 0x40",
           arguments: programs)
@@ -368,6 +368,21 @@ struct GuestProgramTests {
     func breakpoints() throws {
         let r = try runGuestProgram(programArguments("int3"))
         expectPass(r, checks: ["int3-handler", "int3-continues", "int3-emulated-call", "fwait", "ud2"])
+    }
+
+    @Test("fixups: int imm8, #UD for xgetbv without OSXSAVE and absent instructions, clac/stac and clwb, LSTAR read-back and #GP, hidden paravirt hypercall features (PVM fix-ups here, hardware elsewhere)")
+    func hostFixups() throws {
+        let r = try runGuestProgram(programArguments("fixups", cmdline: GuestTestEnvironment.isPVMHost ? "pvm" : ""))
+        expectPass(r, checks: ["int-imm8", "xgetbv-osxsave-clear", "invpcid", "clac", "clwb", "rdpru", "lstar-readback",
+                               "lstar-noncanonical-gp"] + (GuestTestEnvironment.isPVMHost ? ["pv-hypercall-features-hidden"] : []))
+    }
+
+    @Test("--no-host-fixups: without them this PVM host fails int imm8 in ring 0, reported with its bytes (exit 4)",
+          .enabled(if: GuestTestEnvironment.isPVMHost, "the fix-ups are off on hardware KVM hosts anyway"))
+    func withoutFixups() throws {
+        let r = try runGuestProgram(programArguments("fixups") + ["--no-host-fixups"])
+        #expect(r.status == 4, "\(r.output)")
+        #expect(r.output.contains("instruction bytes cd 40"), "\(r.output)")
     }
 
     @Test("smp: with --cpus 1 the program finds the boot CPU in the ACPI MADT")

@@ -253,6 +253,40 @@ struct PVMTests {
         #expect(PVMQuirks.fixup(for: []) == nil)
     }
 
+    @Test("int imm8 is a software interrupt; #UD for xgetbv without OSXSAVE, absent invpcid/rdpru/clwb and clac/stac outside ring 0; clac/stac set AC and clwb is skipped with its length")
+    func decodeMore() {
+        typealias C = PVMQuirks.FixupContext
+        let ud = PVMQuirks.Fixup.inject(vector: 6, advance: 0)
+        #expect(PVMQuirks.fixup(for: [0xcd, 0x80]) == .softwareInterrupt(vector: 0x80, length: 2))
+        #expect(PVMQuirks.fixup(for: [0xcd]) == nil)
+        #expect(PVMQuirks.fixup(for: [0x0f, 0x01, 0xd0], context: C(osxsave: false)) == ud)
+        #expect(PVMQuirks.fixup(for: [0x0f, 0x01, 0xd0], context: C(osxsave: true)) == nil, "a real failure is reported")
+        #expect(PVMQuirks.fixup(for: [0x66, 0x0f, 0x38, 0x82, 0x08], context: C(invpcid: false)) == ud)
+        #expect(PVMQuirks.fixup(for: [0x66, 0x41, 0x0f, 0x38, 0x82, 0x08], context: C(invpcid: false)) == ud, "with REX")
+        #expect(PVMQuirks.fixup(for: [0x66, 0x0f, 0x38, 0x82, 0x08], context: C(invpcid: true)) == nil)
+        #expect(PVMQuirks.fixup(for: [0x0f, 0x01, 0xfd], context: C(rdpru: false)) == ud)
+        #expect(PVMQuirks.fixup(for: [0x0f, 0x01, 0xca], context: C(cpl: 0)) == .setAC(false))
+        #expect(PVMQuirks.fixup(for: [0x0f, 0x01, 0xcb], context: C(cpl: 0)) == .setAC(true))
+        #expect(PVMQuirks.fixup(for: [0x0f, 0x01, 0xcb], context: C(cpl: 3)) == ud)
+        #expect(PVMQuirks.fixup(for: [0x66, 0x0f, 0xae, 0x30]) == .skip(4), "clwb (%rax)")
+        #expect(PVMQuirks.fixup(for: [0x66, 0x0f, 0xae, 0x74, 0x08, 0x40]) == .skip(6), "clwb 0x40(%rax,%rcx)")
+        #expect(PVMQuirks.fixup(for: [0x66, 0x0f, 0xae, 0xb0, 0, 0x10, 0, 0]) == .skip(8), "clwb 0x1000(%rax)")
+        #expect(PVMQuirks.fixup(for: [0x66, 0x0f, 0xae, 0x35, 1, 2, 3, 4]) == .skip(8), "clwb RIP-relative")
+        #expect(PVMQuirks.fixup(for: [0x66, 0x0f, 0xae, 0x30], context: C(clwb: false)) == ud)
+        #expect(PVMQuirks.fixup(for: [0x66, 0x0f, 0xae, 0xf0]) == nil, "register form (tpause-like encodings) is not clwb")
+    }
+
+    @Test("on PVM hosts CPUID 0x40000001 hides PV_UNHALT, PV_SEND_IPI and PV_SCHED_YIELD, and keeps the other KVM features")
+    func hiddenParavirtFeatures() {
+        var leaf = kvm_cpuid_entry2()
+        leaf.function = 0x4000_0001
+        leaf.eax = 0x0100_7eff
+        let out = PVMQuirks(syscallFixup: false).filterCPUID([leaf])
+        #expect(out[0].eax == 0x0100_7eff & ~PVMQuirks.hiddenPVFeatures)
+        #expect(out[0].eax & (1 << 3) != 0, "KVM_FEATURE_CLOCKSOURCE2 stays")
+        #expect(NoHostQuirks().filterCPUID([leaf])[0].eax == 0x0100_7eff)
+    }
+
     @Test("instruction bytes are taken from emulation-failure exit data when flagged")
     func exitData() {
         // flags = 1, insn_size = 2, bytes 0f 0b.

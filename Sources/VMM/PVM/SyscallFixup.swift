@@ -67,6 +67,12 @@ final class SyscallFixup: @unchecked Sendable {
 
     /// A guest write to LSTAR: remember it, map the trampoline, point the real LSTAR at it.
     func handleLSTARWrite(vcpu: VCPU, memory: GuestMemory, value: UInt64, logger: Logger) throws {
+        // A non-canonical address raises #GP, as WRMSR to LSTAR does on hardware; LSTAR keeps its value.
+        let high = value >> 47
+        guard high == 0 || high == 0x1_ffff else {
+            vcpu.completeMSR(error: true)
+            return
+        }
         guestLSTAR.withLock { $0 = value }
         let sregs = try vcpu.getSregs()
         try mapTrampoline(cr3: sregs.cr3, memory: memory, logger: logger)
