@@ -32,6 +32,8 @@ public enum ACPIPorts {
     public static let resetValue: UInt8 = 0x01
     /// SLP_TYP value of S5 (soft off), the `\_S5` package in the DSDT.
     public static let s5SleepType: UInt8 = 5
+    /// SLP_TYP value of S3 (suspend to RAM), the `\_S3` package in the DSDT (QEMU's value).
+    public static let s3SleepType: UInt8 = 1
     /// SCI interrupt (ISA IRQ 9, level-triggered, active high).
     public static let sciIRQ: UInt8 = 9
 }
@@ -275,7 +277,7 @@ public enum ACPITables {
     }
 
     /// The DSDT's definition block (names relative to the root scope, as iasl emits them):
-    /// - `\_S5` = Package { 5, 5, 0, 0 } (SLP_TYP of soft-off);
+    /// - `\_S3` = Package { 1, 1, 0, 0 } (SLP_TYP of suspend to RAM) and `\_S5` = Package { 5, 5, 0, 0 } (soft-off);
     /// - `\_SB.PCI0`: the host bridge (PNP0A08 with _CID PNP0A03 when ECAM exists, else PNP0A03),
     ///   _SEG/_BBN/_UID 0, _CRS with bus 0, the config ports, I/O windows 0x0000–0x0CF7 and
     ///   0x0D00–0xFFFF and the 32-bit memory window, and _PRT routing INTA–INTD of slots 1–31
@@ -288,6 +290,9 @@ public enum ACPITables {
     public static func dsdtAML(_ config: ACPIConfiguration) -> [UInt8] {
         let s5 = AML.name("_S5", AML.package([AML.integer(UInt64(ACPIPorts.s5SleepType)),
                                                 AML.integer(UInt64(ACPIPorts.s5SleepType)),
+                                                AML.integer(0), AML.integer(0)]))
+        let s3 = AML.name("_S3", AML.package([AML.integer(UInt64(ACPIPorts.s3SleepType)),
+                                                AML.integer(UInt64(ACPIPorts.s3SleepType)),
                                                 AML.integer(0), AML.integer(0)]))
         var prt: [[UInt8]] = []
         for slot in 1...31 {
@@ -354,7 +359,7 @@ public enum ACPITables {
                 ])),
             ]))
         }
-        return s5 + AML.scope("_SB_", sb)
+        return s3 + s5 + AML.scope("_SB_", sb)
     }
 
     /// The DSDT name of virtio-mmio device `index`: V000, V001… (hexadecimal past 999, up to VFFF).

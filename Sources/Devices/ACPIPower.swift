@@ -53,16 +53,18 @@ public final class ACPIPower: BusDevice, Sendable {
     private let state = Mutex(State())
     private let control: any MachineControl
     private let s5SleepType: UInt8
+    private let s3SleepType: UInt8?
     private let resetValue: UInt8
     private let monotonicNanos: @Sendable () -> UInt64
 
     /// Creates the device; power-off and reset go to `control`. `s5SleepType` must match the DSDT's
     /// `\_S5` package and `resetValue` the FADT's RESET_VALUE. `monotonicNanos` drives the PM timer.
-    public init(control: any MachineControl, s5SleepType: UInt8 = 5, resetValue: UInt8 = 1,
+    public init(control: any MachineControl, s5SleepType: UInt8 = 5, s3SleepType: UInt8? = nil, resetValue: UInt8 = 1,
                 monotonicNanos: @escaping @Sendable () -> UInt64 = ACPIPower.hostMonotonicNanos) {
         self.control = control
         self.monotonicNanos = monotonicNanos
         self.s5SleepType = s5SleepType & 0x7
+        self.s3SleepType = s3SleepType.map { $0 & 0x7 }
         self.resetValue = resetValue
     }
 
@@ -131,6 +133,8 @@ public final class ACPIPower: BusDevice, Sendable {
                     let type = UInt8((merged & Self.sleepTypeMask) >> Self.sleepTypeShift)
                     if type == s5SleepType {
                         request = .powerOff
+                    } else if type == s3SleepType {
+                        request = .suspend                // the machine wakes it later (`wake(rtc:)`)
                     } else {
                         s.status |= Self.wakeStatus      // unsupported sleep state: "woke up" at once
                     }
@@ -143,6 +147,14 @@ public final class ACPIPower: BusDevice, Sendable {
 
     /// The PM1 enable register (for tests and diagnostics).
     public var pm1Enable: UInt16 { state.withLock { $0.enable } }
+
+    /// PM1_EN.RTC_EN: the RTC alarm may wake the machine from a sleep state.
+    public static let rtcEnable: UInt16 = 0x0400
+
+    /// The machine woke from S3: PM1_STS.WAK_STS, and RTC_STS when the RTC alarm woke it.
+    public func woke(byRTC: Bool) {
+        state.withLock { $0.status |= Self.wakeStatus | (byRTC ? Self.rtcEnable : 0) }
+    }
 }
 
 extension ACPIPower: StatefulDevice {

@@ -125,6 +125,8 @@ public enum MachineRequest: Sendable, Equatable {
     case reset
     /// Guest powered off.
     case powerOff
+    /// Guest entered ACPI S3 (suspend to RAM).
+    case suspend
     /// isa-debug-exit style exit: the process should exit with this status.
     case exit(status: Int32)
 }

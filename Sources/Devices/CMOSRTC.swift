@@ -355,6 +355,22 @@ public final class CMOSRTC: BusDevice, Sendable {
         }
     }
 
+    /// Whether the alarm flag (register C AF) is set now (events up to now applied; nothing is cleared): an
+    /// armed alarm that rang, which wakes an ACPI S3 sleep when PM1_EN.RTC_EN is set.
+    public var alarmRang: Bool {
+        state.withLock { s in
+            refresh(&s, nanos())
+            return s.cmos[Self.regC] & Self.cAF != 0
+        }
+    }
+
+    /// Sets CMOS byte `index` (128 bytes; not the clock or status registers), as firmware-visible NVRAM:
+    /// e.g. the shutdown status byte 0x0F, which SeaBIOS reads on a reset (0xFE: resume from S3).
+    public func setNVRAM(_ index: Int, _ value: UInt8) {
+        guard index > Self.regD, index < 128, index != Self.century else { return }
+        state.withLock { $0.cmos[index] = value }
+    }
+
     // MARK: Timer thread
 
     /// Starts the thread that raises the interrupt on time (`kind`: its seccomp filter).

@@ -25,11 +25,11 @@ public enum SeccompPolicy {
     /// negotiated to the TAP when the driver writes its features (on a vCPU) or resets the device.
     static let tunSetOffload: UInt = 0x4004_54d0
 
-    /// vCPU threads: KVM_RUN and the exits handled on them.
+    /// vCPU threads: KVM_RUN and the exits handled on them (and their own reset for a wake from ACPI S3).
     static var vcpu: [R] {
         common
             + ioctls([CKVM_RUN, CKVM_GET_REGS, CKVM_SET_REGS, CKVM_GET_SREGS, CKVM_SET_SREGS, CKVM_GET_MP_STATE,
-                      CKVM_GET_VCPU_EVENTS, CKVM_SET_VCPU_EVENTS, CKVM_IRQ_LINE, CKVM_IRQ_LINE_STATUS,
+                      CKVM_SET_MP_STATE, CKVM_GET_VCPU_EVENTS, CKVM_SET_VCPU_EVENTS, CKVM_IRQ_LINE, CKVM_IRQ_LINE_STATUS,
                       CKVM_SIGNAL_MSI, CKVM_GET_MSRS, CKVM_SET_MSRS, CKVM_IOEVENTFD, CKVM_IRQFD,
                       CKVM_SET_GSI_ROUTING, tunSetOffload])
             + ["read", "pread64", "pwrite64", "fsync", "fdatasync", "sendto", "sendmsg", "recvfrom", "epoll_ctl",

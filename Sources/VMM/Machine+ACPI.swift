@@ -1,3 +1,6 @@
+#if canImport(Glibc)
+import Glibc
+#endif
 import Boot
 import Devices
 import GuestMemory
@@ -52,6 +55,7 @@ extension Machine {
             logger.info("no ACPI tables: the guest image covers \(hex(area.start))-\(hex(area.end))")
         } else if memory.regions.contains(where: { $0.start <= area.start && area.end <= $0.end }) {
             let image = try ACPITables.write(acpi, into: memory)
+            facsAddress = image.addresses["FACS"]
             logger.debug("boot: ACPI tables at \(hex(image.base)) (\(image.bytes.count) bytes): \(image.addresses.keys.sorted().joined(separator: " "))")
             switch loaded.format {
             case .bzImage, .elf64:
@@ -65,7 +69,9 @@ extension Machine {
         }
         setUpAMDHWCR()
         try setUpFirmwareConfig(acpi: acpi)
-        let pm = ACPIPower(control: controller, s5SleepType: ACPIPorts.s5SleepType, resetValue: ACPIPorts.resetValue)
+        let pm = ACPIPower(control: controller, s5SleepType: ACPIPorts.s5SleepType, s3SleepType: ACPIPorts.s3SleepType,
+                           resetValue: ACPIPorts.resetValue)
+        acpiPower = pm
         try ioBus.insert(pm, base: UInt64(ACPIPorts.base), length: UInt64(ACPIPorts.length))
         devices.register(pm, id: "acpi-pm")
     }
@@ -94,3 +100,60 @@ extension Machine {
 }
 
 private func hex<T: BinaryInteger>(_ v: T) -> String { "0x" + String(v, radix: 16) }
+
+/// ACPI S3 (suspend to RAM): the guest writes SLP_TYP(S3) | SLP_EN; the control thread parks the vCPUs, resets them
+/// (vCPU 0 to the waking point, the others to wait for INIT-SIPI), sleeps until the RTC alarm rings with
+/// PM1_EN.RTC_EN set (or the VM is stopped), sets PM1_STS.WAK_STS and lets them run. Guest RAM and the devices
+/// keep their state. The waking point: with firmware, the reset vector, and CMOS byte 0x0F = 0xFE tells SeaBIOS to
+/// resume through the FACS waking vector; booted directly, the FACS's 32-bit firmware waking vector in real mode
+/// (CS = vector >> 4, IP = vector & 0xF), as firmware would jump there. A guest that set no vector is reset.
+extension Machine {
+    /// SeaBIOS's CMOS shutdown status for "resume from S3".
+    static let cmosShutdownStatus = 0x0f, cmosResumeFromS3: UInt8 = 0xfe
+
+    func suspendToRAM(waitSet: sigset_t) {
+        var waitSet = waitSet
+        guard vcpuManager.pause(timeoutMs: 5000) else {
+            vcpuManager.resume()
+            controller.stop(.vmmFailure("ACPI S3: the vCPUs did not stop within 5 s"))
+            return
+        }
+        logger.info("ACPI S3: suspended")
+        do {
+            let entry: EntryState
+            if case .firmware = config.payload {
+                rtc.setNVRAM(Self.cmosShutdownStatus, Self.cmosResumeFromS3)
+                entry = .resetVector()
+            } else {
+                let vector: UInt32 = try facsAddress.map { try memory.readLE(at: $0 + 12) } ?? 0
+                guard vector != 0, vector < 0x10_0000 else {
+                    logger.warning("ACPI S3: no real-mode firmware waking vector in the FACS (0x\(String(vector, radix: 16))): resetting")
+                    vcpuManager.resume()
+                    controller.stop(.reset)
+                    return
+                }
+                entry = .realMode(cs: UInt16(vector >> 4), ip: UInt16(vector & 0xf), sp: 0)
+            }
+            vcpuManager.resetForWake(entry: entry)
+        } catch {
+            vcpuManager.resume()
+            controller.stop(.vmmFailure("ACPI S3: cannot reset the vCPUs: \(error)"))
+            return
+        }
+        // Sleep until a wake event.
+        var byRTC = false
+        while !controller.stopRequested {
+            if let pm = acpiPower, pm.pm1Enable & ACPIPower.rtcEnable != 0, rtc.alarmRang { byRTC = true; break }
+            var ts = timespec(tv_sec: 0, tv_nsec: 10_000_000)
+            let sig = sigtimedwait(&waitSet, nil, &ts)
+            if sig == SIGINT || sig == SIGTERM {
+                logger.info("received signal \(sig) while suspended, stopping the VM")
+                controller.stop(.signal(sig))
+            }
+        }
+        guard !controller.stopRequested else { vcpuManager.resume(); return }
+        acpiPower?.woke(byRTC: byRTC)
+        logger.info("ACPI S3: woken by the RTC alarm")
+        vcpuManager.resume()
+    }
+}

@@ -19,6 +19,10 @@ struct KVMInterruptLine: InterruptLine {
 final class MachineController: MachineControl, @unchecked Sendable {
     private let state = Mutex<MachineExit?>(nil)
     private let controlThread = Atomic<UInt>(0)
+    private let suspendRequested = Atomic<Bool>(false)
+
+    /// Takes a pending S3 request (the control thread then suspends the machine).
+    func takeSuspend() -> Bool { suspendRequested.exchange(false, ordering: .acquiringAndReleasing) }
 
     func setControlThread(_ tid: UInt) { controlThread.store(tid, ordering: .sequentiallyConsistent) }
 
@@ -44,6 +48,10 @@ final class MachineController: MachineControl, @unchecked Sendable {
         case .reset: stop(.reset)
         case .powerOff: stop(.powerOff)
         case .exit(let status): stop(.debugExit(status: status))
+        case .suspend:
+            suspendRequested.store(true, ordering: .releasing)
+            let tid = controlThread.load(ordering: .sequentiallyConsistent)
+            if tid != 0 { _ = pthread_kill(pthread_t(tid), Machine.wakeSignal) }
         }
     }
 }
@@ -82,6 +90,9 @@ public final class Machine: @unchecked Sendable {
     public let quirks: any HostQuirks
     /// The CMOS RTC (IRQ 8); its timer thread runs while the machine runs.
     let rtc: CMOSRTC
+    /// The ACPI PM registers (S3 wake status) and the FACS of direct boots (its waking vector), set by `setUpACPI`.
+    var acpiPower: ACPIPower?
+    var facsAddress: UInt64?
     /// The firmware image mapped below 4 GiB (firmware boots only; Machine+Firmware.swift).
     var firmwareROM: GuestRegion?
     /// QEMU's fw_cfg device (Machine+FWCfg.swift).
@@ -310,6 +321,10 @@ public final class Machine: @unchecked Sendable {
             if sig < 0 && errno == EAGAIN {
                 vcpuManager.requestHaltChecks()
                 interval = min(interval * 2, 100_000_000)
+            }
+            if controller.takeSuspend() {
+                suspendToRAM(waitSet: waitSet)
+                interval = 2_000_000
             }
         }
         controller.setControlThread(0)

@@ -64,6 +64,15 @@ final class VCPUManager: @unchecked Sendable {
         vcpus = cpus
     }
 
+    /// Puts paused vCPUs back to their state after a wake from S3: vCPU 0 at `entry` and runnable, the others
+    /// waiting for INIT-SIPI.
+    /// Each vCPU's thread applies it as it leaves the park (its seccomp filter allows the register ioctls).
+    func resetForWake(entry: EntryState) {
+        for r in runners.withLock({ $0 }) {
+            r.pendingWakeReset.withLock { $0 = .some(r.vcpu.id == 0 ? entry : nil) }
+        }
+    }
+
     /// Starts one thread per vCPU; each installs its seccomp filter and waits at `launch` before
     /// its first KVM_RUN. A thread that cannot start stops the machine through the context's
     /// controller (the threads already started then end on their own).

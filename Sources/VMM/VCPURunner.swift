@@ -1,4 +1,5 @@
 import Devices
+import Boot
 import KVM
 import Logging
 import Synchronization
@@ -8,6 +9,21 @@ import Glibc
 
 /// Runs one vCPU on its own pthread ("vcpu N") and handles its exits synchronously.
 final class VCPURunner: @unchecked Sendable {
+    /// A reset for the wake from ACPI S3 (`VCPUManager.resetForWake`), applied by this vCPU's own thread (only it may
+    /// set its registers under its seccomp filter) when it leaves the park: the waking entry for vCPU 0, nil for
+    /// the others (back to wait-for-SIPI).
+    let pendingWakeReset = Mutex<EntryState??>(nil)
+
+    private func applyWakeReset(_ reset: EntryState?) throws {
+        if let entry = reset {
+            try vcpu.setSregs(EntryConversion.sregs(entry, base: try vcpu.getSregs()))
+            try vcpu.setRegs(EntryConversion.regs(entry))
+            try vcpu.setMPState(UInt32(KVM_MP_STATE_RUNNABLE))
+        } else {
+            try vcpu.setMPState(UInt32(KVM_MP_STATE_UNINITIALIZED))
+        }
+    }
+
     let context: ExitContext
     let gate: PauseGate
     let vcpu: VCPU
@@ -97,6 +113,12 @@ final class VCPURunner: @unchecked Sendable {
                                   _ = try? vcpu.run()
                               })
             if controller.stopRequested { break }
+            if let reset = pendingWakeReset.withLock({ r in defer { r = nil }; return r }) {
+                do { try applyWakeReset(reset) } catch {
+                    controller.stop(.vmmFailure("ACPI S3: cannot reset vCPU \(vcpu.id): \(error)"))
+                    break
+                }
+            }
             let exit: VCPUExit
             do {
                 exit = try vcpu.run()

@@ -244,6 +244,7 @@ struct AMLIASLTests {
             """
         let asl = """
         DefinitionBlock ("", "DSDT", 2, "SWIFTK", "SWIFTKVM", 1) {
+            Name (\\_S3, Package () { One, One, Zero, Zero })
             Name (\\_S5, Package () { 5, 5, Zero, Zero })
             Scope (\\_SB) {
                 Device (PCI0) {

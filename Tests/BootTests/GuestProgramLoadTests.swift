@@ -6,7 +6,7 @@ import Testing
 /// builds (`make -C guest`) before the tests. A program added to guest/programs must be added here.
 let guestProgramNames = [
     "acpi", "boot", "cpuid_msr", "exits", "fault", "fixups", "fwcfg", "hostile", "i8042", "int3", "pci", "pmtimer", "rtc", "rtc_irq",
-    "serial", "smp",
+    "s3", "serial", "smp",
     "ticker", "timers", "uart_smp", "usermode", "virtio_blk", "virtio_console", "virtio_mmio", "virtio_net", "virtio_rng", "virtio_vsock",
 ]
 

@@ -35,6 +35,19 @@ struct ACPIPowerTests {
         #expect(c.all == [.powerOff])
     }
 
+    @Test("SLP_TYP of S3 with SLP_EN asks the machine to suspend; the wake sets WAK_STS, and RTC_STS when the alarm woke it")
+    func s3() {
+        let control = RecordingControl()
+        let d = ACPIPower(control: control, s5SleepType: 5, s3SleepType: 1, resetValue: 1)
+        writeWord(d, ACPIPower.Offset.pm1Enable, ACPIPower.rtcEnable)
+        writeWord(d, ACPIPower.Offset.pm1Control, 1 << 10 | 1 << 13)
+        #expect(control.all == [.suspend])
+        #expect(word(d, ACPIPower.Offset.pm1Status) == 0, "no status until the wake")
+        d.woke(byRTC: true)
+        #expect(word(d, ACPIPower.Offset.pm1Status) == 0x8400)
+        #expect(d.pm1Enable == ACPIPower.rtcEnable)
+    }
+
     @Test("another sleep type with SLP_EN does not power off but sets WAK_STS, which a write of 1 clears")
     func otherSleepType() {
         let (d, c) = make()

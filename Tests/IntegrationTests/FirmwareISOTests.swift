@@ -84,6 +84,15 @@ struct FirmwareISOTests {
         #expect(r.output.contains("Booting from Hard Disk"), "\(r.output)")
     }
 
+    @Test("S3 through SeaBIOS: GRUB loads the s3 program; on the wake SeaBIOS reads CMOS shutdown status 0xFE and jumps to the FACS waking vector")
+    func suspendThroughFirmware() throws {
+        defer { cleanUp() }
+        let iso = try GrubISO.program(in: dir, name: "s3", program: "s3", cmdline: "s3")
+        let r = try boot(["--cdrom", iso])
+        expectPass(r, checks: ["resumed", "ram-kept", "wake-status"])
+        #expect(r.output.contains("firmware: In resume (status=254)") && r.output.contains("Jump to resume vector"), "\(r.output)")
+    }
+
     @Test("GRUB's halt powers the machine off through ACPI (_S5 found through the RSDT): exit status 0")
     func grubHalt() throws {
         defer { cleanUp() }

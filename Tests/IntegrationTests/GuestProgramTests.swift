@@ -189,7 +189,7 @@ func expectPass(_ r: GuestReport, checks: [String], sourceLocation: SourceLocati
 
 @Suite("Guest test program images (no /dev/kvm needed)")
 struct GuestProgramImageTests {
-    static let programs = ["boot", "serial", "cpuid_msr", "rtc", "timers", "i8042", "usermode", "fault", "int3", "smp", "exits", "acpi", "fwcfg", "rtc_irq", "pmtimer", "fixups"]
+    static let programs = ["boot", "serial", "cpuid_msr", "rtc", "timers", "i8042", "usermode", "fault", "int3", "smp", "exits", "acpi", "fwcfg", "rtc_irq", "pmtimer", "fixups", "s3"]
 
     @Test("every program builds as an ELF32 multiboot image with its header at offset 0 and a flat image with the 64-bit entry at 0x40",
           arguments: programs)
@@ -383,6 +383,13 @@ struct GuestProgramTests {
         let r = try runGuestProgram(programArguments("fixups") + ["--no-host-fixups"])
         #expect(r.status == 4, "\(r.output)")
         #expect(r.output.contains("instruction bytes cd 40"), "\(r.output)")
+    }
+
+    @Test("s3: ACPI suspend to RAM with 2 vCPUs; the RTC alarm wakes it, vCPU 0 resumes in real mode at the FACS waking vector with RAM kept and WAK_STS/RTC_STS set")
+    func suspendResume() throws {
+        let r = try runGuestProgram(programArguments("s3") + ["--cpus", "2", "--log-level", "info"], timeout: 120)
+        expectPass(r, checks: ["fadt", "dsdt-s3", "facs", "resumed", "ram-kept", "wake-status"])
+        #expect(r.output.contains("ACPI S3: suspended") && r.output.contains("ACPI S3: woken by the RTC alarm"), "\(r.output)")
     }
 
     @Test("smp: with --cpus 1 the program finds the boot CPU in the ACPI MADT")

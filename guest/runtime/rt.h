@@ -251,6 +251,9 @@ uint32_t rt_cpu_apic_ids(uint32_t *ids, uint32_t max, const char **source);
  * returns 0 once fn returned (so APs may print), -1 on timeout. The AP then halts with IF=0. */
 typedef void (*rt_ap_fn)(uint32_t apic_id);
 int rt_start_ap(uint32_t apic_id, rt_ap_fn fn, uint32_t timeout_ms);
+/* Prepares a wake from ACPI S3 through the AP trampoline: the real-mode address to put in the FACS waking vector
+ * (0 when out of memory); the CPU that enters it there runs fn(apic_id) in long mode. */
+uint32_t rt_prepare_wake(rt_ap_fn fn);
 extern volatile uint32_t rt_ap_online;
 
 #endif

@@ -125,12 +125,26 @@ static void delay_ms(uint32_t ms) {
     while (!rt_expired(end)) cpu_pause();
 }
 
-int rt_start_ap(uint32_t apic_id, rt_ap_fn fn, uint32_t timeout_ms) {
+static void copy_trampoline(void) {
     static int copied;
     if (!copied) {
         memcpy((void *)(uintptr_t)RT_AP_TRAMPOLINE, rt_ap_trampoline, (size_t)(rt_ap_trampoline_end - rt_ap_trampoline));
         copied = 1;
     }
+}
+
+uint32_t rt_prepare_wake(rt_ap_fn fn) {
+    copy_trampoline();
+    void *stack = rt_alloc_pages_nozero(4);
+    if (!stack) return 0;
+    rt_ap_stack_top = (uint64_t)(uintptr_t)stack + 4 * 4096;
+    ap_fn = fn;
+    rt_mb();
+    return RT_AP_TRAMPOLINE;
+}
+
+int rt_start_ap(uint32_t apic_id, rt_ap_fn fn, uint32_t timeout_ms) {
+    copy_trampoline();
     void *stack = rt_alloc_pages_nozero(4);
     if (!stack) return -1;
     rt_ap_stack_top = (uint64_t)(uintptr_t)stack + 4 * 4096;
