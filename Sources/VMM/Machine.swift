@@ -20,6 +20,8 @@ final class MachineController: MachineControl, @unchecked Sendable {
     private let state = Mutex<MachineExit?>(nil)
     private let controlThread = Atomic<UInt>(0)
     private let suspendRequested = Atomic<Bool>(false)
+    /// Parks the vCPUs at once when the guest enters S3 (set by `Machine`; runs on the requesting vCPU's thread).
+    var parkForSuspend: (@Sendable () -> Void)?
 
     /// Takes a pending S3 request (the control thread then suspends the machine).
     func takeSuspend() -> Bool { suspendRequested.exchange(false, ordering: .acquiringAndReleasing) }
@@ -49,6 +51,7 @@ final class MachineController: MachineControl, @unchecked Sendable {
         case .powerOff: stop(.powerOff)
         case .exit(let status): stop(.debugExit(status: status))
         case .suspend:
+            parkForSuspend?()
             suspendRequested.store(true, ordering: .releasing)
             let tid = controlThread.load(ordering: .sequentiallyConsistent)
             if tid != 0 { _ = pthread_kill(pthread_t(tid), Machine.wakeSignal) }
@@ -213,6 +216,7 @@ public final class Machine: @unchecked Sendable {
         vcpuManager = try VCPUManager(vm: vm, count: config.cpus, supportedCPUID: try kvm.supportedCPUID(),
                                       quirks: self.quirks, cpuidMasks: config.cpuidMasks, entry: loaded.entry,
                                       logger: logger)
+        controller.parkForSuspend = { [gate = vcpuManager.gate] in gate.requestPause() }
         try setUpVirtio()
         try setUpACPI(writeTables: restoring == nil)
         try setUpFirmwareDebugConsole()

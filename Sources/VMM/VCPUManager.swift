@@ -238,6 +238,17 @@ final class PauseGate: @unchecked Sendable {
         if stopRequested() { vcpu.immediateExit = true }
     }
 
+    /// Requests the pause without waiting (safe on a vCPU thread: it parks before its next KVM_RUN), e.g. when the
+    /// guest's write that enters ACPI S3 must be its last instruction before the sleep. `pause` then waits.
+    func requestPause() {
+        let list = cond.withLock { () -> [VCPURunner] in
+            pausedFlag = true
+            return runners
+        }
+        paused.store(true, ordering: .releasing)
+        for r in list { r.kickToPause() }
+    }
+
     /// Requests the pause and waits (at most `timeoutMs`) until every vCPU thread is parked.
     /// Returns false on timeout or when the machine is not running.
     func pause(timeoutMs: Int) -> Bool {

@@ -472,10 +472,39 @@ uint8_t rt_pci_find_cap(uint8_t b, uint8_t d, uint8_t f, uint8_t cap_id, uint8_t
 }
 
 /* ---------------------------------------------------------------- memory */
+/* The end of what the loader placed for us: the multiboot info, memory map, command lines, module list and
+ * modules may sit right after the image (QEMU and swiftkvm put them above the highest segment). */
+static uint64_t boot_data_end(void) {
+    uint64_t end = (uint64_t)(uintptr_t)__image_end;
+#define BUMP(a, n) do { uint64_t e_ = (uint64_t)(a) + (uint64_t)(n); if ((a) && e_ > end && e_ < (4ull << 30)) end = e_; } while (0)
+    if (!rt_mbi) return end;
+    BUMP((uintptr_t)rt_mbi, 128);
+    if (rt_mbi->flags & (1u << 6)) BUMP(rt_mbi->mmap_addr, rt_mbi->mmap_length);
+    if (rt_mbi->flags & (1u << 2)) {
+        const char *c = (const char *)(uintptr_t)rt_mbi->cmdline;
+        size_t n = 0;
+        while (n < 65536 && c[n]) n++;
+        BUMP(rt_mbi->cmdline, n + 1);
+    }
+    if (rt_mbi->flags & (1u << 3)) {
+        BUMP(rt_mbi->mods_addr, 16ull * rt_mbi->mods_count);
+        const uint32_t *m = (const uint32_t *)(uintptr_t)rt_mbi->mods_addr;
+        for (uint32_t i = 0; i < rt_mbi->mods_count && i < 256; i++) {
+            BUMP(m[4 * i + 1], 0);
+            const char *c = (const char *)(uintptr_t)m[4 * i + 2];
+            size_t n = 0;
+            while (c && n < 65536 && c[n]) n++;
+            BUMP(m[4 * i + 2], n + 1);
+        }
+    }
+#undef BUMP
+    return end;
+}
+
 static uint64_t heap_next, heap_end;
 void *rt_alloc_pages_nozero(size_t count) {
     if (!heap_next) {
-        heap_next = ((uint64_t)(uintptr_t)__image_end + 0xfff) & ~0xfffull;
+        heap_next = (boot_data_end() + 0xfff) & ~0xfffull;
         heap_end = (rt_mbi && (rt_mbi->flags & 1)) ? (uint64_t)rt_mbi->mem_upper * 1024 + 0x100000 : 64ull << 20;
         if (heap_end > (3ull << 30)) heap_end = 3ull << 30;
     }
