@@ -1,6 +1,6 @@
 import GuestMemory
 
-/// Firmware (SeaBIOS's `bios.bin`) booted from the architectural reset vector.
+/// Firmware (SeaBIOS's `bios.bin`, or OVMF's combined `OVMF.fd` as a ROM) booted from the architectural reset vector.
 ///
 /// The image is mapped read-only so that it ends at 4 GiB (the reset vector 0xFFFFFFF0 is its
 /// last 16 bytes), and its last 128 KiB (or all of it, when smaller) is copied into guest RAM
@@ -10,9 +10,9 @@ import GuestMemory
 public enum FirmwareLoader {
     /// The top of the firmware window (4 GiB).
     public static let windowEnd: UInt64 = 0x1_0000_0000
-    /// The largest image: the window ends where KVM's TSS and identity-map pages begin (0xFFFBC000
-    /// rounded up to 64 KiB gives 0xFFFC0000), 256 KiB below 4 GiB.
-    public static let maximumSize: UInt64 = 0x40000
+    /// The largest image, 16 MiB (0xFF000000–0xFFFFFFFF: the machine keeps KVM's TSS and identity-map pages just
+    /// below, at 0xFEFFC000, as QEMU does), enough for OVMF (2–4 MiB) as well as SeaBIOS.
+    public static let maximumSize: UInt64 = 16 << 20
     /// The size of the shadow below 1 MiB.
     public static let shadowSize: UInt64 = 0x20000
     /// Where the firmware goes: `windowEnd - size`.

@@ -62,7 +62,7 @@ final class MachineController: MachineControl, @unchecked Sendable {
 /// A built virtual machine: KVM VM, guest memory, devices and vCPUs, ready to `run()`.
 ///
 /// Built from a `VMConfiguration`: allocates guest RAM and registers it as KVM memory slots;
-/// sets the TSS (0xfffbd000) and identity-map (0xfffbc000) addresses; creates the in-kernel
+/// sets the TSS (0xfeffd000) and identity-map (0xfeffc000) addresses (QEMU's, below any firmware window); creates the in-kernel
 /// IRQ chip and PIT; loads the guest through `Boot`; puts the UART (0x3f8, IRQ 4), i8042, CMOS
 /// RTC, debug-exit port and ignored legacy ports on the port-I/O bus; creates the vCPUs with
 /// filtered CPUID, MSRs, LAPIC LVT0/LVT1 and the loader's entry state.
@@ -71,9 +71,9 @@ final class MachineController: MachineControl, @unchecked Sendable {
 /// `MachineExit` for the exit codes.
 public final class Machine: @unchecked Sendable {
     /// TSS address given to KVM (three pages below the identity map page).
-    public static let tssAddress: UInt64 = 0xfffb_d000
+    public static let tssAddress: UInt64 = 0xfeff_d000
     /// Identity-map page address given to KVM.
-    public static let identityMapAddress: UInt64 = 0xfffb_c000
+    public static let identityMapAddress: UInt64 = 0xfeff_c000
     /// Signal that wakes the control thread out of its wait (blocked while `run()` waits).
     static var wakeSignal: Int32 { ckvm_kick_signal() + 1 }
 

@@ -38,7 +38,7 @@ struct RunCommand: ParsableCommand {
     var memoryBackend: String?
     @Option(help: "Number of vCPUs.")
     var cpus: String = "1"
-    @Option(help: "Firmware image to start at the reset vector (a BIOS such as SeaBIOS's bios.bin, at most 256 KiB), instead of a kernel.")
+    @Option(help: "Firmware image to start at the reset vector (SeaBIOS's bios.bin, OVMF's OVMF.fd; at most 16 MiB), instead of a kernel.")
     var firmware: String?
     @Flag(name: .customLong("bios"), help: "Boot SeaBIOS (\(RunCommand.seabiosPath), Debian package seabios): --firmware with that file. With --kernel (a bzImage), --initrd and --cmdline, SeaBIOS loads the kernel through fw_cfg (QEMU's linuxboot_dma.bin option ROM).")
     var bios = false
