@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import VMM
 
 /// Bootable ISOs made in the test with GRUB's `grub-mkrescue` (Debian grub-pc-bin, grub-common, xorriso, mtools).
 enum GrubISO {
@@ -142,5 +143,37 @@ struct FirmwareISOTests {
         let r = try ProcessRunner.runSwiftKVM(["run", "--bios", "--memory", "32M"] + args, timeout: 60)
         #expect(r.status == 2, "status \(r.status)\n\(r.stderr)")
         #expect(r.stderr.contains(message), "\(r.stderr)")
+    }
+
+    /// Linux through firmware on a disk: SeaBIOS boots GRUB from an isohybrid image on virtio-blk, GRUB loads the stock
+    /// kernel and the default initramfs, which prints its ready marker. On this PVM host the kernel's own decompressor
+    /// and early boot are emulated ring-0 code (hours; HOST-KVM.md), so the test runs only where asked.
+    static let firmwareLinux = ProcessInfo.processInfo.environment["SWIFTKVM_FIRMWARE_LINUX"] == "1"
+
+    @Test("Linux through firmware: GRUB on a disk image loads the stock kernel and initramfs, which reaches its ready marker",
+          .enabled(if: Self.firmwareLinux, "Linux through firmware decompresses in the guest, hours on PVM hosts: set SWIFTKVM_FIRMWARE_LINUX=1 on a hardware KVM host"))
+    func linuxThroughFirmware() throws {
+        defer { cleanUp() }
+        let assets = GuestTestEnvironment.repoRoot.appendingPathComponent("assets").path
+        let kernel = assets + "/" + DefaultGuest.kernelName, initrd = assets + "/" + DefaultGuest.initrdName
+        try #require(FileManager.default.fileExists(atPath: kernel) && FileManager.default.fileExists(atPath: initrd),
+                     "assets missing: run scripts/guest-assets")
+        let image = try GrubISO.make(in: dir, name: "linux",
+                                     commands: ["linux /boot/vmlinuz \(DefaultGuest.cmdline)", "initrd /boot/initramfs.cpio", "boot"],
+                                     files: ["vmlinuz": kernel, "initramfs.cpio": initrd])
+        let limit = Double(ProcessInfo.processInfo.environment["SWIFTKVM_FIRMWARE_LINUX_SECONDS"] ?? "") ?? 600
+        let swiftkvm = try #require(GuestTestEnvironment.swiftkvmPath)
+        let child = GuestTestProcess(executable: swiftkvm, arguments: ["run", "--bios", "--memory", "512M", "--serial", "stdio",
+                                                                       "--disk", "path=\(image),readonly=on"])
+        let start = Date()
+        try child.start()
+        let ready = child.waitFor(LinuxBoot.readyMarker, timeout: limit)
+        let seconds = Date().timeIntervalSince(start)
+        child.kill()
+        let out = child.output
+        for marker in ["Welcome to GRUB", "Linux version", "Run /init", LinuxBoot.readyMarker] {
+            print("# firmware Linux: \(marker): \(out.contains(marker) ? "reached" : "not reached") (run \(Int(seconds)) s)")
+        }
+        #expect(ready, "no \(LinuxBoot.readyMarker) within \(Int(limit)) s\n\(out.suffix(4000))")
     }
 }
