@@ -116,18 +116,7 @@ struct SCSILogicalUnitTests {
 
     @Test("a DVD-sized medium reports the DVD-ROM profile")
     func dvdProfile() throws {
-        final class BigBackend: BlockBackend, @unchecked Sendable {
-            var size: UInt64 { 4 << 30 }
-            var isReadOnly: Bool { true }
-            func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {}
-            func write(_ data: UnsafeRawBufferPointer, at offset: UInt64) throws {}
-            func flush() throws {}
-            func discard(at offset: UInt64, length: UInt64) throws {}
-            func writeZeroes(at offset: UInt64, length: UInt64) throws {}
-            func resize(to newSize: UInt64, allowShrink: Bool) throws {}
-            func close() throws {}
-        }
-        let u = SCSILogicalUnit(kind: .cdrom, backend: BigBackend(), serial: "dvd")
+        let u = SCSILogicalUnit(kind: .cdrom, backend: ZeroBackend(size: 4 << 30), serial: "dvd")
         let conf = try #require(data(u.decode([0x46, 0, 0, 0, 0, 0, 0, 1, 0, 0])))
         #expect(conf[7] == 0x10)
     }
