@@ -18,12 +18,12 @@ public enum FirmwareLoader {
     /// Where the firmware goes: `windowEnd - size`.
     public static func romAddress(size: UInt64) -> UInt64 { windowEnd - size }
 
-    /// Checks `image` (a multiple of 64 KiB, at most `maximumSize`), copies its shadow into
+    /// Checks `image` (whole 4 KiB pages, at most `maximumSize`), copies its shadow into
     /// `memory` and returns what was loaded (entry: the reset state).
     public static func load(image: [UInt8], path: String, memory: GuestMemory) throws -> LoadedKernel {
         let size = UInt64(image.count)
-        guard size > 0, size % 0x10000 == 0 else {
-            throw BootError.invalidImage("firmware \(path): \(size) bytes, not a whole number of 64 KiB blocks")
+        guard size > 0, size % 0x1000 == 0 else {
+            throw BootError.invalidImage("firmware \(path): \(size) bytes, not a whole number of 4 KiB pages")
         }
         guard size <= maximumSize else {
             throw BootError.doesNotFit("firmware \(path) is \(size) bytes, larger than its window of \(maximumSize) bytes below 4 GiB")

@@ -27,6 +27,37 @@ extension Machine {
         return rom
     }
 
+    /// The UEFI variable store of `spec` (OVMF's VARS), as a CFI flash right below the firmware image: the file is
+    /// opened read-write and locked (another VM using it is refused), its bytes read (a whole number of 4 KiB
+    /// blocks, at most 4 MiB), and the flash inserted on the MMIO bus. Errors name the file.
+    func setUpVariableStore(_ spec: FirmwareSpec, romSize: UInt64) throws {
+        guard let path = spec.vars else { return }
+        func bad(_ why: String) -> VMMError { .invalidValue(what: "UEFI variable store", value: path, reason: why) }
+        let fd = open(path, O_RDWR | O_CLOEXEC)
+        guard fd >= 0 else { throw bad(String(cString: strerror(errno))) }
+        var ok = false
+        defer { if !ok { close(fd) } }
+        guard flock(fd, LOCK_EX | LOCK_NB) == 0 else { throw bad("in use by another VM (locked)") }
+        var st = stat()
+        guard fstat(fd, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG else { throw bad("not a regular file") }
+        let size = Int(st.st_size)
+        guard size > 0, size % PFlashCFI01.blockSize == 0, size <= 4 << 20 else {
+            throw bad("\(size) bytes: a variable store is whole 4 KiB blocks, at most 4 MiB (OVMF_VARS_4M.fd is 528 KiB)")
+        }
+        guard UInt64(size) + romSize <= FirmwareLoader.maximumSize else {
+            throw bad("with the \(romSize)-byte firmware it does not fit the \(FirmwareLoader.maximumSize)-byte window below 4 GiB")
+        }
+        var bytes = [UInt8](repeating: 0, count: size)
+        let n = bytes.withUnsafeMutableBytes { pread(fd, $0.baseAddress, size, 0) }
+        guard n == size else { throw bad("short read") }
+        let flash = PFlashCFI01(bytes: bytes, fd: fd) { [logger] in logger.error("\($0)") }
+        let base = FirmwareLoader.romAddress(size: romSize) - UInt64(size)
+        try mmioBus.insert(flash, base: base, length: UInt64(size))
+        variableStore = (flash, fd)
+        ok = true
+        logger.info("firmware: UEFI variable store \(path) (\(size) bytes) as CFI flash at 0x\(String(base, radix: 16))")
+    }
+
     /// SeaBIOS's debug console on port 0x402 (firmware boots only): with `--log-level info` or
     /// lower its lines go to stderr as "firmware: LINE". (Written with write(2): the logger's
     /// timestamping reads time-zone files, which the vCPU threads' seccomp filter forbids.)

@@ -78,6 +78,10 @@ public final class Machine: @unchecked Sendable {
     static var wakeSignal: Int32 { ckvm_kick_signal() + 1 }
 
     public let config: VMConfiguration
+
+    deinit {
+        if let store = variableStore { close(store.fd) }
+    }
     public let memory: GuestMemory
     /// Port-I/O devices.
     public let ioBus = Bus()
@@ -96,6 +100,8 @@ public final class Machine: @unchecked Sendable {
     /// The ACPI PM registers (S3 wake status) and the FACS of direct boots (its waking vector), set by `setUpACPI`.
     var acpiPower: ACPIPower?
     var facsAddress: UInt64?
+    /// The UEFI variable store's flash and its open, locked file (closed when the machine is released).
+    var variableStore: (flash: PFlashCFI01, fd: Int32)?
     /// The firmware image mapped below 4 GiB (firmware boots only; Machine+Firmware.swift).
     var firmwareROM: GuestRegion?
     /// QEMU's fw_cfg device (Machine+FWCfg.swift).
@@ -217,6 +223,7 @@ public final class Machine: @unchecked Sendable {
                                       quirks: self.quirks, cpuidMasks: config.cpuidMasks, entry: loaded.entry,
                                       logger: logger)
         controller.parkForSuspend = { [gate = vcpuManager.gate] in gate.requestPause() }
+        if case .firmware(let spec) = config.payload, let rom = firmwareROM { try setUpVariableStore(spec, romSize: rom.size) }
         try setUpVirtio()
         try setUpACPI(writeTables: restoring == nil)
         try setUpFirmwareDebugConsole()
@@ -249,7 +256,7 @@ public final class Machine: @unchecked Sendable {
     }
 
     /// Reads a whole file (at most `limit` bytes), with errors naming the path.
-    static func readFile(_ path: String, limit: UInt64, what: String) throws -> [UInt8] {
+    public static func readFile(_ path: String, limit: UInt64, what: String) throws -> [UInt8] {
         let fd = open(path, O_RDONLY | O_CLOEXEC)
         guard fd >= 0 else { throw BootError.fileUnreadable(path: path, reason: String(cString: strerror(errno))) }
         defer { close(fd) }

@@ -123,8 +123,11 @@ public struct FirmwareSpec: Codable, Sendable, Equatable {
     public var kernel: String?
     public var initrd: String?
     public var cmdline: String
-    public init(path: String, kernel: String? = nil, initrd: String? = nil, cmdline: String = "") {
-        self.path = path; self.kernel = kernel; self.initrd = initrd; self.cmdline = cmdline
+    /// UEFI variable store (a per-VM copy of OVMF_VARS): a CFI flash directly below the firmware image, whose
+    /// writes go to this file; nil: none.
+    public var vars: String?
+    public init(path: String, kernel: String? = nil, initrd: String? = nil, cmdline: String = "", vars: String? = nil) {
+        self.path = path; self.kernel = kernel; self.initrd = initrd; self.cmdline = cmdline; self.vars = vars
     }
 }
 

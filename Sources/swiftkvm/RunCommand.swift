@@ -40,6 +40,10 @@ struct RunCommand: ParsableCommand {
     var cpus: String = "1"
     @Option(help: "Firmware image to start at the reset vector (SeaBIOS's bios.bin, OVMF's OVMF.fd; at most 16 MiB), instead of a kernel.")
     var firmware: String?
+    @Option(name: .customLong("uefi-vars"), help: "UEFI variable store for --firmware/--uefi (a per-VM copy of OVMF_VARS): a CFI flash below the firmware; created from \(RunCommand.ovmfVarsTemplate) when missing; changes are written to it.")
+    var uefiVars: String?
+    @Flag(name: .customLong("uefi"), help: "Boot OVMF (\(RunCommand.ovmfCodePath), Debian package ovmf): --firmware with that file; give --uefi-vars for its variable store.")
+    var uefi = false
     @Flag(name: .customLong("bios"), help: "Boot SeaBIOS (\(RunCommand.seabiosPath), Debian package seabios): --firmware with that file. With --kernel (a bzImage), --initrd and --cmdline, SeaBIOS loads the kernel through fw_cfg (QEMU's linuxboot_dma.bin option ROM).")
     var bios = false
     @Option(help: "Flat binary to run (needs --load-address; runs until HLT).")
@@ -116,6 +120,23 @@ struct RunCommand: ParsableCommand {
         throw ExitCode(code)
     }
 
+    /// Creates the per-VM variable store `path` from OVMF's template when it does not exist (as libvirt makes
+    /// `nvram` files); an existing file is used as it is.
+    static func createVariableStore(_ path: String) throws {
+        guard access(path, F_OK) != 0 else { return }
+        let template = try Machine.readFile(ovmfVarsTemplate, limit: 4 << 20, what: "UEFI variable store template (Debian package ovmf)")
+        let fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
+        guard fd >= 0 else {
+            throw VMMError.invalidValue(what: "--uefi-vars", value: path, reason: "cannot create it: \(String(cString: strerror(errno)))")
+        }
+        defer { close(fd) }
+        let n = template.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+        guard n == template.count, fsync(fd) == 0 else {
+            unlink(path)
+            throw VMMError.invalidValue(what: "--uefi-vars", value: path, reason: "cannot write it: \(String(cString: strerror(errno)))")
+        }
+    }
+
     /// The options that describe the machine, which a snapshot fixes: those given with --restore.
     var machineOptionsGiven: [String] {
         var given: [String] = []
@@ -130,6 +151,7 @@ struct RunCommand: ParsableCommand {
         check(cdrom != nil, "--cdrom"); check(boot != nil, "--boot"); check(noACPI, "--no-acpi"); check(noHostFixups, "--no-host-fixups")
         check(name != "swiftkvm", "--name"); check(rng, "--rng"); check(balloon != nil, "--balloon"); check(virtioConsole, "--virtio-console")
         check(timeDilation != nil, "--time-dilation"); check(firmware != nil, "--firmware"); check(bios, "--bios")
+        check(uefi, "--uefi"); check(uefiVars != nil, "--uefi-vars")
         return given
     }
 
@@ -149,21 +171,28 @@ struct RunCommand: ParsableCommand {
 
     /// SeaBIOS as Debian installs it.
     static let seabiosPath = "/usr/share/seabios/bios.bin"
+    /// OVMF's code and the template of its variable store (Debian package ovmf, 4 MiB layout).
+    static let ovmfCodePath = "/usr/share/OVMF/OVMF_CODE_4M.fd"
+    static let ovmfVarsTemplate = "/usr/share/OVMF/OVMF_VARS_4M.fd"
 
     /// Turns the options into a configuration; every error is a usage error.
     func makeConfiguration() throws -> VMConfiguration {
         let payload: GuestPayload
-        if bios && firmware != nil {
-            throw VMMError.invalidConfiguration("--bios and --firmware cannot be used together (--bios is --firmware \(Self.seabiosPath))")
+        if [bios, uefi, firmware != nil].filter({ $0 }).count > 1 {
+            throw VMMError.invalidConfiguration("--bios, --uefi and --firmware cannot be combined (--bios is --firmware \(Self.seabiosPath), --uefi is --firmware \(Self.ovmfCodePath))")
         }
-        if let firmwarePath = bios ? Self.seabiosPath : firmware {
+        if uefiVars != nil, !uefi, firmware == nil {
+            throw VMMError.invalidConfiguration("--uefi-vars needs --uefi or --firmware")
+        }
+        if let firmwarePath = bios ? Self.seabiosPath : uefi ? Self.ovmfCodePath : firmware {
             guard flat == nil, modules.isEmpty else {
                 throw VMMError.invalidConfiguration("--firmware/--bios cannot be used with --flat or --module (multiboot kernels through firmware are not supported yet)")
             }
             guard kernel != nil || (initrd == nil && cmdline == nil) else {
                 throw VMMError.invalidConfiguration("--initrd and --cmdline with --firmware/--bios need --kernel")
             }
-            payload = .firmware(FirmwareSpec(path: firmwarePath, kernel: kernel, initrd: initrd, cmdline: cmdline ?? ""))
+            if let vars = uefiVars { try Self.createVariableStore(vars) }
+            payload = .firmware(FirmwareSpec(path: firmwarePath, kernel: kernel, initrd: initrd, cmdline: cmdline ?? "", vars: uefiVars))
         } else if let flat {
             guard kernel == nil else {
                 throw VMMError.invalidConfiguration("--flat and --kernel cannot be used together")

@@ -64,7 +64,7 @@ struct FirmwareBootTests {
     }
 
     @Test("bad firmware input exits 2 with a message naming the problem", arguments: [
-        ("missing", "cannot read"), ("big", "larger than its window"), ("odd", "64 KiB"), ("kernel", "only a bzImage"),
+        ("missing", "cannot read"), ("big", "larger than its window"), ("odd", "4 KiB pages"), ("kernel", "only a bzImage"),
         ("initrd", "need --kernel"),
     ])
     func badInput(kind: String, message: String) throws {
@@ -114,6 +114,14 @@ struct FirmwareBootTests {
         #expect(r.status == 4, "status \(r.status)\n\(r.stderr)")
         #expect(r.stderr.contains("KVM internal error") && r.stderr.contains("instruction bytes"), "\(r.stderr)")
         print("# OVMF on this host: \(r.stderr.split(separator: "\n").last ?? "")")
+        // The split image with its variable store (--uefi: OVMF_CODE_4M.fd, a per-VM copy of OVMF_VARS_4M.fd as CFI
+        // flash below it) gets as far; a second VM on the same store is refused.
+        let vars = FileManager.default.temporaryDirectory.appendingPathComponent("swiftkvm-vars-\(getpid()).fd").path
+        defer { try? FileManager.default.removeItem(atPath: vars) }
+        let u = try ProcessRunner.runSwiftKVM(["run", "--uefi", "--uefi-vars", vars, "--memory", "256M", "--serial", "none",
+                                               "--log-level", "info"], timeout: 120)
+        #expect(u.status == 4 && u.stderr.contains("as CFI flash at 0xffc00000"), "\(u.stderr)")
+        #expect((try? FileManager.default.attributesOfItem(atPath: vars)[.size] as? Int) == 540672, "created from the template")
     }
 
     /// A bzImage whose real-mode setup is a test: entered by the option ROM at 0x1020:0 with DS = 0x1000, it checks
