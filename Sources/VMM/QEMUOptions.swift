@@ -99,8 +99,8 @@ public struct QEMUOptions: Sendable, Equatable {
                 guard let value, !value.isEmpty else { throw bad("-drive", text, "file= is empty") }
                 d.file = value
             case "if":
-                guard let value, ["ide", "virtio", "scsi", "none"].contains(value) else {
-                    throw bad("-drive", text, "if=\(value ?? ""): swiftkvm has ide (as virtio), virtio, scsi and none")
+                guard let value, ["ide", "virtio", "scsi", "none", "pflash"].contains(value) else {
+                    throw bad("-drive", text, "if=\(value ?? ""): swiftkvm has ide (as virtio), virtio, scsi, pflash and none")
                 }
                 d.interface = value
             case "format":
@@ -154,6 +154,12 @@ public struct QEMUOptions: Sendable, Equatable {
             if index == 2, let cdrom { drives.append(Drive(file: cdrom, cdrom: true, readOnly: true, index: 2, option: "-cdrom")) }
         }
         for text in self.drives { drives.append(try parseDrive(text)) }
+        // pflash: the first is the firmware's code, the second its variable store (QEMU's UEFI invocation).
+        let pflash = drives.filter { $0.interface == "pflash" }
+        drives.removeAll { $0.interface == "pflash" }
+        if pflash.count > 2 { throw bad("-drive", pflash[2].option, "at most two if=pflash drives (firmware code, variable store)") }
+        if !pflash.isEmpty, bios != nil { throw bad("-bios", bios!, "given as well as if=pflash firmware") }
+        if let p = pflash.first, p.format != nil && p.format != "raw" { throw bad("-drive", p.option, "pflash images are raw") }
 
         // Devices: NICs (-netdev + -device virtio-net-pci), drives attached by id, rng, balloon, debug-exit.
         var netdevs: [String: (kind: String, items: [(key: String, value: String?)])] = [:]
@@ -230,6 +236,7 @@ public struct QEMUOptions: Sendable, Equatable {
 
         // The guest: -kernel (direct boot, as QEMU's -kernel does through its option ROM), else firmware.
         if let kernel {
+            if !pflash.isEmpty { throw bad("-kernel", kernel, "with if=pflash firmware (boot the kernel from the firmware, or drop the pflash drives)") }
             if let bios { args += ["--firmware", bios] }
             args += ["--kernel", kernel]
             if let initrd { args += ["--initrd", initrd] }
@@ -237,7 +244,10 @@ public struct QEMUOptions: Sendable, Equatable {
         } else {
             if initrd != nil { throw bad("-initrd", initrd!, "needs -kernel") }
             if append != nil { throw bad("-append", append!, "needs -kernel") }
-            if let bios { args += ["--firmware", bios] } else { args.append("--bios") }
+            if let code = pflash.first {
+                args += ["--firmware", code.file!]
+                if pflash.count == 2 { args += ["--uefi-vars", pflash[1].file!] }
+            } else if let bios { args += ["--firmware", bios] } else { args.append("--bios") }
         }
         if let boot {
             guard kernel == nil || bios != nil else { throw bad("-boot", boot, "with -kernel the kernel is booted directly; -boot is for firmware boots") }

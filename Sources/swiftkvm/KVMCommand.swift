@@ -32,7 +32,7 @@ struct KVMCommand: ParsableCommand {
     @Option(name: .customLong("hdd", withSingleDash: true), help: "Disk image, IDE index 3.")
     var hdd: String?
     @Option(name: .customLong("drive", withSingleDash: true),
-            help: "file=F[,if=ide|virtio|scsi|none][,format=raw|qcow2][,media=disk|cdrom][,readonly=on][,cache=writeback|none][,index=N][,id=ID] (repeatable).")
+            help: "file=F[,if=ide|virtio|scsi|pflash|none][,format=raw|qcow2][,media=disk|cdrom][,readonly=on][,cache=writeback|none][,index=N][,id=ID] (repeatable).")
     var drives: [String] = []
     @Option(name: .customLong("boot", withSingleDash: true), help: "Boot order: c, d, or order=…[,menu=on][,strict=on].")
     var boot: String?

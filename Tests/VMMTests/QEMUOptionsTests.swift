@@ -41,6 +41,16 @@ struct QEMUOptionsTests {
         #expect(user.arguments.contains("user,hostfwd=tcp::2222-:22,id=u"))
     }
 
+    @Test("QEMU's UEFI invocation: two if=pflash drives are the firmware code and its variable store")
+    func pflash() throws {
+        let t = try translate {
+            $0.drives = ["if=pflash,format=raw,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd", "if=pflash,format=raw,file=vm_VARS.fd"]
+            $0.cdrom = "x.iso"
+        }
+        #expect(t.arguments.contains(["--firmware", "/usr/share/OVMF/OVMF_CODE_4M.fd", "--uefi-vars", "vm_VARS.fd"]))
+        #expect(!t.arguments.contains("--bios"))
+    }
+
     @Test("options it cannot honour are errors naming them", arguments: [
         ("drive", "unknown key 'aio'"), ("driveif", "if=floppy"), ("cdvirtio", "media=cdrom with if=virtio"),
         ("device", "unknown or unsupported device 'e1000'"), ("netdev", "no -device virtio-net-pci,netdev=x"),
