@@ -354,6 +354,14 @@ struct GuestProgramTests {
         }
     }
 
+    @Test("usermode no511: with PML4 slot 511 empty at the LSTAR write the VMM leaves LSTAR alone, so a ring-3 syscall never faults at the fix-up's trampoline (on PVM it meets the host's quirk instead)")
+    func userModeWithoutSlot511() throws {
+        let r = try runGuestProgram(programArguments("usermode", cmdline: "no511"))
+        #expect(r.okNames.contains("no-trampoline-fault"), "\(r.output)")
+        let summary = try #require(r.line(startingWith: "USERMODE "), "no USERMODE line\n\(r.output)")
+        #expect(summary.contains(GuestTestEnvironment.isPVMHost ? "syscall=cpl3" : "syscall=cpl0"), "\(r.output)")
+    }
+
     @Test("fault: a guest exception reaches the guest's IDT handler, which reports it and exits with status 37",
           arguments: [("pf", 14, "#PF page fault"), ("ud", 6, "#UD invalid opcode"), ("de", 0, "#DE divide error")])
     func guestException(kind: String, vector: Int, name: String) throws {

@@ -61,7 +61,22 @@ int main(void) {
         rt_fail("int80", "handler never ran (result %lx)", (uint64_t)r);
     }
 
+    /* "no511": PML4 slot 511 empty when LSTAR is written (a guest without kernel-half mappings there). The VMM then
+     * must leave LSTAR alone: a syscall may hit the host's quirk, but never a #PF at its trampoline. */
+    extern uint64_t pml4[];
+    uint64_t slot511 = pml4[511];
+    if (rt_cmdline_has("no511")) {
+        uint64_t lstar = 0;
+        rt_rdmsr_safe(MSR_LSTAR, &lstar);
+        pml4[511] = 0;
+        __asm__ volatile("mov %%cr3, %%rax; mov %%rax, %%cr3" ::: "rax", "memory");
+        rt_wrmsr_safe(MSR_LSTAR, lstar);
+    }
     r = rt_run_user(probe_syscall, 0, 0);
+    if (rt_cmdline_has("no511"))
+        rt_check("no-trampoline-fault", !(r == RT_USER_FAULTED && rt_user_fault_vector == 14 && rt_user_fault_rip >> 39 == 0x1ffffff),
+                 "result %lx, fault vector %lu at rip %lx", (uint64_t)r, (uint64_t)rt_user_fault_vector, (uint64_t)rt_user_fault_rip);
+    pml4[511] = slot511;
     if (r == RT_USER_FAULTED) {
         rt_fail("syscall", "user code faulted: %s error %lx at rip %lx (entry reached %lu times, CS there %lx)",
                 rt_exception_name(rt_user_fault_vector), (uint64_t)rt_user_fault_error, (uint64_t)rt_user_fault_rip,

@@ -34,7 +34,6 @@ final class SyscallFixup: @unchecked Sendable {
 
     let pages: GuestMemory
     private let guestLSTAR = Mutex<UInt64?>(nil)
-    private let mappedCR3 = Mutex<Set<UInt64>>([])
 
     init() throws {
         pages = try GuestMemory(regions: [GuestRegion(start: Self.pagesPhys, size: 0x3000)])
@@ -75,9 +74,12 @@ final class SyscallFixup: @unchecked Sendable {
         }
         guestLSTAR.withLock { $0 = value }
         let sregs = try vcpu.getSregs()
-        try mapTrampoline(cr3: sregs.cr3, memory: memory, logger: logger)
+        // Redirect only when the trampoline is mapped in these page tables: otherwise a user-mode syscall would take a
+        // #PF at the trampoline. Unredirected, the guest's own value stays in LSTAR (the host's quirk applies).
+        let mapped = try mapTrampoline(cr3: sregs.cr3, memory: memory, logger: logger)
         vcpu.completeMSR(error: false)
-        try vcpu.setMSRs([(Self.lstar, Self.trampolineVA)])
+        try vcpu.setMSRs([(Self.lstar, mapped ? Self.trampolineVA : value)])
+        guard mapped else { return }
         logger.debug("pvm: guest LSTAR 0x\(String(value, radix: 16)) → trampoline 0x\(String(Self.trampolineVA, radix: 16))")
     }
 
@@ -93,24 +95,26 @@ final class SyscallFixup: @unchecked Sendable {
         vcpu.completeMSR(value: value)
     }
 
-    /// Links PUD 0 of PML4 slot 511 of the page tables at `cr3` to the trampoline tables.
-    func mapTrampoline(cr3: UInt64, memory: GuestMemory, logger: Logger) throws {
+    /// Links PUD 0 of PML4 slot 511 of the page tables at `cr3` to the trampoline tables, when that slot is present and
+    /// its PUD 0 is free (or already ours); returns whether the trampoline is mapped. Checked at every LSTAR write
+    /// (two guest reads), so page tables that changed since are seen as they are.
+    func mapTrampoline(cr3: UInt64, memory: GuestMemory, logger: Logger) throws -> Bool {
         let root = cr3 & 0x000f_ffff_ffff_f000
-        guard mappedCR3.withLock({ $0.insert(root).inserted }) else { return }
         let pml4eAddr = root + 511 * 8
         let pml4e: UInt64 = try memory.readLE(at: pml4eAddr)
         guard pml4e & 1 != 0 else {
-            logger.warning("pvm: PML4 slot 511 of cr3 0x\(String(root, radix: 16)) is empty; syscall fix-up not mapped")
-            return
+            logger.debug("pvm: PML4 slot 511 of cr3 0x\(String(root, radix: 16)) is empty; LSTAR not redirected")
+            return false
         }
         let pud = pml4e & 0x000f_ffff_ffff_f000
         let pude: UInt64 = try memory.readLE(at: pud)
         if pude & 1 != 0 && pude & 0x000f_ffff_ffff_f000 != Self.pagesPhys {
-            logger.warning("pvm: PUD 0 of PML4 slot 511 is in use (0x\(String(pude, radix: 16))); syscall fix-up not mapped")
-            return
+            logger.warning("pvm: PUD 0 of PML4 slot 511 is in use (0x\(String(pude, radix: 16))); LSTAR not redirected")
+            return false
         }
-        try memory.writeLE(Self.pagesPhys | 0x7, at: pud)
-        try memory.writeLE(pml4e | 0x4, at: pml4eAddr)
+        if pude != Self.pagesPhys | 0x7 { try memory.writeLE(Self.pagesPhys | 0x7, at: pud) }
+        if pml4e & 0x4 == 0 { try memory.writeLE(pml4e | 0x4, at: pml4eAddr) }
+        return true
     }
 
     /// Whether an MMIO exit at `address` is the trampoline's store.
