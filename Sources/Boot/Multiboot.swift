@@ -137,8 +137,12 @@ public enum MultibootLoader {
         var modEntries: [(start: UInt64, end: UInt64, string: UInt64)] = []
         for (i, m) in modules.enumerated() {
             let size = try m.source.size()
-            guard let start = BootLayout.alignUp(cursor, BootLayout.pageSize),
-                  start.addingReportingOverflow(size).overflow == false,
+            guard var start = BootLayout.alignUp(cursor, BootLayout.pageSize) else {
+                throw BootError.doesNotFit("multiboot module \(i) \(m.source.name): no room after \(hex(cursor))")
+            }
+            // Not over the MP table, the ACPI tables and the legacy hole below 1 MiB.
+            if start < BootLayout.highMemoryStart, start &+ size > BootLayout.mpTableAddress { start = BootLayout.highMemoryStart }
+            guard start.addingReportingOverflow(size).overflow == false,
                   start + size <= UInt64(UInt32.max), memory.contains(start, count: max(size, 1)) else {
                 throw BootError.doesNotFit("multiboot module \(i) \(m.source.name) of \(sizeText(size)) does not fit in guest RAM after \(hex(cursor)) (\(sizeText(memory.totalSize)) of RAM)")
             }

@@ -217,8 +217,9 @@ public final class CMOSRTC: BusDevice, Sendable {
         if ended > s.lastUpdate {
             if regB & Self.bSET == 0 && !Self.dividerReset(regA) {
                 s.cmos[Self.regC] |= Self.cUF
-                if s.cmos[Self.regC] & Self.cAF == 0 && alarmMatches(s, seconds: (s.lastUpdate + 1)...ended) {
+                if alarmMatches(s, seconds: (s.lastUpdate + 1)...ended) {
                     s.cmos[Self.regC] |= Self.cAF
+                    alarms.add(1, ordering: .relaxed)
                 }
             }
             s.lastUpdate = ended
@@ -355,14 +356,13 @@ public final class CMOSRTC: BusDevice, Sendable {
         }
     }
 
-    /// Whether the alarm flag (register C AF) is set now (events up to now applied; nothing is cleared): an
-    /// armed alarm that rang, which wakes an ACPI S3 sleep when PM1_EN.RTC_EN is set.
-    public var alarmRang: Bool {
-        state.withLock { s in
-            refresh(&s, nanos())
-            return s.cmos[Self.regC] & Self.cAF != 0
-        }
+    /// How many times the alarm has rung since the RTC was made (events up to now applied; nothing is cleared): a
+    /// new ring wakes an ACPI S3 sleep when PM1_EN.RTC_EN is set (an AF flag left over from before does not).
+    public var alarmCount: UInt64 {
+        state.withLock { s in refresh(&s, nanos()) }
+        return alarms.load(ordering: .relaxed)
     }
+    private let alarms = Atomic<UInt64>(0)
 
     /// Sets CMOS byte `index` (128 bytes; not the clock or status registers), as firmware-visible NVRAM:
     /// e.g. the shutdown status byte 0x0F, which SeaBIOS reads on a reset (0xFE: resume from S3).

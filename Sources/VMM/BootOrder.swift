@@ -32,8 +32,10 @@ public struct BootOrderSpec: Codable, Sendable, Equatable {
         }
         order = []
         guard text.contains("=") else { order = try letters(Substring(text)); return }
-        for item in text.split(separator: ",", omittingEmptySubsequences: false) {
+        for (i, item) in text.split(separator: ",", omittingEmptySubsequences: false).enumerated() {
             let kv = item.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false)
+            // QEMU's implied key: `-boot dc,menu=on` is `order=dc,menu=on`.
+            if i == 0, kv.count == 1 { order = try letters(item); continue }
             guard kv.count == 2 else { throw bad("'\(item)' is not KEY=VALUE") }
             func flag() throws -> Bool {
                 switch kv[1] {
@@ -102,9 +104,10 @@ public enum BootOrder {
             seen[i] = d.label
         }
         var out = devices.filter { $0.bootIndex != nil }.sorted { $0.bootIndex! < $1.bootIndex! }.map(\.path)
-        for kind in spec?.order ?? defaultOrder {
+        let kinds = spec.map { $0.order.isEmpty ? defaultOrder : $0.order } ?? defaultOrder
+        for kind in kinds {
             let matching = devices.filter { $0.kind == kind }
-            if let spec {
+            if let spec, !spec.order.isEmpty {
                 let text = spec.order.map(\.rawValue).joined()
                 if kind == .network {
                     throw VMMError.invalidValue(what: "--boot", value: text,
@@ -118,7 +121,7 @@ public enum BootOrder {
             }
             out += matching.filter { $0.bootIndex == nil }.map(\.path)
         }
-        if spec?.strict == true { out.append("HALT") }
+        if spec?.strict == true, !out.isEmpty { out.append("HALT") }
         return out
     }
 }

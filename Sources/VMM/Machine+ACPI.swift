@@ -43,6 +43,8 @@ extension Machine {
         let covered = loaded.ranges.contains { $0.start < area.end && area.start < $0.end && $0.size > 0 }
         if !writeTables {
             logger.debug("restore: the ACPI tables are in the snapshot's memory")
+            // Where they are (the layout is a function of the configuration): the FACS holds the S3 waking vector.
+            if loaded.format != .firmware, config.hasACPI, !covered { facsAddress = try? ACPITables.build(acpi).addresses["FACS"] }
         } else if loaded.format == .firmware {
             logger.debug("boot: no ACPI tables in memory: firmware builds them from fw_cfg's etc/table-loader")
         } else if !config.hasACPI {
@@ -113,6 +115,10 @@ extension Machine {
 
     func suspendToRAM(waitSet: sigset_t) {
         var waitSet = waitSet
+        // While suspended the API may not pause, snapshot or resume the vCPUs (`Machine.pause`/`resume`).
+        suspended.store(true, ordering: .releasing)
+        defer { suspended.store(false, ordering: .releasing) }
+        let alarmsBefore = rtc.alarmCount
         guard vcpuManager.pause(timeoutMs: 5000) else {
             vcpuManager.resume()
             controller.stop(.vmmFailure("ACPI S3: the vCPUs did not stop within 5 s"))
@@ -143,7 +149,7 @@ extension Machine {
         // Sleep until a wake event.
         var byRTC = false
         while !controller.stopRequested {
-            if let pm = acpiPower, pm.pm1Enable & ACPIPower.rtcEnable != 0, rtc.alarmRang { byRTC = true; break }
+            if let pm = acpiPower, pm.pm1Enable & ACPIPower.rtcEnable != 0, rtc.alarmCount > alarmsBefore { byRTC = true; break }
             var ts = timespec(tv_sec: 0, tv_nsec: 10_000_000)
             let sig = sigtimedwait(&waitSet, nil, &ts)
             if sig == SIGINT || sig == SIGTERM {

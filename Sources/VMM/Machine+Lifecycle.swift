@@ -42,6 +42,9 @@ extension Machine {
     /// Throws when the machine is not running or a vCPU does not stop within `timeoutMs`.
     public func pause(timeoutMs: Int = 5000) throws {
         guard !controller.stopRequested else { throw VMMError.invalidConfiguration("the machine is stopping") }
+        guard !suspended.load(ordering: .acquiring) else {
+            throw VMMError.invalidConfiguration("the guest is suspended to RAM (ACPI S3); it can be paused once it wakes")
+        }
         guard vcpuManager.pause(timeoutMs: timeoutMs) else {
             vcpuManager.resume()
             throw VMMError.setup("the vCPUs did not stop within \(timeoutMs) ms (is the machine running?)")
@@ -51,6 +54,8 @@ extension Machine {
 
     /// Lets paused vCPUs run again (no effect when not paused).
     public func resume() {
+        // A guest in S3 stays asleep until its wake event (the control thread resumes it).
+        guard !suspended.load(ordering: .acquiring) else { return }
         if devicesHeldBySnapshot.exchange(false, ordering: .acquiringAndReleasing) { virtio.resumeAfterSnapshot() }
         rtc.releaseTimer()
         vcpuManager.resume()

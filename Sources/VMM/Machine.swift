@@ -97,6 +97,8 @@ public final class Machine: @unchecked Sendable {
     public let quirks: any HostQuirks
     /// The CMOS RTC (IRQ 8); its timer thread runs while the machine runs.
     let rtc: CMOSRTC
+    /// Whether the guest is in ACPI S3 (the control thread holds its vCPUs until the wake).
+    let suspended = Atomic<Bool>(false)
     /// The ACPI PM registers (S3 wake status) and the FACS of direct boots (its waking vector), set by `setUpACPI`.
     var acpiPower: ACPIPower?
     var facsAddress: UInt64?

@@ -115,18 +115,19 @@ public struct QEMUOptions: Sendable, Equatable {
                     throw bad("-drive", text, "cache=\(value ?? ""): swiftkvm has writeback (the default) and none")
                 }
                 d.cache = value
-            case "index":
-                guard let value, let n = Int(value), n >= 0, n < 64 else { throw bad("-drive", text, "index=\(value ?? ""): expected 0 to 63") }
+            case "index", "unit":
+                guard let value, let n = Int(value), n >= 0, n < 64 else { throw bad("-drive", text, "\(key)=\(value ?? ""): expected 0 to 63") }
                 d.index = n
             case "id":
                 guard let value, !value.isEmpty, value.utf8.count <= 20 else { throw bad("-drive", text, "id= takes 1 to 20 bytes") }
                 d.id = value
             default:
-                throw bad("-drive", text, "unknown key '\(key)' (keys: file, if, format, media, readonly, cache, index, id)")
+                throw bad("-drive", text, "unknown key '\(key)' (keys: file, if, format, media, readonly, cache, index, unit, id)")
             }
         }
         if d.interface == "virtio", d.cdrom { throw bad("-drive", text, "media=cdrom with if=virtio: a virtio-blk disk has no removable medium (use if=scsi or if=ide)") }
         if d.file == nil { throw bad("-drive", text, "file= is required (empty CD-ROM drives are not supported)") }
+        if d.file!.contains(",") { throw bad("-drive", text, "a file name with a comma is not supported") }
         return d
     }
 
@@ -149,17 +150,22 @@ public struct QEMUOptions: Sendable, Equatable {
             hds[0] = image
         }
         if cdrom != nil, hds[2] != nil { throw bad("-cdrom", cdrom!, "IDE index 2 is taken by -hdc") }
+        for f in Array(hds.values) + (cdrom.map { [$0] } ?? []) where f.contains(",") {
+            throw bad("disk image", f, "a file name with a comma is not supported")
+        }
         for index in 0..<4 {
             if let file = hds[index] { drives.append(Drive(file: file, index: index, option: "-hd\(["a", "b", "c", "d"][index])")) }
             if index == 2, let cdrom { drives.append(Drive(file: cdrom, cdrom: true, readOnly: true, index: 2, option: "-cdrom")) }
         }
         for text in self.drives { drives.append(try parseDrive(text)) }
-        // pflash: the first is the firmware's code, the second its variable store (QEMU's UEFI invocation).
-        let pflash = drives.filter { $0.interface == "pflash" }
+        // pflash: unit/index 0 (or the first) is the firmware's code, 1 its variable store (QEMU's UEFI invocation).
+        let pflash = drives.enumerated().filter { $0.element.interface == "pflash" }
+            .sorted { ($0.element.index ?? $0.offset, $0.offset) < ($1.element.index ?? $1.offset, $1.offset) }.map(\.element)
         drives.removeAll { $0.interface == "pflash" }
         if pflash.count > 2 { throw bad("-drive", pflash[2].option, "at most two if=pflash drives (firmware code, variable store)") }
         if !pflash.isEmpty, bios != nil { throw bad("-bios", bios!, "given as well as if=pflash firmware") }
-        if let p = pflash.first, p.format != nil && p.format != "raw" { throw bad("-drive", p.option, "pflash images are raw") }
+        for p in pflash where p.format != nil && p.format != "raw" { throw bad("-drive", p.option, "pflash images are raw") }
+        if pflash.count == 2, pflash[1].readOnly { throw bad("-drive", pflash[1].option, "the variable store must be writable") }
 
         // Devices: NICs (-netdev + -device virtio-net-pci), drives attached by id, rng, balloon, debug-exit.
         var netdevs: [String: (kind: String, items: [(key: String, value: String?)])] = [:]

@@ -19,6 +19,7 @@ public final class VirtioSCSI: VirtioDevice, Sendable {
         public static let badTarget: UInt8 = 3
         public static let failure: UInt8 = 9
         public static let functionRejected: UInt8 = 11
+        public static let incorrectLUN: UInt8 = 12
     }
     /// Request header size before the CDB: lun (8), id (8), task attribute, priority, CRN.
     static let requestHeader = 19
@@ -148,9 +149,15 @@ public final class VirtioSCSI: VirtioDevice, Sendable {
                 var response = Response.ok   // FUNCTION COMPLETE: requests never stay in flight here
                 if let a = Self.address(lun), a.target < units.count {
                     let subtype = body.getLE(UInt32.self, at: 0) ?? 0
-                    // LOGICAL UNIT RESET (5) and I_T NEXUS RESET (6) reset the unit; aborts have nothing to abort.
-                    if subtype == 5 || subtype == 6 { units[a.target].reset() }
-                    if subtype > 6 { response = Response.functionRejected }
+                    if a.lun != 0 {
+                        response = Response.incorrectLUN
+                    } else if subtype == 4 || subtype == 5 {
+                        // I_T NEXUS RESET and LOGICAL UNIT RESET reset the unit.
+                        units[a.target].reset()
+                    } else if subtype > 7 {
+                        response = Response.functionRejected
+                    }
+                    // Aborts, CLEAR ACA/TASK SET and the queries complete: requests never stay in flight here.
                 } else {
                     response = Response.badTarget
                 }

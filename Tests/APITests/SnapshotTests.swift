@@ -221,7 +221,15 @@ struct SnapshotTests {
         #expect(try f.send("PATCH", "/vm", #"{"state": "Paused"}"#).status == 204)
         r = try create("Diff", "diff")
         #expect(r.status == 204, "\(r.body)")
-        let last = try #require(Self.tickNumbers(f.serialPath).last)
+        // The last tick the guest wrote before the pause may still be on its way to the serial file (the console
+        // writer runs on its own thread): read until the file stops changing.
+        var last = try #require(Self.tickNumbers(f.serialPath).last)
+        for _ in 0..<20 {
+            Thread.sleep(forTimeInterval: 0.2)
+            let now = Self.tickNumbers(f.serialPath).last ?? last
+            if now == last { break }
+            last = now
+        }
         f.shutdown()
 
         let diff = try SnapshotFile.read(dir.path + "/diff.snap")

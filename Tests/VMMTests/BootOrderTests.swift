@@ -30,6 +30,10 @@ struct BootOrderTests {
         first.bootIndex = 0
         #expect(try BootOrder.lines(devices: [disk, first, indexed], spec: BootOrderSpec(parsing: "c")) == [cd.path, scsiDisk.path, disk.path])
         #expect(try BootOrderSpec(parsing: "order=c,menu=on").menu)
+        #expect(try BootOrderSpec(parsing: "dc,menu=on") == BootOrderSpec(order: [.cdrom, .disk], menu: true), "QEMU's implied order=")
+        #expect(try BootOrder.lines(devices: [disk, cd], spec: BootOrderSpec(parsing: "strict=on")) == [disk.path, cd.path, "HALT"],
+                "no order: the default one, then HALT")
+        #expect(try BootOrder.lines(devices: [], spec: BootOrderSpec(parsing: "strict=on")) == [], "no lone HALT")
     }
 
     @Test("bad --boot values and orders name the problem", arguments: [

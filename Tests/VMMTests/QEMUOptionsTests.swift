@@ -49,6 +49,10 @@ struct QEMUOptionsTests {
         }
         #expect(t.arguments.contains(["--firmware", "/usr/share/OVMF/OVMF_CODE_4M.fd", "--uefi-vars", "vm_VARS.fd"]))
         #expect(!t.arguments.contains("--bios"))
+        let reordered = try translate {
+            $0.drives = ["if=pflash,unit=1,file=vars.fd", "if=pflash,unit=0,readonly=on,file=code.fd"]
+        }
+        #expect(reordered.arguments.contains(["--firmware", "code.fd", "--uefi-vars", "vars.fd"]), "unit= orders them")
     }
 
     @Test("options it cannot honour are errors naming them", arguments: [
@@ -56,7 +60,7 @@ struct QEMUOptionsTests {
         ("device", "unknown or unsupported device 'e1000'"), ("netdev", "no -device virtio-net-pci,netdev=x"),
         ("none", "if=none, and no -device attaches it"), ("append", "needs -kernel"), ("cpu", "only host"),
         ("smp", "sockets=2"), ("serial", "one serial port"), ("vga", "no graphics card"), ("accel", "KVM only"),
-        ("hdc", "IDE index 2 is taken"), ("netboot", "PXE"), ("script", "add script=no,downscript=no"), ("machine", "'foo=1'"),
+        ("hdc", "IDE index 2 is taken"), ("comma", "comma is not supported"), ("netboot", "PXE"), ("script", "add script=no,downscript=no"), ("machine", "'foo=1'"),
     ])
     func refused(kind: String, message: String) {
         #expect {
@@ -75,6 +79,7 @@ struct QEMUOptionsTests {
                 case "vga": o.vga = "std"
                 case "accel": o.accel = ["tcg"]
                 case "hdc": o.hd[2] = "c.img"; o.cdrom = "x.iso"
+                case "comma": o.hd[0] = "x,format=qcow2.img"
                 case "netboot": o.netdevs = ["user,id=u"]; o.devices = ["virtio-net-pci,netdev=u,bootindex=0"]
                 case "script": o.netdevs = ["tap,id=t,ifname=tap0"]; o.devices = ["virtio-net-pci,netdev=t"]
                 default: o.machine = "pc,foo=1"

@@ -220,6 +220,17 @@ struct VirtioSCSITests {
         #expect(try h.memory.read(at: resp, count: 1) == [0])
         // The LUN reset leaves a unit attention for the next command.
         #expect(try command(dev, h, cdb: [0x00, 0, 0, 0, 0, 0]).sense[12] == 0x29)
+        // QUERY TASK (6) completes without resetting anything; a TMF for LUN 1 of the target is INCORRECT LUN.
+        tmf.putLE(UInt32(6), at: 4)
+        try d.addChain([(try d.alloc(24, fill: tmf), 24, false), (resp, 1, true)])
+        try dev.processQueue(0)
+        #expect(try h.memory.read(at: resp, count: 1) == [0])
+        #expect(try command(dev, h, cdb: [0x00, 0, 0, 0, 0, 0]).status == 0, "no unit attention after a query")
+        tmf.putLE(UInt32(5), at: 4); tmf[11] = 1
+        try d.addChain([(try d.alloc(24, fill: tmf), 24, false), (resp, 1, true)])
+        try dev.processQueue(0)
+        #expect(try h.memory.read(at: resp, count: 1) == [VirtioSCSI.Response.incorrectLUN])
+        tmf[11] = 0
         tmf[9] = 7
         try d.addChain([(try d.alloc(24, fill: tmf), 24, false), (resp, 1, true)])
         try dev.processQueue(0)

@@ -186,7 +186,7 @@ public final class PVMQuirks: HostQuirks, @unchecked Sendable {
     public func handleInternalError(vcpu: VCPU, memory: GuestMemory, suberror: UInt32, data: [UInt64], logger: Logger) -> Bool {
         guard suberror == UInt32(KVM_INTERNAL_ERROR_EMULATION) else { return false }
         let bytes = InstructionBytes.fromExitData(suberror: suberror, data: data)
-            ?? InstructionBytes.atRIP(vcpu: vcpu, memory: memory, count: 2)?.bytes ?? []
+            ?? InstructionBytes.atRIP(vcpu: vcpu, memory: memory, count: 15)?.bytes ?? []
         var context = guestFeatures.withLock { $0 }
         guard let sregs = try? vcpu.getSregs() else { return false }
         context.osxsave = sregs.cr4 & (1 << 18) != 0

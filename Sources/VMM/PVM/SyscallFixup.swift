@@ -76,7 +76,8 @@ final class SyscallFixup: @unchecked Sendable {
         let sregs = try vcpu.getSregs()
         // Redirect only when the trampoline is mapped in these page tables: otherwise a user-mode syscall would take a
         // #PF at the trampoline. Unredirected, the guest's own value stays in LSTAR (the host's quirk applies).
-        let mapped = try mapTrampoline(cr3: sregs.cr3, memory: memory, logger: logger)
+        // Page tables outside guest RAM count as "not mapped".
+        let mapped = (try? mapTrampoline(cr3: sregs.cr3, memory: memory, logger: logger)) ?? false
         vcpu.completeMSR(error: false)
         try vcpu.setMSRs([(Self.lstar, mapped ? Self.trampolineVA : value)])
         guard mapped else { return }
