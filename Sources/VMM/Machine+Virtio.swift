@@ -230,16 +230,10 @@ final class MachineVirtio: Sendable {
         }
     }
 
-    /// Releases the image lock of SCSI target `target` (its medium was ejected and closed).
-    func releaseSCSILock(_ target: Int) {
-        let lock = state.withLock { s in s.scsiLocks.removeValue(forKey: target) }
-        lock?.release()
-    }
-
     /// The media of the virtio-scsi units (none when there is no adapter).
     private var scsiBackends: [(String, any BlockBackend)] {
         guard let scsi = state.withLock({ $0.scsi }) else { return [] }
-        return scsi.units.enumerated().compactMap { i, u in u.backend.map { ("virtio-scsi target \(i)", $0) } }
+        return scsi.units.enumerated().flatMap { i, u in u.allMedia.map { ("virtio-scsi target \(i)", $0) } }
     }
 
     /// Disk `index` (its position in `VMConfiguration.disks`).
@@ -438,7 +432,8 @@ extension Machine {
     }
 
     /// The virtio-scsi adapter with the `if=scsi` disks as targets 0, 1, … (LUN 0 each), in `--disk` order, on
-    /// its own event-loop thread. A medium the guest ejects is closed and its image lock released.
+    /// its own event-loop thread. A medium the guest ejects stays open and locked in the unit's tray until it is
+    /// loaded again or the VM stops.
     func setUpSCSI(log: VirtioLog) throws {
         let specs = config.disks.filter(\.isSCSI)
         guard !specs.isEmpty else { return }
@@ -464,11 +459,7 @@ extension Machine {
             throw error
         }
         let loop = try EventLoop(name: "virtio-scsi")
-        let device = VirtioSCSI(units: units, log: log) { [virtio, logger] target, medium in
-            do { try medium.close() } catch { logger.error("virtio-scsi target \(target): closing the ejected medium failed: \(error)") }
-            virtio.releaseSCSILock(target)
-            logger.info("virtio-scsi target \(target): the guest ejected the medium")
-        }
+        let device = VirtioSCSI(units: units, log: log)
         virtio.add(loop: loop)
         virtio.add(scsi: device, locks: locks)
         let place = try attachVirtio(device, id: "virtio-scsi", loop: loop, log: log)

@@ -36,16 +36,10 @@ public final class VirtioSCSI: VirtioDevice, Sendable {
     private struct Config { var senseSize: UInt32 = 96; var cdbSize: UInt32 = 32 }
     private let config = Mutex(Config())
     private let active = Mutex<VirtioActivation?>(nil)
-    /// Called with a medium the guest ejected (the owner closes it and releases its lock).
-    private let onEject: @Sendable (Int, any BlockBackend) -> Void
-
-    /// A host adapter with `units` as targets 0, 1, …; `onEject(target, backend)` receives media the guest
-    /// ejects.
-    public init(units: [SCSILogicalUnit], log: VirtioLog = .discard,
-                onEject: @escaping @Sendable (Int, any BlockBackend) -> Void = { _, b in try? b.close() }) {
+    /// A host adapter with `units` as targets 0, 1, ….
+    public init(units: [SCSILogicalUnit], log: VirtioLog = .discard) {
         self.units = units
         self.log = log
-        self.onEject = onEject
     }
 
     public var deviceType: VirtioDeviceType { .scsi }
@@ -107,9 +101,6 @@ public final class VirtioSCSI: VirtioDevice, Sendable {
             } catch { return .failure(error) }
         }
         try result.get()
-        for (target, unit) in units.enumerated() {
-            if let medium = unit.takeEjected() { onEject(target, medium) }
-        }
     }
 
     /// Saved per unit: `SCSILogicalUnit.savedState`.
@@ -119,9 +110,7 @@ public final class VirtioSCSI: VirtioDevice, Sendable {
         guard bytes.count == 7 * units.count else {
             throw .deviceState("virtio-scsi: \(bytes.count) bytes of unit state for \(units.count) units")
         }
-        for (i, u) in units.enumerated() {
-            if let removed = try u.restoreState(Array(bytes[(7 * i)..<(7 * i + 7)])) { onEject(i, removed) }
-        }
+        for (i, u) in units.enumerated() { try u.restoreState(Array(bytes[(7 * i)..<(7 * i + 7)])) }
     }
 
     /// The unit addressed by an 8-byte virtio-scsi LUN field: (target, lun) in single-level format, or nil.

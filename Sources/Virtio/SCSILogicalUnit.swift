@@ -99,8 +99,8 @@ public final class SCSILogicalUnit: Sendable {
         var locked = false
         var unitAttention: SCSISense?
         var mediaEvent: MediaEvent = .none
-        /// The medium the guest ejected, until the device closes it.
-        var ejected: (any BlockBackend)?
+        /// The medium in the open tray: the guest ejected it, and loading the tray (START STOP UNIT) puts it back.
+        var tray: (any BlockBackend)?
     }
 
     /// Largest transfer accepted in one command, in bytes (Block Limits VPD's maximum transfer length).
@@ -141,7 +141,8 @@ public final class SCSILogicalUnit: Sendable {
     public func changeMedium(_ new: (any BlockBackend)?) -> (changed: Bool, old: (any BlockBackend)?) {
         guard kind == .cdrom else { return (false, nil) }
         return state.withLock { s in
-            let old = s.backend
+            let old = s.backend ?? s.tray
+            s.tray = nil
             s.backend = new
             s.unitAttention = .mediumChanged
             s.mediaEvent = new == nil ? .mediaRemoval : .newMedia
@@ -158,19 +159,17 @@ public final class SCSILogicalUnit: Sendable {
         }
     }
 
-    /// Restores `savedState` (the medium itself comes from the configuration; a saved empty tray empties it).
-    /// Returns the backend taken out when the snapshot's tray was empty, for the caller to close.
-    public func restoreState(_ b: [UInt8]) throws(VirtioError) -> (any BlockBackend)? {
+    /// Restores `savedState` (the medium itself comes from the configuration; a snapshot taken with the medium
+    /// ejected puts it back in the open tray).
+    public func restoreState(_ b: [UInt8]) throws(VirtioError) {
         guard b.count == 7, let event = MediaEvent(rawValue: b[6]) else {
             throw .deviceState("SCSI unit state: \(b.count) bytes, expected 7 with a known media event")
         }
-        return state.withLock { s in
-            var removed: (any BlockBackend)?
-            if b[0] == 0, kind == .cdrom { removed = s.backend; s.backend = nil }
+        state.withLock { s in
+            if b[0] == 0, kind == .cdrom, s.backend != nil { s.tray = s.backend; s.backend = nil }
             s.locked = b[1] != 0
             s.unitAttention = b[2] != 0 ? SCSISense(key: b[3], asc: b[4], ascq: b[5]) : nil
             s.mediaEvent = event
-            return removed
         }
     }
 
@@ -236,11 +235,17 @@ public final class SCSILogicalUnit: Sendable {
             if !start {
                 guard !s.locked else { return .checkCondition(.removalPrevented) }
                 if s.backend != nil {
-                    // The guest ejected: the tray is empty; the medium is closed by the device (`takeEjected`).
-                    s.ejected = s.backend
+                    // Eject: the medium goes to the open tray (kept open and locked by the VMM, as QEMU keeps it).
+                    s.tray = s.backend
                     s.backend = nil
                     s.mediaEvent = .mediaRemoval
                 }
+            } else if s.backend == nil, let medium = s.tray {
+                // Load: the tray closes with the medium it holds.
+                s.backend = medium
+                s.tray = nil
+                s.unitAttention = .mediumChanged
+                s.mediaEvent = .newMedia
             }
             return .dataIn([])
         case 0x1e:  // PREVENT ALLOW MEDIUM REMOVAL
@@ -536,8 +541,8 @@ public final class SCSILogicalUnit: Sendable {
         return .dataIn(Array((b + body).prefix(alloc)))
     }
 
-    /// The medium the guest ejected, once (the device closes it).
-    public func takeEjected() -> (any BlockBackend)? { state.withLock { s in defer { s.ejected = nil }; return s.ejected } }
+    /// Every medium the unit holds, loaded or in the open tray (the owner closes them when the VM stops).
+    public var allMedia: [any BlockBackend] { state.withLock { s in [s.backend, s.tray].compactMap { $0 } } }
 }
 
 // MARK: Big-endian helpers
