@@ -76,10 +76,10 @@ public final class PFlashCFI01: BusDevice, Sendable {
             for i in data.indices {
                 let o = Int(clamping: offset &+ UInt64(i))
                 switch s.mode {
-                case .array, .program, .erase:
+                case .array:
                     data[i] = o < s.data.count ? s.data[o] : 0xff
-                case .status:
-                    data[i] = s.status
+                case .status, .program, .erase:
+                    data[i] = s.status          // as QEMU: status while a program or erase waits for its data
                 case .id:
                     data[i] = (o & 0xff) == 0 ? Self.manufacturerID : (o & 0xff) == 1 ? Self.deviceID : 0
                 case .cfi:
@@ -127,12 +127,13 @@ public final class PFlashCFI01: BusDevice, Sendable {
                     s.mode = .array
                 }
             }
-        }
-        if let flush, fd >= 0 {
-            let written = flush.bytes.withUnsafeBytes { pwrite(fd, $0.baseAddress, $0.count, off_t(flush.at)) }
-            if written != flush.bytes.count {
-                log("pflash: cannot write \(flush.bytes.count) bytes at offset \(flush.at) of the variable store: \(String(cString: strerror(errno)))")
-                state.withLock { $0.status |= 0x10 }
+            // Written through under the lock, so the file sees the writes in the guest's order.
+            if let f = flush, fd >= 0 {
+                let written = f.bytes.withUnsafeBytes { pwrite(fd, $0.baseAddress, $0.count, off_t(f.at)) }
+                if written != f.bytes.count {
+                    log("pflash: cannot write \(f.bytes.count) bytes at offset \(f.at) of the variable store: \(String(cString: strerror(errno)))")
+                    s.status |= 0x10
+                }
             }
         }
     }
