@@ -176,7 +176,7 @@ final class MachineVirtio: Sendable {
         var handedOff: [Int] = []
         /// The virtio-scsi adapter, and the image lock of each unit's medium (by target).
         var scsi: VirtioSCSI?
-        var scsiLocks: [Int: DiskLock] = [:]
+        var scsiLocks: [DiskLock] = []
         /// The devices the firmware can boot from, in attach order.
         var bootDevices: [BootDevice] = []
     }
@@ -223,7 +223,7 @@ final class MachineVirtio: Sendable {
     func add(bootDevice: BootDevice) { state.withLock { $0.bootDevices.append(bootDevice) } }
 
     /// Records the virtio-scsi adapter and its units' image locks.
-    func add(scsi: VirtioSCSI, locks: [Int: DiskLock]) {
+    func add(scsi: VirtioSCSI, locks: [DiskLock]) {
         state.withLock { s in
             s.scsi = scsi
             s.scsiLocks = locks
@@ -343,8 +343,8 @@ final class MachineVirtio: Sendable {
         for (name, b) in scsiBackends {
             do { try b.close() } catch { logger.error("\(name): flush at exit failed: \(error)") }
         }
-        let locks = state.withLock { s in defer { s.scsiLocks = [:] }; return s.scsiLocks }
-        for l in locks.values { l.release() }
+        let locks = state.withLock { s in defer { s.scsiLocks = [] }; return s.scsiLocks }
+        for l in locks { l.release() }
     }
 }
 
@@ -440,13 +440,13 @@ extension Machine {
         guard specs.count <= 256 else {
             throw VMMError.invalidValue(what: "--disk", value: "if=scsi", reason: "\(specs.count) SCSI units, at most 256")
         }
-        var units: [SCSILogicalUnit] = [], locks: [Int: DiskLock] = [:]
+        var units: [SCSILogicalUnit] = [], locks: [DiskLock] = []
         var opened: [any BlockBackend] = []
         do {
             for (target, disk) in specs.enumerated() {
                 let (backend, lock) = try Self.openDisk(disk)
                 opened.append(backend)
-                locks[target] = lock
+                locks.append(lock)
                 if disk.isCDROM { try Self.checkOpticalImage(backend, path: disk.path) }
                 if disk.isCDROM, backend.size % 2048 != 0 {
                     logger.warning("CD-ROM image \(disk.path) is \(backend.size) bytes, not whole 2048-byte blocks: the last \(backend.size % 2048) bytes are not readable")

@@ -129,8 +129,6 @@ public final class SCSILogicalUnit: Sendable {
     public var backend: (any BlockBackend)? { state.withLock { $0.backend } }
     /// Whether the medium is locked in (PREVENT ALLOW MEDIUM REMOVAL).
     public var isLocked: Bool { state.withLock { $0.locked } }
-    /// Whether the unit refuses writes (a CD-ROM, or a read-only image).
-    public var isReadOnly: Bool { kind == .cdrom || (backend?.isReadOnly ?? true) }
 
     /// Capacity in blocks of the medium (0 without one).
     func blocks(_ s: State) -> UInt64 { (s.backend?.size ?? 0) / blockSize }
@@ -295,6 +293,7 @@ public final class SCSILogicalUnit: Sendable {
         }
     }
 
+    /// Whether the unit refuses writes (a CD-ROM, or a read-only image or none).
     private func isReadOnlyLocked(_ s: State) -> Bool { kind == .cdrom || (s.backend?.isReadOnly ?? true) }
 
     /// READ and WRITE (6), (10), (12), (16).
