@@ -295,6 +295,7 @@ public final class FWCfg: BusDevice, Sendable {
         }
         let status = control & Control.error
         try? memory.write(withUnsafeBytes(of: status.bigEndian) { Array($0) }, at: address)
+        memory.dirtyLog.mark(address, count: 4)
     }
 
     private static func monotonicNanos() -> UInt64 {
@@ -322,6 +323,7 @@ public final class FWCfg: BusDevice, Sendable {
                     }
                     if have < Int(chunk) { (dst.baseAddress! + have).initializeMemory(as: UInt8.self, repeating: 0, count: Int(chunk) - have) }
                 }
+                memory.dirtyLog.mark(gpa, count: chunk)   // a DMA write KVM's dirty log does not see
             } catch {
                 return false
             }

@@ -97,8 +97,10 @@ public final class Virtqueue: @unchecked Sendable {
     public private(set) var nextUsedIndex: UInt16 = 0
     /// The used index when the driver was last notified (nil: never).
     private var signalledUsed: UInt16?
-    /// With dirty-page logging on: the device-writable buffers of each chain taken and not yet
-    /// returned, by head, marked dirty when the chain is used.
+    /// The device-writable buffers of each chain taken and not yet returned, by head: marked dirty
+    /// when the chain is used with dirty-page logging on. Kept whether or not logging is on, so a
+    /// chain taken just before logging starts and served after it is marked too (its buffers may
+    /// be written after the first pass copied their pages).
     private var writableByHead: [[VirtioBuffer]] = []
 
     /// Validates the layout against guest memory: size a power of two ≤ 32768, natural alignment,
@@ -196,10 +198,8 @@ public final class Virtqueue: @unchecked Sendable {
         lastAvailIndex &+= 1
         do {
             let chain = try parseChain(head: head)
-            if memory.dirtyLog.isEnabled {
-                if writableByHead.isEmpty { writableByHead = Array(repeating: [], count: Int(size)) }
-                writableByHead[Int(head)] = chain.writable
-            }
+            if writableByHead.isEmpty { writableByHead = Array(repeating: [], count: Int(size)) }
+            writableByHead[Int(head)] = chain.writable
             return .chain(chain)
         } catch {
             return .malformed(head: head, error: error)
@@ -302,12 +302,11 @@ public final class Virtqueue: @unchecked Sendable {
     /// release ordering (the element is visible before the index).
     public func addUsed(head: UInt16, length: UInt32) {
         let log = memory.dirtyLog
+        let writable = Int(head) < writableByHead.count ? writableByHead[Int(head)] : []
+        if !writable.isEmpty { writableByHead[Int(head)] = [] }
         if log.isEnabled {
             // The device may have written any of the chain's writable buffers, and writes the used ring.
-            if Int(head) < writableByHead.count {
-                for b in writableByHead[Int(head)] { log.mark(b.address, count: UInt64(b.length)) }
-                writableByHead[Int(head)] = []
-            }
+            for b in writable { log.mark(b.address, count: UInt64(b.length)) }
             log.mark(layout.usedRing, count: layout.usedRingBytes)
         }
         let slot = Int(nextUsedIndex % size)

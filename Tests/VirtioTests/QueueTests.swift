@@ -63,6 +63,16 @@ struct QueueTests {
         let usedPage = drv.layout.usedRing / 4096
         #expect(pages(mem.dirtyLog.take()) == [usedPage, 0x300, 0x301].sorted())
         #expect(pages(mem.dirtyLog.take()).isEmpty, "take clears the log")
+
+        // A chain taken while the log was off and used after it came on (a migration starting with
+        // a request in flight) has its writable buffers marked too: the device may write them after
+        // the first pass copied their pages.
+        mem.dirtyLog.disable()
+        head = try drv.addChain([(readable, 16, false), (0x38_0000, 512, true)])
+        _ = try q.popAvailable()
+        mem.dirtyLog.enable()
+        q.addUsed(head: head, length: 512)
+        #expect(pages(mem.dirtyLog.take()) == [usedPage, 0x380].sorted())
     }
 
     @Test("an indirect table is followed and its buffers returned")

@@ -113,8 +113,15 @@ final class SyscallFixup: @unchecked Sendable {
             logger.warning("pvm: PUD 0 of PML4 slot 511 is in use (0x\(String(pude, radix: 16))); LSTAR not redirected")
             return false
         }
-        if pude != Self.pagesPhys | 0x7 { try memory.writeLE(Self.pagesPhys | 0x7, at: pud) }
-        if pml4e & 0x4 == 0 { try memory.writeLE(pml4e | 0x4, at: pml4eAddr) }
+        // Written from user space, so KVM's dirty log misses them: a migration must still send them.
+        if pude != Self.pagesPhys | 0x7 {
+            try memory.writeLE(Self.pagesPhys | 0x7, at: pud)
+            memory.dirtyLog.mark(pud, count: 8)
+        }
+        if pml4e & 0x4 == 0 {
+            try memory.writeLE(pml4e | 0x4, at: pml4eAddr)
+            memory.dirtyLog.mark(pml4eAddr, count: 8)
+        }
         return true
     }
 
