@@ -99,6 +99,7 @@ public final class PCIConfiguration: Sendable {
         var writable = [UInt8](repeating: 0, count: PCIConfiguration.size)
         var writeOneToClear = [UInt8](repeating: 0, count: PCIConfiguration.size)
         var bars = [PCIBarSpec?](repeating: nil, count: 6)
+        var romSize: UInt64?
         var capabilities: [Capability] = []
         var nextCapability = PCIConfiguration.firstCapability
         var intxLevel = false
@@ -138,6 +139,16 @@ public final class PCIConfiguration: Sendable {
             // Unassigned, or a range that wraps past the end of the address space.
             guard address != 0, address.addingReportingOverflow(spec.size - 1).overflow == false else { return nil }
             if spec.kind != .memory64, address + spec.size > 1 << 32 { return nil }
+            return address
+        }
+
+        /// The expansion ROM's address: nil without a ROM, with its enable bit or memory decoding
+        /// off, unassigned, or running past 4 GiB.
+        var expansionROMAddress: UInt64? {
+            guard let size = romSize, command & PCIConfigRegister.commandMemory != 0 else { return nil }
+            let word = read32(PCIConfigRegister.expansionROM)
+            let address = UInt64(word & 0xffff_f800)
+            guard word & 1 != 0, address != 0, address + size <= 1 << 32 else { return nil }
             return address
         }
     }
@@ -200,6 +211,24 @@ public final class PCIConfiguration: Sendable {
             }
         }
     }
+
+    /// Declares an expansion ROM BAR (offset 0x30) of `size` bytes: a power of two from 2 KiB to
+    /// 16 MiB. It starts unassigned and disabled; firmware sizes it like a BAR, places it and sets
+    /// its enable bit (0) while it copies the ROM. Invalid sizes are a bug in the VMM (precondition).
+    public func addExpansionROM(size: UInt64) {
+        precondition(size >= 2048 && size <= 16 << 20 && size & (size - 1) == 0, "expansion ROM size \(size)")
+        state.withLock { s in
+            precondition(s.romSize == nil, "expansion ROM declared twice")
+            s.romSize = size
+            s.mask32(PCIConfigRegister.expansionROM, ~UInt32(size - 1) & 0xffff_f800 | 1)
+        }
+    }
+
+    /// The expansion ROM's size, nil when the device has none.
+    public var expansionROMSize: UInt64? { state.withLock { $0.romSize } }
+
+    /// Where the expansion ROM decodes now (nil: no ROM, not enabled, or not placed).
+    public var expansionROMAddress: UInt64? { state.withLock { $0.expansionROMAddress } }
 
     /// The BARs declared (a 64-bit BAR appears once, under its first index).
     public var bars: [PCIBarSpec] {

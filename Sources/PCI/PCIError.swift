@@ -10,6 +10,8 @@ public enum PCIError: Error, Equatable, CustomStringConvertible, Sendable {
     case invalidVectorCount(Int)
     /// The MSI controller could not create a vector.
     case vectorUnavailable(index: Int, reason: String)
+    /// An expansion ROM image that is empty or larger than 16 MiB.
+    case romTooLarge(slot: Int, size: Int)
 
     public var description: String {
         switch self {
@@ -23,6 +25,8 @@ public enum PCIError: Error, Equatable, CustomStringConvertible, Sendable {
             return "MSI-X vector count \(n) is outside 1–2048"
         case .vectorUnavailable(let i, let reason):
             return "MSI-X vector \(i) could not be created: \(reason)"
+        case .romTooLarge(let slot, let size):
+            return "the expansion ROM of PCI slot \(slot) has \(size) bytes: it must have 1 byte to 16 MiB"
         }
     }
 }

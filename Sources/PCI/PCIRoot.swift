@@ -61,19 +61,26 @@ public final class PCIRoot: Sendable {
     /// Which address space a BAR window serves.
     public enum Space: Sendable, Equatable { case memory, io }
 
+    /// The index a mapping of an expansion ROM carries (after BARs 0–5).
+    static let romIndex = 6
+
     struct Mapping {
         var space: Space
         var base: UInt64
         var size: UInt64
         var slot: Int
+        /// BAR 0–5, or `romIndex`.
         var index: Int
         var device: any PCIDevice
     }
 
     struct State {
         var slots: [(any PCIDevice)?] = Array(repeating: nil, count: PCIRoot.slotCount)
-        var decoded: [[UInt64?]] = Array(repeating: Array(repeating: nil, count: 6), count: PCIRoot.slotCount)
+        /// Per slot: the decoded address of BARs 0–5, then of the expansion ROM.
+        var decoded: [[UInt64?]] = Array(repeating: Array(repeating: nil, count: 7), count: PCIRoot.slotCount)
         var mappings: [Mapping] = []
+        /// Per slot: the expansion ROM's bytes (zero-filled to its size), nil without one.
+        var roms: [[UInt8]?] = Array(repeating: nil, count: PCIRoot.slotCount)
     }
 
     private let state = Mutex(State())
@@ -108,6 +115,41 @@ public final class PCIRoot: Sendable {
             s.slots[slot] = device
         }
         refresh(slot: slot)
+    }
+
+    /// Gives the device in `slot` an expansion ROM holding `image` (QEMU's `romfile`): the
+    /// device's configuration gets a ROM BAR of the next power of two (at least 2 KiB), and reads
+    /// where the guest maps it return the image, zeros after it; writes are dropped. Call before
+    /// the guest runs.
+    public func setExpansionROM(slot: Int, image: [UInt8]) throws {
+        guard let device = device(slot: slot) else { throw PCIError.slotUnavailable(slot: slot, reason: "it is empty") }
+        guard !image.isEmpty, image.count <= 16 << 20 else {
+            throw PCIError.romTooLarge(slot: slot, size: image.count)
+        }
+        var size: UInt64 = 2048
+        while size < UInt64(image.count) { size <<= 1 }
+        let cfg = device.configuration
+        let patched = Self.patchingIDs(image, vendorID: cfg.vendorID, deviceID: cfg.deviceID)
+        cfg.addExpansionROM(size: size)
+        state.withLock { $0.roms[slot] = patched + [UInt8](repeating: 0, count: Int(size) - patched.count) }
+        refresh(slot: slot)
+    }
+
+    /// `image` with the vendor and device IDs of its first PCI data structure ("PCIR") set to the
+    /// device's, as QEMU patches a `romfile` (SeaBIOS runs a ROM only when they match the device):
+    /// one iPXE ROM serves every device its driver knows. When the image's checksum was valid, byte 6
+    /// (iPXE's checksum byte) keeps it valid. Anything that is not an option ROM is returned as is.
+    public static func patchingIDs(_ image: [UInt8], vendorID: UInt16, deviceID: UInt16) -> [UInt8] {
+        guard image.count >= 0x1a, image[0] == 0x55, image[1] == 0xaa else { return image }
+        let pcir = Int(image[0x18]) | Int(image[0x19]) << 8
+        guard pcir >= 0x1a, pcir + 8 <= image.count, Array(image[pcir..<(pcir + 4)]) == Array("PCIR".utf8) else { return image }
+        let length = min(image.count, Int(image[2]) * 512)
+        let checksumValid = length > pcir + 8 && image[0..<length].reduce(0, &+) == 0
+        var out = image
+        out[pcir + 4] = UInt8(vendorID & 0xff); out[pcir + 5] = UInt8(vendorID >> 8)
+        out[pcir + 6] = UInt8(deviceID & 0xff); out[pcir + 7] = UInt8(deviceID >> 8)
+        if checksumValid { out[6] &-= out[0..<length].reduce(0, &+) }
+        return out
     }
 
     /// The device in `slot`, if any.
@@ -149,12 +191,10 @@ public final class PCIRoot: Sendable {
         guard slot >= 0, slot < PCIRoot.slotCount else { return }
         let changes: [(any PCIDevice, Int, UInt64?, UInt64?)] = state.withLock { s in
             guard let device = s.slots[slot] else { return [] }
-            let now = device.configuration.barAddresses
-            var changes: [(any PCIDevice, Int, UInt64?, UInt64?)] = []
-            for i in 0..<6 where now[i] != s.decoded[slot][i] {
-                changes.append((device, i, s.decoded[slot][i], now[i]))
-            }
-            guard !changes.isEmpty else { return [] }
+            let now = device.configuration.barAddresses + [device.configuration.expansionROMAddress]
+            guard now != s.decoded[slot] else { return [] }
+            // Devices hear of their BARs; the ROM is served here.
+            let changes = (0..<6).filter { now[$0] != s.decoded[slot][$0] }.map { (device, $0, s.decoded[slot][$0], now[$0]) }
             s.decoded[slot] = now
             s.mappings = Self.buildMappings(s)
             return changes
@@ -171,6 +211,9 @@ public final class PCIRoot: Sendable {
                 out.append(Mapping(space: bar.kind == .io ? .io : .memory, base: base, size: bar.size,
                                    slot: slot, index: bar.index, device: device))
             }
+            if let base = s.decoded[slot][romIndex], let rom = s.roms[slot] {
+                out.append(Mapping(space: .memory, base: base, size: UInt64(rom.count), slot: slot, index: romIndex, device: device))
+            }
         }
         return out
     }
@@ -178,7 +221,7 @@ public final class PCIRoot: Sendable {
     /// Where a BAR of the device in `slot` currently decodes, and its size.
     public func decodedBARs(slot: Int) -> [(index: Int, address: UInt64, size: UInt64)] {
         state.withLock { s in
-            s.mappings.filter { $0.slot == slot }.map { ($0.index, $0.base, $0.size) }
+            s.mappings.filter { $0.slot == slot && $0.index != Self.romIndex }.map { ($0.index, $0.base, $0.size) }
         }
     }
 
@@ -199,11 +242,12 @@ public final class PCIRoot: Sendable {
     public func configWrite(bus: Int, device: Int, function: Int, offset: Int, data: UnsafeRawBufferPointer) {
         guard bus == 0, function == 0, let d = self.device(slot: device) else { return }
         d.configuration.write(offset: offset, data: data)
-        // Command (0x04–0x05) or BARs (0x10–0x27) touched: rebuild the lookup.
+        // Command (0x04–0x05), BARs (0x10–0x27) or the ROM BAR (0x30–0x33) touched: rebuild the lookup.
         let end = offset.addingReportingOverflow(data.count)
         let touched = end.overflow ? offset..<Int.max : offset..<end.partialValue
         if touched.overlaps(PCIConfigRegister.command..<(PCIConfigRegister.command + 2))
-            || touched.overlaps(PCIConfigRegister.bar0..<(PCIConfigRegister.bar0 + 24)) {
+            || touched.overlaps(PCIConfigRegister.bar0..<(PCIConfigRegister.bar0 + 24))
+            || touched.overlaps(PCIConfigRegister.expansionROM..<(PCIConfigRegister.expansionROM + 4)) {
             refresh(slot: device)
         }
     }
@@ -219,6 +263,14 @@ public final class PCIRoot: Sendable {
         return nil
     }
 
+    /// Copies ROM bytes of `slot` from `offset` into `data` (the caller checked the range).
+    private func readROM(slot: Int, offset: UInt64, data: UnsafeMutableRawBufferPointer) {
+        state.withLock { s in
+            guard let rom = s.roms[slot] else { for i in data.indices { data[i] = 0xff }; return }
+            for i in data.indices { data[i] = rom[Int(offset) + i] }
+        }
+    }
+
     /// Dispatches a read at absolute `address` in `space` to the BAR that decodes it. Returns
     /// false (data all ones) when no BAR holds the whole access.
     @discardableResult
@@ -227,7 +279,11 @@ public final class PCIRoot: Sendable {
             for i in data.indices { data[i] = 0xff }
             return false
         }
-        m.device.barRead(index: m.index, offset: offset, data: data)
+        if m.index == Self.romIndex {
+            readROM(slot: m.slot, offset: offset, data: data)
+        } else {
+            m.device.barRead(index: m.index, offset: offset, data: data)
+        }
         return true
     }
 
@@ -236,7 +292,7 @@ public final class PCIRoot: Sendable {
     @discardableResult
     public func barWrite(space: Space, address: UInt64, data: UnsafeRawBufferPointer) -> Bool {
         guard let (m, offset) = find(space, address, data.count) else { return false }
-        m.device.barWrite(index: m.index, offset: offset, data: data)
+        if m.index != Self.romIndex { m.device.barWrite(index: m.index, offset: offset, data: data) }   // a ROM ignores writes
         return true
     }
 }

@@ -77,6 +77,10 @@ public struct BootDevice: Sendable, Equatable {
     public static func virtioBlock(slot: Int, bootIndex: Int?, label: String) -> BootDevice {
         BootDevice(kind: .disk, path: "/pci@i0cf8/scsi@\(String(slot, radix: 16))/disk@0,0", bootIndex: bootIndex, label: label)
     }
+    /// A virtio-net NIC with a boot ROM in PCI slot `slot` (SeaBIOS matches its ROM by slot).
+    public static func network(slot: Int, bootIndex: Int?, label: String) -> BootDevice {
+        BootDevice(kind: .network, path: "/pci@i0cf8/ethernet@\(String(slot, radix: 16))", bootIndex: bootIndex, label: label)
+    }
     /// Target `target` (LUN 0) of the virtio-scsi adapter in PCI slot `slot`.
     public static func scsi(slot: Int, target: Int, cdrom: Bool, bootIndex: Int?, label: String) -> BootDevice {
         BootDevice(kind: cdrom ? .cdrom : .disk,
@@ -92,8 +96,8 @@ public enum BootOrder {
 
     /// The `bootorder` lines: devices with a `bootIndex` first (by index), then per kind of `spec`'s order
     /// (QEMU's default without one) the other devices of that kind in configuration order, then `HALT` when
-    /// strict. Throws when `--boot` names a kind the machine has no device of, when two devices share a
-    /// boot index, or for network boot (no PXE option ROM is loaded).
+    /// strict. Throws when `--boot` names a kind the machine has no device of (for `n`, no NIC with a
+    /// boot ROM), or when two devices share a boot index.
     public static func lines(devices: [BootDevice], spec: BootOrderSpec?) throws -> [String] {
         var seen: [Int: String] = [:]
         for d in devices {
@@ -109,12 +113,12 @@ public enum BootOrder {
             let matching = devices.filter { $0.kind == kind }
             if let spec, !spec.order.isEmpty {
                 let text = spec.order.map(\.rawValue).joined()
-                if kind == .network {
-                    throw VMMError.invalidValue(what: "--boot", value: text,
-                                                reason: "network boot (n) needs a PXE option ROM, which swiftkvm does not load")
-                }
                 if matching.isEmpty {
-                    let what = kind == .disk ? "disk" : "CD-ROM (--disk …,media=cdrom)"
+                    let what = switch kind {
+                    case .disk: "disk"
+                    case .cdrom: "CD-ROM (--disk …,media=cdrom)"
+                    case .network: "NIC with a PXE boot ROM (--net …; iPXE's is in the Debian package ipxe-qemu)"
+                    }
                     throw VMMError.invalidValue(what: "--boot", value: text,
                                                 reason: "'\(kind.rawValue)' names no device: the VM has no \(what)")
                 }

@@ -349,6 +349,44 @@ final class MachineVirtio: Sendable {
 }
 
 extension Machine {
+    /// Gives a NIC of a firmware boot on PCI its PXE option ROM (`NetSpec.romFile`, iPXE's by default
+    /// when installed) as an expansion ROM BAR, and a place in the boot order. A ROM named on the
+    /// command line must be readable; `bootindex` needs a ROM.
+    func setUpBootROM(_ nic: NetSpec, id: String, place: VirtioPlacement) throws {
+        guard config.isFirmwareBoot, let slot = place.pciSlot else { return }
+        let path: String?
+        switch nic.romFile {
+        case "": path = nil
+        case let file?: path = file
+        case nil: path = access(NetSpec.defaultROM, R_OK) == 0 ? NetSpec.defaultROM : nil
+        }
+        guard let path else {
+            if nic.bootIndex != nil {
+                throw VMMError.invalidValue(what: "--net", value: "bootindex=\(nic.bootIndex!)",
+                                            reason: "NIC \(id) has no boot ROM (romfile=, or \(NetSpec.defaultROM) from the Debian package ipxe-qemu is missing)")
+            }
+            return
+        }
+        let rom: [UInt8]
+        do {
+            var st = stat()
+            if stat(path, &st) == 0, st.st_size > 16 << 20 {
+                throw VMMError.invalidValue(what: "--net", value: "romfile=\(path)", reason: "\(st.st_size) bytes, an expansion ROM has at most 16 MiB")
+            }
+            rom = try Self.readFile(path, limit: 16 << 20, what: "option ROM")
+        } catch let e as VMMError {
+            throw e
+        } catch {
+            throw VMMError.invalidValue(what: "--net", value: "romfile=\(path)", reason: "\(error)")
+        }
+        guard rom.count >= 3, rom[0] == 0x55, rom[1] == 0xaa else {
+            throw VMMError.invalidValue(what: "--net", value: "romfile=\(path)", reason: "not a PCI option ROM (no 55 AA signature)")
+        }
+        try pci.root.setExpansionROM(slot: slot, image: rom)
+        virtio.add(bootDevice: .network(slot: slot, bootIndex: nic.bootIndex, label: "NIC \(id)"))
+        logger.info("virtio-net \(id): boot ROM \(path) (\(rom.count) bytes)")
+    }
+
     /// Builds the configured virtio devices and attaches them on the configured transport (`attachVirtio`:
     /// PCI in slot order, or virtio-mmio windows in order) in this order: disks (in `--disk` order), the NICs,
     /// the vsock device, then the console, then the entropy device. Each disk gets its own
@@ -382,6 +420,7 @@ extension Machine {
                 virtio.add(loop: loop, nic: MachineVirtio.NIC(id: id, device: device, backend: backend))
                 let place = try attachVirtio(device, id: "virtio-net-\(id)", loop: loop, log: log)
                 logger.info("virtio-net \(id) (\(NetSpec.formatMAC(mac))) on \(backend.label) at \(place)")
+                try setUpBootROM(nic, id: id, place: place)
             } catch {
                 backend.close()
                 throw error

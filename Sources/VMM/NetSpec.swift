@@ -8,6 +8,9 @@ import Virtio
 ///   from the caller (as libvirt passes TAPs);
 /// - `bridge=BR[,mac=…][,id=…]`: a new TAP on the existing bridge BR, removed when the VM stops;
 /// - `user[,hostfwd=tcp::HOSTPORT-:GUESTPORT]…[,mac=…][,id=…]`: user-mode NAT through passt.
+///
+/// For firmware boots, `romfile=PATH` gives the NIC another PXE option ROM than iPXE's
+/// (`NetSpec.defaultROM`), `romfile=` none, and `bootindex=N` its place in the boot order.
 public struct NetSpec: Codable, Sendable, Equatable {
     /// Where the NIC's frames go.
     public enum Backend: Codable, Sendable, Equatable {
@@ -37,6 +40,13 @@ public struct NetSpec: Codable, Sendable, Equatable {
     /// Rate limits per direction (bytes, frames); nil: none.
     public var rxRateLimit: RateLimitConfig?
     public var txRateLimit: RateLimitConfig?
+    /// The PXE option ROM of a firmware boot: nil for `defaultROM` when it is installed, "" for none.
+    public var romFile: String?
+    /// The NIC's place in a firmware boot order (QEMU's `bootindex`), nil for `--boot`'s.
+    public var bootIndex: Int?
+
+    /// iPXE's ROM for virtio-net (legacy BIOS and UEFI images; Debian package ipxe-qemu), QEMU's default `romfile`.
+    public static let defaultROM = "/usr/lib/ipxe/qemu/efi-virtio.rom"
 
     public init(backend: Backend, mac: [UInt8]? = nil, id: String? = nil,
                 rxRateLimit: RateLimitConfig? = nil, txRateLimit: RateLimitConfig? = nil) {
@@ -45,7 +55,7 @@ public struct NetSpec: Codable, Sendable, Equatable {
     }
 
     /// Keys accepted by `init(parsing:)` besides the backend.
-    public static let keys = ["mac", "id", "hostfwd"]
+    public static let keys = ["mac", "id", "hostfwd", "romfile", "bootindex"]
 
     /// Parses one `--net` value (see the type's documentation).
     public init(parsing text: String) throws {
@@ -88,6 +98,11 @@ public struct NetSpec: Codable, Sendable, Equatable {
                     throw bad("id=\(v): expected 1 to 64 letters, digits, '_', '-' or '.'")
                 }
                 spec.id = v
+            case "romfile":
+                spec.romFile = v
+            case "bootindex":
+                guard let n = Int(v), n >= 0, n <= 9999 else { throw bad("bootindex=\(v): expected 0 to 9999") }
+                spec.bootIndex = n
             case "hostfwd":
                 guard case .user = backend else { throw bad("hostfwd applies to user-mode NICs only") }
                 guard let f = Self.parseForward(v) else {

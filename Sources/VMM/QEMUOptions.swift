@@ -189,11 +189,19 @@ public struct QEMUOptions: Sendable, Equatable {
             }
             switch driver {
             case "virtio-net-pci", "virtio-net":
-                try allow(["netdev", "mac", "id", "bootindex"])
-                if props["bootindex"] != nil { throw bad("-device", text, "network boot needs a PXE option ROM, which swiftkvm does not load") }
+                try allow(["netdev", "mac", "id", "bootindex", "romfile"])
                 guard let id = props["netdev"], let nd = netdevs[id] else { throw bad("-device", text, "netdev= must name a -netdev id") }
                 guard usedNetdevs.insert(id).inserted else { throw bad("-device", text, "netdev \(id) is used twice") }
-                nets.append(try net(id: id, kind: nd.kind, items: nd.items, mac: props["mac"]))
+                var net = try net(id: id, kind: nd.kind, items: nd.items, mac: props["mac"])
+                if let b = props["bootindex"] {
+                    guard let n = Int(b), n >= 0 else { throw bad("-device", text, "bootindex=\(b): expected a number") }
+                    net += ",bootindex=\(n)"
+                }
+                if let rom = props["romfile"] {
+                    guard !rom.contains(",") else { throw bad("-device", text, "a romfile name with a comma is not supported") }
+                    net += ",romfile=\(rom)"
+                }
+                nets.append(net)
             case "virtio-blk-pci", "virtio-blk", "scsi-hd", "scsi-cd":
                 try allow(["drive", "bootindex", "id"])
                 guard let id = props["drive"], let i = drives.firstIndex(where: { $0.id == id }) else {

@@ -198,4 +198,60 @@ struct RootTests {
         #expect(readLE(1) { io.read(address: 0xC03F, data: $0) } == 0xA3)
         #expect(readLE(1) { io.read(address: 0xC040, data: $0) } == 0xff)
     }
+
+    /// A 5000-byte option ROM with a PCIR structure at 0x1c naming 8086:100e, and a valid checksum
+    /// over its 10 declared 512-byte blocks' first 5000 bytes (the rest of the blocks count as zeros here).
+    static func optionROM() -> [UInt8] {
+        var rom = [UInt8](repeating: 0, count: 5120)
+        rom[0] = 0x55; rom[1] = 0xaa; rom[2] = 10
+        rom[0x18] = 0x1c
+        rom.replaceSubrange(0x1c..<0x20, with: Array("PCIR".utf8))
+        rom[0x20] = 0x86; rom[0x21] = 0x80; rom[0x22] = 0x0e; rom[0x23] = 0x10
+        for i in 0x40..<5000 { rom[i] = UInt8(truncatingIfNeeded: i &* 7) }
+        rom[6] = 0 &- rom.reduce(0, &+)
+        return Array(rom.prefix(5000)) + [UInt8](repeating: 0, count: 120)
+    }
+
+    @Test("an expansion ROM BAR sizes like a memory BAR (8 KiB for 5120 bytes), decodes only with its enable bit and memory decoding, reads the image with the device's IDs patched in and a valid checksum, zeros past it, and ignores writes")
+    func expansionROM() throws {
+        let r = try Rig()
+        let dev = TestDevice(bars: [PCIBarSpec(index: 0, size: 0x1000, kind: .memory32)], deviceID: 0x1041)
+        try r.root.attach(dev, slot: 3)
+        #expect(r.cf8(3, 0x30) == 0, "no ROM: the register reads 0 and stays 0")
+        r.cf8Write(3, 0x30, 4, 0xffff_ffff)
+        #expect(r.cf8(3, 0x30) == 0)
+        try r.root.setExpansionROM(slot: 3, image: Self.optionROM())
+        r.cf8Write(3, 0x30, 4, 0xffff_fffe)
+        #expect(r.cf8(3, 0x30) == 0xffff_e000, "sizing: 8 KiB, enable bit clear")
+        let base = RootTests.windowBase + 0x10000
+        r.cf8Write(3, 0x30, 4, base)
+        r.cf8Write(3, 0x04, 2, 0x2)
+        #expect(r.mmioRead(base, 2) == 0xffff, "placed but not enabled: nothing decodes")
+        r.cf8Write(3, 0x30, 4, base | 1)
+        #expect(r.cf8(3, 0x30) == base | 1)
+        #expect(r.mmioRead(base, 2) == 0xaa55)
+        #expect(r.mmioRead(base + 0x20, 4) == 0x1041_1af4, "PCIR vendor/device are the device's")
+        var sum: UInt8 = 0
+        for a in 0..<5120 { sum &+= UInt8(r.mmioRead(base + UInt64(a), 1)) }
+        #expect(sum == 0, "the checksum over the declared length stays valid")
+        #expect(r.mmioRead(base + 0x1ffc, 4) == 0, "past the image: zeros")
+        r.mmioWrite(base + 0x40, 4, 0xdead_beef)
+        #expect(r.mmioRead(base + 0x40, 1) == UInt64(UInt8(truncatingIfNeeded: 0x40 * 7)), "a ROM ignores writes")
+        #expect(dev.writeLog.isEmpty, "ROM writes never reach the device's BARs")
+        r.cf8Write(3, 0x04, 2, 0x0)
+        #expect(r.mmioRead(base, 2) == 0xffff, "memory decoding off: the ROM is gone too")
+        #expect(r.root.decodedBARs(slot: 3).isEmpty)
+        #expect(throws: PCIError.self) { try r.root.setExpansionROM(slot: 4, image: [0x55, 0xaa]) }
+        #expect(throws: PCIError.self) { try r.root.setExpansionROM(slot: 3, image: []) }
+    }
+
+    @Test("ID patching leaves non-ROMs alone and keeps an invalid checksum invalid")
+    func romPatching() {
+        #expect(PCIRoot.patchingIDs([1, 2, 3], vendorID: 1, deviceID: 2) == [1, 2, 3])
+        var rom = Self.optionROM()
+        rom[6] &+= 1
+        let patched = PCIRoot.patchingIDs(rom, vendorID: 0x1af4, deviceID: 0x1041)
+        #expect(patched[6] == rom[6], "no checksum to keep")
+        #expect(Array(patched[0x20..<0x24]) == [0xf4, 0x1a, 0x41, 0x10])
+    }
 }

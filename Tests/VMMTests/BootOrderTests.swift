@@ -44,13 +44,36 @@ struct BootOrderTests {
         #expect { try BootOrderSpec(parsing: text) } throws: { "\($0)".contains(message) }
     }
 
-    @Test("an order naming a kind without devices, network boot and a shared bootindex are refused")
+    @Test("an order naming a kind without devices (network boot without a NIC with a boot ROM) and a shared bootindex are refused")
     func badOrder() throws {
         #expect { try BootOrder.lines(devices: [disk], spec: BootOrderSpec(parsing: "d")) } throws: { "\($0)".contains("names no device") }
-        #expect { try BootOrder.lines(devices: [disk], spec: BootOrderSpec(parsing: "n")) } throws: { "\($0)".contains("PXE") }
+        #expect { try BootOrder.lines(devices: [disk], spec: BootOrderSpec(parsing: "n")) } throws: {
+            "\($0)".contains("names no device") && "\($0)".contains("PXE boot ROM") && "\($0)".contains("ipxe-qemu")
+        }
         var a = disk, b = cd
         a.bootIndex = 2; b.bootIndex = 2
         #expect { try BootOrder.lines(devices: [a, b], spec: nil) } throws: { "\($0)".contains("given to both disk.img and a.iso") }
+    }
+
+    @Test("a NIC with a boot ROM is /pci@i0cf8/ethernet@SLOT (SeaBIOS matches its ROM by slot); --boot n puts it first, bootindex before everything")
+    func network() throws {
+        let nic = BootDevice.network(slot: 3, bootIndex: nil, label: "NIC net0")
+        #expect(nic.path == "/pci@i0cf8/ethernet@3")
+        #expect(BootDevice.network(slot: 10, bootIndex: nil, label: "").path == "/pci@i0cf8/ethernet@a")
+        #expect(try BootOrder.lines(devices: [disk, cd, nic], spec: BootOrderSpec(parsing: "nc")) == [nic.path, disk.path])
+        #expect(try BootOrder.lines(devices: [disk, nic], spec: nil) == [disk.path], "not in the default order")
+        var first = nic
+        first.bootIndex = 0
+        #expect(try BootOrder.lines(devices: [disk, first], spec: nil) == [nic.path, disk.path])
+    }
+
+    @Test("--net romfile= and bootindex=; the kvm front end's -device virtio-net-pci,bootindex=,romfile= map onto them")
+    func netKeys() throws {
+        let n = try NetSpec(parsing: "tap=tap0,romfile=/x/pxe.rom,bootindex=2")
+        #expect(n.romFile == "/x/pxe.rom" && n.bootIndex == 2)
+        #expect(try NetSpec(parsing: "tap=tap0,romfile=").romFile == "")
+        #expect(try NetSpec(parsing: "tap=tap0").romFile == nil)
+        #expect { try NetSpec(parsing: "tap=tap0,bootindex=x") } throws: { "\($0)".contains("bootindex=x: expected 0 to 9999") }
     }
 
     @Test("--disk if=, media=, bootindex= and --boot validation")

@@ -39,6 +39,11 @@ struct QEMUOptionsTests {
                                 "--name", "vm1", "--on-reboot", "exit"])
         let user = try translate { $0.netdevs = ["user,id=u,hostfwd=tcp::2222-:22"]; $0.devices = ["virtio-net-pci,netdev=u"] }
         #expect(user.arguments.contains("user,hostfwd=tcp::2222-:22,id=u"))
+        let pxe = try translate {
+            $0.netdevs = ["tap,id=n0,ifname=tap0,script=no,downscript=no"]; $0.devices = ["virtio-net-pci,netdev=n0,bootindex=0,romfile=/r/pxe.rom"]
+            $0.boot = "n"
+        }
+        #expect(pxe.arguments.contains("tap=tap0,id=n0,bootindex=0,romfile=/r/pxe.rom") && pxe.arguments.contains(["--boot", "n"]), "\(pxe.arguments)")
     }
 
     @Test("QEMU's UEFI invocation: two if=pflash drives are the firmware code and its variable store")
@@ -60,7 +65,7 @@ struct QEMUOptionsTests {
         ("device", "unknown or unsupported device 'e1000'"), ("netdev", "no -device virtio-net-pci,netdev=x"),
         ("none", "if=none, and no -device attaches it"), ("append", "needs -kernel"), ("cpu", "only host"),
         ("smp", "sockets=2"), ("serial", "one serial port"), ("vga", "no graphics card"), ("accel", "KVM only"),
-        ("hdc", "IDE index 2 is taken"), ("comma", "comma is not supported"), ("netboot", "PXE"), ("script", "add script=no,downscript=no"), ("machine", "'foo=1'"),
+        ("hdc", "IDE index 2 is taken"), ("comma", "comma is not supported"), ("netboot", "bootindex=x: expected a number"), ("script", "add script=no,downscript=no"), ("machine", "'foo=1'"),
     ])
     func refused(kind: String, message: String) {
         #expect {
@@ -80,7 +85,7 @@ struct QEMUOptionsTests {
                 case "accel": o.accel = ["tcg"]
                 case "hdc": o.hd[2] = "c.img"; o.cdrom = "x.iso"
                 case "comma": o.hd[0] = "x,format=qcow2.img"
-                case "netboot": o.netdevs = ["user,id=u"]; o.devices = ["virtio-net-pci,netdev=u,bootindex=0"]
+                case "netboot": o.netdevs = ["user,id=u"]; o.devices = ["virtio-net-pci,netdev=u,bootindex=x"]
                 case "script": o.netdevs = ["tap,id=t,ifname=tap0"]; o.devices = ["virtio-net-pci,netdev=t"]
                 default: o.machine = "pc,foo=1"
                 }

@@ -403,3 +403,72 @@ struct MachineTests {
         #expect(throws: VMMError.self) { _ = try machine([0xf4]) { $0.debugExitPort = 0x3f8 } }
     }
 }
+
+/// `iret` in protected mode, emulated for PVM hosts (`IRETEmulation`), without /dev/kvm.
+@Suite("PVM: protected-mode iret")
+struct IRETEmulationTests {
+    /// A flat 32-bit ring-0 code descriptor (0x08) and data descriptor (0x10), and ring-3 ones (0x1b, 0x23).
+    static let gdt: [UInt16: [UInt8]] = [
+        0x08: [0xff, 0xff, 0, 0, 0, 0x9a, 0xcf, 0], 0x10: [0xff, 0xff, 0, 0, 0, 0x92, 0xcf, 0],
+        0x18: [0xff, 0xff, 0, 0, 0, 0xfa, 0xcf, 0], 0x20: [0xff, 0xff, 0, 0, 0, 0xf2, 0xcf, 0],
+        0x28: [0xff, 0xff, 0, 0, 0, 0x1a, 0xcf, 0],   // not present
+    ]
+    static func descriptor(_ sel: UInt16) -> [UInt8]? { gdt[sel & 0xfff8] }
+    static func words(_ w: [UInt32]) -> [UInt8] { w.flatMap { v in (0..<4).map { UInt8(truncatingIfNeeded: v >> (8 * $0)) } } }
+    static let data = [IRETEmulation.decode(gdt[0x10]!, selector: 0x10)]
+
+    func run(_ stack: [UInt8], cpl: UInt8 = 0, rflags: UInt64 = 0x2, operand32: Bool = true, rsp: UInt64 = 0x1000) -> IRETEmulation.Outcome {
+        IRETEmulation.emulate(operand32: operand32, cpl: cpl, rflags: rflags, rsp: rsp, stackIs32: true, stack: stack,
+                              dataSegments: Self.data, descriptor: Self.descriptor)
+    }
+
+    @Test("the same level: EIP, CS and EFLAGS popped, ESP + 12; a 16-bit iret pops words and keeps the high flags")
+    func sameLevel() throws {
+        guard case .load(let rip, let rsp, let flags, let cs, let ss, _) = run(Self.words([0x1234, 0x08, 0x246, 0, 0])) else {
+            Issue.record("not a load"); return
+        }
+        #expect(rip == 0x1234 && rsp == 0x100c && flags == 0x246 && cs.selector == 0x08 && cs.db && cs.limit == 0xffff_ffff && ss == nil)
+        let w16: [UInt8] = [0x78, 0x56, 0x08, 0x00, 0x02, 0x02, 0, 0, 0, 0]
+        guard case .load(let rip16, let rsp16, let flags16, _, _, _) = run(w16, rflags: 0x4_0002, operand32: false) else {
+            Issue.record("not a load"); return
+        }
+        #expect(rip16 == 0x5678 && rsp16 == 0x1006 && flags16 == 0x4_0202, "AC (bit 18) kept by a 16-bit iret")
+    }
+
+    @Test("EFLAGS: IOPL only at CPL 0, IF only where CPL ≤ IOPL; VM never set by a same-level return")
+    func flagRules() {
+        #expect(IRETEmulation.flags(current: 0x2, popped: 0x3202, cpl: 0, operand32: true) == 0x3202)
+        #expect(IRETEmulation.flags(current: 0x2, popped: 0x3202, cpl: 3, operand32: true) == 0x2, "ring 3 with IOPL 0: neither IOPL nor IF")
+        #expect(IRETEmulation.flags(current: 0x3002, popped: 0x0202, cpl: 3, operand32: true) == 0x3202, "IOPL 3 lets ring 3 change IF")
+        #expect(IRETEmulation.flags(current: 0x2, popped: 0xffff_ffff, cpl: 0, operand32: true) & (1 << 17) == 0)
+    }
+
+    @Test("to ring 3: ESP and SS from the stack too, and ring-0 data segments become null")
+    func outerLevel() throws {
+        guard case .load(let rip, let rsp, _, let cs, let ss?, let nulls) = run(Self.words([0x4000, 0x1b, 0x202, 0x8000, 0x23])) else {
+            Issue.record("not a load"); return
+        }
+        #expect(rip == 0x4000 && rsp == 0x8000 && cs.selector == 0x1b && cs.dpl == 3 && ss.selector == 0x23 && nulls == [true])
+    }
+
+    @Test("bad selectors raise #GP(selector); NT, virtual-8086 returns and LDT selectors are not emulated; an inner level is #GP")
+    func refused() {
+        #expect(run(Self.words([0x1, 0x30, 0x2])) == .generalProtection(0x30), "outside the GDT")
+        #expect(run(Self.words([0x1, 0x10, 0x2])) == .generalProtection(0x10), "a data segment")
+        #expect(run(Self.words([0x1, 0x28, 0x2])) == .generalProtection(0x28), "not present")
+        #expect(run(Self.words([0x1, 0x00, 0x2])) == .generalProtection(0))
+        #expect(run(Self.words([0x1, 0x08, 0x2]), cpl: 3) == .generalProtection(0x08), "ring 3 cannot return to ring 0")
+        #expect(run(Self.words([0x1, 0x1b, 0x2, 0x8000, 0x10])) == .generalProtection(0x10), "SS RPL must be the new CPL")
+        if case .unsupported = run(Self.words([0x1, 0x08, 0x2]), rflags: 0x4002) {} else { Issue.record("NT") }
+        if case .unsupported = run(Self.words([0x1, 0x08, 0x2_0002])) {} else { Issue.record("VM") }
+        if case .unsupported = run(Self.words([0x1, 0x0c, 0x2])) {} else { Issue.record("LDT") }
+        if case .unsupported = run([1, 2, 3]) {} else { Issue.record("short stack") }
+    }
+
+    @Test("iret and o16 iret are the fix-up's; iretq (REX.W) is not")
+    func decode() {
+        #expect(PVMQuirks.fixup(for: [0xcf, 0x90]) == .interruptReturn(prefixed: false))
+        #expect(PVMQuirks.fixup(for: [0x66, 0xcf]) == .interruptReturn(prefixed: true))
+        #expect(PVMQuirks.fixup(for: [0x48, 0xcf]) == nil)
+    }
+}

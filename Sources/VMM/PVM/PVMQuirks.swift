@@ -13,7 +13,8 @@ import Glibc
 /// - emulation failures on `fwait` (skipped), `int3` (RIP+1 and #BP injected), `ud2` (#UD
 ///   injected) and `int imm8` (delivered through its gate, or #GP/#NP as hardware raises them) are recovered, and
 ///   `xgetbv` with CR4.OSXSAVE clear, `invpcid` and `rdpru` where the guest's CPUID says they are absent, and
-///   `clac`/`stac` outside ring 0 raise #UD; in ring 0 `clac`/`stac` set RFLAGS.AC and `clwb` is skipped
+///   `clac`/`stac` outside ring 0 raise #UD; in ring 0 `clac`/`stac` set RFLAGS.AC and `clwb` is skipped;
+///   protected-mode `iret` is emulated (`IRETEmulation`: option ROMs such as iPXE use it)
 ///   (`Fixup`, `FixupContext`); anything else is reported with its bytes;
 /// - the KVM paravirt features whose hypercalls never complete from guest ring 0 here (PV_UNHALT, PV_SEND_IPI,
 ///   PV_SCHED_YIELD in CPUID 0x40000001) are hidden;
@@ -124,6 +125,8 @@ public final class PVMQuirks: HostQuirks, @unchecked Sendable {
         case softwareInterrupt(vector: UInt8, length: Int)
         /// `clac` (false) or `stac` (true) at CPL 0: RFLAGS.AC changed, RIP advanced by 3.
         case setAC(Bool)
+        /// `iret` (with an operand-size prefix when `prefixed`) in protected mode (`IRETEmulation`).
+        case interruptReturn(prefixed: Bool)
     }
 
     /// The guest state the #UD decisions depend on.
@@ -152,6 +155,8 @@ public final class PVMQuirks: HostQuirks, @unchecked Sendable {
         case 0xcd:                                          // int imm8
             guard let v = at(1) else { return nil }
             return .softwareInterrupt(vector: v, length: 2)
+        case 0xcf: return .interruptReturn(prefixed: false) // iret
+        case 0x66 where at(1) == 0xcf: return .interruptReturn(prefixed: true)
         case 0x0f:
             switch (at(1), at(2)) {
             case (0x0b, _): return ud                       // ud2
@@ -195,6 +200,8 @@ public final class PVMQuirks: HostQuirks, @unchecked Sendable {
         do {
             var regs = try vcpu.getRegs()
             switch fix {
+            case .interruptReturn(let prefixed):
+                return try emulateIRET(vcpu: vcpu, memory: memory, sregs: sregs, prefixed: prefixed, logger: logger)
             case .setAC(let on):
                 regs.rflags = on ? regs.rflags | (1 << 18) : regs.rflags & ~(1 << 18)
                 regs.rip &+= 3
