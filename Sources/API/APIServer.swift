@@ -14,6 +14,10 @@ import Virtio
 /// (Firecracker's default 51200): a larger body gets 413 and the connection is closed. Parsing
 /// into an `APIRequest` happens on the event loop; the controller runs on a dedicated serial
 /// thread ("api-vmm"), never on the event loop. Malformed HTTP gets NIO's 400 and a close.
+///
+/// Connections are bounded (`APIConnectionLimits`): at most `maxConnections` stay open (a new one closes the
+/// connection idle longest), and one without a request in progress for `idleTimeout` is closed, so a flood of idle
+/// clients neither exhausts the process's descriptors nor keeps others out.
 public final class APIServer: @unchecked Sendable {
     /// Firecracker's default API payload limit.
     public static let defaultMaxBodySize = 51_200
@@ -21,16 +25,23 @@ public final class APIServer: @unchecked Sendable {
     public let socketPath: String
     public let controller: VMController
     public let maxBodySize: Int
+    /// The connection bounds.
+    public let limits: APIConnectionLimits
+    /// The socket's permission bits (owner-only by default).
+    public let socketMode: mode_t
     private let group: MultiThreadedEventLoopGroup
     private var channel: (any Channel)?
     /// The controller's thread ("api-vmm"): started here, by the still unconfined main thread, so that it
     /// can build the machine at InstanceStart; it confines itself as a `vmm` thread once the guest started.
     private let queue = IOWorkerPool(threads: 1, name: "api-vmm", kind: nil)
 
-    public init(socketPath: String, controller: VMController, maxBodySize: Int = defaultMaxBodySize) {
+    public init(socketPath: String, controller: VMController, maxBodySize: Int = defaultMaxBodySize,
+                limits: APIConnectionLimits = APIConnectionLimits(), socketMode: mode_t = 0o600) {
         self.socketPath = socketPath
         self.controller = controller
         self.maxBodySize = maxBodySize
+        self.limits = limits
+        self.socketMode = socketMode
         self.group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
     }
 
@@ -45,6 +56,8 @@ public final class APIServer: @unchecked Sendable {
             throw APIError(status: 500, "the API socket path \(socketPath) is too long (\(socketPath.utf8.count) bytes, at most 107)")
         }
         let controller = self.controller, maxBody = maxBodySize, queue = self.queue
+        let tracker = APIConnectionTracker(limit: limits.maxConnections)
+        let idle = limits.idleTimeout
         let bootstrap = ServerBootstrap(group: group)
             // The event loop confines itself (seccomp `api` filter) before it binds and accepts anything.
             .serverChannelInitializer { channel in
@@ -54,13 +67,15 @@ public final class APIServer: @unchecked Sendable {
             .serverChannelOption(ChannelOptions.backlog, value: 64)
             .childChannelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
+                    tracker.admit(channel)
+                    try channel.pipeline.syncOperations.addHandler(IdleStateHandler(readTimeout: idle))
                     // Protocol errors reach APIHTTPHandler.errorCaught, which answers with a fault_message.
                     try channel.pipeline.syncOperations.configureHTTPServerPipeline(withErrorHandling: false)
                     try channel.pipeline.syncOperations.addHandler(
-                        APIHTTPHandler(controller: controller, maxBodySize: maxBody, queue: queue))
+                        APIHTTPHandler(controller: controller, maxBodySize: maxBody, queue: queue, tracker: tracker))
                 }
             }
-        // The socket is the VM's control: owner only (0600), whatever the umask. It is bound in a fresh private
+        // The socket is the VM's control: owner only (0600, or `socketMode`), whatever the umask. It is bound in a fresh private
         // directory (mkdtemp, 0700) beside its path, made 0600, then linked into place (the path must not exist),
         // so no client can reach it while it is more open. (Not umask: it is process-wide, and a library's
         // caller may be creating files on other threads.) A path too long for that binds in place, then chmods.
@@ -78,12 +93,12 @@ public final class APIServer: @unchecked Sendable {
             throw APIError(status: 500, "cannot bind the API socket \(socketPath): \(error)")
         }
         let bound = useStaging ? staging! : socketPath
-        guard chmod(bound, 0o600) == 0 else {
+        guard chmod(bound, socketMode) == 0 else {
             let e = errno
             try? channel?.close().wait()
             channel = nil
             unlink(bound)
-            throw APIError(status: 500, "cannot make the API socket \(socketPath) owner-only: \(String(cString: strerror(e)))")
+            throw APIError(status: 500, "cannot set the mode of the API socket \(socketPath) to \(String(socketMode, radix: 8)): \(String(cString: strerror(e)))")
         }
         if useStaging {
             let linked = link(bound, socketPath) == 0
@@ -116,18 +131,32 @@ final class APIHTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
     let controller: VMController
     let maxBodySize: Int
     let queue: IOWorkerPool
+    let tracker: APIConnectionTracker?
     private var head: HTTPRequestHead?
     private var body: ByteBuffer?
     private var rejected = false
     private var answeredParseError = false
+    /// Requests dispatched and not yet answered.
+    private var inFlight = 0
 
-    init(controller: VMController, maxBodySize: Int, queue: IOWorkerPool) {
+    init(controller: VMController, maxBodySize: Int, queue: IOWorkerPool, tracker: APIConnectionTracker? = nil) {
         self.controller = controller
         self.maxBodySize = maxBodySize
         self.queue = queue
+        self.tracker = tracker
+    }
+
+    /// A connection that sent nothing for the idle timeout is closed, unless it waits for an answer.
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if event is IdleStateHandler.IdleStateEvent {
+            if inFlight == 0 { context.close(promise: nil) }
+            return
+        }
+        context.fireUserInboundEventTriggered(event)
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        tracker?.touch(context.channel, busy: inFlight > 0 || head != nil)
         switch unwrapInboundIn(data) {
         case .head(let h):
             head = h
@@ -172,10 +201,14 @@ final class APIHTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         }
         let promise = context.eventLoop.makePromise(of: Result<APIResponse, APIError>.self)
         let controller = self.controller
+        inFlight += 1
+        tracker?.touch(context.channel, busy: true)
         queue.submit { promise.succeed(controller.handle(request)) }
         let bound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
         promise.futureResult.whenSuccess { result in
             let (handler, context) = bound.value
+            handler.inFlight -= 1
+            handler.tracker?.touch(context.channel, busy: handler.inFlight > 0)
             switch result {
             case .success(let r): handler.write(context: context, status: r.status, body: r.body, keepAlive: keepAlive)
             case .failure(let e): handler.write(context: context, status: e.status, body: e.jsonBody, keepAlive: keepAlive)
@@ -228,6 +261,61 @@ final class APIHTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         default: return "\(e)"
         }
     }
+}
+
+/// Bounds on the API's connections.
+public struct APIConnectionLimits: Sendable, Equatable {
+    /// At most this many connections stay open; to admit another, the one idle longest (and not waiting for an
+    /// answer) is closed.
+    public var maxConnections: Int
+    /// A connection that sends nothing for this long while no request of it is in progress is closed.
+    public var idleTimeout: TimeAmount
+
+    public init(maxConnections: Int = 64, idleTimeout: TimeAmount = .seconds(60)) {
+        self.maxConnections = max(1, maxConnections)
+        self.idleTimeout = idleTimeout
+    }
+}
+
+/// The open API connections, with when each was last active and whether it waits for an answer. Used only on the
+/// server's one event loop (NIO calls every method there), hence unchecked.
+final class APIConnectionTracker: @unchecked Sendable {
+    private struct Entry {
+        let channel: any Channel
+        var lastActive: NIODeadline
+        var busy: Bool
+    }
+    let limit: Int
+    private var entries: [ObjectIdentifier: Entry] = [:]
+
+    init(limit: Int) { self.limit = limit }
+
+    /// A new connection: when the limit is reached, the connection idle longest is closed first (a busy one only
+    /// when every one is busy, the oldest of them).
+    func admit(_ channel: any Channel) {
+        if entries.count >= limit {
+            let idle = entries.values.filter { !$0.busy }
+            if let victim = (idle.isEmpty ? Array(entries.values) : idle).min(by: { $0.lastActive < $1.lastActive }) {
+                entries[ObjectIdentifier(victim.channel)] = nil
+                victim.channel.close(promise: nil)
+            }
+        }
+        let id = ObjectIdentifier(channel)
+        entries[id] = Entry(channel: channel, lastActive: .now(), busy: false)
+        let loopBound = NIOLoopBound(self, eventLoop: channel.eventLoop)
+        channel.closeFuture.whenComplete { _ in loopBound.value.entries[id] = nil }
+    }
+
+    /// Records activity on `channel`.
+    func touch(_ channel: any Channel, busy: Bool) {
+        let id = ObjectIdentifier(channel)
+        guard entries[id] != nil else { return }
+        entries[id]!.lastActive = .now()
+        entries[id]!.busy = busy
+    }
+
+    /// How many connections are open.
+    var count: Int { entries.count }
 }
 
 extension ChannelHandlerContext {

@@ -38,6 +38,7 @@ public enum VMMArguments {
                 continue
             case "api-sock", "id", "config-file", "log-path", "level", "metrics-path", "metrics-interval",
                  "http-api-max-payload-size", "console-sock", "serial-log", "ready-fd", "seccomp-filter", "incoming",
+                 "api-sock-mode", "api-max-connections", "api-idle-timeout",
                  // Accepted for compatibility with Firecracker tooling; no effect.
                  "start-time-us", "start-time-cpu-us", "parent-cpu-time-us", "module":
                 break
@@ -69,6 +70,15 @@ public enum VMMArguments {
             case "http-api-max-payload-size":
                 guard let v = Int(value), v > 0 else { return nil }
                 o.maxPayloadSize = v
+            case "api-sock-mode":
+                guard let v = VMMProcess.Options.socketMode(value) else { return nil }
+                o.apiSocketMode = v
+            case "api-max-connections":
+                guard let v = Int(value), v >= 1, v <= 100_000 else { return nil }
+                o.apiLimits.maxConnections = v
+            case "api-idle-timeout":
+                guard let v = Int64(value), v >= 1, v <= 86_400 else { return nil }
+                o.apiLimits.idleTimeout = .seconds(v)
             case "console-sock": o.consoleSocket = value
             case "serial-log": o.serialLog = value
             case "seccomp-filter": o.seccompFilter = value

@@ -28,6 +28,10 @@ public enum VMMProcess {
         public var metricsPath: String?
         public var metricsInterval: Double = 60
         public var maxPayloadSize = APIServer.defaultMaxBodySize
+        /// `--api-sock-mode`: the API socket's permission bits.
+        public var apiSocketMode: mode_t = 0o600
+        /// `--api-max-connections`, `--api-idle-timeout`: the API's connection bounds.
+        public var apiLimits = APIConnectionLimits()
         /// `--console-sock`: serve the serial console on this Unix socket (`ConsoleServer`).
         public var consoleSocket: String?
         /// `--serial-log`: append serial output to this file instead of writing it to stdout.
@@ -184,7 +188,8 @@ public enum VMMProcess {
             }
         }
         if !options.noAPI {
-            let server = APIServer(socketPath: options.apiSocket, controller: controller, maxBodySize: options.maxPayloadSize)
+            let server = APIServer(socketPath: options.apiSocket, controller: controller, maxBodySize: options.maxPayloadSize,
+                                   limits: options.apiLimits, socketMode: options.apiSocketMode)
             do {
                 try server.start()
             } catch {
@@ -332,5 +337,15 @@ public enum VMMProcess {
         var ts = timespec()
         clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts)
         return UInt64(ts.tv_sec) * 1_000_000 + UInt64(ts.tv_nsec) / 1000
+    }
+}
+
+extension VMMProcess.Options {
+    /// Parses `--api-sock-mode`: octal permission bits such as 600, 0660 or 0o600 (at most 777).
+    public static func socketMode(_ text: String) -> mode_t? {
+        var digits = Substring(text)
+        if digits.hasPrefix("0o") { digits = digits.dropFirst(2) }
+        guard !digits.isEmpty, digits.count <= 4, let v = mode_t(digits, radix: 8), v <= 0o777 else { return nil }
+        return v
     }
 }

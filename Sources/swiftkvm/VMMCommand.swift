@@ -39,6 +39,12 @@ struct VMMCommand: ParsableCommand {
     var metricsInterval: Double = 60
     @Option(name: .customLong("http-api-max-payload-size"), help: "Largest API request body in bytes.")
     var maxPayloadSize: Int = APIServer.defaultMaxBodySize
+    @Option(name: .customLong("api-sock-mode"), help: "Permission bits of the API socket, in octal (default 600: the owner only).")
+    var apiSockMode: String = "600"
+    @Option(name: .customLong("api-max-connections"), help: "API connections kept open at most; a new one closes the one idle longest (default 64).")
+    var apiMaxConnections: Int = 64
+    @Option(name: .customLong("api-idle-timeout"), help: "Seconds after which an API connection that sends nothing (and waits for no answer) is closed (default 60).")
+    var apiIdleTimeout: Int = 60
     @Option(name: .customLong("console-sock"), help: "Serve the serial console on this Unix socket (must not exist); clients get the output and type the input.")
     var consoleSock: String?
     @Option(name: .customLong("serial-log"), help: "Append the serial output to this file instead of stdout.")
@@ -85,6 +91,15 @@ struct VMMCommand: ParsableCommand {
         guard maxPayloadSize > 0 else {
             throw ValidationError("invalid --http-api-max-payload-size \(maxPayloadSize): must be positive")
         }
+        guard VMMProcess.Options.socketMode(apiSockMode) != nil else {
+            throw ValidationError("invalid --api-sock-mode \(apiSockMode): expected octal permission bits such as 600 or 660")
+        }
+        guard (1...100_000).contains(apiMaxConnections) else {
+            throw ValidationError("invalid --api-max-connections \(apiMaxConnections): expected 1 to 100000")
+        }
+        guard (1...86_400).contains(apiIdleTimeout) else {
+            throw ValidationError("invalid --api-idle-timeout \(apiIdleTimeout): expected 1 to 86400 seconds")
+        }
     }
 
     func run() throws {
@@ -100,6 +115,8 @@ struct VMMCommand: ParsableCommand {
         o.metricsPath = metricsPath
         o.metricsInterval = metricsInterval
         o.maxPayloadSize = maxPayloadSize
+        o.apiSocketMode = VMMProcess.Options.socketMode(apiSockMode) ?? 0o600
+        o.apiLimits = APIConnectionLimits(maxConnections: apiMaxConnections, idleTimeout: .seconds(Int64(apiIdleTimeout)))
         o.consoleSocket = consoleSock
         o.serialLog = serialLog
         o.readyFD = readyFD
