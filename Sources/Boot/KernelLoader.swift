@@ -32,6 +32,9 @@ public struct BootOptions: Sendable {
     public var e820: [E820Entry]? = nil
     /// When set, Linux loaders (bzImage, ELF) also write an MP table for this many CPUs at 0x9fc00.
     public var mpTableCPUs: Int? = nil
+    /// Applied to the command line of a Linux kernel (bzImage, ELF64), not of a multiboot one: the VMM's
+    /// host fix-ups add items there.
+    public var linuxCmdline: (@Sendable (String) -> String)? = nil
     public init(linuxEntry: BzImageLoader.Entry = .decompressed, modules: [MultibootModule] = [], mpTableCPUs: Int? = nil) {
         self.linuxEntry = linuxEntry; self.modules = modules; self.mpTableCPUs = mpTableCPUs
     }
@@ -96,14 +99,15 @@ public enum KernelLoader {
         guard let format = KernelFormat.detect(prefix) else {
             throw BootError.unknownKernelFormat("\(kernel.name) is not a kernel: no bzImage setup header (\"HdrS\" at 0x202), no multiboot header in the first 8 KiB, and not an ELF64 file")
         }
+        let linuxCmdline = options.linuxCmdline?(cmdline) ?? cmdline
         if format == .elf64 {
-            return try ELFKernelLoader.load(kernel, prefix: prefix, fileSize: size, initrd: initrd, cmdline: cmdline,
+            return try ELFKernelLoader.load(kernel, prefix: prefix, fileSize: size, initrd: initrd, cmdline: linuxCmdline,
                                             memory: memory, options: options)
         }
         let (bytes, identity) = UInt64(prefix.count) == size ? (prefix, nil) : try kernel.readAllWithIdentity(limit: memory.totalSize)
         switch format {
         case .bzImage:
-            return try BzImageLoader.load(bytes, name: kernel.name, initrd: initrd, cmdline: cmdline, memory: memory, options: options,
+            return try BzImageLoader.load(bytes, name: kernel.name, initrd: initrd, cmdline: linuxCmdline, memory: memory, options: options,
                                           source: identity)
         case .multiboot:
             if initrd != nil {

@@ -21,6 +21,28 @@ public enum DefaultGuest {
         "i8042.noaux", "i8042.nomux", "i8042.nopnp", "i8042.dumbkbd",
     ].joined(separator: " ")
 
+    /// The items of `cmdline` that a Linux guest needs on PVM hosts whatever its own command line (HOST-KVM.md):
+    /// each avoids an instruction the host cannot emulate or minutes of emulated work. The console, reboot and panic
+    /// choices stay the guest's.
+    public static let hostSafeItems: [String] = cmdline.split(separator: " ").map(String.init).filter {
+        !["console", "reboot", "panic"].contains(itemKey($0))
+    }
+
+    /// The key of a command-line item (`clearcpuid` of `clearcpuid=…`, `noxsave` of `noxsave`).
+    static func itemKey(_ item: some StringProtocol) -> String {
+        guard let eq = item.firstIndex(of: "=") else { return String(item) }
+        return String(item[..<eq])
+    }
+
+    /// `line` with each of `hostSafeItems` appended whose key it does not set yet (a guest's own `clearcpuid=`,
+    /// `initcall_blacklist=` or `mitigations=` wins), and the items added.
+    public static func addingHostSafeItems(to line: String) -> (line: String, added: [String]) {
+        let present = Set(line.split(separator: " ").map { itemKey($0) })
+        let added = hostSafeItems.filter { !present.contains(itemKey($0)) }
+        guard !added.isEmpty else { return (line, []) }
+        return (([line].filter { !$0.isEmpty } + added).joined(separator: " "), added)
+    }
+
     /// The default command line, plus `swiftkvm.modules=1` when the machine has virtio devices: the
     /// default initramfs then loads the virtio and ext4 modules (which costs minutes on PVM hosts, so
     /// a machine without virtio devices skips it).

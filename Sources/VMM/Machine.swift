@@ -156,7 +156,17 @@ public final class Machine: @unchecked Sendable {
             }
             loaded = .restoredFromSnapshot()
         } else {
-            loaded = try Self.load(config: config, memory: memory)
+            // On PVM hosts a Linux guest's command line gets the items it needs there (HOST-KVM.md), whatever its source.
+            var hostSafe: (@Sendable (String) -> String)? = nil
+            if self.quirks is PVMQuirks {
+                let log = logger
+                hostSafe = { (line: String) -> String in
+                    let (out, added) = DefaultGuest.addingHostSafeItems(to: line)
+                    if !added.isEmpty { log.info("PVM host: added to the kernel command line: \(added.joined(separator: " "))") }
+                    return out
+                }
+            }
+            loaded = try Self.load(config: config, memory: memory, linuxCmdline: hostSafe)
         }
         for line in loaded.summary { logger.debug("boot: \(line)") }
 
@@ -233,7 +243,8 @@ public final class Machine: @unchecked Sendable {
     }
 
     /// Loads the configured guest into memory.
-    static func load(config: VMConfiguration, memory: GuestMemory) throws -> LoadedKernel {
+    static func load(config: VMConfiguration, memory: GuestMemory,
+                     linuxCmdline: (@Sendable (String) -> String)? = nil) throws -> LoadedKernel {
         switch config.payload {
         case .flat(let flat):
             let image = try readFile(flat.path, limit: memory.totalSize, what: "flat image")
@@ -246,6 +257,7 @@ public final class Machine: @unchecked Sendable {
             var options = BootOptions()
             options.linuxEntry = BzImageLoader.Entry(rawValue: config.kernelEntry) ?? .decompressed
             options.modules = modules.map { MultibootModule(source: .path($0.path), cmdline: $0.cmdline) }
+            options.linuxCmdline = linuxCmdline
             // Devices on virtio-mmio are announced on the command line too (VirtioMMIOLayout).
             var result = try KernelLoader.load(kernel: .path(path), initrd: initrd.map { .path($0) },
                                                cmdline: try config.cmdlineWithVirtioMMIODevices(cmdline),

@@ -472,3 +472,19 @@ struct IRETEmulationTests {
         #expect(PVMQuirks.fixup(for: [0x48, 0xcf]) == nil)
     }
 }
+
+@Suite("PVM: host-safe kernel command-line items")
+struct HostSafeCmdlineTests {
+    @Test("a client's line gets every missing item; its console, reboot and panic stay; its own clearcpuid wins; the default line needs none")
+    func adding() {
+        let (line, added) = DefaultGuest.addingHostSafeItems(to: "console=ttyS0 reboot=k panic=1 pci=off")
+        #expect(line.hasPrefix("console=ttyS0 reboot=k panic=1 pci=off noxsave") || line.hasPrefix("console=ttyS0 reboot=k panic=1 pci=off tsc=reliable"))
+        #expect(added.contains("noxsave") && added.contains { $0.hasPrefix("clearcpuid=") } && added.contains { $0.hasPrefix("initcall_blacklist=") })
+        #expect(!added.contains { $0.hasPrefix("console=") || $0.hasPrefix("panic=") || $0.hasPrefix("reboot=") })
+        #expect(!line.contains("panic=-1"))
+        let own = DefaultGuest.addingHostSafeItems(to: "clearcpuid=popcnt noxsave")
+        #expect(!own.added.contains { $0.hasPrefix("clearcpuid=") || $0 == "noxsave" } && own.line.hasPrefix("clearcpuid=popcnt noxsave "))
+        #expect(DefaultGuest.addingHostSafeItems(to: DefaultGuest.cmdline).added.isEmpty)
+        #expect(DefaultGuest.addingHostSafeItems(to: "").line == DefaultGuest.hostSafeItems.joined(separator: " "))
+    }
+}
