@@ -38,7 +38,7 @@ public enum VMMArguments {
                 continue
             case "api-sock", "id", "config-file", "log-path", "level", "metrics-path", "metrics-interval",
                  "http-api-max-payload-size", "console-sock", "serial-log", "ready-fd", "seccomp-filter", "incoming",
-                 "api-sock-mode", "api-max-connections", "api-idle-timeout",
+                 "api-sock-mode", "api-max-connections", "api-idle-timeout", "mmds-size-limit",
                  // Accepted for compatibility with Firecracker tooling; no effect.
                  "start-time-us", "start-time-cpu-us", "parent-cpu-time-us", "module":
                 break
@@ -79,6 +79,8 @@ public enum VMMArguments {
             case "api-idle-timeout":
                 guard let v = Int64(value), v >= 1, v <= 86_400 else { return nil }
                 o.apiLimits.idleTimeout = .seconds(v)
+            case "mmds-size-limit":
+                guard let v = Int(value), v > 0 else { return nil }
             case "console-sock": o.consoleSocket = value
             case "serial-log": o.serialLog = value
             case "seccomp-filter": o.seccompFilter = value

@@ -93,6 +93,20 @@ public enum SnapshotFile {
         return header + payload
     }
 
+    /// The format version in the header of the snapshot file at `path` (only the header is read, and checked).
+    public static func formatVersion(of path: String) throws -> UInt32 {
+        func bad(_ why: String) -> VMMError { .invalidValue(what: "snapshot file", value: path, reason: why) }
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { throw bad(String(cString: strerror(errno))) }
+        defer { close(fd) }
+        var header = [UInt8](repeating: 0, count: headerSize)
+        let n = header.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress!, headerSize) }
+        guard n == headerSize, Array(header[0..<8]) == magic, let v = header.getLE(UInt32.self, at: 8) else {
+            throw bad("not a SwiftKVM snapshot (no SKVMSNAP header)")
+        }
+        return v
+    }
+
     /// The snapshot in `bytes` (the whole file); errors name what is wrong in `path`.
     public static func decode(_ bytes: [UInt8], path: String) throws -> MachineSnapshot {
         func bad(_ why: String) -> VMMError { .invalidValue(what: "snapshot file", value: path, reason: why) }

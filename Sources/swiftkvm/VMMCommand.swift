@@ -64,6 +64,13 @@ struct VMMCommand: ParsableCommand {
     @Option(name: .customLong("seccomp-filter"), help: "Load the seccomp filters from this JSON file (Firecracker's seccompiler format, one filter per thread kind: vmm, api, vcpu, device, console) instead of the built-in ones.")
     var seccompFilter: String?
 
+    @Flag(name: .customLong("snapshot-version"), help: "Print the snapshot format version this VMM writes and exit.")
+    var snapshotVersion = false
+    @Option(name: .customLong("describe-snapshot"), help: "Print the format version of this snapshot file and exit.")
+    var describeSnapshot: String?
+    @Option(name: .customLong("mmds-size-limit"), help: "Largest MMDS data store in bytes (MMDS requests are refused with 400: there is no MMDS yet).")
+    var mmdsSizeLimit: Int?
+
     // Accepted for compatibility with Firecracker tooling; they have no effect here.
     @Flag(name: .customLong("boot-timer"), help: .hidden) var bootTimer = false
     @Option(name: .customLong("start-time-us"), help: .hidden) var startTimeUs: String?
@@ -72,6 +79,10 @@ struct VMMCommand: ParsableCommand {
     @Option(name: .customLong("module"), help: .hidden) var module: String?
 
     func validate() throws {
+        if let mmdsSizeLimit, mmdsSizeLimit <= 0 {
+            throw ValidationError("invalid --mmds-size-limit \(mmdsSizeLimit): must be positive")
+        }
+        if snapshotVersion || describeSnapshot != nil { return }
         if noAPI && configFile == nil {
             throw ValidationError("--no-api requires --config-file")
         }
@@ -103,6 +114,20 @@ struct VMMCommand: ParsableCommand {
     }
 
     func run() throws {
+        // Firecracker's informational flags print a data-format version ("v1.0.0") and exit.
+        if snapshotVersion {
+            print("v\(SnapshotFile.version).0.0")
+            return
+        }
+        if let path = describeSnapshot {
+            do {
+                print("v\(try SnapshotFile.formatVersion(of: path)).0.0")
+            } catch {
+                writeText("swiftkvm: error: \(error)\n", to: 2)
+                throw ExitCode(2)
+            }
+            return
+        }
         var o = VMMProcess.Options()
         o.apiSocket = apiSock
         o.noAPI = noAPI

@@ -283,6 +283,33 @@ struct VMMProcessTests {
         }
     }
 
+    @Test("Firecracker's informational flags: --snapshot-version and --describe-snapshot print a format version and exit 0; a file that is no snapshot exits 2 naming it; --mmds-size-limit is accepted when positive")
+    func informationalFlags() throws {
+        func run(_ args: [String]) throws -> (Int32?, String) {
+            let out = "/tmp/swk-info-\(String(UInt32.random(in: 0...UInt32.max), radix: 36)).out"
+            defer { unlink(out) }
+            let p = try Self.launch(["vmm"] + args, stdout: out)
+            let status = Self.finish(p, seconds: 20)
+            return (status, ((try? String(contentsOfFile: out, encoding: .utf8)) ?? "") + Self.stderr(p))
+        }
+        #expect(try run(["--snapshot-version"]) == (0, "v1.0.0\n"))
+        let dir = TempDir()
+        defer { dir.cleanup() }
+        var header = SnapshotFile.magic + [1, 0, 0, 0] + [UInt8](repeating: 0, count: 20)
+        #expect(FileManager.default.createFile(atPath: dir.path + "/vm.snap", contents: Data(header)))
+        #expect(try run(["--describe-snapshot", dir.path + "/vm.snap"]) == (0, "v1.0.0\n"))
+        header[0] = 0
+        #expect(FileManager.default.createFile(atPath: dir.path + "/bad.snap", contents: Data(header)))
+        let bad = try run(["--describe-snapshot", dir.path + "/bad.snap"])
+        #expect(bad.0 == 2 && bad.1.contains("bad.snap") && bad.1.contains("not a SwiftKVM snapshot"), "\(bad)")
+        let zero = try run(["--api-sock", dir.path + "/x.sock", "--mmds-size-limit", "0"])
+        #expect(zero.0 == 2 && zero.1.contains("invalid --mmds-size-limit 0"), "\(zero)")
+        let sock = dir.path + "/ok.sock"
+        let p = try Self.launch(["vmm", "--api-sock", sock, "--mmds-size-limit", "51200"])
+        defer { kill(p.processIdentifier, SIGTERM); _ = Self.finish(p, seconds: 20) }
+        #expect(GuestSupport.wait(seconds: 20) { (try? UnixHTTPClient(path: sock).send("GET", "/"))?.status == 200 })
+    }
+
     /// Connected Unix sockets to `path` that send nothing.
     static func idleClients(_ path: String, count: Int) -> [Int32] {
         (0..<count).compactMap { _ in
