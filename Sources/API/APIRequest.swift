@@ -30,6 +30,7 @@ public enum APIRequest: Sendable, Equatable {
     case putLogger(LoggerConfig)
     case putMetrics(MetricsConfig)
     case putEntropy(EntropyDeviceConfig)
+    case putCPUConfig(CPUConfig)
     case putSerial(SerialDeviceConfig)
 
     /// A short name for logs and metrics, e.g. "PUT /boot-source".
@@ -51,6 +52,7 @@ public enum APIRequest: Sendable, Equatable {
         case .putLogger: return "PUT /logger"
         case .putMetrics: return "PUT /metrics"
         case .putEntropy: return "PUT /entropy"
+        case .putCPUConfig: return "PUT /cpu-config"
         case .putSerial: return "PUT /serial"
         case .putVsock: return "PUT /vsock"
         case .putSnapshotCreate: return "PUT /snapshot/create"
@@ -67,7 +69,6 @@ public enum APIRequest: Sendable, Equatable {
     /// Firecracker endpoints SwiftKVM does not implement yet (first path segment).
     static let unsupportedResources: [String: String] = [
         "mmds": "The microVM metadata service (MMDS)",
-        "cpu-config": "Custom CPU templates (cpu-config)",
         "hotplug": "Memory hotplug",
         "pmem": "The pmem device",
     ]
@@ -107,7 +108,7 @@ public enum APIRequest: Sendable, Equatable {
         }
         // PUT and PATCH need a body on every known path.
         let known: Set<String> = method == "PUT"
-            ? ["actions", "boot-source", "drives", "logger", "serial", "machine-config", "metrics", "network-interfaces", "entropy", "vsock", "snapshot", "migrate", "balloon"]
+            ? ["actions", "boot-source", "drives", "logger", "serial", "machine-config", "metrics", "network-interfaces", "entropy", "vsock", "snapshot", "migrate", "balloon", "cpu-config"]
             : ["drives", "machine-config", "network-interfaces", "vm", "balloon"]
         guard known.contains(first) else { throw invalid }
         guard let body else { throw .badRequest("Empty \(method) request.") }
@@ -172,6 +173,9 @@ public enum APIRequest: Sendable, Equatable {
         case ("PUT", "entropy"):
             try single()
             return .putEntropy(try StrictJSON.decode(EntropyDeviceConfig.self, from: body))
+        case ("PUT", "cpu-config"):
+            try single()
+            return .putCPUConfig(try StrictJSON.decode(CPUConfig.self, from: body))
         case ("PUT", "vsock"):
             try single()
             return .putVsock(try StrictJSON.decode(VsockConfig.self, from: body))

@@ -64,6 +64,7 @@ public final class MetricsRecorder: @unchecked Sendable {
         case .putLogger: (group, name) = ("put_api_requests", "logger")
         case .putMetrics: (group, name) = ("put_api_requests", "metrics")
         case .putEntropy: (group, name) = ("put_api_requests", "entropy")
+        case .putCPUConfig: (group, name) = ("put_api_requests", "cpu_cfg")
         case .putSerial: (group, name) = ("put_api_requests", "serial")
         case .putVsock: (group, name) = ("put_api_requests", "vsock")
         case .putSnapshotCreate: (group, name) = ("put_api_requests", "create_snapshot")

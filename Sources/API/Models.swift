@@ -2,6 +2,7 @@
 // as Codable DTOs. Decoding is strict: unknown fields, missing required fields and wrong types
 // are errors naming the field. Semantic checks (ranges, ids, files) are in `validate()`.
 import FoundationEssentials
+import VMM
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -363,6 +364,128 @@ public struct EntropyDeviceConfig: Codable, Sendable, Equatable {
     }
 }
 
+/// `PUT /cpu-config` (`CpuConfig`, x86): Firecracker's custom CPU template. `cpuid_modifiers` change CPUID registers
+/// (`leaf`, `subleaf` as "0x…" strings or numbers, `flags`, `modifiers` of `register` and `bitmap`), `msr_modifiers` MSRs
+/// (`addr`, `bitmap`); a bitmap is `0b` then 0, 1 or x per bit, most significant first (`CPUTemplate.Bits`).
+/// `kvm_capabilities` lists `KVM_CAP_*` numbers the host must have ("N"), or that need not be checked ("!N").
+/// `vcpu_features` and `reg_modifiers` are aarch64's and refused.
+public struct CPUConfig: Codable, Sendable, Equatable {
+    public struct RegisterModifier: Codable, Sendable, Equatable {
+        public var register: String
+        public var bitmap: String
+        enum CodingKeys: String, CodingKey, CaseIterable { case register, bitmap }
+        public init(register: String, bitmap: String) { self.register = register; self.bitmap = bitmap }
+        public init(from decoder: any Decoder) throws {
+            let c = try decoder.strictContainer(keyedBy: CodingKeys.self)
+            register = try c.decode(String.self, forKey: .register)
+            bitmap = try c.decode(String.self, forKey: .bitmap)
+        }
+    }
+    public struct CPUIDModifier: Codable, Sendable, Equatable {
+        public var leaf: String
+        public var subleaf: String
+        public var flags: Int64
+        public var modifiers: [RegisterModifier]
+        enum CodingKeys: String, CodingKey, CaseIterable { case leaf, subleaf, flags, modifiers }
+        public init(leaf: String, subleaf: String, flags: Int64 = 0, modifiers: [RegisterModifier]) {
+            self.leaf = leaf; self.subleaf = subleaf; self.flags = flags; self.modifiers = modifiers
+        }
+        public init(from decoder: any Decoder) throws {
+            let c = try decoder.strictContainer(keyedBy: CodingKeys.self)
+            leaf = try CPUConfig.numberText(c, .leaf)
+            subleaf = try CPUConfig.numberText(c, .subleaf)
+            flags = try c.decodeIntegerIfPresent(Int64.self, forKey: .flags) ?? 0
+            modifiers = try c.decode([RegisterModifier].self, forKey: .modifiers)
+        }
+    }
+    public struct MSRModifier: Codable, Sendable, Equatable {
+        public var addr: String
+        public var bitmap: String
+        enum CodingKeys: String, CodingKey, CaseIterable { case addr, bitmap }
+        public init(addr: String, bitmap: String) { self.addr = addr; self.bitmap = bitmap }
+        public init(from decoder: any Decoder) throws {
+            let c = try decoder.strictContainer(keyedBy: CodingKeys.self)
+            addr = try CPUConfig.numberText(c, .addr)
+            bitmap = try c.decode(String.self, forKey: .bitmap)
+        }
+    }
+
+    public var kvmCapabilities: [String]?
+    public var cpuidModifiers: [CPUIDModifier]?
+    public var msrModifiers: [MSRModifier]?
+
+    enum CodingKeys: String, CodingKey, CaseIterable {
+        case kvmCapabilities = "kvm_capabilities", cpuidModifiers = "cpuid_modifiers", msrModifiers = "msr_modifiers"
+        case vcpuFeatures = "vcpu_features", regModifiers = "reg_modifiers"
+    }
+    public init(kvmCapabilities: [String]? = nil, cpuidModifiers: [CPUIDModifier]? = nil, msrModifiers: [MSRModifier]? = nil) {
+        self.kvmCapabilities = kvmCapabilities; self.cpuidModifiers = cpuidModifiers; self.msrModifiers = msrModifiers
+    }
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.strictContainer(keyedBy: CodingKeys.self)
+        for key in [CodingKeys.vcpuFeatures, .regModifiers] where c.contains(key) {
+            throw DecodingError.dataCorruptedError(forKey: key, in: c, debugDescription: "`\(key.stringValue)` is for aarch64 hosts; this is x86")
+        }
+        kvmCapabilities = try c.decodeIfPresent([String].self, forKey: .kvmCapabilities)
+        cpuidModifiers = try c.decodeIfPresent([CPUIDModifier].self, forKey: .cpuidModifiers)
+        msrModifiers = try c.decodeIfPresent([MSRModifier].self, forKey: .msrModifiers)
+    }
+    public func encode(to encoder: any Encoder) throws {
+        var c = encoder.container(keyedBy: CodingKeys.self)
+        try c.encodeIfPresent(kvmCapabilities, forKey: .kvmCapabilities)
+        try c.encodeIfPresent(cpuidModifiers, forKey: .cpuidModifiers)
+        try c.encodeIfPresent(msrModifiers, forKey: .msrModifiers)
+    }
+
+    /// A leaf, subleaf or address given as a string ("0x1", "1") or a JSON number, as text.
+    static func numberText<K: CodingKey>(_ c: KeyedDecodingContainer<K>, _ key: K) throws -> String {
+        if let s = try? c.decode(String.self, forKey: key) { return s }
+        return String(try c.decodeInteger(UInt64.self, forKey: key))
+    }
+
+    /// The VMM's template; each problem is a 400 naming the field and value.
+    public func template() throws(APIError) -> CPUTemplate {
+        func number(_ text: String, _ field: String, max: UInt64) throws(APIError) -> UInt64 {
+            let t = text.lowercased()
+            let v = t.hasPrefix("0x") ? UInt64(t.dropFirst(2), radix: 16) : UInt64(t)
+            guard let v, v <= max else { throw .badRequest("Invalid \(field) '\(text)': expected a number up to 0x\(String(max, radix: 16)) (decimal or 0x hex).") }
+            return v
+        }
+        func bits(_ bitmap: String, width: Int, field: String) throws(APIError) -> CPUTemplate.Bits {
+            do { return try CPUTemplate.Bits(bitmap: bitmap, width: width, what: field) } catch {
+                throw .badRequest("Invalid \(field) '\(bitmap)': a bitmap is 0b and up to \(width) digits 0, 1 or x.")
+            }
+        }
+        var t = CPUTemplate()
+        for m in cpuidModifiers ?? [] {
+            let leaf = UInt32(try number(m.leaf, "cpuid_modifiers leaf", max: UInt64(UInt32.max)))
+            let subleaf = UInt32(try number(m.subleaf, "cpuid_modifiers subleaf", max: UInt64(UInt32.max)))
+            guard m.flags == 0 || m.flags == 1 else {
+                throw .badRequest("Invalid cpuid_modifiers flags \(m.flags) of leaf \(m.leaf): expected 0 or 1 (KVM_CPUID_FLAG_SIGNIFCANT_INDEX).")
+            }
+            for r in m.modifiers {
+                guard let reg = CPUIDMask.Register(rawValue: r.register.lowercased()) else {
+                    throw .badRequest("Invalid cpuid_modifiers register '\(r.register)' of leaf \(m.leaf): expected eax, ebx, ecx or edx.")
+                }
+                t.cpuid.append(.init(leaf: leaf, subleaf: subleaf, register: reg,
+                                     bits: try bits(r.bitmap, width: 32, field: "cpuid_modifiers bitmap")))
+            }
+        }
+        for m in msrModifiers ?? [] {
+            let addr = UInt32(try number(m.addr, "msr_modifiers addr", max: UInt64(UInt32.max)))
+            t.msrs.append(.init(address: addr, bits: try bits(m.bitmap, width: 64, field: "msr_modifiers bitmap")))
+        }
+        for cap in kvmCapabilities ?? [] {
+            let negated = cap.hasPrefix("!")
+            guard let n = UInt32(negated ? String(cap.dropFirst()) : cap) else {
+                throw .badRequest("Invalid kvm_capabilities entry '\(cap)': expected a KVM_CAP_* number, or !number.")
+            }
+            if !negated { t.requiredCapabilities.append(n) }
+        }
+        return t
+    }
+}
+
 /// `PUT /vsock` (`Vsock`): a virtio-vsock device with CID `guest_cid` whose host side is the Unix
 /// socket `uds_path` (Firecracker's muxer: `CONNECT <port>` from the host, `<uds_path>_<port>` for
 /// connections from the guest). `vsock_id` is accepted and ignored, as Firecracker deprecated it.
@@ -425,6 +548,10 @@ public struct FullVMConfiguration: Codable, Sendable, Equatable {
     public var serial: SerialDeviceConfig?
     public var vsock: VsockConfig?
     public var balloon: BalloonConfig?
+    /// The custom CPU template (`GET /vm/config` reports it as an object).
+    public var cpuConfig: CPUConfig?
+    /// In a `--config-file`, Firecracker's `cpu-config` is the path of the template's JSON file.
+    public var cpuConfigPath: String?
 
     enum CodingKeys: String, CodingKey, CaseIterable {
         case bootSource = "boot-source", machineConfig = "machine-config", drives
@@ -433,7 +560,7 @@ public struct FullVMConfiguration: Codable, Sendable, Equatable {
         case balloon, vsock, mmdsConfig = "mmds-config", cpuConfig = "cpu-config", pmem
         case memoryHotplug = "memory-hotplug"
     }
-    static let unsupported: [CodingKeys] = [.mmdsConfig, .cpuConfig, .pmem, .memoryHotplug]
+    static let unsupported: [CodingKeys] = [.mmdsConfig, .pmem, .memoryHotplug]
 
     public init() { drives = []; networkInterfaces = [] }
 
@@ -455,6 +582,11 @@ public struct FullVMConfiguration: Codable, Sendable, Equatable {
         serial = try c.decodeIfPresent(SerialDeviceConfig.self, forKey: .serial)
         vsock = try c.decodeIfPresent(VsockConfig.self, forKey: .vsock)
         balloon = try c.decodeIfPresent(BalloonConfig.self, forKey: .balloon)
+        if let path = try? c.decodeIfPresent(String.self, forKey: .cpuConfig) {
+            cpuConfigPath = path
+        } else {
+            cpuConfig = try c.decodeIfPresent(CPUConfig.self, forKey: .cpuConfig)
+        }
     }
 
     /// Encodes as Firecracker does: every section present, absent ones as null.
@@ -463,7 +595,7 @@ public struct FullVMConfiguration: Codable, Sendable, Equatable {
         try c.encode(balloon, forKey: .balloon)
         try c.encode(drives, forKey: .drives)
         try c.encode(bootSource, forKey: .bootSource)
-        try c.encodeNil(forKey: .cpuConfig)
+        try c.encode(cpuConfig, forKey: .cpuConfig)
         try c.encode(logger, forKey: .logger)
         try c.encode(machineConfig, forKey: .machineConfig)
         try c.encode(metrics, forKey: .metrics)

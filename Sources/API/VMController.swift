@@ -147,6 +147,7 @@ public final class VMController: @unchecked Sendable {
         var drives: [DriveConfig] = []
         var networkInterfaces: [NetworkInterfaceConfig] = []
         var entropy: EntropyDeviceConfig?
+        var cpuConfig: CPUConfig?
         var serial: SerialDeviceConfig?
         var vsock: VsockConfig?
         var balloon: BalloonConfig?
@@ -224,6 +225,16 @@ public final class VMController: @unchecked Sendable {
         if let m = config.machineConfig { steps.append(.putMachineConfig(m)) }
         steps += config.drives.map { .putDrive($0) }
         steps += config.networkInterfaces.map { .putNetworkInterface($0) }
+        if let c = config.cpuConfig { steps.append(.putCPUConfig(c)) }
+        if let path = config.cpuConfigPath {
+            // Firecracker's config file names the template's JSON file.
+            guard let data = FileManager.default.contents(atPath: path), data.count <= 1 << 20 else {
+                throw APIError.badRequest("cpu-config from the config file: cannot read the CPU template \(path) (missing, unreadable or over 1 MiB).")
+            }
+            do { steps.append(.putCPUConfig(try StrictJSON.decode(CPUConfig.self, from: [UInt8](data)))) } catch {
+                throw APIError.badRequest("cpu-config from the config file: \(path): \(error.message)")
+            }
+        }
         if let e = config.entropy { steps.append(.putEntropy(e)) }
         if let s = config.serial { steps.append(.putSerial(s)) }
         if let v = config.vsock { steps.append(.putVsock(v)) }
@@ -375,6 +386,10 @@ public final class VMController: @unchecked Sendable {
             }
             do { try vm.setBalloonStatsInterval(UInt32(u.statsPollingIntervalS)) } catch { throw .badRequest("\(error).") }
             state.withLock { $0.resources.balloon?.statsPollingIntervalS = u.statsPollingIntervalS }
+        case .putCPUConfig(let c):
+            try requirePreBoot()
+            _ = try c.template()
+            state.withLock { $0.resources.cpuConfig = c }
         case .putEntropy(let e):
             try requirePreBoot()
             try e.rateLimiter?.validate("rate_limiter")
@@ -559,6 +574,7 @@ public final class VMController: @unchecked Sendable {
         c.drives = r.drives
         c.networkInterfaces = r.networkInterfaces
         c.entropy = r.entropy
+        c.cpuConfig = r.cpuConfig
         c.balloon = r.balloon
         c.serial = r.serial
         c.vsock = r.vsock
@@ -590,6 +606,7 @@ public final class VMController: @unchecked Sendable {
         }
         config.name = options.instanceID
         config.vsock = r.vsock.map { VsockSpec(guestCID: UInt64($0.guestCid), udsPath: $0.udsPath, id: $0.vsockId) }
+        config.cpuTemplate = try r.cpuConfig?.template()
         config.rng = r.entropy != nil
         config.rngRateLimit = r.entropy?.rateLimiter?.config
         if let b = r.balloon, b.amountMib > r.machineConfig.memSizeMib {

@@ -36,6 +36,11 @@ public final class KVMSystem: @unchecked Sendable {
         try ioctlValue(fd, CKVM_CHECK_EXTENSION, UInt(cap.rawValue), "KVM_CHECK_EXTENSION(\(cap))")
     }
 
+    /// `KVM_CHECK_EXTENSION` for a capability given by its number (`KVM_CAP_*`), e.g. from a CPU template.
+    public func checkExtension(number: UInt32) throws -> Int32 {
+        try ioctlValue(fd, CKVM_CHECK_EXTENSION, UInt(number), "KVM_CHECK_EXTENSION(\(number))")
+    }
+
     /// Size of the per-vCPU `kvm_run` mapping (`KVM_GET_VCPU_MMAP_SIZE`).
     public func vcpuMmapSize() throws -> Int {
         Int(try ioctlValue(fd, CKVM_GET_VCPU_MMAP_SIZE, 0, "KVM_GET_VCPU_MMAP_SIZE"))

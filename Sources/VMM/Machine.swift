@@ -172,6 +172,7 @@ public final class Machine: @unchecked Sendable {
 
         kvm = try KVMSystem()
         try Self.checkCPUCount(config.cpus, kvm: kvm)
+        try config.cpuTemplate?.checkCapabilities(kvm)
         vm = try kvm.createVM()
         // The host quirks first (the PVM fix-up's MSR filter): KVM_X86_SET_MSR_FILTER waits for an SRCU grace
         // period, which is expedited (tens of µs) on an idle VM but takes a scheduler tick or more (12-15 ms
@@ -232,7 +233,7 @@ public final class Machine: @unchecked Sendable {
         }
 
         vcpuManager = try VCPUManager(vm: vm, count: config.cpus, supportedCPUID: try kvm.supportedCPUID(),
-                                      quirks: self.quirks, cpuidMasks: config.cpuidMasks, entry: loaded.entry,
+                                      quirks: self.quirks, cpuidMasks: config.cpuidMasks, cpuTemplate: config.cpuTemplate, entry: loaded.entry,
                                       logger: logger)
         controller.parkForSuspend = { [gate = vcpuManager.gate] in gate.requestPause() }
         if case .firmware(let spec) = config.payload, let rom = firmwareROM { try setUpVariableStore(spec, romSize: rom.size) }

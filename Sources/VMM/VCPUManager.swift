@@ -44,15 +44,17 @@ final class VCPUManager: @unchecked Sendable {
     /// Creates `count` vCPUs with filtered CPUID, reset MSRs, LAPIC LVT0/LVT1 and FPU, and puts the
     /// loader's entry state into vCPU 0.
     init(vm: VirtualMachine, count: Int, supportedCPUID: [kvm_cpuid_entry2], quirks: any HostQuirks,
-         cpuidMasks: [CPUIDMask], entry: EntryState, logger: Logger) throws {
+         cpuidMasks: [CPUIDMask], cpuTemplate: CPUTemplate? = nil, entry: EntryState, logger: Logger) throws {
         var cpus: [VCPU] = []
         for id in 0..<count {
             let vcpu = try vm.createVCPU(id: UInt32(id))
             var cpuid = CPUIDFilter.filter(supportedCPUID, apicID: UInt32(id), cpuCount: count,
                                            hideCX16: quirks.hidesCX16, masks: cpuidMasks)
             cpuid = quirks.filterCPUID(cpuid)
+            try cpuTemplate?.apply(to: &cpuid)
             try vcpu.setCPUID(cpuid)
             try Self.setUpMSRs(vcpu, logger: logger)
+            try cpuTemplate?.applyMSRs(to: vcpu)
             try Self.setUpLAPIC(vcpu)
             try Self.setUpFPU(vcpu)
             if id == 0 {

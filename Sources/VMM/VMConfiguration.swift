@@ -149,6 +149,8 @@ public struct VMConfiguration: Codable, Sendable, Equatable {
     public var onReboot: RebootPolicy = .exit
     /// Extra CPUID bits to hide.
     public var cpuidMasks: [CPUIDMask] = []
+    /// A custom CPU template (`PUT /cpu-config`), applied after `cpuidMasks` and the VMM's MSR set-up.
+    public var cpuTemplate: CPUTemplate? = nil
     /// Print the registers of every vCPU when the VM stops.
     public var showRegs: Bool = false
     /// How a bzImage is entered (host-side decompression by default).

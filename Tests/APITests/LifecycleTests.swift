@@ -433,6 +433,62 @@ struct VMMProcessTests {
         #expect(Self.finish(q, seconds: 60) == 8)
     }
 
+    @Test("cpu-config (a custom CPU template) from a --config-file path: the guest sees the CPUID bit cleared and the MSR bits set; over the API bad templates are 400s naming the field, a leaf KVM lacks fails InstanceStart naming it, and after start it is refused",
+          .enabled(if: GuestSupport.hasKVM, "needs /dev/kvm"))
+    func cpuConfig() throws {
+        let program = try #require(GuestSupport.guestProgram("cpuid_msr"))
+        let dir = TempDir()
+        defer { dir.cleanup() }
+        func run(template: String?) throws -> String {
+            let serial = dir.path + "/serial-\(template == nil ? "plain" : "template")"
+            var json = #"{"boot-source": {"kernel_image_path": "\#(program)"}, "machine-config": {"vcpu_count": 1, "mem_size_mib": 64}, "serial": {"serial_out_path": "\#(serial)"}"#
+            if let template { json += #", "cpu-config": "\#(dir.file("cpu.json", contents: template))""# }
+            let p = try Self.launch(["vmm", "--no-api", "--config-file", dir.file("vm.json", contents: json + "}")])
+            #expect(Self.finish(p, seconds: 60) == 33, "\(Self.stderr(p))")
+            return (try? String(contentsOfFile: serial, encoding: .utf8)) ?? ""
+        }
+        func value(_ text: String, _ label: String) -> UInt64? {
+            text.split(separator: "\n").first { $0.hasPrefix("# \(label) ") }.flatMap { UInt64($0.split(separator: " ").last ?? "", radix: 16) }
+        }
+        // KVM_FEATURE_CLOCKSOURCE2 (bit 3 of leaf 0x40000001 EAX) cleared; IA32_MISC_ENABLE bits 11 and 12 set.
+        let template = #"""
+        {"kvm_capabilities": ["!56"],
+         "cpuid_modifiers": [{"leaf": "0x40000001", "subleaf": "0x0", "flags": 0, "modifiers": [{"register": "eax", "bitmap": "0b0xxx"}]}],
+         "msr_modifiers": [{"addr": "0x1a0", "bitmap": "0b11xxxxxxxxxxx"}]}
+        """#
+        let plain = try run(template: nil), templated = try run(template: template)
+        let before = try #require(value(plain, "kvm features eax"), "\(plain)"), after = try #require(value(templated, "kvm features eax"), "\(templated)")
+        #expect(before & 0x8 != 0 && after == before & ~0x8, "kvm features \(String(before, radix: 16)) → \(String(after, radix: 16))")
+        let misc = try #require(value(templated, "misc_enable"), "\(templated)")
+        #expect(misc & 0x1800 == 0x1800 && value(plain, "misc_enable").map { $0 & 0x1800 } == 0, "misc_enable \(String(misc, radix: 16))")
+
+        // Over the API.
+        let sock = dir.path + "/api.sock"
+        let q = try Self.launch(["vmm", "--api-sock", sock], stdout: dir.path + "/q.out")
+        defer { if q.isRunning { kill(q.processIdentifier, SIGKILL); q.waitUntilExit() } }
+        #expect(GuestSupport.wait(seconds: 20) { FileManager.default.fileExists(atPath: sock) })
+        let c = UnixHTTPClient(path: sock)
+        for (body, message) in [
+            (#"{"cpuid_modifiers": [{"leaf": "0x1", "subleaf": "0", "modifiers": [{"register": "esi", "bitmap": "0b1"}]}]}"#, "register 'esi'"),
+            (#"{"cpuid_modifiers": [{"leaf": "0x1", "subleaf": "0", "modifiers": [{"register": "eax", "bitmap": "0b12"}]}]}"#, "bitmap '0b12'"),
+            (#"{"msr_modifiers": [{"addr": "0x1a0", "bitmap": "0b\#(String(repeating: "1", count: 65))"}]}"#, "up to 64 digits"),
+            (#"{"kvm_capabilities": ["x"]}"#, "kvm_capabilities entry 'x'"),
+            (#"{"reg_modifiers": []}"#, "aarch64"),
+        ] {
+            let r = try c.send("PUT", "/cpu-config", body)
+            #expect(r.status == 400 && r.fault?.contains(message) == true, "\(body): \(r.body)")
+        }
+        #expect(try c.send("PUT", "/boot-source", #"{"kernel_image_path": "\#(program)"}"#).status == 204)
+        #expect(try c.send("PUT", "/cpu-config", #"{"cpuid_modifiers": [{"leaf": "0x7fff0000", "subleaf": "0", "modifiers": [{"register": "eax", "bitmap": "0b1"}]}]}"#).status == 204)
+        let start = try c.send("PUT", "/actions", #"{"action_type": "InstanceStart"}"#)
+        #expect(start.status == 400 && start.fault?.contains("leaf 0x7fff0000") == true, "\(start.body)")
+        #expect(try c.send("PUT", "/cpu-config", template).status == 204)
+        #expect(try c.send("GET", "/vm/config").body.contains("0b11xxxxxxxxxxx"))
+        #expect(try c.send("PUT", "/actions", #"{"action_type": "InstanceStart"}"#).status == 204)
+        #expect(try c.send("PUT", "/cpu-config", template).fault == "The requested operation is not supported after starting the microVM.")
+        #expect(Self.finish(q, seconds: 60) == 33)
+    }
+
     @Test("SIGTERM while the guest is paused stops it: status 143, socket removed",
           .enabled(if: GuestSupport.hasKVM && GuestSupport.ticker != nil, "needs /dev/kvm and guest/build/ticker.elf"))
     func sigtermWhilePaused() throws {

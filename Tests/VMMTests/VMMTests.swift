@@ -488,3 +488,29 @@ struct HostSafeCmdlineTests {
         #expect(DefaultGuest.addingHostSafeItems(to: "").line == DefaultGuest.hostSafeItems.joined(separator: " "))
     }
 }
+
+@Suite("CPU templates (cpu-config)")
+struct CPUTemplateTests {
+    @Test("bitmaps: 1 sets, 0 clears, x and the bits left of a short bitmap keep; bad digits and lengths are refused")
+    func bitmaps() throws {
+        let b = try CPUTemplate.Bits(bitmap: "0b1x0", width: 32, what: "t")
+        #expect(b.set == 0b100 && b.clear == 0b001)
+        #expect(b.apply(0xff) == 0xfe && b.apply(0x0) == 0x4)
+        #expect(try CPUTemplate.Bits(bitmap: "0b" + String(repeating: "1", count: 64), width: 64, what: "t").set == UInt64.max)
+        for bad in ["1x0", "0b", "0b102", "0b" + String(repeating: "x", count: 33)] {
+            #expect(throws: VMMError.self) { try CPUTemplate.Bits(bitmap: bad, width: 32, what: "t") }
+        }
+    }
+
+    @Test("CPUID modifiers change the register of the matching leaf and subleaf; a missing leaf is an error naming it")
+    func cpuid() throws {
+        var e1 = kvm_cpuid_entry2(); e1.function = 7; e1.index = 1; e1.ebx = 0xf0
+        var e0 = kvm_cpuid_entry2(); e0.function = 7; e0.index = 0; e0.ebx = 0xf0
+        var entries = [e0, e1]
+        let t = CPUTemplate(cpuid: [.init(leaf: 7, subleaf: 1, register: .ebx, bits: .init(set: 0x1, clear: 0x10))])
+        try t.apply(to: &entries)
+        #expect(entries[0].ebx == 0xf0 && entries[1].ebx == 0xe1)
+        let missing = CPUTemplate(cpuid: [.init(leaf: 0x99, subleaf: 0, register: .eax, bits: .init(set: 1, clear: 0))])
+        #expect { try missing.apply(to: &entries) } throws: { "\($0)".contains("leaf 0x99 subleaf 0x0") }
+    }
+}

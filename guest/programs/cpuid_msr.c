@@ -30,6 +30,11 @@ int main(void) {
         memcpy(hv, &h[1], 4); memcpy(hv + 4, &h[2], 4); memcpy(hv + 8, &h[3], 4); hv[12] = 0;
         for (int i = 0; i < 12; i++) if (hv[i] && (hv[i] < 0x20 || hv[i] >= 0x7f)) hv[i] = '?';
         rt_printf("# hypervisor leaf %x: \"%s\"\n", h[0], hv);
+        if (h[0] >= 0x40000001) {
+            uint32_t f[4];
+            cpuid(0x40000001, 0, f);
+            rt_printf("# kvm features eax %x\n", f[0]);
+        }
         tcg = !memcmp(hv, "TCGTCGTCGTCG", 12);
     }
 
@@ -48,6 +53,8 @@ int main(void) {
         rt_printf("# brand \"%s\"\n", brand);
     }
 
+    uint64_t misc = 0;
+    if (!rt_rdmsr_safe(0x1a0, &misc)) rt_printf("# misc_enable %lx\n", misc);
     uint64_t apic = rdmsr(MSR_APIC_BASE);
     rt_check("msr-apic-base", (apic & 0xfffff000) == 0xfee00000 && (apic & 0x100) && (apic & 0x800),
              "IA32_APIC_BASE %lx (base fee00000, BSP, enabled expected)", apic);
