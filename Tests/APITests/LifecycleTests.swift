@@ -489,6 +489,32 @@ struct VMMProcessTests {
         #expect(Self.finish(q, seconds: 60) == 33)
     }
 
+    @Test("a Python client written from Firecracker's API spec (guest/tools/fcclient.py) drives the `firecracker` alias through describe, configure, start, pause, snapshot, resume, a bad request and stop",
+          .enabled(if: GuestSupport.hasKVM && GuestSupport.ticker != nil, "needs /dev/kvm and guest/build/ticker.elf"),
+          .enabled(if: FileManager.default.isExecutableFile(atPath: "/usr/bin/python3"), "needs python3"))
+    func pythonClient() throws {
+        let dir = TempDir()
+        defer { dir.cleanup() }
+        let firecracker = dir.path + "/firecracker"
+        try FileManager.default.createSymbolicLink(atPath: firecracker, withDestinationPath: GuestSupport.swiftkvm!)
+        let sock = dir.path + "/fc.sock"
+        let vmm = try Self.launch(["--api-sock", sock], executable: firecracker, stdout: dir.path + "/serial")
+        defer { if vmm.isRunning { kill(vmm.processIdentifier, SIGKILL); vmm.waitUntilExit() } }
+        #expect(GuestSupport.wait(seconds: 20) { FileManager.default.fileExists(atPath: sock) })
+        let client = GuestSupport.packageRoot.appendingPathComponent("guest/tools/fcclient.py").path
+        let out = dir.path + "/client.out"
+        let py = try Self.launch([client, sock, GuestSupport.ticker!, GuestSupport.tickerArgs(ticks: 0), dir.path],
+                                 executable: "/usr/bin/python3", stdout: out)
+        let status = Self.finish(py, seconds: 120)
+        let text = (try? String(contentsOfFile: out, encoding: .utf8)) ?? ""
+        #expect(status == 0, "client: \(text)\(Self.stderr(py))")
+        let steps = ["describe-instance", "version", "boot-source", "machine-config", "machine-config-get", "start", "running",
+                     "pause", "paused", "snapshot-create", "snapshot-files", "resume", "config", "bad-request", "stop"]
+        #expect(text.split(separator: "\n").map(String.init) == steps.map { "ok " + $0 }, "\(text)")
+        #expect(Self.finish(vmm, seconds: 60) == 8, "the guest's reset ends the VMM")
+        #expect(GuestSupport.ticks(in: dir.path + "/serial") >= 1)
+    }
+
     @Test("SIGTERM while the guest is paused stops it: status 143, socket removed",
           .enabled(if: GuestSupport.hasKVM && GuestSupport.ticker != nil, "needs /dev/kvm and guest/build/ticker.elf"))
     func sigtermWhilePaused() throws {
