@@ -144,7 +144,7 @@ public final class PCIRoot: Sendable {
         let pcir = Int(image[0x18]) | Int(image[0x19]) << 8
         guard pcir >= 0x1a, pcir + 8 <= image.count, Array(image[pcir..<(pcir + 4)]) == Array("PCIR".utf8) else { return image }
         let length = min(image.count, Int(image[2]) * 512)
-        let checksumValid = length > pcir + 8 && image[0..<length].reduce(0, &+) == 0
+        let checksumValid = length >= pcir + 8 && image[0..<length].reduce(0, &+) == 0
         var out = image
         out[pcir + 4] = UInt8(vendorID & 0xff); out[pcir + 5] = UInt8(vendorID >> 8)
         out[pcir + 6] = UInt8(deviceID & 0xff); out[pcir + 7] = UInt8(deviceID >> 8)

@@ -412,6 +412,7 @@ struct IRETEmulationTests {
         0x08: [0xff, 0xff, 0, 0, 0, 0x9a, 0xcf, 0], 0x10: [0xff, 0xff, 0, 0, 0, 0x92, 0xcf, 0],
         0x18: [0xff, 0xff, 0, 0, 0, 0xfa, 0xcf, 0], 0x20: [0xff, 0xff, 0, 0, 0, 0xf2, 0xcf, 0],
         0x28: [0xff, 0xff, 0, 0, 0, 0x1a, 0xcf, 0],   // not present
+        0x30: [0xff, 0xff, 0, 0, 0, 0x9a, 0x00, 0],   // 16-bit code, limit 0xffff
     ]
     static func descriptor(_ sel: UInt16) -> [UInt8]? { gdt[sel & 0xfff8] }
     static func words(_ w: [UInt32]) -> [UInt8] { w.flatMap { v in (0..<4).map { UInt8(truncatingIfNeeded: v >> (8 * $0)) } } }
@@ -453,9 +454,10 @@ struct IRETEmulationTests {
 
     @Test("bad selectors raise #GP(selector); NT, virtual-8086 returns and LDT selectors are not emulated; an inner level is #GP")
     func refused() {
-        #expect(run(Self.words([0x1, 0x30, 0x2])) == .generalProtection(0x30), "outside the GDT")
+        #expect(run(Self.words([0x1, 0x38, 0x2])) == .generalProtection(0x38), "outside the GDT")
         #expect(run(Self.words([0x1, 0x10, 0x2])) == .generalProtection(0x10), "a data segment")
-        #expect(run(Self.words([0x1, 0x28, 0x2])) == .generalProtection(0x28), "not present")
+        #expect(run(Self.words([0x1, 0x28, 0x2])) == .fault(vector: 11, code: 0x28), "not present: #NP")
+        #expect(run(Self.words([0x1_0000, 0x30, 0x2])) == .generalProtection(0), "EIP beyond a 64 KiB code segment's limit")
         #expect(run(Self.words([0x1, 0x00, 0x2])) == .generalProtection(0))
         #expect(run(Self.words([0x1, 0x08, 0x2]), cpl: 3) == .generalProtection(0x08), "ring 3 cannot return to ring 0")
         #expect(run(Self.words([0x1, 0x1b, 0x2, 0x8000, 0x10])) == .generalProtection(0x10), "SS RPL must be the new CPL")

@@ -10,7 +10,8 @@ import GuestMemory
 /// stack, and data segments the new level may not use made null), through GDT descriptors, with
 /// the SDM's rules for which EFLAGS bits the old CPL may change. Not emulated (the failure is then
 /// reported with its bytes): nested-task returns (NT), returns to virtual-8086 mode, LDT selectors,
-/// long mode. A descriptor that fails the checks raises #GP(selector), as hardware does.
+/// long mode. A descriptor that fails the checks raises #GP(selector), a not-present one #NP or #SS, an EIP
+/// beyond the CS limit #GP(0), as hardware does; the return ends NMI blocking.
 enum IRETEmulation {
     /// What to do.
     enum Outcome: Equatable {
@@ -18,6 +19,8 @@ enum IRETEmulation {
         case load(rip: UInt64, rsp: UInt64, rflags: UInt64, cs: Segment, ss: Segment?, nullDataSegments: [Bool])
         /// Raise #GP with this error code.
         case generalProtection(UInt32)
+        /// Raise this fault (#NP 11, #SS 12) with this error code.
+        case fault(vector: UInt8, code: UInt32)
         /// Not a form emulated here.
         case unsupported(String)
 
@@ -76,15 +79,17 @@ enum IRETEmulation {
         let cs = decode(d, selector: selector)
         guard cs.s, cs.type & 8 != 0 else { return gp }                              // a code segment
         guard cs.type & 4 != 0 ? cs.dpl <= rpl : cs.dpl == rpl else { return gp }    // conforming or not
-        guard cs.present else { return .generalProtection(UInt32(selector & 0xfffc)) }
-        guard !cs.l else { return .unsupported("a return to a 64-bit code segment") }
+        guard cs.present else { return .fault(vector: 11, code: UInt32(selector & 0xfffc)) }   // #NP(selector)
+        // Outside long mode the L bit means nothing. The new EIP (of the operand size) must lie within CS's limit.
+        let eip = operand32 ? newIP & 0xffff_ffff : newIP & 0xffff
+        guard eip <= UInt64(cs.limit) else { return .generalProtection(0) }
         let flags = flags(current: rflags, popped: popped, cpl: cpl, operand32: operand32)
         let frame = UInt64(3 * w)
         func advanced(_ n: UInt64) -> UInt64 {
             stackIs32 ? (rsp &+ n) & 0xffff_ffff : (rsp & ~0xffff) | ((rsp &+ n) & 0xffff)
         }
         if rpl == cpl {
-            return .load(rip: newIP, rsp: advanced(frame), rflags: flags, cs: cs, ss: nil,
+            return .load(rip: eip, rsp: advanced(frame), rflags: flags, cs: cs, ss: nil,
                          nullDataSegments: Array(repeating: false, count: dataSegments.count))
         }
         // An outer level: ESP and SS from the stack too.
@@ -94,10 +99,10 @@ enum IRETEmulation {
         guard ssSelector & 0xfffc != 0, ssSelector & 4 == 0, UInt8(ssSelector & 3) == rpl, let sd = descriptor(ssSelector) else { return ssGP }
         let ss = decode(sd, selector: ssSelector)
         guard ss.s, ss.type & 0xa == 0x2, ss.dpl == rpl else { return ssGP }          // a writable data segment
-        guard ss.present else { return .unsupported("a not-present stack segment (#SS)") }
+        guard ss.present else { return .fault(vector: 12, code: UInt32(ssSelector & 0xfffc)) }   // #SS(selector)
         // Data segments (and non-conforming code) more privileged than the new level become null.
         let nulls = dataSegments.map { s in s.present && s.selector & 0xfffc != 0 && (s.type & 8 == 0 || s.type & 4 == 0) && s.dpl < rpl }
-        return .load(rip: newIP, rsp: ss.db ? newSP & 0xffff_ffff : newSP & 0xffff, rflags: flags, cs: cs, ss: ss,
+        return .load(rip: eip, rsp: ss.db ? newSP & 0xffff_ffff : newSP & 0xffff, rflags: flags, cs: cs, ss: ss,
                      nullDataSegments: nulls)
     }
 }
@@ -112,7 +117,7 @@ extension IRETEmulation.Segment {
         var k = kvm_segment()
         k.selector = selector; k.base = base; k.limit = limit; k.type = type
         k.s = s ? 1 : 0; k.dpl = dpl; k.present = present ? 1 : 0; k.db = db ? 1 : 0; k.g = g ? 1 : 0
-        k.l = l ? 1 : 0; k.avl = avl ? 1 : 0; k.unusable = present ? 0 : 1
+        k.l = 0; k.avl = avl ? 1 : 0; k.unusable = present ? 0 : 1
         return k
     }
 }
@@ -148,7 +153,7 @@ extension PVMQuirks {
         // This host delivers interrupts and exceptions in protected mode with the frame pushed at the linear
         // address ESP, ignoring the SS base (measured with iPXE, whose stack segment is based at its load
         // address). Where the frame at SS:ESP is not a valid return, the host's is taken.
-        if sregs.ss.base != 0, !outcome.loads, decide(at: sp).loads {
+        if sregs.ss.base != 0, sregs.ss.dpl == 0, !outcome.loads, decide(at: sp).loads {
             outcome = decide(at: sp)
             count("iret frame without the SS base")
         }
@@ -156,6 +161,9 @@ extension PVMQuirks {
         case .unsupported(let why):
             logger.error("pvm: iret at rip 0x\(String(regs.rip, radix: 16)) not emulated: \(why)")
             return false
+        case .fault(let vector, let code):
+            try vcpu.injectException(vector: vector, errorCode: code)
+            count("iret → #\(vector == 11 ? "NP" : "SS")")
         case .generalProtection(let code):
             logger.debug("pvm: iret at rip 0x\(String(regs.rip, radix: 16)): #GP(0x\(String(code, radix: 16))); stack at SS:ESP \(read((sregs.ss.base &+ sp) & 0xffff_ffff, 12)), at ESP \(read(sp, 12)), rflags 0x\(String(regs.rflags, radix: 16))")
             try vcpu.injectException(vector: 13, errorCode: code)
@@ -174,6 +182,13 @@ extension PVMQuirks {
             regs.rflags = rflags
             try vcpu.setSregs(s)
             try vcpu.setRegs(regs)
+            // iret ends NMI blocking (KVM's real-mode iret does the same); a pending NMI stays pending.
+            var events = try vcpu.getVCPUEvents()
+            if events.nmi.masked != 0 {
+                events.nmi.masked = 0
+                events.flags = 0
+                try vcpu.setVCPUEvents(events)
+            }
             count("iret")
         }
         return true
