@@ -116,7 +116,7 @@ struct ParsingTests {
 
     @Test("unimplemented endpoints say 'not supported yet'")
     func unsupported() {
-        for (m, p) in [("PUT", "/mmds"), ("PUT", "/cpu-config"), ("PUT", "/pmem/x")] {
+        for (m, p) in [("PUT", "/mmds"), ("PUT", "/hotplug/memory"), ("PUT", "/pmem/x")] {
             let e = fault(m, p, m == "GET" ? nil : "{}")
             #expect(e?.status == 400)
             #expect(e?.message.contains("not supported yet") == true, "\(m) \(p): \(String(describing: e))")
