@@ -271,7 +271,9 @@ public struct APIConnectionLimits: Sendable, Equatable {
     /// A connection that sends nothing for this long while no request of it is in progress is closed.
     public var idleTimeout: TimeAmount
 
-    public init(maxConnections: Int = 64, idleTimeout: TimeAmount = .seconds(60)) {
+    /// The default idle timeout is long (Firecracker never closes idle API connections; keep-alive clients reuse
+    /// theirs), the cap is what protects against floods.
+    public init(maxConnections: Int = 64, idleTimeout: TimeAmount = .seconds(300)) {
         self.maxConnections = max(1, maxConnections)
         self.idleTimeout = idleTimeout
     }

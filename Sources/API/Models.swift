@@ -446,9 +446,9 @@ public struct CPUConfig: Codable, Sendable, Equatable {
     /// The VMM's template; each problem is a 400 naming the field and value.
     public func template() throws(APIError) -> CPUTemplate {
         func number(_ text: String, _ field: String, max: UInt64) throws(APIError) -> UInt64 {
-            let t = text.lowercased()
-            let v = t.hasPrefix("0x") ? UInt64(t.dropFirst(2), radix: 16) : UInt64(t)
-            guard let v, v <= max else { throw .badRequest("Invalid \(field) '\(text)': expected a number up to 0x\(String(max, radix: 16)) (decimal or 0x hex).") }
+            let t = text.lowercased().filter { $0 != "_" }
+            let v = t.hasPrefix("0x") ? UInt64(t.dropFirst(2), radix: 16) : t.hasPrefix("0b") ? UInt64(t.dropFirst(2), radix: 2) : UInt64(t)
+            guard let v, v <= max else { throw .badRequest("Invalid \(field) '\(text)': expected a number up to 0x\(String(max, radix: 16)) (decimal, 0x hex or 0b binary).") }
             return v
         }
         func bits(_ bitmap: String, width: Int, field: String) throws(APIError) -> CPUTemplate.Bits {
@@ -460,8 +460,9 @@ public struct CPUConfig: Codable, Sendable, Equatable {
         for m in cpuidModifiers ?? [] {
             let leaf = UInt32(try number(m.leaf, "cpuid_modifiers leaf", max: UInt64(UInt32.max)))
             let subleaf = UInt32(try number(m.subleaf, "cpuid_modifiers subleaf", max: UInt64(UInt32.max)))
-            guard m.flags == 0 || m.flags == 1 else {
-                throw .badRequest("Invalid cpuid_modifiers flags \(m.flags) of leaf \(m.leaf): expected 0 or 1 (KVM_CPUID_FLAG_SIGNIFCANT_INDEX).")
+            // KVM_CPUID_FLAG_SIGNIFCANT_INDEX, _STATEFUL_FUNC, _STATE_READ_NEXT: the entry KVM reports keeps its own.
+            guard (0...7).contains(m.flags) else {
+                throw .badRequest("Invalid cpuid_modifiers flags \(m.flags) of leaf \(m.leaf): expected a combination of 1, 2 and 4 (KVM_CPUID_FLAG_*).")
             }
             for r in m.modifiers {
                 guard let reg = CPUIDMask.Register(rawValue: r.register.lowercased()) else {

@@ -228,10 +228,11 @@ public final class VMController: @unchecked Sendable {
         if let c = config.cpuConfig { steps.append(.putCPUConfig(c)) }
         if let path = config.cpuConfigPath {
             // Firecracker's config file names the template's JSON file.
-            guard let data = FileManager.default.contents(atPath: path), data.count <= 1 << 20 else {
-                throw APIError.badRequest("cpu-config from the config file: cannot read the CPU template \(path) (missing, unreadable or over 1 MiB).")
+            let data: [UInt8]
+            do { data = try Machine.readFile(path, limit: 1 << 20, what: "CPU template") } catch {
+                throw APIError.badRequest("cpu-config from the config file: cannot read the CPU template: \(error)")
             }
-            do { steps.append(.putCPUConfig(try StrictJSON.decode(CPUConfig.self, from: [UInt8](data)))) } catch {
+            do { steps.append(.putCPUConfig(try StrictJSON.decode(CPUConfig.self, from: data))) } catch {
                 throw APIError.badRequest("cpu-config from the config file: \(path): \(error.message)")
             }
         }

@@ -4,7 +4,7 @@ import KVM
 /// applied to every vCPU after the VMM's own CPUID filter and MSR set-up.
 ///
 /// A modifier is Firecracker's bitmap, `0b` then up to 32 (CPUID) or 64 (MSR) characters `0`, `1` or `x`, most
-/// significant first and right-aligned: a `0` clears its bit, a `1` sets it, an `x` (and every bit left of a
+/// significant first and right-aligned (`_` may separate groups): a `0` clears its bit, a `1` sets it, an `x` (and every bit left of a
 /// shorter bitmap) keeps the VMM's value.
 public struct CPUTemplate: Codable, Sendable, Equatable {
     /// Bits to set and to clear in a value.
@@ -20,7 +20,7 @@ public struct CPUTemplate: Codable, Sendable, Equatable {
         public init(bitmap: String, width: Int, what: String) throws {
             func bad(_ why: String) -> VMMError { .invalidValue(what: what, value: bitmap, reason: why) }
             guard bitmap.hasPrefix("0b") else { throw bad("a bitmap starts with 0b") }
-            let body = bitmap.dropFirst(2)
+            let body = bitmap.dropFirst(2).filter { $0 != "_" }   // '_' separates groups, as in Firecracker's templates
             guard !body.isEmpty, body.count <= width else { throw bad("a bitmap has 1 to \(width) digits") }
             var set: UInt64 = 0, clear: UInt64 = 0
             for (i, ch) in body.reversed().enumerated() {

@@ -34,13 +34,35 @@ public enum DefaultGuest {
         return String(item[..<eq])
     }
 
-    /// `line` with each of `hostSafeItems` appended whose key it does not set yet (a guest's own `clearcpuid=`,
-    /// `initcall_blacklist=` or `mitigations=` wins), and the items added.
+    /// Items whose values are comma lists that the host's values extend rather than replace.
+    static let listItems: Set<String> = ["clearcpuid", "initcall_blacklist"]
+
+    /// `line` with each of `hostSafeItems` it lacks inserted before any ` -- ` (what follows it is init's), a
+    /// guest's own `clearcpuid=` or `initcall_blacklist=` extended by the host's values it lacks, any other item the
+    /// guest sets left as it is; and what was added.
     public static func addingHostSafeItems(to line: String) -> (line: String, added: [String]) {
-        let present = Set(line.split(separator: " ").map { itemKey($0) })
-        let added = hostSafeItems.filter { !present.contains(itemKey($0)) }
+        var words = line.split(separator: " ", omittingEmptySubsequences: true).map(String.init)
+        let end = words.firstIndex(of: "--") ?? words.endIndex
+        var added: [String] = []
+        var inserted: [String] = []
+        for item in hostSafeItems {
+            let key = itemKey(item)
+            guard let i = words[..<end].firstIndex(where: { itemKey($0) == key }) else {
+                inserted.append(item)
+                added.append(item)
+                continue
+            }
+            guard listItems.contains(key) else { continue }
+            let have = Set(words[i].dropFirst(key.count + 1).split(separator: ",").map(String.init))
+            let missing = item.dropFirst(key.count + 1).split(separator: ",").map(String.init).filter { !have.contains($0) }
+            guard !missing.isEmpty else { continue }
+            words[i] += (have.isEmpty ? "" : ",") + missing.joined(separator: ",")
+            if !words[i].contains("=") { words[i] = key + "=" + missing.joined(separator: ",") }
+            added.append("\(key)+=\(missing.joined(separator: ","))")
+        }
         guard !added.isEmpty else { return (line, []) }
-        return (([line].filter { !$0.isEmpty } + added).joined(separator: " "), added)
+        words.insert(contentsOf: inserted, at: end)
+        return (words.joined(separator: " "), added)
     }
 
     /// The default command line, plus `swiftkvm.modules=1` when the machine has virtio devices: the

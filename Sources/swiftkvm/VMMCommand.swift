@@ -43,8 +43,8 @@ struct VMMCommand: ParsableCommand {
     var apiSockMode: String = "600"
     @Option(name: .customLong("api-max-connections"), help: "API connections kept open at most; a new one closes the one idle longest (default 64).")
     var apiMaxConnections: Int = 64
-    @Option(name: .customLong("api-idle-timeout"), help: "Seconds after which an API connection that sends nothing (and waits for no answer) is closed (default 60).")
-    var apiIdleTimeout: Int = 60
+    @Option(name: .customLong("api-idle-timeout"), help: "Seconds after which an API connection that sends nothing (and waits for no answer) is closed (default 300).")
+    var apiIdleTimeout: Int = 300
     @Option(name: .customLong("console-sock"), help: "Serve the serial console on this Unix socket (must not exist); clients get the output and type the input.")
     var consoleSock: String?
     @Option(name: .customLong("serial-log"), help: "Append the serial output to this file instead of stdout.")

@@ -446,7 +446,7 @@ struct VMMProcessTests {
         // KVM_FEATURE_CLOCKSOURCE2 (bit 3 of leaf 0x40000001 EAX) cleared; IA32_MISC_ENABLE bits 11 and 12 set.
         let template = #"""
         {"kvm_capabilities": ["!56"],
-         "cpuid_modifiers": [{"leaf": "0x40000001", "subleaf": "0x0", "flags": 0, "modifiers": [{"register": "eax", "bitmap": "0b0xxx"}]}],
+         "cpuid_modifiers": [{"leaf": "0x40000001", "subleaf": "0b0", "flags": 0, "modifiers": [{"register": "eax", "bitmap": "0b0_xxx"}]}],
          "msr_modifiers": [{"addr": "0x1a0", "bitmap": "0b11xxxxxxxxxxx"}]}
         """#
         let plain = try run(template: nil), templated = try run(template: template)

@@ -484,8 +484,13 @@ struct HostSafeCmdlineTests {
         #expect(added.contains("noxsave") && added.contains { $0.hasPrefix("clearcpuid=") } && added.contains { $0.hasPrefix("initcall_blacklist=") })
         #expect(!added.contains { $0.hasPrefix("console=") || $0.hasPrefix("panic=") || $0.hasPrefix("reboot=") })
         #expect(!line.contains("panic=-1"))
-        let own = DefaultGuest.addingHostSafeItems(to: "clearcpuid=popcnt noxsave")
-        #expect(!own.added.contains { $0.hasPrefix("clearcpuid=") || $0 == "noxsave" } && own.line.hasPrefix("clearcpuid=popcnt noxsave "))
+        let own = DefaultGuest.addingHostSafeItems(to: "clearcpuid=popcnt,avx noxsave mitigations=auto")
+        #expect(own.line.hasPrefix("clearcpuid=popcnt,avx,fsgsbase,smap,"), "the guest's list extended: \(own.line)")
+        #expect(own.added.contains { $0.hasPrefix("clearcpuid+=fsgsbase,") } && !own.added.contains("noxsave"))
+        #expect(own.line.contains("mitigations=auto") && !own.line.contains("mitigations=off"), "the guest's own value wins")
+        let initArgs = DefaultGuest.addingHostSafeItems(to: "console=ttyS0 -- single noxsave")
+        #expect(initArgs.line.hasPrefix("console=ttyS0 tsc=reliable noxsave") && initArgs.line.hasSuffix(" -- single noxsave"),
+                "inserted before init's arguments: \(initArgs.line)")
         #expect(DefaultGuest.addingHostSafeItems(to: DefaultGuest.cmdline).added.isEmpty)
         #expect(DefaultGuest.addingHostSafeItems(to: "").line == DefaultGuest.hostSafeItems.joined(separator: " "))
     }
@@ -499,6 +504,7 @@ struct CPUTemplateTests {
         #expect(b.set == 0b100 && b.clear == 0b001)
         #expect(b.apply(0xff) == 0xfe && b.apply(0x0) == 0x4)
         #expect(try CPUTemplate.Bits(bitmap: "0b" + String(repeating: "1", count: 64), width: 64, what: "t").set == UInt64.max)
+        #expect(try CPUTemplate.Bits(bitmap: "0b1x_0000", width: 32, what: "t") == CPUTemplate.Bits(set: 0x20, clear: 0xf), "'_' separates groups")
         for bad in ["1x0", "0b", "0b102", "0b" + String(repeating: "x", count: 33)] {
             #expect(throws: VMMError.self) { try CPUTemplate.Bits(bitmap: bad, width: 32, what: "t") }
         }
