@@ -279,22 +279,23 @@ public struct APIConnectionLimits: Sendable, Equatable {
     }
 }
 
-/// The open API connections, with when each was last active and whether it waits for an answer. Used only on the
-/// server's one event loop (NIO calls every method there), hence unchecked.
-final class APIConnectionTracker: @unchecked Sendable {
+/// The open connections of a one-event-loop NIO server (the API's, the daemon's), with when each was last active
+/// and whether it is busy (waits for an answer, or streams). Used only on that event loop (NIO calls every method
+/// there), hence unchecked.
+public final class APIConnectionTracker: @unchecked Sendable {
     private struct Entry {
         let channel: any Channel
         var lastActive: NIODeadline
         var busy: Bool
     }
-    let limit: Int
+    public let limit: Int
     private var entries: [ObjectIdentifier: Entry] = [:]
 
-    init(limit: Int) { self.limit = limit }
+    public init(limit: Int) { self.limit = limit }
 
     /// A new connection: when the limit is reached, the connection idle longest is closed first (a busy one only
     /// when every one is busy, the oldest of them).
-    func admit(_ channel: any Channel) {
+    public func admit(_ channel: any Channel) {
         if entries.count >= limit {
             let idle = entries.values.filter { !$0.busy }
             if let victim = (idle.isEmpty ? Array(entries.values) : idle).min(by: { $0.lastActive < $1.lastActive }) {
@@ -309,7 +310,7 @@ final class APIConnectionTracker: @unchecked Sendable {
     }
 
     /// Records activity on `channel`.
-    func touch(_ channel: any Channel, busy: Bool) {
+    public func touch(_ channel: any Channel, busy: Bool) {
         let id = ObjectIdentifier(channel)
         guard entries[id] != nil else { return }
         entries[id]!.lastActive = .now()
@@ -317,7 +318,7 @@ final class APIConnectionTracker: @unchecked Sendable {
     }
 
     /// How many connections are open.
-    var count: Int { entries.count }
+    public var count: Int { entries.count }
 }
 
 extension ChannelHandlerContext {

@@ -2,6 +2,7 @@ import FoundationEssentials
 #if canImport(Glibc)
 import Glibc
 #endif
+import API
 import Devices
 import Logging
 
@@ -18,6 +19,8 @@ public final class Daemon: @unchecked Sendable {
         public var socketPath: String?
         /// The version reported by `GET /`.
         public var version = "0.1.0"
+        /// The socket's connection bounds (`--max-connections`, `--idle-timeout`).
+        public var limits = APIConnectionLimits(maxConnections: 256, idleTimeout: .seconds(300))
         public init(stateDirectory: String) { manager = VMManager.Options(stateDirectory: stateDirectory) }
     }
 
@@ -46,7 +49,7 @@ public final class Daemon: @unchecked Sendable {
             let manager = try VMManager(options: options.manager)
             self.manager = manager
             manager.load()
-            let server = DaemonServer(socketPath: socketPath, manager: manager, version: options.version)
+            let server = DaemonServer(socketPath: socketPath, manager: manager, version: options.version, limits: options.limits)
             try server.start()
             self.server = server
             options.manager.logger.info("swiftkvm daemon (pid \(getpid())) listening on \(socketPath), state in \(paths.root)")

@@ -28,11 +28,16 @@ public final class DaemonServer: @unchecked Sendable {
     /// Requests handled at once; more wait in order.
     public static let workerCount = 20
     private var channel: (any Channel)?
+    /// Connection bounds: at most `maxConnections` open (a new one closes the connection idle longest; event
+    /// streams and requests in progress last), and one silent for `idleTimeout` with nothing in progress is closed.
+    public let limits: APIConnectionLimits
 
-    public init(socketPath: String, manager: VMManager, version: String) {
+    public init(socketPath: String, manager: VMManager, version: String,
+                limits: APIConnectionLimits = APIConnectionLimits(maxConnections: 256, idleTimeout: .seconds(300))) {
         self.socketPath = socketPath
         self.manager = manager
         self.version = version
+        self.limits = limits
     }
 
     /// Binds the socket (a stale socket is replaced: the caller holds the daemon lock; any other
@@ -51,12 +56,16 @@ public final class DaemonServer: @unchecked Sendable {
         let router = DaemonRouter(manager: manager, version: version)
         let workers = self.workers
         workers.start()
+        let tracker = APIConnectionTracker(limit: limits.maxConnections)
+        let idle = limits.idleTimeout
         let bootstrap = ServerBootstrap(group: group)
             .serverChannelOption(ChannelOptions.backlog, value: 64)
             .childChannelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
+                    tracker.admit(channel)
+                    try channel.pipeline.syncOperations.addHandler(IdleStateHandler(readTimeout: idle))
                     try channel.pipeline.syncOperations.configureHTTPServerPipeline(withErrorHandling: true)
-                    try channel.pipeline.syncOperations.addHandler(DaemonHTTPHandler(router: router, workers: workers))
+                    try channel.pipeline.syncOperations.addHandler(DaemonHTTPHandler(router: router, workers: workers, tracker: tracker))
                 }
             }
         do {
@@ -296,13 +305,29 @@ final class DaemonHTTPHandler: ChannelInboundHandler, @unchecked Sendable {
     private var rejected = false
     private var subscription: UInt64?
     private let workers: NIOThreadPool
+    private let tracker: APIConnectionTracker?
+    /// Requests dispatched and not yet answered.
+    private var inFlight = 0
+    /// Whether the connection has something in progress: a request, an answer due, or an event stream.
+    private var busy: Bool { inFlight > 0 || head != nil || subscription != nil }
 
-    init(router: DaemonRouter, workers: NIOThreadPool) {
+    init(router: DaemonRouter, workers: NIOThreadPool, tracker: APIConnectionTracker? = nil) {
         self.router = router
         self.workers = workers
+        self.tracker = tracker
+    }
+
+    /// A connection silent for the idle timeout is closed unless something is in progress on it.
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if event is IdleStateHandler.IdleStateEvent {
+            if !busy { context.close(promise: nil) }
+            return
+        }
+        context.fireUserInboundEventTriggered(event)
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        tracker?.touch(context.channel, busy: busy)
         switch unwrapInboundIn(data) {
         case .head(let h):
             guard subscription == nil else {
@@ -334,10 +359,17 @@ final class DaemonHTTPHandler: ChannelInboundHandler, @unchecked Sendable {
             let router = self.router, method = head.method.rawValue, uri = head.uri, bytes = body
             let keepAlive = head.isKeepAlive
             body = []
+            inFlight += 1
+            tracker?.touch(context.channel, busy: true)
             let reply = workers.runIfActive(eventLoop: context.eventLoop) {
                 router.handle(method: method, uri: uri, body: bytes)
             }
             let bound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
+            reply.whenComplete { _ in
+                let (handler, context) = bound.value
+                handler.inFlight -= 1
+                handler.tracker?.touch(context.channel, busy: handler.busy)
+            }
             reply.whenSuccess { reply in
                 let (handler, context) = bound.value
                 handler.write(context: context, reply, keepAlive: keepAlive)
@@ -399,6 +431,7 @@ final class DaemonHTTPHandler: ChannelInboundHandler, @unchecked Sendable {
         }
         let (id, replay) = router.manager.events.subscribe(since: since, send)
         subscription = id
+        tracker?.touch(channel, busy: true)
         for e in replay { send(e) }
     }
 

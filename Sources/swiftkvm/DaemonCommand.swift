@@ -1,6 +1,7 @@
 import ArgumentParser
 import FoundationEssentials
 import Logging
+import API
 import Manager
 #if canImport(Glibc)
 import Glibc
@@ -25,8 +26,18 @@ struct DaemonCommand: ParsableCommand {
     var socket: String?
     @Option(name: .customLong("log-level"), help: "trace, debug, info, notice, warning, error or critical.")
     var logLevel: String = "info"
+    @Option(name: .customLong("max-connections"), help: "Socket connections kept open at most; a new one closes the one idle longest (default 256).")
+    var maxConnections: Int = 256
+    @Option(name: .customLong("idle-timeout"), help: "Seconds after which a connection that sends nothing (with no request or event stream in progress) is closed (default 300).")
+    var idleTimeout: Int = 300
 
     func validate() throws {
+        guard (1...100_000).contains(maxConnections) else {
+            throw ValidationError("invalid --max-connections \(maxConnections): expected 1 to 100000")
+        }
+        guard (1...86_400).contains(idleTimeout) else {
+            throw ValidationError("invalid --idle-timeout \(idleTimeout): expected 1 to 86400 seconds")
+        }
         guard Logger.Level(rawValue: logLevel.lowercased()) != nil else {
             throw ValidationError("invalid --log-level '\(logLevel)': expected trace, debug, info, notice, warning, error or critical")
         }
@@ -50,6 +61,7 @@ struct DaemonCommand: ParsableCommand {
         let dir = stateDir ?? Daemon.defaultStateDirectory()
         var options = Daemon.Options(stateDirectory: dir.hasPrefix("/") ? dir : FileManager.default.currentDirectoryPath + "/" + dir)
         options.socketPath = socket
+        options.limits = APIConnectionLimits(maxConnections: maxConnections, idleTimeout: .seconds(Int64(idleTimeout)))
         options.manager.logger = Logger(label: "swiftkvm.daemon")
         let daemon = Daemon(options: options)
         do {

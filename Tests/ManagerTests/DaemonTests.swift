@@ -1,5 +1,9 @@
+import API
 import Foundation
 import Testing
+#if canImport(Glibc)
+import Glibc
+#endif
 import VMM
 @testable import Manager
 
@@ -75,9 +79,10 @@ final class DaemonFixture: @unchecked Sendable {
     let daemon: Daemon
     let client: UnixHTTPClient
 
-    init(vmm: String? = ManagerSupport.swiftkvm) throws {
+    init(vmm: String? = ManagerSupport.swiftkvm, limits: APIConnectionLimits? = nil) throws {
         dir = try TempDir()
         var options = Daemon.Options(stateDirectory: dir.path)
+        if let limits { options.limits = limits }
         options.manager.vmmExecutable = vmm ?? "/bin/false"
         daemon = Daemon(options: options)
         try daemon.start()
@@ -215,6 +220,48 @@ struct DaemonAPITests {
         #expect(r.faultMessage?.contains("exited during start-up") == true, "\(r.text)")
         #expect(try f.info("a").state == .shutOff)
         #expect(f.daemon.manager?.events.events(since: 0).contains { $0.event == "start-failed" } == true)
+    }
+
+    @Test("a flood of 300 idle connections keeps the daemon answering: at most --max-connections stay open (the idle longest are closed), an event stream survives the flood, and silent connections go after --idle-timeout")
+    func connectionFlood() throws {
+        let f = try DaemonFixture(limits: APIConnectionLimits(maxConnections: 16, idleTimeout: .seconds(2)))
+        defer { f.cleanup() }
+        // An event stream first: busy, so it outlives both the flood and the idle timeout.
+        let lines = Collected()
+        let client = f.client
+        Thread {
+            _ = try? client.streamLines("GET", "/events?since=0", duration: 20) { line in
+                lines.add(line)
+                return lines.all.count < 2
+            }
+        }.start()
+        _ = try f.call("POST", "/vms", #"{"name": "a"}"#)
+        #expect(ManagerSupport.wait(seconds: 10) { lines.all.count >= 1 })
+        func connect() -> Int32 {
+            let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+            var addr = sockaddr_un()
+            addr.sun_family = sa_family_t(AF_UNIX)
+            withUnsafeMutableBytes(of: &addr.sun_path) { p in for (i, b) in f.daemon.socketPath.utf8.enumerated() { p[i] = b } }
+            let rc = withUnsafePointer(to: &addr) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+            }
+            return rc == 0 ? fd : -1
+        }
+        func closedByServer(_ fd: Int32) -> Bool {
+            var tv = timeval(tv_sec: 0, tv_usec: 200_000)
+            setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+            var b: UInt8 = 0
+            return read(fd, &b, 1) == 0
+        }
+        let flood = (0..<300).map { _ in connect() }
+        defer { for fd in flood where fd >= 0 { close(fd) } }
+        #expect(flood.allSatisfy { $0 >= 0 })
+        #expect(try f.call("GET", "/").status == 200, "the daemon answers during the flood")
+        #expect(flood.filter(closedByServer).count >= 300 - 16, "all but the newest were closed to make room")
+        #expect(ManagerSupport.wait(seconds: 10) { flood.allSatisfy(closedByServer) }, "silent connections time out")
+        // The stream outlived both: a new event still reaches it.
+        _ = try f.call("POST", "/vms", #"{"name": "b"}"#)
+        #expect(ManagerSupport.wait(seconds: 10) { lines.all.count >= 2 }, "the event stream was kept: \(lines.all)")
     }
 
     @Test("GET /events streams new events and replays stored ones after ?since=")
