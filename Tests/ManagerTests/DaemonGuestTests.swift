@@ -334,6 +334,46 @@ struct DaemonGuestTests {
         #expect(try f.info("k1").state == .running)
     }
 
+    /// Open descriptors and resident KiB of `pid` (from /proc).
+    static func usage(_ pid: pid_t) -> (fds: Int, rssKB: Int) {
+        let fds = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/fd").count) ?? -1
+        let status = (try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8)) ?? ""
+        let rss = status.split(separator: "\n").first { $0.hasPrefix("VmRSS:") }?.split(separator: " ").dropFirst().first.flatMap { Int($0) } ?? -1
+        return (fds, rss)
+    }
+
+    @Test("100 VM lifecycles (define, start, destroy, undefine) and 1,000 API requests through a daemon process leave its descriptor count flat and its RSS within 8 MiB of where it was after the first 10")
+    func resourcesFlat() throws {
+        let binary = try #require(ManagerSupport.swiftkvm)
+        let dir = try TempDir()
+        let daemon = try DaemonProcess(binary: binary, dir: dir.path, run: 1)
+        defer {
+            if ProcessTools.isAlive(daemon.pid) { kill(daemon.pid, SIGKILL); _ = ProcessTools.waitChild(daemon.pid) }
+            dir.cleanup()
+        }
+        #expect(daemon.waitReady())
+        let client = UnixHTTPClient(socketPath: daemon.socket, timeout: 60)
+        var warm: (fds: Int, rssKB: Int) = (0, 0)
+        for i in 0..<100 {
+            let name = "life\(i)"
+            #expect(try client.request("POST", "/vms", body: Array(ManagerSupport.tickerDefinition(name).utf8)).status == 201)
+            #expect(try client.request("PUT", "/vms/\(name)/state", body: Array(#"{"action": "start"}"#.utf8)).status == 200)
+            #expect(try client.request("PUT", "/vms/\(name)/state", body: Array(#"{"action": "destroy"}"#.utf8)).status == 200)
+            #expect(try client.request("DELETE", "/vms/\(name)").status == 204)
+            for _ in 0..<10 { _ = try client.request("GET", "/vms") }
+            if i == 9 {
+                // Settled: the last connection's close reaches the daemon asynchronously.
+                usleep(500_000)
+                warm = Self.usage(daemon.pid)
+            }
+        }
+        ManagerSupport.wait(seconds: 5) { Self.usage(daemon.pid).fds <= warm.fds }
+        let after = Self.usage(daemon.pid)
+        print("# daemon after 10 lifecycles: \(warm.fds) fds, \(warm.rssKB) KiB; after 100 (and 1,000 requests): \(after.fds) fds, \(after.rssKB) KiB")
+        #expect(after.fds <= warm.fds, "descriptors \(warm.fds) → \(after.fds)")
+        #expect(after.rssKB - warm.rssKB < 8 * 1024, "RSS \(warm.rssKB) → \(after.rssKB) KiB")
+    }
+
     @Test("a restarted daemon neither re-attaches to nor signals a dead or reused vmm pid; it cleans the stale state")
     func staleRunState() throws {
         let binary = try #require(ManagerSupport.swiftkvm)
