@@ -303,6 +303,35 @@ struct VMMProcessTests {
         #expect(GuestSupport.wait(seconds: 20) { (try? UnixHTTPClient(path: sock).send("GET", "/"))?.status == 200 })
     }
 
+    @Test("1,000 API requests (valid, refused and malformed) leave the vmm's descriptor count flat and its RSS within 8 MiB of where it was after the first 100")
+    func requestsFlat() throws {
+        let sock = "/tmp/swk-flat-\(String(UInt32.random(in: 0...UInt32.max), radix: 36)).sock"
+        let p = try Self.launch(["vmm", "--api-sock", sock])
+        defer { kill(p.processIdentifier, SIGTERM); _ = Self.finish(p, seconds: 20) }
+        #expect(GuestSupport.wait(seconds: 20) { (try? UnixHTTPClient(path: sock).send("GET", "/"))?.status == 200 })
+        func usage() -> (fds: Int, rssKB: Int) {
+            let fds = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(p.processIdentifier)/fd").count) ?? -1
+            let status = (try? String(contentsOfFile: "/proc/\(p.processIdentifier)/status", encoding: .utf8)) ?? ""
+            let rss = status.split(separator: "\n").first { $0.hasPrefix("VmRSS:") }?.split(separator: " ").dropFirst().first.flatMap { Int($0) } ?? -1
+            return (fds, rss)
+        }
+        let c = UnixHTTPClient(path: sock)
+        var warm: (fds: Int, rssKB: Int) = (0, 0)
+        for i in 0..<1000 {
+            switch i % 4 {
+            case 0: _ = try c.send("GET", "/")
+            case 1: _ = try c.send("PUT", "/machine-config", #"{"vcpu_count": 1, "mem_size_mib": 64}"#)
+            case 2: _ = try c.send("PUT", "/machine-config", #"{"vcpu_count": "x"}"#)
+            default: _ = try c.raw(Array("GARBAGE\r\n\r\n".utf8))
+            }
+            if i == 99 { usleep(300_000); warm = usage() }
+        }
+        GuestSupport.wait(seconds: 5) { usage().fds <= warm.fds }
+        let after = usage()
+        print("# vmm after 100 requests: \(warm.fds) fds, \(warm.rssKB) KiB; after 1,000: \(after.fds) fds, \(after.rssKB) KiB")
+        #expect(after.fds <= warm.fds && after.rssKB - warm.rssKB < 8 * 1024, "\(warm) → \(after)")
+    }
+
     /// Connected Unix sockets to `path` that send nothing.
     static func idleClients(_ path: String, count: Int) -> [Int32] {
         (0..<count).compactMap { _ in
