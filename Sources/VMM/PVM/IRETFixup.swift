@@ -1,3 +1,4 @@
+import Boot
 import KVM
 import Logging
 import GuestMemory
@@ -28,21 +29,18 @@ enum IRETEmulation {
         var loads: Bool { if case .load = self { true } else { false } }
     }
 
-    /// A segment as loaded from a descriptor.
-    struct Segment: Equatable {
-        var selector: UInt16, base: UInt64, limit: UInt32, type: UInt8
-        var s: Bool, dpl: UInt8, present: Bool, db: Bool, g: Bool, l: Bool, avl: Bool
-    }
+    /// A segment as loaded (the loaders' type; `EntryConversion.segment` makes the KVM form).
+    typealias Segment = EntryState.Segment
 
-    /// Decodes an 8-byte GDT descriptor for `selector` (limit scaled by G; type with the accessed bit set).
+    /// Decodes an 8-byte GDT descriptor for `selector` (limit scaled by G; type with the accessed bit set; the L bit
+    /// left clear, as it means nothing outside long mode).
     static func decode(_ d: [UInt8], selector: UInt16) -> Segment {
         var limit = UInt32(d[0]) | UInt32(d[1]) << 8 | UInt32(d[6] & 0xf) << 16
         let g = d[6] & 0x80 != 0
         if g { limit = limit << 12 | 0xfff }
         let base = UInt64(d[2]) | UInt64(d[3]) << 8 | UInt64(d[4]) << 16 | UInt64(d[7]) << 24
-        return Segment(selector: selector, base: base, limit: limit, type: d[5] & 0xf | 1, s: d[5] & 0x10 != 0,
-                       dpl: (d[5] >> 5) & 3, present: d[5] & 0x80 != 0, db: d[6] & 0x40 != 0, g: g,
-                       l: d[6] & 0x20 != 0, avl: d[6] & 0x10 != 0)
+        return Segment(base: base, limit: limit, selector: selector, type: d[5] & 0xf | 1, present: d[5] & 0x80 != 0,
+                       dpl: (d[5] >> 5) & 3, db: d[6] & 0x40 != 0, s: d[5] & 0x10 != 0, l: false, g: g)
     }
 
     /// The EFLAGS after `iret` pops `popped` at privilege `cpl` with the current `rflags`.
@@ -107,18 +105,11 @@ enum IRETEmulation {
     }
 }
 
-extension IRETEmulation.Segment {
+extension EntryState.Segment {
+    /// The segment register's current state (an unusable one counts as not present).
     init(_ k: kvm_segment) {
-        self.init(selector: k.selector, base: k.base, limit: k.limit, type: k.type, s: k.s != 0, dpl: k.dpl,
-                  present: k.present != 0 && k.unusable == 0, db: k.db != 0, g: k.g != 0, l: k.l != 0, avl: k.avl != 0)
-    }
-
-    var kvm: kvm_segment {
-        var k = kvm_segment()
-        k.selector = selector; k.base = base; k.limit = limit; k.type = type
-        k.s = s ? 1 : 0; k.dpl = dpl; k.present = present ? 1 : 0; k.db = db ? 1 : 0; k.g = g ? 1 : 0
-        k.l = 0; k.avl = avl ? 1 : 0; k.unusable = present ? 0 : 1
-        return k
+        self.init(base: k.base, limit: k.limit, selector: k.selector, type: k.type, present: k.present != 0 && k.unusable == 0,
+                  dpl: k.dpl, db: k.db != 0, s: k.s != 0, l: k.l != 0, g: k.g != 0)
     }
 }
 
@@ -170,8 +161,8 @@ extension PVMQuirks {
             count("iret → #GP")
         case .load(let rip, let rsp, let rflags, let cs, let ss, let nulls):
             var s = sregs
-            s.cs = cs.kvm
-            if let ss { s.ss = ss.kvm }
+            s.cs = EntryConversion.segment(cs)
+            if let ss { s.ss = EntryConversion.segment(ss) }
             func null(_ seg: inout kvm_segment) { seg.selector = 0; seg.present = 0; seg.unusable = 1 }
             if nulls[0] { null(&s.ds) }
             if nulls[1] { null(&s.es) }
