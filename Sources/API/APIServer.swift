@@ -277,6 +277,23 @@ public struct APIConnectionLimits: Sendable, Equatable {
         self.maxConnections = max(1, maxConnections)
         self.idleTimeout = idleTimeout
     }
+
+    /// The daemon's defaults: more clients (the CLI, event streams) than one VM's API has.
+    public static let daemon = APIConnectionLimits(maxConnections: 256)
+    /// The values the command-line options accept.
+    public static let connectionRange = 1...100_000
+    public static let idleSecondsRange = 1...86_400
+
+    /// The usage error for command-line values outside `connectionRange` or `idleSecondsRange`, naming the option.
+    public static func optionError(maxConnections: Int, connectionsOption: String, idleSeconds: Int, idleOption: String) -> String? {
+        if !connectionRange.contains(maxConnections) {
+            return "invalid \(connectionsOption) \(maxConnections): expected \(connectionRange.lowerBound) to \(connectionRange.upperBound)"
+        }
+        if !idleSecondsRange.contains(idleSeconds) {
+            return "invalid \(idleOption) \(idleSeconds): expected \(idleSecondsRange.lowerBound) to \(idleSecondsRange.upperBound) seconds"
+        }
+        return nil
+    }
 }
 
 /// The open connections of a one-event-loop NIO server (the API's, the daemon's), with when each was last active
@@ -288,7 +305,7 @@ public final class APIConnectionTracker: @unchecked Sendable {
         var lastActive: NIODeadline
         var busy: Bool
     }
-    public let limit: Int
+    private let limit: Int
     private var entries: [ObjectIdentifier: Entry] = [:]
 
     public init(limit: Int) { self.limit = limit }
@@ -316,9 +333,6 @@ public final class APIConnectionTracker: @unchecked Sendable {
         entries[id]!.lastActive = .now()
         entries[id]!.busy = busy
     }
-
-    /// How many connections are open.
-    public var count: Int { entries.count }
 }
 
 extension ChannelHandlerContext {

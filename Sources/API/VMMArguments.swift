@@ -74,11 +74,11 @@ public enum VMMArguments {
                 guard let v = VMMProcess.Options.socketMode(value) else { return nil }
                 o.apiSocketMode = v
             case "api-max-connections":
-                guard let v = Int(value), v >= 1, v <= 100_000 else { return nil }
+                guard let v = Int(value), APIConnectionLimits.connectionRange.contains(v) else { return nil }
                 o.apiLimits.maxConnections = v
             case "api-idle-timeout":
-                guard let v = Int64(value), v >= 1, v <= 86_400 else { return nil }
-                o.apiLimits.idleTimeout = .seconds(v)
+                guard let v = Int(value), APIConnectionLimits.idleSecondsRange.contains(v) else { return nil }
+                o.apiLimits.idleTimeout = .seconds(Int64(v))
             case "mmds-size-limit":
                 guard let v = Int(value), v > 0 else { return nil }
             case "console-sock": o.consoleSocket = value

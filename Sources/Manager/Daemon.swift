@@ -20,7 +20,7 @@ public final class Daemon: @unchecked Sendable {
         /// The version reported by `GET /`.
         public var version = "0.1.0"
         /// The socket's connection bounds (`--max-connections`, `--idle-timeout`).
-        public var limits = APIConnectionLimits(maxConnections: 256, idleTimeout: .seconds(300))
+        public var limits = APIConnectionLimits.daemon
         public init(stateDirectory: String) { manager = VMManager.Options(stateDirectory: stateDirectory) }
     }
 

@@ -33,7 +33,7 @@ public final class DaemonServer: @unchecked Sendable {
     public let limits: APIConnectionLimits
 
     public init(socketPath: String, manager: VMManager, version: String,
-                limits: APIConnectionLimits = APIConnectionLimits(maxConnections: 256, idleTimeout: .seconds(300))) {
+                limits: APIConnectionLimits = .daemon) {
         self.socketPath = socketPath
         self.manager = manager
         self.version = version

@@ -224,9 +224,6 @@ public final class PCIConfiguration: Sendable {
         }
     }
 
-    /// The expansion ROM's size, nil when the device has none.
-    public var expansionROMSize: UInt64? { state.withLock { $0.romSize } }
-
     /// Where the expansion ROM decodes now (nil: no ROM, not enabled, or not placed).
     public var expansionROMAddress: UInt64? { state.withLock { $0.expansionROMAddress } }
 

@@ -27,16 +27,14 @@ struct DaemonCommand: ParsableCommand {
     @Option(name: .customLong("log-level"), help: "trace, debug, info, notice, warning, error or critical.")
     var logLevel: String = "info"
     @Option(name: .customLong("max-connections"), help: "Socket connections kept open at most; a new one closes the one idle longest (default 256).")
-    var maxConnections: Int = 256
+    var maxConnections: Int = APIConnectionLimits.daemon.maxConnections
     @Option(name: .customLong("idle-timeout"), help: "Seconds after which a connection that sends nothing (with no request or event stream in progress) is closed (default 300).")
     var idleTimeout: Int = 300
 
     func validate() throws {
-        guard (1...100_000).contains(maxConnections) else {
-            throw ValidationError("invalid --max-connections \(maxConnections): expected 1 to 100000")
-        }
-        guard (1...86_400).contains(idleTimeout) else {
-            throw ValidationError("invalid --idle-timeout \(idleTimeout): expected 1 to 86400 seconds")
+        if let error = APIConnectionLimits.optionError(maxConnections: maxConnections, connectionsOption: "--max-connections",
+                                                       idleSeconds: idleTimeout, idleOption: "--idle-timeout") {
+            throw ValidationError(error)
         }
         guard Logger.Level(rawValue: logLevel.lowercased()) != nil else {
             throw ValidationError("invalid --log-level '\(logLevel)': expected trace, debug, info, notice, warning, error or critical")

@@ -105,11 +105,9 @@ struct VMMCommand: ParsableCommand {
         guard VMMProcess.Options.socketMode(apiSockMode) != nil else {
             throw ValidationError("invalid --api-sock-mode \(apiSockMode): expected octal permission bits such as 600 or 660")
         }
-        guard (1...100_000).contains(apiMaxConnections) else {
-            throw ValidationError("invalid --api-max-connections \(apiMaxConnections): expected 1 to 100000")
-        }
-        guard (1...86_400).contains(apiIdleTimeout) else {
-            throw ValidationError("invalid --api-idle-timeout \(apiIdleTimeout): expected 1 to 86400 seconds")
+        if let error = APIConnectionLimits.optionError(maxConnections: apiMaxConnections, connectionsOption: "--api-max-connections",
+                                                       idleSeconds: apiIdleTimeout, idleOption: "--api-idle-timeout") {
+            throw ValidationError(error)
         }
     }
 
