@@ -229,7 +229,7 @@ public final class VMController: @unchecked Sendable {
         if let path = config.cpuConfigPath {
             // Firecracker's config file names the template's JSON file.
             let data: [UInt8]
-            do { data = try Machine.readFile(path, limit: 1 << 20, what: "CPU template") } catch {
+            do { data = try Machine.readFile(path, limit: 1 << 20, what: "CPU template", limitName: "a CPU template's largest size") } catch {
                 throw APIError.badRequest("cpu-config from the config file: cannot read the CPU template: \(error)")
             }
             do { steps.append(.putCPUConfig(try StrictJSON.decode(CPUConfig.self, from: data))) } catch {

@@ -60,7 +60,7 @@ extension Machine {
         }
         let initrdBytes = try initrd.map { try readFile($0, limit: memory.totalSize, what: "initrd") } ?? []
         let k = try FirmwareKernel(image: image, initrd: initrdBytes, cmdline: cmdline, lowRAM: E820Map.lowRAMEnd(of: memory))
-        let rom = try readFile(linuxBootROM, limit: 1 << 20, what: "option ROM (Debian package qemu-system-data)")
+        let rom = try readFile(linuxBootROM, limit: 1 << 20, what: "option ROM (Debian package qemu-system-data)", limitName: "an option ROM's largest size")
         items.set(Key.setupAddr, le: FirmwareKernel.setupAddress)
         items.set(Key.setupSize, le: UInt32(k.setup.count))
         items.set(Key.setupData, bytes: k.setup)

@@ -369,13 +369,7 @@ extension Machine {
         }
         let rom: [UInt8]
         do {
-            var st = stat()
-            if stat(path, &st) == 0, st.st_size > 16 << 20 {
-                throw VMMError.invalidValue(what: "--net", value: "romfile=\(path)", reason: "\(st.st_size) bytes, an expansion ROM has at most 16 MiB")
-            }
-            rom = try Self.readFile(path, limit: 16 << 20, what: "option ROM")
-        } catch let e as VMMError {
-            throw e
+            rom = try Self.readFile(path, limit: 16 << 20, what: "option ROM", limitName: "an expansion ROM's largest size")
         } catch {
             throw VMMError.invalidValue(what: "--net", value: "romfile=\(path)", reason: "\(error)")
         }

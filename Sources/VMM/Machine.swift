@@ -191,7 +191,7 @@ public final class Machine: @unchecked Sendable {
         // A restored firmware machine maps its image again (guest RAM, with the shadow, comes from the snapshot).
         var romImage = loaded.firmwareImage
         if restoring != nil, case .firmware(let spec) = config.payload {
-            romImage = try Self.readFile(spec.path, limit: FirmwareLoader.maximumSize, what: "firmware image")
+            romImage = try Self.readFile(spec.path, limit: FirmwareLoader.maximumSize, what: "firmware image", limitName: "the firmware window")
         }
         firmwareROM = try Self.mapFirmware(romImage, vm: vm, kvm: kvm, logger: logger)
         do { try vm.setTSSAddress(Self.tssAddress) } catch { logger.debug("\(error)") }
@@ -252,7 +252,7 @@ public final class Machine: @unchecked Sendable {
             return try FlatLoader.load(image: image, at: flat.loadAddress, entry: flat.entry, mode: flat.mode, memory: memory)
         case .firmware(let spec):
             // FirmwareLoader names the window when the image is larger than it.
-            let image = try readFile(spec.path, limit: 64 << 20, what: "firmware image")
+            let image = try readFile(spec.path, limit: 64 << 20, what: "firmware image", limitName: "any firmware image")
             return try FirmwareLoader.load(image: image, path: spec.path, memory: memory)
         case .kernel(let path, let initrd, let cmdline, let modules):
             var options = BootOptions()
@@ -270,8 +270,8 @@ public final class Machine: @unchecked Sendable {
         }
     }
 
-    /// Reads a whole file (at most `limit` bytes), with errors naming the path.
-    public static func readFile(_ path: String, limit: UInt64, what: String) throws -> [UInt8] {
+    /// Reads a whole file (at most `limit` bytes, which the size error calls `limitName`), with errors naming the path.
+    public static func readFile(_ path: String, limit: UInt64, what: String, limitName: String = "guest RAM") throws -> [UInt8] {
         let fd = open(path, O_RDONLY | O_CLOEXEC)
         guard fd >= 0 else { throw BootError.fileUnreadable(path: path, reason: String(cString: strerror(errno))) }
         defer { close(fd) }
@@ -279,7 +279,7 @@ public final class Machine: @unchecked Sendable {
         guard fstat(fd, &st) == 0 else { throw BootError.fileUnreadable(path: path, reason: String(cString: strerror(errno))) }
         guard (st.st_mode & S_IFMT) == S_IFREG else { throw BootError.fileUnreadable(path: path, reason: "not a regular file") }
         guard UInt64(st.st_size) <= limit else {
-            throw BootError.doesNotFit("\(what) \(path) is \(st.st_size) bytes, larger than guest RAM (\(SizeParser.format(limit)))")
+            throw BootError.doesNotFit("\(what) \(path) is \(st.st_size) bytes, larger than \(limitName) (\(SizeParser.format(limit)))")
         }
         var out = [UInt8](repeating: 0, count: Int(st.st_size))
         var done = 0

@@ -124,7 +124,8 @@ struct RunCommand: ParsableCommand {
     /// `nvram` files); an existing file is used as it is.
     static func createVariableStore(_ path: String) throws {
         guard access(path, F_OK) != 0 else { return }
-        let template = try Machine.readFile(ovmfVarsTemplate, limit: 4 << 20, what: "UEFI variable store template (Debian package ovmf)")
+        let template = try Machine.readFile(ovmfVarsTemplate, limit: 4 << 20, what: "UEFI variable store template (Debian package ovmf)",
+                                           limitName: "a variable store's largest size")
         let fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
         guard fd >= 0 else {
             throw VMMError.invalidValue(what: "--uefi-vars", value: path, reason: "cannot create it: \(String(cString: strerror(errno)))")
