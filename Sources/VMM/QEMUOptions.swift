@@ -187,16 +187,18 @@ public struct QEMUOptions: Sendable, Equatable {
                     throw bad("-device", text, "\(driver) has no property '\(k)' here (properties: \(keys.sorted().joined(separator: ", ")))")
                 }
             }
+            func bootIndex() throws -> Int? {
+                guard let b = props["bootindex"] else { return nil }
+                guard let n = Int(b), n >= 0 else { throw bad("-device", text, "bootindex=\(b): expected a number") }
+                return n
+            }
             switch driver {
             case "virtio-net-pci", "virtio-net":
                 try allow(["netdev", "mac", "id", "bootindex", "romfile"])
                 guard let id = props["netdev"], let nd = netdevs[id] else { throw bad("-device", text, "netdev= must name a -netdev id") }
                 guard usedNetdevs.insert(id).inserted else { throw bad("-device", text, "netdev \(id) is used twice") }
                 var net = try net(id: id, kind: nd.kind, items: nd.items, mac: props["mac"])
-                if let b = props["bootindex"] {
-                    guard let n = Int(b), n >= 0 else { throw bad("-device", text, "bootindex=\(b): expected a number") }
-                    net += ",bootindex=\(n)"
-                }
+                if let n = try bootIndex() { net += ",bootindex=\(n)" }
                 if let rom = props["romfile"] {
                     guard !rom.contains(",") else { throw bad("-device", text, "a romfile name with a comma is not supported") }
                     net += ",romfile=\(rom)"
@@ -210,10 +212,7 @@ public struct QEMUOptions: Sendable, Equatable {
                 guard drives[i].interface == "none" else { throw bad("-device", text, "drive \(id) is already on if=\(drives[i].interface)") }
                 drives[i].interface = driver.hasPrefix("virtio") ? "virtio" : "scsi"
                 if driver == "scsi-cd" { drives[i].cdrom = true; drives[i].readOnly = true }
-                if let b = props["bootindex"] {
-                    guard let n = Int(b), n >= 0 else { throw bad("-device", text, "bootindex=\(b): expected a number") }
-                    drives[i].bootIndex = n
-                }
+                if let n = try bootIndex() { drives[i].bootIndex = n }
             case "virtio-scsi-pci", "virtio-scsi":
                 try allow(["id"])   // the adapter exists whenever a SCSI unit does
             case "virtio-rng-pci", "virtio-rng":
