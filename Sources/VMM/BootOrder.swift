@@ -69,6 +69,12 @@ public struct BootDevice: Sendable, Equatable {
     /// What the user called it, for messages (the image path or NIC id).
     public var label: String
 
+    /// Parses a `bootindex=` value (0 to 9999, as `--disk` and `--net` take it); nil when it is not one.
+    public static func parseIndex(_ text: String) -> Int? {
+        guard let n = Int(text), (0...9999).contains(n) else { return nil }
+        return n
+    }
+
     public init(kind: Kind, path: String, bootIndex: Int?, label: String) {
         self.kind = kind; self.path = path; self.bootIndex = bootIndex; self.label = label
     }

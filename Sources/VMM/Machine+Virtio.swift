@@ -86,7 +86,7 @@ public struct DiskSpec: Codable, Sendable, Equatable {
                 guard value == "disk" || value == "cdrom" else { throw bad("media=\(value): expected disk or cdrom") }
                 spec.media = value
             case "bootindex":
-                guard let n = Int(value), n >= 0, n <= 9999 else { throw bad("bootindex=\(value): expected 0 to 9999") }
+                guard let n = BootDevice.parseIndex(value) else { throw bad("bootindex=\(value): expected 0 to 9999") }
                 spec.bootIndex = n
             case "id":
                 guard !value.isEmpty, value.utf8.count <= VirtioBlock.idLength else {

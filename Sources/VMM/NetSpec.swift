@@ -101,7 +101,7 @@ public struct NetSpec: Codable, Sendable, Equatable {
             case "romfile":
                 spec.romFile = v
             case "bootindex":
-                guard let n = Int(v), n >= 0, n <= 9999 else { throw bad("bootindex=\(v): expected 0 to 9999") }
+                guard let n = BootDevice.parseIndex(v) else { throw bad("bootindex=\(v): expected 0 to 9999") }
                 spec.bootIndex = n
             case "hostfwd":
                 guard case .user = backend else { throw bad("hostfwd applies to user-mode NICs only") }
