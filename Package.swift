@@ -73,9 +73,9 @@ let package = Package(
         .testTarget(name: "PCITests", dependencies: ["PCI", "Devices"]),
         .testTarget(name: "VirtioTests", dependencies: ["Virtio", "PCI", "Devices", "GuestMemory", "DiskImage", "Net"]),
         .testTarget(name: "VMMTests", dependencies: ["VMM"]),
-        .testTarget(name: "APITests", dependencies: ["API", "VMM", "DiskImage"]),
+        .testTarget(name: "APITests", dependencies: ["API", "VMM", "DiskImage", "SwiftKVMTestSupport"]),
         .testTarget(name: "JailerTests", dependencies: ["Jailer"]),
-        .testTarget(name: "ManagerTests", dependencies: ["Manager", "API", "VMM"]),
+        .testTarget(name: "ManagerTests", dependencies: ["Manager", "API", "VMM", "SwiftKVMTestSupport"]),
         .testTarget(name: "IntegrationTests", dependencies: ["VMM", "KVM", "Boot", "Devices", "GuestMemory", "DiskImage"]),
     ]
 )

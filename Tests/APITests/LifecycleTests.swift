@@ -1,4 +1,5 @@
 import Foundation
+import SwiftKVMTestSupport
 import Testing
 @testable import API
 import VMM
@@ -309,12 +310,7 @@ struct VMMProcessTests {
         let p = try Self.launch(["vmm", "--api-sock", sock])
         defer { kill(p.processIdentifier, SIGTERM); _ = Self.finish(p, seconds: 20) }
         #expect(GuestSupport.wait(seconds: 20) { (try? UnixHTTPClient(path: sock).send("GET", "/"))?.status == 200 })
-        func usage() -> (fds: Int, rssKB: Int) {
-            let fds = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(p.processIdentifier)/fd").count) ?? -1
-            let status = (try? String(contentsOfFile: "/proc/\(p.processIdentifier)/status", encoding: .utf8)) ?? ""
-            let rss = status.split(separator: "\n").first { $0.hasPrefix("VmRSS:") }?.split(separator: " ").dropFirst().first.flatMap { Int($0) } ?? -1
-            return (fds, rss)
-        }
+        func usage() -> (fds: Int, rssKB: Int) { ProcessProbes.usage(p.processIdentifier) }
         let c = UnixHTTPClient(path: sock)
         var warm: (fds: Int, rssKB: Int) = (0, 0)
         for i in 0..<1000 {
@@ -332,39 +328,15 @@ struct VMMProcessTests {
         #expect(after.fds <= warm.fds && after.rssKB - warm.rssKB < 8 * 1024, "\(warm) → \(after)")
     }
 
-    /// Connected Unix sockets to `path` that send nothing.
-    static func idleClients(_ path: String, count: Int) -> [Int32] {
-        (0..<count).compactMap { _ in
-            let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
-            guard fd >= 0 else { return nil }
-            var addr = sockaddr_un()
-            addr.sun_family = sa_family_t(AF_UNIX)
-            withUnsafeMutableBytes(of: &addr.sun_path) { p in for (i, b) in path.utf8.enumerated() { p[i] = b } }
-            let rc = withUnsafePointer(to: &addr) {
-                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-            }
-            if rc != 0 { close(fd); return nil }
-            return fd
-        }
-    }
-
-    /// Whether the server closed `fd` (a read returns end of file without blocking long).
-    static func closedByServer(_ fd: Int32) -> Bool {
-        var tv = timeval(tv_sec: 0, tv_usec: 200_000)
-        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
-        var b: UInt8 = 0
-        return read(fd, &b, 1) == 0
-    }
-
     @Test("a flood of 400 idle connections keeps the API answering: at most --api-max-connections stay open (the idle longest are closed), and the rest go after --api-idle-timeout")
     func connectionFlood() throws {
         let sock = "/tmp/swk-flood-\(String(UInt32.random(in: 0...UInt32.max), radix: 36)).sock"
         let p = try Self.launch(["vmm", "--api-sock", sock, "--api-max-connections", "16", "--api-idle-timeout", "3"])
         defer { kill(p.processIdentifier, SIGTERM); _ = Self.finish(p, seconds: 20) }
         #expect(GuestSupport.wait(seconds: 20) { (try? UnixHTTPClient(path: sock).send("GET", "/"))?.status == 200 })
-        func openFDs() -> Int { (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(p.processIdentifier)/fd").count) ?? -1 }
+        func openFDs() -> Int { ProcessProbes.usage(p.processIdentifier).fds }
         let baseline = openFDs()
-        let clients = Self.idleClients(sock, count: 400)
+        let clients = (0..<400).map { _ in ProcessProbes.idleClient(sock) }.filter { $0 >= 0 }
         defer { for fd in clients { close(fd) } }
         #expect(clients.count == 400, "every connect succeeded (the backlog drains)")
         // New requests are answered at once while the flood holds its connections.
@@ -373,11 +345,11 @@ struct VMMProcessTests {
             #expect(r.status == 200)
         }
         #expect(GuestSupport.wait(seconds: 10) { openFDs() <= baseline + 16 }, "open descriptors \(openFDs()), \(baseline) before the flood")
-        let closedEarly = clients.filter(Self.closedByServer).count
+        let closedEarly = clients.filter(ProcessProbes.closedByServer).count
         #expect(closedEarly >= 400 - 16, "\(closedEarly) of 400 closed to make room")
         // The survivors are closed once idle for 3 s.
-        let survivors = clients.filter { !Self.closedByServer($0) }
-        #expect(GuestSupport.wait(seconds: 10) { survivors.allSatisfy(Self.closedByServer) }, "idle connections time out")
+        let survivors = clients.filter { !ProcessProbes.closedByServer($0) }
+        #expect(GuestSupport.wait(seconds: 10) { survivors.allSatisfy(ProcessProbes.closedByServer) }, "idle connections time out")
         #expect(try UnixHTTPClient(path: sock).send("GET", "/").status == 200)
         let bad = try Self.launch(["vmm", "--api-sock", sock + "x", "--api-idle-timeout", "0"])
         #expect(Self.finish(bad, seconds: 20) == 2)

@@ -1,4 +1,5 @@
 import Foundation
+import SwiftKVMTestSupport
 import Testing
 #if canImport(Glibc)
 import Glibc
@@ -334,14 +335,6 @@ struct DaemonGuestTests {
         #expect(try f.info("k1").state == .running)
     }
 
-    /// Open descriptors and resident KiB of `pid` (from /proc).
-    static func usage(_ pid: pid_t) -> (fds: Int, rssKB: Int) {
-        let fds = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/fd").count) ?? -1
-        let status = (try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8)) ?? ""
-        let rss = status.split(separator: "\n").first { $0.hasPrefix("VmRSS:") }?.split(separator: " ").dropFirst().first.flatMap { Int($0) } ?? -1
-        return (fds, rss)
-    }
-
     @Test("100 VM lifecycles (define, start, destroy, undefine) and 1,000 API requests through a daemon process leave its descriptor count flat and its RSS within 8 MiB of where it was after the first 10")
     func resourcesFlat() throws {
         let binary = try #require(ManagerSupport.swiftkvm)
@@ -364,11 +357,11 @@ struct DaemonGuestTests {
             if i == 9 {
                 // Settled: the last connection's close reaches the daemon asynchronously.
                 usleep(500_000)
-                warm = Self.usage(daemon.pid)
+                warm = ProcessProbes.usage(daemon.pid)
             }
         }
-        ManagerSupport.wait(seconds: 5) { Self.usage(daemon.pid).fds <= warm.fds }
-        let after = Self.usage(daemon.pid)
+        ManagerSupport.wait(seconds: 5) { ProcessProbes.usage(daemon.pid).fds <= warm.fds }
+        let after = ProcessProbes.usage(daemon.pid)
         print("# daemon after 10 lifecycles: \(warm.fds) fds, \(warm.rssKB) KiB; after 100 (and 1,000 requests): \(after.fds) fds, \(after.rssKB) KiB")
         #expect(after.fds <= warm.fds, "descriptors \(warm.fds) → \(after.fds)")
         #expect(after.rssKB - warm.rssKB < 8 * 1024, "RSS \(warm.rssKB) → \(after.rssKB) KiB")

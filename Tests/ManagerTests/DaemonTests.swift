@@ -1,5 +1,6 @@
 import API
 import Foundation
+import SwiftKVMTestSupport
 import Testing
 #if canImport(Glibc)
 import Glibc
@@ -237,28 +238,12 @@ struct DaemonAPITests {
         }.start()
         _ = try f.call("POST", "/vms", #"{"name": "a"}"#)
         #expect(ManagerSupport.wait(seconds: 10) { lines.all.count >= 1 })
-        func connect() -> Int32 {
-            let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
-            var addr = sockaddr_un()
-            addr.sun_family = sa_family_t(AF_UNIX)
-            withUnsafeMutableBytes(of: &addr.sun_path) { p in for (i, b) in f.daemon.socketPath.utf8.enumerated() { p[i] = b } }
-            let rc = withUnsafePointer(to: &addr) {
-                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-            }
-            return rc == 0 ? fd : -1
-        }
-        func closedByServer(_ fd: Int32) -> Bool {
-            var tv = timeval(tv_sec: 0, tv_usec: 200_000)
-            setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
-            var b: UInt8 = 0
-            return read(fd, &b, 1) == 0
-        }
-        let flood = (0..<300).map { _ in connect() }
+        let flood = (0..<300).map { _ in ProcessProbes.idleClient(f.daemon.socketPath) }
         defer { for fd in flood where fd >= 0 { close(fd) } }
         #expect(flood.allSatisfy { $0 >= 0 })
         #expect(try f.call("GET", "/").status == 200, "the daemon answers during the flood")
-        #expect(flood.filter(closedByServer).count >= 300 - 16, "all but the newest were closed to make room")
-        #expect(ManagerSupport.wait(seconds: 10) { flood.allSatisfy(closedByServer) }, "silent connections time out")
+        #expect(flood.filter(ProcessProbes.closedByServer).count >= 300 - 16, "all but the newest were closed to make room")
+        #expect(ManagerSupport.wait(seconds: 10) { flood.allSatisfy(ProcessProbes.closedByServer) }, "silent connections time out")
         // The stream outlived both: a new event still reaches it.
         _ = try f.call("POST", "/vms", #"{"name": "b"}"#)
         #expect(ManagerSupport.wait(seconds: 10) { lines.all.count >= 2 }, "the event stream was kept: \(lines.all)")
